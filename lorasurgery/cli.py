@@ -1,0 +1,154 @@
+"""The `lorasurgery` command line: parse options, call the library core, render the result.
+
+This is the only place that turns library errors into `Error: …` on stderr with exit code 1
+(click's own usage errors keep exit code 2). torch and the operations are imported inside the
+commands so that `lorasurgery --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import click
+
+from lorasurgery import __version__
+from lorasurgery.errors import LoraSurgeryError
+
+DEVICE = click.Choice(["cpu", "cuda", "auto"])
+DTYPE = click.Choice(["auto", "fp32", "bf16", "fp16"])
+
+
+@dataclass
+class Settings:
+    quiet: bool = False
+    debug: bool = False
+
+
+class LoraSurgeryGroup(click.Group):
+    """A click group that maps library errors to `Error: …` and exit code 1, in one place."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (LoraSurgeryError, OSError, KeyboardInterrupt) as error:
+            settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+            if settings.debug:
+                raise
+            click.echo(f"Error: {describe_error(error)}", err=True)
+            ctx.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; nothing was written"
+    if isinstance(error, OSError) and not isinstance(error, LoraSurgeryError):
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return str(error)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    return ctx.find_object(Settings) or Settings()
+
+
+@click.group(cls=LoraSurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lorasurgery")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines on stderr.")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
+    """Model surgery and analysis of LoRA adapters.
+
+    Inspect an adapter, merge adapters into a base checkpoint, extract an adapter from a full
+    fine-tune, and measure the intrinsic rank of ΔW and W.
+    """
+    ctx.obj = Settings(quiet=quiet, debug=debug)
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(exists=False))
+@click.option("--base", type=click.Path(exists=False), help="Base checkpoint to check the adapter against.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--all", "show_all", is_flag=True, help="One table row per module, not per module type.")
+@click.pass_context
+def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, show_all: bool) -> None:
+    """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
+    from lorasurgery import render
+    from lorasurgery.operations.inspect import inspect_adapter
+
+    report = inspect_adapter(adapter, base=base)
+    render.inspect_report(report, as_json=as_json, show_all=show_all, quiet=settings_of(ctx).quiet)
+
+
+@cli.command()
+@click.argument("base", type=click.Path(exists=False))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output model folder.")
+@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter (default 1).")
+@click.option("--subtract", is_flag=True, help="Remove the adapters' updates instead of adding them.")
+@click.option("--dtype", type=DTYPE, default="auto", show_default=True, help="Output dtype.")
+@click.option("--max-shard-size", help="Shard the output (e.g. 5GB); default: shard like the base.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--precise", is_flag=True, help="Compute ΔW and W + ΔW in float64.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--verify", is_flag=True, help="Compare logits of base+adapter and merged model.")
+@click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs or results hold NaN/Inf.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.pass_context
+def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, **options) -> None:
+    """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT."""
+    raise LoraSurgeryError("merge is not implemented yet")
+
+
+@cli.command()
+@click.argument("base", type=click.Path(exists=False))
+@click.argument("finetuned", type=click.Path(exists=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option("--rank", type=click.IntRange(min=1), help="Fixed rank for every module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of Σσ².")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Keep σᵢ ≥ ratio·σ₁.")
+@click.option("--auto", is_flag=True, help="Gavish–Donoho optimal hard threshold.")
+@click.option("--budget", help="Total parameter budget over all modules (e.g. 20M).")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Cap on every module's rank.")
+@click.option("--include", help="Regex: only modules whose name matches.")
+@click.option("--exclude", help="Regex: skip modules whose name matches.")
+@click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True)
+@click.option("--save-1d", is_flag=True, help="Save changed norms and biases too.")
+@click.option("--dtype", type=DTYPE, default="auto", show_default=True, help="Adapter dtype.")
+@click.option("--svd", type=click.Choice(["exact", "randomized", "auto"]), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs hold NaN/Inf.")
+@click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.pass_context
+def extract(ctx: click.Context, base: str, finetuned: str, output: str, **options) -> None:
+    """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD."""
+    raise LoraSurgeryError("extract is not implemented yet")
+
+
+@cli.command("rank-report")
+@click.argument("target", type=click.Path(exists=False))
+@click.option("--base", type=click.Path(exists=False), help="Base checkpoint (ΔW = TARGET − BASE).")
+@click.option("--compare", type=click.Path(exists=False), help="Second adapter or model for φ(i, j).")
+@click.option("--amp-rank", type=click.IntRange(min=1), help="r for the amplification factor.")
+@click.option("--include", help="Regex: only modules whose name matches.")
+@click.option("--all", "show_all", is_flag=True, help="One table row per module, not per module type.")
+@click.option("--json", "json_path", help="Write JSON to this file ('-' for stdout).")
+@click.option("--csv", "csv_path", type=click.Path(), help="Write one CSV row per module and kind.")
+@click.option("--plot", "plot_dir", type=click.Path(), help="Write PNG plots into this folder.")
+@click.option("--mle", is_flag=True, help="Add Minka's MLE dimensionality (scikit-learn).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.pass_context
+def rank_report(ctx: click.Context, target: str, **options) -> None:
+    """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W."""
+    raise LoraSurgeryError("rank-report is not implemented yet")
+
+
+def main() -> None:
+    cli(prog_name="lorasurgery")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

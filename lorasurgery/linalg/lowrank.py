@@ -1,0 +1,49 @@
+"""Exact spectra of a low-rank product ΔW = s·B@A without forming the d × k matrix.
+
+With B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), B@A = Q_B (R_B R_Aᵀ) Q_Aᵀ, so the singular values
+of ΔW are those of the r × r core R_B R_Aᵀ, and its singular vectors are Q_B u and Q_A v.
+Cost O((d + k)·r²) instead of O(d·k·min(d, k)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LowRankSVD:
+    U: torch.Tensor  # (out, r) left singular vectors of ΔW
+    S: torch.Tensor  # (r,) singular values, descending
+    Vh: torch.Tensor  # (r, in) right singular vectors of ΔW (rows)
+
+
+def lowrank_svd(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, dtype=torch.float64) -> LowRankSVD:
+    """SVD of scale·B@A from A (r, in) and B (out, r), exact up to rounding in `dtype`."""
+    A = A.to(dtype)  # (r, in)
+    B = B.to(dtype)  # (out, r)
+    q_b, r_b = torch.linalg.qr(B)  # (out, r), (r, r)
+    q_a, r_a = torch.linalg.qr(A.T)  # (in, r), (r, r)
+    core = scale * (r_b @ r_a.T)  # (r, r)
+    u, s, vh = torch.linalg.svd(core)  # s ≥ 0 whatever the sign of scale
+    return LowRankSVD(U=q_b @ u, S=s, Vh=vh @ q_a.T)
+
+
+def lowrank_singular_values(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Singular values (descending, float64) of scale·B@A from its r × r core."""
+    A = A.to(torch.float64)
+    B = B.to(torch.float64)
+    r_b = torch.linalg.qr(B, mode="r").R  # (r, r)
+    r_a = torch.linalg.qr(A.T, mode="r").R  # (r, r)
+    return torch.linalg.svdvals(abs(scale) * (r_b @ r_a.T))
+
+
+def lowrank_fro_norm(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> float:
+    """‖scale·B@A‖_F via ‖BA‖_F² = trace((BᵀB)(AAᵀ)), two r × r Gram matrices."""
+    A = A.to(torch.float64)
+    B = B.to(torch.float64)
+    gram_b = B.T @ B  # (r, r)
+    gram_a = A @ A.T  # (r, r)
+    squared = float((gram_b * gram_a).sum())  # trace(GB·GA) for symmetric GA
+    return abs(scale) * max(squared, 0.0) ** 0.5
