@@ -7,6 +7,7 @@ commands so that `lorasurgery --help` stays fast.
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -146,7 +147,16 @@ def rank_report(ctx: click.Context, target: str, **options) -> None:
     raise LoraSurgeryError("rank-report is not implemented yet")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C so that temporary outputs are removed. With SIGXFSZ ignored, a
+    # file-size limit makes write() fail with EFBIG (a clean error) instead of killing the process.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli(prog_name="lorasurgery")
 
 

@@ -1,0 +1,239 @@
+"""A model checkpoint as a header-only index of its tensors, read one tensor at a time.
+
+Accepted inputs: a folder with `model.safetensors`, or `model.safetensors.index.json` plus shards,
+or `pytorch_model.bin` (and its index); or one `.safetensors` / `.bin` file. Opening reads only
+headers (validated in full); `read` then copies one tensor's bytes with plain reads into fresh
+memory. No mmap: touched mmap pages count towards RSS and keep a whole file resident, while a read
+leaves only the tensor. Pickle files go through `torch.load(weights_only=True)` and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lorasurgery.errors import CheckpointError
+from lorasurgery.io.safetensors_format import (
+    TensorInfo,
+    dtype_code_of,
+    read_safetensors_header,
+    torch_dtype_of,
+)
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+_READ_CHUNK = 1 << 26  # 64 MiB per read call: large enough to be fast, small enough to interrupt
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or CheckpointError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: malformed {what} ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: malformed {what} (not a JSON object)")
+    return value
+
+
+class Checkpoint:
+    """Names, shapes, dtypes and locations of a checkpoint's tensors; reads them one at a time."""
+
+    def __init__(self, path: Path, folder: Path, files: list[Path], tensors: dict[str, TensorInfo]):
+        self.path = path  # what the user named
+        self.folder = folder  # where config.json and the shards live
+        self.files = files  # weight files, in shard order
+        self.tensors = tensors
+        self.config = self._read_config()
+        self._pickle_cache: tuple[Path, dict] | None = None  # the one .bin shard kept loaded
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.files) > 1
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def shard_groups(self) -> list[list[str]]:
+        """Tensor names grouped by the file that holds them, in file order."""
+        groups: dict[Path, list[str]] = {f: [] for f in self.files}
+        for info in self.tensors.values():
+            groups[info.file].append(info.name)
+        return [names for names in groups.values() if names]
+
+    def _read_config(self) -> dict | None:
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            return None
+        return read_json(config_path, "config.json")
+
+    def read(self, name: str, device: str = "cpu"):
+        """Tensor `name` in its stored dtype, in memory of its own (never a view of the file)."""
+        import torch
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if info.start < 0:
+            tensor = self._pickle_tensor(info).clone()
+        else:
+            dtype = torch_dtype_of(info.dtype)
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+            read_range(info.file, info.start, buffer.numpy())
+            tensor = buffer.view(dtype).reshape(info.shape)
+        return tensor if device == "cpu" else tensor.to(device)
+
+    def iter_tensors(self, names: Iterable[str] | None = None, device: str = "cpu") -> Iterator:
+        """Yield (name, tensor) one at a time, in file order so reads stay sequential."""
+        chosen = self.tensors.values() if names is None else (self.tensors[n] for n in names)
+        for info in sorted(chosen, key=lambda t: (self.files.index(t.file), t.start)):
+            yield info.name, self.read(info.name, device)
+
+    def _pickle_tensor(self, info: TensorInfo):
+        if self._pickle_cache is None or self._pickle_cache[0] != info.file:
+            self._pickle_cache = None  # drop the previous shard before loading the next
+            self._pickle_cache = (info.file, load_pickle_state_dict(info.file))
+        return self._pickle_cache[1][info.name]
+
+
+def read_range(path: Path, start: int, out) -> None:
+    """Fill the writable buffer `out` with the bytes of `path` from `start` on."""
+    view = memoryview(out).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done : done + _READ_CHUNK])
+            if not n:
+                raise CheckpointError(f"{path}: file ended early (was it truncated while reading?)")
+            done += n
+        _drop_page_cache(f.fileno(), start, len(view))
+
+
+def _drop_page_cache(fd: int, start: int, length: int) -> None:
+    # Streaming a checkpoint larger than RAM should not evict everything else from the cache.
+    if hasattr(os, "posix_fadvise") and length:
+        try:
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def load_pickle_state_dict(path: Path) -> dict:
+    """A state dict from a .bin file through torch.load(weights_only=True); never plain unpickling."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: cannot be loaded safely as a PyTorch state dict ({first_line})"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: not a state dict of named tensors")
+    return state
+
+
+def _index_pickle_file(path: Path) -> dict[str, TensorInfo]:
+    state = load_pickle_state_dict(path)
+    return {
+        name: TensorInfo(name, dtype_code_of(t.dtype), tuple(t.shape), path, -1, -1)
+        for name, t in state.items()
+    }
+
+
+def _index_file(path: Path) -> dict[str, TensorInfo]:
+    if path.suffix == ".bin":
+        return _index_pickle_file(path)
+    return read_safetensors_header(path).tensors
+
+
+def _shard_path(folder: Path, index_path: Path, shard_name: object) -> Path:
+    """A shard named by an index, confined to the index's folder."""
+    if (
+        not isinstance(shard_name, str)
+        or not shard_name
+        or shard_name != os.path.basename(shard_name)
+        or "\\" in shard_name
+        or shard_name in (".", "..")
+    ):
+        raise CheckpointError(
+            f"{index_path}: shard name {shard_name!r} is not a plain file name inside the folder"
+        )
+    path = folder / shard_name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{index_path}: shard {shard_name!r} points outside the folder")
+    if not path.is_file():
+        raise CheckpointError(f"{index_path}: shard {shard_name!r} does not exist")
+    return path
+
+
+def _open_index(index_path: Path) -> Checkpoint:
+    folder = index_path.parent
+    index = read_json(index_path, "index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: malformed index (no weight_map)")
+    files: list[Path] = []
+    for shard_name in dict.fromkeys(weight_map.values()):
+        files.append(_shard_path(folder, index_path, shard_name))
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in _index_file(file).items():
+            if name in tensors:
+                raise CheckpointError(f"{index_path}: tensor {name!r} is stored in two shards")
+            tensors[name] = info
+    for name, shard_name in weight_map.items():
+        info = tensors.get(name)
+        if info is None or info.file.name != shard_name:
+            raise CheckpointError(f"{index_path}: tensor {name!r} is not in its shard {shard_name!r}")
+    return Checkpoint(index_path, folder, files, tensors)
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Index the checkpoint at `path` (folder or file) from its headers alone."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        candidates = (SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE, PICKLE_INDEX)
+        found = next((path / c for c in candidates if (path / c).is_file()), None)
+        if found is None:
+            if (path / "adapter_config.json").is_file():
+                raise CheckpointError(f"{path}: is a PEFT adapter folder, expected a model checkpoint")
+            raise CheckpointError(f"{path}: no {', '.join(candidates)} in this folder")
+        if found.name.endswith(".index.json"):
+            return _open_index(found)
+        return Checkpoint(path, path, [found], _index_file(found))
+    if path.name.endswith(".index.json"):
+        return _open_index(path)
+    if path.suffix in (".safetensors", ".bin"):
+        return Checkpoint(path, path.parent, [path], _index_file(path))
+    raise CheckpointError(f"{path}: not a checkpoint (expected a model folder, .safetensors or .bin file)")

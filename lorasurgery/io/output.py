@@ -1,0 +1,103 @@
+"""Atomic output folders: everything is written to a hidden temporary folder beside OUT, which is
+renamed to OUT only when complete.
+
+An interrupted run (exception, Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI, disk full)
+removes its temporary folder; a SIGKILLed run leaves one behind, hidden, which the next run for the
+same OUT removes once its owner process is gone. OUT is never an input or inside one, and never
+contains one: `--force` must not delete what is being read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lorasurgery.errors import OutputError
+
+_TEMP_MARK = ".lorasurgery-tmp-"
+
+
+def _temp_pattern(out: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out.name)}{re.escape(_TEMP_MARK)}(\d+)-[0-9a-f]+$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove temporary folders for `out` left by runs that were killed."""
+    removed = []
+    pattern = _temp_pattern(out)
+    if not out.parent.is_dir():
+        return removed
+    for entry in out.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], force: bool) -> Path:
+    """Refuse an OUT that is, lies inside, or contains an input; or exists without --force."""
+    out = Path(out)
+    resolved = out.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if resolved.is_relative_to(source):  # equal to it, or inside a folder input
+            raise OutputError(f"output {out} is inside the input {given}; choose a folder elsewhere")
+        if source.is_relative_to(resolved):
+            raise OutputError(f"output {out} contains the input {given}; choose a folder elsewhere")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise OutputError(f"output {out} already exists; pass --force to replace it")
+        if not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a folder")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(
+    out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (), force: bool = False
+) -> Iterator[Path]:
+    """Yield a temporary folder to write into; on success it becomes `out`, on failure it vanishes."""
+    out = check_output_path(out, inputs, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out)
+    temp = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    temp.mkdir()
+    try:
+        yield temp
+        if out.exists():  # --force: move the old folder aside first, remove it last
+            old = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(out, old)
+            os.rename(temp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(source_folder: Path, dest: Path, names: Iterable[str]) -> list[str]:
+    """Copy the named files (config, tokenizer, …) that exist in `source_folder`; return their names."""
+    copied = []
+    for name in names:
+        src = source_folder / name
+        if src.is_file() and not src.is_symlink():
+            shutil.copyfile(src, dest / name)
+            copied.append(name)
+    return copied
