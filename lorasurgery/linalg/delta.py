@@ -1,0 +1,215 @@
+"""Merge kernels: W' = W + Σ wᵢ·ΔWᵢ for LoRA and DoRA updates, in the base weight's stored layout.
+
+Every layer kind reduces to a product in the 2-D view of the stored weight (rows × cols):
+
+    ΔW = s · L @ R,   L (rows, r), R (r, cols)
+
+- Linear, stored (out, in):                 L = B (out, r),            R = A (r, in)
+- Conv1D / fan_in_fan_out, stored (in, out): L = Aᵀ (in, r),           R = Bᵀ (r, out)     [ΔW = (BA)ᵀ]
+- Embedding, stored (num_emb, dim):          L = Aᵀ (num_emb, r),      R = Bᵀ (r, dim)     [ΔW = (BA)ᵀ]
+- ConvNd, stored (out, in, *k) seen as (out, in·∏k): L = B (out, r),  R = A (r, in·∏k)
+  (PEFT's conv_fn(Aᵀ, B) with a 1×1 lora_B kernel is exactly this channel mix; groups > 1 is refused
+  as PEFT refuses to merge it.)
+
+DoRA (PEFT's DoraLinearLayer / DoraEmbeddingLayer / DoraConvNdLayer): V = W + s·ΔW and
+W' = (m / ‖V‖) ⊙ V with the norm taken per output feature of the layer's own (out, in) layout: per
+stored row when L = B (Linear, Conv), per stored column when L = Aᵀ (Conv1D transposed back, and the
+embedding's per-dimension norm). The norm is a constant of W and ΔW (PEFT detaches it).
+
+Numerics: everything is computed in float32 (float64 when precise) from the stored values and rounded
+once to the output dtype. The weight is processed in blocks of rows, so the only full-size buffer is
+the weight itself (overwritten in place when the output dtype equals the stored dtype); column norms
+take one extra pass over the blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorasurgery.errors import NonFiniteError, UnsupportedError
+
+BLOCK_ELEMENTS = 1 << 22  # 4M elements: a 16 MB float32 block, small next to any large weight
+
+
+@dataclass
+class Update:
+    """One adapter's update of one base weight, from the adapter's own tensors."""
+
+    module: str  # module path, for messages
+    kind: str  # "linear" | "embedding" | "conv"
+    A: torch.Tensor  # lora_A (r, in) / lora_embedding_A (r, num_emb) / conv (r, in, *k)
+    B: torch.Tensor  # lora_B (out, r) / lora_embedding_B (dim, r) / conv (out, r, 1, …)
+    scale: float  # α/r or α/√r
+    weight: float = 1.0  # --weight (negated by --subtract)
+    fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA lora_magnitude_vector (out,)
+    source: str = ""  # adapter path, for messages
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+    def factors(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(L, R, norm_per_row): ΔW = scale·L@R in the stored 2-D (rows, cols) view."""
+        A, B = self.A, self.B
+        if self.kind == "conv":
+            r = A.shape[0]
+            if B.dim() < 2 or B.shape[1] != r or any(k != 1 for k in B.shape[2:]):
+                raise UnsupportedError(
+                    f"{self.source}: module {self.module}: lora_B of shape {tuple(B.shape)} is a grouped or "
+                    f"non-1×1 convolution; PEFT cannot merge it either"
+                )
+            L, R, per_row = B.reshape(B.shape[0], r), A.reshape(r, -1), True
+        elif self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out):
+            L, R, per_row = A.T, B.T, False  # (rows, r), (r, cols)
+        elif self.kind == "linear":
+            L, R, per_row = B, A, True
+        else:
+            raise UnsupportedError(
+                f"{self.source}: module {self.module}: cannot merge layer kind {self.kind!r}"
+            )
+        if L.shape[0] != rows or R.shape[1] != cols or L.shape[1] != R.shape[0]:
+            raise UnsupportedError(  # resolution checks shapes first; this is a guard
+                f"{self.source}: module {self.module}: factors {tuple(A.shape)} / {tuple(B.shape)} do not "
+                f"fit the base weight's ({rows}, {cols}) view"
+            )
+        if self.magnitude is not None and self.magnitude.numel() != (rows if per_row else cols):
+            raise UnsupportedError(
+                f"{self.source}: module {self.module}: DoRA magnitude has {self.magnitude.numel()} values, "
+                f"expected one per output feature ({rows if per_row else cols})"
+            )
+        return L, R, per_row
+
+
+def compute_dtype_for(precise: bool) -> torch.dtype:
+    return torch.float64 if precise else torch.float32
+
+
+def delta_weight(
+    update: Update, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The plain LoRA ΔW = s·(BA) in the base weight's stored layout and `shape` (no DoRA, no weight)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    L, R, _ = update.factors(rows, cols)
+    return (update.scale * (L.to(dtype) @ R.to(dtype))).reshape(shape)
+
+
+def _block_rows(cols: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(cols, 1))
+
+
+class _Prepared:
+    """An update's factors on the compute device and dtype, with its DoRA factor once known."""
+
+    def __init__(self, update: Update, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        L, R, self.per_row = update.factors(rows, cols)
+        self.update = update
+        self.L = L.to(device=device, dtype=dtype)  # (rows, r)
+        self.R = R.to(device=device, dtype=dtype).contiguous()  # (r, cols)
+        self.alpha = update.scale
+        self.magnitude = (  # conv DoRA stores it as (1, out, 1, …)
+            None if update.magnitude is None else update.magnitude.reshape(-1).to(device=device, dtype=dtype)
+        )
+        self.factor: torch.Tensor | None = None  # m / ‖V‖ over the whole weight (column norms)
+
+    def v_block(self, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """V[start:stop] = W + s·L@R for one block of rows (a new buffer)."""
+        # (rows_b, cols) = (rows_b, cols) + s·(rows_b, r) @ (r, cols)
+        return torch.addmm(base, self.L[start:stop], self.R, alpha=self.alpha)
+
+    def dora_block(self, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        v = self.v_block(base, start, stop)
+        if self.per_row:
+            norm = torch.linalg.norm(v, dim=1)  # (rows_b,) as PEFT: per output feature
+            v.mul_((self.magnitude[start:stop] / norm).unsqueeze(1))
+        else:
+            v.mul_(self.factor.unsqueeze(0))  # (1, cols): per stored column
+        return v
+
+
+def merge_weight(
+    weight: torch.Tensor,
+    updates: list[Update],
+    *,
+    out_dtype: torch.dtype,
+    precise: bool = False,
+    device: str | torch.device = "cpu",
+    allow_nonfinite: bool = False,
+    name: str = "",
+) -> torch.Tensor:
+    """W' = W + Σ wᵢ·ΔWᵢ (DoRA: ΔWᵢ = (m/‖V‖)⊙V − W) computed blockwise and rounded once.
+
+    `weight` is the base tensor as read (CPU, stored layout); it may be overwritten and returned when
+    `out_dtype` equals its dtype. Each update is applied against the original W, so several updates
+    add up exactly (`W + Σ`), whatever their order. One DoRA update of weight 1 alone gives PEFT's
+    (m/‖V‖)⊙V directly, without the detour through W.
+    """
+    device = torch.device(device)
+    dtype = compute_dtype_for(precise)
+    shape = tuple(weight.shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    flat = weight.reshape(rows, cols)  # a view: the stored 2-D layout
+    out = flat if out_dtype == weight.dtype and weight.device.type == "cpu" else None
+    if out is None:
+        out = torch.empty((rows, cols), dtype=out_dtype)
+    prepared = [_Prepared(u, rows, cols, dtype, device) for u in updates]
+    step = _block_rows(cols)
+
+    # Column norms (Conv1D, embedding DoRA) need all rows before any row can be scaled.
+    for p in prepared:
+        if p.magnitude is not None and not p.per_row:
+            squares = torch.zeros(cols, dtype=torch.float64, device=device)
+            for start in range(0, rows, step):
+                stop = min(start + step, rows)
+                base = flat[start:stop].to(device=device, dtype=dtype)
+                squares += torch.linalg.norm(p.v_block(base, start, stop), dim=0).double().square()
+            p.factor = p.magnitude / squares.sqrt().to(dtype)
+
+    only_dora = len(prepared) == 1 and prepared[0].magnitude is not None and updates[0].weight == 1.0
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        base = flat[start:stop].to(device=device, dtype=dtype)  # (rows_b, cols), a copy
+        if only_dora:
+            acc = prepared[0].dora_block(base, start, stop)
+        else:
+            acc = base.clone()
+            for p in prepared:
+                w = p.update.weight
+                if p.magnitude is None:
+                    acc.addmm_(p.L[start:stop], p.R, alpha=w * p.alpha)  # acc += w·s·L@R
+                else:
+                    acc.add_(p.dora_block(base, start, stop).sub_(base), alpha=w)
+        if not allow_nonfinite and not bool(torch.isfinite(acc).all()):
+            raise NonFiniteError(_nonfinite_message(name, updates))
+        out[start:stop] = acc.to(out_dtype)  # the one rounding
+    return out.reshape(shape)
+
+
+def merge_bias(
+    bias: torch.Tensor,
+    terms: list[tuple[torch.Tensor, float]],
+    *,
+    out_dtype: torch.dtype,
+    precise: bool = False,
+    allow_nonfinite: bool = False,
+    name: str = "",
+    modules: str = "",
+) -> torch.Tensor:
+    """b' = b + Σ cᵢ·vᵢ (lora_bias: vᵢ = lora_B.bias, cᵢ = wᵢ·sᵢ), rounded once."""
+    dtype = compute_dtype_for(precise)
+    acc = bias.to(dtype).clone()
+    for vector, coefficient in terms:
+        acc.add_(vector.to(dtype), alpha=coefficient)
+    if not allow_nonfinite and not bool(torch.isfinite(acc).all()):
+        raise NonFiniteError(
+            f"merging {modules or name} gives NaN/Inf in {name}; pass --allow-nonfinite to go on"
+        )
+    return acc.to(out_dtype)
+
+
+def _nonfinite_message(name: str, updates: list[Update]) -> str:
+    modules = ", ".join(sorted({f"{u.module} (from {u.source})" if u.source else u.module for u in updates}))
+    return f"merging module {modules} gives NaN/Inf in {name}; pass --allow-nonfinite to go on"
