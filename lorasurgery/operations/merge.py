@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -604,68 +606,224 @@ def _module_tensors(adapter, module: str):
 def _write_all(
     plan: _Plan, writer, summary: MergeSummary, device, precise, allow_nonfinite, progress
 ) -> None:
-    from lorasurgery.linalg.delta import merge_bias, merge_weight
+    """Read, merge and write every output tensor, reading ahead and writing behind in two threads.
 
+    Disk reads, the merge arithmetic and disk writes overlap (file I/O and torch release the GIL);
+    a byte budget of twice the largest tensor bounds what is held in memory at once."""
     checkpoint = plan.checkpoint
     files = {f: i for i, f in enumerate(checkpoint.files)}
     order = sorted(
         plan.items, key=lambda i: (files.get(i.source.file, 0), i.source.start) if i.source else (0, 0)
     )
+    costs = {item.name: _memory_cost(plan, item) for item in order}
+    budget = _Budget(2 * max(costs.values(), default=0))
     total_bytes = sum(s.nbytes for s in plan.specs)
-    done_bytes = 0
-    for done, item in enumerate(order, 1):
-        out_dtype = torch_dtype_of(item.spec.dtype)
-        if (
-            item.untouched
-            and item.source is not None
-            and item.source.dtype == item.spec.dtype
-            and item.source.start >= 0
-        ):
+
+    def read(item: _Item):
+        budget.acquire(costs[item.name])
+        if _copies_raw(item):
+            return None  # the writer copies the bytes itself
+        if item.replacement is not None:
+            index, tensor_name = item.replacement
+            return plan.adapters[index].read(tensor_name)
+        return checkpoint.read(item.source.name)
+
+    def write(item: _Item, tensor) -> None:
+        if tensor is None:
             writer.copy_raw(item.name, item.source)
-            summary.tensors_copied += 1
         else:
-            if item.replacement is not None:
-                index, tensor_name = item.replacement
-                tensor = plan.adapters[index].read(tensor_name)
-                summary.tensors_replaced += 1
-            else:
-                tensor = checkpoint.read(item.source.name)
-            if item.updates:
-                updates = [_update(plan, index, module) for index, module in item.updates]
-                tensor = merge_weight(
-                    tensor,
-                    updates,
-                    out_dtype=out_dtype,
-                    precise=precise,
-                    device=device,
-                    allow_nonfinite=allow_nonfinite,
-                    name=item.name,
-                )
-                summary.tensors_merged += item.replacement is None
-            elif item.bias_terms:
-                terms = []
-                for index, module in item.bias_terms:
-                    lora = plan.adapters[index].modules[module]
-                    terms.append(
-                        (plan.adapters[index].read_lora_bias(module), plan.weights[index] * lora.scale)
-                    )
-                tensor = merge_bias(
-                    tensor,
-                    terms,
-                    out_dtype=out_dtype,
-                    precise=precise,
-                    allow_nonfinite=allow_nonfinite,
-                    name=item.name,
-                    modules=", ".join(m for _, m in item.bias_terms),
-                )
-                summary.tensors_merged += item.replacement is None
-            else:
-                summary.tensors_converted += item.replacement is None
-                tensor = tensor.to(out_dtype)
             writer.write(item.name, tensor)
+        budget.release(costs[item.name])
+
+    done_bytes = 0
+    with _Pipeline(order, read, write, on_stop=budget.cancel) as pipeline:
+        for done, (item, tensor) in enumerate(pipeline, 1):
+            if tensor is None:
+                summary.tensors_copied += 1
+            else:
+                tensor = _produce(plan, item, tensor, device, precise, allow_nonfinite, summary)
+            pipeline.put(item, tensor)
             del tensor
-        done_bytes += item.spec.nbytes
-        progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+            done_bytes += item.spec.nbytes
+            progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+
+
+def _copies_raw(item: _Item) -> bool:
+    return (
+        item.untouched
+        and item.source is not None
+        and item.source.dtype == item.spec.dtype
+        and item.source.start >= 0  # safetensors, not a pickle
+    )
+
+
+def _memory_cost(plan: _Plan, item: _Item) -> int:
+    """Bytes an item holds while in flight: what is read, plus the output when it is a new buffer."""
+    if _copies_raw(item):
+        return 0
+    if item.replacement is not None:
+        index, tensor_name = item.replacement
+        shape = _adapter_tensor_shape(plan.adapters[index], tensor_name)
+        read = math.prod(shape) * 4  # adapters are float32 at most, in practice
+    else:
+        read = item.source.nbytes
+    return read + (0 if item.source and item.source.dtype == item.spec.dtype else item.spec.nbytes)
+
+
+def _produce(plan: _Plan, item: _Item, tensor, device, precise, allow_nonfinite, summary):
+    """The output tensor of `item` from its base (or replacement) tensor."""
+    from lorasurgery.linalg.delta import merge_bias, merge_weight
+
+    out_dtype = torch_dtype_of(item.spec.dtype)
+    summary.tensors_replaced += item.replacement is not None
+    if item.updates:
+        updates = [_update(plan, index, module) for index, module in item.updates]
+        summary.tensors_merged += item.replacement is None
+        return merge_weight(
+            tensor,
+            updates,
+            out_dtype=out_dtype,
+            precise=precise,
+            device=device,
+            allow_nonfinite=allow_nonfinite,
+            name=item.name,
+        )
+    if item.bias_terms:
+        terms = []
+        for index, module in item.bias_terms:
+            lora = plan.adapters[index].modules[module]
+            terms.append((plan.adapters[index].read_lora_bias(module), plan.weights[index] * lora.scale))
+        summary.tensors_merged += item.replacement is None
+        return merge_bias(
+            tensor,
+            terms,
+            out_dtype=out_dtype,
+            precise=precise,
+            allow_nonfinite=allow_nonfinite,
+            name=item.name,
+            modules=", ".join(m for _, m in item.bias_terms),
+        )
+    summary.tensors_converted += item.replacement is None
+    return tensor.to(out_dtype)
+
+
+class _Budget:
+    """Bytes in flight between the reader and the writer; one item always fits."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.condition = threading.Condition()
+        self.cancelled = False
+
+    def acquire(self, n: int) -> None:
+        with self.condition:
+            while self.used and self.used + n > self.limit and not self.cancelled:
+                self.condition.wait(0.1)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.condition:
+            self.used -= n
+            self.condition.notify_all()
+
+    def cancel(self) -> None:
+        with self.condition:
+            self.cancelled = True
+            self.condition.notify_all()
+
+
+class _Pipeline:
+    """read(item) in a reader thread → the caller's loop → write(item, tensor) in a writer thread.
+
+    Iterating yields (item, what read returned) in order; `put` hands the result to the writer.
+    Leaving the block waits for every write; an error in any thread stops the others and is raised
+    in the caller (the first one wins)."""
+
+    _END = object()
+
+    def __init__(self, items, read, write, on_stop=None):
+        self.items, self.read, self.write, self.on_stop = items, read, write, on_stop
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.read_queue: queue.Queue = queue.Queue(maxsize=1)
+        self.write_queue: queue.Queue = queue.Queue(maxsize=1)
+        self.threads = [
+            threading.Thread(target=self._reader, name="merge-reader", daemon=True),
+            threading.Thread(target=self._writer, name="merge-writer", daemon=True),
+        ]
+
+    def __enter__(self) -> _Pipeline:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __iter__(self):
+        while True:
+            value = self._get(self.read_queue)
+            if value is self._END:
+                return
+            yield value
+
+    def put(self, item, tensor) -> None:
+        self._put(self.write_queue, (item, tensor))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._put(self.write_queue, self._END)
+        else:
+            self._fail(exc)
+        for thread in self.threads:
+            thread.join()
+        if exc_type is None and self.error is not None:
+            raise self.error
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.stop.set()
+        if self.on_stop is not None:
+            self.on_stop()  # wake a reader waiting for memory
+
+    def _put(self, q: queue.Queue, value) -> None:
+        while not self.stop.is_set():
+            try:
+                q.put(value, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        if self.error is not None and threading.current_thread() is threading.main_thread():
+            raise self.error
+
+    def _get(self, q: queue.Queue):
+        while True:
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop.is_set():
+                    if threading.current_thread() is threading.main_thread() and self.error is not None:
+                        raise self.error from None
+                    return self._END
+
+    def _reader(self) -> None:
+        try:
+            for item in self.items:
+                if self.stop.is_set():
+                    return
+                self._put(self.read_queue, (item, self.read(item)))
+            self._put(self.read_queue, self._END)
+        except BaseException as error:  # handed to the main thread
+            self._fail(error)
+
+    def _writer(self) -> None:
+        try:
+            while True:
+                value = self._get(self.write_queue)
+                if value is self._END:
+                    return
+                self.write(*value)
+        except BaseException as error:
+            self._fail(error)
 
 
 def _update(plan: _Plan, index: int, module: str):
