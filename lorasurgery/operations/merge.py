@@ -453,24 +453,28 @@ class _TiedPair:
 def _tied_output_name(config: dict, input_name: str) -> str | None:
     """The output embedding's name from the architecture's tied-weights keys, else `lm_head.weight`."""
     architectures = config.get("architectures") or []
-    if not architectures:  # no config to go by: do not invent a head
-        return None
-    try:
-        import transformers
-
-        cls = getattr(transformers, architectures[0], None)
-        keys = getattr(cls, "_tied_weights_keys", None)
-        if isinstance(keys, dict):  # transformers 5: {target: source}
-            for target in keys:
-                if target.endswith("weight"):
-                    return target
-        elif keys:  # transformers 4: [target, …]
-            return next((k for k in keys if k.endswith("weight")), None)
-    except Exception:  # an unknown architecture: fall back to the usual name
-        pass
+    for target, source in architecture_tied_keys(config).items():
+        if source == input_name or target.endswith("weight") and source.endswith(input_name):
+            return target
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "lm_head.weight"
     return None
+
+
+def architecture_tied_keys(config: dict | None) -> dict[str, str]:
+    """{tied tensor: the tensor it shares} for the architecture named in config.json (transformers)."""
+    architectures = (config or {}).get("architectures") or []
+    if not architectures:
+        return {}
+    try:
+        import transformers
+
+        keys = getattr(getattr(transformers, architectures[0], None), "_tied_weights_keys", None)
+    except Exception:  # transformers missing or an unknown architecture: nothing known
+        return {}
+    if isinstance(keys, dict):  # transformers 5: {target: source}
+        return {str(k): str(v) for k, v in keys.items()}
+    return {}
 
 
 class _AdapterView:
@@ -482,6 +486,7 @@ class _AdapterView:
         self.adapter = adapter
         self.path = path
         self.tensors = tensors
+        self.config = checkpoint.config
         self._targets = resolve_base_names(adapter, _Names(checkpoint, tensors)) if adapter.modules else {}
         self._prefix = _prefix_rule(adapter, self._targets, tensors)
 
@@ -491,12 +496,19 @@ class _AdapterView:
     def replacements(self):
         """(base tensor name, adapter tensor name, saved base layer?) per replaced tensor."""
         unmatched = []
+        tied_keys = None
         for relative, tensor_name in _replacements_of(self.adapter):
             name = self._prefix(relative)
+            shared = ".base_layer." in tensor_name
+            if name is None:  # a tensor tied to another is stored once: replace the stored one
+                tied_keys = architecture_tied_keys(self.config) if tied_keys is None else tied_keys
+                source = tied_keys.get(relative)
+                name = self._prefix(source) if source else None
+                shared = True
             if name is None:
                 unmatched.append(relative)
                 continue
-            yield name, tensor_name, ".base_layer." in tensor_name
+            yield name, tensor_name, shared
         if unmatched:
             raise MismatchError(
                 f"{self.path}: saved tensors with no counterpart in the base: {', '.join(unmatched[:8])}"
