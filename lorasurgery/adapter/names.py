@@ -1,0 +1,93 @@
+"""Map an adapter's module paths to a base checkpoint's tensor names.
+
+A model saved from another head class adds or drops a prefix (`model.`, `bert.`, `transformer.` …):
+an adapter trained on BertForSequenceClassification names `bert.encoder…` while a BertModel
+checkpoint stores `encoder…`. The rule is resolved once per checkpoint: every candidate prefix
+that maps the first module onto some base tensor is tried on all modules, and the one that finds
+every module (with the right shape) wins, the identity first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorasurgery.errors import MismatchError
+
+_LISTED = 8  # how many unmatched modules an error names
+
+
+@dataclass(frozen=True)
+class PrefixRule:
+    """adapter name -> base name: strip `drop` from the front, then prepend `add`."""
+
+    drop: str = ""
+    add: str = ""
+
+    def apply(self, name: str) -> str | None:
+        if not name.startswith(self.drop):
+            return None
+        return self.add + name[len(self.drop) :]
+
+    def describe(self) -> str:
+        if not self.drop and not self.add:
+            return "names as they are"
+        if self.drop and self.add:
+            return f"{self.drop!r} replaced by {self.add!r}"
+        return f"prefix {self.add!r} added" if self.add else f"prefix {self.drop!r} dropped"
+
+
+def _candidate_rules(first: str, base_names) -> list[PrefixRule]:
+    rules = {PrefixRule(): None}
+    for name in base_names:
+        if name.endswith("." + first):
+            rules.setdefault(PrefixRule(add=name[: -len(first)]), None)
+        elif first.endswith("." + name):
+            rules.setdefault(PrefixRule(drop=first[: -len(name)]), None)
+        else:  # one prefix swapped for another: same tail after the first component
+            head_a, _, tail_a = first.partition(".")
+            head_b, _, tail_b = name.partition(".")
+            if tail_a and tail_a == tail_b and head_a != head_b:
+                rules.setdefault(PrefixRule(drop=head_a + ".", add=head_b + "."), None)
+    return list(rules)
+
+
+def find_prefix_rule(weight_names: list[str], base_tensors: dict) -> tuple[PrefixRule, list[str]]:
+    """The rule mapping the most of `weight_names` into `base_tensors`, and what it leaves unmatched."""
+    best: tuple[PrefixRule, list[str]] | None = None
+    for rule in _candidate_rules(weight_names[0], base_tensors) if weight_names else [PrefixRule()]:
+        unmatched = [n for n in weight_names if rule.apply(n) not in base_tensors]
+        if best is None or len(unmatched) < len(best[1]):
+            best = (rule, unmatched)
+        if not unmatched:
+            break
+    return best
+
+
+def resolve_base_names(adapter, checkpoint) -> dict[str, str]:
+    """{module: base tensor name} for every LoRA module, or MismatchError listing what does not fit.
+
+    `checkpoint` needs `.tensors` (name -> info with `.shape`) and `.path`."""
+    modules = adapter.modules
+    weight_names = [m.base_weight_name for m in modules.values()]
+    rule, unmatched = find_prefix_rule(weight_names, checkpoint.tensors)
+    if unmatched:
+        names = [n.removesuffix(".weight") for n in unmatched]
+        listed = ", ".join(names[:_LISTED]) + (
+            f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+        )
+        raise MismatchError(
+            f"{adapter.path}: {len(names)} of {len(modules)} target modules are not in the base "
+            f"{checkpoint.path}: {listed}"
+        )
+    mapping = {name: rule.apply(module.base_weight_name) for name, module in modules.items()}
+    wrong = []
+    for name, base_name in mapping.items():
+        base_shape = tuple(checkpoint.tensors[base_name].shape)
+        if base_shape != tuple(modules[name].shape):
+            wrong.append(f"{name} (adapter expects {list(modules[name].shape)}, base has {list(base_shape)})")
+    if wrong:
+        listed = "; ".join(wrong[:_LISTED]) + (
+            f"; and {len(wrong) - _LISTED} more" if len(wrong) > _LISTED else ""
+        )
+        raise MismatchError(f"{adapter.path}: shape mismatch with the base {checkpoint.path}: {listed}")
+    return mapping
