@@ -78,8 +78,10 @@ def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, s
     from lorasurgery import render
     from lorasurgery.operations.inspect import inspect_adapter
 
-    report = inspect_adapter(adapter, base=base)
-    render.inspect_report(report, as_json=as_json, show_all=show_all, quiet=settings_of(ctx).quiet)
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("inspect", quiet) as progress:
+        report = inspect_adapter(adapter, base=base, progress=progress)
+    render.inspect_report(report, as_json=as_json, show_all=show_all, quiet=quiet)
 
 
 @cli.command()

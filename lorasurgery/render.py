@@ -7,7 +7,9 @@ reads. Shared helpers come first; each command's renderer follows.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,7 +20,18 @@ from rich.table import Table
 from lorasurgery.progress import Progress as ProgressEvent
 from lorasurgery.progress import ProgressCallback, no_progress
 
-stdout = Console(highlight=False, soft_wrap=True)
+
+def _pipe_width() -> int | None:
+    """Rich assumes 80 columns when stdout is not a terminal; tables piped to files need more."""
+    if sys.stdout.isatty():
+        return None
+    try:
+        return max(int(os.environ.get("COLUMNS", "")), 80)
+    except ValueError:
+        return 120
+
+
+stdout = Console(highlight=False, width=_pipe_width())
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -80,3 +93,75 @@ def spread(values: list[float]) -> str:
 
 def new_table(title: str | None = None) -> Table:
     return Table(title=title, title_justify="left", show_edge=False, header_style="bold")
+
+
+# --------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _module_type(name: str, kind: str) -> str:
+    parts = name.split(".")
+    if kind == "replaced":  # a saved tensor: keep its parameter name (classifier.bias, lm_head.weight)
+        return ".".join(p for p in parts[-2:] if not p.isdigit())
+    return parts[-1]
+
+
+def _distinct(values) -> str:
+    values = sorted({v for v in values if v is not None}, key=float)
+    return ", ".join(format_number(v) for v in values) or "—"
+
+
+def inspect_report(report, as_json: bool = False, show_all: bool = False, quiet: bool = False) -> None:
+    if as_json:
+        print_json(report.to_json())
+        return
+    with_base = report.base is not None
+    table = new_table(f"{report.path} — {report.peft_type} adapter, {report.totals['modules']} LoRA modules")
+    for column in (
+        "module" if show_all else "module type",
+        "kind",
+        "" if show_all else "count",
+        "r",
+        "alpha",
+        "scale",
+    ):
+        if column:
+            left = column in ("module", "module type", "kind")
+            table.add_column(column, justify="left" if left else "right", no_wrap=True)
+    table.add_column("dora", min_width=4)
+    table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("‖ΔW‖_F", justify="right", no_wrap=True)
+    if with_base:
+        table.add_column("‖ΔW‖/‖W‖", justify="right", no_wrap=True)
+
+    if show_all:
+        groups = [(m.name, [m]) for m in report.modules]
+    else:
+        grouped: dict[tuple[str, str], list] = {}
+        for m in report.modules:
+            grouped.setdefault((_module_type(m.name, m.kind), m.kind), []).append(m)
+        groups = [(key[0], members) for key, members in grouped.items()]
+    for label, members in groups:
+        norms = [m.delta_fro_norm for m in members if m.delta_fro_norm is not None]
+        row = [label, members[0].kind]
+        if not show_all:
+            row.append(str(len(members)))
+        row += [
+            _distinct(m.r for m in members),
+            _distinct(m.alpha for m in members),
+            _distinct(m.scale for m in members),
+            "yes" if any(m.dora for m in members) else "",
+            format_number(sum(m.params for m in members)),
+            spread(norms),
+        ]
+        if with_base:
+            row.append(spread([m.relative_norm for m in members if m.relative_norm is not None]))
+        table.add_row(*row)
+    stdout.print(table)
+    totals = report.totals
+    stdout.print(
+        f"total: {totals['modules']} modules, {totals['params']:,} parameters, {totals['bytes']:,} bytes"
+        + (f"; base model: {report.base_model_name_or_path}" if report.base_model_name_or_path else "")
+    )
+    for warning in report.warnings:
+        note(f"[yellow]warning:[/yellow] {warning}", quiet)

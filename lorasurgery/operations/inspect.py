@@ -1,0 +1,208 @@
+"""`inspect`: what an adapter targets, its ranks and scales, the size of its update — no model loaded.
+
+‖ΔW‖_F = |s|·‖B@A‖_F comes from two r × r Gram matrices (linalg.lowrank), never the d × k product.
+With a base, every target must exist there with the right shape, and ‖ΔW‖_F / ‖W‖_F is reported,
+reading W one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorasurgery.adapter import Adapter, LoraModule, load_adapter, resolve_base_names
+from lorasurgery.adapter.names import find_prefix_rule
+from lorasurgery.errors import MismatchError
+from lorasurgery.io import open_checkpoint
+from lorasurgery.linalg.lowrank import lowrank_fro_norm
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
+
+DEAD_RELATIVE = 1e-12  # ‖ΔW‖ below this share of ‖W‖ (or exactly 0 without a base) counts as dead
+
+
+@dataclass
+class ModuleInfo:
+    name: str
+    kind: str  # linear | embedding | conv | replaced
+    shape: list[int]  # [out, in] of ΔW (conv: [out, in, *kernel]); replaced: the saved tensor's shape
+    r: int | None
+    alpha: float | None
+    scale: float | None
+    dora: bool
+    params: int
+    delta_fro_norm: float | None
+    nonfinite: int
+    relative_norm: float | None = None  # only with a base
+
+
+@dataclass
+class InspectReport:
+    path: str
+    peft_type: str
+    base_model_name_or_path: str | None
+    modules: list[ModuleInfo]
+    totals: dict
+    warnings: list[str] = field(default_factory=list)
+    base: str | None = None
+    format: str = "peft"
+
+    def to_json(self) -> dict:
+        modules = []
+        for module in self.modules:
+            entry = asdict(module)
+            if self.base is None:
+                entry.pop("relative_norm")
+            modules.append(entry)
+        return {
+            "path": self.path,
+            "format": self.format,
+            "peft_type": self.peft_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "modules": modules,
+            "totals": self.totals,
+            "warnings": self.warnings,
+        }
+
+
+def _nonfinite(tensor) -> int:
+    import torch
+
+    return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
+
+
+def _lora_info(adapter: Adapter, module: LoraModule) -> ModuleInfo:
+    A, B = adapter.read_factors(module.name)
+    extra = [adapter.read(k) for k in (module.bias_key, module.magnitude_key) if k]
+    A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # conv: (r, in·k), (out, r)
+    nonfinite = sum(_nonfinite(t) for t in (A, B, *extra))
+    return ModuleInfo(
+        name=module.name,
+        kind=module.kind,
+        shape=[B.shape[0], *A.shape[1:]],
+        r=module.r,
+        alpha=module.alpha,
+        scale=module.scale,
+        dora=module.dora,
+        params=A.numel() + B.numel() + sum(t.numel() for t in extra),
+        delta_fro_norm=None if nonfinite else lowrank_fro_norm(A2, B2, module.scale),
+        nonfinite=nonfinite,
+    )
+
+
+def _replaced_info(adapter: Adapter, name: str, key: str) -> ModuleInfo:
+    tensor = adapter.read(key)
+    return ModuleInfo(
+        name=name,
+        kind="replaced",
+        shape=list(tensor.shape),
+        r=None,
+        alpha=None,
+        scale=None,
+        dora=False,
+        params=tensor.numel(),
+        delta_fro_norm=None,
+        nonfinite=_nonfinite(tensor),
+    )
+
+
+def inspect_adapter(
+    path: str | os.PathLike, base: str | os.PathLike | None = None, progress: ProgressCallback = no_progress
+) -> InspectReport:
+    """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖."""
+    adapter = load_adapter(path)
+    modules = list(adapter.modules.values())
+    total = len(modules) + len(adapter.replacements)
+    infos: list[ModuleInfo] = []
+    for module in modules:
+        infos.append(_lora_info(adapter, module))
+        progress(Progress("inspect", len(infos), total, module.name))
+    for name, key in sorted(adapter.replacements.items()):
+        infos.append(_replaced_info(adapter, name, key))
+        progress(Progress("inspect", len(infos), total, name))
+
+    warnings: list[str] = []
+    if base is not None:
+        warnings += _compare_with_base(adapter, infos, base)
+    _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
+    tensors = adapter.tensors.values()
+    return InspectReport(
+        path=str(path),
+        peft_type=adapter.config.peft_type,
+        base_model_name_or_path=adapter.config.base_model_name_or_path,
+        modules=infos,
+        totals={
+            "modules": len(modules),
+            "params": sum(t.numel for t in tensors),
+            "bytes": sum(t.nbytes for t in tensors),
+        },
+        warnings=warnings,
+        base=None if base is None else str(base),
+    )
+
+
+def _compare_with_base(adapter: Adapter, infos: list[ModuleInfo], base) -> list[str]:
+    import torch
+
+    checkpoint = open_checkpoint(base)
+    mapping = resolve_base_names(adapter, checkpoint) if adapter.modules else {}
+    notes = []
+    rule, unmatched = find_prefix_rule([n for n in adapter.replacements], checkpoint.tensors)
+    by_name = {info.name: info for info in infos}
+    for name, base_name in mapping.items():
+        info = by_name[name]
+        w_norm = float(torch.linalg.vector_norm(checkpoint.read(base_name).double()))
+        if info.delta_fro_norm is not None:
+            info.relative_norm = info.delta_fro_norm / w_norm if w_norm else float("inf")
+    for name in adapter.replacements:
+        info = by_name[name]
+        base_name = rule.apply(name)
+        if base_name not in checkpoint.tensors:
+            notes.append(f"{name}: saved by the adapter but not in the base; a merge would add it")
+            continue
+        base_tensor = checkpoint.read(base_name)
+        if list(base_tensor.shape) != info.shape:
+            notes.append(
+                f"{name}: replaces a base tensor of shape {list(base_tensor.shape)} with {info.shape}"
+            )
+            continue
+        saved = adapter.read(adapter.replacements[name]).double()
+        difference = float(torch.linalg.vector_norm(saved - base_tensor.double()))
+        info.delta_fro_norm = difference
+        w_norm = float(torch.linalg.vector_norm(base_tensor.double()))
+        info.relative_norm = difference / w_norm if w_norm else None
+    if unmatched and not adapter.modules and len(unmatched) == len(adapter.replacements):
+        raise MismatchError(f"{adapter.path}: none of its saved tensors is in the base {checkpoint.path}")
+    return notes
+
+
+def _warn_about_updates(
+    adapter: Adapter, infos: list[ModuleInfo], warnings: list[str], with_base: bool
+) -> None:
+    lora = [i for i in infos if i.kind != "replaced"]
+    nonfinite = [i for i in infos if i.nonfinite]
+    for info in nonfinite:
+        warnings.append(f"{info.name}: {info.nonfinite} NaN/Inf values in the adapter's tensors")
+
+    def dead(info: ModuleInfo) -> bool:
+        if info.delta_fro_norm is None:
+            return False
+        if with_base and info.relative_norm is not None:
+            return info.relative_norm < DEAD_RELATIVE
+        return info.delta_fro_norm == 0
+
+    dead_modules = [i for i in lora if dead(i)]
+    if lora and len(dead_modules) == len(lora) and not any(i.dora for i in lora):
+        warnings.append(
+            "dead adapter: ΔW = 0 for every module (lora_B still at its zero initialisation?); "
+            "merging it changes nothing"
+        )
+    elif dead_modules:
+        warnings.append(f"{len(dead_modules)} of {len(lora)} modules have ΔW = 0")
+    if any(i.dora for i in lora):
+        warnings.append(
+            "DoRA: delta_fro_norm is ‖s·B@A‖; the merged update also rescales each row of W + s·B@A "
+            "to the learned magnitude, so the effective change depends on W"
+        )
+    if Path(adapter.path).is_dir() and adapter.config.base_model_name_or_path is None:
+        warnings.append("adapter_config.json names no base_model_name_or_path")
