@@ -28,7 +28,7 @@ WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
+    r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
 _KOHYA_MARKERS = (".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w1")
 
