@@ -100,8 +100,41 @@ def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, s
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.pass_context
 def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, **options) -> None:
-    """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT."""
-    raise LoraSurgeryError("merge is not implemented yet")
+    """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT.
+
+    W' = W + Σ wᵢ·ΔWᵢ exactly as PEFT's merge_and_unload computes ΔW (scales, rsLoRA, patterns,
+    fan_in_fan_out, embeddings, DoRA, lora_bias, saved modules), in float32 with one rounding,
+    one tensor at a time. Untouched tensors are copied byte for byte.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.merge import merge_checkpoint
+    from lorasurgery.units import parse_bytes
+
+    weights = options["weights"]
+    if weights and len(weights) != len(adapters):
+        raise click.BadParameter(
+            f"{len(weights)} values for {len(adapters)} adapters; give one --weight per adapter, in order",
+            param_hint="--weight",
+        )
+    max_shard = options["max_shard_size"]
+    settings = settings_of(ctx)
+    with render.merge_progress(quiet=settings.quiet) as progress:
+        summary = merge_checkpoint(
+            base,
+            list(adapters),
+            output,
+            weights=list(weights) or None,
+            subtract=options["subtract"],
+            dtype=options["dtype"],
+            max_shard_bytes=parse_bytes(max_shard) if max_shard else None,
+            device=options["device"],
+            precise=options["precise"],
+            force=options["force"],
+            allow_nonfinite=options["allow_nonfinite"],
+            verify=options["verify"],
+            progress=progress,
+        )
+    render.merge_summary(summary, as_json=options["as_json"], quiet=settings.quiet)
 
 
 @cli.command()

@@ -165,3 +165,82 @@ def inspect_report(report, as_json: bool = False, show_all: bool = False, quiet:
     )
     for warning in report.warnings:
         note(f"[yellow]warning:[/yellow] {warning}", quiet)
+
+
+# --------------------------------------------------------------------------------------------------
+# merge
+
+
+@contextmanager
+def merge_progress(quiet: bool = False) -> Iterator[ProgressCallback]:
+    """Like progress_bar, counting tensors and bytes; shown from the first tensor on, so that a
+    refusal while planning leaves stderr with the error alone."""
+    if quiet or not stderr.is_terminal:
+        yield no_progress
+        return
+    from rich.progress import DownloadColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[tensors]} tensors"),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[item]}", style="dim"),
+        console=stderr,
+        transient=True,
+    )
+    task = None
+
+    def update(event: ProgressEvent) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(event.stage, total=event.bytes_total or None, tensors="", item="")
+        bar.update(
+            task,
+            completed=event.bytes_done,
+            tensors=f"{event.done}/{event.total}",
+            item=event.item[-48:],
+        )
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
+    """The merge summary: JSON or a table on stdout; notes (tied embeddings, …) on stderr."""
+    from lorasurgery.units import format_bytes
+
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    for message in summary.notes:
+        stderr.print(f"[yellow]note:[/yellow] {message}")
+    table = new_table(f"merged into {summary.output}")
+    for column in ("adapter", "weight", "modules", "dora", "lora biases", "tensors replaced"):
+        table.add_column(column, justify="left" if column == "adapter" else "right")
+    for adapter in summary.adapters:
+        table.add_row(
+            adapter.path,
+            f"{adapter.weight:g}",
+            format_number(adapter.modules_merged),
+            format_number(adapter.dora_modules),
+            format_number(adapter.lora_biases),
+            format_number(adapter.tensors_replaced),
+        )
+    stdout.print(table)
+    stdout.print(
+        f"{summary.tensors:,} tensors: {summary.tensors_merged:,} merged, {summary.tensors_replaced:,} "
+        f"replaced, {summary.tensors_copied:,} copied byte for byte, {summary.tensors_converted:,} "
+        f"converted; {format_bytes(summary.bytes_written)} in {len(summary.files)} file(s), "
+        f"{summary.seconds:.1f} s"
+    )
+    if summary.config_changes:
+        changes = ", ".join(f"{k}: {json.dumps(v)}" for k, v in summary.config_changes.items())
+        stdout.print(f"config.json: {changes}")
+    if summary.verified:
+        stdout.print(f"verified: largest logit difference {summary.max_logit_difference:.3g}")

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorasurgery.errors import (
+    AdapterError,
     LoraSurgeryError,
     MismatchError,
     NonFiniteError,
@@ -288,6 +289,10 @@ def _plan(base: Path, adapter_paths, weights, subtract, dtype, allow_nonfinite) 
     summaries = []
     replaced_by: dict[str, tuple[int, str]] = {}
     for index, (path, adapter, weight) in enumerate(zip(adapter_paths, adapters, weights)):
+        if not adapter.modules and not _replacements_of(adapter):
+            raise AdapterError(
+                f"{path}: the adapter holds no LoRA modules and no saved tensors; nothing to merge"
+            )
         view = _AdapterView(adapter, path, checkpoint, tensors)
         if not allow_nonfinite:
             view.check_finite()
@@ -482,14 +487,26 @@ class _AdapterView:
     """One adapter seen against one base: its targets and replaced tensors under base names."""
 
     def __init__(self, adapter, path: Path, checkpoint, tensors: dict):
-        from lorasurgery.adapter import resolve_base_names
+        from lorasurgery.adapter import find_prefix_rule, resolve_base_names
 
         self.adapter = adapter
         self.path = path
         self.tensors = tensors
         self.config = checkpoint.config
-        self._targets = resolve_base_names(adapter, _Names(checkpoint, tensors)) if adapter.modules else {}
-        self._prefix = _prefix_rule(adapter, self._targets, tensors)
+        # The prefix rule comes from the LoRA modules (else from the saved tensors); shapes are
+        # checked later against the tensor each module will really meet (a saved, resized one).
+        weight_names = [module.base_weight_name for module in adapter.modules.values()]
+        if weight_names:
+            self.rule, unmatched = find_prefix_rule(weight_names, tensors)
+            if unmatched:  # its error lists the modules the base lacks
+                resolve_base_names(adapter, _Names(checkpoint, tensors))
+        else:
+            self.rule, _ = find_prefix_rule([r for r, _ in _replacements_of(adapter)], tensors)
+        self._targets = {m: self.rule.apply(module.base_weight_name) for m, module in adapter.modules.items()}
+
+    def _prefix(self, relative: str) -> str | None:
+        name = self.rule.apply(relative)
+        return name if name in self.tensors else None
 
     def targets(self) -> dict[str, str]:
         return dict(self._targets)
@@ -503,8 +520,8 @@ class _AdapterView:
             shared = ".base_layer." in tensor_name
             if name is None:  # a tensor tied to another is stored once: replace the stored one
                 tied_keys = architecture_tied_keys(self.config) if tied_keys is None else tied_keys
-                source = tied_keys.get(relative)
-                name = self._prefix(source) if source else None
+                source = tied_keys.get(self.rule.apply(relative) or relative)
+                name = source if source in self.tensors else None
                 shared = True
             if name is None:
                 unmatched.append(relative)
@@ -559,31 +576,6 @@ class _Names:
 
     def __getattr__(self, attribute):
         return getattr(self._checkpoint, attribute)
-
-
-def _prefix_rule(adapter, targets: dict[str, str], tensors: dict):
-    """Map an adapter-side tensor path to the base's name, with the prefix the targets resolved to."""
-    rule = None
-    for module, base_name in targets.items():
-        own = adapter.modules[module].base_weight_name
-        if base_name.endswith(own):
-            rule = ("add", base_name[: len(base_name) - len(own)])
-        elif own.endswith(base_name):
-            rule = ("strip", own[: len(own) - len(base_name)])
-        break
-
-    def apply(relative: str) -> str | None:
-        candidates = []
-        if rule and rule[0] == "add":
-            candidates.append(rule[1] + relative)
-        elif rule and rule[0] == "strip" and relative.startswith(rule[1]):
-            candidates.append(relative[len(rule[1]) :])
-        candidates.append(relative)
-        for prefix in ("model.", "bert.", "transformer.", "roberta.", "gpt_neox."):
-            candidates += [prefix + relative, relative.removeprefix(prefix)]
-        return next((c for c in candidates if c in tensors), None)
-
-    return apply
 
 
 def _replacements_of(adapter) -> list[tuple[str, str]]:

@@ -1,0 +1,166 @@
+"""`lorasurgery merge` through the CLI: exit codes, JSON, and every bad input of SPEC §7.
+
+Each refusal is checked by clihelp.assert_refused: exit 1, `Error: …` naming the module or file, no
+traceback, no output folder (nor a temporary one) afterwards, inputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from clihelp import assert_refused, run_cli, tree_digest
+
+from lorasurgery.io import open_checkpoint, save_tensors
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from test_merge import llama, make_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cli") / "base"
+    llama().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory) -> Path:
+    return make_adapter(
+        base, tmp_path_factory.mktemp("cli") / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"]
+    )
+
+
+def edited_adapter(adapter: Path, out: Path, edit) -> Path:
+    """A copy of `adapter` whose tensors went through edit(dict) and whose config is kept."""
+    out.mkdir()
+    (out / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    checkpoint = open_checkpoint(adapter / "adapter_model.safetensors")
+    tensors = {name: checkpoint.read(name) for name in checkpoint.tensors}
+    edit(tensors)
+    save_tensors(out, tensors, stem="adapter_model")
+    return out
+
+
+def test_merge_succeeds_and_prints_json(base, adapter, tmp_path):
+    before = tree_digest(base, adapter)
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["adapters"][0]["modules_merged"] == 2
+    assert summary["tensors_merged"] == 2 and summary["tensors_copied"] == summary["tensors"] - 2
+    assert summary["bytes_written"] > 0 and summary["seconds"] > 0
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert tree_digest(base, adapter) == before
+
+
+def test_merge_table_and_quiet(base, adapter, tmp_path):
+    result = run_cli("--quiet", "merge", base, adapter, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "modules" in result.stdout and result.stderr == ""
+
+
+def test_weight_count_must_match_adapters(base, adapter, tmp_path):
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--weight", "1", "--weight", "2")
+    assert result.exit_code == 2
+    assert "give one --weight per adapter" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_target_is_refused(base, adapter, tmp_path):
+    def rename(tensors):
+        for name in list(tensors):
+            tensors[name.replace("q_proj", "qkv_proj")] = tensors.pop(name)
+
+    bad = edited_adapter(adapter, tmp_path / "bad", rename)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["target_modules"] = ["qkv_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_refused(["merge", base, bad, "-o", out], "qkv_proj", inputs=[base, bad], output=out)
+
+
+def test_shape_mismatch_names_module_and_both_shapes(base, adapter, tmp_path):
+    def widen(tensors):
+        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        tensors[name] = torch.randn(4, 40)
+
+    bad = edited_adapter(adapter, tmp_path / "bad", widen)
+    out = tmp_path / "out"
+    result = assert_refused(
+        ["merge", base, bad, "-o", out], "model.layers.0.self_attn.q_proj", inputs=[base, bad], output=out
+    )
+    assert "40" in result.stderr and "32" in result.stderr  # both shapes
+
+
+def test_nan_in_adapter_is_refused_unless_allowed(base, adapter, tmp_path):
+    def poison(tensors):
+        tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"][0, 0] = float("nan")
+
+    bad = edited_adapter(adapter, tmp_path / "bad", poison)
+    out = tmp_path / "out"
+    result = assert_refused(
+        ["merge", base, bad, "-o", out], "model.layers.1.self_attn.q_proj", inputs=[base, bad], output=out
+    )
+    assert "NaN" in result.stderr and "--allow-nonfinite" in result.stderr
+    allowed = run_cli("--quiet", "merge", base, bad, "-o", out, "--allow-nonfinite")
+    assert allowed.exit_code == 0, allowed.stderr
+
+
+def test_existing_output_needs_force(base, adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(
+        ["merge", base, adapter, "-o", out], "already exists; pass --force", inputs=[base, adapter, out]
+    )
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run_cli("--quiet", "merge", base, adapter, "-o", out, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("where", ["base", "inside-base", "adapter"])
+def test_output_inside_an_input_is_refused(base, adapter, tmp_path, where):
+    out = {"base": base, "inside-base": base / "merged", "adapter": adapter}[where]
+    assert_refused(
+        ["merge", base, adapter, "-o", out, "--force"], "choose a folder elsewhere", inputs=[base, adapter]
+    )
+    assert where != "inside-base" or not out.exists()
+
+
+def test_subtract_dora_is_refused(base, tmp_path):
+    dora = make_adapter(base, tmp_path / "dora", r=4, lora_alpha=8, use_dora=True, target_modules=["v_proj"])
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, dora, "-o", out, "--subtract"],
+        "--subtract is refused for DoRA",
+        inputs=[base, dora],
+        output=out,
+    )
+
+
+def test_cuda_without_a_gpu_is_refused(base, adapter, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "out"
+    assert_refused(["merge", base, adapter, "-o", out, "--device", "cuda"], "no CUDA device", output=out)
+
+
+def test_bad_shard_size_is_refused(base, adapter, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, adapter, "-o", out, "--max-shard-size", "lots"], "cannot parse size", output=out
+    )
+
+
+def test_verify_passes_and_reports(base, adapter, tmp_path):
+    result = run_cli("merge", base, adapter, "-o", tmp_path / "out", "--verify", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["verified"] is True and summary["max_logit_difference"] < 1e-4
