@@ -160,8 +160,49 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, base: str, finetuned: str, output: str, **options) -> None:
-    """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD."""
-    raise LoraSurgeryError("extract is not implemented yet")
+    """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD.
+
+    ΔW = W_ft − W_base per module, factored as B = U√S, A = √S Vᵀ with scale 1. Choose exactly one
+    rank policy. The report gives each module's true error after the cast to the output dtype.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.extract import extract_adapter, write_report
+    from lorasurgery.units import parse_count
+
+    policies = [n for n in ("rank", "energy", "ratio", "budget") if options[n] is not None]
+    policies += ["auto"] if options["auto"] else []
+    if len(policies) != 1:
+        raise click.UsageError(
+            "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
+            + (f" (got {', '.join('--' + p for p in policies)})" if policies else "")
+        )
+    budget = parse_count(options["budget"]) if options["budget"] is not None else None
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("extract", quiet) as progress:
+        report = extract_adapter(
+            base,
+            finetuned,
+            output,
+            rank=options["rank"],
+            energy=options["energy"],
+            ratio=options["ratio"],
+            auto=options["auto"],
+            budget=budget,
+            max_rank=options["max_rank"],
+            include=options["include"],
+            exclude=options["exclude"],
+            embeddings=options["embeddings"],
+            save_1d=options["save_1d"],
+            dtype=options["dtype"],
+            svd=options["svd"],
+            device=options["device"],
+            force=options["force"],
+            allow_nonfinite=options["allow_nonfinite"],
+            progress=progress,
+        )
+    if options["report"]:
+        write_report(report, options["report"])
+    render.extract_report(report, as_json=options["as_json"], quiet=quiet)
 
 
 @cli.command("rank-report")

@@ -244,3 +244,42 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
         stdout.print(f"config.json: {changes}")
     if summary.verified:
         stdout.print(f"verified: largest logit difference {summary.max_logit_difference:.3g}")
+
+
+# --------------------------------------------------------------------------------------------------
+# extract
+
+
+def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
+    if as_json:
+        print_json(report.to_json())
+        return
+    table = new_table(f"{report.output} — extracted from {report.finetuned} ({report.policy})")
+    for column, justify in (
+        ("module", "left"),
+        ("shape", "left"),
+        ("rank", "right"),
+        ("retained energy", "right"),
+        ("relative error", "right"),
+    ):
+        table.add_column(column, justify=justify, no_wrap=True)
+    for m in report.modules:
+        shape = "×".join(map(str, m.shape))
+        table.add_row(m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error))
+    stdout.print(table)
+    if report.skipped:
+        skipped = new_table("skipped (changed by the fine-tune, not in the adapter)")
+        for column in ("name", "reason", "‖ΔW‖/‖W‖"):
+            skipped.add_column(column, no_wrap=column != "reason")
+        for s in report.skipped:
+            skipped.add_row(s.name, s.reason, format_number(s.relative_norm))
+        stdout.print(skipped)
+    totals = report.totals
+    stdout.print(
+        f"total: {len(report.modules)} modules, {totals['params']:,} parameters, {totals['bytes']:,} bytes, "
+        f"overall relative error {format_number(totals['relative_error'])}"
+        + (f"; saved in full: {', '.join(report.saved)}" if report.saved else "")
+    )
+    for line in report.notes:
+        note(f"note: {line}", quiet)
+    note(f"wrote {report.output} in {report.seconds:.1f} s", quiet)
