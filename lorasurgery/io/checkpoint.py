@@ -182,6 +182,7 @@ def _shard_path(folder: Path, index_path: Path, shard_name: object) -> Path:
         or not shard_name
         or shard_name != os.path.basename(shard_name)
         or "\\" in shard_name
+        or "\x00" in shard_name
         or shard_name in (".", "..")
     ):
         raise CheckpointError(
@@ -202,8 +203,10 @@ def _open_index(index_path: Path) -> Checkpoint:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: malformed index (no weight_map)")
     files: list[Path] = []
-    for shard_name in dict.fromkeys(weight_map.values()):
-        files.append(_shard_path(folder, index_path, shard_name))
+    for shard_name in weight_map.values():  # validated before use as a key: it may be any JSON
+        path = _shard_path(folder, index_path, shard_name)
+        if path not in files:
+            files.append(path)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for name, info in _index_file(file).items():
