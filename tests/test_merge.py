@@ -518,3 +518,89 @@ def test_nonfinite_results_name_the_module(bases, tmp_path):
     out = merge_weight(torch.zeros(32, 32), [update], out_dtype=torch.float32, allow_nonfinite=True)
     assert not torch.isfinite(out).any()
     assert adapter.exists()
+
+
+def test_tied_lm_head_lora_writes_both_and_unties(bases, tmp_path):
+    base = bases("llama-tied")
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["lm_head"])
+    summary = merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
+    ours = read_all(tmp_path / "out")
+    reference, _ = peft_merged(base, adapter, untie=True)
+    assert_matches(ours, reference)
+    embedding = read_all(base)["model.embed_tokens.weight"]
+    assert torch.equal(ours["model.embed_tokens.weight"], embedding)  # copied, not changed
+    assert not torch.equal(ours["lm_head.weight"], embedding)
+    assert config_of(tmp_path / "out")["tie_word_embeddings"] is False
+    assert summary.config_changes == {"tie_word_embeddings": False}
+
+
+def test_verify_passes_on_bf16(bases, tmp_path):
+    base = bases("llama-bf16")
+    adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear")
+    summary = merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
+    assert summary.verified and summary.max_logit_difference > 0
+
+
+@pytest.mark.slow
+def test_peak_memory_is_a_few_largest_tensors(tmp_path):
+    """A merge in a fresh process: peak RSS above the bare interpreter stays within 4 × the largest
+    tensor (plus allocator slack) on a 380 MB checkpoint whose largest tensor is 16 MB."""
+    import subprocess
+    import sys
+
+    from lorasurgery.io import SafetensorsWriter, TensorSpec, plan_shards
+
+    config = llama(vocab=4096, layers=6).config
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = 1024, 4096, 8
+    config.num_key_value_heads = 2
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in transformers.LlamaForCausalLM(config).state_dict().items()}
+    specs = [TensorSpec(name, "F32", shape) for name, shape in shapes.items()]
+    (tmp_path / "base").mkdir()
+    generator = torch.Generator().manual_seed(0)
+    with SafetensorsWriter(tmp_path / "base", plan_shards(specs)) as writer:
+        for spec in specs:
+            writer.write(spec.name, torch.randn(spec.shape, generator=generator) * 0.02)
+    config.save_pretrained(tmp_path / "base")
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(config)
+    peft_model = get_peft_model(meta, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    for module in peft_model.modules():
+        for part in ("lora_A", "lora_B"):
+            layers = getattr(module, part, None)
+            if isinstance(layers, torch.nn.ModuleDict) and "default" in layers:
+                shape = layers["default"].weight.shape
+                layers["default"].weight = torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+    largest = max(t.nbytes for t in open_checkpoint(tmp_path / "base").tensors.values())
+    total = open_checkpoint(tmp_path / "base").total_bytes
+    assert total > 20 * largest
+
+    def peak(code: str, *args) -> int:
+        wrapper = (
+            "import resource, subprocess, sys;"
+            "subprocess.run(sys.argv[1:], check=True);"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", wrapper, sys.executable, "-c", code, *map(str, args)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return int(out.stdout.split()[-1])
+
+    bare = peak(
+        "import torch, lorasurgery.cli, lorasurgery.operations.merge, lorasurgery.adapter; torch.ones(9)"
+    )
+    merged = peak(
+        "import sys; from lorasurgery.cli import main; sys.argv[0] = 'lorasurgery'; main()",
+        "--quiet",
+        "merge",
+        tmp_path / "base",
+        adapter,
+        "-o",
+        tmp_path / "out",
+    )
+    assert merged - bare <= 4 * largest + 32 * 2**20, (merged - bare, largest, total)

@@ -185,7 +185,7 @@ def merge_weight(
                     acc.addmm_(p.L[start:stop], p.R, alpha=w * p.alpha)  # acc += w·s·L@R
                 else:
                     acc.add_(p.dora_block(base, start, stop).sub_(base), alpha=w)
-        if not allow_nonfinite and not _all_finite(acc):
+        if not allow_nonfinite and not all_finite(acc):
             raise NonFiniteError(_nonfinite_message(name, updates))
         out[start:stop] = acc.to(out_dtype)  # the one rounding
     return out.reshape(shape)
@@ -206,14 +206,14 @@ def merge_bias(
     acc = bias.to(dtype).clone()
     for vector, coefficient in terms:
         acc.add_(vector.to(dtype), alpha=coefficient)
-    if not allow_nonfinite and not _all_finite(acc):
+    if not allow_nonfinite and not all_finite(acc):
         raise NonFiniteError(
             f"merging {modules or name} gives NaN/Inf in {name}; pass --allow-nonfinite to go on"
         )
     return acc.to(out_dtype)
 
 
-def _all_finite(block: torch.Tensor) -> bool:
+def all_finite(block: torch.Tensor) -> bool:
     # A NaN or Inf anywhere makes the sum non-finite; a finite sum proves every value finite. Only a
     # non-finite sum (or an overflow of huge values) pays for the exact elementwise test.
     if math.isfinite(float(block.sum())):
