@@ -70,8 +70,9 @@ def test_extracting_a_peft_merge_recovers_its_delta_and_logits(llama_pair, tmp_p
 
 
 def test_gpt2_conv1d_round_trip_uses_fan_in_fan_out(tmp_path):
-    tiny_gpt2().save_pretrained(tmp_path / "base")
-    ft = peft_finetune(tiny_gpt2(), target_modules=["c_attn", "c_fc"], r=3, fan_in_fan_out=True)
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "base")
+    ft = peft_finetune(model, target_modules=["c_attn", "c_fc"], r=3, fan_in_fan_out=True)
     ft.save_pretrained(tmp_path / "ft")
     report = extract_adapter(
         tmp_path / "base", tmp_path / "ft", tmp_path / "out", rank=3, include=r"c_attn|c_fc"
@@ -125,8 +126,9 @@ def test_budget_is_respected_and_spent_where_energy_is(llama_pair, tmp_path):
 
 
 def test_tied_embeddings_as_lora_give_lm_head_the_same_factors(tmp_path):
-    tiny_llama(tie=True).save_pretrained(tmp_path / "base")
-    ft = peft_finetune(tiny_llama(tie=True), target_modules=["embed_tokens", "q_proj"], r=2)
+    model = tiny_llama(tie=True)
+    model.save_pretrained(tmp_path / "base")
+    ft = peft_finetune(model, target_modules=["embed_tokens", "q_proj"], r=2)
     ft.config.tie_word_embeddings = True
     ft.save_pretrained(tmp_path / "ft")
     skipped = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / "skip", rank=2)
@@ -143,8 +145,9 @@ def test_tied_embeddings_as_lora_give_lm_head_the_same_factors(tmp_path):
 
 
 def test_embeddings_full_saves_modules_to_save_once(tmp_path):
-    tiny_llama().save_pretrained(tmp_path / "base")
-    ft = peft_finetune(tiny_llama(), target_modules=["q_proj"], r=2, modules_to_save=["lm_head"])
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    ft = peft_finetune(model, target_modules=["q_proj"], r=2, modules_to_save=["lm_head"])
     with torch.no_grad():
         ft.lm_head.weight.add_(0.01)
     ft.save_pretrained(tmp_path / "ft")
@@ -235,3 +238,29 @@ def test_bad_inputs_are_refused_with_nothing_written(llama_pair, tmp_path):
         inputs=[base, ft],
         output=ft / "adapter",
     )
+
+
+def test_auto_recovers_a_planted_rank_under_noise_where_energy_counts_noise(tmp_path):
+    from lorasurgery.io import save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    d, n, planted = 96, 160, 5
+    base, ft = {}, {}
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.down_proj.weight"
+        base[name] = torch.randn(d, n, generator=g) * 0.05
+        signal = torch.randn(d, planted, generator=g) @ torch.randn(planted, n, generator=g) * 0.02
+        noise = torch.randn(d, n, generator=g) * 0.01
+        ft[name] = base[name] + signal + noise
+    for folder, tensors in (("base", base), ("ft", ft)):
+        (tmp_path / folder).mkdir()
+        save_tensors(tmp_path / folder, tensors)
+        (tmp_path / folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    auto = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / "auto", auto=True)
+    assert [m.rank for m in auto.modules] == [planted, planted]
+    energy = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / "energy", energy=0.99)
+    assert all(m.rank > 3 * planted for m in energy.modules)  # the noise floor holds > 1 % of the energy
+    ratio = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / "ratio", ratio=0.2)
+    assert all(1 <= m.rank <= planted for m in ratio.modules)
+    capped = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / "capped", auto=True, max_rank=3)
+    assert [m.rank for m in capped.modules] == [3, 3]

@@ -141,15 +141,18 @@ def _leaf(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
-def _policy_rank(policy: Policy, S, shape) -> int:
+def _policy_rank(policy: Policy, S, shape, source_dtype) -> int:
     from lorasurgery.linalg.policies import rank_energy, rank_gavish_donoho, rank_ratio
+    from lorasurgery.linalg.svd import numerical_rank_tolerance
 
     if policy.energy is not None:
         k = rank_energy(S, policy.energy)
     elif policy.ratio is not None:
         k = rank_ratio(S, policy.ratio)
-    else:
-        k = rank_gavish_donoho(S, shape)
+    else:  # rounding noise in an exactly low-rank ΔW is not white: cap at the numerical rank
+        k = rank_gavish_donoho(
+            S, shape, floor=float(S[0]) * numerical_rank_tolerance(shape, source_dtype) if len(S) else 0.0
+        )
     return k
 
 
@@ -222,11 +225,16 @@ def extract_adapter(
     spectra: dict[str, object] = {}
     if policy.budget is not None:  # pass 1: spectra only
         from lorasurgery.linalg.policies import allocate_budget
-        from lorasurgery.linalg.svd import singular_values
+        from lorasurgery.linalg.svd import numerical_rank_tolerance, singular_values
 
         for target in plan.targets:
             delta, _ = delta_of(target)
-            spectra[target.name] = (singular_values(delta), delta.shape)
+            source_dtype = ft_ckpt.tensors[target.name].torch_dtype
+            S = singular_values(delta, source_dtype=source_dtype)
+            # σ below the numerical-rank threshold are rounding noise: no budget is spent on them
+            if len(S):
+                S = S[S > float(S[0]) * numerical_rank_tolerance(tuple(delta.shape), source_dtype)]
+            spectra[target.name] = (S, delta.shape)
             done += 1
             progress(Progress("extract: spectra", done, total, target.module))
         names = list(spectra)
@@ -256,7 +264,9 @@ def extract_adapter(
         else:
             from lorasurgery.linalg.svd import singular_values
 
-            k = _cap(_policy_rank(policy, singular_values(delta), shape), policy, shape)
+            source_dtype = ft_ckpt.tensors[target.name].torch_dtype
+            S = singular_values(delta, source_dtype=source_dtype)
+            k = _cap(_policy_rank(policy, S, shape, source_dtype), policy, shape)
         relative_norm = math.sqrt(delta_sq) / base_norm if base_norm else float("inf")
         if k == 0:
             report.skipped.append(
