@@ -791,8 +791,15 @@ class _Pipeline:
         ]
 
     def __enter__(self) -> _Pipeline:
-        for thread in self.threads:
-            thread.start()
+        try:
+            for thread in self.threads:
+                thread.start()
+        except BaseException as error:  # Ctrl-C between two starts: stop what runs, then re-raise
+            self._fail(error)
+            for thread in self.threads:
+                if thread.is_alive():
+                    thread.join()
+            raise
         return self
 
     def __iter__(self):
@@ -806,12 +813,27 @@ class _Pipeline:
         self._put(self.write_queue, (item, tensor))
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._put(self.write_queue, self._END)
-        else:
-            self._fail(exc)
+        interrupted: BaseException | None = None
+        try:
+            if exc_type is None:
+                self._put(self.write_queue, self._END)
+            else:
+                self._fail(exc)
+        except KeyboardInterrupt as error:
+            interrupted = error
+            self._fail(error)
+        # The threads must be gone before the temporary folder is removed and before the process
+        # exits (a thread still inside torch at exit aborts it), so a second Ctrl-C or SIGTERM
+        # while waiting only makes them stop sooner.
         for thread in self.threads:
-            thread.join()
+            while thread.is_alive():
+                try:
+                    thread.join()
+                except KeyboardInterrupt as error:
+                    interrupted = interrupted or error
+                    self._fail(error)
+        if interrupted is not None and exc_type is None:
+            raise interrupted
         if exc_type is None and self.error is not None:
             raise self.error
 
