@@ -604,3 +604,23 @@ def test_peak_memory_is_a_few_largest_tensors(tmp_path):
         tmp_path / "out",
     )
     assert merged - bare <= 4 * largest + 32 * 2**20, (merged - bare, largest, total)
+
+
+def test_dora_and_plain_lora_on_the_same_weight_add_up(bases, tmp_path):
+    """Each update is taken against the original W, which is what PEFT's forward computes with both
+    adapters active; --verify checks the merged model against exactly that."""
+    base = bases("llama")
+    dora = make_adapter(
+        base, tmp_path / "dora", seed=3, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]
+    )
+    plain = make_adapter(
+        base, tmp_path / "plain", seed=4, r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"]
+    )
+    summary = merge_checkpoint(base, [dora, plain], tmp_path / "out", verify=True)
+    assert summary.verified and summary.max_logit_difference < 1e-4
+    ours, original = read_all(tmp_path / "out"), read_all(base)
+    one, _ = peft_merged(base, dora)
+    two, _ = peft_merged(base, plain)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    expected = one[name].double() + (two[name].double() - original[name].double())
+    assert relative_error(ours[name], expected) <= FP32_RTOL
