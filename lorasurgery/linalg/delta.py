@@ -115,13 +115,13 @@ class _Prepared:
         )
         self.factor: torch.Tensor | None = None  # m / ‖V‖ over the whole weight (column norms)
 
-    def v_block(self, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """V[start:stop] = W + s·L@R for one block of rows (a new buffer)."""
+    def v_block(self, base: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """V[start:stop] = W + s·L@R for one block of rows, into `out`."""
         # (rows_b, cols) = (rows_b, cols) + s·(rows_b, r) @ (r, cols)
-        return torch.addmm(base, self.L[start:stop], self.R, alpha=self.alpha)
+        return torch.addmm(base, self.L[start:stop], self.R, alpha=self.alpha, out=out)
 
-    def dora_block(self, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        v = self.v_block(base, start, stop)
+    def dora_block(self, base: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        v = self.v_block(base, start, stop, out)
         if self.per_row:
             norm = torch.linalg.norm(v, dim=1)  # (rows_b,) as PEFT: per output feature
             v.mul_((self.magnitude[start:stop] / norm).unsqueeze(1))
@@ -156,7 +156,13 @@ def merge_weight(
     if out is None:
         out = torch.empty((rows, cols), dtype=out_dtype)
     prepared = [_Prepared(u, rows, cols, dtype, device) for u in updates]
-    step = _block_rows(cols)
+    step = max(1, min(_block_rows(cols), rows))
+    # Block buffers allocated once: a fresh allocation per block costs page faults (and mmap calls
+    # once large blocks are mapped) that made the merge twice as slow.
+    buffers = [torch.empty((step, cols), dtype=dtype, device=device) for _ in range(3)]
+
+    def block(i: int, n: int) -> torch.Tensor:
+        return buffers[i][:n]
 
     # Column norms (Conv1D, embedding DoRA) need all rows before any row can be scaled.
     for p in prepared:
@@ -164,30 +170,31 @@ def merge_weight(
             squares = torch.zeros(cols, dtype=torch.float64, device=device)
             for start in range(0, rows, step):
                 stop = min(start + step, rows)
-                base = flat[start:stop].to(device=device, dtype=dtype)
-                squares += torch.linalg.norm(p.v_block(base, start, stop), dim=0).double().square()
+                base = block(0, stop - start).copy_(flat[start:stop])
+                v = p.v_block(base, start, stop, block(1, stop - start))
+                squares += torch.linalg.norm(v, dim=0).double().square()
             p.factor = p.magnitude / squares.sqrt().to(dtype)
 
     only_dora = len(prepared) == 1 and prepared[0].magnitude is not None and updates[0].weight == 1.0
     any_dora = any(p.magnitude is not None for p in prepared)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        base = flat[start:stop].to(device=device, dtype=dtype)  # (rows_b, cols)
+        n = stop - start
+        base = block(0, n).copy_(flat[start:stop])  # (rows_b, cols) in the compute dtype
         if only_dora:
-            acc = prepared[0].dora_block(base, start, stop)
+            acc = prepared[0].dora_block(base, start, stop, block(1, n))
         else:
-            # accumulate in place unless base aliases the stored weight or DoRA still needs it
-            aliased = base.data_ptr() == flat[start:stop].data_ptr()
-            acc = base.clone() if aliased or any_dora else base
+            # accumulate in place unless DoRA still needs W itself
+            acc = block(1, n).copy_(base) if any_dora else base
             for p in prepared:
                 w = p.update.weight
                 if p.magnitude is None:
                     acc.addmm_(p.L[start:stop], p.R, alpha=w * p.alpha)  # acc += w·s·L@R
                 else:
-                    acc.add_(p.dora_block(base, start, stop).sub_(base), alpha=w)
+                    acc.add_(p.dora_block(base, start, stop, block(2, n)).sub_(base), alpha=w)
         if not allow_nonfinite and not all_finite(acc):
             raise NonFiniteError(_nonfinite_message(name, updates))
-        out[start:stop] = acc.to(out_dtype)  # the one rounding
+        out[start:stop].copy_(acc)  # the one rounding
     return out.reshape(shape)
 
 
