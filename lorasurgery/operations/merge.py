@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -167,6 +168,7 @@ def merge_checkpoint(
     finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
     """
     started = time.perf_counter()
+    _tune_allocator()
     progress = progress or no_progress
     adapters = [Path(a) for a in adapters]
     weights = _check_options(adapters, weights, subtract, dtype, max_shard_bytes)
@@ -662,7 +664,6 @@ def _one_compute_thread():
     small tensors 1.2 s instead of 0.02 s)."""
     import torch
 
-    _return_large_blocks_to_the_os()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -671,13 +672,19 @@ def _one_compute_thread():
         torch.set_num_threads(threads)
 
 
-def _return_large_blocks_to_the_os() -> None:
-    """glibc serves a freed block's size from its heaps afterwards (the mmap threshold rises up to
+def _tune_allocator() -> None:
+    """Freed tensors leave RSS at once, without paying a page fault per 4 kB.
+
+    glibc serves a freed block's size from its heaps afterwards (the mmap threshold rises up to
     32 MB) and keeps freed heap memory per thread; with tensors passing between three threads that
-    held ~7 tensors' worth of RSS. A fixed 1 MB threshold maps every tensor and unmaps it on free."""
+    held ~7 tensors' worth of RSS. A fixed 1 MB threshold maps every tensor and unmaps it on free;
+    torch's transparent-huge-page option (read at its first allocation, hence set first thing)
+    makes mapping fresh memory cheap again: 2.3 GB of fresh 23 MB tensors took 1.3 s in 4 kB
+    pages and 0.5 s in 2 MB pages."""
     import ctypes
     import ctypes.util
 
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
