@@ -264,3 +264,14 @@ def test_auto_recovers_a_planted_rank_under_noise_where_energy_counts_noise(tmp_
     assert all(1 <= m.rank <= planted for m in ratio.modules)
     capped = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / "capped", auto=True, max_rank=3)
     assert [m.rank for m in capped.modules] == [3, 3]
+
+
+def test_budget_counts_the_tied_lm_head_copy(tmp_path):
+    model = tiny_llama(tie=True)
+    model.save_pretrained(tmp_path / "base")
+    ft = peft_finetune(model, target_modules=["embed_tokens", "q_proj"], r=2)
+    ft.config.tie_word_embeddings = True
+    ft.save_pretrained(tmp_path / "ft")
+    for budget in (300, 600, 1000):
+        report = extract_adapter(tmp_path / "base", tmp_path / "ft", tmp_path / f"b{budget}", budget=budget, embeddings="lora")
+        assert report.totals["params"] <= budget, (budget, report.totals["params"])

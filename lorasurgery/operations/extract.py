@@ -238,8 +238,12 @@ def extract_adapter(
             done += 1
             progress(Progress("extract: spectra", done, total, target.module))
         names = list(spectra)
+        # A tied lm_head gets a copy of the input embedding's factors: each rank costs twice.
+        copies = {
+            n: 2 if plan.tied_output is not None and plan.tied_output.tied_with == n else 1 for n in names
+        }
         chosen = allocate_budget(
-            [(spectra[n][0], *spectra[n][1]) for n in names],
+            [(spectra[n][0], copies[n] * spectra[n][1][0], copies[n] * spectra[n][1][1]) for n in names],
             policy.budget,
             max_rank=policy.max_rank,
         )
