@@ -219,8 +219,35 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.pass_context
 def rank_report(ctx: click.Context, target: str, **options) -> None:
-    """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W."""
-    raise LoraSurgeryError("rank-report is not implemented yet")
+    """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
+
+    TARGET is a PEFT adapter (ΔW = s·B@A, spectra from r×r cores) or a model: with --base, ΔW is
+    TARGET − BASE; alone, W's own spectra. Adds the LoRA paper's amplification factor (with a base)
+    and subspace similarity φ(i, j) against --compare.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.rank_report import rank_report
+
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("rank-report", quiet) as progress:
+        report = rank_report(
+            target,
+            base=options["base"],
+            compare=options["compare"],
+            amp_rank=options["amp_rank"],
+            include=options["include"],
+            mle=options["mle"],
+            device=options["device"],
+            progress=progress,
+        )
+    render.rank_report(
+        report,
+        show_all=options["show_all"],
+        json_path=options["json_path"],
+        csv_path=options["csv_path"],
+        plot_dir=options["plot_dir"],
+        quiet=quiet,
+    )
 
 
 def _interrupt(signum, frame) -> None:

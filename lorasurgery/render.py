@@ -283,3 +283,97 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
     for line in report.notes:
         note(f"note: {line}", quiet)
     note(f"wrote {report.output} in {report.seconds:.1f} s", quiet)
+
+
+# --------------------------------------------------------------------------------------------------
+# rank-report
+
+RANK_COLUMNS = (
+    ("stable_rank", "stable"),
+    ("effective_rank", "effective"),
+    ("energy_rank_90", "E90"),
+    ("energy_rank_99", "E99"),
+    ("optimal_rank", "GD"),
+    ("numerical_rank", "numerical"),
+    ("relative_norm", "‖ΔW‖/‖W‖"),
+    ("amplification", "amplif."),
+    ("subspace_similarity_1_1", "φ(1,1)"),
+)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a report file next to its final name, then rename: no half-written reports."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temp, path)
+
+
+def _mean_range(stats: dict | None) -> str:
+    """'mean (min–max)' from precomputed statistics, or the single value."""
+    if stats is None:
+        return "—"
+    if stats["min"] == stats["max"]:
+        return format_number(stats["mean"], 3)
+    low, high = format_number(stats["min"], 3), format_number(stats["max"], 3)
+    return f"{format_number(stats['mean'], 3)}\n[dim]{low}–{high}[/dim]"
+
+
+def rank_report_csv(report) -> str:
+    import csv
+    import io
+
+    keys: list[str] = []
+    for entry in report.modules:
+        for key, value in entry.metrics.items():
+            if key not in keys and not isinstance(value, list):
+                keys.append(key)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "kind", "rows", "cols", *keys])
+    for entry in report.modules:
+        writer.writerow([entry.name, entry.kind, *entry.shape[:2], *(entry.metrics.get(k, "") for k in keys)])
+    return buffer.getvalue()
+
+
+def rank_report(report, show_all=False, json_path=None, csv_path=None, plot_dir=None, quiet=False) -> None:
+    if json_path:
+        text = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
+        if json_path == "-":
+            stdout.out(text.rstrip("\n"), highlight=False)
+        else:
+            _write_text(json_path, text)
+    if csv_path:
+        _write_text(csv_path, rank_report_csv(report))
+    if plot_dir:
+        from lorasurgery.plots import write_plots
+
+        for path in write_plots(report, plot_dir):
+            note(f"plot: {path}", quiet)
+    if json_path == "-":
+        return  # stdout carries the JSON alone
+    present = [(key, label) for key, label in RANK_COLUMNS if any(key in e.metrics for e in report.modules)]
+    title = f"{report.target} — {'adapter ΔW' if report.mode == 'adapter' else 'ΔW = target − base' if report.mode == 'delta' else 'W'}"
+    if not show_all:
+        title += " (mean over matrices, min–max below; --all: every module)"
+    table = new_table(title)
+    table.add_column("module" if show_all else "type", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("shape" if show_all else "n", justify="right", no_wrap=True)
+    for _, label in present:
+        table.add_column(label, justify="right", no_wrap=True)
+    if show_all:
+        for entry in report.modules:
+            row = [entry.name, entry.kind, "×".join(map(str, entry.shape))]
+            row += [format_number(entry.metrics.get(key)) for key, _ in present]
+            table.add_row(*row)
+    else:
+        for group in report.summary["by_type"]:
+            row = [group["module_type"], group["kind"], str(group["count"])]
+            for key, _ in present:
+                stats = group["metrics"].get(key)
+                row.append(_mean_range(stats))
+            table.add_row(*row)
+    stdout.print(table)
+    for line in report.notes:
+        note(f"note: {line}", quiet)

@@ -1,0 +1,362 @@
+"""`rank-report`: the intrinsic rank of ΔW and of W, with the LoRA paper's analyses (Hu et al. §7).
+
+Three modes (SPEC §5):
+- TARGET is an adapter: ΔW = s·B@A per module, its spectrum exact from the QR factors of B and Aᵀ
+  (an r × r SVD, never d × k). With --base, W's metrics too, ‖ΔW‖/‖W‖ and the amplification factor.
+  A DoRA module's update depends on W: its effective ΔW = W' − W needs --base.
+- TARGET is a model with --base: ΔW = W_target − W_base, dense, singular values only unless vectors
+  are needed (amplification, subspace similarity).
+- TARGET is a model alone: W's metrics — the paper's open question, is W itself rank-deficient?
+Matrices are streamed one at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasurgery.errors import LoraSurgeryError, MismatchError
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
+
+_BLOCK = re.compile(r"\.\d+\.")
+_EMBEDDINGS = (
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "position_embeddings",
+    "embed_in",
+    "lm_head",
+    "embed_out",
+)
+DEFAULT_AMP_RANK = 16
+
+
+@dataclass
+class ModuleEntry:
+    name: str
+    kind: str  # "delta" | "weight"
+    shape: list[int]
+    metrics: dict
+    spectrum: list[float] = field(default_factory=list, repr=False)  # for plots, not in JSON
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "shape": self.shape, "metrics": self.metrics}
+
+
+@dataclass
+class RankReport:
+    target: str
+    base: str | None
+    mode: str  # "adapter" | "delta" | "weight"
+    modules: list[ModuleEntry] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target,
+            "base": self.base,
+            "modules": [m.to_json() for m in self.modules],
+            "summary": self.summary,
+        }
+
+
+def _is_adapter(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def module_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    match = re.search(r"\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _padded(S, shape) -> object:
+    """A low-rank spectrum padded with zeros to min(d, k): metrics need the full spectrum."""
+    import torch
+
+    full = torch.zeros(min(shape), dtype=torch.float64)
+    full[: len(S)] = S.to(torch.float64)[: min(shape)]
+    return full
+
+
+def _metrics(S, shape, source_dtype) -> dict:
+    from lorasurgery.linalg.spectra import spectrum_metrics
+
+    return spectrum_metrics(_padded(S, shape), tuple(shape), source_dtype)
+
+
+def rank_report(
+    target: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    compare: str | os.PathLike | None = None,
+    amp_rank: int | None = None,
+    include: str | None = None,
+    mle: bool = False,
+    device: str = "cpu",
+    progress: ProgressCallback = no_progress,
+) -> RankReport:
+    target = Path(target)
+    if not target.exists():
+        raise LoraSurgeryError(f"{target}: no such file or folder")
+    try:
+        include_re = re.compile(include) if include else None
+    except re.error as error:
+        raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
+    device = _device(device)
+    if _is_adapter(target):
+        report = _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+    else:
+        report = _model_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+    report.summary = summarize(report)
+    return report
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LoraSurgeryError("--device cuda: no CUDA device is available")
+    return device
+
+
+# -------------------------------------------------------------------------------------------------
+# adapter TARGET
+
+
+def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
+    import torch
+
+    from lorasurgery.adapter import load_adapter, resolve_base_names
+    from lorasurgery.io import open_checkpoint
+    from lorasurgery.linalg.analyses import amplification, subspace_similarity
+    from lorasurgery.linalg.lowrank import lowrank_svd
+    from lorasurgery.linalg.svd import singular_values
+
+    adapter = load_adapter(target)
+    report = RankReport(str(target), None if base is None else str(base), "adapter")
+    checkpoint = open_checkpoint(base) if base is not None else None
+    mapping = resolve_base_names(adapter, checkpoint) if checkpoint is not None else {}
+    other = load_adapter(compare) if compare is not None and _is_adapter(Path(compare)) else None
+    if compare is not None and other is None:
+        raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")
+    modules = [m for m in adapter.modules.values() if include_re is None or include_re.search(m.name)]
+    if not modules:
+        raise LoraSurgeryError(
+            f"{target}: no module matches --include {include_re.pattern!r}"
+            if include_re
+            else f"{target}: no LoRA modules"
+        )
+    dora = [m.name for m in modules if m.dora]
+    if dora and checkpoint is None:
+        raise LoraSurgeryError(
+            f"{target}: module {dora[0]} is DoRA, whose effective ΔW = W' − W depends on W; pass --base"
+        )
+    if dora:
+        report.notes.append("DoRA modules: ΔW is the effective update W' − W of the merged weight (dense)")
+
+    for done, module in enumerate(modules, start=1):
+        A, B = adapter.read_factors(module.name, device)
+        A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # (r, in), (out, r)
+        shape = [B2.shape[0], A2.shape[1]]  # ΔW as (out, in)
+        source_dtype = A.dtype
+        W = None
+        if checkpoint is not None:
+            W = checkpoint.read(mapping[module.name], device).to(torch.float32)
+            if module.fan_in_fan_out or module.kind == "embedding":
+                W = W.T  # PEFT's ΔW = s·B@A is (out, in); these weights are stored (in, out)
+            W = W.reshape(shape[0], -1)
+        if module.dora:
+            delta = _dora_effective_delta(adapter, module, W, device)
+            S = singular_values(delta, source_dtype=source_dtype)
+            vectors = None
+            delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        else:
+            svd = lowrank_svd(A2, B2, module.scale)
+            S, vectors = svd.S, svd
+            delta_fro = float(torch.linalg.vector_norm(S))
+        metrics = _metrics(S, shape, source_dtype)
+        if mle:
+            metrics["mle_dimension"] = _mle(B2 @ A2 * module.scale if not module.dora else delta)
+        if W is not None:
+            S_W = singular_values(W, source_dtype=checkpoint.tensors[mapping[module.name]].torch_dtype)
+            w_fro = float(torch.linalg.vector_norm(S_W))
+            metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
+            if vectors is not None:
+                metrics.update(amplification(vectors.U, vectors.Vh, delta_fro, W.to(torch.float64), S_W))
+            w_metrics = _metrics(S_W, shape, checkpoint.tensors[mapping[module.name]].torch_dtype)
+            if mle:
+                w_metrics["mle_dimension"] = _mle(W)
+        if other is not None and module.name in other.modules and not module.dora:
+            A_o, B_o = other.read_factors(module.name, device)
+            other_svd = lowrank_svd(
+                A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1), other.modules[module.name].scale
+            )
+            metrics.update(subspace_similarity(vectors.Vh, other_svd.Vh))
+        report.modules.append(ModuleEntry(module.name, "delta", shape, metrics, S.tolist()))
+        if W is not None:
+            report.modules.append(ModuleEntry(module.name, "weight", shape, w_metrics, S_W.tolist()))
+        progress(Progress("rank-report", done, len(modules), module.name))
+    return report
+
+
+def _dora_effective_delta(adapter, module, W, device):
+    """W' − W for a DoRA module, with the merge kernel (PEFT's per-output-row norm)."""
+    import torch
+
+    from lorasurgery.linalg.delta import Update, merge_weight
+
+    A, B = adapter.read_factors(module.name, device)
+    # W is already (out, in): every kind is then a product B@A with DoRA's norm per row of W + sΔW,
+    # which is PEFT's per-output-feature norm (per embedding dimension for embeddings).
+    update = Update(
+        module=module.name,
+        kind="linear",
+        A=A.reshape(A.shape[0], -1),
+        B=B.reshape(B.shape[0], -1),
+        scale=module.scale,
+        fan_in_fan_out=False,  # W is already in (out, in)
+        magnitude=adapter.read_magnitude(module.name, device),
+        source=str(adapter.path),
+    )
+    merged = merge_weight(W.clone(), [update], out_dtype=torch.float32)
+    return merged.to(torch.float32) - W
+
+
+def _mle(M) -> int:
+    import torch
+
+    from lorasurgery.linalg.spectra import mle_dimension
+
+    return int(mle_dimension(M.detach().to("cpu", torch.float64)))
+
+
+# -------------------------------------------------------------------------------------------------
+# model TARGET (with or without a base)
+
+
+def _selected_weights(checkpoint, include_re) -> list[str]:
+    names = []
+    for name, info in checkpoint.tensors.items():
+        if len(info.shape) != 2 or not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        if include_re is not None:
+            if include_re.search(module):
+                names.append(name)
+        elif _BLOCK.search(name) and module_type(module) not in _EMBEDDINGS:
+            names.append(name)
+    return names
+
+
+def _model_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
+    import torch
+
+    from lorasurgery.io import open_checkpoint
+    from lorasurgery.linalg.analyses import amplification, subspace_similarity
+    from lorasurgery.linalg.svd import singular_values, truncated_svd
+
+    checkpoint = open_checkpoint(target)
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    other = open_checkpoint(compare) if compare is not None else None
+    if other is not None and base_ckpt is None:
+        raise LoraSurgeryError("--compare with a model TARGET needs --base (φ compares the two ΔW)")
+    report = RankReport(str(target), None if base is None else str(base), "delta" if base_ckpt else "weight")
+    names = _selected_weights(checkpoint, include_re)
+    if not names:
+        raise LoraSurgeryError(
+            f"{target}: no 2-D weight selected"
+            + (f" by --include {include_re.pattern!r}" if include_re else "")
+        )
+    r = amp_rank or DEFAULT_AMP_RANK
+    for done, name in enumerate(names, start=1):
+        module = name[: -len(".weight")]
+        info = checkpoint.tensors[name]
+        shape = list(info.shape)
+        if base_ckpt is None:
+            W = checkpoint.read(name, device).to(torch.float32)
+            S = singular_values(W, source_dtype=info.torch_dtype)
+            metrics = _metrics(S, shape, info.torch_dtype)
+            if mle:
+                metrics["mle_dimension"] = _mle(W)
+            report.modules.append(ModuleEntry(module, "weight", shape, metrics, S.tolist()))
+        else:
+            if name not in base_ckpt.tensors:
+                raise MismatchError(f"{base}: no tensor {name!r}, which {target} has")
+            if list(base_ckpt.tensors[name].shape) != shape:
+                raise MismatchError(
+                    f"{target}: module {module}: shape {shape} differs from the base's {list(base_ckpt.tensors[name].shape)}"
+                )
+            W = base_ckpt.read(name, device).to(torch.float32)
+            delta = checkpoint.read(name, device).to(torch.float32) - W
+            S = singular_values(delta, source_dtype=info.torch_dtype)
+            S_W = singular_values(W, source_dtype=base_ckpt.tensors[name].torch_dtype)
+            metrics = _metrics(S, shape, info.torch_dtype)
+            delta_fro, w_fro = float(torch.linalg.vector_norm(S)), float(torch.linalg.vector_norm(S_W))
+            metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
+            k = min(r, min(shape))
+            if delta_fro > 0:
+                U, _, Vh = truncated_svd(delta, k, spectrum=S)
+                metrics.update(amplification(U[:, :k].double(), Vh[:k].double(), delta_fro, W.double(), S_W))
+                if other is not None:
+                    delta_o = other.read(name, device).to(torch.float32) - W
+                    if float(torch.linalg.vector_norm(delta_o)) > 0:
+                        _, _, Vh_o = truncated_svd(delta_o, k)
+                        metrics.update(subspace_similarity(Vh[:k].double(), Vh_o[:k].double()))
+            if mle:
+                metrics["mle_dimension"] = _mle(delta)
+            w_metrics = _metrics(S_W, shape, base_ckpt.tensors[name].torch_dtype)
+            report.modules.append(ModuleEntry(module, "delta", shape, metrics, S.tolist()))
+            report.modules.append(ModuleEntry(module, "weight", shape, w_metrics, S_W.tolist()))
+        progress(Progress("rank-report", done, len(names), module))
+    return report
+
+
+# -------------------------------------------------------------------------------------------------
+# summary
+
+SUMMARY_METRICS = (
+    "stable_rank",
+    "effective_rank",
+    "energy_rank_90",
+    "energy_rank_99",
+    "optimal_rank",
+    "numerical_rank",
+    "relative_norm",
+    "amplification",
+    "subspace_similarity_1_1",
+)
+
+
+def summarize(report: RankReport) -> dict:
+    """Mean/min/max of the key metrics per (module type, kind): the table's rows."""
+    groups: dict[str, dict] = {}
+    for entry in report.modules:
+        key = f"{module_type(entry.name)}:{entry.kind}"
+        group = groups.setdefault(
+            key, {"module_type": module_type(entry.name), "kind": entry.kind, "count": 0, "metrics": {}}
+        )
+        group["count"] += 1
+        for metric in SUMMARY_METRICS:
+            value = entry.metrics.get(metric)
+            if isinstance(value, (int, float)):
+                group["metrics"].setdefault(metric, []).append(float(value))
+    for group in groups.values():
+        group["metrics"] = {
+            m: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for m, v in group["metrics"].items()
+        }
+    return {
+        "mode": report.mode,
+        "modules": len({e.name for e in report.modules}),
+        "by_type": list(groups.values()),
+        "notes": report.notes,
+    }

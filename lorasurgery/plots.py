@@ -1,0 +1,104 @@
+"""PNG plots for rank-report (matplotlib, imported lazily, Agg backend: no display needed).
+
+- spectra_<type>.png: singular values per module type on a log scale, the Gavish–Donoho threshold
+  of each matrix marked, ΔW and W in separate panels;
+- ranks_by_layer.png: effective, 90 % energy and Gavish–Donoho ranks against the layer index;
+- phi_<type>.png: the subspace-similarity grid φ(i, j) of the first module of each type, like the
+  LoRA paper's Fig. 3.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(report, folder: str | os.PathLike) -> list[Path]:
+    from lorasurgery.linalg.policies import gavish_donoho_threshold
+    from lorasurgery.operations.rank_report import layer_index, module_type
+
+    plt = _pyplot()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    kinds = sorted({e.kind for e in report.modules})
+    types = list(dict.fromkeys(module_type(e.name) for e in report.modules))
+    for kind_type in types:
+        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
+        for ax, kind in zip(axes[0], kinds):
+            entries = [e for e in report.modules if e.kind == kind and module_type(e.name) == kind_type]
+            for entry in entries:
+                spectrum = [s for s in entry.spectrum if s > 0]
+                if not spectrum:
+                    continue
+                line = ax.semilogy(range(1, len(spectrum) + 1), spectrum, lw=1, alpha=0.8)[0]
+                padded = entry.spectrum + [0.0] * (min(entry.shape[:2]) - len(entry.spectrum))
+                ax.axhline(
+                    gavish_donoho_threshold(padded, tuple(entry.shape[:2])),
+                    color=line.get_color(),
+                    ls=":",
+                    lw=0.8,
+                )
+            ax.set_title(f"{kind_type}: {'ΔW' if kind == 'delta' else 'W'} ({len(entries)} matrices)")
+            ax.set_xlabel("index i")
+            ax.set_ylabel("σᵢ (dotted: Gavish–Donoho threshold)")
+        fig.tight_layout()
+        written.append(_save(fig, folder / f"spectra_{kind_type}.png", plt))
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for metric, style in (("effective_rank", "-"), ("energy_rank_90", "--"), ("optimal_rank", ":")):
+            for kind_type in types:
+                points = sorted(
+                    (layer_index(e.name), e.metrics[metric])
+                    for e in report.modules
+                    if e.kind == kind
+                    and module_type(e.name) == kind_type
+                    and layer_index(e.name) is not None
+                    and metric in e.metrics
+                )
+                if points:
+                    ax.plot(
+                        [p[0] for p in points],
+                        [p[1] for p in points],
+                        style,
+                        marker=".",
+                        label=f"{kind_type} {metric}",
+                    )
+        ax.set_title(f"ranks of {'ΔW' if kind == 'delta' else 'W'} by layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("rank")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    written.append(_save(fig, folder / "ranks_by_layer.png", plt))
+
+    shown = set()
+    for entry in report.modules:
+        grid = entry.metrics.get("subspace_similarity")
+        if not grid or module_type(entry.name) in shown:
+            continue
+        shown.add(module_type(entry.name))
+        fig, ax = plt.subplots(figsize=(4, 3.4))
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="upper")
+        ax.set_title(f"φ(i, j): {entry.name}", fontsize=8)
+        ax.set_xlabel("j (compare)")
+        ax.set_ylabel("i (target)")
+        fig.colorbar(image)
+        fig.tight_layout()
+        written.append(_save(fig, folder / f"phi_{module_type(entry.name)}.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
