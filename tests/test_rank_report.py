@@ -1,0 +1,218 @@
+"""rank-report: every metric against a float64 dense reference in all three modes; CLI; plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from clihelp import assert_refused, run_cli
+from tiny import peft_adapter, peft_finetune, tiny_llama
+
+from lorasurgery.io import open_checkpoint
+from lorasurgery.linalg.lowrank import lowrank_svd
+from lorasurgery.operations.rank_report import rank_report
+
+RANKS = ("numerical_rank", "energy_rank_90", "energy_rank_99", "optimal_rank")
+FLOATS = ("fro_norm", "spectral_norm", "stable_rank", "effective_rank", "participation_ratio")
+
+
+def reference_metrics(M: torch.Tensor) -> dict:
+    """The SPEC §5 definitions, straight from a float64 dense SVD."""
+    S = torch.linalg.svdvals(M.double())
+    d, k = M.shape
+    energy = torch.cumsum(S**2, 0) / (S**2).sum()
+    p = S / S.sum()
+    p = p[p > 0]
+    numerical = int((S > S[0] * max(d, k) * torch.finfo(torch.float32).eps).sum())
+    beta = min(d, k) / max(d, k)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    return {
+        "fro_norm": float(S.norm()),
+        "spectral_norm": float(S[0]),
+        "stable_rank": float((S**2).sum() / S[0] ** 2),
+        "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+        "participation_ratio": float((S**2).sum() ** 2 / (S**4).sum()),
+        "numerical_rank": numerical,
+        "energy_rank_90": int((energy < 0.9 - 1e-12).sum()) + 1,
+        "energy_rank_99": int((energy < 0.99 - 1e-12).sum()) + 1,
+        "optimal_rank": min(int((S > omega * float(np.median(S.numpy()))).sum()), numerical),
+    }
+
+
+def assert_close(metrics: dict, reference: dict, where: str) -> None:
+    for key in FLOATS:
+        assert metrics[key] == pytest.approx(reference[key], rel=1e-3), (where, key)
+    for key in RANKS:
+        assert abs(metrics[key] - reference[key]) <= 1, (where, key, metrics[key], reference[key])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rank")
+    model = tiny_llama()
+    model.save_pretrained(root / "base")
+    peft_adapter(
+        tiny_llama(),
+        root / "adapter",
+        target_modules=["q_proj", "down_proj"],
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+    )
+    peft_adapter(tiny_llama(), root / "other", seed=7, target_modules=["q_proj", "down_proj"], r=4)
+    peft_adapter(tiny_llama(), root / "dora", target_modules=["q_proj"], r=2, use_dora=True)
+    ft = peft_finetune(model, target_modules=["q_proj", "v_proj"], r=3)
+    with torch.no_grad():
+        for parameter in ft.parameters():
+            parameter.add_(1e-3 * torch.randn_like(parameter))  # a full-rank tail, like real fine-tunes
+    ft.save_pretrained(root / "ft")
+    return root
+
+
+def test_adapter_mode_matches_dense_svd_of_s_BA(setup):
+    from lorasurgery.adapter import load_adapter
+
+    report = rank_report(setup / "adapter", base=setup / "base")
+    adapter = load_adapter(setup / "adapter")
+    base = open_checkpoint(setup / "base")
+    deltas = [e for e in report.modules if e.kind == "delta"]
+    weights = {e.name: e for e in report.modules if e.kind == "weight"}
+    assert len(deltas) == len(adapter.modules) == len(weights)
+    for entry in deltas:
+        module = adapter.modules[entry.name]
+        A, B = adapter.read_factors(entry.name)
+        dense = module.scale * (B.double() @ A.double())
+        assert_close(entry.metrics, reference_metrics(dense), entry.name)
+        W = base.read(entry.name + ".weight").double()
+        assert_close(weights[entry.name].metrics, reference_metrics(W), entry.name + " W")
+        assert entry.metrics["relative_norm"] == pytest.approx(float(dense.norm() / W.norm()), rel=1e-6)
+        U, S, Vh = torch.linalg.svd(dense)
+        r = module.r
+        expected = float(dense.norm() / (U[:, :r].T @ W @ Vh[:r].T).norm())
+        assert entry.metrics["amplification"] == pytest.approx(expected, rel=1e-4)
+        assert entry.metrics["amplification_random_baseline"] == pytest.approx(
+            r * float(W.norm()) / math.sqrt(W.numel()), rel=1e-9
+        )
+
+
+def test_qr_core_spectrum_equals_dense_svd():
+    g = torch.Generator().manual_seed(0)
+    A, B = (
+        torch.randn(6, 300, generator=g, dtype=torch.float64),
+        torch.randn(200, 6, generator=g, dtype=torch.float64),
+    )
+    svd = lowrank_svd(A, B, 0.7)
+    dense = 0.7 * B @ A
+    assert torch.allclose(svd.S, torch.linalg.svdvals(dense)[:6], rtol=1e-10)
+    assert torch.allclose(svd.U @ torch.diag(svd.S) @ svd.Vh, dense, atol=1e-10)
+
+
+def test_model_pair_mode_matches_dense_references(setup):
+    report = rank_report(setup / "ft", base=setup / "base", amp_rank=4)
+    base, ft = open_checkpoint(setup / "base"), open_checkpoint(setup / "ft")
+    assert {e.kind for e in report.modules} == {"delta", "weight"}
+    for entry in report.modules:
+        W = base.read(entry.name + ".weight").double()
+        M = ft.read(entry.name + ".weight").double() - W if entry.kind == "delta" else W
+        assert_close(entry.metrics, reference_metrics(M), f"{entry.name} {entry.kind}")
+    q = next(e for e in report.modules if e.kind == "delta" and e.name.endswith("q_proj"))
+    k = next(e for e in report.modules if e.kind == "delta" and e.name.endswith("k_proj"))
+    assert q.metrics["optimal_rank"] == 3 and k.metrics["optimal_rank"] <= 1  # planted rank 3 vs noise only
+
+
+def test_model_alone_mode_reports_w(setup):
+    report = rank_report(setup / "base")
+    base = open_checkpoint(setup / "base")
+    assert {e.kind for e in report.modules} == {"weight"} and len(report.modules) == 14  # 7 per layer
+    for entry in report.modules:
+        assert_close(entry.metrics, reference_metrics(base.read(entry.name + ".weight")), entry.name)
+
+
+def test_subspace_similarity_of_an_adapter_with_itself_and_another(setup):
+    same = rank_report(setup / "adapter", compare=setup / "adapter")
+    for entry in same.modules:
+        grid = entry.metrics["subspace_similarity"]
+        assert all(grid[i][i] == pytest.approx(1.0, abs=1e-9) for i in range(len(grid)))
+        assert entry.metrics["subspace_similarity_1_1"] == pytest.approx(1.0, abs=1e-9)
+    other = rank_report(setup / "adapter", compare=setup / "other")
+    assert all(e.metrics["subspace_similarity_1_1"] < 0.9 for e in other.modules)
+
+
+def test_dora_needs_a_base_and_then_uses_the_effective_delta(setup):
+    assert_refused(
+        ["rank-report", setup / "dora"],
+        "is DoRA, whose effective ΔW = W' − W depends on W; pass --base",
+        inputs=[setup / "dora"],
+    )
+    report = rank_report(setup / "dora", base=setup / "base")
+    assert any("DoRA" in n for n in report.notes)
+    assert all(e.metrics["fro_norm"] > 0 for e in report.modules if e.kind == "delta")
+
+
+def test_cli_json_csv_and_plots(setup, tmp_path):
+    result = run_cli(
+        "-q",
+        "rank-report",
+        setup / "adapter",
+        "--base",
+        setup / "base",
+        "--json",
+        "-",
+        "--csv",
+        tmp_path / "r.csv",
+        "--plot",
+        tmp_path / "plots",
+        "--mle",
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)  # stdout holds the JSON alone
+    assert set(data) == {"target", "base", "modules", "summary"}
+    assert set(data["modules"][0]) == {"name", "kind", "shape", "metrics"}
+    delta = next(m for m in data["modules"] if m["kind"] == "delta")
+    expected = {
+        "fro_norm",
+        "spectral_norm",
+        "numerical_rank",
+        "stable_rank",
+        "effective_rank",
+        "participation_ratio",
+        "energy_rank_90",
+        "energy_rank_99",
+        "optimal_rank",
+        "relative_norm",
+        "amplification",
+        "amplification_random_baseline",
+        "amplification_w_top_baseline",
+        "mle_dimension",
+    }
+    assert expected == set(delta["metrics"])
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
+    assert len(rows) == len(data["modules"]) and {"name", "kind", "stable_rank"} <= set(rows[0])
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert "ranks_by_layer.png" in plots and "spectra_q_proj.png" in plots
+    for name in plots:
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    table = run_cli("rank-report", setup / "adapter", "--compare", setup / "other")
+    assert table.exit_code == 0 and "q_proj" in table.stdout and "φ(1,1)" in table.stdout
+
+
+def test_bad_inputs(setup, tmp_path):
+    assert_refused(["rank-report", tmp_path / "missing"], "no such file or folder")
+    wide = tmp_path / "wide"
+    tiny_llama(hidden=48).save_pretrained(wide)
+    assert_refused(
+        ["rank-report", wide, "--base", setup / "base"],
+        "differs from the base's",
+        inputs=[wide, setup / "base"],
+    )
+    assert_refused(
+        ["rank-report", setup / "adapter", "--base", wide],
+        "shape mismatch with the base",
+        inputs=[wide, setup / "adapter"],
+    )
