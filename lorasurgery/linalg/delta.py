@@ -16,6 +16,12 @@ W' = (m / ‖V‖) ⊙ V with the norm taken per output feature of the layer's o
 stored row when L = B (Linear, Conv), per stored column when L = Aᵀ (Conv1D transposed back, and the
 embedding's per-dimension norm). The norm is a constant of W and ΔW (PEFT detaches it).
 
+Several updates of one weight are applied in order, as PEFT merges (and runs) several active
+adapters: a LoRA adds w·s·ΔW; a DoRA replaces what is merged so far, M, by (m / ‖W + sΔW‖)·(M + sΔW),
+its norm always that of the original W (PEFT's `_unmerged_base_weight`), moved a fraction w of the
+way there when its weight w ≠ 1. Plain LoRA updates therefore add up exactly, in any order; a DoRA
+update also rescales the LoRA updates before it.
+
 Numerics: everything is computed in float32 (float64 when precise) from the stored values and rounded
 once to the output dtype. The weight is processed in blocks of rows, so the only full-size buffer is
 the weight itself (overwritten in place when the output dtype equals the stored dtype); column norms
@@ -121,6 +127,7 @@ class _Prepared:
         return torch.addmm(base, self.L[start:stop], self.R, alpha=self.alpha, out=out)
 
     def dora_block(self, base: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """(m/‖W + sΔ‖)·(W + sΔ) for one block, W being `base`."""
         v = self.v_block(base, start, stop, out)
         if self.per_row:
             norm = torch.linalg.norm(v, dim=1)  # (rows_b,) as PEFT: per output feature
@@ -128,6 +135,13 @@ class _Prepared:
         else:
             v.mul_(self.factor.unsqueeze(0))  # (1, cols): per stored column
         return v
+
+    def dora_factor(self, base: torch.Tensor, start: int, stop: int, scratch: torch.Tensor) -> torch.Tensor:
+        """m/‖W + sΔ‖ for one block, shaped to broadcast over it (the norm is always of the base W)."""
+        if not self.per_row:
+            return self.factor.unsqueeze(0)  # (1, cols)
+        norm = torch.linalg.norm(self.v_block(base, start, stop, scratch), dim=1)  # (rows_b,)
+        return (self.magnitude[start:stop] / norm).unsqueeze(1)
 
 
 def merge_weight(
@@ -140,12 +154,11 @@ def merge_weight(
     allow_nonfinite: bool = False,
     name: str = "",
 ) -> torch.Tensor:
-    """W' = W + Σ wᵢ·ΔWᵢ (DoRA: ΔWᵢ = (m/‖V‖)⊙V − W) computed blockwise and rounded once.
+    """W' = W + Σ wᵢ·ΔWᵢ for LoRA updates, DoRA updates applied in order as PEFT does (see the
+    module docstring), computed blockwise and rounded once.
 
     `weight` is the base tensor as read (CPU, stored layout); it may be overwritten and returned when
-    `out_dtype` equals its dtype. Each update is applied against the original W, so several updates
-    add up exactly (`W + Σ`), whatever their order. One DoRA update of weight 1 alone gives PEFT's
-    (m/‖V‖)⊙V directly, without the detour through W.
+    `out_dtype` equals its dtype.
     """
     device = torch.device(device)
     dtype = compute_dtype_for(precise)
@@ -190,8 +203,13 @@ def merge_weight(
                 w = p.update.weight
                 if p.magnitude is None:
                     acc.addmm_(p.L[start:stop], p.R, alpha=w * p.alpha)  # acc += w·s·L@R
-                else:
-                    acc.add_(p.dora_block(base, start, stop, block(2, n)).sub_(base), alpha=w)
+                else:  # PEFT: the DoRA factor scales what is merged so far plus its own sΔ
+                    factor = p.dora_factor(base, start, stop, block(2, n))
+                    v = p.v_block(acc, start, stop, block(2, n)).mul_(factor)
+                    if w == 1.0:
+                        acc.copy_(v)
+                    else:  # acc + w·(v − acc): a weight interpolates to the DoRA result
+                        acc.add_(v.sub_(acc), alpha=w)
         if not allow_nonfinite and not all_finite(acc):
             raise NonFiniteError(_nonfinite_message(name, updates))
         out[start:stop].copy_(acc)  # the one rounding

@@ -945,23 +945,31 @@ def verify_merge(
 ) -> float:
     """Max |logits(base + adapters) − logits(merged)| on deterministic token batches, in float32.
 
-    Raises VerificationError when it exceeds the tolerance of the merged checkpoint's dtype."""
+    Raises VerificationError when it exceeds the tolerance of the merged checkpoint's dtype. When
+    --dtype changed the dtype, the base is rounded to it first, so that what is compared is the
+    merge, not the precision the user asked for."""
     import torch
 
-    reference_model = _load_model(base)
-    config = reference_model.config
-    vocab = int(getattr(config, "vocab_size", 0) or 0) or 100
-    generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randint(0, vocab, (2, 16), generator=generator) for _ in range(batches)]
-    peft_model = _apply_adapters(reference_model, adapters, weights)
-    reference = _run(peft_model, inputs)
-    del peft_model, reference_model
-    merged_model = _load_model(merged)
-    outputs = _run(merged_model, inputs)
-    del merged_model
+    code = merged_dtype or _checkpoint_float_dtype(merged)
+    with _quiet_transformers():
+        reference_model = _load_model(base)
+        if merged_dtype:
+            rounded = torch_dtype_of(merged_dtype)
+            with torch.no_grad():
+                for parameter in reference_model.parameters():
+                    parameter.copy_(parameter.to(rounded))
+        config = reference_model.config
+        vocab = int(getattr(config, "vocab_size", 0) or 0) or 100
+        generator = torch.Generator().manual_seed(0)
+        inputs = [torch.randint(0, vocab, (2, 16), generator=generator) for _ in range(batches)]
+        peft_model = _apply_adapters(reference_model, adapters, weights)
+        reference = _run(peft_model, inputs)
+        del peft_model, reference_model
+        merged_model = _load_model(merged)
+        outputs = _run(merged_model, inputs)
+        del merged_model
     difference = max(float((a - b).abs().max()) for a, b in zip(reference, outputs))
     scale = max(float(a.abs().max()) for a in reference)
-    code = merged_dtype or _checkpoint_float_dtype(merged)
     tolerance = VERIFY_TOLERANCE.get(code, 1e-4) * (1.0 + scale)
     if not difference <= tolerance:
         raise VerificationError(
@@ -969,6 +977,25 @@ def verify_merge(
             f"{difference:.3g} (tolerance {tolerance:.3g} for {code}); nothing was written"
         )
     return difference
+
+
+@contextmanager
+def _quiet_transformers():
+    """No loading bars or deprecation warnings from transformers/peft in the middle of our output."""
+    import warnings
+
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
 
 
 def _checkpoint_float_dtype(folder) -> str:
