@@ -142,6 +142,10 @@ def test_tied_embeddings_as_lora_give_lm_head_the_same_factors(tmp_path):
     assert any("tied" in n for n in report.notes)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert {"model.embed_tokens", "lm_head"} <= set(config["target_modules"])
+    assert config["ensure_weight_tying"] is True
+    model = load_with_peft(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "out")
+    expected = logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ft"))
+    assert torch.allclose(logits(model), expected, atol=1e-4)
 
 
 def test_embeddings_full_saves_modules_to_save_once(tmp_path):

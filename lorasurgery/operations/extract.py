@@ -571,6 +571,8 @@ def _adapter_config(base, plan: _Plan, report: ExtractReport) -> dict:
         "bias": "lora_only" if plan.saved_biases else "none",
         "fan_in_fan_out": plan.fan_in_fan_out,
         "modules_to_save": plan.modules_to_save or None,
+        # PEFT ties lm_head's adapter to the embedding's (and stops warning) only when asked to
+        "ensure_weight_tying": plan.tied_output is not None,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
