@@ -164,3 +164,26 @@ def test_verify_passes_and_reports(base, adapter, tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["verified"] is True and summary["max_logit_difference"] < 1e-4
+
+
+def test_verify_without_peft_says_so(base, adapter, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, adapter, "-o", out, "--verify"], "--verify needs peft (pip install peft)", output=out
+    )
+
+
+def test_progress_reports_every_tensor_and_byte(base, adapter, tmp_path):
+    from lorasurgery.operations.merge import merge_checkpoint
+
+    events = []
+    summary = merge_checkpoint(base, [adapter], tmp_path / "out", progress=events.append)
+    assert [e.done for e in events] == list(range(1, summary.tensors + 1))
+    assert events[-1].bytes_done == events[-1].bytes_total == summary.bytes_written
+    assert {e.stage for e in events} == {"merge"}
