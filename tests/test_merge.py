@@ -630,3 +630,16 @@ def test_dora_and_plain_lora_on_one_weight_merge_in_order_as_peft(bases, tmp_pat
     summary = merge_checkpoint(base, adapters, tmp_path / "out", verify=True)
     assert summary.verified and summary.max_logit_difference < 1e-4
     assert_matches(read_all(tmp_path / "out"), peft_merged_together(base, adapters))
+
+
+def test_pytorch_bin_base_gives_safetensors(bases, tmp_path):
+    base = bases("llama")
+    state = read_all(base)
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_bytes((base / "config.json").read_bytes())
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    merge_checkpoint(tmp_path / "bin", [adapter], tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    reference, _ = peft_merged(base, adapter)
+    assert_matches(read_all(tmp_path / "out"), reference)
