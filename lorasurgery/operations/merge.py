@@ -502,7 +502,7 @@ class _AdapterView:
         if weight_names:
             self.rule, unmatched = find_prefix_rule(weight_names, tensors)
             if unmatched:  # its error lists the modules the base lacks
-                resolve_base_names(adapter, _Names(checkpoint, tensors))
+                resolve_base_names(adapter, _Names(tensors, checkpoint.path))
         else:
             self.rule, _ = find_prefix_rule([r for r, _ in _replacements_of(adapter)], tensors)
         self._targets = {m: self.rule.apply(module.base_weight_name) for m, module in adapter.modules.items()}
@@ -564,37 +564,23 @@ class _AdapterView:
                 )
 
 
+@dataclass
 class _Names:
-    """A checkpoint seen with the tied output embedding present even when only the input is stored."""
+    """A checkpoint's names as resolve_base_names sees them: the tied output embedding included
+    even when only the input side is stored."""
 
-    def __init__(self, checkpoint, tensors: dict):
-        self._checkpoint = checkpoint
-        self.tensors = tensors
-        self.path = checkpoint.path
-        self.folder = checkpoint.folder
-        self.config = checkpoint.config
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __getattr__(self, attribute):
-        return getattr(self._checkpoint, attribute)
+    tensors: dict
+    path: Path
 
 
 def _replacements_of(adapter) -> list[tuple[str, str]]:
     """(path relative to the model, adapter tensor name) of every non-LoRA tensor the adapter saved."""
-    replacements = adapter.replacements
-    items = replacements.items() if isinstance(replacements, dict) else replacements
-    return [(relative, tensor_name) for relative, tensor_name in items]
+    return list(adapter.replacements.items())
 
 
 def _adapter_tensor_shape(adapter, tensor_name: str) -> tuple[int, ...]:
-    """A saved tensor's shape, from the adapter's header when it exposes one."""
-    for holder in (adapter, getattr(adapter, "checkpoint", None), getattr(adapter, "ckpt", None)):
-        info = getattr(holder, "tensors", {}).get(tensor_name) if holder is not None else None
-        if info is not None and hasattr(info, "shape"):
-            return tuple(info.shape)
-    return tuple(adapter.read(tensor_name).shape)
+    """A saved tensor's shape, from the adapter file's header."""
+    return tuple(adapter.tensors[tensor_name].shape)
 
 
 def _module_tensors(adapter, module: str):
@@ -907,7 +893,7 @@ def _update(plan: _Plan, index: int, module: str):
         weight=plan.weights[index],
         fan_in_fan_out=bool(lora.fan_in_fan_out),
         magnitude=adapter.read_magnitude(module) if lora.dora else None,
-        source=str(getattr(adapter, "path", "")),
+        source=str(adapter.path),
     )
 
 
