@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.adapter.config import pattern_key
+from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, NonFiniteError, UnsupportedError
 from lorasurgery.io import atomic_output_dir, open_checkpoint, save_tensors
 from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
@@ -193,7 +194,7 @@ def extract_adapter(
         raise LoraSurgeryError(f"--embeddings must be skip, lora or full, got {embeddings!r}")
     if dtype not in ("auto", *_DTYPES):
         raise LoraSurgeryError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     include_re = _compile(include, "--include")
     exclude_re = _compile(exclude, "--exclude")
 
@@ -302,7 +303,7 @@ def extract_adapter(
                 name=target.module,
                 shape=list(ft_ckpt.tensors[target.name].shape),
                 rank=k,
-                retained_energy=max(0.0, 1.0 - _eckart_young_residual(delta_sq, err_sq)),
+                retained_energy=max(0.0, 1.0 - err_sq / delta_sq),  # Eckart–Young: 1 − err²/‖ΔW‖²
                 relative_error=math.sqrt(err_sq / delta_sq),
                 kind=target.kind,
                 params=A.numel() + B.numel(),
@@ -355,20 +356,6 @@ def extract_adapter(
             f.write("\n")
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _eckart_young_residual(delta_sq: float, err_sq: float) -> float:
-    return err_sq / delta_sq if delta_sq else 0.0
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LoraSurgeryError("--device cuda: no CUDA device is available")
-    return device
 
 
 def _compile(pattern: str | None, option: str):

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorasurgery.devices import resolve_device
 from lorasurgery.errors import (
     AdapterError,
     LoraSurgeryError,
@@ -210,18 +211,6 @@ def merge_checkpoint(
             summary.verified = True
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise UnsupportedError(f"--device {device}: expected cpu, cuda or auto")
-    return device
 
 
 def _check_options(adapters, weights, subtract, dtype, max_shard_bytes) -> list[float]:

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
@@ -110,23 +111,13 @@ def rank_report(
         include_re = re.compile(include) if include else None
     except re.error as error:
         raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
-    device = _device(device)
+    device = resolve_device(device)
     if _is_adapter(target):
         report = _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress)
     else:
         report = _model_report(target, base, compare, amp_rank, include_re, mle, device, progress)
     report.summary = summarize(report)
     return report
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LoraSurgeryError("--device cuda: no CUDA device is available")
-    return device
 
 
 # -------------------------------------------------------------------------------------------------
