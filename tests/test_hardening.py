@@ -423,3 +423,45 @@ def test_fuzzed_indexes_give_a_checkpoint_or_a_clear_error(tmp_path_factory, ind
         return
     for info in checkpoint.tensors.values():
         assert info.file.parent == folder
+
+
+@pytest.mark.slow
+def test_extracting_from_checkpoints_far_larger_than_the_allowed_peak(tmp_path):
+    base, _ = big_pair(tmp_path, megabytes=240)
+    finetuned = tmp_path / "ft"
+    finetuned.mkdir()
+    checkpoint = open_checkpoint(base)
+    specs = [TensorSpec.like(info) for info in checkpoint.tensors.values()]
+    g = torch.Generator().manual_seed(1)
+    with SafetensorsWriter(finetuned, [specs]) as writer:
+        for name, tensor in checkpoint.iter_tensors():
+            writer.write(
+                name, tensor + torch.randn(1024, 1, generator=g) @ torch.randn(1, 1024, generator=g) * 0.01
+            )
+    (finetuned / "config.json").write_text(json.dumps(CONFIG))
+    largest = 4 * 1024 * 1024
+    idle = peak_rss_of(
+        [
+            sys.executable,
+            "-c",
+            "import torch, lorasurgery.cli, lorasurgery.operations.extract, lorasurgery.linalg.svd",
+        ]
+    )
+    peak = peak_rss_of(
+        [
+            sys.executable,
+            "-m",
+            "lorasurgery",
+            "-q",
+            "extract",
+            base,
+            finetuned,
+            "-o",
+            tmp_path / "x",
+            "--rank",
+            "1",
+        ]
+    )
+    inputs = 2 * (base / "model.safetensors").stat().st_size
+    assert peak - idle <= 12 * largest + 100 * 2**20, (peak - idle) / 2**20
+    assert inputs > 3 * (peak - idle), "the inputs must dwarf what the extraction may hold"
