@@ -589,10 +589,12 @@ def _module_tensors(adapter, module: str):
 def _write_all(
     plan: _Plan, writer, summary: MergeSummary, device, precise, allow_nonfinite, progress
 ) -> None:
-    """Read, merge and write every output tensor, reading ahead and writing behind in two threads.
+    """Read, merge and write every output tensor: a reader thread, two merging threads, a writer.
 
-    Disk reads, the merge arithmetic and disk writes overlap (file I/O and torch release the GIL);
-    a byte budget of twice the largest tensor bounds what is held in memory at once."""
+    Disk reads, the merge arithmetic and disk writes overlap (file I/O and torch release the GIL),
+    and two tensors are merged at once (torch itself on one thread each). The writer puts each
+    tensor at its planned offset, so the order of completion does not matter. A byte budget of
+    twice the largest tensor bounds what is held in memory at once."""
     checkpoint = plan.checkpoint
     files = {f: i for i, f in enumerate(checkpoint.files)}
     order = sorted(
@@ -611,6 +613,11 @@ def _write_all(
             return plan.adapters[index].read(tensor_name)
         return checkpoint.read(item.source.name)
 
+    def compute(item: _Item, tensor):
+        if tensor is None:
+            return None
+        return _produce(plan, item, tensor, device, precise, allow_nonfinite)
+
     def write(item: _Item, tensor) -> None:
         if tensor is None:
             writer.copy_raw(item.name, item.source)
@@ -619,14 +626,16 @@ def _write_all(
         budget.release(costs[item.name])
 
     done_bytes = 0
-    with _Pipeline(order, read, write, on_stop=budget.cancel) as pipeline:
-        for done, (item, tensor) in enumerate(pipeline, 1):
-            if tensor is None:
+    with _Pipeline(order, read, compute, write, workers=2, on_stop=budget.cancel) as pipeline:
+        for done, item in enumerate(pipeline, 1):
+            if _copies_raw(item):
                 summary.tensors_copied += 1
+            elif item.replacement is not None:
+                summary.tensors_replaced += 1
+            elif item.updates or item.bias_terms:
+                summary.tensors_merged += 1
             else:
-                tensor = _produce(plan, item, tensor, device, precise, allow_nonfinite, summary)
-            pipeline.put(item, tensor)
-            del tensor
+                summary.tensors_converted += 1
             done_bytes += item.spec.nbytes
             progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
 
@@ -689,15 +698,13 @@ def _memory_cost(plan: _Plan, item: _Item) -> int:
     return read + (0 if item.source and item.source.dtype == item.spec.dtype else item.spec.nbytes)
 
 
-def _produce(plan: _Plan, item: _Item, tensor, device, precise, allow_nonfinite, summary):
+def _produce(plan: _Plan, item: _Item, tensor, device, precise, allow_nonfinite):
     """The output tensor of `item` from its base (or replacement) tensor."""
     from lorasurgery.linalg.delta import merge_bias, merge_weight
 
     out_dtype = torch_dtype_of(item.spec.dtype)
-    summary.tensors_replaced += item.replacement is not None
     if item.updates:
         updates = [_update(plan, index, module) for index, module in item.updates]
-        summary.tensors_merged += item.replacement is None
         return merge_weight(
             tensor,
             updates,
@@ -712,7 +719,6 @@ def _produce(plan: _Plan, item: _Item, tensor, device, precise, allow_nonfinite,
         for index, module in item.bias_terms:
             lora = plan.adapters[index].modules[module]
             terms.append((plan.adapters[index].read_lora_bias(module), plan.weights[index] * lora.scale))
-        summary.tensors_merged += item.replacement is None
         return merge_bias(
             tensor,
             terms,
@@ -722,7 +728,6 @@ def _produce(plan: _Plan, item: _Item, tensor, device, precise, allow_nonfinite,
             name=item.name,
             modules=", ".join(m for _, m in item.bias_terms),
         )
-    summary.tensors_converted += item.replacement is None
     return tensor.to(out_dtype)
 
 
@@ -753,22 +758,28 @@ class _Budget:
 
 
 class _Pipeline:
-    """read(item) in a reader thread → the caller's loop → write(item, tensor) in a writer thread.
+    """read(item) in a reader thread → compute(item, value) in `workers` threads → write(item,
+    result) in a writer thread. Iterating yields each item once written, in completion order.
 
-    Iterating yields (item, what read returned) in order; `put` hands the result to the writer.
-    Leaving the block waits for every write; an error in any thread stops the others and is raised
-    in the caller (the first one wins)."""
+    Leaving the block waits for every thread; an error in any thread stops the others and is
+    raised in the caller (the first one wins), and so is a Ctrl-C in the caller."""
 
     _END = object()
 
-    def __init__(self, items, read, write, on_stop=None):
-        self.items, self.read, self.write, self.on_stop = items, read, write, on_stop
+    def __init__(self, items, read, compute, write, *, workers: int = 1, on_stop=None):
+        self.items, self.read, self.compute, self.write = items, read, compute, write
+        self.workers, self.on_stop = workers, on_stop
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.read_queue: queue.Queue = queue.Queue(maxsize=1)
-        self.write_queue: queue.Queue = queue.Queue(maxsize=1)
+        self.read_queue: queue.Queue = queue.Queue(maxsize=workers)
+        self.write_queue: queue.Queue = queue.Queue(maxsize=workers)
+        self.done_queue: queue.Queue = queue.Queue()
         self.threads = [
             threading.Thread(target=self._reader, name="merge-reader", daemon=True),
+            *(
+                threading.Thread(target=self._computer, name=f"merge-{i}", daemon=True)
+                for i in range(workers)
+            ),
             threading.Thread(target=self._writer, name="merge-writer", daemon=True),
         ]
 
@@ -778,35 +789,31 @@ class _Pipeline:
                 thread.start()
         except BaseException as error:  # Ctrl-C between two starts: stop what runs, then re-raise
             self._fail(error)
-            for thread in self.threads:
-                if thread.is_alive():
-                    thread.join()
+            self._join()
             raise
         return self
 
     def __iter__(self):
-        while True:
-            value = self._get(self.read_queue)
+        for _ in self.items:
+            value = self._get(self.done_queue)
             if value is self._END:
                 return
             yield value
 
-    def put(self, item, tensor) -> None:
-        self._put(self.write_queue, (item, tensor))
-
     def __exit__(self, exc_type, exc, tb) -> None:
-        interrupted: BaseException | None = None
-        try:
-            if exc_type is None:
-                self._put(self.write_queue, self._END)
-            else:
-                self._fail(exc)
-        except KeyboardInterrupt as error:
-            interrupted = error
-            self._fail(error)
+        if exc_type is not None:
+            self._fail(exc)
+        interrupted = self._join()
+        if exc_type is None and interrupted is not None:
+            raise interrupted
+        if exc_type is None and self.error is not None:
+            raise self.error
+
+    def _join(self) -> BaseException | None:
         # The threads must be gone before the temporary folder is removed and before the process
         # exits (a thread still inside torch at exit aborts it), so a second Ctrl-C or SIGTERM
         # while waiting only makes them stop sooner.
+        interrupted = None
         for thread in self.threads:
             while thread.is_alive():
                 try:
@@ -814,10 +821,7 @@ class _Pipeline:
                 except KeyboardInterrupt as error:
                     interrupted = interrupted or error
                     self._fail(error)
-        if interrupted is not None and exc_type is None:
-            raise interrupted
-        if exc_type is None and self.error is not None:
-            raise self.error
+        return interrupted
 
     def _fail(self, error: BaseException) -> None:
         if self.error is None:
@@ -833,8 +837,6 @@ class _Pipeline:
                 return
             except queue.Full:
                 continue
-        if self.error is not None and threading.current_thread() is threading.main_thread():
-            raise self.error
 
     def _get(self, q: queue.Queue):
         while True:
@@ -852,17 +854,36 @@ class _Pipeline:
                 if self.stop.is_set():
                     return
                 self._put(self.read_queue, (item, self.read(item)))
-            self._put(self.read_queue, self._END)
+            for _ in range(self.workers):
+                self._put(self.read_queue, self._END)
         except BaseException as error:  # handed to the main thread
+            self._fail(error)
+
+    def _computer(self) -> None:
+        try:
+            while True:
+                value = self._get(self.read_queue)
+                if value is self._END:
+                    self._put(self.write_queue, self._END)
+                    return
+                item, data = value
+                result = self.compute(item, data)
+                del value, data  # the input may be a large tensor: do not hold it while waiting
+                self._put(self.write_queue, (item, result))
+        except BaseException as error:
             self._fail(error)
 
     def _writer(self) -> None:
         try:
-            while True:
+            finished = 0
+            while finished < self.workers:
                 value = self._get(self.write_queue)
                 if value is self._END:
-                    return
+                    finished += 1
+                    continue
                 self.write(*value)
+                self.done_queue.put(value[0])
+                del value
         except BaseException as error:
             self._fail(error)
 
