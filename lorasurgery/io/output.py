@@ -77,8 +77,8 @@ def atomic_output_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out)
     temp = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    temp.mkdir()
-    try:
+    try:  # mkdir inside: an interrupt landing just after it must still remove the folder
+        temp.mkdir()
         yield temp
         if out.exists():  # --force: move the old folder aside first, remove it last
             old = out.parent / f".{out.name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
@@ -88,7 +88,10 @@ def atomic_output_dir(
         else:
             os.rename(temp, out)
     except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        for _ in range(3):  # a file still being closed elsewhere can make one pass fall short
+            shutil.rmtree(temp, ignore_errors=True)
+            if not temp.exists():
+                break
         raise
 
 
