@@ -212,6 +212,18 @@ def big_pair(tmp_path: Path, megabytes: int = 240) -> tuple[Path, Path]:
     return folder, write_adapter(tmp_path / "bigadapter", layers=layers, hidden=hidden, r=4)
 
 
+def finetune_of(base: Path, folder: Path, change) -> Path:
+    """A 'fine-tune' of `base`: every tensor passed through `change`, streamed tensor by tensor."""
+    folder.mkdir()
+    checkpoint = open_checkpoint(base)
+    specs = [TensorSpec.like(info) for info in checkpoint.tensors.values()]
+    with SafetensorsWriter(folder, [specs]) as writer:
+        for name, tensor in checkpoint.iter_tensors():
+            writer.write(name, change(tensor))
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    return folder
+
+
 def start(*args: str | Path, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "lorasurgery", *map(str, args)],
@@ -274,14 +286,7 @@ def test_killed_merge_leaves_a_hidden_temp_that_the_next_run_removes(tmp_path):
 @pytest.mark.slow
 def test_killed_extract_leaves_nothing(tmp_path):
     base, _ = big_pair(tmp_path, megabytes=48)
-    finetuned = tmp_path / "ft"
-    finetuned.mkdir()
-    checkpoint = open_checkpoint(base)
-    specs = [TensorSpec.like(info) for info in checkpoint.tensors.values()]
-    with SafetensorsWriter(finetuned, [specs]) as writer:
-        for name, tensor in checkpoint.iter_tensors():
-            writer.write(name, tensor + 0.01 * torch.randn_like(tensor))
-    (finetuned / "config.json").write_text(json.dumps(CONFIG))
+    finetuned = finetune_of(base, tmp_path / "ft", lambda t: t + 0.01 * torch.randn_like(t))
     out = tmp_path / "extracted"
     process = start("extract", base, finetuned, "-o", out, "--energy", "0.9", "--svd", "exact")
     time.sleep(3)  # mid-way through the SVDs
@@ -428,17 +433,12 @@ def test_fuzzed_indexes_give_a_checkpoint_or_a_clear_error(tmp_path_factory, ind
 @pytest.mark.slow
 def test_extracting_from_checkpoints_far_larger_than_the_allowed_peak(tmp_path):
     base, _ = big_pair(tmp_path, megabytes=240)
-    finetuned = tmp_path / "ft"
-    finetuned.mkdir()
-    checkpoint = open_checkpoint(base)
-    specs = [TensorSpec.like(info) for info in checkpoint.tensors.values()]
     g = torch.Generator().manual_seed(1)
-    with SafetensorsWriter(finetuned, [specs]) as writer:
-        for name, tensor in checkpoint.iter_tensors():
-            writer.write(
-                name, tensor + torch.randn(1024, 1, generator=g) @ torch.randn(1, 1024, generator=g) * 0.01
-            )
-    (finetuned / "config.json").write_text(json.dumps(CONFIG))
+
+    def low_rank_change(t):
+        return t + torch.randn(1024, 1, generator=g) @ torch.randn(1, 1024, generator=g) * 0.01
+
+    finetuned = finetune_of(base, tmp_path / "ft", low_rank_change)
     largest = 4 * 1024 * 1024
     idle = peak_rss_of(
         [
