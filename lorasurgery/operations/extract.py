@@ -23,6 +23,7 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, NonFiniteError, UnsupportedError
 from lorasurgery.io import atomic_output_dir, open_checkpoint, save_tensors
 from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
+from lorasurgery.memory import tune_allocator
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 PEFT_PREFIX = "base_model.model."
@@ -188,6 +189,7 @@ def extract_adapter(
     import torch
 
     started = time.perf_counter()
+    tune_allocator()  # streamed tensor pairs must not pile up in glibc's heaps
     policy = Policy(rank, energy, ratio, auto, budget, max_rank)
     policy.validate()
     if embeddings not in ("skip", "lora", "full"):

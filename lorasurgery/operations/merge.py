@@ -46,6 +46,7 @@ from lorasurgery.io import (
     plan_shards,
 )
 from lorasurgery.io.safetensors_format import TensorInfo, torch_dtype_of
+from lorasurgery.memory import tune_allocator
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
@@ -169,7 +170,7 @@ def merge_checkpoint(
     finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
     """
     started = time.perf_counter()
-    _tune_allocator()
+    tune_allocator()
     progress = progress or no_progress
     adapters = [Path(a) for a in adapters]
     weights = _check_options(adapters, weights, subtract, dtype, max_shard_bytes)
@@ -692,26 +693,6 @@ def _one_compute_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _tune_allocator() -> None:
-    """Freed tensors leave RSS at once, without paying a page fault per 4 kB.
-
-    glibc serves a freed block's size from its heaps afterwards (the mmap threshold rises up to
-    32 MB) and keeps freed heap memory per thread; with tensors passing between three threads that
-    held ~7 tensors' worth of RSS. A fixed 1 MB threshold maps every tensor and unmaps it on free;
-    torch's transparent-huge-page option (read at its first allocation, hence set first thing)
-    makes mapping fresh memory cheap again: 2.3 GB of fresh 23 MB tensors took 1.3 s in 4 kB
-    pages and 0.5 s in 2 MB pages."""
-    import ctypes
-    import ctypes.util
-
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def _copies_raw(item: _Item) -> bool:
