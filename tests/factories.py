@@ -1,0 +1,313 @@
+"""Builders of tiny real checkpoints and real PEFT adapters for tests: seeded, deterministic, < 1 s each.
+
+Bases are real transformers models saved with ``save_pretrained``; adapters are made by PEFT itself
+(``get_peft_model`` + ``save_pretrained``) and then randomized so that ΔW ≠ 0 (PEFT initialises
+``lora_B`` and, for embeddings, ``lora_embedding_A`` to zero). The references a test compares against
+come from PEFT too: ``peft_merged_state_dict`` (``merge_and_unload``) and ``peft_delta_weights``
+(``LoraLayer.get_delta_weight`` and ``scaling``).
+
+    from factories import make_llama, make_adapter, peft_merged_state_dict
+    base = make_llama(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "lora", target_modules=["q_proj", "v_proj"], r=4)
+    expected = peft_merged_state_dict(base, [adapter], model_kind="llama")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+PREFIX = "base_model.model."
+MODEL_KINDS = ("llama", "gpt2", "bert", "bert-cls")
+
+
+# --------------------------------------------------------------------------------------------- bases
+
+
+def _perturb_norms(model: torch.nn.Module, generator: torch.Generator, names: Iterable[str]) -> None:
+    """Move norm weights/biases off their all-ones/all-zeros init, so merges are checked on real values."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(n in name for n in names):
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+                parameter.add_((0.1 * noise).to(parameter.dtype))
+
+
+def _save(model, path: Path, dtype: torch.dtype, max_shard_size: str | int | None) -> Path:
+    path = Path(path)
+    model = model.to(dtype)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    with _quiet():
+        model.save_pretrained(path, **kwargs)
+    return path
+
+
+def make_llama(
+    path,
+    *,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int | None = None,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    attention_bias: bool = False,
+) -> Path:
+    """A tiny ``LlamaForCausalLM`` (GQA 4/2 heads, intermediate 2·hidden, RMSNorm weights ≠ 1) at `path`.
+
+    A small `max_shard_size` such as ``"20KB"`` gives ``model.safetensors.index.json`` plus shards.
+    `attention_bias` gives q/k/v/o biases (Llama has none by default; ``lora_bias=True`` needs them).
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+        attention_bias=attention_bias,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm"])
+    return _save(model, path, dtype, max_shard_size)
+
+
+def make_gpt2(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int | None = None,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A tiny ``GPT2LMHeadModel`` (Conv1D c_attn/c_proj/c_fc, lm_head tied to wte, LayerNorms ≠ 1/0)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=layers,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["ln_"])
+    return _save(model, path, dtype, max_shard_size)
+
+
+def make_bert(
+    path,
+    *,
+    head: bool = False,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int | None = None,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A tiny ``BertModel``, or with `head` a ``BertForSequenceClassification`` (tensors under ``bert.``,
+    plus ``classifier``; 2 labels). LayerNorm weights and biases randomized."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
+    model = cls(config)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["LayerNorm"])
+    return _save(model, path, dtype, max_shard_size)
+
+
+# ------------------------------------------------------------------------------------------ adapters
+
+
+def model_class(model_kind: str):
+    """The transformers class of a `model_kind`: llama, gpt2, bert, bert-cls."""
+    import transformers
+
+    classes = {
+        "llama": transformers.LlamaForCausalLM,
+        "gpt2": transformers.GPT2LMHeadModel,
+        "bert": transformers.BertModel,
+        "bert-cls": transformers.BertForSequenceClassification,
+    }
+    if model_kind not in classes:
+        raise ValueError(f"model_kind must be one of {MODEL_KINDS}, not {model_kind!r}")
+    return classes[model_kind]
+
+
+def load_base(base_path, model_kind: str = "llama"):
+    """The base model in eval mode, in the dtype it was saved in."""
+    with _quiet():
+        model = model_class(model_kind).from_pretrained(Path(base_path), dtype="auto")
+    return model.eval()
+
+
+def randomize_adapter(model, seed: int = 0, std: float = 0.05) -> None:
+    """Make a fresh PEFT model's adapter non-trivial, deterministically (in `named_parameters` order).
+
+    - every ``lora_B`` weight/bias and ``lora_embedding_A``/``lora_embedding_B``: N(0, std²)
+      (PEFT zero-initialises lora_B, lora_B.bias and lora_embedding_A);
+    - ``lora_magnitude_vector`` (DoRA): scaled by 1 + N(0, 0.03²) per feature;
+    - every other trainable non-LoRA parameter (modules_to_save copies, biases of bias="all" /
+      "lora_only"): plus N(0, 0.02²).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
+            noise = noise.to(parameter.dtype)
+            if ".lora_B." in name or "lora_embedding_B" in name or "lora_embedding_A" in name:
+                parameter.copy_(std * noise)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.03 * noise)
+            elif parameter.requires_grad and "lora_" not in name:
+                parameter.add_(0.02 * noise)
+
+
+def make_adapter(
+    base_path, out_path, *, model_kind: str = "llama", seed: int = 0, **lora_config_kwargs
+) -> Path:
+    """A real PEFT LoRA adapter of the base at `base_path`, saved to `out_path`, with ΔW ≠ 0.
+
+    `lora_config_kwargs` go to ``peft.LoraConfig`` (target_modules defaults to q_proj/v_proj for llama,
+    c_attn for gpt2, query/value for bert; fan_in_fan_out defaults to True for gpt2's Conv1D).
+    """
+    import peft
+
+    defaults = {
+        "llama": {"target_modules": ["q_proj", "v_proj"]},
+        "gpt2": {"target_modules": ["c_attn"], "fan_in_fan_out": True},
+        "bert": {"target_modules": ["query", "value"]},
+        "bert-cls": {"target_modules": ["query", "value"]},
+    }
+    kwargs = {**defaults.get(model_kind, {}), "r": 4, "lora_alpha": 8, **lora_config_kwargs}
+    base = load_base(base_path, model_kind)
+    torch.manual_seed(seed)  # lora_A's init
+    with _quiet():
+        model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+    randomize_adapter(model, seed=seed)
+    out_path = Path(out_path)
+    with _quiet():
+        model.save_pretrained(out_path)
+    (out_path / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------- references
+
+
+def peft_merged_state_dict(
+    base_path,
+    adapter_paths,
+    *,
+    model_kind: str = "llama",
+    weights: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The reference merge, by PEFT: ``PeftModel.from_pretrained(base, a).merge_and_unload()``.
+
+    Several adapters are applied one after the other, each on the model merged so far; adapter i's
+    ``scaling["default"]`` is multiplied by ``weights[i]`` (default 1) in every LoRA layer before its
+    merge, so plain LoRA gives W + Σ wᵢ·ΔWᵢ (and ``lora_bias`` b + Σ wᵢ·sᵢ·bᵢ); a DoRA adapter
+    renormalises what was merged before it, as PEFT does; modules_to_save and saved biases replace.
+    Returns the merged model's ``state_dict`` (cloned, base tensor names).
+    """
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(adapter_paths, (str, Path)):
+        adapter_paths = [adapter_paths]
+    weights = [1.0] * len(adapter_paths) if weights is None else list(weights)
+    if len(weights) != len(adapter_paths):
+        raise ValueError("one weight per adapter")
+    model = load_base(base_path, model_kind)
+    for adapter, weight in zip(adapter_paths, weights):
+        with _quiet():
+            wrapped = peft.PeftModel.from_pretrained(model, str(adapter))
+        if weight != 1.0:
+            for module in wrapped.modules():
+                if isinstance(module, LoraLayer) and "default" in module.scaling:
+                    module.scaling["default"] *= weight
+        with _quiet():
+            model = wrapped.merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def peft_delta_weights(
+    base_path, adapter_path, *, model_kind: str = "llama"
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PEFT's own ΔW and scale per LoRA module: ``({name: layer.get_delta_weight("default")},
+    {name: layer.scaling["default"]})``, names without ``base_model.model.``
+    (``model.layers.0.self_attn.q_proj``). ΔW is in the base weight's layout (Conv1D: in × out;
+    embedding: num_embeddings × dim) and, for DoRA, is the plain s·BA without the magnitude."""
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    model = load_base(base_path, model_kind)
+    with _quiet():
+        wrapped = peft.PeftModel.from_pretrained(model, str(adapter_path))
+    deltas, scales = {}, {}
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if "default" not in module.lora_A and "default" not in module.lora_embedding_A:
+            continue
+        name = name.removeprefix(PREFIX)
+        with torch.no_grad():
+            deltas[name] = module.get_delta_weight("default").detach().clone()
+        scales[name] = float(module.scaling["default"])
+    return deltas, scales
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def silence_libraries() -> None:
+    """Quiet transformers/huggingface_hub logging and progress bars. PEFT's own warnings (missing or
+    unexpected keys, tied weights) are left alone: tests assert on them with ``warnings``."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for name in ("transformers", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Swallow the warnings and chatter PEFT/transformers emit while the factories build things."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
