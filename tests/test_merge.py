@@ -643,3 +643,29 @@ def test_pytorch_bin_base_gives_safetensors(bases, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     reference, _ = peft_merged(base, adapter)
     assert_matches(read_all(tmp_path / "out"), reference)
+
+
+def test_weighted_adapters_match_the_factories_peft_reference(
+    llama_base, llama_lora_qv, llama_dora, tmp_path
+):
+    """tests/factories.py's reference merges each adapter in turn into the model merged so far, its
+    scaling × weight. With the DoRA adapter first that is exactly one merge of both; with it last,
+    its norm would come from the already merged W: that is chaining two merges, not one."""
+    from factories import peft_merged_state_dict
+
+    together = merge_checkpoint(
+        llama_base, [llama_dora, llama_lora_qv], tmp_path / "both", weights=[1.4, 0.6], verify=True
+    )
+    assert together.verified and together.max_logit_difference < 1e-4
+    reference = peft_merged_state_dict(llama_base, [llama_dora, llama_lora_qv], weights=[1.4, 0.6])
+    assert_matches(read_all(tmp_path / "both"), reference)
+
+    merge_checkpoint(llama_base, [llama_lora_qv], tmp_path / "first", weights=[0.6])
+    merge_checkpoint(tmp_path / "first", [llama_dora], tmp_path / "chained", weights=[1.4])
+    reference = peft_merged_state_dict(llama_base, [llama_lora_qv, llama_dora], weights=[0.6, 1.4])
+    assert_matches(read_all(tmp_path / "chained"), reference)
+    # one merge of both in this order is what PEFT runs with both adapters active (--verify)
+    summary = merge_checkpoint(
+        llama_base, [llama_lora_qv, llama_dora], tmp_path / "one", weights=[0.6, 1.4], verify=True
+    )
+    assert summary.verified and summary.max_logit_difference < 1e-4

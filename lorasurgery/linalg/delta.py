@@ -17,10 +17,11 @@ stored row when L = B (Linear, Conv), per stored column when L = Aᵀ (Conv1D tr
 embedding's per-dimension norm). The norm is a constant of W and ΔW (PEFT detaches it).
 
 Several updates of one weight are applied in order, as PEFT merges (and runs) several active
-adapters: a LoRA adds w·s·ΔW; a DoRA replaces what is merged so far, M, by (m / ‖W + sΔW‖)·(M + sΔW),
-its norm always that of the original W (PEFT's `_unmerged_base_weight`), moved a fraction w of the
-way there when its weight w ≠ 1. Plain LoRA updates therefore add up exactly, in any order; a DoRA
-update also rescales the LoRA updates before it.
+adapters: a LoRA adds w·s·ΔW; a DoRA replaces what is merged so far, M, by
+(m / ‖W + w·s·ΔW‖)·(M + w·s·ΔW), its norm always that of the original W (PEFT's
+`_unmerged_base_weight`), its weight w scaling s as a scaled `scaling` does in PEFT's forward.
+Plain LoRA updates therefore add up exactly, in any order; a DoRA update also rescales the LoRA
+updates before it.
 
 Numerics: everything is computed in float32 (float64 when precise) from the stored values and rounded
 once to the output dtype. The weight is processed in blocks of rows, so the only full-size buffer is
@@ -115,7 +116,9 @@ class _Prepared:
         self.update = update
         self.L = L.to(device=device, dtype=dtype)  # (rows, r)
         self.R = R.to(device=device, dtype=dtype).contiguous()  # (r, cols)
-        self.alpha = update.scale
+        # A DoRA update's weight scales its s, as PEFT's forward does with a scaled `scaling`:
+        # both its norm and its sΔ see w·s. A LoRA update's weight multiplies when it is added.
+        self.alpha = update.scale * (update.weight if update.magnitude is not None else 1.0)
         self.magnitude = (  # conv DoRA stores it as (1, out, 1, …)
             None if update.magnitude is None else update.magnitude.reshape(-1).to(device=device, dtype=dtype)
         )
@@ -188,7 +191,7 @@ def merge_weight(
                 squares += torch.linalg.norm(v, dim=0).double().square()
             p.factor = p.magnitude / squares.sqrt().to(dtype)
 
-    only_dora = len(prepared) == 1 and prepared[0].magnitude is not None and updates[0].weight == 1.0
+    only_dora = len(prepared) == 1 and prepared[0].magnitude is not None
     any_dora = any(p.magnitude is not None for p in prepared)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
@@ -205,11 +208,7 @@ def merge_weight(
                     acc.addmm_(p.L[start:stop], p.R, alpha=w * p.alpha)  # acc += w·s·L@R
                 else:  # PEFT: the DoRA factor scales what is merged so far plus its own sΔ
                     factor = p.dora_factor(base, start, stop, block(2, n))
-                    v = p.v_block(acc, start, stop, block(2, n)).mul_(factor)
-                    if w == 1.0:
-                        acc.copy_(v)
-                    else:  # acc + w·(v − acc): a weight interpolates to the DoRA result
-                        acc.add_(v.sub_(acc), alpha=w)
+                    acc.copy_(p.v_block(acc, start, stop, block(2, n)).mul_(factor))
         if not allow_nonfinite and not all_finite(acc):
             raise NonFiniteError(_nonfinite_message(name, updates))
         out[start:stop].copy_(acc)  # the one rounding

@@ -1043,17 +1043,13 @@ def _apply_adapters(model, adapters, weights):
     for name, path in zip(names[1:], adapters[1:]):
         peft_model.load_adapter(str(path), adapter_name=name)
     peft_model.base_model.set_adapter(names)
-    # A weight w scales the adapter's output: s → w·s is exactly w·ΔW for plain LoRA (and lora_bias).
+    # A weight w scales s: exactly w·ΔW for plain LoRA (and lora_bias), and DoRA's w·s as merged.
     for module in peft_model.modules():
         scaling = getattr(module, "scaling", None)
         if not isinstance(scaling, dict):
             continue
         for name, weight in zip(names, weights):
             if name in scaling and weight != 1.0:
-                if name in getattr(module, "lora_magnitude_vector", {}) or {}:
-                    raise VerificationError(
-                        "--verify: a DoRA adapter with a weight other than 1 has no PEFT forward to compare with"
-                    )
                 scaling[name] *= weight
     return peft_model.eval()
 
