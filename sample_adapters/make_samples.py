@@ -45,8 +45,10 @@ def train(model, text: str, steps: int, lr: float, seed: int) -> list[float]:
 
 def make(out: Path) -> dict[str, list[float]]:
     import peft
+    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    transformers.logging.disable_progress_bar()  # "Writing model shards" on stderr
     torch.manual_seed(0)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
