@@ -154,6 +154,55 @@ def test_dora_needs_a_base_and_then_uses_the_effective_delta(setup):
     assert all(e.metrics["fro_norm"] > 0 for e in report.modules if e.kind == "delta")
 
 
+def test_dora_amplification_is_that_of_the_merged_weight_minus_w(setup):
+    """A DoRA ΔW = W' − W is dense; its amplification uses its own top-r vectors, as PEFT merges it."""
+    from peft import PeftModel
+
+    from lorasurgery.adapter import load_adapter
+
+    module = next(iter(load_adapter(setup / "dora").modules.values()))
+    base = open_checkpoint(setup / "base")
+    merged = PeftModel.from_pretrained(tiny_llama(), setup / "dora").merge_and_unload().state_dict()
+    report = rank_report(setup / "dora", base=setup / "base", compare=setup / "adapter")
+    for entry in (e for e in report.modules if e.kind == "delta"):
+        W = base.read(entry.name + ".weight").double()
+        delta = merged[entry.name + ".weight"].double() - W
+        assert_close(entry.metrics, reference_metrics(delta), entry.name)
+        U, _, Vh = torch.linalg.svd(delta)
+        r = module.r
+        expected = float(delta.norm() / (U[:, :r].T @ W @ Vh[:r].T).norm())
+        assert entry.metrics["amplification"] == pytest.approx(expected, rel=1e-3)
+        grid = entry.metrics["subspace_similarity"]  # DoRA's B@A (r = 2) against the other's (r = 4)
+        assert len(grid) == 2 and len(grid[0]) == 4 and 0 <= entry.metrics["subspace_similarity_1_1"] <= 1
+
+
+def test_amp_rank_narrows_an_adapters_amplification_but_not_its_phi_grid(setup):
+    report = rank_report(setup / "adapter", base=setup / "base", compare=setup / "other", amp_rank=1)
+    base = open_checkpoint(setup / "base")
+    from lorasurgery.adapter import load_adapter
+
+    adapter = load_adapter(setup / "adapter")
+    for entry in (e for e in report.modules if e.kind == "delta"):
+        A, B = adapter.read_factors(entry.name)
+        dense = adapter.modules[entry.name].scale * (B.double() @ A.double())
+        W = base.read(entry.name + ".weight").double()
+        U, _, Vh = torch.linalg.svd(dense)
+        assert entry.metrics["amplification"] == pytest.approx(
+            float(dense.norm() / (U[:, :1].T @ W @ Vh[:1].T).norm()), rel=1e-4
+        )
+        assert len(entry.metrics["subspace_similarity"]) == 4
+
+
+def test_matrices_in_parallel_keep_the_models_order_and_report_progress(setup):
+    events, threads = [], torch.get_num_threads()
+    report = rank_report(setup / "ft", base=setup / "base", progress=events.append)
+    names = [e.name for e in report.modules if e.kind == "delta"]
+    expected = [n[: -len(".weight")] for n in open_checkpoint(setup / "ft").tensors if ".layers." in n]
+    assert names == [n for n in expected if n in set(names)] and len(names) == 14
+    assert [(e.done, e.total) for e in events] == [(i, 14) for i in range(1, 15)]
+    assert torch.get_num_threads() == threads  # one thread per worker only while the pool runs
+
+
 def test_cli_json_csv_and_plots(setup, tmp_path):
     result = run_cli(
         "-q",

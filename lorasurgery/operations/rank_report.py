@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +116,8 @@ def rank_report(
         raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
     device = resolve_device(device)
     if _is_adapter(target):
-        report = _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+        with _one_torch_thread(device):  # see _compute_pool: W's spectra collapse under contention
+            report = _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress)
     else:
         report = _model_report(target, base, compare, amp_rank, include_re, mle, device, progress)
     report.summary = summarize(report)
@@ -131,7 +135,7 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
     from lorasurgery.io import open_checkpoint
     from lorasurgery.linalg.analyses import amplification, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.linalg.svd import singular_values
+    from lorasurgery.linalg.svd import singular_values, truncated_svd
 
     adapter = load_adapter(target)
     report = RankReport(str(target), None if base is None else str(base), "adapter")
@@ -166,14 +170,17 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
             if module.fan_in_fan_out or module.kind == "embedding":
                 W = W.T  # PEFT's ΔW = s·B@A is (out, in); these weights are stored (in, out)
             W = W.reshape(shape[0], -1)
+        # r of the amplification factor: the adapter's rank, or --amp-rank when smaller.
+        r = min(module.r, amp_rank or module.r, *shape)
         if module.dora:
             delta = _dora_effective_delta(adapter, module, W, device)
             S = singular_values(delta, source_dtype=source_dtype)
-            vectors = None
             delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+            # W' − W is dense (the magnitude rescales W's rows too): its top-r vectors by SVD.
+            U, _, Vh = truncated_svd(delta, r, spectrum=S, dtype=torch.float64) if delta_fro else (None,) * 3
         else:
             svd = lowrank_svd(A2, B2, module.scale)
-            S, vectors = svd.S, svd
+            S, U, Vh = svd.S, svd.U[:, :r], svd.Vh[:r]
             delta_fro = float(torch.linalg.vector_norm(S))
         metrics = _metrics(S, shape, source_dtype)
         if mle:
@@ -182,17 +189,25 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
             S_W = singular_values(W, source_dtype=checkpoint.tensors[mapping[module.name]].torch_dtype)
             w_fro = float(torch.linalg.vector_norm(S_W))
             metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
-            if vectors is not None:
-                metrics.update(amplification(vectors.U, vectors.Vh, delta_fro, W.to(torch.float64), S_W))
+            if U is not None:
+                metrics.update(amplification(U, Vh, delta_fro, W.to(torch.float64), S_W))
             w_metrics = _metrics(S_W, shape, checkpoint.tensors[mapping[module.name]].torch_dtype)
             if mle:
                 w_metrics["mle_dimension"] = _mle(W)
-        if other is not None and module.name in other.modules and not module.dora:
+        if other is not None and module.name in other.modules:
+            # φ on the row spaces of the two updates (paper §7.2: of A₁ and A₂). A DoRA module's
+            # direction part is B@A too, so its right singular vectors are those of s·B@A.
             A_o, B_o = other.read_factors(module.name, device)
-            other_svd = lowrank_svd(
-                A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1), other.modules[module.name].scale
-            )
-            metrics.update(subspace_similarity(vectors.Vh, other_svd.Vh))
+            other_module = other.modules[module.name]
+            A_o, B_o = A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1)
+            if A_o.shape[1] != shape[1] or B_o.shape[0] != shape[0]:
+                raise MismatchError(
+                    f"{compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
+                    f"the target's {shape}"
+                )
+            other_svd = lowrank_svd(A_o, B_o, other_module.scale)
+            Vh_self = lowrank_svd(A2, B2, module.scale).Vh if module.dora else svd.Vh
+            metrics.update(subspace_similarity(Vh_self, other_svd.Vh))
         report.modules.append(ModuleEntry(module.name, "delta", shape, metrics, S.tolist()))
         if W is not None:
             report.modules.append(ModuleEntry(module.name, "weight", shape, w_metrics, S_W.tolist()))
@@ -250,11 +265,7 @@ def _selected_weights(checkpoint, include_re) -> list[str]:
 
 
 def _model_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
-    import torch
-
     from lorasurgery.io import open_checkpoint
-    from lorasurgery.linalg.analyses import amplification, subspace_similarity
-    from lorasurgery.linalg.svd import singular_values, truncated_svd
 
     checkpoint = open_checkpoint(target)
     base_ckpt = open_checkpoint(base) if base is not None else None
@@ -268,48 +279,146 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
             f"{target}: no 2-D weight selected"
             + (f" by --include {include_re.pattern!r}" if include_re else "")
         )
+    # Every check before the first (slow) matrix, so that bad input fails at once.
+    for name in names if base_ckpt is not None else ():
+        shape = list(checkpoint.tensors[name].shape)
+        if name not in base_ckpt.tensors:
+            raise MismatchError(f"{base}: no tensor {name!r}, which {target} has")
+        if list(base_ckpt.tensors[name].shape) != shape:
+            raise MismatchError(
+                f"{target}: module {name[: -len('.weight')]}: shape {shape} differs from the base's "
+                f"{list(base_ckpt.tensors[name].shape)}"
+            )
+        if other is not None and name in other.tensors and list(other.tensors[name].shape) != shape:
+            raise MismatchError(
+                f"{compare}: module {name[: -len('.weight')]}: shape {list(other.tensors[name].shape)} "
+                f"differs from the target's {shape}"
+            )
     r = amp_rank or DEFAULT_AMP_RANK
-    for done, name in enumerate(names, start=1):
-        module = name[: -len(".weight")]
-        info = checkpoint.tensors[name]
-        shape = list(info.shape)
-        if base_ckpt is None:
-            W = checkpoint.read(name, device).to(torch.float32)
-            S = singular_values(W, source_dtype=info.torch_dtype)
-            metrics = _metrics(S, shape, info.torch_dtype)
-            if mle:
-                metrics["mle_dimension"] = _mle(W)
-            report.modules.append(ModuleEntry(module, "weight", shape, metrics, S.tolist()))
-        else:
-            if name not in base_ckpt.tensors:
-                raise MismatchError(f"{base}: no tensor {name!r}, which {target} has")
-            if list(base_ckpt.tensors[name].shape) != shape:
-                raise MismatchError(
-                    f"{target}: module {module}: shape {shape} differs from the base's {list(base_ckpt.tensors[name].shape)}"
-                )
-            W = base_ckpt.read(name, device).to(torch.float32)
-            delta = checkpoint.read(name, device).to(torch.float32) - W
-            S = singular_values(delta, source_dtype=info.torch_dtype)
-            S_W = singular_values(W, source_dtype=base_ckpt.tensors[name].torch_dtype)
-            metrics = _metrics(S, shape, info.torch_dtype)
-            delta_fro, w_fro = float(torch.linalg.vector_norm(S)), float(torch.linalg.vector_norm(S_W))
-            metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
-            k = min(r, min(shape))
-            if delta_fro > 0:
-                U, _, Vh = truncated_svd(delta, k, spectrum=S)
-                metrics.update(amplification(U[:, :k].double(), Vh[:k].double(), delta_fro, W.double(), S_W))
-                if other is not None:
-                    delta_o = other.read(name, device).to(torch.float32) - W
-                    if float(torch.linalg.vector_norm(delta_o)) > 0:
-                        _, _, Vh_o = truncated_svd(delta_o, k)
-                        metrics.update(subspace_similarity(Vh[:k].double(), Vh_o[:k].double()))
-            if mle:
-                metrics["mle_dimension"] = _mle(delta)
-            w_metrics = _metrics(S_W, shape, base_ckpt.tensors[name].torch_dtype)
-            report.modules.append(ModuleEntry(module, "delta", shape, metrics, S.tolist()))
-            report.modules.append(ModuleEntry(module, "weight", shape, w_metrics, S_W.tolist()))
-        progress(Progress("rank-report", done, len(names), module))
+
+    def read(name: str) -> dict:
+        # Reads stay in the calling thread, in order: sequential I/O, and the .bin reader's shard
+        # cache is not thread-safe.
+        tensors = {"target": checkpoint.read(name, device)}
+        if base_ckpt is not None:
+            tensors["base"] = base_ckpt.read(name, device)
+            if other is not None and name in other.tensors:
+                tensors["other"] = other.read(name, device)
+        return tensors
+
+    def compute(name: str, tensors: dict) -> list[ModuleEntry]:
+        return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle)
+
+    pending: deque = deque()  # (name, future) in the order of `names`, so the report keeps it
+
+    def finish_oldest() -> None:
+        finished, future = pending.popleft()
+        report.modules.extend(future.result())
+        done = len(names) - len(remaining) - len(pending)
+        progress(Progress("rank-report", done, len(names), finished[: -len(".weight")]))
+
+    remaining = deque(names)
+    with _compute_pool(device) as (submit, in_flight):
+        while remaining:
+            name = remaining.popleft()
+            pending.append((name, submit(compute, name, read(name))))
+            # At most one matrix per worker waits: memory stays a few matrices whatever the model.
+            while len(pending) > in_flight:
+                finish_oldest()
+        while pending:
+            finish_oldest()
     return report
+
+
+def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleEntry]:
+    """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W."""
+    import torch
+
+    from lorasurgery.linalg.analyses import amplification, subspace_similarity
+    from lorasurgery.linalg.svd import singular_values, truncated_svd
+
+    module = name[: -len(".weight")]
+    info = checkpoint.tensors[name]
+    shape = list(info.shape)
+    if base_ckpt is None:
+        W = tensors["target"].to(torch.float32)
+        S = singular_values(W, source_dtype=info.torch_dtype)
+        metrics = _metrics(S, shape, info.torch_dtype)
+        if mle:
+            metrics["mle_dimension"] = _mle(W)
+        return [ModuleEntry(module, "weight", shape, metrics, S.tolist())]
+    W = tensors["base"].to(torch.float32)
+    delta = tensors["target"].to(torch.float32) - W
+    S = singular_values(delta, source_dtype=info.torch_dtype)
+    S_W = singular_values(W, source_dtype=base_ckpt.tensors[name].torch_dtype)
+    metrics = _metrics(S, shape, info.torch_dtype)
+    delta_fro, w_fro = float(torch.linalg.vector_norm(S)), float(torch.linalg.vector_norm(S_W))
+    metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
+    k = min(r, min(shape))
+    if delta_fro > 0:
+        U, _, Vh = truncated_svd(delta, k, spectrum=S)
+        metrics.update(amplification(U[:, :k].double(), Vh[:k].double(), delta_fro, W.double(), S_W))
+        if "other" in tensors:
+            delta_o = tensors["other"].to(torch.float32) - W
+            if float(torch.linalg.vector_norm(delta_o)) > 0:
+                _, _, Vh_o = truncated_svd(delta_o, k)
+                metrics.update(subspace_similarity(Vh[:k].double(), Vh_o[:k].double()))
+    if mle:
+        metrics["mle_dimension"] = _mle(delta)
+    w_metrics = _metrics(S_W, shape, base_ckpt.tensors[name].torch_dtype)
+    return [
+        ModuleEntry(module, "delta", shape, metrics, S.tolist()),
+        ModuleEntry(module, "weight", shape, w_metrics, S_W.tolist()),
+    ]
+
+
+@contextmanager
+def _one_torch_thread(device: str):
+    import torch
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _compute_pool(device: str):
+    """(submit(fn, *args) -> Future, in_flight): matrices in parallel, one torch thread each (CPU).
+
+    Why: the dense spectra are LAPACK calls on ≤ a few-thousand-wide matrices, which parallelise
+    poorly inside one call, and OpenMP workers spinning between small parallel regions collapse on
+    a busy machine: on 2 cores under load, SmolLM2-135M's 211 matrices took 3 min 14 s with torch's
+    2 threads and 21 s with 1. One matrix per core, each on one thread, uses every core without
+    that contention. On CUDA the GPU is the parallel part: one host thread, torch untouched.
+    """
+    import torch
+
+    if device != "cpu":
+
+        def run_now(fn, *args) -> Future:
+            future: Future = Future()
+            future.set_result(fn(*args))
+            return future
+
+        yield run_now, 0
+        return
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, os.cpu_count() or 1))
+    # Global in ATen: the pool's threads pick it up on their first parallel region.
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rank-report") as pool:
+            try:
+                yield pool.submit, workers
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued matrices
+                raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -------------------------------------------------------------------------------------------------
