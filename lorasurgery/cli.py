@@ -166,7 +166,7 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
     rank policy. The report gives each module's true error after the cast to the output dtype.
     """
     from lorasurgery import render
-    from lorasurgery.operations.extract import extract_adapter, write_report
+    from lorasurgery.operations.extract import Policy, extract_adapter, write_report
     from lorasurgery.units import parse_count
 
     policies = [n for n in ("rank", "energy", "ratio", "budget") if options[n] is not None]
@@ -176,18 +176,28 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
             "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
             + (f" (got {', '.join('--' + p for p in policies)})" if policies else "")
         )
-    budget = parse_count(options["budget"]) if options["budget"] is not None else None
+    budget = None
+    if options["budget"] is not None:
+        try:
+            budget = parse_count(options["budget"])
+        except (ValueError, LoraSurgeryError) as error:
+            raise click.BadParameter(str(error), param_hint="--budget") from None
+        if budget < 1:
+            raise click.BadParameter("the budget must be at least 1 parameter", param_hint="--budget")
+    policy = Policy(
+        rank=options["rank"],
+        energy=options["energy"],
+        ratio=options["ratio"],
+        auto=options["auto"],
+        budget=budget,
+    )
     quiet = settings_of(ctx).quiet
     with render.progress_bar("extract", quiet) as progress:
         report = extract_adapter(
             base,
             finetuned,
             output,
-            rank=options["rank"],
-            energy=options["energy"],
-            ratio=options["ratio"],
-            auto=options["auto"],
-            budget=budget,
+            policy=policy,
             max_rank=options["max_rank"],
             include=options["include"],
             exclude=options["exclude"],

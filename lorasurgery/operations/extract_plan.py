@@ -1,0 +1,304 @@
+"""Planning `extract`: which tensors become LoRA factors, which are saved whole, which are measured.
+
+Everything here runs before any arithmetic and before any output exists: the two checkpoints must
+be the same architecture with the same tensor names and shapes (a resized vocabulary only with
+`--embeddings full`), and the output path must be usable. The plan then says, per tensor:
+
+- a `Target`: a 2-D weight factored as ΔW ≈ B·A, in PEFT's layout for its module kind
+  (Linear: ΔW is (out, in); GPT-2's Conv1D stores (in, out), so its SVD runs on the transpose and
+  the adapter says `fan_in_fan_out`; an embedding's LoRA is ΔEᵀ (dim, vocab) = B·A);
+- a `Measured` group: tensors read only to report how much the fine-tune changed them (skipped
+  modules), or to save them whole when changed (`--embeddings full`, `--save-1d`).
+
+It also writes the adapter_config.json, checked against PEFT's own matching rules so that every
+module gets exactly its rank and α = r (scale 1), and no other module is wrapped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lorasurgery.adapter.config import pattern_key
+from lorasurgery.errors import LoraSurgeryError, MismatchError
+
+PEFT_PREFIX = "base_model.model."
+# Input embeddings (PEFT applies lora_embedding_A/B to them) and output projections tied to them.
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+_OTHER_EMBEDDINGS = ("wpe", "position_embeddings", "token_type_embeddings")
+_BLOCK = re.compile(r"\.\d+\.")  # a numbered layer: inside the transformer blocks
+# Checkpoints whose block weights are transformers' Conv1D, stored (in, out).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt"}
+
+
+@dataclass
+class Target:
+    """One 2-D weight to factor. `shape` is the SVD layout (d, n): ΔW ≈ B (d, r) @ A (r, n)."""
+
+    name: str  # tensor name in both checkpoints
+    module: str
+    kind: str  # "linear" | "embedding"
+    transpose: bool  # the SVD layout is the stored tensor transposed
+    stored_shape: tuple[int, int]
+    source_code: str  # safetensors dtype code of the fine-tune's tensor ("BF16", ...)
+    copies: int = 1  # 2 when a tied lm_head gets the same factors (the budget pays twice)
+
+    @property
+    def source_dtype(self):
+        """The fine-tune's torch dtype (imports torch: planning itself runs before torch is loaded)."""
+        from lorasurgery.io.safetensors_format import torch_dtype_of
+
+        return torch_dtype_of(self.source_code)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        d, n = self.stored_shape
+        return (n, d) if self.transpose else (d, n)
+
+    @property
+    def numel(self) -> int:
+        return self.stored_shape[0] * self.stored_shape[1]
+
+
+@dataclass
+class Measured:
+    """Tensors of one module read only to measure ‖ΔW‖/‖W‖, and saved whole when `save` is set."""
+
+    module: str
+    names: list[str]  # tensor names in both checkpoints
+    reason: str  # why it is not factored (reported when it changed and is not saved)
+    save: bool = False  # write the fine-tune's tensors into the adapter when changed
+    adapter_keys: dict[str, str] = field(default_factory=dict)  # tensor name -> adapter key
+    as_bias: bool = False  # saved as <module>.base_layer.<p> of a LoRA-targeted layer
+    resized: bool = False  # shapes differ (resized vocabulary): always saved
+
+    def numel(self, checkpoint) -> int:
+        return sum(checkpoint.tensors[n].numel for n in self.names)
+
+
+@dataclass
+class Plan:
+    targets: list[Target]
+    measured: list[Measured]
+    tied_output: str | None  # lm_head module that gets the input embedding's factors (tied)
+    tied_input: str | None  # the input embedding module it is tied to
+    tied_embedding: str | None  # the input embedding when the config ties lm_head to it
+    tied_head: str | None  # the lm_head module tied to it
+    fan_in_fan_out: bool
+    task_type: str | None
+
+
+def module_of(tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0]
+
+
+def _leaf(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def compile_regex(pattern: str | None, option: str):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise LoraSurgeryError(f"{option} {pattern!r} is not a valid regular expression ({error})") from None
+
+
+def natural_key(name: str):
+    """model.layers.2 before model.layers.10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def check_architectures(base, ft) -> None:
+    base_config, ft_config = base.config or {}, ft.config or {}
+    kinds = [base_config.get("model_type"), ft_config.get("model_type")]
+    if all(kinds) and kinds[0] != kinds[1]:
+        raise MismatchError(
+            f"{ft.path}: a {kinds[1]} model cannot be a fine-tune of the {kinds[0]} model {base.path}"
+        )
+
+
+def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool) -> Plan:
+    """Validate the pair and decide what happens to every tensor (see the module docstring)."""
+    config = ft.config or base.config or {}
+    fan_in_fan_out = config.get("model_type") in CONV1D_MODEL_TYPES
+    tied = bool(config.get("tie_word_embeddings", False))
+    missing = [n for n in base.tensors if n not in ft.tensors]
+    if missing:
+        raise MismatchError(
+            f"{ft.path}: tensors of the base are missing from the fine-tune: {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+    extra = [n for n in ft.tensors if n not in base.tensors]
+    if extra:
+        raise MismatchError(
+            f"{ft.path}: tensors not in the base {base.path}: {', '.join(extra[:8])}"
+            + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        )
+
+    def excluded(module: str) -> bool:
+        return exclude_re is not None and bool(exclude_re.search(module))
+
+    targets: list[Target] = []
+    measured: list[Measured] = []
+    lora_modules: set[str] = set()
+    input_embedding = output_embedding = None
+    one_d: dict[str, list[str]] = {}
+    modules_with_2d: set[str] = set()
+    for name, info in base.tensors.items():
+        ft_info = ft.tensors[name]
+        module, leaf = module_of(name), _leaf(module_of(name))
+        is_input = leaf in INPUT_EMBEDDINGS
+        is_output = leaf in OUTPUT_EMBEDDINGS
+        is_embedding = is_input or is_output or leaf in _OTHER_EMBEDDINGS or leaf.endswith("_embeddings")
+        if len(info.shape) == 2:
+            modules_with_2d.add(module)
+        if is_input and name.endswith(".weight"):
+            input_embedding = module
+        if is_output and name.endswith(".weight"):
+            output_embedding = module
+        if tuple(ft_info.shape) != tuple(info.shape):
+            if is_embedding and embeddings == "full":
+                measured.append(
+                    Measured(
+                        module,
+                        [name],
+                        "resized",
+                        save=True,
+                        resized=True,
+                        adapter_keys={name: PEFT_PREFIX + name},
+                    )
+                )
+                continue
+            what = "vocabulary sizes differ" if is_embedding else "shapes differ"
+            raise MismatchError(
+                f"{ft.path}: module {module}: {what} ({list(info.shape)} in the base, "
+                f"{list(ft_info.shape)} in the fine-tune)"
+                + ("; --embeddings full saves the resized matrices" if is_embedding else "")
+            )
+        if len(info.shape) == 1:
+            one_d.setdefault(module, []).append(name)
+            continue
+        if len(info.shape) != 2 or not name.endswith(".weight"):
+            continue  # no LoRA for 0-D or ≥ 3-D tensors; their changes are not measured either
+        source_code = ft_info.dtype
+        if is_embedding:
+            if embeddings == "skip" or excluded(module):
+                reason = "embedding or lm_head (--embeddings lora or full extracts it)"
+                measured.append(Measured(module, [name], reason))
+            elif embeddings == "full":
+                measured.append(
+                    Measured(module, [name], "embedding", save=True, adapter_keys={name: PEFT_PREFIX + name})
+                )
+            else:
+                kind = "linear" if is_output else "embedding"
+                targets.append(Target(name, module, kind, not is_output, tuple(info.shape), source_code))
+                lora_modules.add(module)
+            continue
+        selected = (
+            include_re.search(module) if include_re is not None else _BLOCK.search(name)
+        ) and not excluded(module)
+        if not selected:
+            reason = "not selected (outside the transformer blocks, or --include/--exclude)"
+            measured.append(Measured(module, [name], reason))
+            continue
+        targets.append(Target(name, module, "linear", fan_in_fan_out, tuple(info.shape), source_code))
+        lora_modules.add(module)
+
+    # A tied lm_head has no tensor of its own (or a copy of the embedding's): it follows the input
+    # embedding — the same factors with `lora`, the same saved matrix with `full`, never twice.
+    tied_output = tied_input = None
+    tied_embedding = input_embedding if tied else None
+    tied_head = (output_embedding or "lm_head") if tied else None
+    if tied and input_embedding is not None:
+        if output_embedding is not None:  # stored twice although tied: drop the copy
+            copy = f"{output_embedding}.weight"
+            targets = [t for t in targets if t.name != copy]
+            measured = [m for m in measured if m.names != [copy]]
+            lora_modules.discard(output_embedding)
+        out_module = output_embedding or "lm_head"
+        if any(t.module == input_embedding for t in targets):
+            tied_output, tied_input = out_module, input_embedding
+            next(t for t in targets if t.module == input_embedding).copies = 2
+
+    for module, names in one_d.items():
+        reason = "norm or bias (1-D; --save-1d saves it)"
+        if not save_1d or excluded(module):
+            measured.append(Measured(module, names, reason))
+        elif module in lora_modules:  # the bias of a factored layer: PEFT's bias="lora_only" key
+            keys = {n: f"{PEFT_PREFIX}{module}.base_layer.{n.rsplit('.', 1)[1]}" for n in names}
+            measured.append(Measured(module, names, reason, save=True, adapter_keys=keys, as_bias=True))
+        elif module in modules_with_2d:  # saving it would mean saving the whole (unselected) weight
+            reason = "bias of a module not in the adapter (select the module to save its bias)"
+            measured.append(Measured(module, names, reason))
+        else:  # a norm: the whole module goes into modules_to_save
+            keys = {n: PEFT_PREFIX + n for n in names}
+            measured.append(Measured(module, names, reason, save=True, adapter_keys=keys))
+
+    architectures = config.get("architectures") or []
+    task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
+    if any(str(a).endswith("LMHeadModel") for a in architectures):  # GPT2LMHeadModel
+        task_type = "CAUSAL_LM"
+    return Plan(
+        targets, measured, tied_output, tied_input, tied_embedding, tied_head, fan_in_fan_out, task_type
+    )
+
+
+def adapter_config(
+    base_path: str,
+    plan: Plan,
+    module_ranks: dict[str, int],
+    modules_to_save: list[str],
+    saved_biases: bool,
+    all_modules: set[str],
+) -> dict:
+    """adapter_config.json: α = r for every module (scale 1), keys PEFT resolves to exactly one module.
+
+    `module_ranks` holds every module with factors (a tied lm_head included); `all_modules` every
+    module path of the checkpoint, to check that PEFT's suffix rules pick no other module.
+    """
+    counts: dict[int, int] = {}
+    for k in module_ranks.values():
+        counts[k] = counts.get(k, 0) + 1
+    r = max(counts, key=lambda k: (counts[k], k)) if counts else 1
+    rank_pattern = {m: k for m, k in module_ranks.items() if k != r}
+    # PEFT: rank_pattern key K applies to module N when re.match(rf"(.*\.)?({K})$", N), first key
+    # wins. Keys are full module paths; check that each module resolves to its own key or none.
+    for m in module_ranks:
+        key = pattern_key(rank_pattern, m)
+        if (m in rank_pattern and key != m) or (m not in rank_pattern and key is not None):
+            raise LoraSurgeryError(f"internal error: rank_pattern key for module {m} is ambiguous")
+    # PEFT wraps module N for target T when N == T or N ends with "." + T, and puts N into
+    # modules_to_save when N merely ends with T (no dot): full paths must not be suffixes of others.
+    for target in module_ranks:
+        clash = [n for n in all_modules if n != target and n.endswith("." + target)]
+        if clash:
+            raise LoraSurgeryError(f"internal error: target {target} would also wrap {clash[0]}")
+    for saved in modules_to_save:
+        clash = [n for n in all_modules if n != saved and n.endswith(saved)]
+        if clash:
+            raise LoraSurgeryError(f"internal error: modules_to_save {saved} would also wrap {clash[0]}")
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": str(base_path),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": sorted(module_ranks, key=natural_key),
+        "lora_dropout": 0.0,
+        "bias": "lora_only" if saved_biases else "none",
+        "lora_bias": False,
+        "fan_in_fan_out": plan.fan_in_fan_out,
+        "modules_to_save": sorted(modules_to_save, key=natural_key) or None,
+        # PEFT ties a tied lm_head's adapter (or its modules_to_save copy) to the input
+        # embedding's, and stops warning, only when asked to.
+        "ensure_weight_tying": plan.tied_output in module_ranks or plan.tied_embedding in modules_to_save,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "task_type": plan.task_type,
+    }
