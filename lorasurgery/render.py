@@ -268,11 +268,22 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
         table.add_row(m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error))
     stdout.print(table)
     if report.skipped:
+        # Norms and biases come one per layer: one line for all of them keeps the table readable
+        # (every one is in the JSON report).
+        one_d = [s for s in report.skipped if s.reason.startswith("norm or bias")]
         skipped = new_table("skipped (changed by the fine-tune, not in the adapter)")
         for column in ("name", "reason", "‖ΔW‖/‖W‖"):
             skipped.add_column(column, no_wrap=column != "reason")
         for s in report.skipped:
-            skipped.add_row(s.name, s.reason, format_number(s.relative_norm))
+            if s not in one_d:
+                skipped.add_row(s.name, s.reason, format_number(s.relative_norm))
+        if one_d:
+            largest = max(one_d, key=lambda s: s.relative_norm)
+            skipped.add_row(
+                f"{len(one_d)} norms/biases" if len(one_d) > 1 else one_d[0].name,
+                f"1-D (--save-1d saves them); largest change: {largest.name}",
+                format_number(largest.relative_norm),
+            )
         stdout.print(skipped)
     totals = report.totals
     stdout.print(
