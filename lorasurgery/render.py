@@ -255,14 +255,11 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
         print_json(report.to_json())
         return
     table = new_table(f"{report.output} — extracted from {report.finetuned} ({report.policy})")
-    for column, justify in (
-        ("module", "left"),
-        ("shape", "left"),
-        ("rank", "right"),
-        ("retained energy", "right"),
-        ("relative error", "right"),
-    ):
-        table.add_column(column, justify=justify, no_wrap=True)
+    # Module names keep their full width on a narrow terminal; the headers wrap instead.
+    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
+    table.add_column("shape", no_wrap=True)
+    for column in ("rank", "retained energy", "relative error"):
+        table.add_column(column, justify="right")
     for m in report.modules:
         shape = "×".join(map(str, m.shape))
         table.add_row(m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error))

@@ -55,7 +55,10 @@ def test_report_json_has_the_spec_schema_and_matches_stdout(pair, tmp_path):
     assert report["totals"]["params"] == sum(2 * sum(m["shape"]) for m in report["modules"])
 
 
-def test_table_on_stdout_and_notes_on_stderr(pair, tmp_path):
+def test_table_on_stdout_and_notes_on_stderr(pair, tmp_path, monkeypatch):
+    from lorasurgery import render
+
+    monkeypatch.setattr(render.stdout, "width", 80)  # module names must survive a narrow terminal
     base, ft = pair
     result = run_cli("extract", base, ft, "-o", tmp_path / "out", "--energy", "0.5")
     assert result.exit_code == 0, result.stderr
