@@ -117,6 +117,8 @@ def excess_over_optimum(base: Path, finetuned: Path, report: dict) -> tuple[floa
     worst, where = 0.0, ""
     for module in report["modules"]:
         name = module["name"] + ".weight"
+        if name not in f.tensors:  # a tied lm_head: the embedding's factors, checked there
+            continue
         delta = f.read(name).double() - b.read(name).double()
         S = torch.linalg.svdvals(delta)
         optimum = float((S[module["rank"] :] ** 2).sum().sqrt() / S.norm())
@@ -200,7 +202,8 @@ def main() -> None:
         return
     mergekit_params, mergekit_bytes = folder_params_and_bytes(theirs)
     ours_params, ours_bytes = folder_params_and_bytes(ours)
-    budget = mergekit_params // 4
+    # A quarter of mergekit's bytes, in parameters of our output dtype (the source's: float32 here)
+    budget = mergekit_bytes // 4 // (ours_bytes // ours_params)
     budgeted = outputs / "lorasurgery-budget"
     run_measured(
         [
@@ -225,6 +228,9 @@ def main() -> None:
 
     quality = recovered_effect(base, finetuned, {"mergekit": theirs, "lorasurgery": ours, "budget": budgeted})
     worst, where = excess_over_optimum(base, finetuned, json.loads((outputs / "report.json").read_text()))
+    budget_worst, budget_where = excess_over_optimum(
+        base, finetuned, json.loads((outputs / "budget.json").read_text())
+    )
 
     median = {k: statistics.median(v) for k, v in times.items()}
     print(
@@ -247,6 +253,9 @@ def main() -> None:
     for label in ("mergekit", "lorasurgery", "budget"):
         print(f"  recovered effect, {label}: {quality[label]:.3f}")
     print(f"  worst module error / Eckart–Young optimum at rank {args.rank}: {worst:.4f} ({where})")
+    print(
+        f"  worst module error / Eckart–Young optimum in the budget run: {budget_worst:.4f} ({budget_where})"
+    )
 
 
 if __name__ == "__main__":
