@@ -38,7 +38,9 @@ json.dump({"seconds": seconds, "rows": rows}, open(sys.argv[2], "w"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if not WW_PYTHON.exists():
@@ -51,12 +53,28 @@ def main() -> None:
         seconds, _ = run_measured([str(WW_PYTHON), "-c", WW_CHILD, str(model), str(out / "ww.json")])
         times["weightwatcher"].append(seconds)
         seconds, _ = run_measured(
-            [sys.executable, "-m", "lorasurgery", "-q", "rank-report", str(model), "--include", ".", "--json", str(out / "ours.json")]
+            [
+                sys.executable,
+                "-m",
+                "lorasurgery",
+                "-q",
+                "rank-report",
+                str(model),
+                "--include",
+                ".",
+                "--json",
+                str(out / "ours.json"),
+            ]
         )
         times["lorasurgery"].append(seconds)
-        print(f"  run {run + 1}: weightwatcher {times['weightwatcher'][-1]:.1f} s, lorasurgery {times['lorasurgery'][-1]:.1f} s", flush=True)
+        print(
+            f"  run {run + 1}: weightwatcher {times['weightwatcher'][-1]:.1f} s, lorasurgery {times['lorasurgery'][-1]:.1f} s",
+            flush=True,
+        )
 
-    ours = {m["name"]: m["metrics"]["stable_rank"] for m in json.loads((out / "ours.json").read_text())["modules"]}
+    ours = {
+        m["name"]: m["metrics"]["stable_rank"] for m in json.loads((out / "ours.json").read_text())["modules"]
+    }
     theirs = json.loads((out / "ww.json").read_text())
     compared, worst, where = 0, 0.0, ""
     for row in theirs["rows"]:
@@ -67,11 +85,19 @@ def main() -> None:
             if relative > worst:
                 worst, where = relative, name
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nSmolLM2-135M, W of every Linear/Embedding layer; {args.runs} alternating runs, medians (whole process)")
-    print(f"  weightwatcher analyze(): {median['weightwatcher']:.1f} s (analyze() alone, last run: {theirs['seconds']:.1f} s)")
+    print(
+        f"\nSmolLM2-135M, W of every Linear/Embedding layer; {args.runs} alternating runs, medians (whole process)"
+    )
+    print(
+        f"  weightwatcher analyze(): {median['weightwatcher']:.1f} s (analyze() alone, last run: {theirs['seconds']:.1f} s)"
+    )
     print(f"  lorasurgery rank-report: {median['lorasurgery']:.1f} s")
-    print(f"  time ratio lorasurgery / weightwatcher: {median['lorasurgery'] / median['weightwatcher']:.4f} (1/{median['weightwatcher'] / median['lorasurgery']:.0f})")
-    print(f"  stable rank compared on {compared} layers (of {len(theirs['rows'])} weightwatcher rows, {len(ours)} ours): worst relative difference {worst:.2e} ({where})")
+    print(
+        f"  time ratio lorasurgery / weightwatcher: {median['lorasurgery'] / median['weightwatcher']:.4f} (1/{median['weightwatcher'] / median['lorasurgery']:.0f})"
+    )
+    print(
+        f"  stable rank compared on {compared} layers (of {len(theirs['rows'])} weightwatcher rows, {len(ours)} ours): worst relative difference {worst:.2e} ({where})"
+    )
 
 
 if __name__ == "__main__":
