@@ -88,7 +88,7 @@ SPECTRA = {
 
 
 @pytest.mark.parametrize("kind", list(SPECTRA))
-@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "auto"])
+@pytest.mark.parametrize("method", ["exact", "gram", "randomized", "krylov", "auto"])
 @pytest.mark.parametrize("shape", [(320, 512), (640, 320)])
 def test_truncation_within_one_percent_of_optimum(kind, method, shape):
     d, n = shape
@@ -106,15 +106,30 @@ def test_truncation_within_one_percent_of_optimum(kind, method, shape):
 
 def test_randomized_without_spectrum_is_accurate_on_an_eligible_shape():
     M = planted(512, 768, torch.arange(1, 513).double() ** -0.5, noise=1e-4, seed=5)
-    assert choose_svd_method((512, 768), 32) == "randomized"
+    assert choose_svd_method((512, 768), 32) == "krylov"
     U, S, Vh = truncated_svd(M, 32)
     optimum = optimal_truncation_error(torch.linalg.svdvals(M.double()), 32)
     assert truncation_error(M, U, S, Vh) <= 1.01 * optimum
 
 
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576)])
+@pytest.mark.parametrize("p", [0.05, 0.5, 1.0, 2.0])
+def test_auto_krylov_unchecked_stays_within_one_percent_on_power_laws(shape, p):
+    """What --rank relies on: no spectrum to check against, so the route itself must hold 1%."""
+    m = min(shape)
+    M = planted(*shape, torch.arange(1, m + 1).double() ** -p, noise=1e-3 / m**0.5, seed=11)
+    spectrum = torch.linalg.svdvals(M.double())
+    for k in (1, 8, 32, m // 8 - 10):
+        assert choose_svd_method(shape, k) == "krylov"
+        U, S, Vh = truncated_svd(M, k)
+        assert torch.allclose(U.T @ U, torch.eye(k), atol=1e-4)
+        assert torch.allclose(Vh @ Vh.T, torch.eye(k), atol=1e-4)
+        assert truncation_error(M, U, S, Vh) <= 1.01 * optimal_truncation_error(spectrum, k), (p, k)
+
+
 def test_auto_choice_follows_the_measured_crossover():
-    assert choose_svd_method((576, 1536), 16) == "randomized"  # q/min = 0.04
-    assert choose_svd_method((576, 1536), 62) == "randomized"  # q/min = 1/8
+    assert choose_svd_method((576, 1536), 16) == "krylov"  # q/min = 0.04
+    assert choose_svd_method((576, 1536), 62) == "krylov"  # q/min = 1/8
     assert choose_svd_method((576, 1536), 128) == "gram"  # q/min ≈ 1/4: no gain, risk of >1%
     assert choose_svd_method((192, 576), 8) == "gram"  # small: everything is fast, take exact
     assert choose_svd_method((192, 576), 8, dtype=torch.float64) == "exact"

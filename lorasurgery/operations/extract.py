@@ -73,9 +73,9 @@ MAX_WORKERS = 4
 # largest tensor, so that streaming memory stays a few tensors whatever the checkpoint size.
 EARLY_READ_BYTES = 1 << 30
 EARLY_READ_TENSORS = 4
-# Power iterations of the randomized SVD (q = k + 10). linalg.svd measured the worst error / optimum
-# over planted power-law spectra at 1.008 with 4 (1.005 with 6, its uncertified default); on the real
-# SmolLM2 fine-tune 4 gives ≤ 1.0015 at rank 32 and saves 30% of the arithmetic against 6.
+# Power iterations of an explicit --svd randomized (torch.svd_lowrank, q = k + 10). linalg.svd
+# measured the worst error / optimum over planted power-law spectra at 1.008 with 4; on the real
+# SmolLM2 fine-tune 4 gives ≤ 1.0015 at rank 32.
 RANDOMIZED_NITER = 4
 
 
@@ -332,16 +332,12 @@ def _balanced_factors(run: _Run, matrix, k: int, spectrum):
     """B = U_k √S_k (d, k), A = √S_k V_kᵀ (k, n), float32, of the best rank-k approximation."""
     import torch
 
-    from lorasurgery.linalg.svd import choose_svd_method, truncated_svd
+    from lorasurgery.linalg.svd import truncated_svd
 
-    method, niter = run.svd, 2
-    if run.svd == "auto" and choose_svd_method(tuple(matrix.shape), k) == "randomized":
-        method, niter = "randomized", RANDOMIZED_NITER
-    elif run.svd == "randomized":
-        niter = RANDOMIZED_NITER
-    # With a spectrum a randomized result is certified against Eckart–Young (recomputed exactly on
-    # a miss); without one (--rank) RANDOMIZED_NITER power iterations keep it within 1%.
-    U, S, Vh = truncated_svd(matrix, k, method=method, niter=niter, spectrum=spectrum)  # (d,k) (k,) (k,n)
+    # "auto" takes block Krylov on large matrices (linalg.svd: certified against the spectrum when
+    # there is one, 3 iterations otherwise); an explicit --svd randomized is torch.svd_lowrank.
+    niter = RANDOMIZED_NITER if run.svd == "randomized" else 2
+    U, S, Vh = truncated_svd(matrix, k, method=run.svd, niter=niter, spectrum=spectrum)  # (d,k) (k,) (k,n)
     root = torch.sqrt(S[:k].to(torch.float32).clamp_min(0))
     return U[:, :k].to(torch.float32) * root, root[:, None] * Vh[:k].to(torch.float32)
 
@@ -798,6 +794,7 @@ def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq
         return
     share = sum(skipped_sq.values()) / total
     largest = sorted(skipped_sq.items(), key=lambda kv: -kv[1])[:3]
+    largest = [kv for kv in largest if kv[1] >= 5e-4 * total] or largest[:1]  # no "0.0%" entries
     parts = ", ".join(f"{name} {100 * sq / total:.1f}%" for name, sq in largest)
     advice = ""
     if any(s.reason.startswith("embedding") for s in report.skipped):
