@@ -251,7 +251,7 @@ def main() -> None:
     )
     print(f"  KL(ft‖base) on held-out text: {quality['KL(ft||base)']:.4f} nats/token")
     for label in ("mergekit", "lorasurgery", "budget"):
-        print(f"  recovered effect, {label}: {quality[label]:.3f}")
+        print(f"  recovered effect, {label}: {quality[label]:.4f}")
     print(f"  worst module error / Eckart–Young optimum at rank {args.rank}: {worst:.4f} ({where})")
     print(
         f"  worst module error / Eckart–Young optimum in the budget run: {budget_worst:.4f} ({budget_where})"

@@ -152,7 +152,13 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
 @click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True)
 @click.option("--save-1d", is_flag=True, help="Save changed norms and biases too.")
 @click.option("--dtype", type=DTYPE, default="auto", show_default=True, help="Adapter dtype.")
-@click.option("--svd", type=click.Choice(["exact", "randomized", "auto"]), default="auto", show_default=True)
+@click.option(
+    "--svd",
+    type=click.Choice(["exact", "randomized", "auto"]),
+    default="auto",
+    show_default=True,
+    help="auto: block Krylov on large matrices, else exact; randomized: torch.svd_lowrank.",
+)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs hold NaN/Inf.")
