@@ -71,11 +71,12 @@ def make_finetune(base: Path, steps: int) -> Path:
 
 
 def folder_params_and_bytes(folder: Path) -> tuple[int, int]:
+    """Parameters in the adapter, and bytes of the whole folder (headers and config included)."""
     from lorasurgery.io import open_checkpoint
 
     checkpoint = open_checkpoint(folder / "adapter_model.safetensors")
     return sum(t.numel for t in checkpoint.tensors.values()), sum(
-        t.nbytes for t in checkpoint.tensors.values()
+        f.stat().st_size for f in folder.iterdir() if f.is_file()
     )
 
 
@@ -202,8 +203,9 @@ def main() -> None:
         return
     mergekit_params, mergekit_bytes = folder_params_and_bytes(theirs)
     ours_params, ours_bytes = folder_params_and_bytes(ours)
-    # A quarter of mergekit's bytes, in parameters of our output dtype (the source's: float32 here)
-    budget = mergekit_bytes // 4 // (ours_bytes // ours_params)
+    # A quarter of mergekit's folder, in parameters of our output dtype (the source's: float32
+    # here), less 256 kB for our safetensors header and adapter_config.json (rank_pattern).
+    budget = (mergekit_bytes // 4 - (256 << 10)) // (ours_bytes // ours_params)
     budgeted = outputs / "lorasurgery-budget"
     run_measured(
         [
@@ -247,7 +249,7 @@ def main() -> None:
         f"  adapter size: mergekit {mergekit_bytes / 1e6:.1f} MB ({mergekit_params:,} params), lorasurgery {ours_bytes / 1e6:.1f} MB ({ours_params:,} params)"
     )
     print(
-        f"  budget {budget:,} params with --embeddings lora: {budget_bytes / 1e6:.1f} MB ({budget_params / mergekit_params:.3f} of mergekit's size)"
+        f"  budget {budget:,} params with --embeddings lora: {budget_bytes / 1e6:.1f} MB ({budget_bytes / mergekit_bytes:.4f} of mergekit's folder)"
     )
     print(f"  KL(ft‖base) on held-out text: {quality['KL(ft||base)']:.4f} nats/token")
     for label in ("mergekit", "lorasurgery", "budget"):
