@@ -6,6 +6,8 @@ from lorasurgery.errors import UnsupportedError
 
 
 def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device  # without importing torch (rank-report of W never needs it)
     import torch
 
     if device == "auto":

@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 _EPS64 = np.finfo(np.float64).eps
 
 
 def as_spectrum(S) -> np.ndarray:
     """float64 numpy copy of singular values, checked to be a 1-D, finite, nonnegative vector."""
-    if isinstance(S, torch.Tensor):
+    if hasattr(S, "detach"):  # a torch tensor (torch is not imported for numpy input)
+        import torch
+
         values = S.detach().to(device="cpu", dtype=torch.float64).numpy()
     else:
         values = np.asarray(S, dtype=np.float64)

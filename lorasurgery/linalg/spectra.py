@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
+from lorasurgery.linalg.gram import dtype_eps
 from lorasurgery.linalg.policies import as_spectrum, rank_energy, rank_gavish_donoho
-from lorasurgery.linalg.svd import numerical_rank_tolerance
 
 METRIC_NAMES = (
     "fro_norm",
@@ -48,8 +47,10 @@ ZERO_MATRIX_METRICS = {
 }
 
 
-def spectrum_metrics(S, shape: tuple[int, int], source_dtype: torch.dtype = torch.float32) -> dict:
+def spectrum_metrics(S, shape: tuple[int, int], source_dtype="F32") -> dict:
     """SPEC §5 metrics of a d × n matrix from its singular values S (descending, all min(d, n)).
+
+    `source_dtype` (a torch dtype or a safetensors code such as "BF16") sets numerical_rank's eps.
 
     - fro_norm            sqrt(Σσ²)
     - spectral_norm       σ₁
@@ -80,7 +81,7 @@ def spectrum_metrics(S, shape: tuple[int, int], source_dtype: torch.dtype = torc
     p = normalised / normalised.sum()
     positive = p[p > 0]  # 0·ln 0 = 0
     entropy = float(-(positive * np.log(positive)).sum())
-    threshold = sigma_1 * numerical_rank_tolerance(shape, source_dtype)
+    threshold = sigma_1 * max(shape) * dtype_eps(source_dtype)  # = svd.numerical_rank_tolerance
     return {
         "fro_norm": sigma_1 * math.sqrt(sum_squares),
         "spectral_norm": sigma_1,
@@ -94,7 +95,7 @@ def spectrum_metrics(S, shape: tuple[int, int], source_dtype: torch.dtype = torc
     }
 
 
-def mle_dimension(M: torch.Tensor) -> int:
+def mle_dimension(M) -> int:
     """Minka's MLE of the intrinsic dimension via scikit-learn's PCA(n_components="mle").
 
     scikit-learn treats rows as samples and columns as features, centres the columns, and accepts
@@ -103,6 +104,7 @@ def mle_dimension(M: torch.Tensor) -> int:
     in R^n), its transpose otherwise. The answer is therefore the dimension of the subspace spanned
     by the (centred) vectors of the shorter side, in [0, min(d, n) − 1].
     """
+    import torch
     from sklearn.decomposition import PCA  # imported here: scikit-learn is slow to import
 
     if M.dim() != 2:

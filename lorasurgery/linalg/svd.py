@@ -168,6 +168,11 @@ def singular_values(
         method = choose_singular_value_method(shape, source_dtype)
     if method == "svdvals":
         return torch.linalg.svdvals(M.to(torch.float64))  # (min(d, n),) descending
+    if M.device.type == "cpu":  # numpy's symmetric rank-k update: see linalg.gram
+        from lorasurgery.linalg.gram import gram_singular_values
+
+        X = M.detach() if M.dtype in (torch.float32, torch.float64) else M.detach().to(torch.float32)
+        return torch.from_numpy(gram_singular_values(X.numpy()))
     G, _ = _gram(M)  # (small, small)
     eigenvalues = torch.linalg.eigvalsh(G)  # ascending; tiny negatives are rounding
     return eigenvalues.clamp_min(0).sqrt().flip(0)

@@ -48,6 +48,7 @@ from lorasurgery.errors import LoraSurgeryError, NonFiniteError
 from lorasurgery.io import atomic_output_dir, open_checkpoint, save_tensors
 from lorasurgery.io.output import check_output_path
 from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
+from lorasurgery.linalg.gram import one_blas_thread
 from lorasurgery.memory import tune_allocator
 from lorasurgery.operations.extract_plan import (
     PEFT_PREFIX,
@@ -508,7 +509,11 @@ def _run_all(items: list, work: Callable, workers: int, size_of: Callable, on_do
                 return None
             return work(item)
 
-        with _torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="extract") as pool:
+        with (
+            _torch_threads(1),
+            one_blas_thread(),
+            ThreadPoolExecutor(workers, thread_name_prefix="extract") as pool,
+        ):
             pending: set = set()
             try:
                 for item in small:
@@ -591,7 +596,9 @@ def extract_adapter(
     ]
     largest = max((c.tensors[n].nbytes for c, n in reads), default=0)
     with _EarlyReader(reads, min(EARLY_READ_BYTES, EARLY_READ_TENSORS * largest)) as early:
-        device = resolve_device(device)  # imports torch
+        import torch  # noqa: F401  (1–2 s, while the early reader reads the first tensors)
+
+        device = resolve_device(device)
     run = _Run(base_ckpt, ft_ckpt, device, policy, max_rank, svd, dtype, allow_nonfinite, early)
     workers = _worker_count(run)
     report = ExtractReport(str(base), str(finetuned), str(out), policy.describe())

@@ -295,6 +295,14 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
                 f"differs from the target's {shape}"
             )
     r = amp_rank or DEFAULT_AMP_RANK
+    if (
+        base_ckpt is None
+        and not mle
+        and device == "cpu"
+        and all(_numpy_readable(checkpoint, n) for n in names)
+    ):
+        _weights_without_torch(checkpoint, names, report, progress)
+        return report
 
     def read(name: str) -> dict:
         # Reads stay in the calling thread, in order: sequential I/O, and the .bin reader's shard
@@ -328,6 +336,41 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
         while pending:
             finish_oldest()
     return report
+
+
+def _numpy_readable(checkpoint, name: str) -> bool:
+    from lorasurgery.linalg.gram import DTYPE_EPS
+
+    info = checkpoint.tensors[name]
+    return info.start >= 0 and info.dtype in DTYPE_EPS
+
+
+def _weights_without_torch(checkpoint, names: list[str], report: RankReport, progress) -> None:
+    """W's metrics with numpy alone (linalg.gram): singular values need no torch, and importing it
+    would take 1.5–2 s of a run that otherwise takes a few. Same threads and order as below."""
+    from lorasurgery.linalg.gram import gram_singular_values, one_blas_thread, read_matrix
+    from lorasurgery.linalg.spectra import spectrum_metrics
+
+    def compute(name: str, X) -> list[ModuleEntry]:
+        info = checkpoint.tensors[name]
+        S = gram_singular_values(X)  # (min(d, n),) float64, descending
+        metrics = spectrum_metrics(S, tuple(info.shape), info.dtype)
+        return [ModuleEntry(name[: -len(".weight")], "weight", list(info.shape), metrics, S.tolist())]
+
+    def finish_oldest() -> None:
+        finished, future = pending.popleft()
+        report.modules.extend(future.result())
+        progress(Progress("rank-report", len(report.modules), len(names), finished[: -len(".weight")]))
+
+    workers = max(1, os.cpu_count() or 1)
+    pending: deque = deque()  # (name, future) in the order of `names`
+    with one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="rank-report") as pool:
+        for name in names:
+            pending.append((name, pool.submit(compute, name, read_matrix(checkpoint, name))))
+            while len(pending) > workers:  # at most one matrix per worker waits
+                finish_oldest()
+        while pending:
+            finish_oldest()
 
 
 def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleEntry]:
@@ -406,12 +449,17 @@ def _compute_pool(device: str):
 
         yield run_now, 0
         return
+    from lorasurgery.linalg.gram import one_blas_thread
+
     threads = torch.get_num_threads()
     workers = max(1, min(threads, os.cpu_count() or 1))
     # Global in ATen: the pool's threads pick it up on their first parallel region.
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rank-report") as pool:
+        with (
+            one_blas_thread(),
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rank-report") as pool,
+        ):
             try:
                 yield pool.submit, workers
             except BaseException:
