@@ -34,6 +34,11 @@ def dtype_eps(dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
+def numerical_rank_tolerance(shape: tuple[int, int], source_dtype) -> float:
+    """numerical_rank's threshold in units of σ₁ (SPEC §5): max(d, n)·eps of the source dtype."""
+    return max(shape) * dtype_eps(source_dtype)
+
+
 def gram_singular_values(X: np.ndarray) -> np.ndarray:
     """All min(d, n) singular values of the 2-D array X (any float dtype), float64, descending."""
     if X.ndim != 2:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from lorasurgery.linalg.gram import dtype_eps
+from lorasurgery.linalg.gram import numerical_rank_tolerance
 from lorasurgery.linalg.policies import as_spectrum, rank_energy, rank_gavish_donoho
 
 METRIC_NAMES = (
@@ -81,7 +81,7 @@ def spectrum_metrics(S, shape: tuple[int, int], source_dtype="F32") -> dict:
     p = normalised / normalised.sum()
     positive = p[p > 0]  # 0·ln 0 = 0
     entropy = float(-(positive * np.log(positive)).sum())
-    threshold = sigma_1 * max(shape) * dtype_eps(source_dtype)  # = svd.numerical_rank_tolerance
+    threshold = sigma_1 * numerical_rank_tolerance(shape, source_dtype)
     return {
         "fro_norm": sigma_1 * math.sqrt(sum_squares),
         "spectral_norm": sigma_1,
