@@ -301,21 +301,33 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
         and device == "cpu"
         and all(_numpy_readable(checkpoint, n) for n in names)
     ):
-        _weights_without_torch(checkpoint, names, report, progress)
-        return report
+        # W's metrics need singular values only: numpy alone (linalg.gram), without the 1.5–2 s
+        # of importing torch in a run that otherwise takes a few seconds.
+        from lorasurgery.linalg.gram import read_matrix
 
-    def read(name: str) -> dict:
-        # Reads stay in the calling thread, in order: sequential I/O, and the .bin reader's shard
-        # cache is not thread-safe.
-        tensors = {"target": checkpoint.read(name, device)}
-        if base_ckpt is not None:
-            tensors["base"] = base_ckpt.read(name, device)
-            if other is not None and name in other.tensors:
-                tensors["other"] = other.read(name, device)
-        return tensors
+        def read(name: str):
+            return read_matrix(checkpoint, name)
 
-    def compute(name: str, tensors: dict) -> list[ModuleEntry]:
-        return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle)
+        def compute(name: str, X) -> list[ModuleEntry]:
+            return _weight_entry(name, X, checkpoint.tensors[name])
+
+        pool = _numpy_pool()
+    else:
+
+        def read(name: str) -> dict:
+            # Reads stay in the calling thread, in order: sequential I/O, and the .bin reader's
+            # shard cache is not thread-safe.
+            tensors = {"target": checkpoint.read(name, device)}
+            if base_ckpt is not None:
+                tensors["base"] = base_ckpt.read(name, device)
+                if other is not None and name in other.tensors:
+                    tensors["other"] = other.read(name, device)
+            return tensors
+
+        def compute(name: str, tensors: dict) -> list[ModuleEntry]:
+            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle)
+
+        pool = _compute_pool(device)
 
     pending: deque = deque()  # (name, future) in the order of `names`, so the report keeps it
 
@@ -326,7 +338,7 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
         progress(Progress("rank-report", done, len(names), finished[: -len(".weight")]))
 
     remaining = deque(names)
-    with _compute_pool(device) as (submit, in_flight):
+    with pool as (submit, in_flight):
         while remaining:
             name = remaining.popleft()
             pending.append((name, submit(compute, name, read(name))))
@@ -345,32 +357,14 @@ def _numpy_readable(checkpoint, name: str) -> bool:
     return info.start >= 0 and info.dtype in DTYPE_EPS
 
 
-def _weights_without_torch(checkpoint, names: list[str], report: RankReport, progress) -> None:
-    """W's metrics with numpy alone (linalg.gram): singular values need no torch, and importing it
-    would take 1.5–2 s of a run that otherwise takes a few. Same threads and order as below."""
-    from lorasurgery.linalg.gram import gram_singular_values, one_blas_thread, read_matrix
+def _weight_entry(name: str, X, info) -> list[ModuleEntry]:
+    """The "weight" entry of W from a numpy array (see linalg.gram)."""
+    from lorasurgery.linalg.gram import gram_singular_values
     from lorasurgery.linalg.spectra import spectrum_metrics
 
-    def compute(name: str, X) -> list[ModuleEntry]:
-        info = checkpoint.tensors[name]
-        S = gram_singular_values(X)  # (min(d, n),) float64, descending
-        metrics = spectrum_metrics(S, tuple(info.shape), info.dtype)
-        return [ModuleEntry(name[: -len(".weight")], "weight", list(info.shape), metrics, S.tolist())]
-
-    def finish_oldest() -> None:
-        finished, future = pending.popleft()
-        report.modules.extend(future.result())
-        progress(Progress("rank-report", len(report.modules), len(names), finished[: -len(".weight")]))
-
-    workers = max(1, os.cpu_count() or 1)
-    pending: deque = deque()  # (name, future) in the order of `names`
-    with one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="rank-report") as pool:
-        for name in names:
-            pending.append((name, pool.submit(compute, name, read_matrix(checkpoint, name))))
-            while len(pending) > workers:  # at most one matrix per worker waits
-                finish_oldest()
-        while pending:
-            finish_oldest()
+    S = gram_singular_values(X)  # (min(d, n),) float64, descending
+    metrics = spectrum_metrics(S, tuple(info.shape), info.dtype)
+    return [ModuleEntry(name[: -len(".weight")], "weight", list(info.shape), metrics, S.tolist())]
 
 
 def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleEntry]:
@@ -449,24 +443,28 @@ def _compute_pool(device: str):
 
         yield run_now, 0
         return
-    from lorasurgery.linalg.gram import one_blas_thread
-
     threads = torch.get_num_threads()
-    workers = max(1, min(threads, os.cpu_count() or 1))
     # Global in ATen: the pool's threads pick it up on their first parallel region.
     torch.set_num_threads(1)
     try:
-        with (
-            one_blas_thread(),
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rank-report") as pool,
-        ):
-            try:
-                yield pool.submit, workers
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued matrices
-                raise
+        with _numpy_pool(workers=max(1, min(threads, os.cpu_count() or 1))) as pooled:
+            yield pooled
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def _numpy_pool(workers: int | None = None):
+    """(submit, workers): one matrix per core, numpy's BLAS on one thread in each (linalg.gram)."""
+    from lorasurgery.linalg.gram import one_blas_thread
+
+    workers = workers or max(1, os.cpu_count() or 1)
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rank-report") as pool:
+        try:
+            yield pool.submit, workers
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued matrices
+            raise
 
 
 # -------------------------------------------------------------------------------------------------
