@@ -335,8 +335,8 @@ def _balanced_factors(run: _Run, matrix, k: int, spectrum):
 
     from lorasurgery.linalg.svd import truncated_svd
 
-    # "auto" takes block Krylov on large matrices (linalg.svd: certified against the spectrum when
-    # there is one, 3 iterations otherwise); an explicit --svd randomized is torch.svd_lowrank.
+    # "auto" takes block Krylov (2 iterations) on large matrices, certified against the spectrum
+    # when there is one (linalg.svd); an explicit --svd randomized is torch.svd_lowrank.
     niter = RANDOMIZED_NITER if run.svd == "randomized" else 2
     U, S, Vh = truncated_svd(matrix, k, method=run.svd, niter=niter, spectrum=spectrum)  # (d,k) (k,) (k,n)
     root = torch.sqrt(S[:k].to(torch.float32).clamp_min(0))
