@@ -30,6 +30,23 @@ def lowrank_svd(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, dtype=torc
     return LowRankSVD(U=q_b @ u, S=s, Vh=vh @ q_a.T)
 
 
+def balanced_factors(svd: LowRankSVD, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') of the best rank-k approximation (Eckart–Young), split evenly: B' = U_k Σ_k^½ (out, k),
+    A' = Σ_k^½ V_kᵀ (k, in), so that B'@A' = U_k Σ_k V_kᵀ at scale 1."""
+    root = svd.S[:k].sqrt()  # (k,)
+    return root[:, None] * svd.Vh[:k], svd.U[:, :k] * root
+
+
+def concatenated_factors(terms) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B@A = Σ cᵢ·Bᵢ@Aᵢ exactly, from terms (Aᵢ (rᵢ, in), Bᵢ (out, rᵢ), cᵢ): the
+    coefficients go into B, A = [A₁; …; Aₙ] (Σrᵢ, in), B = [c₁B₁ … cₙBₙ] (out, Σrᵢ)."""
+    terms = list(terms)
+    dtype = torch.promote_types(terms[0][0].dtype, torch.float32)
+    A = torch.cat([a.to(dtype) for a, _, _ in terms], dim=0)
+    B = torch.cat([c * b.to(dtype) for _, b, c in terms], dim=1)
+    return A, B
+
+
 def lowrank_singular_values(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """Singular values (descending, float64) of scale·B@A from its r × r core."""
     A = A.to(torch.float64)
