@@ -27,6 +27,8 @@ def render() -> str:
     parts = [
         "# CLI reference\n",
         "Generated from `--help` by `python docs/make_cli_reference.py`; a test fails when it is stale.\n",
+        "The global options `--quiet` (`-q`) and `--debug` work before or after the command name:\n"
+        "`lorasurgery --quiet merge …` and `lorasurgery merge … --quiet` are the same.\n",
         "## lorasurgery\n",
         "```\n" + help_text([]) + "```\n",
     ]

@@ -1,8 +1,9 @@
 """The `lorasurgery` command line: parse options, call the library core, render the result.
 
 This is the only place that turns library errors into `Error: …` on stderr with exit code 1
-(click's own usage errors keep exit code 2). torch and the operations are imported inside the
-commands so that `lorasurgery --help` stays fast.
+(click's own usage errors, and the library's OptionError, exit with 2). torch and the operations are
+imported inside the commands so that `lorasurgery --help` stays fast. Options that several commands
+share are defined once, as decorators, below.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from dataclasses import dataclass
 import click
 
 from lorasurgery import __version__
-from lorasurgery.errors import LoraSurgeryError
-
-DEVICE = click.Choice(["cpu", "cuda", "auto"])
-DTYPE = click.Choice(["auto", "fp32", "bf16", "fp16"])
+from lorasurgery.errors import LoraSurgeryError, OptionError
 
 
 @dataclass
@@ -32,6 +30,8 @@ class LoraSurgeryGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except OptionError as error:
+            raise click.UsageError(str(error)) from None
         except (LoraSurgeryError, OSError, KeyboardInterrupt) as error:
             settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
             if settings.debug:
@@ -53,10 +53,99 @@ def settings_of(ctx: click.Context) -> Settings:
     return ctx.find_object(Settings) or Settings()
 
 
+# --------------------------------------------------------------------------------------------------
+# Options shared by several commands
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # given after the command name: the same Settings object the group made
+        setattr(ctx.ensure_object(Settings), param.name, True)
+
+
+def global_options(command):
+    """--quiet and --debug after the command name too (`lorasurgery merge … --quiet`)."""
+    command = click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_global,
+        help="Show the full traceback on errors.",
+    )(command)
+    return click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_global,
+        help="No progress bars or log lines on stderr.",
+    )(command)
+
+
+def _flag(*names: str, help: str):
+    return click.option(*names, is_flag=True, help=help)
+
+
+device_option = click.option(
+    "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True
+)
+force_option = _flag("--force", help="Replace an existing output folder.")
+json_option = _flag("--json", "as_json", help="Print JSON on stdout instead of a table.")
+
+
+def dtype_option(what: str):
+    return click.option(
+        "--dtype",
+        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        default="auto",
+        show_default=True,
+        help=what,
+    )
+
+
+def allow_nonfinite_option(what: str):
+    return _flag("--allow-nonfinite", help=f"Go on when {what} hold NaN/Inf.")
+
+
+def policy_options(command):
+    """Exactly one rank policy (--rank, --energy, --ratio, --auto, --budget) and --max-rank."""
+    for option in reversed(
+        (
+            click.option("--rank", type=int, help="Fixed rank (≥ 1) for every module."),
+            click.option("--energy", type=float, help="Keep this share of Σσ² per module, in (0, 1]."),
+            click.option("--ratio", type=float, help="Keep σᵢ ≥ ratio·σ₁, ratio in (0, 1]."),
+            _flag("--auto", help="Gavish–Donoho optimal hard threshold."),
+            click.option("--budget", help="Total parameter budget over all modules (e.g. 20M)."),
+            click.option("--max-rank", type=int, help="Cap (≥ 1) on every module's rank."),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def make_policy(rank, energy, ratio, auto, budget):
+    """The Policy the policy options describe; validated by the library, once."""
+    from lorasurgery.operations.extract import Policy
+    from lorasurgery.units import parse_count
+
+    try:
+        count = parse_count(budget) if budget is not None else None
+    except LoraSurgeryError as error:
+        raise click.BadParameter(str(error), param_hint="--budget") from None
+    policy = Policy(rank=rank, energy=energy, ratio=ratio, auto=auto, budget=count)
+    policy.validate()
+    return policy
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
 @click.group(cls=LoraSurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorasurgery")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines on stderr.")
-@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bars or log lines on stderr (also after the command)."
+)
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors (also after the command).")
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
     """Model surgery and analysis of LoRA adapters.
@@ -70,8 +159,9 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @cli.command()
 @click.argument("adapter", type=click.Path(exists=False))
 @click.option("--base", type=click.Path(exists=False), help="Base checkpoint to check the adapter against.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 @click.option("--all", "show_all", is_flag=True, help="One table row per module, not per module type.")
+@global_options
 @click.pass_context
 def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, show_all: bool) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
@@ -90,16 +180,32 @@ def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, s
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output model folder.")
 @click.option("--weight", "weights", multiple=True, type=float, help="Weight of each adapter (default 1).")
 @click.option("--subtract", is_flag=True, help="Remove the adapters' updates instead of adding them.")
-@click.option("--dtype", type=DTYPE, default="auto", show_default=True, help="Output dtype.")
+@dtype_option("Output dtype.")
 @click.option("--max-shard-size", help="Shard the output (e.g. 5GB); default: shard like the base.")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@device_option
 @click.option("--precise", is_flag=True, help="Compute ΔW and W + ΔW in float64.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@force_option
 @click.option("--verify", is_flag=True, help="Compare logits of base+adapter and merged model.")
-@click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs or results hold NaN/Inf.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@allow_nonfinite_option("inputs or results")
+@json_option
+@global_options
 @click.pass_context
-def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, **options) -> None:
+def merge(
+    ctx: click.Context,
+    base: str,
+    adapters: tuple[str, ...],
+    output: str,
+    weights: tuple[float, ...],
+    subtract: bool,
+    dtype: str,
+    max_shard_size: str | None,
+    device: str,
+    precise: bool,
+    force: bool,
+    verify: bool,
+    allow_nonfinite: bool,
+    as_json: bool,
+) -> None:
     """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT.
 
     W' = W + Σ wᵢ·ΔWᵢ exactly as PEFT's merge_and_unload computes ΔW (scales, rsLoRA, patterns,
@@ -110,48 +216,36 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
     from lorasurgery.operations.merge import merge_checkpoint
     from lorasurgery.units import parse_bytes
 
-    weights = options["weights"]
-    if weights and len(weights) != len(adapters):
-        raise click.BadParameter(
-            f"{len(weights)} values for {len(adapters)} adapters; give one --weight per adapter, in order",
-            param_hint="--weight",
-        )
-    max_shard = options["max_shard_size"]
-    settings = settings_of(ctx)
-    with render.merge_progress(quiet=settings.quiet) as progress:
+    quiet = settings_of(ctx).quiet
+    with render.merge_progress(quiet=quiet) as progress:
         summary = merge_checkpoint(
             base,
             list(adapters),
             output,
             weights=list(weights) or None,
-            subtract=options["subtract"],
-            dtype=options["dtype"],
-            max_shard_bytes=parse_bytes(max_shard) if max_shard else None,
-            device=options["device"],
-            precise=options["precise"],
-            force=options["force"],
-            allow_nonfinite=options["allow_nonfinite"],
-            verify=options["verify"],
+            subtract=subtract,
+            dtype=dtype,
+            max_shard_bytes=parse_bytes(max_shard_size) if max_shard_size else None,
+            device=device,
+            precise=precise,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+            verify=verify,
             progress=progress,
         )
-    render.merge_summary(summary, as_json=options["as_json"], quiet=settings.quiet)
+    render.merge_summary(summary, as_json=as_json, quiet=quiet)
 
 
 @cli.command()
 @click.argument("base", type=click.Path(exists=False))
 @click.argument("finetuned", type=click.Path(exists=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
-@click.option("--rank", type=click.IntRange(min=1), help="Fixed rank for every module.")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of Σσ².")
-@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Keep σᵢ ≥ ratio·σ₁.")
-@click.option("--auto", is_flag=True, help="Gavish–Donoho optimal hard threshold.")
-@click.option("--budget", help="Total parameter budget over all modules (e.g. 20M).")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Cap on every module's rank.")
+@policy_options
 @click.option("--include", help="Regex: only modules whose name matches.")
 @click.option("--exclude", help="Regex: skip modules whose name matches.")
 @click.option("--embeddings", type=click.Choice(["skip", "lora", "full"]), default="skip", show_default=True)
 @click.option("--save-1d", is_flag=True, help="Save changed norms and biases too.")
-@click.option("--dtype", type=DTYPE, default="auto", show_default=True, help="Adapter dtype.")
+@dtype_option("Adapter dtype.")
 @click.option(
     "--svd",
     type=click.Choice(["exact", "randomized", "auto"]),
@@ -159,66 +253,67 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
     show_default=True,
     help="auto: block Krylov on large matrices, else exact; randomized: torch.svd_lowrank.",
 )
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs hold NaN/Inf.")
+@device_option
+@force_option
+@allow_nonfinite_option("inputs")
 @click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@json_option
+@global_options
 @click.pass_context
-def extract(ctx: click.Context, base: str, finetuned: str, output: str, **options) -> None:
+def extract(
+    ctx: click.Context,
+    base: str,
+    finetuned: str,
+    output: str,
+    rank: int | None,
+    energy: float | None,
+    ratio: float | None,
+    auto: bool,
+    budget: str | None,
+    max_rank: int | None,
+    include: str | None,
+    exclude: str | None,
+    embeddings: str,
+    save_1d: bool,
+    dtype: str,
+    svd: str,
+    device: str,
+    force: bool,
+    allow_nonfinite: bool,
+    report: str | None,
+    as_json: bool,
+) -> None:
     """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD.
 
     ΔW = W_ft − W_base per module, factored as B = U√S, A = √S Vᵀ with scale 1. Choose exactly one
     rank policy. The report gives each module's true error after the cast to the output dtype.
     """
     from lorasurgery import render
-    from lorasurgery.operations.extract import Policy, extract_adapter, write_report
-    from lorasurgery.units import parse_count
+    from lorasurgery.operations.extract import extract_adapter, write_report
 
-    policies = [n for n in ("rank", "energy", "ratio", "budget") if options[n] is not None]
-    policies += ["auto"] if options["auto"] else []
-    if len(policies) != 1:
-        raise click.UsageError(
-            "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
-            + (f" (got {', '.join('--' + p for p in policies)})" if policies else "")
-        )
-    budget = None
-    if options["budget"] is not None:
-        try:
-            budget = parse_count(options["budget"])
-        except (ValueError, LoraSurgeryError) as error:
-            raise click.BadParameter(str(error), param_hint="--budget") from None
-        if budget < 1:
-            raise click.BadParameter("the budget must be at least 1 parameter", param_hint="--budget")
-    policy = Policy(
-        rank=options["rank"],
-        energy=options["energy"],
-        ratio=options["ratio"],
-        auto=options["auto"],
-        budget=budget,
-    )
+    policy = make_policy(rank, energy, ratio, auto, budget)
     quiet = settings_of(ctx).quiet
     with render.progress_bar("extract", quiet) as progress:
-        report = extract_adapter(
+        result = extract_adapter(
             base,
             finetuned,
             output,
             policy=policy,
-            max_rank=options["max_rank"],
-            include=options["include"],
-            exclude=options["exclude"],
-            embeddings=options["embeddings"],
-            save_1d=options["save_1d"],
-            dtype=options["dtype"],
-            svd=options["svd"],
-            device=options["device"],
-            force=options["force"],
-            allow_nonfinite=options["allow_nonfinite"],
+            max_rank=max_rank,
+            include=include,
+            exclude=exclude,
+            embeddings=embeddings,
+            save_1d=save_1d,
+            dtype=dtype,
+            svd=svd,
+            device=device,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
             progress=progress,
         )
-    if options["report"]:
-        write_report(report, options["report"])
-    render.extract_report(report, as_json=options["as_json"], quiet=quiet)
+    if report:
+        write_report(result, report)
+    render.extract_report(result, as_json=as_json, quiet=quiet)
 
 
 @cli.command("rank-report")
@@ -232,9 +327,23 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
 @click.option("--csv", "csv_path", type=click.Path(), help="Write one CSV row per module and kind.")
 @click.option("--plot", "plot_dir", type=click.Path(), help="Write PNG plots into this folder.")
 @click.option("--mle", is_flag=True, help="Add Minka's MLE dimensionality (scikit-learn).")
-@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@device_option
+@global_options
 @click.pass_context
-def rank_report(ctx: click.Context, target: str, **options) -> None:
+def rank_report(
+    ctx: click.Context,
+    target: str,
+    base: str | None,
+    compare: str | None,
+    amp_rank: int | None,
+    include: str | None,
+    show_all: bool,
+    json_path: str | None,
+    csv_path: str | None,
+    plot_dir: str | None,
+    mle: bool,
+    device: str,
+) -> None:
     """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
 
     TARGET is a PEFT adapter (ΔW = s·B@A, spectra from r×r cores) or a model: with --base, ΔW is
@@ -242,27 +351,22 @@ def rank_report(ctx: click.Context, target: str, **options) -> None:
     and subspace similarity φ(i, j) against --compare.
     """
     from lorasurgery import render
-    from lorasurgery.operations.rank_report import rank_report
+    from lorasurgery.operations.rank_report import rank_report as run_rank_report
 
     quiet = settings_of(ctx).quiet
     with render.progress_bar("rank-report", quiet) as progress:
-        report = rank_report(
+        report = run_rank_report(
             target,
-            base=options["base"],
-            compare=options["compare"],
-            amp_rank=options["amp_rank"],
-            include=options["include"],
-            mle=options["mle"],
-            device=options["device"],
+            base=base,
+            compare=compare,
+            amp_rank=amp_rank,
+            include=include,
+            mle=mle,
+            device=device,
             progress=progress,
         )
     render.rank_report(
-        report,
-        show_all=options["show_all"],
-        json_path=options["json_path"],
-        csv_path=options["csv_path"],
-        plot_dir=options["plot_dir"],
-        quiet=quiet,
+        report, show_all=show_all, json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, quiet=quiet
     )
 
 

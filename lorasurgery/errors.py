@@ -10,6 +10,10 @@ class LoraSurgeryError(Exception):
     """Base class: bad input, unsupported feature, or a failed check."""
 
 
+class OptionError(LoraSurgeryError):
+    """Options that contradict each other or the inputs' count; the CLI exits with 2, like click."""
+
+
 class CheckpointError(LoraSurgeryError):
     """A checkpoint file or folder is missing, malformed, or unsafe to read."""
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from clihelp import assert_refused, run_cli, tree_digest
 
+from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import open_checkpoint, save_tensors
 
 transformers = pytest.importorskip("transformers")
@@ -63,6 +64,25 @@ def test_merge_table_and_quiet(base, adapter, tmp_path):
     result = run_cli("--quiet", "merge", base, adapter, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert "modules" in result.stdout and result.stderr == ""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_options_work_before_and_after_the_command(base, adapter, tmp_path, where):
+    """Users put flags at the end: `lorasurgery merge … --quiet` must mean what `--quiet merge …` does."""
+    args = ["merge", base, adapter, "-o", tmp_path / "out"]
+    quiet = run_cli(*(["--quiet", *args] if where == "before" else [*args, "-q"]))
+    assert quiet.exit_code == 0, quiet.stderr
+    assert quiet.stderr == "" and "modules" in quiet.stdout
+    missing = ["merge", base, tmp_path / "no-such-adapter", "-o", tmp_path / "out2"]
+    debug = run_cli(*(["--debug", *missing] if where == "before" else [*missing, "--debug"]))
+    assert debug.exit_code != 0 and isinstance(debug.exception, LoraSurgeryError)  # raised, not mapped
+    plain = run_cli(*missing)
+    assert (
+        plain.exit_code == 1
+        and plain.stderr.startswith("Error: ")
+        and plain.exception.__class__ is SystemExit
+    )
+    assert not (tmp_path / "out2").exists()
 
 
 def test_weight_count_must_match_adapters(base, adapter, tmp_path):

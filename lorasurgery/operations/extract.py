@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.devices import resolve_device
-from lorasurgery.errors import LoraSurgeryError, NonFiniteError
+from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint, save_tensors
 from lorasurgery.io.output import check_output_path
 from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
@@ -91,18 +91,29 @@ class Policy:
     budget: int | None = None
 
     def validate(self) -> None:
-        chosen = [self.rank is not None, self.energy is not None, self.ratio is not None, self.auto]
-        if sum(chosen) + (self.budget is not None) != 1:
-            raise LoraSurgeryError(
+        chosen = [
+            name
+            for name, value in (
+                ("--rank", self.rank),
+                ("--energy", self.energy),
+                ("--ratio", self.ratio),
+                ("--auto", self.auto or None),
+                ("--budget", self.budget),
+            )
+            if value is not None
+        ]
+        if len(chosen) != 1:
+            raise OptionError(
                 "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
+                + (f" (got {', '.join(chosen)})" if chosen else "")
             )
         if self.energy is not None and not 0 < self.energy <= 1:
-            raise LoraSurgeryError(f"--energy must be in (0, 1], got {self.energy}")
+            raise OptionError(f"--energy must be in (0, 1], got {self.energy}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise LoraSurgeryError(f"--ratio must be in (0, 1], got {self.ratio}")
+            raise OptionError(f"--ratio must be in (0, 1], got {self.ratio}")
         for name, value in (("--rank", self.rank), ("--budget", self.budget)):
             if value is not None and value < 1:
-                raise LoraSurgeryError(f"{name} must be at least 1, got {value}")
+                raise OptionError(f"{name} must be at least 1, got {value}")
 
     @property
     def per_module_spectrum(self) -> bool:
@@ -562,13 +573,13 @@ def extract_adapter(
     tune_allocator()  # streamed tensor pairs must not pile up in glibc's heaps
     policy.validate()
     if max_rank is not None and max_rank < 1:
-        raise LoraSurgeryError(f"--max-rank must be at least 1, got {max_rank}")
+        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
     if embeddings not in EMBEDDING_CHOICES:
-        raise LoraSurgeryError(f"--embeddings must be skip, lora or full, got {embeddings!r}")
+        raise OptionError(f"--embeddings must be skip, lora or full, got {embeddings!r}")
     if dtype not in ("auto", *_DTYPES):
-        raise LoraSurgeryError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+        raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     if svd not in SVD_CHOICES:
-        raise LoraSurgeryError(f"--svd must be exact, randomized or auto, got {svd!r}")
+        raise OptionError(f"--svd must be exact, randomized or auto, got {svd!r}")
     include_re, exclude_re = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
     # Refuse an unusable OUT now, not after minutes of SVDs (atomic_output_dir checks again).
     check_output_path(out, [base, finetuned], force)

@@ -30,9 +30,9 @@ from pathlib import Path
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import (
     AdapterError,
-    LoraSurgeryError,
     MismatchError,
     NonFiniteError,
+    OptionError,
     UnsupportedError,
     VerificationError,
 )
@@ -216,21 +216,21 @@ def merge_checkpoint(
 
 def _check_options(adapters, weights, subtract, dtype, max_shard_bytes) -> list[float]:
     if not adapters:
-        raise LoraSurgeryError("merge needs at least one adapter")
+        raise OptionError("merge needs at least one adapter")
     if len(set(map(lambda p: p.resolve(), adapters))) != len(adapters):
-        raise LoraSurgeryError("the same adapter is given twice; use --weight to scale it instead")
+        raise OptionError("the same adapter is given twice; use --weight to scale it instead")
     if dtype not in ("auto", *DTYPES):
-        raise LoraSurgeryError(f"--dtype {dtype}: expected auto, fp32, bf16 or fp16")
+        raise OptionError(f"--dtype {dtype}: expected auto, fp32, bf16 or fp16")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
-        raise LoraSurgeryError("--max-shard-size must be positive")
+        raise OptionError("--max-shard-size must be positive")
     weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
     if len(weights) != len(adapters):
-        raise LoraSurgeryError(
-            f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter, in order"
+        raise OptionError(
+            f"{len(weights)} --weight values for {len(adapters)} adapters; give one --weight per adapter, in order"
         )
     for w, path in zip(weights, adapters):
         if not math.isfinite(w):
-            raise LoraSurgeryError(f"--weight {w} for {path} is not a finite number")
+            raise OptionError(f"--weight {w} for {path} is not a finite number")
     return [-w for w in weights] if subtract else weights
 
 
