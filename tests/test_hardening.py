@@ -247,6 +247,22 @@ def wait_for_temp(process: subprocess.Popen, out: Path, timeout: float = 60) -> 
     assert not out.exists(), "the run finished before it could be interrupted"
 
 
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def wait_until_read(process: subprocess.Popen, nbytes: int, timeout: float = 60) -> None:
+    """Wait until the process has read `nbytes` (its /proc I/O counter): mid-way through its inputs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never read its inputs"
+        io = dict(line.split(": ") for line in Path(f"/proc/{process.pid}/io").read_text().splitlines())
+        if int(io["rchar"]) >= nbytes:
+            return
+        time.sleep(0.005)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_merge_leaves_nothing(tmp_path, sig):
@@ -289,7 +305,7 @@ def test_killed_extract_leaves_nothing(tmp_path):
     finetuned = finetune_of(base, tmp_path / "ft", lambda t: t + 0.01 * torch.randn_like(t))
     out = tmp_path / "extracted"
     process = start("extract", base, finetuned, "-o", out, "--energy", "0.9", "--svd", "exact")
-    time.sleep(3)  # mid-way through the SVDs
+    wait_until_read(process, checkpoint_bytes(base))  # the pairs are being read and factored
     process.kill()
     process.communicate(timeout=60)
     assert not out.exists()
