@@ -1,69 +1,34 @@
 """Singular values and truncated SVDs of dense matrices, choosing the fastest route that stays exact.
 
-Two kernels, both device-agnostic (the matrix's device is used; nothing here moves data to the CPU
-except tiny scalars):
+Both kernels use the matrix's own device; nothing moves to the CPU but tiny scalars. The timings and
+accuracy sweeps behind every threshold here are in docs/extract.md ("How the SVD routes were chosen").
 
-`singular_values(M)` — all min(d, n) singular values, float64, descending. Routes:
+`singular_values(M)` — all min(d, n) singular values, float64, descending:
   - "gram":    eigvalsh of the smaller Gram matrix (M Mᵀ or MᵀM) accumulated in float64, then
-               sqrt(clamp(λ, 0)). Absolute error ≈ sqrt(min(d, n)·eps64)·σ₁ ≈ 1e-8·σ₁·sqrt(min(d, n))
-               (eigenvalues are exact to ~eps64·σ₁², and sqrt turns that into an absolute floor).
-  - "svdvals": torch.linalg.svdvals in float64 — backward-stable, error ≈ eps64·σ₁.
-  Measured on this project's 2-core CPU (best of 3, torch 2.13; float32 source matrices):
-      shape          svdvals32  svdvals64  gram64
-      576 × 576        27 ms      32 ms     21 ms
-      576 × 1536       85 ms     114 ms     28 ms
-      1536 × 576       46 ms      55 ms     28 ms
-      192 × 576         9 ms       8 ms      2 ms
-      2048 × 8192     4954 ms    7934 ms    897 ms
-  so "auto" takes the Gram route whenever its error floor sits far (≥ 10×) below the threshold
-  that `numerical_rank` uses, σ₁·max(d, n)·eps(source dtype). Measured floor (largest computed
-  "zero" σ of exactly rank-deficient float32 matrices, / σ₁): 1.2e-8 at 4 × 4, 1.4e-7 at 576²,
-  1.7e-7 at 2048 × 8192, 1.5e-7 at 8192 × 576 — under the model, and 300–5000× below the float32
-  threshold. So float32/bf16/fp16 sources take the Gram route at every shape but 1 × 1; for a
-  float64 source the threshold (~1e-16·σ₁·n) is below the Gram floor, so "auto" uses float64
-  svdvals there.
+               sqrt(clamp(λ, 0)); absolute error ≈ sqrt(min(d, n)·eps64)·σ₁ (eigenvalues are exact to
+               ~eps64·σ₁², and the square root turns that into an absolute floor).
+  - "svdvals": torch.linalg.svdvals in float64, backward-stable, error ≈ eps64·σ₁.
+  "auto" takes the Gram route whenever its floor sits GRAM_SAFETY_FACTOR below the threshold that
+  `numerical_rank` uses, σ₁·max(d, n)·eps(source dtype): every float32/bf16/fp16 source but 1 × 1.
+  A float64 source's threshold is below the Gram floor, so it gets float64 svdvals.
 
 `truncated_svd(M, k)` — U (d, k), S (k,), Vh (k, n) with ‖M − U diag(S) Vh‖_F within 1% of the
-Eckart–Young optimum sqrt(Σ_{i>k} σᵢ²) (SPEC §4). Routes:
+Eckart–Young optimum sqrt(Σ_{i>k} σᵢ²) (docs/design.md §4):
   - "exact":      torch.linalg.svd(full_matrices=False) in the compute dtype (float32 by default).
-  - "gram":       eigh of the smaller Gram matrix in float64 → top-k singular subspace, then an SVD
-                  of the k × n (or d × k) projection. The approximation is the orthogonal projection
-                  of M onto that subspace, so its error is the optimum up to ~sqrt(k·eps64)·σ₁.
-  - "randomized": torch.svd_lowrank (Halko et al.) with q = k + oversample columns (oversample ≥ 10)
-                  and niter ≥ 2 power iterations, seeded without touching the global RNG.
-  Measured (float32 randn matrices, best of 3, ms):
-      shape, k              exact   gram   randomized niter=2   niter=4
-      576 × 1536, k=16        117     40          6                10
-      576 × 1536, k=64        114     47         22                34
-      2048 × 8192, k=16      6721   2008         54                87
-      2048 × 8192, k=64         —   1599        173               295
-      2048 × 8192, k=256        —   1845        585              1040
-  Crossover (min(d, n) = 576 and 2048, randn, ms; q = k + 10):
-      q / min(d, n)           1/32   1/16   1/8    1/4    1/2
-      576 × 1536  gram          40     36     40     51     77
-                  rand niter=2   4      8     20     46    150
-      2048 × 8192 gram        1517   1712   2062   8330  33003   (noisy: shared machine)
-                  rand niter=2  100    250    624  11318  13533
-  Accuracy, worst ratio error / optimum over planted spectra σᵢ ∝ i^-p (p = 0.05 … 2, plus noise),
-  shapes 576 × 1536, 1024², 576², k ∈ {16, 32, min/8 − 10}: niter=2 → 1.022 (misses 1%),
-  niter=4 → 1.008, niter=6 → 1.005; at q/min = 1/4 even niter=4 reaches 1.013.
+  - "gram":       eigh of the smaller Gram matrix in float64 → top-k singular subspace, then an SVD of
+                  the projection; the error is the optimum up to ~sqrt(k·eps64)·σ₁.
+  - "randomized": torch.svd_lowrank (Halko et al.), q = k + oversample (≥ 10) columns, niter ≥ 2,
+                  seeded without touching the global RNG.
   - "krylov":     randomized block Krylov (Musco & Musco 2015): an orthonormal basis of
-                  [AΩ, (AAᵀ)AΩ, (AAᵀ)²AΩ] with Ω of b = max(k, 8) columns, then Rayleigh–Ritz on it.
-                  Subspace iteration throws away all but its last block; keeping them all buys the
-                  same accuracy with fewer passes over the matrix. Same family as above: 2 iterations
-                  → worst 1.0076 (1.0021 for k ∈ {1, 2, 4, 8}), 3 → 1.0018; on the real SmolLM2-135M
-                  fine-tune ≤ 1.0056 at rank 32. Time for one SmolLM2 layer at k = 32 (q, o, gate, up,
-                  down; one thread): 42 ms against 74 ms for svd_lowrank with niter=4.
-  Hence "auto":
-  - block Krylov (2 iterations) only when min(d, n) ≥ 512 and k + 10 ≤ min(d, n)/8, where a sketch
-    is a small fraction of the matrix; at 1/4 it costs as much as the Gram route;
-  - with the full spectrum passed in (the caller has it anyway for the energy/ratio/auto/budget
-    policies) the result is checked against the Eckart–Young optimum and recomputed by the Gram
-    route on a miss; without a spectrum no cheap certificate of the optimum exists;
-  - otherwise the Gram route (faster than exact SVD at every measured shape, 1.1–3.5×), or exact
-    float64 SVD when float64 results are asked for (the Gram floor would waste float64 precision).
-  An explicit method="randomized" (torch.svd_lowrank, SPEC §4's randomized SVD) or "krylov" keeps
-  the caller's niter (≥ 2) and is still checked when a spectrum is given.
+                  [AΩ, (AAᵀ)AΩ, (AAᵀ)²AΩ], Ω of max(k, 8) columns, then Rayleigh–Ritz. Subspace
+                  iteration throws away all but its last block; keeping them all buys the same
+                  accuracy with fewer passes over the matrix.
+  "auto": block Krylov (AUTO_KRYLOV_ITERS) only when the sketch is a small fraction of the matrix
+  (RANDOMIZED_MIN_DIM, RANDOMIZED_MAX_SKETCH_FRACTION), else the Gram route (float32 results) or exact
+  float64 SVD (float64 results, where the Gram floor would waste precision). With the full spectrum
+  passed in, any route's result is checked against the Eckart–Young optimum and recomputed by the Gram
+  route on a miss; without it no cheap certificate exists. An explicit "randomized" or "krylov" keeps
+  the caller's niter and is still checked when a spectrum is given.
 """
 
 from __future__ import annotations
@@ -78,14 +43,14 @@ from lorasurgery.linalg.gram import numerical_rank_tolerance  # noqa: F401  (tor
 SVD_METHODS = ("auto", "exact", "gram", "randomized", "krylov")
 SINGULAR_VALUE_METHODS = ("auto", "gram", "svdvals")
 
-# The randomized routes pay off only when the sketch is a small fraction of the matrix (see tables).
+# The randomized routes pay off only when the sketch is a small fraction of the matrix.
 RANDOMIZED_MIN_DIM = 512
 RANDOMIZED_MAX_SKETCH_FRACTION = 1 / 8
 # "auto" runs the randomized block Krylov route: blocks of max(k, KRYLOV_MIN_BLOCK) columns and
-# AUTO_KRYLOV_ITERS iterations (worst measured 1.0076 of the optimum; see the module docstring).
+# AUTO_KRYLOV_ITERS iterations, enough for the 1% below on the planted spectra of docs/extract.md.
 KRYLOV_MIN_BLOCK = 8
 AUTO_KRYLOV_ITERS = 2
-# A truncation may cost at most this factor over the Eckart–Young optimum (SPEC §4: "within 1%").
+# A truncation may cost at most this factor over the Eckart–Young optimum (docs/design.md §4).
 OPTIMUM_TOLERANCE = 1.01
 # The Gram route must keep this margin below the numerical-rank threshold to be trusted.
 GRAM_SAFETY_FACTOR = 10.0
