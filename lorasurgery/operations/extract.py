@@ -3,30 +3,21 @@
 Per selected module ΔW ≈ U_k S_k V_kᵀ (float32) and the factors are balanced, B = U√S and
 A = √S Vᵀ, with lora_alpha = r so that every scale is exactly 1 (rank_pattern/alpha_pattern when
 ranks differ). What is factored, measured or saved whole is decided by `extract_plan`, before any
-arithmetic; the output folder appears only when everything is written (SPEC §7).
+arithmetic; the output folder appears only when everything is written (docs/design.md §4, §7).
 
-Streaming and threads. Tensor pairs are read one module at a time. Matrices of up to
-PARALLEL_MAX_BYTES (float32) go to a few worker threads, each running torch on ONE thread: a module
-is a handful of small GEMMs and QRs, and on 2 cores two single-threaded modules at once are ~2×
-faster than one module on two OpenMP threads — and robust when the machine is busy, where OpenMP
-teams spinning at every barrier made the same work 10× slower (measured: randomized rank-32 SVD of
-576 × 1536, 20 ms single-threaded vs 316 ms on two threads under a load of 8). Reads release the
-GIL, so one worker's disk I/O overlaps the other's arithmetic. Larger matrices run one at a time
-with torch's own threads. Memory: at most `workers` modules in flight, each ≈ two stored tensors
-plus three float32 copies (ΔW, the residual, SVD work space).
+Threads: matrices up to PARALLEL_MAX_BYTES go to a few workers running torch on one thread each —
+a module is a handful of small GEMMs and QRs, and single-threaded workers side by side beat OpenMP
+teams that spin at every barrier, most of all on a busy machine; reads release the GIL, so one
+worker's I/O overlaps another's arithmetic. Larger matrices run one at a time on torch's threads.
 
-Spectra. `--rank` needs none. `--energy/--ratio/--auto` decide per module in one pass: all
-singular values (float64 Gram eigenvalues, linalg.svd.singular_values), then the truncated SVD,
-which the spectrum also certifies (a randomized result is checked against the Eckart–Young optimum
-and recomputed on a miss). `--budget` must see every spectrum before it can choose any rank. Keeping
-each module's factors up to an unknown final rank would mean keeping all of ΔW (the rank may reach
-min(d, n)), i.e. the whole fine-tune's delta in memory; so pass 1 keeps only the σ's (min(d, n)
-floats per module, ~0.5 MB for a 135M model) and pass 2 reads each pair again for its factors:
-one more read of the selected weights (≈ 1 s for a 135M model) for memory that stays at a few
-tensors whatever the model size.
+Spectra: `--rank` needs none; `--energy/--ratio/--auto` take all singular values, then the truncated
+SVD, which the spectrum also certifies (a randomized result that misses the Eckart–Young optimum is
+recomputed). `--budget` must see every spectrum before choosing any rank, and keeping each module's
+factors up to an unknown rank would keep the whole ΔW in memory: pass 1 keeps only the σ's, pass 2
+reads each pair again for its factors — one more read for memory that stays at a few tensors.
 
-The report's errors are measured after the factors are cast to the output dtype: they are what
-the written adapter does, not what the SVD promised.
+The report's errors are measured after the factors are cast to the output dtype: they are what the
+written adapter does, not what the SVD promised. Measurements: docs/extract.md.
 """
 
 from __future__ import annotations
@@ -74,9 +65,8 @@ MAX_WORKERS = 4
 # largest tensor, so that streaming memory stays a few tensors whatever the checkpoint size.
 EARLY_READ_BYTES = 1 << 30
 EARLY_READ_TENSORS = 4
-# Power iterations of an explicit --svd randomized (torch.svd_lowrank, q = k + 10). linalg.svd
-# measured the worst error / optimum over planted power-law spectra at 1.008 with 4; on the real
-# SmolLM2 fine-tune 4 gives ≤ 1.0015 at rank 32.
+# Power iterations of an explicit --svd randomized (torch.svd_lowrank, q = k + 10): enough for 1% of
+# the optimum on docs/extract.md's planted spectra.
 RANDOMIZED_NITER = 4
 
 
