@@ -47,15 +47,6 @@ def concatenated_factors(terms) -> tuple[torch.Tensor, torch.Tensor]:
     return A, B
 
 
-def lowrank_singular_values(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Singular values (descending, float64) of scale·B@A from its r × r core."""
-    A = A.to(torch.float64)
-    B = B.to(torch.float64)
-    r_b = torch.linalg.qr(B, mode="r").R  # (r, r)
-    r_a = torch.linalg.qr(A.T, mode="r").R  # (r, r)
-    return torch.linalg.svdvals(abs(scale) * (r_b @ r_a.T))
-
-
 def lowrank_fro_norm(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0) -> float:
     """‖scale·B@A‖_F via ‖BA‖_F² = trace((BᵀB)(AAᵀ)), two r × r Gram matrices."""
     A = A.to(torch.float64)

@@ -3,7 +3,7 @@
 `spectrum_metrics(S, shape, source_dtype)` returns exactly the SPEC's metric names with plain
 Python floats/ints (JSON-ready). S must be the full spectrum — all min(d, n) singular values —
 because `optimal_rank` (Gavish–Donoho) takes the median over all of them; `singular_values` in
-lorasurgery.linalg.svd (dense) or `lowrank_singular_values` (adapters, padded with zeros up to
+lorasurgery.linalg.svd (dense) or `lowrank_svd(...).S` (adapters, padded with zeros up to
 min(d, n)) provide it.
 
 The zero matrix has fro_norm = spectral_norm = 0 and every rank and rank-like ratio 0 (there is
