@@ -55,6 +55,11 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF)
 
 
+def lorasurgery(*args) -> list[str]:
+    """The command line of a quiet `python -m lorasurgery ARGS…` child."""
+    return [sys.executable, "-m", "lorasurgery", "-q", *map(str, args)]
+
+
 def run_measured(command: list[str], env: dict | None = None) -> tuple[float, int]:
     """Run `command` as a child; return (wall seconds, the child's peak RSS in bytes).
 

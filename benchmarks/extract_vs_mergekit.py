@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, run_measured, smollm2_checkpoint, smollm2_tokenizer  # noqa: E402
+from common import WORK, lorasurgery, run_measured, smollm2_checkpoint, smollm2_tokenizer  # noqa: E402
 
 MERGEKIT = WORK / "mergekit-venv" / "bin" / "mergekit-extract-lora"
 LICENCES = Path("/usr/share/common-licenses")
@@ -168,22 +168,18 @@ def main() -> None:
         )
         times["mergekit"].append(seconds)
         seconds, _ = run_measured(
-            [
-                sys.executable,
-                "-m",
-                "lorasurgery",
-                "-q",
+            lorasurgery(
                 "extract",
-                str(base),
-                str(finetuned),
+                base,
+                finetuned,
                 "-o",
-                str(ours),
+                ours,
                 "--rank",
-                str(args.rank),
+                args.rank,
                 "--force",
                 "--report",
-                str(outputs / "report.json"),
-            ]
+                outputs / "report.json",
+            )  # fmt: skip
         )
         times["lorasurgery"].append(seconds)
         print(
@@ -208,23 +204,19 @@ def main() -> None:
     budget = (mergekit_bytes // 4 - (256 << 10)) // (ours_bytes // ours_params)
     budgeted = outputs / "lorasurgery-budget"
     run_measured(
-        [
-            sys.executable,
-            "-m",
-            "lorasurgery",
-            "-q",
+        lorasurgery(
             "extract",
-            str(base),
-            str(finetuned),
+            base,
+            finetuned,
             "-o",
-            str(budgeted),
+            budgeted,
             "--budget",
-            str(budget),
+            budget,
             "--embeddings",
             "lora",
             "--report",
-            str(outputs / "budget.json"),
-        ]
+            outputs / "budget.json",
+        )  # fmt: skip
     )
     budget_params, budget_bytes = folder_params_and_bytes(budgeted)
 

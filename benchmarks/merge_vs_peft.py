@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import WORK, median, run_measured, smollm2_checkpoint  # noqa: E402
+from common import WORK, lorasurgery, median, run_measured, smollm2_checkpoint  # noqa: E402
 
 SYNTHETIC = {  # TinyLlama-1.1B's shapes: 1.10B parameters, 2.2 GB in bf16
     "vocab_size": 32000,
@@ -177,11 +177,8 @@ def run_setup(label: str, base: Path, adapter: Path, runs: int, shard: str) -> d
     outs = {"peft": WORK / f"{label}-merged-peft", "lorasurgery": WORK / f"{label}-merged-lorasurgery"}
     commands = {
         "peft": [sys.executable, "-c", PEFT_CHILD, str(base), str(adapter), str(outs["peft"]), shard],
-        "lorasurgery": [
-            sys.executable, "-m", "lorasurgery", "--quiet", "merge", str(base), str(adapter),
-            "-o", str(outs["lorasurgery"]),
-        ],
-    }  # fmt: skip
+        "lorasurgery": lorasurgery("merge", base, adapter, "-o", outs["lorasurgery"]),
+    }
     times: dict[str, list[float]] = {k: [] for k in commands}
     rss: dict[str, list[int]] = {k: [] for k in commands}
     syncs: dict[str, list[float]] = {k: [] for k in commands}

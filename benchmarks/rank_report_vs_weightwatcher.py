@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORK, run_measured, smollm2_checkpoint  # noqa: E402
+from common import WORK, lorasurgery, run_measured, smollm2_checkpoint  # noqa: E402
 
 WW_PYTHON = WORK / "ww-venv" / "bin" / "python"
 WW_CHILD = r"""
@@ -53,18 +53,7 @@ def main() -> None:
         seconds, _ = run_measured([str(WW_PYTHON), "-c", WW_CHILD, str(model), str(out / "ww.json")])
         times["weightwatcher"].append(seconds)
         seconds, _ = run_measured(
-            [
-                sys.executable,
-                "-m",
-                "lorasurgery",
-                "-q",
-                "rank-report",
-                str(model),
-                "--include",
-                ".",
-                "--json",
-                str(out / "ours.json"),
-            ]
+            lorasurgery("rank-report", model, "--include", ".", "--json", out / "ours.json")
         )
         times["lorasurgery"].append(seconds)
         print(
