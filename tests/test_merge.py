@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorasurgery.architecture import structure_of
 from lorasurgery.errors import MismatchError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
 from lorasurgery.linalg.delta import Update, merge_weight
-from lorasurgery.architecture import structure_of
 from lorasurgery.operations.merge import merge_checkpoint
 
 peft = pytest.importorskip("peft")
