@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import Layout, LinearTarget, Structure, linear_layouts, structure_of
+from lorasurgery.architecture import Layout, Structure, lay_out, model_tensors, structure_of
 from lorasurgery.errors import AdapterError, LoraSurgeryError, MismatchError, NonFiniteError, UnsupportedError
 from lorasurgery.io import TensorSpec, open_checkpoint
 from lorasurgery.io.safetensors_format import TensorInfo
@@ -122,12 +122,8 @@ def plan_merge(
                     f"W' = (m/‖V‖)·V cannot be undone by subtracting an update"
                 )
     # Every name the model has: the stored tensors, plus tied members stored once (under the stored one).
-    tensors: dict[str, TensorInfo] = dict(checkpoint.tensors)
+    tensors: dict[str, TensorInfo] = model_tensors(checkpoint, structure)
     groups = [g for g in structure.tied if any(n in checkpoint.tensors for n in g)]
-    for group in groups:
-        stored = next(n for n in group if n in checkpoint.tensors)
-        for name in group:
-            tensors.setdefault(name, checkpoint.tensors[stored])
 
     views = []
     for path, adapter in zip(adapter_paths, adapters):
@@ -139,7 +135,7 @@ def plan_merge(
         if not allow_nonfinite:
             view.check_finite()
         views.append(view)
-    layouts = _lay_out(structure, views, tensors, fan_in_fan_out)
+    layouts = lay_out(structure, [(v.adapter, v.targets()) for v in views], tensors, fan_in_fan_out)
 
     # Per tensor: its own saved copy, a saved base layer (the shared parameter), its updates.
     own: dict[str, tuple[int, str]] = {}
@@ -334,34 +330,6 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
             )
     if config is not None and config.get("vocab_size") != rows:
         changes["vocab_size"] = rows
-
-
-def _lay_out(structure: Structure, views, tensors, fan_in_fan_out) -> dict[tuple[int, str], Layout]:
-    """Each linear LoRA module laid out as the base stores its weight (architecture.linear_layouts)."""
-    targets, where = [], {}
-    for index, view in enumerate(views):
-        for module, base_name in view.targets().items():
-            lora = view.adapter.modules[module]
-            if lora.kind != "linear" or len(tensors[base_name].shape) != 2:
-                continue
-            target = LinearTarget(
-                str(view.path),
-                module,
-                base_name,
-                tuple(tensors[base_name].shape),
-                lora.features,
-                bool(view.adapter.config.fan_in_fan_out),
-            )
-            targets.append(target)
-            where[(target.adapter, module)] = index
-    decided = linear_layouts(structure, targets, fan_in_fan_out)
-    layouts = {}
-    for (adapter, module), layout in decided.items():
-        index = where[(adapter, module)]
-        modules = views[index].adapter.modules
-        modules[module] = modules[module].laid_out(layout.fan_in_fan_out, layout.reason)
-        layouts[(index, module)] = layout
-    return layouts
 
 
 class _AdapterView:
