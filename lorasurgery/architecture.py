@@ -40,6 +40,18 @@ from lorasurgery.errors import CheckpointError, MismatchError, UnsupportedError
 KINDS = ("linear", "conv1d", "embedding", "conv", "multihead_attention", "other")
 CACHE_VERSION = 1
 _BLOCK = re.compile(r"\.\d+\.")  # a numbered layer: inside the repeated transformer blocks
+# Without a config.json nothing says which module is an embedding but its conventional name; these
+# are consulted only then (Structure.known is False).
+CONVENTIONAL_INPUT_EMBEDDINGS = (
+    "embed_tokens",
+    "wte",
+    "word_embeddings",
+    "embed_in",
+    "tok_embeddings",
+    "shared",
+)
+CONVENTIONAL_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+CONVENTIONAL_OTHER_EMBEDDINGS = ("wpe", "position_embeddings", "token_type_embeddings")
 
 
 def leaf(name: str) -> str:
@@ -92,6 +104,39 @@ class Structure:
     def kind_of(self, module: str) -> str | None:
         found = self.modules.get(module)
         return found.kind if found is not None else None
+
+    def is_input_embedding(self, module: str) -> bool:
+        if self.known:
+            return module == self.input_embedding
+        return leaf(module) in CONVENTIONAL_INPUT_EMBEDDINGS
+
+    def is_output_embedding(self, module: str) -> bool:
+        if self.known:
+            return module == self.output_embedding
+        return leaf(module) in CONVENTIONAL_OUTPUT_EMBEDDINGS
+
+    def is_embedding(self, module: str) -> bool:
+        """An embedding table, or the output projection onto the vocabulary (lm_head)."""
+        if self.known:
+            return self.kind_of(module) == "embedding" or module == self.output_embedding
+        name = leaf(module)
+        return (
+            name
+            in CONVENTIONAL_INPUT_EMBEDDINGS + CONVENTIONAL_OUTPUT_EMBEDDINGS + CONVENTIONAL_OTHER_EMBEDDINGS
+            or name.endswith("_embeddings")
+        )
+
+    def fan_in_fan_out(self, module: str) -> bool:
+        """Whether `module`'s weight is stored (in, out); False when unknown."""
+        found = self.modules.get(module)
+        return found is not None and found.fan_in_fan_out
+
+    def word_embeddings_tied(self) -> bool:
+        """Whether the output projection shares the input embedding's weight."""
+        if not (self.input_embedding and self.output_embedding):
+            return False
+        group = self.tie_group(f"{self.input_embedding}.weight") or ()
+        return f"{self.output_embedding}.weight" in group
 
     def tie_group(self, tensor: str) -> tuple[str, ...] | None:
         """The names sharing one parameter with `tensor` (itself included), when it is tied."""

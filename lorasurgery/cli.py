@@ -199,6 +199,9 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs hold NaN/Inf.")
 @click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
+@click.option(
+    "--config", "config_file", type=click.Path(), help="The models' config.json, when they have none."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, base: str, finetuned: str, output: str, **options) -> None:
@@ -251,6 +254,7 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
             force=options["force"],
             allow_nonfinite=options["allow_nonfinite"],
             progress=progress,
+            config_file=options["config_file"],
         )
     if options["report"]:
         write_report(report, options["report"])
@@ -269,6 +273,13 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
 @click.option("--plot", "plot_dir", type=click.Path(), help="Write PNG plots into this folder.")
 @click.option("--mle", is_flag=True, help="Add Minka's MLE dimensionality (scikit-learn).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--config", "config_file", type=click.Path(), help="The model's config.json, when it has none.")
+@click.option(
+    "--fan-in-fan-out",
+    "fan_in_fan_out",
+    metavar="REGEX",
+    help="With --base: modules stored (in, out) (as merge).",
+)
 @click.pass_context
 def rank_report(ctx: click.Context, target: str, **options) -> None:
     """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
@@ -291,6 +302,8 @@ def rank_report(ctx: click.Context, target: str, **options) -> None:
             mle=options["mle"],
             device=options["device"],
             progress=progress,
+            config_file=options["config_file"],
+            fan_in_fan_out=options["fan_in_fan_out"],
         )
     render.rank_report(
         report,
