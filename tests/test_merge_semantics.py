@@ -217,6 +217,26 @@ def test_equal_saved_copies_keep_the_tie_as_peft_does(tied_base, tmp_path):
     assert_tensors_match(ours, reference.state, {"lm_head.weight": "model.embed_tokens.weight"})
 
 
+def test_conflicts_name_each_adapter_once(tied_base, tmp_path):
+    first = make_adapter(
+        tied_base, tmp_path / "a1", seed=1, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    second = make_adapter(
+        tied_base, tmp_path / "a2", seed=2, target_modules=["v_proj"], modules_to_save=["lm_head"]
+    )
+    with pytest.raises(MismatchError) as error:
+        merge_checkpoint(tied_base, [first, second], tmp_path / "out")
+    message = str(error.value)
+    assert "both replace lm_head.weight" in message
+    assert message.count(str(first)) == 1 and message.count(str(second)) == 1
+    assert not (tmp_path / "out").exists()
+    # one adapter, a LoRA on the embedding and a saved lm_head on a tied base: no conflict at all
+    recipe = make_adapter(
+        tied_base, tmp_path / "a3", target_modules=["embed_tokens"], modules_to_save=["lm_head"]
+    )
+    assert plan_merge(tied_base, [recipe], [1.0]).notes
+
+
 def test_equal_shape_embeddings_without_a_config_are_two_tensors(untied_base, tmp_path):
     """embed_tokens and lm_head of equal shape, stored as two tensors, no config.json: not a tie."""
     adapter = make_adapter(

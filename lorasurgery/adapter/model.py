@@ -74,15 +74,6 @@ class LoraModule:
     def base_weight_name(self) -> str:
         return f"{self.name}.weight"
 
-    @property
-    def module_type(self) -> str:
-        """The last path component (q_proj, c_attn, …), used to aggregate tables."""
-        return self.name.rsplit(".", 1)[-1]
-
-    @property
-    def keys(self) -> list[str]:
-        return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key) if k]
-
 
 @dataclass
 class Adapter:

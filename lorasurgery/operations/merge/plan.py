@@ -260,6 +260,10 @@ def _claim(target: dict, name: str, value: tuple[int, str], adapters, paths) -> 
     previous = target.get(name)
     if previous is not None and previous != value:
         if not _same_tensor(adapters[previous[0]], previous[1], adapters[value[0]], value[1]):
+            if previous[0] == value[0]:
+                raise MismatchError(
+                    f"{paths[value[0]]}: {previous[1]} and {value[1]} both replace {name} with different values"
+                )
             raise MismatchError(
                 f"{paths[previous[0]]} and {paths[value[0]]} both replace {name} "
                 f"(modules_to_save or saved layers) with different values; merge them separately"
