@@ -18,15 +18,12 @@ from lorasurgery.io import open_checkpoint, save_tensors
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_merge import llama, make_adapter  # noqa: E402
+from factories import make_adapter, make_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("cli") / "base"
-    llama().save_pretrained(folder)
-    return folder
+    return make_llama(tmp_path_factory.mktemp("cli") / "base", vocab_size=64)
 
 
 @pytest.fixture(scope="module")
