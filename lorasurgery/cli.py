@@ -106,6 +106,14 @@ def allow_nonfinite_option(what: str):
     return _flag("--allow-nonfinite", help=f"Go on when {what} hold NaN/Inf.")
 
 
+def config_option(what: str):
+    return click.option("--config", "config_file", type=click.Path(), help=what)
+
+
+def fan_in_fan_out_option(what: str):
+    return click.option("--fan-in-fan-out", "fan_in_fan_out", metavar="REGEX", help=what)
+
+
 def policy_options(command):
     """Exactly one rank policy (--rank, --energy, --ratio, --auto, --budget) and --max-rank."""
     for option in reversed(
@@ -161,16 +169,28 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.option("--base", type=click.Path(exists=False), help="Base checkpoint to check the adapter against.")
 @json_option
 @click.option("--all", "show_all", is_flag=True, help="One table row per module, not per module type.")
+@config_option("With --base: the base's config.json, when it has none.")
+@fan_in_fan_out_option("With --base: modules stored (in, out) (as merge).")
 @global_options
 @click.pass_context
-def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, show_all: bool) -> None:
+def inspect(
+    ctx: click.Context,
+    adapter: str,
+    base: str | None,
+    as_json: bool,
+    show_all: bool,
+    config_file: str | None,
+    fan_in_fan_out: str | None,
+) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
     from lorasurgery import render
     from lorasurgery.operations.inspect import inspect_adapter
 
     quiet = settings_of(ctx).quiet
     with render.progress_bar("inspect", quiet) as progress:
-        report = inspect_adapter(adapter, base=base, progress=progress)
+        report = inspect_adapter(
+            adapter, base=base, progress=progress, config_file=config_file, fan_in_fan_out=fan_in_fan_out
+        )
     render.inspect_report(report, as_json=as_json, show_all=show_all, quiet=quiet)
 
 
@@ -188,6 +208,12 @@ def inspect(ctx: click.Context, adapter: str, base: str | None, as_json: bool, s
 @click.option("--verify", is_flag=True, help="Compare logits of base+adapter and merged model.")
 @allow_nonfinite_option("inputs or results")
 @json_option
+@config_option(
+    "The base's config.json (file or folder), when BASE has none: gives each layer's kind and the ties."
+)
+@fan_in_fan_out_option(
+    "Modules stored (in, out) like GPT-2's Conv1D, when no config.json can tell (others: (out, in))."
+)
 @global_options
 @click.pass_context
 def merge(
@@ -205,6 +231,8 @@ def merge(
     verify: bool,
     allow_nonfinite: bool,
     as_json: bool,
+    config_file: str | None,
+    fan_in_fan_out: str | None,
 ) -> None:
     """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT.
 
@@ -231,6 +259,8 @@ def merge(
             force=force,
             allow_nonfinite=allow_nonfinite,
             verify=verify,
+            config_file=config_file,
+            fan_in_fan_out=fan_in_fan_out,
             progress=progress,
         )
     render.merge_summary(summary, as_json=as_json, quiet=quiet)
@@ -257,6 +287,7 @@ def merge(
 @force_option
 @allow_nonfinite_option("inputs")
 @click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
+@config_option("The models' config.json, when they have none.")
 @json_option
 @global_options
 @click.pass_context
@@ -281,6 +312,7 @@ def extract(
     force: bool,
     allow_nonfinite: bool,
     report: str | None,
+    config_file: str | None,
     as_json: bool,
 ) -> None:
     """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD.
@@ -310,6 +342,7 @@ def extract(
             force=force,
             allow_nonfinite=allow_nonfinite,
             progress=progress,
+            config_file=config_file,
         )
     if report:
         write_report(result, report)
@@ -328,6 +361,8 @@ def extract(
 @click.option("--plot", "plot_dir", type=click.Path(), help="Write PNG plots into this folder.")
 @click.option("--mle", is_flag=True, help="Add Minka's MLE dimensionality (scikit-learn).")
 @device_option
+@config_option("The model's config.json, when it has none.")
+@fan_in_fan_out_option("With --base: modules stored (in, out) (as merge).")
 @global_options
 @click.pass_context
 def rank_report(
@@ -343,6 +378,8 @@ def rank_report(
     plot_dir: str | None,
     mle: bool,
     device: str,
+    config_file: str | None,
+    fan_in_fan_out: str | None,
 ) -> None:
     """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
 
@@ -364,6 +401,8 @@ def rank_report(
             mle=mle,
             device=device,
             progress=progress,
+            config_file=config_file,
+            fan_in_fan_out=fan_in_fan_out,
         )
     render.rank_report(
         report, show_all=show_all, json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, quiet=quiet
