@@ -266,6 +266,194 @@ def rank_report(ctx: click.Context, target: str, **options) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ resize / combine
+
+
+def _surgery_policy(rank, energy, ratio, auto, budget, *, allow_none: bool = False):
+    """The one rank policy of resize/combine (None when none is given and that is allowed)."""
+    from lorasurgery.linalg.policies import Policy
+    from lorasurgery.units import parse_count
+
+    chosen = [
+        n
+        for n, v in (("rank", rank), ("energy", energy), ("ratio", ratio), ("budget", budget))
+        if v is not None
+    ]
+    chosen += ["auto"] if auto else []
+    if not chosen and allow_none:
+        return None
+    if len(chosen) != 1:
+        raise click.UsageError(
+            "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
+            + (f" (got {', '.join('--' + p for p in chosen)})" if chosen else "")
+        )
+    count = None
+    if budget is not None:
+        try:
+            count = parse_count(budget)
+        except (ValueError, LoraSurgeryError) as error:
+            raise click.BadParameter(str(error), param_hint="--budget") from None
+        if count < 1:
+            raise click.BadParameter("the budget must be at least 1 parameter", param_hint="--budget")
+    return Policy(rank=rank, energy=energy, ratio=ratio, auto=auto, budget=count)
+
+
+def _policy_options(command):
+    """--rank/--energy/--ratio/--auto/--budget/--max-rank, as extract has them."""
+    for option in reversed(
+        [
+            click.option("--rank", type=click.IntRange(min=1), help="Fixed rank for every module."),
+            click.option(
+                "--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep this share of Σσ²."
+            ),
+            click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), help="Keep σᵢ ≥ ratio·σ₁."),
+            click.option("--auto", is_flag=True, help="Gavish–Donoho optimal hard threshold."),
+            click.option(
+                "--budget", help="Total parameter budget over all modules (e.g. 2M), chosen jointly."
+            ),
+            click.option("--max-rank", type=click.IntRange(min=1), help="Cap on every module's rank."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _surgery_outputs(command):
+    """--base/--dtype/--device/--force/--report/--json of resize and combine."""
+    for option in reversed(
+        [
+            click.option(
+                "--base", type=click.Path(exists=False), help="Base checkpoint (needed for DoRA inputs)."
+            ),
+            click.option("--dtype", type=DTYPE, default="auto", show_default=True, help="Adapter dtype."),
+            click.option("--device", type=DEVICE, default="cpu", show_default=True),
+            click.option("--force", is_flag=True, help="Replace an existing output folder."),
+            click.option("--report", type=click.Path(), help="Write the error report as JSON to this file."),
+            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(exists=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
+@_policy_options
+@_surgery_outputs
+@click.pass_context
+def resize(
+    ctx: click.Context,
+    adapter: str,
+    output: str,
+    rank: int | None,
+    energy: float | None,
+    ratio: float | None,
+    auto: bool,
+    budget: str | None,
+    max_rank: int | None,
+    base: str | None,
+    dtype: str,
+    device: str,
+    force: bool,
+    report: str | None,
+    as_json: bool,
+) -> None:
+    """Re-rank ADAPTER: each module's optimal rank-k update (Eckart–Young), never forming d×k.
+
+    The exact SVD of s·B@A comes from QR factors; B' = U√S, A' = √S Vᵀ with scale 1. --budget
+    chooses all ranks jointly. The report gives each module's true error after the cast. A DoRA
+    adapter needs --base and becomes a plain LoRA of its effective update.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.resize import resize_adapter
+    from lorasurgery.operations.surgery import write_report
+
+    policy = _surgery_policy(rank, energy, ratio, auto, budget)
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("resize", quiet) as progress:
+        result = resize_adapter(
+            adapter,
+            output,
+            policy=policy,
+            max_rank=max_rank,
+            base=base,
+            dtype=dtype,
+            device=device,
+            force=force,
+            progress=progress,
+        )
+    if report:
+        write_report(result, report)
+    render.surgery_report(result, as_json=as_json, quiet=quiet)
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option(
+    "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1)."
+)
+@click.option("--exact", is_flag=True, help="Write the exact sum (concatenated factors, rank Σr).")
+@_policy_options
+@_surgery_outputs
+@click.pass_context
+def combine(
+    ctx: click.Context,
+    adapters: tuple[str, ...],
+    output: str,
+    weights: tuple[float, ...],
+    exact: bool,
+    rank: int | None,
+    energy: float | None,
+    ratio: float | None,
+    auto: bool,
+    budget: str | None,
+    max_rank: int | None,
+    base: str | None,
+    dtype: str,
+    device: str,
+    force: bool,
+    report: str | None,
+    as_json: bool,
+) -> None:
+    """Combine ADAPTERS into one: ΔW = Σ wᵢ sᵢ BᵢAᵢ per module, exact or optimally truncated.
+
+    --exact writes the concatenation [w₁s₁B₁ …]·[A₁; …] (merges to exactly the weighted sum); a rank
+    policy keeps the best rank-k approximation of the sum (QR of the concatenations, never d×k).
+    Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.combine import combine_adapters
+    from lorasurgery.operations.surgery import write_report
+
+    policy = _surgery_policy(rank, energy, ratio, auto, budget, allow_none=exact)
+    if exact and policy is not None:
+        raise click.UsageError("--exact writes the full sum; it takes no rank policy")
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(
+            f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
+        )
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("combine", quiet) as progress:
+        result = combine_adapters(
+            list(adapters),
+            output,
+            weights=list(weights) or None,
+            exact=exact,
+            policy=policy,
+            max_rank=max_rank,
+            base=base,
+            dtype=dtype,
+            device=device,
+            force=force,
+            progress=progress,
+        )
+    if report:
+        write_report(result, report)
+    render.surgery_report(result, as_json=as_json, quiet=quiet)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

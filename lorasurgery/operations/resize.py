@@ -15,10 +15,11 @@ The library API used by `resize`, `combine` and `export` (see docs/resize.md, "S
 
 from __future__ import annotations
 
-import math
+import os
+import time
 from dataclasses import dataclass
 
-from lorasurgery.errors import MismatchError, UnsupportedError
+from lorasurgery.errors import MismatchError, NonFiniteError, UnsupportedError
 
 
 @dataclass
@@ -144,38 +145,171 @@ def module_svd(adapter, module: str, base=None, device: str = "cpu"):
 def truncated_factors(svd, k: int, dtype) -> tuple[object, object, float]:
     """(A (k, in), B (out, k), relative error): balanced rank-k factors of `svd` cast to `dtype`.
 
-    The error ‖ΔW − B̃Ã‖_F/‖ΔW‖_F is of the cast factors B̃, Ã against ΔW = U Σ Vᵀ, exactly (float64)
-    and without forming d × k: with P = UᵀB̃, B⊥ = B̃ − UP, Q = ÃV, A⊥ = Ã − QVᵀ the residual is
-    U(Σ − PQ)Vᵀ − UPA⊥ − B⊥QVᵀ − B⊥A⊥, four mutually orthogonal terms, so
-    ‖E‖² = ‖Σ − PQ‖² + ‖PA⊥‖² + ‖B⊥Q‖² + ‖B⊥A⊥‖², each from k × k or r × r Gram products: a sum of
-    nonnegative terms, with no cancellation. Σ − PQ holds the discarded σ_{i>k} (Eckart–Young's
-    √Σ_{i>k}σᵢ²) plus the cast's error inside the kept subspace; the other terms are the cast's error
-    outside it.
+    The error ‖ΔW − B̃Ã‖_F/‖ΔW‖_F is of the cast factors B̃, Ã against ΔW = U Σ Vᵀ, computed exactly
+    in float64 without forming d × k (`linalg.lowrank.factors_error`): it is Eckart–Young's
+    √(Σ_{i>k}σᵢ²/Σσᵢ²) plus whatever the cast adds, measured, not assumed.
     """
-    import torch
+    from lorasurgery.linalg.lowrank import balanced_factors, factors_error
 
-    from lorasurgery.linalg.lowrank import balanced_factors
-
-    S = svd.S.to(torch.float64)
-    total_sq = float(S.square().sum())
-    k = max(0, min(int(k), len(S)))
+    k = max(0, min(int(k), len(svd.S)))
     A, B = balanced_factors(svd, k)  # (k, in), (out, k) in the SVD's dtype
     A, B = A.to(dtype), B.to(dtype)
-    if total_sq == 0:
-        return A, B, 0.0
-    U, Vh = svd.U.to(torch.float64), svd.Vh.to(torch.float64)  # (out, m), (m, in)
-    Bc, Ac = B.to(torch.float64), A.to(torch.float64)
-    P = U.T @ Bc  # (m, k)
-    Q = Ac @ Vh.T  # (k, m)
-    B_perp = Bc - U @ P  # (out, k)
-    A_perp = Ac - Q @ Vh  # (k, in)
-    core = torch.diag(S) - P @ Q  # (m, m)
-    gram_bp = B_perp.T @ B_perp  # (k, k)
-    gram_ap = A_perp @ A_perp.T  # (k, k)
-    err_sq = (
-        float(core.square().sum())
-        + float(((P.T @ P) * gram_ap).sum())  # ‖P A⊥‖² = tr(PᵀP · A⊥A⊥ᵀ)
-        + float((gram_bp * (Q @ Q.T)).sum())  # ‖B⊥ Q‖²
-        + float((gram_bp * gram_ap).sum())  # ‖B⊥ A⊥‖²
+    return A, B, factors_error(svd, A, B)
+
+
+# ------------------------------------------------------------------------------------------ resize
+
+
+def module_update(adapter, module: str, base, device: str, dtype: str, weight: float = 1.0):
+    """A surgery.ModuleUpdate of one module: its exact SVD (times `weight`), scaled lora_B bias, layout."""
+    import torch
+
+    from lorasurgery.io.safetensors_format import torch_dtype_of
+    from lorasurgery.linalg.lowrank import LowRankSVD
+    from lorasurgery.operations.surgery import ModuleUpdate, check_finite, output_dtype
+
+    lora = adapter.modules[module]
+    where = str(adapter.weights_file)
+    check_factors_finite(adapter, module)
+    svd = module_svd(adapter, module, base, device)
+    svd = LowRankSVD(U=svd.U.cpu(), S=svd.S.cpu() * abs(weight), Vh=svd.Vh.cpu() * (1 if weight >= 0 else -1))
+    bias = adapter.read_lora_bias(module)
+    if bias is not None:
+        bias = bias.to(torch.float64) * (lora.scale * weight)  # the written scale is 1
+    a_info = adapter.tensors[lora.a_key]
+    update = ModuleUpdate(
+        name=module,
+        kind=lora.kind,
+        shape=tuple(lora.shape),
+        kernel=tuple(a_info.shape[1:]) if lora.kind == "conv" else (),
+        rank_in=lora.r,
+        out_dtype=output_dtype(dtype, torch_dtype_of(a_info.dtype)),
+        svd=svd,
+        bias=bias,
+        sources=[str(adapter.path)],
     )
-    return A, B, math.sqrt(max(err_sq, 0.0) / total_sq)
+    check_finite(update, where)
+    return update
+
+
+def check_factors_finite(adapter, module: str) -> None:
+    import torch
+
+    lora = adapter.modules[module]
+    for label, key in (
+        ("lora_A", lora.a_key),
+        ("lora_B", lora.b_key),
+        ("lora_B.bias", lora.bias_key),
+        ("lora_magnitude_vector", lora.magnitude_key),
+    ):
+        if key and not bool(torch.isfinite(adapter.read(key)).all()):
+            raise NonFiniteError(f"{adapter.weights_file}: module {module}: {label} holds NaN/Inf")
+
+
+def lora_keys(adapter) -> set[str]:
+    """Every tensor key that belongs to a LoRA module (factors, lora_B bias, DoRA magnitude)."""
+    return {key for module in adapter.modules.values() for key in module.keys}
+
+
+def check_dora_base(adapter, base) -> None:
+    dora = [m for m, module in adapter.modules.items() if module.dora]
+    if dora and base is None:
+        raise UnsupportedError(
+            f"{adapter.path}: module {dora[0]} is DoRA ({len(dora)} modules): its update "
+            f"m/‖W + sBA‖·(W + sBA) − W depends on the base weights; DoRA needs --base BASE"
+        )
+
+
+def check_base(adapter, checkpoint) -> None:
+    """Every module's base weight exists with the shape the adapter expects (MismatchError otherwise)."""
+    from lorasurgery.adapter import resolve_base_names
+
+    if checkpoint is not None and any(m.dora for m in adapter.modules.values()):
+        resolve_base_names(adapter, checkpoint)
+
+
+def resize_adapter(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    policy,
+    max_rank: int | None = None,
+    base: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    force: bool = False,
+    progress=None,
+):
+    """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.adapter.writer import write_adapter_folder
+    from lorasurgery.devices import resolve_device
+    from lorasurgery.errors import AdapterError, LoraSurgeryError
+    from lorasurgery.io import atomic_output_dir, check_output_path
+    from lorasurgery.operations.extract_plan import natural_key
+    from lorasurgery.operations.surgery import (
+        PEFT_PREFIX,
+        SurgeryReport,
+        adapter_config,
+        build_output,
+        choose_ranks,
+        finish_totals,
+        output_dtype,
+    )
+    from lorasurgery.progress import Progress, no_progress
+
+    started = time.perf_counter()
+    progress = progress or no_progress
+    policy.validate()
+    if max_rank is not None and max_rank < 1:
+        raise LoraSurgeryError(f"--max-rank must be at least 1, got {max_rank}")
+    output_dtype(dtype, None)  # refuse a bad --dtype before any work
+    inputs = [adapter] + ([base] if base is not None else [])
+    check_output_path(out, inputs, force)
+    loaded = load_adapter(adapter)
+    if not loaded.modules:
+        raise AdapterError(f"{adapter}: the adapter holds no LoRA modules; nothing to resize")
+    check_dora_base(loaded, base)
+    checkpoint = as_checkpoint(base)
+    check_base(loaded, checkpoint)
+    device = resolve_device(device)
+
+    names = sorted(loaded.modules, key=natural_key)
+    updates = []
+    for i, name in enumerate(names):
+        updates.append(module_update(loaded, name, checkpoint, device, dtype))
+        progress(Progress("resize", i + 1, len(names), name))
+    keys = lora_keys(loaded)
+    saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
+    budget = None
+    if policy.budget is not None:
+        fixed = sum(t.numel() for t in saved.values()) + sum(
+            u.bias.numel() for u in updates if u.bias is not None
+        )
+        budget = policy.budget - fixed
+        if budget < 0:
+            raise LoraSurgeryError(
+                f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone take "
+                f"{fixed:,} parameters"
+            )
+    ranks = choose_ranks(updates, policy, max_rank, budget)
+    report = SurgeryReport("resize", [str(adapter)], str(out), policy.describe())
+    output = build_output(updates, ranks, report)
+    if not output.module_ranks:
+        raise LoraSurgeryError(
+            f"{adapter}: every module has rank 0 under {policy.describe()}; nothing to write"
+        )
+    tensors = {**output.tensors, **saved}
+    report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
+    dora = [u.name for u in updates if loaded.modules[u.name].dora]
+    if dora:
+        report.notes.append(
+            f"{len(dora)} DoRA modules became plain LoRA of their effective update W' − W on {base}; "
+            f"the result belongs to that base"
+        )
+    config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias)
+    finish_totals(report, tensors)
+    with atomic_output_dir(out, inputs=inputs, force=force) as folder:
+        write_adapter_folder(folder, tensors, config)
+    report.seconds = time.perf_counter() - started
+    return report
