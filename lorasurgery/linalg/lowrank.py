@@ -45,10 +45,11 @@ def factors_error(svd: LowRankSVD, A: torch.Tensor, B: torch.Tensor) -> float:
 
     With P = UᵀB, B⊥ = B − UP, Q = AV, A⊥ = A − QVᵀ the residual is
     U(Σ − PQ)Vᵀ − UPA⊥ − B⊥QVᵀ − B⊥A⊥: four mutually orthogonal terms (U ⊥ B⊥, Vᵀ ⊥ A⊥), so
-    ‖E‖² = ‖Σ − PQ‖² + tr(PᵀP·A⊥A⊥ᵀ) + tr(B⊥ᵀB⊥·QQᵀ) + tr(B⊥ᵀB⊥·A⊥A⊥ᵀ) — a sum of nonnegative
-    terms from small Gram products, with no cancellation, in O((out + in)·m·k) for m = len(Σ).
-    For truncated factors Σ − PQ holds the discarded σ (Eckart–Young) plus a cast's error inside the
-    kept subspace; the other terms are the cast's error outside it. ‖ΔW‖ = 0 gives 0 when B@A = 0 too.
+    ‖E‖² = ‖Σ − PQ‖² + ‖PA⊥‖² + ‖B⊥Q‖² + ‖B⊥A⊥‖², the last as ‖R_B⊥ R_A⊥ᵀ‖² from QR factors. Each
+    term is the square of a product computed directly, so a residual that is zero comes out at
+    rounding² (no Gram-trace cancellation, which would leave √eps ≈ 1e-8). Cost O((out + in)·(m + k)²)
+    for m = len(Σ). For truncated factors Σ − PQ holds the discarded σ (Eckart–Young) plus a cast's
+    error inside the kept subspace; the other terms are the cast's error outside it.
     """
     S = svd.S.to(torch.float64)
     total_sq = float(S.square().sum())
@@ -60,14 +61,13 @@ def factors_error(svd: LowRankSVD, A: torch.Tensor, B: torch.Tensor) -> float:
     Q = Ac @ Vh.T  # (k, m)
     B_perp = Bc - U @ P  # (out, k)
     A_perp = Ac - Q @ Vh  # (k, in)
-    core = torch.diag(S) - P @ Q  # (m, m)
-    gram_bp = B_perp.T @ B_perp  # (k, k)
-    gram_ap = A_perp @ A_perp.T  # (k, k)
+    r_b = torch.linalg.qr(B_perp, mode="r").R  # (·, k)
+    r_a = torch.linalg.qr(A_perp.T, mode="r").R  # (·, k)
     err_sq = (
-        float(core.square().sum())
-        + float(((P.T @ P) * gram_ap).sum())
-        + float((gram_bp * (Q @ Q.T)).sum())
-        + float((gram_bp * gram_ap).sum())
+        float((torch.diag(S) - P @ Q).square().sum())  # (m, m)
+        + float((P @ A_perp).square().sum())  # (m, in)
+        + float((B_perp @ Q).square().sum())  # (out, m)
+        + float((r_b @ r_a.T).square().sum())  # ‖B⊥A⊥‖ = ‖R_B⊥ R_A⊥ᵀ‖
     )
     return math.sqrt(max(err_sq, 0.0) / total_sq)
 
