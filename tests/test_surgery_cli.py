@@ -56,7 +56,7 @@ def test_combine_table_on_stdout_and_log_on_stderr(llama_lora_qv, gpt2_lora, tmp
     report = json.loads(
         run_cli("--quiet", "combine", llama_lora_qv, "-o", tmp_path / "e", "--exact", "--json").stdout
     )
-    assert report["weights"] == [1.0] and report["policy"] == "exact (concatenation)"
+    assert report["weights"] == [1.0] and report["policy"] == "exact sum"
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,7 @@ def combine_adapters(
     """Write the weighted sum of `adapters` to `out`, exactly or truncated under `policy`."""
     from lorasurgery.adapter import load_adapter
     from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.devices import resolve_device
+    from lorasurgery.devices import resolve_device, torch_threads
     from lorasurgery.io import atomic_output_dir, check_output_path
     from lorasurgery.operations.extract_plan import natural_key
     from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
@@ -236,29 +236,33 @@ def combine_adapters(
     saved = _saved_tensors(loaded, paths, set(table))
     device = resolve_device(device)
 
-    names = sorted(table, key=natural_key)
-    updates = []
-    for i, name in enumerate(names):
-        updates.append(_combined_update(loaded, table[name], weights, name, checkpoint, device, dtype, exact))
-        progress(Progress("combine", i + 1, len(names), name))
-    _check_lora_bias(updates, loaded, checkpoint)
-    policy_text = "exact (concatenation)" if exact else policy.describe()
-    report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
-    ranks = None
-    if not exact:
-        budget = None
-        if policy.budget is not None:
-            fixed = sum(t.numel() for t in saved.values()) + sum(
-                u.bias.numel() for u in updates if u.bias is not None
+    # small per-module kernels: one torch thread (lorasurgery.devices.torch_threads)
+    with torch_threads(1 if device == "cpu" else None):
+        names = sorted(table, key=natural_key)
+        updates = []
+        for i, name in enumerate(names):
+            updates.append(
+                _combined_update(loaded, table[name], weights, name, checkpoint, device, dtype, exact)
             )
-            budget = policy.budget - fixed
-            if budget < 0:
-                raise LoraSurgeryError(
-                    f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone "
-                    f"take {fixed:,} parameters"
+            progress(Progress("combine", i + 1, len(names), name))
+        _check_lora_bias(updates, loaded, checkpoint)
+        policy_text = "exact sum" if exact else policy.describe()
+        report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
+        ranks = None
+        if not exact:
+            budget = None
+            if policy.budget is not None:
+                fixed = sum(t.numel() for t in saved.values()) + sum(
+                    u.bias.numel() for u in updates if u.bias is not None
                 )
-        ranks = choose_ranks(updates, policy, max_rank, budget)
-    output = build_output(updates, ranks, report)
+                budget = policy.budget - fixed
+                if budget < 0:
+                    raise LoraSurgeryError(
+                        f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone "
+                        f"take {fixed:,} parameters"
+                    )
+            ranks = choose_ranks(updates, policy, max_rank, budget)
+        output = build_output(updates, ranks, report)
     if not output.module_ranks:
         raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
     tensors = {**output.tensors, **saved}

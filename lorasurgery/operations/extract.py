@@ -39,12 +39,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.devices import resolve_device
+from lorasurgery.devices import resolve_device, torch_threads
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
 from lorasurgery.io.output import check_output_path
@@ -427,18 +426,6 @@ class _EarlyReader:
         return torch.frombuffer(buffer, dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
 
 
-@contextmanager
-def _torch_threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _worker_count(run: _Run) -> int:
     if run.device != "cpu":
         return 1  # one GPU stream; the CPU only feeds it
@@ -464,7 +451,7 @@ def _run_all(items: list, work: Callable, workers: int, size_of: Callable, on_do
             return work(item)
 
         with (
-            _torch_threads(1),
+            torch_threads(1),
             one_blas_thread(),
             ThreadPoolExecutor(workers, thread_name_prefix="extract") as pool,
         ):

@@ -243,7 +243,7 @@ def resize_adapter(
     """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
     from lorasurgery.adapter import load_adapter
     from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.devices import resolve_device
+    from lorasurgery.devices import resolve_device, torch_threads
     from lorasurgery.errors import AdapterError, LoraSurgeryError
     from lorasurgery.io import atomic_output_dir, check_output_path
     from lorasurgery.operations.extract_plan import natural_key
@@ -274,27 +274,29 @@ def resize_adapter(
     check_base(loaded, checkpoint)
     device = resolve_device(device)
 
-    names = sorted(loaded.modules, key=natural_key)
-    updates = []
-    for i, name in enumerate(names):
-        updates.append(module_update(loaded, name, checkpoint, device, dtype))
-        progress(Progress("resize", i + 1, len(names), name))
-    keys = lora_keys(loaded)
-    saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
-    budget = None
-    if policy.budget is not None:
-        fixed = sum(t.numel() for t in saved.values()) + sum(
-            u.bias.numel() for u in updates if u.bias is not None
-        )
-        budget = policy.budget - fixed
-        if budget < 0:
-            raise LoraSurgeryError(
-                f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone take "
-                f"{fixed:,} parameters"
+    # small per-module kernels: one torch thread (lorasurgery.devices.torch_threads)
+    with torch_threads(1 if device == "cpu" else None):
+        names = sorted(loaded.modules, key=natural_key)
+        updates = []
+        for i, name in enumerate(names):
+            updates.append(module_update(loaded, name, checkpoint, device, dtype))
+            progress(Progress("resize", i + 1, len(names), name))
+        keys = lora_keys(loaded)
+        saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
+        budget = None
+        if policy.budget is not None:
+            fixed = sum(t.numel() for t in saved.values()) + sum(
+                u.bias.numel() for u in updates if u.bias is not None
             )
-    ranks = choose_ranks(updates, policy, max_rank, budget)
-    report = SurgeryReport("resize", [str(adapter)], str(out), policy.describe())
-    output = build_output(updates, ranks, report)
+            budget = policy.budget - fixed
+            if budget < 0:
+                raise LoraSurgeryError(
+                    f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone take "
+                    f"{fixed:,} parameters"
+                )
+        ranks = choose_ranks(updates, policy, max_rank, budget)
+        report = SurgeryReport("resize", [str(adapter)], str(out), policy.describe())
+        output = build_output(updates, ranks, report)
     if not output.module_ranks:
         raise LoraSurgeryError(
             f"{adapter}: every module has rank 0 under {policy.describe()}; nothing to write"
