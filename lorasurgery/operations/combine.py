@@ -198,6 +198,7 @@ def combine_adapters(
         choose_ranks,
         finish_totals,
         output_dtype,
+        preload,
     )
     from lorasurgery.progress import Progress, no_progress
 
@@ -226,7 +227,7 @@ def combine_adapters(
     output_dtype(dtype, None)
     inputs = paths + ([base] if base is not None else [])
     check_output_path(out, inputs, force)
-    loaded = [load_adapter(p) for p in paths]
+    loaded = [preload(load_adapter(p)) for p in paths]
     for adapter in loaded:
         check_dora_base(adapter, base)
     checkpoint = as_checkpoint(base)

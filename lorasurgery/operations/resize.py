@@ -255,6 +255,7 @@ def resize_adapter(
         choose_ranks,
         finish_totals,
         output_dtype,
+        preload,
     )
     from lorasurgery.progress import Progress, no_progress
 
@@ -269,6 +270,7 @@ def resize_adapter(
     loaded = load_adapter(adapter)
     if not loaded.modules:
         raise AdapterError(f"{adapter}: the adapter holds no LoRA modules; nothing to resize")
+    preload(loaded)
     check_dora_base(loaded, base)
     checkpoint = as_checkpoint(base)
     check_base(loaded, checkpoint)
