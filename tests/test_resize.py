@@ -200,3 +200,23 @@ def test_dora_becomes_a_plain_lora_of_its_effective_update(llama_base, llama_dor
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)
     svd = module_svd(llama_dora, "model.layers.0.self_attn.q_proj", base=llama_base)
     assert relative((svd.U * svd.S) @ svd.Vh, effective["model.layers.0.self_attn.q_proj"]) < 1e-5
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_gpt2_dora_layout_comes_from_the_model_not_the_adapters_flag(gpt2_base, tmp_path, flag):
+    dora = make_adapter(
+        gpt2_base, tmp_path / "dora", model_kind="gpt2", target_modules=["c_attn"], r=4, use_dora=True, seed=7
+    )
+    effective = deltas(gpt2_base, dora, "gpt2")  # (in, out): Conv1D as stored
+    config_file = dora / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["fan_in_fan_out"] = flag  # PEFT saves it from its last-created layer: only a hint
+    config_file.write_text(json.dumps(config))
+    report = resize_adapter(dora, tmp_path / "out", policy=Policy(rank=6), base=gpt2_base)
+    load_with_peft(gpt2_base, tmp_path / "out", "gpt2")
+    after = deltas(gpt2_base, tmp_path / "out", "gpt2")
+    by_name = {m.name: m for m in report.modules}
+    for name, delta in effective.items():
+        best, best_error = optimal(delta, 6)
+        assert relative(after[name], best) < 1e-4, name
+        assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)

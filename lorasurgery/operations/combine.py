@@ -122,7 +122,7 @@ def _check_lora_bias(updates, adapters, checkpoint) -> None:
     """PEFT's lora_bias is one flag for a whole adapter, and a layer without a bias of its own cannot
     carry one (PEFT then refuses to merge). So when some input has lora_B biases, every other output
     module gets a zero one — allowed only where the base is known to have that bias."""
-    from lorasurgery.operations.resize import base_weight_name
+    from lorasurgery.operations.resize import base_weights
 
     with_bias = next((u for u in updates if u.bias is not None), None)
     if with_bias is None:
@@ -133,7 +133,7 @@ def _check_lora_bias(updates, adapters, checkpoint) -> None:
         adapter = next(a for a in adapters if u.name in a.modules)
         has_bias = False
         if checkpoint is not None:
-            weight = base_weight_name(adapter, u.name, checkpoint)
+            weight = base_weights(adapter, checkpoint)[u.name]
             has_bias = weight.removesuffix(".weight") + ".bias" in checkpoint.tensors
         if not has_bias:
             raise LoraSurgeryError(
@@ -155,12 +155,15 @@ def _merged_config(adapters, paths) -> dict:
             if module not in saves:
                 saves.append(module)
     biases = {adapter.config.bias for adapter in adapters}
+    from lorasurgery.operations.resize import known_fan_in_fan_out
+
     fan = {adapter.config.fan_in_fan_out for adapter in adapters if adapter.modules}
+    known = known_fan_in_fan_out(adapters)
     return {
         "modules_to_save": saves or None,
         "bias": "all" if "all" in biases else "lora_only" if "lora_only" in biases else "none",
-        # A layer's layout is the model's; PEFT reads this flag only as a hint for Conv1D layers.
-        "fan_in_fan_out": True in fan,
+        # A layer's layout is the model's: as laid out on --base when given, else any input's flag.
+        "fan_in_fan_out": (True in fan) if known is None else known,
         "layers_to_transform": None,  # target_modules are full paths: no layer filter is needed
         "layers_pattern": None,
         "exclude_modules": None,

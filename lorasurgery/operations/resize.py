@@ -63,17 +63,28 @@ def module_factors(adapter, module: str, device: str = "cpu") -> ModuleFactors:
     return ModuleFactors(A, B, lora.scale)
 
 
-def base_weight_name(adapter, module: str, checkpoint) -> str:
-    """The base tensor `module` adapts (the prefix rule resolved against the checkpoint's names)."""
-    from lorasurgery.adapter import resolve_base_names
+def base_weights(adapter, checkpoint) -> dict[str, str]:
+    """{module: the stored base tensor it adapts}, shapes checked, every linear module laid out as the
+    base model's structure says (`lorasurgery.architecture`: a GPT-2 Conv1D is stored (in, out)
+    whatever adapter_config.json's fan_in_fan_out claims). Cached on the adapter per checkpoint."""
+    from types import SimpleNamespace
 
-    direct = adapter.modules[module].base_weight_name
-    if (
-        direct in checkpoint.tensors
-        and tuple(checkpoint.tensors[direct].shape) == adapter.modules[module].shape
-    ):
-        return direct
-    return resolve_base_names(adapter, checkpoint)[module]
+    from lorasurgery.adapter import find_prefix_rule, resolve_base_names
+    from lorasurgery.architecture import lay_out, model_tensors, structure_of
+
+    cache = adapter.__dict__.setdefault("_base_weights", {})
+    if str(checkpoint.path) in cache:
+        return cache[str(checkpoint.path)]
+    structure = structure_of(checkpoint)
+    tensors = model_tensors(checkpoint, structure)  # a tied lm_head stored once included
+    rule, unmatched = find_prefix_rule([m.base_weight_name for m in adapter.modules.values()], tensors)
+    if not unmatched:
+        targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
+        lay_out(structure, [(adapter, targets)], tensors)
+    mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
+    stored = {module: tensors[name].name for module, name in mapping.items()}
+    cache[str(checkpoint.path)] = stored
+    return stored
 
 
 def dora_delta(adapter, module: str, base, device: str = "cpu"):
@@ -89,8 +100,8 @@ def dora_delta(adapter, module: str, base, device: str = "cpu"):
 
     adapter = as_adapter(adapter)
     checkpoint = as_checkpoint(base)
-    lora = adapter.modules[module]
-    name = base_weight_name(adapter, module, checkpoint)
+    name = base_weights(adapter, checkpoint)[module]
+    lora = adapter.modules[module]  # laid out by base_weights
     shape = tuple(checkpoint.tensors[name].shape)
     if shape != tuple(lora.shape):
         raise MismatchError(
@@ -208,7 +219,12 @@ def check_factors_finite(adapter, module: str) -> None:
 
 def lora_keys(adapter) -> set[str]:
     """Every tensor key that belongs to a LoRA module (factors, lora_B bias, DoRA magnitude)."""
-    return {key for module in adapter.modules.values() for key in module.keys}
+    return {
+        key
+        for m in adapter.modules.values()
+        for key in (m.a_key, m.b_key, m.bias_key, m.magnitude_key)
+        if key
+    }
 
 
 def check_dora_base(adapter, base) -> None:
@@ -221,11 +237,22 @@ def check_dora_base(adapter, base) -> None:
 
 
 def check_base(adapter, checkpoint) -> None:
-    """Every module's base weight exists with the shape the adapter expects (MismatchError otherwise)."""
-    from lorasurgery.adapter import resolve_base_names
+    """With a base: every module exists in it with the shape it expects (MismatchError otherwise), and
+    the linear modules are laid out as the base's structure says (`base_weights`)."""
+    if checkpoint is not None:
+        base_weights(adapter, checkpoint)
 
-    if checkpoint is not None and any(m.dora for m in adapter.modules.values()):
-        resolve_base_names(adapter, checkpoint)
+
+def known_fan_in_fan_out(adapters) -> bool | None:
+    """The fan_in_fan_out every linear module was laid out with against a base, or None when no
+    layout was decided there (no base) or the modules differ (PEFT then decides per layer)."""
+    flags = {
+        m.fan_in_fan_out
+        for adapter in adapters
+        for m in adapter.modules.values()
+        if m.kind == "linear" and m.layout != "adapter"
+    }
+    return flags.pop() if len(flags) == 1 else None
 
 
 def resize_adapter(
@@ -311,7 +338,9 @@ def resize_adapter(
             f"{len(dora)} DoRA modules became plain LoRA of their effective update W' − W on {base}; "
             f"the result belongs to that base"
         )
-    config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias)
+    fan_in_fan_out = known_fan_in_fan_out([loaded])  # the flag is PEFT's hint: say the truth when known
+    overrides = {} if fan_in_fan_out is None else {"fan_in_fan_out": fan_in_fan_out}
+    config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias, **overrides)
     finish_totals(report, tensors)
     with atomic_output_dir(out, inputs=inputs, force=force) as folder:
         write_adapter_folder(folder, tensors, config)

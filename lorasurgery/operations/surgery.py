@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasurgery.adapter.model import PEFT_PREFIX
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
 
-PEFT_PREFIX = "base_model.model."
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
