@@ -220,3 +220,37 @@ def test_gpt2_dora_layout_comes_from_the_model_not_the_adapters_flag(gpt2_base, 
         best, best_error = optimal(delta, 6)
         assert relative(after[name], best) < 1e-4, name
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)
+
+
+def test_conv2d_lora_is_resized_in_its_flattened_layout(tmp_path):
+    """PEFT's Conv2d LoRA: lora_A a (r, in, kh, kw) conv, lora_B a 1×1 (out, r) conv; ΔW (out, in·kh·kw)."""
+    import peft
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    wrapped = peft.get_peft_model(Net(), peft.LoraConfig(target_modules=["conv"], r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    with torch.no_grad():
+        expected = wrapped.base_model.model.conv.get_delta_weight("default").double().flatten(1)  # (8, 27)
+    wrapped.save_pretrained(tmp_path / "conv")
+    report = resize_adapter(tmp_path / "conv", tmp_path / "out", policy=Policy(rank=2), dtype="fp32")
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(Net(), str(tmp_path / "out"))
+    with torch.no_grad():
+        got = loaded.base_model.model.conv.get_delta_weight("default").double().flatten(1)
+    best, best_error = optimal(expected, 2)
+    assert relative(got, best) < 1e-5
+    assert report.modules[0].kind == "conv" and report.modules[0].relative_error == pytest.approx(
+        best_error, abs=1e-6
+    )
