@@ -130,11 +130,14 @@ def policy_options(command):
     return command
 
 
-def make_policy(rank, energy, ratio, auto, budget):
-    """The Policy the policy options describe; validated by the library, once."""
-    from lorasurgery.operations.extract import Policy
+def make_policy(rank, energy, ratio, auto, budget, *, optional: bool = False):
+    """The Policy the policy options describe, validated by the library (None when none is given
+    and that is allowed: combine --exact; the library refuses --exact beside a policy)."""
+    from lorasurgery.linalg.policies import Policy
     from lorasurgery.units import parse_count
 
+    if optional and not auto and all(v is None for v in (rank, energy, ratio, budget)):
+        return None
     try:
         count = parse_count(budget) if budget is not None else None
     except LoraSurgeryError as error:
@@ -407,6 +410,141 @@ def rank_report(
     render.rank_report(
         report, show_all=show_all, json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, quiet=quiet
     )
+
+
+# ------------------------------------------------------------------------------ resize / combine
+
+
+def surgery_options(command):
+    """--base/--dtype/--device/--force/--report/--json of resize and combine."""
+    for option in reversed(
+        (
+            click.option(
+                "--base", type=click.Path(exists=False), help="Base checkpoint (needed for DoRA inputs)."
+            ),
+            dtype_option("Adapter dtype."),
+            device_option,
+            force_option,
+            click.option("--report", type=click.Path(), help="Write the error report as JSON to this file."),
+            json_option,
+        )
+    ):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(exists=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
+@policy_options
+@surgery_options
+@global_options
+@click.pass_context
+def resize(
+    ctx: click.Context,
+    adapter: str,
+    output: str,
+    rank: int | None,
+    energy: float | None,
+    ratio: float | None,
+    auto: bool,
+    budget: str | None,
+    max_rank: int | None,
+    base: str | None,
+    dtype: str,
+    device: str,
+    force: bool,
+    report: str | None,
+    as_json: bool,
+) -> None:
+    """Re-rank ADAPTER: each module's optimal rank-k update (Eckart–Young), never forming d×k.
+
+    The exact SVD of s·B@A comes from QR factors; B' = U√S, A' = √S Vᵀ with scale 1. --budget
+    chooses all ranks jointly. The report gives each module's true error after the cast. A DoRA
+    adapter needs --base and becomes a plain LoRA of its effective update.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.resize import resize_adapter
+    from lorasurgery.operations.surgery import write_report
+
+    policy = make_policy(rank, energy, ratio, auto, budget)
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("resize", quiet) as progress:
+        result = resize_adapter(
+            adapter,
+            output,
+            policy=policy,
+            max_rank=max_rank,
+            base=base,
+            dtype=dtype,
+            device=device,
+            force=force,
+            progress=progress,
+        )
+    if report:
+        write_report(result, report)
+    render.surgery_report(result, as_json=as_json, quiet=quiet)
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
+@click.option(
+    "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1)."
+)
+@click.option("--exact", is_flag=True, help="Write the exact sum (concatenated factors, rank Σr).")
+@policy_options
+@surgery_options
+@global_options
+@click.pass_context
+def combine(
+    ctx: click.Context,
+    adapters: tuple[str, ...],
+    output: str,
+    weights: tuple[float, ...],
+    exact: bool,
+    rank: int | None,
+    energy: float | None,
+    ratio: float | None,
+    auto: bool,
+    budget: str | None,
+    max_rank: int | None,
+    base: str | None,
+    dtype: str,
+    device: str,
+    force: bool,
+    report: str | None,
+    as_json: bool,
+) -> None:
+    """Combine ADAPTERS into one: ΔW = Σ wᵢ sᵢ BᵢAᵢ per module, exact or optimally truncated.
+
+    --exact writes the concatenation [w₁s₁B₁ …]·[A₁; …] (merges to exactly the weighted sum); a rank
+    policy keeps the best rank-k approximation of the sum (QR of the concatenations, never d×k).
+    Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.combine import combine_adapters
+    from lorasurgery.operations.surgery import write_report
+
+    policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("combine", quiet) as progress:
+        result = combine_adapters(
+            list(adapters),
+            output,
+            weights=list(weights) or None,
+            exact=exact,
+            policy=policy,
+            max_rank=max_rank,
+            base=base,
+            dtype=dtype,
+            device=device,
+            force=force,
+            progress=progress,
+        )
+    if report:
+        write_report(result, report)
+    render.surgery_report(result, as_json=as_json, quiet=quiet)
 
 
 def _interrupt(signum, frame) -> None:

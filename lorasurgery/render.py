@@ -295,6 +295,52 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# resize / combine
+
+
+def surgery_report(report, as_json: bool = False, quiet: bool = False) -> None:
+    if as_json:
+        print_json(report.to_json())
+        return
+    if report.command == "combine":
+        weighted = ", ".join(f"{w:g}·{p}" for w, p in zip(report.weights, report.inputs))
+        title = f"{report.output} — combined {weighted} ({report.policy})"
+    else:
+        title = f"{report.output} — resized from {report.inputs[0]} ({report.policy})"
+    table = new_table(title)
+    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
+    table.add_column("shape", no_wrap=True)
+    for column in ("rank in", "rank", "retained energy", "relative error"):
+        table.add_column(column, justify="right")
+    for m in report.modules:
+        table.add_row(
+            m.name,
+            "×".join(map(str, m.shape)),
+            str(m.original_rank),
+            str(m.rank),
+            f"{m.retained_energy:.4f}",
+            format_number(m.relative_error),
+        )
+    stdout.print(table)
+    if report.skipped:
+        skipped = new_table("left out")
+        for column in ("module", "reason", "‖ΔW‖_F"):
+            skipped.add_column(column, no_wrap=column != "reason")
+        for s in report.skipped:
+            skipped.add_row(s.name, s.reason, format_number(s.fro_norm))
+        stdout.print(skipped)
+    totals = report.totals
+    stdout.print(
+        f"total: {len(report.modules)} modules, {totals['params']:,} parameters, {totals['bytes']:,} bytes, "
+        f"overall relative error {format_number(totals['relative_error'])}"
+        + (f"; copied unchanged: {', '.join(report.saved)}" if report.saved else "")
+    )
+    for line in report.notes:
+        note(f"note: {line}", quiet)
+    note(f"wrote {report.output} in {report.seconds:.1f} s", quiet)
+
+
+# --------------------------------------------------------------------------------------------------
 # rank-report
 
 RANK_COLUMNS = (

@@ -7,6 +7,7 @@ Cost O((d + k)·r²) instead of O(d·k·min(d, k)).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,8 @@ def lowrank_svd(A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, dtype=torc
     q_b, r_b = torch.linalg.qr(B)  # (out, r), (r, r)
     q_a, r_a = torch.linalg.qr(A.T)  # (in, r), (r, r)
     core = scale * (r_b @ r_a.T)  # (r, r)
-    u, s, vh = torch.linalg.svd(core)  # s ≥ 0 whatever the sign of scale
+    # thin: a concatenation of Σr > min(d, k) columns has a non-square core
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)  # s ≥ 0 whatever the sign of scale
     return LowRankSVD(U=q_b @ u, S=s, Vh=vh @ q_a.T)
 
 
@@ -35,6 +37,39 @@ def balanced_factors(svd: LowRankSVD, k: int) -> tuple[torch.Tensor, torch.Tenso
     A' = Σ_k^½ V_kᵀ (k, in), so that B'@A' = U_k Σ_k V_kᵀ at scale 1."""
     root = svd.S[:k].sqrt()  # (k,)
     return root[:, None] * svd.Vh[:k], svd.U[:, :k] * root
+
+
+def factors_error(svd: LowRankSVD, A: torch.Tensor, B: torch.Tensor) -> float:
+    """‖ΔW − B@A‖_F / ‖ΔW‖_F for ΔW = U Σ Vᵀ (`svd`) and any factors A (k, in), B (out, k), in float64
+    without forming d × k.
+
+    With P = UᵀB, B⊥ = B − UP, Q = AV, A⊥ = A − QVᵀ the residual is
+    U(Σ − PQ)Vᵀ − UPA⊥ − B⊥QVᵀ − B⊥A⊥: four mutually orthogonal terms (U ⊥ B⊥, Vᵀ ⊥ A⊥), so
+    ‖E‖² = ‖Σ − PQ‖² + ‖PA⊥‖² + ‖B⊥Q‖² + ‖B⊥A⊥‖², the last as ‖R_B⊥ R_A⊥ᵀ‖² from QR factors. Each
+    term is the square of a product computed directly, so a residual that is zero comes out at
+    rounding² (no Gram-trace cancellation, which would leave √eps ≈ 1e-8). Cost O((out + in)·(m + k)²)
+    for m = len(Σ). For truncated factors Σ − PQ holds the discarded σ (Eckart–Young) plus a cast's
+    error inside the kept subspace; the other terms are the cast's error outside it.
+    """
+    S = svd.S.to(torch.float64)
+    total_sq = float(S.square().sum())
+    Bc, Ac = B.to(torch.float64), A.to(torch.float64)
+    if total_sq == 0:
+        return 0.0 if lowrank_fro_norm(Ac, Bc) == 0 else math.inf
+    U, Vh = svd.U.to(torch.float64), svd.Vh.to(torch.float64)  # (out, m), (m, in)
+    P = U.T @ Bc  # (m, k)
+    Q = Ac @ Vh.T  # (k, m)
+    B_perp = Bc - U @ P  # (out, k)
+    A_perp = Ac - Q @ Vh  # (k, in)
+    r_b = torch.linalg.qr(B_perp, mode="r").R  # (·, k)
+    r_a = torch.linalg.qr(A_perp.T, mode="r").R  # (·, k)
+    err_sq = (
+        float((torch.diag(S) - P @ Q).square().sum())  # (m, m)
+        + float((P @ A_perp).square().sum())  # (m, in)
+        + float((B_perp @ Q).square().sum())  # (out, m)
+        + float((r_b @ r_a.T).square().sum())  # ‖B⊥A⊥‖ = ‖R_B⊥ R_A⊥ᵀ‖
+    )
+    return math.sqrt(max(err_sq, 0.0) / total_sq)
 
 
 def concatenated_factors(terms) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,11 @@ The spectra are short vectors (≤ a few thousand values), so the arithmetic run
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from lorasurgery.errors import OptionError
 
 _EPS64 = np.finfo(np.float64).eps
 
@@ -188,3 +191,76 @@ def allocate_budget(
         start = j + 1
     np.add.at(ranks, module[taken], 1)
     return ranks.tolist()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Exactly one rank policy of extract, resize and combine (see docs/extract.md)."""
+
+    rank: int | None = None
+    energy: float | None = None
+    ratio: float | None = None
+    auto: bool = False
+    budget: int | None = None
+
+    def validate(self) -> None:
+        chosen = [
+            name
+            for name, value in (
+                ("--rank", self.rank),
+                ("--energy", self.energy),
+                ("--ratio", self.ratio),
+                ("--auto", self.auto or None),
+                ("--budget", self.budget),
+            )
+            if value is not None
+        ]
+        if len(chosen) != 1:
+            raise OptionError(
+                "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
+                + (f" (got {', '.join(chosen)})" if chosen else "")
+            )
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise OptionError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise OptionError(f"--ratio must be in (0, 1], got {self.ratio}")
+        for name, value in (("--rank", self.rank), ("--budget", self.budget)):
+            if value is not None and value < 1:
+                raise OptionError(f"{name} must be at least 1, got {value}")
+
+    @property
+    def per_module_spectrum(self) -> bool:
+        """energy, ratio and auto choose each module's rank from its own singular values."""
+        return self.energy is not None or self.ratio is not None or self.auto
+
+    def module_rank(self, S, shape: tuple[int, int], floor: float = 0.0, max_rank: int | None = None) -> int:
+        """The rank this policy keeps of one module with spectrum S (all min(d, n) values for --auto).
+
+        `floor`: σ at or below it are rounding, not signal (the numerical-rank threshold): --energy
+        counts only the σ above it (τ = 1 keeps every numerically nonzero σ), --auto never keeps one.
+        Not for --budget, which decides all modules jointly (`allocate_budget`).
+        """
+        S = as_spectrum(S)
+        if self.rank is not None:
+            k = rank_fixed(self.rank, shape, S[S > floor])
+        elif self.energy is not None:
+            k = rank_energy(S[S > floor], self.energy)
+        elif self.ratio is not None:
+            k = rank_ratio(S, self.ratio)
+        elif self.auto:
+            k = rank_gavish_donoho(S, shape, floor=floor)
+        else:
+            raise ValueError("--budget chooses ranks jointly: use allocate_budget")
+        k = min(k, *shape)
+        return min(k, max_rank) if max_rank is not None else k
+
+    def describe(self) -> str:
+        if self.rank is not None:
+            return f"rank {self.rank}"
+        if self.energy is not None:
+            return f"energy {self.energy}"
+        if self.ratio is not None:
+            return f"ratio {self.ratio}"
+        if self.budget is not None:
+            return f"budget {self.budget:,} parameters"
+        return "auto (Gavish–Donoho)"

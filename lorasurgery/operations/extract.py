@@ -30,16 +30,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.devices import resolve_device
+from lorasurgery.adapter.writer import write_adapter_folder
+from lorasurgery.devices import resolve_device, torch_threads
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
-from lorasurgery.io import atomic_output_dir, open_checkpoint, save_tensors
+from lorasurgery.io import atomic_output_dir, open_checkpoint
 from lorasurgery.io.output import check_output_path
 from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
 from lorasurgery.linalg.gram import one_blas_thread
+from lorasurgery.linalg.policies import Policy
 from lorasurgery.memory import tune_allocator
 from lorasurgery.operations.extract_plan import (
     PEFT_PREFIX,
@@ -68,58 +69,6 @@ EARLY_READ_TENSORS = 4
 # Power iterations of an explicit --svd randomized (torch.svd_lowrank, q = k + 10): enough for 1% of
 # the optimum on docs/extract.md's planted spectra.
 RANDOMIZED_NITER = 4
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Exactly one rank policy (SPEC §4)."""
-
-    rank: int | None = None
-    energy: float | None = None
-    ratio: float | None = None
-    auto: bool = False
-    budget: int | None = None
-
-    def validate(self) -> None:
-        chosen = [
-            name
-            for name, value in (
-                ("--rank", self.rank),
-                ("--energy", self.energy),
-                ("--ratio", self.ratio),
-                ("--auto", self.auto or None),
-                ("--budget", self.budget),
-            )
-            if value is not None
-        ]
-        if len(chosen) != 1:
-            raise OptionError(
-                "choose exactly one rank policy: --rank, --energy, --ratio, --auto or --budget"
-                + (f" (got {', '.join(chosen)})" if chosen else "")
-            )
-        if self.energy is not None and not 0 < self.energy <= 1:
-            raise OptionError(f"--energy must be in (0, 1], got {self.energy}")
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise OptionError(f"--ratio must be in (0, 1], got {self.ratio}")
-        for name, value in (("--rank", self.rank), ("--budget", self.budget)):
-            if value is not None and value < 1:
-                raise OptionError(f"{name} must be at least 1, got {value}")
-
-    @property
-    def per_module_spectrum(self) -> bool:
-        """energy, ratio and auto choose each module's rank from its own singular values."""
-        return self.energy is not None or self.ratio is not None or self.auto
-
-    def describe(self) -> str:
-        if self.rank is not None:
-            return f"rank {self.rank}"
-        if self.energy is not None:
-            return f"energy {self.energy}"
-        if self.ratio is not None:
-            return f"ratio {self.ratio}"
-        if self.budget is not None:
-            return f"budget {self.budget:,} parameters"
-        return "auto (Gavish–Donoho)"
 
 
 @dataclass
@@ -313,16 +262,9 @@ def _noise_floor(S, target: Target) -> float:
 
 
 def _policy_rank(run: _Run, target: Target, S) -> int:
-    from lorasurgery.linalg.policies import rank_energy, rank_gavish_donoho, rank_ratio
-
-    policy, floor = run.policy, _noise_floor(S, target)
-    if policy.energy is not None:  # τ = 1 keeps every numerically nonzero σ, not rounding noise
-        k = rank_energy(S[S > floor], policy.energy)
-    elif policy.ratio is not None:
-        k = rank_ratio(S, policy.ratio)
-    else:  # rounding noise in an exactly low-rank ΔW is not white: cap at the numerical rank
-        k = rank_gavish_donoho(S, target.shape, floor=floor)
-    return _cap(k, target, run.max_rank)
+    # Rounding noise in an exactly low-rank ΔW is not white: the floor caps --auto at the numerical
+    # rank, and τ = 1 keeps every numerically nonzero σ, not rounding noise.
+    return _cap(run.policy.module_rank(S, target.shape, floor=_noise_floor(S, target)), target, run.max_rank)
 
 
 def _cap(k: int, target: Target, max_rank: int | None) -> int:
@@ -474,18 +416,6 @@ class _EarlyReader:
         return torch.frombuffer(buffer, dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
 
 
-@contextmanager
-def _torch_threads(n: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _worker_count(run: _Run) -> int:
     if run.device != "cpu":
         return 1  # one GPU stream; the CPU only feeds it
@@ -511,7 +441,7 @@ def _run_all(items: list, work: Callable, workers: int, size_of: Callable, on_do
             return work(item)
 
         with (
-            _torch_threads(1),
+            torch_threads(1),
             one_blas_thread(),
             ThreadPoolExecutor(workers, thread_name_prefix="extract") as pool,
         ):
@@ -656,10 +586,7 @@ def extract_adapter(
 
     tensors, config = _assemble(plan, factored, measured, report, base_ckpt, ft_ckpt, base)
     with atomic_output_dir(out, inputs=[base, finetuned], force=force) as folder:
-        save_tensors(folder, tensors, stem="adapter_model")
-        with open(folder / "adapter_config.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
+        write_adapter_folder(folder, tensors, config)
     report.seconds = time.perf_counter() - started
     return report
 

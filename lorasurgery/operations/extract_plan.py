@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from lorasurgery.adapter.config import pattern_key
 from lorasurgery.adapter.model import PEFT_PREFIX
+from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
 from lorasurgery.architecture import in_block, structure_of
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 
@@ -247,35 +247,17 @@ def adapter_config(
     `module_ranks` holds every module with factors (a tied lm_head included); `all_modules` every
     module path of the checkpoint, to check that PEFT's suffix rules pick no other module.
     """
-    counts: dict[int, int] = {}
-    for k in module_ranks.values():
-        counts[k] = counts.get(k, 0) + 1
-    r = max(counts, key=lambda k: (counts[k], k)) if counts else 1
-    rank_pattern = {m: k for m, k in module_ranks.items() if k != r}
-    # PEFT: rank_pattern key K applies to module N when re.match(rf"(.*\.)?({K})$", N), first key
-    # wins. Keys are full module paths; check that each module resolves to its own key or none.
-    for m in module_ranks:
-        key = pattern_key(rank_pattern, m)
-        if (m in rank_pattern and key != m) or (m not in rank_pattern and key is not None):
-            raise LoraSurgeryError(f"internal error: rank_pattern key for module {m} is ambiguous")
-    # PEFT wraps module N for target T when N == T or N ends with "." + T, and puts N into
-    # modules_to_save when N merely ends with T (no dot): full paths must not be suffixes of others.
-    for target in module_ranks:
-        clash = [n for n in all_modules if n != target and n.endswith("." + target)]
-        if clash:
-            raise LoraSurgeryError(f"internal error: target {target} would also wrap {clash[0]}")
-    for saved in modules_to_save:
-        clash = [n for n in all_modules if n != saved and n.endswith(saved)]
-        if clash:
-            raise LoraSurgeryError(f"internal error: modules_to_save {saved} would also wrap {clash[0]}")
+    # Keys are full module paths, checked against PEFT's matching rules (adapter.writer).
+    rank_fields = lora_rank_fields(module_ranks, natural_key)
+    check_module_keys(module_ranks, modules_to_save, all_modules)
     return {
         "peft_type": "LORA",
         "base_model_name_or_path": str(base_path),
-        "r": r,
-        "lora_alpha": r,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),
-        "target_modules": sorted(module_ranks, key=natural_key),
+        "r": rank_fields["r"],
+        "lora_alpha": rank_fields["lora_alpha"],
+        "rank_pattern": rank_fields["rank_pattern"],
+        "alpha_pattern": rank_fields["alpha_pattern"],
+        "target_modules": rank_fields["target_modules"],
         "lora_dropout": 0.0,
         "bias": "lora_only" if saved_biases else "none",
         "lora_bias": False,

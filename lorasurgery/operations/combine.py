@@ -1,0 +1,289 @@
+"""`combine`: several PEFT LoRA adapters into one, ΔW = Σ wᵢ·ΔWᵢ per module, in factored form.
+
+Per module Σ wᵢ sᵢ Bᵢ Aᵢ = [w₁s₁B₁ … wₙsₙBₙ]·[A₁; …; Aₙ] (`linalg.lowrank.concatenated_factors`):
+`--exact` writes that concatenation (rank Σrᵢ, PEFT's "cat"); a policy truncates it optimally from
+the exact SVD of the concatenation by QR (`lowrank_svd`), O((d + k)·(Σrᵢ)²), never forming d × k.
+Adapters may differ in targets, ranks, scales, rsLoRA and patterns: every scale is folded into B
+and the output has α = r per module. A DoRA input's update is its effective W' − W on `--base`
+(dense; resize.module_svd). See docs/combine.md, "Semantics".
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
+
+
+def _module_table(adapters, paths) -> dict[str, list[int]]:
+    """{module: indices of the adapters that adapt it}, checking that they agree on its kind and shape."""
+    table: dict[str, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        for name in adapter.modules:
+            table.setdefault(name, []).append(i)
+    for name, indices in table.items():
+        first = adapters[indices[0]].modules[name]
+        for j in indices[1:]:
+            other = adapters[j].modules[name]
+            if (other.kind, tuple(other.shape)) != (first.kind, tuple(first.shape)):
+                raise MismatchError(
+                    f"module {name}: {paths[indices[0]]} adapts a {first.kind} of shape {list(first.shape)} "
+                    f"but {paths[j]} a {other.kind} of shape {list(other.shape)}; they are not adapters "
+                    f"of the same model"
+                )
+    return table
+
+
+def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
+    """{key: tensor} of every saved (non-LoRA) tensor, once; two different ones under one name are an error."""
+    import torch
+
+    from lorasurgery.operations.resize import lora_keys
+
+    chosen: dict[str, tuple[int, str, object]] = {}  # base-relative name -> (adapter, key, tensor)
+    for i, adapter in enumerate(adapters):
+        keys = lora_keys(adapter)
+        for relative, key in adapter.replacements.items():
+            if key in keys:
+                continue
+            module = relative.rsplit(".", 1)[0]
+            # <m>.base_layer.weight is the layer a LoRA wraps (PEFT saves targeted embeddings so);
+            # <m>.weight is a whole module (modules_to_save), which cannot also carry a LoRA.
+            if module in modules and relative.endswith(".weight") and ".base_layer." not in key:
+                owner = next(j for j, a in enumerate(adapters) if module in a.modules)
+                raise MismatchError(
+                    f"{paths[i]} saves {relative} whole while {paths[owner]} adapts module {module} with "
+                    f"LoRA; one output cannot hold both"
+                )
+            tensor = adapter.read(key)
+            if relative in chosen:
+                j, _, previous = chosen[relative]
+                same = (
+                    previous.shape == tensor.shape
+                    and previous.dtype == tensor.dtype
+                    and torch.equal(previous, tensor)
+                )
+                if not same:
+                    raise MismatchError(
+                        f"{paths[j]} and {paths[i]} both save the tensor {relative} with different values; "
+                        f"combine cannot choose one (drop it from one adapter's modules_to_save)"
+                    )
+                continue
+            chosen[relative] = (i, key, tensor)
+    return {key: tensor for _, key, tensor in chosen.values()}
+
+
+def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype, exact):
+    """One module's ModuleUpdate: the concatenated factors (exact) or their SVD."""
+    import torch
+
+    from lorasurgery.io.safetensors_format import torch_dtype_of
+    from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
+    from lorasurgery.operations.resize import check_factors_finite, module_factors, module_svd
+    from lorasurgery.operations.surgery import ModuleUpdate, check_finite, output_dtype
+
+    terms, bias, stored = [], None, None
+    first = adapters[indices[0]].modules[name]
+    for i in indices:
+        adapter, lora, w = adapters[i], adapters[i].modules[name], weights[i]
+        check_factors_finite(adapter, name)
+        if lora.dora:  # the effective update, dense: its full SVD as balanced factors
+            svd = module_svd(adapter, name, checkpoint, device)
+            root = svd.S.sqrt()
+            terms.append((root[:, None] * svd.Vh, svd.U * root, w))
+        else:
+            f = module_factors(adapter, name)
+            terms.append((f.A.to(torch.float64), f.B.to(torch.float64), w * f.scale))
+        if lora.bias_key:  # written at scale 1: w·s·b
+            term = adapter.read(lora.bias_key).to(torch.float64) * (w * lora.scale)
+            bias = term if bias is None else bias + term
+        a_dtype = torch_dtype_of(adapter.tensors[lora.a_key].dtype)
+        stored = a_dtype if stored is None else torch.promote_types(stored, a_dtype)
+    A, B = concatenated_factors(terms)  # (Σr, n), (d, Σr) float64
+    a_info = adapters[indices[0]].tensors[first.a_key]
+    update = ModuleUpdate(
+        name=name,
+        kind=first.kind,
+        shape=tuple(first.shape),
+        kernel=tuple(a_info.shape[1:]) if first.kind == "conv" else (),
+        rank_in=A.shape[0],
+        out_dtype=output_dtype(dtype, stored),
+        svd=None if exact else lowrank_svd(A, B),
+        exact=(A, B) if exact else None,
+        bias=bias,
+        sources=[str(adapters[i].path) for i in indices],
+    )
+    check_finite(update, ", ".join(update.sources))
+    return update
+
+
+def _check_lora_bias(updates, adapters, checkpoint) -> None:
+    """PEFT's lora_bias is one flag for a whole adapter, and a layer without a bias of its own cannot
+    carry one (PEFT then refuses to merge). So when some input has lora_B biases, every other output
+    module gets a zero one — allowed only where the base is known to have that bias."""
+    from lorasurgery.operations.resize import base_weights
+
+    with_bias = next((u for u in updates if u.bias is not None), None)
+    if with_bias is None:
+        return
+    for u in updates:
+        if u.bias is not None or u.kind == "embedding":
+            continue  # embeddings: build_output refuses the mix with its own message
+        adapter = next(a for a in adapters if u.name in a.modules)
+        has_bias = False
+        if checkpoint is not None:
+            weight = base_weights(adapter, checkpoint)[u.name]
+            has_bias = weight.removesuffix(".weight") + ".bias" in checkpoint.tensors
+        if not has_bias:
+            raise LoraSurgeryError(
+                f"module {with_bias.name} has a lora_B bias (from {with_bias.sources[0]}) but module {u.name} "
+                f"(from {u.sources[0]}) has none, and PEFT's lora_bias holds for every module of an adapter: "
+                + (
+                    f"the base {checkpoint.path} has no bias for {u.name}, so PEFT could not merge it"
+                    if checkpoint is not None
+                    else "pass --base BASE to check that the layer has a bias of its own"
+                )
+            )
+
+
+def _merged_config(adapters, paths) -> dict:
+    """Fields of the output config that come from all inputs (the rest is the first input's)."""
+    saves = []
+    for adapter in adapters:
+        for module in adapter.config.modules_to_save or []:
+            if module not in saves:
+                saves.append(module)
+    biases = {adapter.config.bias for adapter in adapters}
+    from lorasurgery.operations.resize import known_fan_in_fan_out
+
+    fan = {adapter.config.fan_in_fan_out for adapter in adapters if adapter.modules}
+    known = known_fan_in_fan_out(adapters)
+    return {
+        "modules_to_save": saves or None,
+        "bias": "all" if "all" in biases else "lora_only" if "lora_only" in biases else "none",
+        # A layer's layout is the model's: as laid out on --base when given, else any input's flag.
+        "fan_in_fan_out": (True in fan) if known is None else known,
+        "layers_to_transform": None,  # target_modules are full paths: no layer filter is needed
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "ensure_weight_tying": any(a.config.raw.get("ensure_weight_tying") for a in adapters),
+        "task_type": next((a.config.task_type for a in adapters if a.config.task_type), None),
+    }
+
+
+def combine_adapters(
+    adapters,
+    out: str | os.PathLike,
+    *,
+    weights=None,
+    exact: bool = False,
+    policy=None,
+    max_rank: int | None = None,
+    base: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    force: bool = False,
+    progress=None,
+):
+    """Write the weighted sum of `adapters` to `out`, exactly or truncated under `policy`."""
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.adapter.writer import write_adapter_folder
+    from lorasurgery.devices import resolve_device, torch_threads
+    from lorasurgery.io import atomic_output_dir, check_output_path
+    from lorasurgery.operations.extract_plan import natural_key
+    from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
+    from lorasurgery.operations.surgery import (
+        PEFT_PREFIX,
+        SurgeryReport,
+        adapter_config,
+        build_output,
+        choose_ranks,
+        finish_totals,
+        output_dtype,
+        preload,
+    )
+    from lorasurgery.progress import Progress, no_progress
+
+    started = time.perf_counter()
+    progress = progress or no_progress
+    paths = [str(p) for p in adapters]
+    if not paths:
+        raise OptionError("combine needs at least one adapter")
+    weights = [1.0] * len(paths) if not weights else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise OptionError(
+            f"{len(weights)} --weight values for {len(paths)} adapters; give one --weight per adapter, in order"
+        )
+    if exact and policy is not None:
+        raise OptionError("--exact writes the full sum; it takes no rank policy")
+    if not exact and policy is None:
+        raise OptionError(
+            "choose --exact or exactly one rank policy (--rank, --energy, --ratio, --auto, --budget)"
+        )
+    if policy is not None:
+        policy.validate()
+    if max_rank is not None and (max_rank < 1 or exact):
+        raise OptionError(
+            "--max-rank applies to a rank policy, not to --exact"
+            if exact
+            else f"--max-rank must be at least 1, got {max_rank}"
+        )
+    output_dtype(dtype, None)
+    inputs = paths + ([base] if base is not None else [])
+    check_output_path(out, inputs, force)
+    loaded = [preload(load_adapter(p)) for p in paths]
+    for adapter in loaded:
+        check_dora_base(adapter, base)
+    checkpoint = as_checkpoint(base)
+    for adapter in loaded:
+        check_base(adapter, checkpoint)
+    table = _module_table(loaded, paths)
+    saved = _saved_tensors(loaded, paths, set(table))
+    device = resolve_device(device)
+
+    # small per-module kernels: one torch thread (lorasurgery.devices.torch_threads)
+    with torch_threads(1 if device == "cpu" else None):
+        names = sorted(table, key=natural_key)
+        updates = []
+        for i, name in enumerate(names):
+            updates.append(
+                _combined_update(loaded, table[name], weights, name, checkpoint, device, dtype, exact)
+            )
+            progress(Progress("combine", i + 1, len(names), name))
+        _check_lora_bias(updates, loaded, checkpoint)
+        policy_text = "exact sum" if exact else policy.describe()
+        report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
+        ranks = None
+        if not exact:
+            budget = None
+            if policy.budget is not None:
+                fixed = sum(t.numel() for t in saved.values()) + sum(
+                    u.bias.numel() for u in updates if u.bias is not None
+                )
+                budget = policy.budget - fixed
+                if budget < 0:
+                    raise LoraSurgeryError(
+                        f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone "
+                        f"take {fixed:,} parameters"
+                    )
+            ranks = choose_ranks(updates, policy, max_rank, budget)
+        output = build_output(updates, ranks, report)
+    if not output.module_ranks:
+        raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
+    tensors = {**output.tensors, **saved}
+    report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
+    if saved and any(w != 1.0 for w in weights):
+        report.notes.append(
+            "tensors saved whole (modules_to_save, biases) are copied unchanged, not weighted"
+        )
+    if any(m.dora for a in loaded for m in a.modules.values()):
+        report.notes.append(f"DoRA inputs entered as their effective update W' − W on {base}")
+    config = adapter_config(
+        loaded[0].config.raw, output.module_ranks, output.lora_bias, **_merged_config(loaded, paths)
+    )
+    finish_totals(report, tensors)
+    with atomic_output_dir(out, inputs=inputs, force=force) as folder:
+        write_adapter_folder(folder, tensors, config)
+    report.seconds = time.perf_counter() - started
+    return report

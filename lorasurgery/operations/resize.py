@@ -1,0 +1,348 @@
+"""`resize`: re-rank a PEFT LoRA adapter in factored form, never forming the d × k update.
+
+Per module ΔW = s·B@A has its SVD exactly from QR factors (`linalg.lowrank.lowrank_svd`): O((d+k)·r²).
+The optimal rank-k update (Eckart–Young) is then B' = U_k Σ_k^½, A' = Σ_k^½ V_kᵀ (balanced), written
+with lora_alpha = r so that every scale is exactly 1. A DoRA module's true update depends on the base
+(W' = m/‖W + sBA‖ ⊙ (W + sBA)): with `--base` it is computed densely from the base weight and the
+result is a plain LoRA of W' − W (the DoRA → LoRA conversion); without a base it is refused.
+
+The library API used by `resize`, `combine` and `export` (see docs/resize.md, "Semantics"):
+- `module_svd(adapter, module, base=None)`: the exact SVD of one module's ΔW, in PEFT's factor layout
+  (B@A: (out, in) for Linear and Conv1D alike, (dim, vocab) for an embedding, (out, in·∏kernel) for a conv);
+- `truncated_factors(svd, k, dtype)`: balanced rank-k factors cast to `dtype` and the relative error of
+  what is written, measured after the cast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from lorasurgery.errors import MismatchError, NonFiniteError, OptionError, UnsupportedError
+
+
+@dataclass
+class ModuleFactors:
+    """One module's update in PEFT's factor layout, flattened to 2-D: ΔW = scale·B@A."""
+
+    A: object  # (r, in) / (r, vocab) / (r, in·∏kernel), as stored (dtype kept)
+    B: object  # (out, r) / (dim, r) / (out, r)
+    scale: float
+
+
+def as_adapter(adapter):
+    """An Adapter, loaded from a path when given one."""
+    from lorasurgery.adapter import Adapter, load_adapter
+
+    return adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+
+
+def as_checkpoint(base):
+    """A Checkpoint, opened from a path when given one."""
+    from lorasurgery.io import open_checkpoint
+    from lorasurgery.io.checkpoint import Checkpoint
+
+    if base is None or isinstance(base, Checkpoint):
+        return base
+    return open_checkpoint(base)
+
+
+def module_factors(adapter, module: str, device: str = "cpu") -> ModuleFactors:
+    """The stored factors of `module`, flattened to 2-D in PEFT's layout (a conv's 1×1 lora_B included)."""
+    lora = adapter.modules[module]
+    A, B = adapter.read_factors(module, device)
+    if lora.kind == "conv":
+        r = A.shape[0]
+        if B.dim() < 2 or B.shape[1] != r or any(k != 1 for k in B.shape[2:]):
+            raise UnsupportedError(
+                f"{adapter.path}: module {module}: lora_B of shape {tuple(B.shape)} is not a 1×1 "
+                f"convolution; it has no low-rank form lorasurgery can resize"
+            )
+        A, B = A.reshape(r, -1), B.reshape(B.shape[0], r)
+    return ModuleFactors(A, B, lora.scale)
+
+
+def base_weights(adapter, checkpoint) -> dict[str, str]:
+    """{module: the stored base tensor it adapts}, shapes checked, every linear module laid out as the
+    base model's structure says (`lorasurgery.architecture`: a GPT-2 Conv1D is stored (in, out)
+    whatever adapter_config.json's fan_in_fan_out claims). Cached on the adapter per checkpoint."""
+    from types import SimpleNamespace
+
+    from lorasurgery.adapter import find_prefix_rule, resolve_base_names
+    from lorasurgery.architecture import lay_out, model_tensors, structure_of
+
+    cache = adapter.__dict__.setdefault("_base_weights", {})
+    if str(checkpoint.path) in cache:
+        return cache[str(checkpoint.path)]
+    structure = structure_of(checkpoint)
+    tensors = model_tensors(checkpoint, structure)  # a tied lm_head stored once included
+    rule, unmatched = find_prefix_rule([m.base_weight_name for m in adapter.modules.values()], tensors)
+    if not unmatched:
+        targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
+        lay_out(structure, [(adapter, targets)], tensors)
+    mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
+    stored = {module: tensors[name].name for module, name in mapping.items()}
+    cache[str(checkpoint.path)] = stored
+    return stored
+
+
+def dora_delta(adapter, module: str, base, device: str = "cpu"):
+    """W' − W of a DoRA module (float64), in PEFT's factor layout: (out, in), (dim, vocab) or (out, in·∏k).
+
+    W' is the merge kernel's (`linalg.delta.merge_weight`, PEFT's DoRA semantics) in float64. The
+    stored layout of the base weight (Conv1D (in, out), embedding (vocab, dim)) is the adapter
+    module's (`LoraModule.kind`, `fan_in_fan_out`, whose shape the base weight was checked against).
+    """
+    import torch
+
+    from lorasurgery.linalg.delta import Update, merge_weight
+
+    adapter = as_adapter(adapter)
+    checkpoint = as_checkpoint(base)
+    name = base_weights(adapter, checkpoint)[module]
+    lora = adapter.modules[module]  # laid out by base_weights
+    shape = tuple(checkpoint.tensors[name].shape)
+    if shape != tuple(lora.shape):
+        raise MismatchError(
+            f"{adapter.path}: module {module} expects a base weight of shape {list(lora.shape)} but "
+            f"{checkpoint.path}'s {name} has shape {list(shape)}"
+        )
+    W = checkpoint.read(name).to(device=device, dtype=torch.float64)  # stored layout
+    A, B = adapter.read_factors(module, device)
+    update = Update(
+        module=module,
+        kind=lora.kind,
+        A=A,
+        B=B,
+        scale=lora.scale,
+        fan_in_fan_out=bool(lora.fan_in_fan_out),
+        magnitude=adapter.read_magnitude(module, device),
+        source=str(adapter.path),
+    )
+    merged = merge_weight(
+        W.clone(), [update], out_dtype=torch.float64, precise=True, device=device, name=name
+    )
+    delta = merged - W
+    if lora.kind == "embedding" or (lora.kind == "linear" and lora.fan_in_fan_out):
+        return delta.T  # stored (vocab, dim) / (in, out) -> B@A's (dim, vocab) / (out, in)
+    return delta.reshape(delta.shape[0], -1)
+
+
+def module_svd(adapter, module: str, base=None, device: str = "cpu"):
+    """The exact SVD (float64) of `module`'s true ΔW in PEFT's factor layout, as a LowRankSVD.
+
+    Plain LoRA: of s·B@A from QR factors (r singular values, never forming d × k). DoRA: of the
+    effective update W' − W computed densely from `base` (a Checkpoint or a path; min(d, k) values).
+    """
+    import torch
+
+    from lorasurgery.linalg.lowrank import LowRankSVD, lowrank_svd
+
+    adapter = as_adapter(adapter)
+    lora = adapter.modules[module]
+    if lora.dora:
+        if base is None:
+            raise UnsupportedError(
+                f"{adapter.path}: module {module} is DoRA: its update depends on the base weight; "
+                f"DoRA needs --base"
+            )
+        U, S, Vh = torch.linalg.svd(dora_delta(adapter, module, base, device), full_matrices=False)
+        return LowRankSVD(U=U, S=S, Vh=Vh)
+    f = module_factors(adapter, module, device)
+    return lowrank_svd(f.A, f.B, f.scale)
+
+
+def truncated_factors(svd, k: int, dtype) -> tuple[object, object, float]:
+    """(A (k, in), B (out, k), relative error): balanced rank-k factors of `svd` cast to `dtype`.
+
+    The error ‖ΔW − B̃Ã‖_F/‖ΔW‖_F is of the cast factors B̃, Ã against ΔW = U Σ Vᵀ, computed exactly
+    in float64 without forming d × k (`linalg.lowrank.factors_error`): it is Eckart–Young's
+    √(Σ_{i>k}σᵢ²/Σσᵢ²) plus whatever the cast adds, measured, not assumed.
+    """
+    from lorasurgery.linalg.lowrank import balanced_factors, factors_error
+
+    k = max(0, min(int(k), len(svd.S)))
+    A, B = balanced_factors(svd, k)  # (k, in), (out, k) in the SVD's dtype
+    A, B = A.to(dtype), B.to(dtype)
+    return A, B, factors_error(svd, A, B)
+
+
+# ------------------------------------------------------------------------------------------ resize
+
+
+def module_update(adapter, module: str, base, device: str, dtype: str, weight: float = 1.0):
+    """A surgery.ModuleUpdate of one module: its exact SVD (times `weight`), scaled lora_B bias, layout."""
+    import torch
+
+    from lorasurgery.io.safetensors_format import torch_dtype_of
+    from lorasurgery.linalg.lowrank import LowRankSVD
+    from lorasurgery.operations.surgery import ModuleUpdate, check_finite, output_dtype
+
+    lora = adapter.modules[module]
+    where = str(adapter.weights_file)
+    check_factors_finite(adapter, module)
+    svd = module_svd(adapter, module, base, device)
+    svd = LowRankSVD(U=svd.U.cpu(), S=svd.S.cpu() * abs(weight), Vh=svd.Vh.cpu() * (1 if weight >= 0 else -1))
+    bias = adapter.read_lora_bias(module)
+    if bias is not None:
+        bias = bias.to(torch.float64) * (lora.scale * weight)  # the written scale is 1
+    a_info = adapter.tensors[lora.a_key]
+    update = ModuleUpdate(
+        name=module,
+        kind=lora.kind,
+        shape=tuple(lora.shape),
+        kernel=tuple(a_info.shape[1:]) if lora.kind == "conv" else (),
+        rank_in=lora.r,
+        out_dtype=output_dtype(dtype, torch_dtype_of(a_info.dtype)),
+        svd=svd,
+        bias=bias,
+        sources=[str(adapter.path)],
+    )
+    check_finite(update, where)
+    return update
+
+
+def check_factors_finite(adapter, module: str) -> None:
+    import torch
+
+    lora = adapter.modules[module]
+    for label, key in (
+        ("lora_A", lora.a_key),
+        ("lora_B", lora.b_key),
+        ("lora_B.bias", lora.bias_key),
+        ("lora_magnitude_vector", lora.magnitude_key),
+    ):
+        if key and not bool(torch.isfinite(adapter.read(key)).all()):
+            raise NonFiniteError(f"{adapter.weights_file}: module {module}: {label} holds NaN/Inf")
+
+
+def lora_keys(adapter) -> set[str]:
+    """Every tensor key that belongs to a LoRA module (factors, lora_B bias, DoRA magnitude)."""
+    return {
+        key
+        for m in adapter.modules.values()
+        for key in (m.a_key, m.b_key, m.bias_key, m.magnitude_key)
+        if key
+    }
+
+
+def check_dora_base(adapter, base) -> None:
+    dora = [m for m, module in adapter.modules.items() if module.dora]
+    if dora and base is None:
+        raise UnsupportedError(
+            f"{adapter.path}: module {dora[0]} is DoRA ({len(dora)} modules): its update "
+            f"m/‖W + sBA‖·(W + sBA) − W depends on the base weights; DoRA needs --base BASE"
+        )
+
+
+def check_base(adapter, checkpoint) -> None:
+    """With a base: every module exists in it with the shape it expects (MismatchError otherwise), and
+    the linear modules are laid out as the base's structure says (`base_weights`)."""
+    if checkpoint is not None:
+        base_weights(adapter, checkpoint)
+
+
+def known_fan_in_fan_out(adapters) -> bool | None:
+    """The fan_in_fan_out every linear module was laid out with against a base, or None when no
+    layout was decided there (no base) or the modules differ (PEFT then decides per layer)."""
+    flags = {
+        m.fan_in_fan_out
+        for adapter in adapters
+        for m in adapter.modules.values()
+        if m.kind == "linear" and m.layout != "adapter"
+    }
+    return flags.pop() if len(flags) == 1 else None
+
+
+def resize_adapter(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    policy,
+    max_rank: int | None = None,
+    base: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    force: bool = False,
+    progress=None,
+):
+    """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.adapter.writer import write_adapter_folder
+    from lorasurgery.devices import resolve_device, torch_threads
+    from lorasurgery.errors import AdapterError, LoraSurgeryError
+    from lorasurgery.io import atomic_output_dir, check_output_path
+    from lorasurgery.operations.extract_plan import natural_key
+    from lorasurgery.operations.surgery import (
+        PEFT_PREFIX,
+        SurgeryReport,
+        adapter_config,
+        build_output,
+        choose_ranks,
+        finish_totals,
+        output_dtype,
+        preload,
+    )
+    from lorasurgery.progress import Progress, no_progress
+
+    started = time.perf_counter()
+    progress = progress or no_progress
+    policy.validate()
+    if max_rank is not None and max_rank < 1:
+        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
+    output_dtype(dtype, None)  # refuse a bad --dtype before any work
+    inputs = [adapter] + ([base] if base is not None else [])
+    check_output_path(out, inputs, force)
+    loaded = load_adapter(adapter)
+    if not loaded.modules:
+        raise AdapterError(f"{adapter}: the adapter holds no LoRA modules; nothing to resize")
+    preload(loaded)
+    check_dora_base(loaded, base)
+    checkpoint = as_checkpoint(base)
+    check_base(loaded, checkpoint)
+    device = resolve_device(device)
+
+    # small per-module kernels: one torch thread (lorasurgery.devices.torch_threads)
+    with torch_threads(1 if device == "cpu" else None):
+        names = sorted(loaded.modules, key=natural_key)
+        updates = []
+        for i, name in enumerate(names):
+            updates.append(module_update(loaded, name, checkpoint, device, dtype))
+            progress(Progress("resize", i + 1, len(names), name))
+        keys = lora_keys(loaded)
+        saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
+        budget = None
+        if policy.budget is not None:
+            fixed = sum(t.numel() for t in saved.values()) + sum(
+                u.bias.numel() for u in updates if u.bias is not None
+            )
+            budget = policy.budget - fixed
+            if budget < 0:
+                raise LoraSurgeryError(
+                    f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone take "
+                    f"{fixed:,} parameters"
+                )
+        ranks = choose_ranks(updates, policy, max_rank, budget)
+        report = SurgeryReport("resize", [str(adapter)], str(out), policy.describe())
+        output = build_output(updates, ranks, report)
+    if not output.module_ranks:
+        raise LoraSurgeryError(
+            f"{adapter}: every module has rank 0 under {policy.describe()}; nothing to write"
+        )
+    tensors = {**output.tensors, **saved}
+    report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
+    dora = [u.name for u in updates if loaded.modules[u.name].dora]
+    if dora:
+        report.notes.append(
+            f"{len(dora)} DoRA modules became plain LoRA of their effective update W' − W on {base}; "
+            f"the result belongs to that base"
+        )
+    fan_in_fan_out = known_fan_in_fan_out([loaded])  # the flag is PEFT's hint: say the truth when known
+    overrides = {} if fan_in_fan_out is None else {"fan_in_fan_out": fan_in_fan_out}
+    config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias, **overrides)
+    finish_totals(report, tensors)
+    with atomic_output_dir(out, inputs=inputs, force=force) as folder:
+        write_adapter_folder(folder, tensors, config)
+    report.seconds = time.perf_counter() - started
+    return report
