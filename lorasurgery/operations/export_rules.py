@@ -89,8 +89,8 @@ def check_rules(
             if not math.isclose(target_scale(target, config, lo.r), lo.scale, rel_tol=1e-12)
         ]
         requirement = {
-            "vllm": "vLLM applies one scale lora_alpha/r (lora_alpha/√r with use_rslora) to every module; "
-            "releases before per-module patterns ignore rank_pattern/alpha_pattern",
+            "vllm": "vLLM applies one scale lora_alpha/r (lora_alpha/√r with use_rslora) to every module "
+            "(releases before per-module patterns ignore rank_pattern/alpha_pattern)",
             "sglang": "SGLang applies one scale lora_alpha/r to every module; use_rslora is not read",
             "llama.cpp": "llama.cpp applies adapter.lora.alpha / rank(lora_b) to each tensor pair; "
             "convert_lora_to_gguf.py writes lora_alpha as it is (no rsLoRA, no alpha_pattern)",
@@ -100,20 +100,6 @@ def check_rules(
         Rule("scale", requirement, FIXED if wrong else PASS, _listed(wrong), action if wrong else "")
     )
 
-    # Patterns and variable ranks.
-    if target in ("vllm", "sglang"):
-        patterned = list(modules) if (config.rank_pattern or config.alpha_pattern) else []
-        rules.append(
-            Rule(
-                "patterns",
-                "rank_pattern/alpha_pattern are dropped or only partly honoured",
-                FIXED if patterned else PASS,
-                _listed(patterned),
-                "written so that every reading gives scale 1·g: lora_alpha = g·r and alpha_pattern = g·rank"
-                if patterned and target == "vllm"
-                else ("every module padded to one rank, no patterns" if patterned else ""),
-            )
-        )
     ranks = {lo.r for lo in modules.values()}
     if target == "sglang":
         mixed = len(ranks) > 1
@@ -176,7 +162,7 @@ def check_rules(
                 {
                     "vllm": "vLLM refuses use_dora (peft_helper.py)",
                     "sglang": "SGLang has no DoRA kernel",
-                    "llama.cpp": "llama.cpp has no magnitude vector; the converter drops it silently",
+                    "llama.cpp": "llama.cpp has no DoRA magnitude; convert_lora_to_gguf.py exits on lora_magnitude_vector",
                 }[target],
                 status,
                 _listed(dora),
