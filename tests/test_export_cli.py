@@ -109,3 +109,16 @@ def test_inspect_for_exit_codes(adapters, base):
     assert dora.exit_code == 4 and "impossible" in dora.stdout and "--base" in dora.stdout
     assert run_cli("inspect", adapters["dora"], "--for", "vllm", "--base", base).exit_code == 3
     assert run_cli("inspect", adapters["plain"], "--for", "llama.cpp", "--base", base).exit_code == 0
+
+
+def test_embedding_lora_on_a_tied_base_is_refused_for_llamacpp(base, tmp_path):
+    adapter = make_adapter(
+        base, tmp_path / "emb", r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]
+    )
+    assert_refused(
+        ["export", adapter, "--for", "llama.cpp", "--base", base, "-o", tmp_path / "e.gguf"],
+        "tied embeddings",
+        inputs=[adapter, base],
+        output=tmp_path / "e.gguf",
+    )
+    assert run_cli("export", adapter, "--for", "vllm", "-o", tmp_path / "v").exit_code == 0

@@ -265,6 +265,18 @@ def _llamacpp_rules(adapter, base_config: dict | None) -> list[Rule]:
             "merge the adapter into the base (`lorasurgery merge`)" if tied and heads else "",
         )
     )
+    embeddings = [m for m, lo in adapter.modules.items() if lo.kind == "embedding"]
+    rules.append(
+        Rule(
+            "tied_embedding",
+            "with tied embeddings llama.cpp's output is token_embd.weight itself (llama-model-loader.cpp, "
+            "TENSOR_DUPLICATED), so a token_embd LoRA shaped for the input gather is also looked up at the "
+            "output matmul, where PEFT applies none",
+            IMPOSSIBLE if tied and embeddings else PASS,
+            embeddings if tied else [],
+            "merge the adapter into the base (`lorasurgery merge`)" if tied and embeddings else "",
+        )
+    )
     return rules
 
 
