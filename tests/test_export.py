@@ -311,3 +311,52 @@ def test_plain_factors_are_kept_byte_for_byte(llama, tmp_path):
         assert torch.equal(source[key], out[key])
     config = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
     assert config["lora_alpha"] / config["r"] == 2.0
+
+
+def _vendored_converter():
+    import os
+    from pathlib import Path
+
+    folder = os.environ.get("LLAMA_CPP_DIR")
+    path = Path(folder) / "convert_lora_to_gguf.py" if folder else None
+    if path is None or not path.is_file():
+        pytest.skip("LLAMA_CPP_DIR (llama.cpp's source, e.g. llama-cpp-python's vendor/llama.cpp) not set")
+    return path
+
+
+@pytest.mark.parametrize("case", ["plain", "multi_rank"])
+def test_gguf_equals_llamacpp_converter(llama, tmp_path, case):
+    """For adapters the converter handles, our GGUF's tensors and alpha equal what it writes."""
+    import subprocess
+    import sys
+
+    converter = _vendored_converter()
+    adapter = make_adapter(llama, tmp_path / "a", seed=5, **LLAMA_CASES[case])
+    theirs = tmp_path / "theirs.gguf"
+    subprocess.run(
+        [
+            sys.executable,
+            str(converter),
+            str(adapter),
+            "--base",
+            str(llama),
+            "--outfile",
+            str(theirs),
+            "--outtype",
+            "f32",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    export_adapter(adapter, "llama.cpp", tmp_path / "ours.gguf", base=llama)
+    import gguf
+
+    readers = [gguf.GGUFReader(p) for p in (theirs, tmp_path / "ours.gguf")]
+    tensors = [{t.name: np.array(t.data) for t in r.tensors} for r in readers]
+    assert set(tensors[0]) == set(tensors[1])
+    for name in tensors[0]:
+        assert tensors[0][name].dtype == tensors[1][name].dtype and np.array_equal(
+            tensors[0][name], tensors[1][name]
+        ), name
+    alphas = [float(r.get_field("adapter.lora.alpha").contents()) for r in readers]
+    assert alphas[0] == alphas[1]
