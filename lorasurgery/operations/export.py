@@ -144,9 +144,14 @@ def _plain_factors(adapter, lora, multiplier: float) -> _Factors:
     if ratio == 1.0:
         return _Factors(A, B, "copied", 0.0)
     B_out = (B.double() * ratio).to(B.dtype)
-    # error of t·B'@A against s·B@A exactly: ‖[t·B', −s·B]·[A; A]‖_F from r × r Grams
-    A_cat, B_cat = concatenated_factors([(A, B_out, multiplier), (A, B, -lora.scale)])
-    error = lowrank_fro_norm(A_cat.double(), B_cat.double()) / max(lowrank_fro_norm(A, B, lora.scale), 1e-300)
+    # error of t·B'@A against s·B@A exactly: ‖[t·B', −s·B]·[A; A]‖_F from r × r Grams (a conv's
+    # factors seen as (r, in·∏k) and (out, r))
+    r = A.shape[0]
+    A2, B2, B2_out = A.reshape(r, -1), B.reshape(B.shape[0], r), B_out.reshape(B.shape[0], r)
+    A_cat, B_cat = concatenated_factors([(A2, B2_out, multiplier), (A2, B2, -lora.scale)])
+    error = lowrank_fro_norm(A_cat.double(), B_cat.double()) / max(
+        lowrank_fro_norm(A2, B2, lora.scale), 1e-300
+    )
     return _Factors(A, B_out, "folded", error)
 
 
