@@ -174,6 +174,12 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.option("--all", "show_all", is_flag=True, help="One table row per module, not per module type.")
 @config_option("With --base: the base's config.json, when it has none.")
 @fan_in_fan_out_option("With --base: modules stored (in, out) (as merge).")
+@click.option(
+    "--for",
+    "target",
+    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
+    help="Check each rule of this serving target instead (exit 0 loadable as is, 3 export fixes it, 4 impossible).",
+)
 @global_options
 @click.pass_context
 def inspect(
@@ -184,12 +190,19 @@ def inspect(
     show_all: bool,
     config_file: str | None,
     fan_in_fan_out: str | None,
+    target: str | None,
 ) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
     from lorasurgery import render
     from lorasurgery.operations.inspect import inspect_adapter
 
     quiet = settings_of(ctx).quiet
+    if target is not None:
+        from lorasurgery.operations.export import serving_check
+
+        check = serving_check(adapter, target, base=base)
+        render.serving_check(check, as_json=as_json)
+        ctx.exit(check.exit_code)
     with render.progress_bar("inspect", quiet) as progress:
         report = inspect_adapter(
             adapter, base=base, progress=progress, config_file=config_file, fan_in_fan_out=fan_in_fan_out
@@ -545,6 +558,78 @@ def combine(
     if report:
         write_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)
+
+
+# ------------------------------------------------------------------------------ export
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(exists=False))
+@click.option(
+    "--for",
+    "target",
+    required=True,
+    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
+    help="Serving target.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(),
+    help="Output folder (llama.cpp: .gguf file).",
+)
+@click.option(
+    "--base",
+    type=click.Path(exists=False),
+    help="Base model folder: config.json (llama.cpp), weights (DoRA).",
+)
+@click.option(
+    "--max-rank",
+    type=int,
+    help="Truncate modules above this rank (error reported); the rank DoRA is converted at.",
+)
+@click.option(
+    "--drop-saved", is_flag=True, help="Leave out saved tensors the target cannot load (norm reported)."
+)
+@force_option
+@json_option
+@global_options
+@click.pass_context
+def export(
+    ctx: click.Context,
+    adapter: str,
+    target: str,
+    output: str,
+    base: str | None,
+    max_rank: int | None,
+    drop_saved: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Rewrite ADAPTER so that a serving stack computes exactly PEFT's ΔW, or refuse saying why.
+
+    Each module's true scale (α, r, rsLoRA, patterns) is folded into lora_B so the target's single
+    formula is exact; regex targets become lists; DoRA becomes a plain LoRA of its effective update
+    (needs --base, error reported). llama.cpp gets a GGUF LoRA file (needs --base for config.json).
+    """
+    from lorasurgery import render
+    from lorasurgery.operations.export import export_adapter
+
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar("export", quiet) as progress:
+        report = export_adapter(
+            adapter,
+            target,
+            output,
+            base=base,
+            max_rank=max_rank,
+            drop_saved=drop_saved,
+            force=force,
+            progress=progress,
+        )
+    render.export_report(report, as_json=as_json, quiet=quiet)
 
 
 def _interrupt(signum, frame) -> None:

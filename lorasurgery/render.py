@@ -432,3 +432,46 @@ def rank_report(report, show_all=False, json_path=None, csv_path=None, plot_dir=
     stdout.print(table)
     for line in report.notes:
         note(f"note: {line}", quiet)
+
+
+# --------------------------------------------------------------------------------------------------
+# export / inspect --for
+
+
+def serving_check(check, as_json: bool = False) -> None:
+    if as_json:
+        print_json(check.to_json())
+        return
+    for rule in check.rules:
+        listed = ", ".join(rule.modules[:4]) + (
+            f" and {len(rule.modules) - 4} more" if len(rule.modules) > 4 else ""
+        )
+        line = f"{rule.status:<10} {rule.id}: {rule.requirement}"
+        if listed:
+            line += f" [{listed}]"
+        if rule.action:
+            line += f" -> {rule.action}"
+        stdout.print(line, markup=False, soft_wrap=True)
+    stdout.print(f"{check.target}: {check.summary}", markup=False, soft_wrap=True)
+
+
+def export_report(report, as_json: bool = False, quiet: bool = False) -> None:
+    if as_json:
+        print_json(report.to_json())
+        return
+    table = new_table(f"{report.output} — {report.adapter} for {report.target}")
+    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
+    for column in ("r in", "r out", "method", "relative error"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    for m in report.modules:
+        table.add_row(m.name, str(m.rank_in), str(m.rank_out), m.method, format_number(m.relative_error))
+    stdout.print(table)
+    config = ", ".join(f"{k} = {v}" for k, v in report.config.items())
+    stdout.print(
+        f"{len(report.modules)} modules; the target reads {config}; max relative error {format_number(report.max_error)}"
+    )
+    for name, norm in report.dropped.items():
+        note(f"dropped {name} (‖·‖_F = {format_number(norm)})", quiet)
+    for line in report.notes:
+        note(f"note: {line}", quiet)
+    note(f"wrote {report.output}", quiet)

@@ -1,0 +1,437 @@
+"""`export --for vllm|sglang|llama.cpp|peft`: rewrite an adapter so the target computes PEFT's ΔW.
+
+Every module's true update is ΔW_m = s_m·B_m@A_m (s_m from α, r, rsLoRA and the patterns, as PEFT
+computes it). The target applies its own multiplier t_m to what it loads (vLLM/SGLang one global g,
+llama.cpp α/rank per tensor, see export_rules), so export writes factors with t_m·B'@A' = ΔW_m:
+- plain module: B' = (s_m/t_m)·B, A' = A (B kept byte for byte when s_m = t_m);
+- rank above --max-rank, or DoRA with --base: the optimal rank-k factors of ΔW_m/t_m from its exact
+  SVD (operations.resize: module_svd, truncated_factors), the relative error reported after the cast;
+- SGLang: every module zero-padded to one rank (exact), since it stacks q/k/v and gate/up.
+The config is written so that every reading gives t_m: r = R, lora_alpha = g·R and, for modules of
+another rank k, rank_pattern k and alpha_pattern g·k (PEFT and pattern-aware vLLM read g; vLLM
+releases without patterns read lora_alpha/r = g). What a target cannot carry is refused before
+anything is written, with the alternative (see docs/export.md, "Semantics").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorasurgery.adapter import PEFT_PREFIX, load_adapter
+from lorasurgery.adapter.writer import write_adapter_folder
+from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
+from lorasurgery.io import atomic_output_dir, copy_side_files, open_checkpoint, read_json
+from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
+from lorasurgery.operations.export_rules import (
+    FIXED,
+    IMPOSSIBLE,
+    PASS,
+    TARGETS,
+    check_rules,
+    embedding_copies,
+    verdict,
+)
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
+
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+@dataclass
+class ModuleExport:
+    name: str
+    kind: str
+    rank_in: int
+    rank_out: int
+    scale_in: float  # PEFT's s_m
+    multiplier: float  # what the target applies: t_m
+    method: str  # copied | folded | truncated | dora→lora | padded (added to the others)
+    relative_error: float  # ‖t_m·B'@A' − ΔW_m‖_F / ‖ΔW_m‖_F, after the cast
+
+
+@dataclass
+class ExportReport:
+    adapter: str
+    target: str
+    output: str
+    rules: list
+    modules: list[ModuleExport] = field(default_factory=list)
+    dropped: dict[str, float] = field(default_factory=dict)  # saved tensor -> its Frobenius norm
+    config: dict = field(default_factory=dict)  # what the target reads: r/alpha (or GGUF alpha)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max((m.relative_error for m in self.modules), default=0.0)
+
+    def to_json(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "target": self.target,
+            "output": self.output,
+            "rules": [r.to_json() for r in self.rules],
+            "modules": [vars(m) for m in self.modules],
+            "dropped": self.dropped,
+            "config": self.config,
+            "max_relative_error": self.max_error,
+            "notes": self.notes,
+        }
+
+
+def _base_parts(base) -> tuple[dict | None, object | None]:
+    """(config.json, weights checkpoint or None) of a base folder; either may be missing."""
+    if base is None:
+        return None, None
+    base = Path(base)
+    if not base.exists():
+        raise CheckpointError(f"{base}: no such base folder")
+    config = None
+    folder = base if base.is_dir() else base.parent
+    if (folder / "config.json").is_file():
+        config = read_json(folder / "config.json", "config.json")
+    try:
+        checkpoint = open_checkpoint(base)
+    except CheckpointError:
+        checkpoint = None
+    return config, checkpoint
+
+
+def refusal(adapter_path, target: str, rules) -> str:
+    """One sentence per impossible rule: what, which modules, and the alternative."""
+    parts = []
+    for rule in rules:
+        if rule.status != IMPOSSIBLE:
+            continue
+        listed = ", ".join(rule.modules[:6]) + (
+            f" and {len(rule.modules) - 6} more" if len(rule.modules) > 6 else ""
+        )
+        parts.append(f"{rule.requirement}" + (f" [{listed}]" if listed else "") + f"; {rule.action}")
+    return f"{adapter_path}: cannot export for {target}: " + " | ".join(parts) + "; nothing was written"
+
+
+def _most_common(values: list[float], default: float) -> float:
+    return Counter(values).most_common(1)[0][0] if values else default
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+@dataclass
+class _Factors:
+    A: torch.Tensor  # (k, in) / (k, vocab)
+    B: torch.Tensor  # (out, k) / (dim, k)
+    method: str
+    error: float
+
+
+def _plain_factors(adapter, lora, multiplier: float) -> _Factors:
+    """B' = (s/t)·B in float64, cast once to B's dtype; B kept as stored when s = t."""
+    A, B = adapter.read_factors(lora.name)
+    ratio = lora.scale / multiplier
+    if ratio == 1.0:
+        return _Factors(A, B, "copied", 0.0)
+    B_out = (B.double() * ratio).to(B.dtype)
+    # error of t·B'@A against s·B@A exactly: ‖[t·B', −s·B]·[A; A]‖_F from r × r Grams (a conv's
+    # factors seen as (r, in·∏k) and (out, r))
+    r = A.shape[0]
+    A2, B2, B2_out = A.reshape(r, -1), B.reshape(B.shape[0], r), B_out.reshape(B.shape[0], r)
+    A_cat, B_cat = concatenated_factors([(A2, B2_out, multiplier), (A2, B2, -lora.scale)])
+    error = lowrank_fro_norm(A_cat.double(), B_cat.double()) / max(
+        lowrank_fro_norm(A2, B2, lora.scale), 1e-300
+    )
+    return _Factors(A, B_out, "folded", error)
+
+
+def _svd_factors(adapter, lora, multiplier: float, k: int, base, method: str) -> _Factors:
+    """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with a base)."""
+    from lorasurgery.linalg.lowrank import LowRankSVD
+    from lorasurgery.operations.resize import module_svd, truncated_factors
+
+    svd = module_svd(adapter, lora.name, base=base)
+    svd = LowRankSVD(U=svd.U, S=svd.S / multiplier, Vh=svd.Vh)  # t·B'@A' = ΔW
+    dtype = adapter.tensors[lora.b_key].dtype
+    from lorasurgery.io import torch_dtype_of
+
+    A, B, error = truncated_factors(svd, k, torch_dtype_of(dtype))
+    return _Factors(A, B, method, float(error))
+
+
+def _pad(f: _Factors, rank: int) -> _Factors:
+    k = f.A.shape[0]
+    if k >= rank:
+        return f
+    A = torch.cat([f.A, torch.zeros((rank - k, f.A.shape[1]), dtype=f.A.dtype)], dim=0)
+    B = torch.cat([f.B, torch.zeros((f.B.shape[0], rank - k), dtype=f.B.dtype)], dim=1)
+    return _Factors(A, B, f.method + "+padded", f.error)
+
+
+def export_adapter(
+    adapter_path: str | os.PathLike,
+    target: str,
+    output: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    max_rank: int | None = None,
+    drop_saved: bool = False,
+    force: bool = False,
+    progress: ProgressCallback = no_progress,
+) -> ExportReport:
+    """Write ADAPTER for `target` at `output` (a folder; a .gguf file for llama.cpp), or refuse."""
+    if target not in TARGETS:
+        raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    adapter = load_adapter(adapter_path)
+    base_config, base_ckpt = _base_parts(base)
+    rules = check_rules(
+        adapter,
+        target,
+        base_config=base_config,
+        have_base_weights=base_ckpt is not None,
+        max_rank=max_rank,
+        drop_saved=drop_saved,
+    )
+    if any(r.status == IMPOSSIBLE for r in rules):
+        raise UnsupportedError(refusal(adapter_path, target, rules))
+    if target == "peft" and any(lo.dora for lo in adapter.modules.values()) and max_rank is not None:
+        if any(lo.dora and lo.r > max_rank for lo in adapter.modules.values()):
+            raise UnsupportedError(
+                f"{adapter_path}: --max-rank below a DoRA module's rank needs the DoRA → LoRA conversion; "
+                f"export it --for vllm (or resize --base) instead; nothing was written"
+            )
+    report = ExportReport(str(adapter_path), target, str(output), rules)
+    modules = sorted(adapter.modules.values(), key=lambda lo: _natural(lo.name))
+    keep_dora = target == "peft"
+
+    # Ranks out, and which modules keep their stored factors (up to a fold).
+    def rank_out(lo) -> int:
+        if lo.dora and not keep_dora:  # W' − W is full rank: --max-rank is the rank it is written at
+            return min(max_rank or lo.r, min(lo.shape[0], math.prod(lo.shape[1:])))
+        return min(lo.r, max_rank) if max_rank is not None else lo.r
+
+    def via_svd(lo) -> bool:
+        return (lo.dora and not keep_dora) or rank_out(lo) < lo.r
+
+    plain = [lo for lo in modules if not via_svd(lo)]
+    ranks = {lo.name: rank_out(lo) for lo in modules}
+    if target == "sglang":
+        common = max(ranks.values())
+        ranks = {name: common for name in ranks}
+    R = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    R = max(ranks.values()) if target in ("vllm", "sglang") else R
+
+    # The target's multiplier t_m, chosen so that as many modules as possible are copied unchanged.
+    if target == "llama.cpp":
+        alpha = _most_common([lo.scale * lo.r for lo in plain], float(R))
+        multiplier = {lo.name: alpha / ranks[lo.name] for lo in modules}
+        report.config = {"adapter.lora.alpha": alpha}
+    else:
+        g = _most_common([lo.scale for lo in plain], 1.0)
+        multiplier = {lo.name: g for lo in modules}
+
+    factors: dict[str, _Factors] = {}
+    for i, lo in enumerate(modules):
+        t = multiplier[lo.name]
+        if lo.dora and not keep_dora:
+            f = _svd_factors(adapter, lo, t, rank_out(lo), base_ckpt, "dora→lora")
+        elif rank_out(lo) < lo.r:  # above --max-rank
+            f = _svd_factors(adapter, lo, t, rank_out(lo), None, "truncated")
+        else:
+            f = _plain_factors(adapter, lo, t)
+        factors[lo.name] = _pad(f, ranks[lo.name]) if target == "sglang" else f
+        report.modules.append(
+            ModuleExport(
+                lo.name,
+                lo.kind,
+                lo.r,
+                factors[lo.name].A.shape[0],
+                lo.scale,
+                t,
+                factors[lo.name].method,
+                factors[lo.name].error,
+            )
+        )
+        progress(Progress("export", i + 1, len(modules), lo.name))
+
+    copies = embedding_copies(adapter) if target != "peft" else set()
+    _check_copies(adapter, copies, base_ckpt, report)
+    if drop_saved and target != "peft":
+        for name, key in sorted(adapter.replacements.items()):
+            if name in copies:
+                continue
+            report.dropped[name] = float(torch.linalg.vector_norm(adapter.read(key).double()))
+        if report.dropped:
+            report.notes.append(
+                f"dropped {len(report.dropped)} saved tensors (--drop-saved); the exported adapter is a "
+                f"different model from the input by exactly these tensors"
+            )
+
+    if target == "llama.cpp":
+        from lorasurgery.operations.export_gguf import write_gguf
+
+        write_gguf(
+            adapter,
+            modules,
+            factors,
+            alpha,
+            base_config,
+            output,
+            force=force,
+            inputs=[adapter_path] + ([base] if base else []),
+        )
+        return report
+
+    config = _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora)
+    report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
+    tensors = _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora)
+    inputs = [adapter_path] + ([base] if base else [])
+    with atomic_output_dir(output, inputs=inputs, force=force) as folder:
+        write_adapter_folder(folder, tensors, config)
+        if Path(adapter_path).is_dir():
+            copy_side_files(Path(adapter_path), folder, SIDE_FILES)
+    return report
+
+
+def _check_copies(adapter, copies: set[str], base_ckpt, report: ExportReport) -> None:
+    """PEFT's saved copies of a targeted embedding must be the base's own weight to be left out."""
+    if not copies:
+        return
+    if base_ckpt is None:
+        report.notes.append(
+            f"left out PEFT's saved copies of the base embedding ({', '.join(sorted(copies))}); "
+            f"not checked against the base (no --base weights)"
+        )
+        return
+    from lorasurgery.adapter.names import find_prefix_rule
+
+    rule, _ = find_prefix_rule(sorted(copies), base_ckpt.tensors)
+    for name in sorted(copies):
+        base_name = rule.apply(name)
+        saved = adapter.read(adapter.replacements[name])
+        if base_name not in base_ckpt.tensors or not torch.equal(
+            saved, base_ckpt.read(base_name).to(saved.dtype)
+        ):
+            raise UnsupportedError(
+                f"{adapter.path}: the saved {name} differs from the base's {base_name}: it is a trained "
+                f"embedding, which the target cannot load; merge the adapter into the base "
+                f"(`lorasurgery merge`) or pass --drop-saved; nothing was written"
+            )
+    report.notes.append(
+        f"left out PEFT's saved copies of the base embedding ({', '.join(sorted(copies))}), equal to the base"
+    )
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora) -> dict:
+    source = adapter.config
+    g = next(iter(multiplier.values()), 1.0)
+    others = {lo.name: ranks[lo.name] for lo in modules if ranks[lo.name] != R}
+    names = [lo.name for lo in modules]
+    if target == "sglang":
+        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    else:
+        targets = names
+    config = {
+        "peft_type": "LORA",
+        "task_type": source.task_type,
+        "base_model_name_or_path": source.base_model_name_or_path,
+        "r": R,
+        "lora_alpha": _number(g * R),
+        "target_modules": targets,
+        "rank_pattern": {re.escape(n): k for n, k in others.items()},
+        "alpha_pattern": {re.escape(n): _number(g * k) for n, k in others.items()},
+        "use_rslora": False,
+        "use_dora": bool(keep_dora and source.use_dora),
+        "fan_in_fan_out": source.fan_in_fan_out,
+        "bias": source.bias if target == "peft" else "none",
+        "lora_bias": bool(target == "peft" and source.lora_bias),
+        "modules_to_save": source.modules_to_save if target == "peft" else None,
+        "lora_dropout": source.raw.get("lora_dropout", 0.0),
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return config
+
+
+def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora) -> dict:
+    tensors = {}
+    for lo in modules:
+        f = factors[lo.name]
+        prefix = PEFT_PREFIX + lo.name
+        if lo.kind == "embedding":
+            tensors[f"{prefix}.lora_embedding_A"] = f.A.contiguous()
+            tensors[f"{prefix}.lora_embedding_B"] = f.B.contiguous()
+        else:
+            tensors[f"{prefix}.lora_A.weight"] = f.A.contiguous()
+            tensors[f"{prefix}.lora_B.weight"] = f.B.contiguous()
+        if keep_dora:
+            if lo.magnitude_key:
+                tensors[f"{prefix}.lora_magnitude_vector"] = adapter.read(lo.magnitude_key)
+            if lo.bias_key:  # PEFT scales lora_B's bias with the module's scaling: fold it the same way
+                bias = adapter.read(lo.bias_key)
+                ratio = lo.scale / multiplier[lo.name]
+                tensors[f"{prefix}.lora_B.bias"] = (
+                    bias if ratio == 1.0 else (bias.double() * ratio).to(bias.dtype)
+                )
+    if target == "peft":
+        for key in {adapter.replacements[n] for n in adapter.replacements}:
+            tensors[key] = adapter.read(key)
+    if not tensors:
+        raise AdapterError(f"{adapter.path}: nothing to export")
+    return tensors
+
+
+@dataclass
+class ServingCheck:
+    adapter: str
+    target: str
+    rules: list
+
+    @property
+    def status(self) -> str:
+        return verdict(self.rules)
+
+    @property
+    def exit_code(self) -> int:
+        """0 loadable as is, 3 export makes it loadable, 4 the target cannot carry it."""
+        return {PASS: 0, FIXED: 3, IMPOSSIBLE: 4}[self.status]
+
+    @property
+    def summary(self) -> str:
+        return {
+            PASS: "loadable as is",
+            FIXED: f"not loadable as is; `lorasurgery export --for {self.target}` makes it exact",
+            IMPOSSIBLE: "the target cannot carry this adapter (see the impossible rules)",
+        }[self.status]
+
+    def to_json(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "target": self.target,
+            "status": self.status,
+            "rules": [r.to_json() for r in self.rules],
+        }
+
+
+def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
+    """`inspect --for`: every rule of `target` against the adapter, nothing written."""
+    if target not in TARGETS:
+        raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    adapter = load_adapter(adapter_path)
+    base_config, base_ckpt = _base_parts(base)
+    rules = check_rules(adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None)
+    return ServingCheck(str(adapter_path), target, rules)

@@ -1,0 +1,123 @@
+"""The llama.cpp side of `export`: a GGUF LoRA file as llama.cpp's loader reads it.
+
+What llama.cpp reads (src/llama-adapter.cpp, llama-graph.cpp; versions in docs/export.md):
+- `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha` (one float for the file);
+- per base tensor `<name>.lora_a` / `<name>.lora_b`, `<name>` being llama.cpp's tensor name
+  (gguf's tensor name map for the architecture). lora_a is stored as A (r, in) and lora_b as
+  B (out, r) (numpy order; GGUF's ne is the reverse), except token_embd, whose lora_a is Aᵀ (vocab, r)
+  because the input path gathers rows of it (llm_graph_context::build_inp_embd);
+- the update applied is (α / rank)·B@A with rank = lora_b's ne[0] = B's column count, per tensor.
+And what convert_lora_to_gguf.py does to the factors on the way (through the base converter's
+modify_tensors on a lazy B@A): Llama's q_proj / k_proj rows are permuted for llama.cpp's rotary
+layout (`LlamaModel.permute`, k with the key/value head count), which reorders the rows of B only.
+The tensors are float32, as the converter's default `--outtype f32` writes them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorasurgery.errors import OutputError, UnsupportedError
+from lorasurgery.operations.export_rules import LLAMACPP_ARCHITECTURES
+
+
+def llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """The converter's LlamaModel.permute on the rows of a (out, …) tensor: within each head the
+    rotary pairs (i, i + d/2) are interleaved to (2i, 2i + 1)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    out = rows.shape[0]
+    return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def gguf_architecture(base_config: dict) -> tuple[str, str]:
+    """(HF class, gguf arch name) of a base config.json export supports."""
+    for name in base_config.get("architectures") or []:
+        if name in LLAMACPP_ARCHITECTURES:
+            return name, LLAMACPP_ARCHITECTURES[name]
+    raise UnsupportedError(
+        f"base architecture {base_config.get('architectures')} is not supported by export --for llama.cpp"
+    )
+
+
+def tensor_names(modules, base_config: dict) -> dict[str, str]:
+    """{module: llama.cpp tensor name} through gguf's name map for the base's architecture."""
+    import gguf
+
+    _, arch = gguf_architecture(base_config)
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(arch_id, int(base_config["num_hidden_layers"]))
+    names = {}
+    for lo in modules:
+        mapped = name_map.get_name(f"{lo.name}.weight", try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise UnsupportedError(f"module {lo.name} has no llama.cpp tensor for architecture {arch}")
+        names[lo.name] = mapped
+    return names
+
+
+def gguf_tensors(modules, factors, base_config: dict) -> list[tuple[str, np.ndarray]]:
+    """(name, float32 array) pairs in the converter's layout and order of modules."""
+    names = tensor_names(modules, base_config)
+    n_head = int(base_config["num_attention_heads"])
+    n_kv = int(base_config.get("num_key_value_heads") or n_head)
+    out = []
+    for lo in modules:
+        f = factors[lo.name]
+        A, B = f.A.to(torch.float32), f.B.to(torch.float32)
+        leaf = lo.name.rsplit(".", 1)[-1]
+        if leaf == "q_proj":
+            B = llama_permute(B, n_head, n_head)
+        elif leaf == "k_proj":
+            B = llama_permute(B, n_head, n_kv)
+        name = names[lo.name]
+        if name.startswith("token_embd"):
+            A = A.T  # (vocab, r): rows gathered per token
+        out.append((f"{name}.lora_a", A.contiguous().numpy()))
+        out.append((f"{name}.lora_b", B.contiguous().numpy()))
+    return out
+
+
+def write_gguf(
+    adapter, modules, factors, alpha: float, base_config: dict, output, *, force: bool, inputs
+) -> Path:
+    """Write the GGUF LoRA atomically: a temporary file beside OUT, renamed when complete."""
+    import gguf
+
+    output = Path(output)
+    for given in inputs:
+        source = Path(given).resolve()
+        if output.resolve() == source or output.resolve().is_relative_to(source):
+            raise OutputError(f"output {output} is inside the input {given}; choose a path elsewhere")
+    if output.exists() and not force:
+        raise OutputError(f"output {output} already exists; pass --force to replace it")
+    if output.is_dir():
+        raise OutputError(f"output {output} is a folder; export --for llama.cpp writes one .gguf file")
+    _, arch = gguf_architecture(base_config)
+    tensors = gguf_tensors(modules, factors, base_config)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = output.parent / f".{output.name}.lorasurgery-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        writer = gguf.GGUFWriter(temp, arch=arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(Path(adapter.path).name)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, array in tensors:
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(temp, output)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return output
