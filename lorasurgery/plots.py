@@ -4,7 +4,7 @@
   of each matrix marked, ΔW and W in separate panels;
 - ranks_by_layer.png: effective, 90 % energy and Gavish–Donoho ranks against the layer index;
 - phi_<type>.png: the subspace-similarity grid φ(i, j) of the first module of each type, like the
-  LoRA paper's Fig. 3.
+  LoRA paper's Fig. 3 — for adapters two panels, the paper's (A's right singular vectors) and ΔW's.
 """
 
 from __future__ import annotations
@@ -87,12 +87,17 @@ def write_plots(report, folder: str | os.PathLike) -> list[Path]:
         if not grid or module_type(entry.name) in shown:
             continue
         shown.add(module_type(entry.name))
-        fig, ax = plt.subplots(figsize=(4, 3.4))
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="upper")
-        ax.set_title(f"φ(i, j): {entry.name}", fontsize=8)
-        ax.set_xlabel("j (compare)")
-        ax.set_ylabel("i (target)")
-        fig.colorbar(image)
+        # An adapter has two φ grids (A's, the paper's; ΔW's, gauge-invariant); a dense ΔW one.
+        panels = [(grid, "of A₁, A₂ (the paper's)" if report.mode == "adapter" else "of ΔW₁, ΔW₂")]
+        if report.mode == "adapter" and entry.metrics.get("subspace_similarity_delta"):
+            panels.append((entry.metrics["subspace_similarity_delta"], "of ΔW₁, ΔW₂ (gauge-invariant)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+        for ax, (values, which) in zip(axes[0], panels):
+            image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", origin="upper")
+            ax.set_title(f"φ(i, j) {which}\n{entry.name}", fontsize=7)
+            ax.set_xlabel("j (compare)")
+            ax.set_ylabel("i (target)")
+            fig.colorbar(image, ax=ax)
         fig.tight_layout()
         written.append(_save(fig, folder / f"phi_{module_type(entry.name)}.png", plt))
     return written

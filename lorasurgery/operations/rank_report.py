@@ -133,7 +133,7 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
 
     from lorasurgery.adapter import load_adapter, resolve_base_names
     from lorasurgery.io import open_checkpoint
-    from lorasurgery.linalg.analyses import amplification, subspace_similarity
+    from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.svd import singular_values, truncated_svd
 
@@ -195,8 +195,7 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
             if mle:
                 w_metrics["mle_dimension"] = _mle(W)
         if other is not None and module.name in other.modules:
-            # φ on the row spaces of the two updates (paper §7.2: of A₁ and A₂). A DoRA module's
-            # direction part is B@A too, so its right singular vectors are those of s·B@A.
+            # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
             A_o, B_o = other.read_factors(module.name, device)
             other_module = other.modules[module.name]
             A_o, B_o = A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1)
@@ -205,9 +204,13 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
                     f"{compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
                     f"the target's {shape}"
                 )
+            # The paper's φ: right singular vectors of A₁ and A₂ themselves (what §7.2 and its
+            # Fig. 3/4 compute); φ_delta: those of ΔW₁ = s₁B₁A₁ and ΔW₂, which the B/A gauge
+            # (A → GA, B → BG⁻¹) leaves unchanged. They differ for i, j < r.
+            metrics.update(subspace_similarity(right_singular_rows(A2), right_singular_rows(A_o)))
             other_svd = lowrank_svd(A_o, B_o, other_module.scale)
             Vh_self = lowrank_svd(A2, B2, module.scale).Vh if module.dora else svd.Vh
-            metrics.update(subspace_similarity(Vh_self, other_svd.Vh))
+            metrics.update(subspace_similarity(Vh_self, other_svd.Vh, name="subspace_similarity_delta"))
         report.modules.append(ModuleEntry(module.name, "delta", shape, metrics, S.tolist()))
         if W is not None:
             report.modules.append(ModuleEntry(module.name, "weight", shape, w_metrics, S_W.tolist()))
@@ -399,7 +402,12 @@ def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleE
             delta_o = tensors["other"].to(torch.float32) - W
             if float(torch.linalg.vector_norm(delta_o)) > 0:
                 _, _, Vh_o = truncated_svd(delta_o, k)
-                metrics.update(subspace_similarity(Vh[:k].double(), Vh_o[:k].double()))
+                # A dense ΔW has no A: both definitions use ΔW's right singular vectors.
+                similarity = subspace_similarity(Vh[:k].double(), Vh_o[:k].double())
+                metrics.update(similarity)
+                metrics.update(
+                    {key.replace("similarity", "similarity_delta"): v for key, v in similarity.items()}
+                )
     if mle:
         metrics["mle_dimension"] = _mle(delta)
     w_metrics = _metrics(S_W, shape, base_ckpt.tensors[name].torch_dtype)
@@ -480,6 +488,7 @@ SUMMARY_METRICS = (
     "relative_norm",
     "amplification",
     "subspace_similarity_1_1",
+    "subspace_similarity_delta_1_1",
 )
 
 
