@@ -233,17 +233,62 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
 @click.option("--plot", "plot_dir", type=click.Path(), help="Write PNG plots into this folder.")
 @click.option("--mle", is_flag=True, help="Add Minka's MLE dimensionality (scikit-learn).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option(
+    "--intruders-k",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Intruder dimensions (with a base): how many top singular vectors of W + ΔW to test.",
+)
+@click.option(
+    "--intruders-eps",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="A top vector of W + ΔW is an intruder when its max |cos| with W's is below this.",
+)
+@click.option("--probe", is_flag=True, help="Functional rank per module type: forward passes on --text.")
+@click.option(
+    "--text", "text", type=click.Path(), help="Text file for --probe (tokenised by the model's tokenizer)."
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens of --text used."
+)
+@click.option(
+    "--probe-fractions",
+    default="0.05,0.1,0.25,0.5,0.75",
+    show_default=True,
+    help="Rank fractions f to probe, comma-separated, each in (0, 1].",
+)
+@click.option(
+    "--probe-tolerance",
+    type=click.FloatRange(min=0, max=1),
+    default=0.01,
+    show_default=True,
+    help="Largest relative loss rise (W) or lost share of the fine-tune's effect (ΔW) that still passes.",
+)
+@click.option("--probe-all", is_flag=True, help="Measure every fraction (default: bisection, fewer passes).")
 @click.pass_context
 def rank_report(ctx: click.Context, target: str, **options) -> None:
     """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
 
     TARGET is a PEFT adapter (ΔW = s·B@A, spectra from r×r cores) or a model: with --base, ΔW is
-    TARGET − BASE; alone, W's own spectra. Adds the LoRA paper's amplification factor (with a base)
-    and subspace similarity φ(i, j) against --compare.
+    TARGET − BASE; alone, W's own spectra. Adds the LoRA paper's amplification factor and the
+    intruder dimensions of W + ΔW (with a base), and subspace similarity φ(i, j) against --compare.
     """
     from lorasurgery import render
     from lorasurgery.operations.rank_report import rank_report
 
+    if options["probe"] and not options["text"]:
+        raise click.UsageError("--probe needs --text FILE (the text the model is run on)")
+    if options["text"] and not options["probe"]:
+        raise click.UsageError("--text is for --probe")
+    try:
+        fractions = [float(f) for f in options["probe_fractions"].split(",") if f.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            "comma-separated numbers, e.g. 0.1,0.5", param_hint="--probe-fractions"
+        ) from None
     quiet = settings_of(ctx).quiet
     with render.progress_bar("rank-report", quiet) as progress:
         report = rank_report(
@@ -254,6 +299,13 @@ def rank_report(ctx: click.Context, target: str, **options) -> None:
             include=options["include"],
             mle=options["mle"],
             device=options["device"],
+            intruders_k=options["intruders_k"],
+            intruders_eps=options["intruders_eps"],
+            probe_text=options["text"] if options["probe"] else None,
+            probe_tokens=options["tokens"],
+            probe_fractions=fractions,
+            probe_tolerance=options["probe_tolerance"],
+            probe_all=options["probe_all"],
             progress=progress,
         )
     render.rank_report(

@@ -189,6 +189,52 @@ def test_model_pair_phi_is_one_definition_under_both_names(setup):
         assert entry.metrics["subspace_similarity_1_1"] == pytest.approx(1.0, abs=1e-6)
 
 
+def _reference_intruders(W: torch.Tensor, tuned: torch.Tensor, k: int, eps: float) -> tuple[int, list]:
+    """Shuttleworth et al.'s Alg. 1 by the definition, float64 SVDs of W and W'."""
+    U = torch.linalg.svd(W.double(), full_matrices=False)[0]
+    U_tuned = torch.linalg.svd(tuned.double(), full_matrices=False)[0][:, :k]
+    max_cosine = (U_tuned.T @ U).abs().max(dim=1).values
+    return int((max_cosine < eps).sum()), max_cosine.tolist()
+
+
+def test_intruder_dimensions_in_every_mode_match_float64_references(setup):
+    from peft import PeftModel
+
+    from lorasurgery.adapter import load_adapter
+
+    base = open_checkpoint(setup / "base")
+    ft = open_checkpoint(setup / "ft")
+    tuned_of = {}
+    adapter = load_adapter(setup / "adapter")
+    for name, module in adapter.modules.items():
+        A, B = adapter.read_factors(name)
+        tuned_of[("adapter", name)] = base.read(name + ".weight").double() + module.scale * (
+            B.double() @ A.double()
+        )
+    merged = PeftModel.from_pretrained(tiny_llama(), setup / "dora").merge_and_unload().state_dict()
+    for name in load_adapter(setup / "dora").modules:
+        tuned_of[("dora", name)] = merged[name + ".weight"].double()
+    for name in ft.tensors:
+        if ".layers." in name and name.endswith("proj.weight"):
+            tuned_of[("ft", name[: -len(".weight")])] = ft.read(name).double()
+    for target in ("adapter", "dora", "ft"):
+        report = rank_report(setup / target, base=setup / "base", intruders_k=6, intruders_eps=0.6)
+        deltas = [e for e in report.modules if e.kind == "delta"]
+        assert deltas
+        for entry in deltas:
+            W = base.read(entry.name + ".weight").double()
+            count, max_cosine = _reference_intruders(W, tuned_of[(target, entry.name)], 6, 0.6)
+            assert entry.metrics["intruder_max_cosine"] == pytest.approx(max_cosine, abs=1e-5), entry.name
+            assert entry.metrics["intruder_dimensions"] == count, entry.name
+        totals = {
+            g["module_type"]: g["metrics"]["intruder_dimensions"]["total"]
+            for g in report.summary["by_type"]
+            if g["kind"] == "delta"
+        }
+        assert sum(totals.values()) == sum(e.metrics["intruder_dimensions"] for e in deltas)
+    assert "intruder_dimensions" not in rank_report(setup / "adapter").modules[0].metrics  # no base, no W
+
+
 def test_dora_needs_a_base_and_then_uses_the_effective_delta(setup):
     assert_refused(
         ["rank-report", setup / "dora"],
@@ -284,12 +330,14 @@ def test_cli_json_csv_and_plots(setup, tmp_path):
         "amplification_random_baseline",
         "amplification_w_top_baseline",
         "mle_dimension",
+        "intruder_dimensions",
+        "intruder_max_cosine",
     }
     assert expected == set(delta["metrics"])
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
     assert len(rows) == len(data["modules"]) and {"name", "kind", "stable_rank"} <= set(rows[0])
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert "ranks_by_layer.png" in plots and "spectra_q_proj.png" in plots
+    assert {"ranks_by_layer.png", "spectra_q_proj.png", "intruders_by_layer.png"} <= set(plots)
     for name in plots:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -36,6 +36,8 @@ _EMBEDDINGS = (
     "embed_out",
 )
 DEFAULT_AMP_RANK = 16
+DEFAULT_INTRUDERS_K = 10  # Shuttleworth et al. 2024's k and ε (docs/rank-report.md)
+DEFAULT_INTRUDERS_EPS = 0.5
 
 
 @dataclass
@@ -58,14 +60,18 @@ class RankReport:
     modules: list[ModuleEntry] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    probe: object | None = None  # operations.probe.ProbeResult with --probe
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "target": self.target,
             "base": self.base,
             "modules": [m.to_json() for m in self.modules],
             "summary": self.summary,
         }
+        if self.probe is not None:
+            data["probe"] = self.probe.to_json()
+        return data
 
 
 def _is_adapter(path: Path) -> bool:
@@ -105,6 +111,13 @@ def rank_report(
     include: str | None = None,
     mle: bool = False,
     device: str = "cpu",
+    intruders_k: int = DEFAULT_INTRUDERS_K,
+    intruders_eps: float = DEFAULT_INTRUDERS_EPS,
+    probe_text: str | os.PathLike | None = None,
+    probe_tokens: int | None = None,
+    probe_fractions=None,
+    probe_tolerance: float | None = None,
+    probe_all: bool = False,
     progress: ProgressCallback = no_progress,
 ) -> RankReport:
     target = Path(target)
@@ -115,12 +128,37 @@ def rank_report(
     except re.error as error:
         raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
     device = resolve_device(device)
+    if intruders_k < 0 or not 0 < intruders_eps <= 1:
+        raise LoraSurgeryError(
+            f"--intruders-k must be ≥ 0 and --intruders-eps in (0, 1], got {intruders_k} and {intruders_eps}"
+        )
+    intruders = (intruders_k, intruders_eps)
     if _is_adapter(target):
         with _one_torch_thread(device):  # see _compute_pool: W's spectra collapse under contention
-            report = _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+            report = _adapter_report(
+                target, base, compare, amp_rank, include_re, mle, device, progress, intruders
+            )
     else:
-        report = _model_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+        report = _model_report(target, base, compare, amp_rank, include_re, mle, device, progress, intruders)
     report.summary = summarize(report)
+    if probe_text is not None:
+        # Functional rank (operations.probe): forward passes on the user's text.
+        from lorasurgery.operations.probe import DEFAULT_FRACTIONS, DEFAULT_TOLERANCE, functional_rank
+
+        report.probe = functional_rank(
+            target,
+            text=probe_text,
+            base=base,
+            tokens=probe_tokens,
+            fractions=probe_fractions or DEFAULT_FRACTIONS,
+            tolerance=DEFAULT_TOLERANCE if probe_tolerance is None else probe_tolerance,
+            include=include_re,
+            device=device,
+            exhaustive=probe_all,
+            progress=progress,
+        )
+        report.summary.update(report.probe.summary())
+        report.notes.extend(report.probe.notes)
     return report
 
 
@@ -128,7 +166,17 @@ def rank_report(
 # adapter TARGET
 
 
-def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
+def _adapter_report(
+    target,
+    base,
+    compare,
+    amp_rank,
+    include_re,
+    mle,
+    device,
+    progress,
+    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
+) -> RankReport:
     import torch
 
     from lorasurgery.adapter import load_adapter, resolve_base_names
@@ -192,6 +240,11 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
             if U is not None:
                 metrics.update(amplification(U, Vh, delta_fro, W.to(torch.float64), S_W))
             w_metrics = _metrics(S_W, shape, checkpoint.tensors[mapping[module.name]].torch_dtype)
+            # Intruders of W' = W + ΔW: a low-rank Gram update for LoRA, W' itself for DoRA.
+            update = (
+                {"tuned": _cpu(W + delta)} if module.dora else {"factors": (_cpu(A2), _cpu(B2), module.scale)}
+            )
+            metrics.update(_intruders(_cpu(W), update, intruders))
             if mle:
                 w_metrics["mle_dimension"] = _mle(W)
         if other is not None and module.name in other.modules:
@@ -216,6 +269,20 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
             report.modules.append(ModuleEntry(module.name, "weight", shape, w_metrics, S_W.tolist()))
         progress(Progress("rank-report", done, len(modules), module.name))
     return report
+
+
+def _cpu(tensor):
+    return tensor.detach().to("cpu").numpy()
+
+
+def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
+    """{"intruder_dimensions", "intruder_max_cosine"} of W' against W (linalg.intruders)."""
+    from lorasurgery.linalg.gram import one_blas_thread
+    from lorasurgery.linalg.intruders import intruder_dimensions
+
+    k, eps = intruders
+    with one_blas_thread():  # one matrix per core already (see _compute_pool)
+        return intruder_dimensions(W, k=k, eps=eps, **update).to_metrics()
 
 
 def _dora_effective_delta(adapter, module, W, device):
@@ -267,7 +334,17 @@ def _selected_weights(checkpoint, include_re) -> list[str]:
     return names
 
 
-def _model_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
+def _model_report(
+    target,
+    base,
+    compare,
+    amp_rank,
+    include_re,
+    mle,
+    device,
+    progress,
+    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
+) -> RankReport:
     from lorasurgery.io import open_checkpoint
 
     checkpoint = open_checkpoint(target)
@@ -328,7 +405,7 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
             return tensors
 
         def compute(name: str, tensors: dict) -> list[ModuleEntry]:
-            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle)
+            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle, intruders)
 
         pool = _compute_pool(device)
 
@@ -370,7 +447,9 @@ def _weight_entry(name: str, X, info) -> list[ModuleEntry]:
     return [ModuleEntry(name[: -len(".weight")], "weight", list(info.shape), metrics, S.tolist())]
 
 
-def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleEntry]:
+def _model_entries(
+    name, tensors, checkpoint, base_ckpt, r, mle, intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS)
+):
     """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W."""
     import torch
 
@@ -408,6 +487,7 @@ def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleE
                 metrics.update(
                     {key.replace("similarity", "similarity_delta"): v for key, v in similarity.items()}
                 )
+    metrics.update(_intruders(_cpu(W), {"tuned": _cpu(tensors["target"].to(torch.float32))}, intruders))
     if mle:
         metrics["mle_dimension"] = _mle(delta)
     w_metrics = _metrics(S_W, shape, base_ckpt.tensors[name].torch_dtype)
@@ -489,6 +569,7 @@ SUMMARY_METRICS = (
     "amplification",
     "subspace_similarity_1_1",
     "subspace_similarity_delta_1_1",
+    "intruder_dimensions",
 )
 
 
@@ -506,9 +587,12 @@ def summarize(report: RankReport) -> dict:
             if isinstance(value, (int, float)):
                 group["metrics"].setdefault(metric, []).append(float(value))
     for group in groups.values():
+        intruders = group["metrics"].get("intruder_dimensions")
         group["metrics"] = {
             m: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for m, v in group["metrics"].items()
         }
+        if intruders is not None:  # the table's count per module type
+            group["metrics"]["intruder_dimensions"]["total"] = int(sum(intruders))
     return {
         "mode": report.mode,
         "modules": len({e.name for e in report.modules}),
