@@ -379,6 +379,41 @@ def extract(
 @device_option
 @config_option("The model's config.json, when it has none.")
 @fan_in_fan_out_option("With --base: modules stored (in, out) (as merge).")
+@click.option(
+    "--intruders-k",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="Intruder dimensions (with a base): how many top singular vectors of W + ΔW to test.",
+)
+@click.option(
+    "--intruders-eps",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="A top vector of W + ΔW is an intruder when its max |cos| with W's is below this.",
+)
+@click.option("--probe", is_flag=True, help="Functional rank per module type: forward passes on --text.")
+@click.option(
+    "--text", "text", type=click.Path(), help="Text file for --probe (tokenised by the model's tokenizer)."
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens of --text used."
+)
+@click.option(
+    "--probe-fractions",
+    default="0.05,0.1,0.25,0.5,0.75",
+    show_default=True,
+    help="Rank fractions f to probe, comma-separated, each in (0, 1].",
+)
+@click.option(
+    "--probe-tolerance",
+    type=click.FloatRange(min=0, max=1),
+    default=0.01,
+    show_default=True,
+    help="Largest relative loss rise (W) or lost share of the fine-tune's effect (ΔW) that still passes.",
+)
+@click.option("--probe-all", is_flag=True, help="Measure every fraction (default: bisection, fewer passes).")
 @global_options
 @click.pass_context
 def rank_report(
@@ -396,16 +431,34 @@ def rank_report(
     device: str,
     config_file: str | None,
     fan_in_fan_out: str | None,
+    intruders_k: int,
+    intruders_eps: float,
+    probe: bool,
+    text: str | None,
+    tokens: int,
+    probe_fractions: str,
+    probe_tolerance: float,
+    probe_all: bool,
 ) -> None:
     """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
 
     TARGET is a PEFT adapter (ΔW = s·B@A, spectra from r×r cores) or a model: with --base, ΔW is
-    TARGET − BASE; alone, W's own spectra. Adds the LoRA paper's amplification factor (with a base)
-    and subspace similarity φ(i, j) against --compare.
+    TARGET − BASE; alone, W's own spectra. Adds the LoRA paper's amplification factor and the
+    intruder dimensions of W + ΔW (with a base), and subspace similarity φ(i, j) against --compare.
     """
     from lorasurgery import render
     from lorasurgery.operations.rank_report import rank_report as run_rank_report
 
+    if probe and not text:
+        raise click.UsageError("--probe needs --text FILE (the text the model is run on)")
+    if text and not probe:
+        raise click.UsageError("--text is for --probe")
+    try:
+        fractions = [float(f) for f in probe_fractions.split(",") if f.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            "comma-separated numbers, e.g. 0.1,0.5", param_hint="--probe-fractions"
+        ) from None
     quiet = settings_of(ctx).quiet
     with render.progress_bar("rank-report", quiet) as progress:
         report = run_rank_report(
@@ -416,6 +469,13 @@ def rank_report(
             include=include,
             mle=mle,
             device=device,
+            intruders_k=intruders_k,
+            intruders_eps=intruders_eps,
+            probe_text=text if probe else None,
+            probe_tokens=tokens,
+            probe_fractions=fractions,
+            probe_tolerance=probe_tolerance,
+            probe_all=probe_all,
             progress=progress,
             config_file=config_file,
             fan_in_fan_out=fan_in_fan_out,

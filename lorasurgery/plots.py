@@ -3,8 +3,10 @@
 - spectra_<type>.png: singular values per module type on a log scale, the Gavish–Donoho threshold
   of each matrix marked, ΔW and W in separate panels;
 - ranks_by_layer.png: effective, 90 % energy and Gavish–Donoho ranks against the layer index;
+- probe.png (with --probe): loss rise or kept effect against the rank fraction, per module type;
+- intruders_by_layer.png (with a base): intruder dimensions of W + ΔW per layer and module type;
 - phi_<type>.png: the subspace-similarity grid φ(i, j) of the first module of each type, like the
-  LoRA paper's Fig. 3.
+  LoRA paper's Fig. 3 — for adapters two panels, the paper's (A's right singular vectors) and ΔW's.
 """
 
 from __future__ import annotations
@@ -81,21 +83,73 @@ def write_plots(report, folder: str | os.PathLike) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, folder / "ranks_by_layer.png", plt))
 
+    points_by_type = {
+        kind_type: sorted(
+            (layer_index(e.name), e.metrics["intruder_dimensions"])
+            for e in report.modules
+            if module_type(e.name) == kind_type
+            and "intruder_dimensions" in e.metrics
+            and layer_index(e.name) is not None
+        )
+        for kind_type in types
+    }
+    if any(points_by_type.values()):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for kind_type, points in points_by_type.items():
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=kind_type)
+        ax.set_title("intruder dimensions of W + ΔW by layer (Shuttleworth et al. 2024)", fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("intruders among the top-k")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        written.append(_save(fig, folder / "intruders_by_layer.png", plt))
+
+    if getattr(report, "probe", None) is not None:
+        written.append(_probe_plot(report.probe, folder, plt))
+
     shown = set()
     for entry in report.modules:
         grid = entry.metrics.get("subspace_similarity")
         if not grid or module_type(entry.name) in shown:
             continue
         shown.add(module_type(entry.name))
-        fig, ax = plt.subplots(figsize=(4, 3.4))
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="upper")
-        ax.set_title(f"φ(i, j): {entry.name}", fontsize=8)
-        ax.set_xlabel("j (compare)")
-        ax.set_ylabel("i (target)")
-        fig.colorbar(image)
+        # An adapter has two φ grids (A's, the paper's; ΔW's, gauge-invariant); a dense ΔW one.
+        panels = [(grid, "of A₁, A₂ (the paper's)" if report.mode == "adapter" else "of ΔW₁, ΔW₂")]
+        if report.mode == "adapter" and entry.metrics.get("subspace_similarity_delta"):
+            panels.append((entry.metrics["subspace_similarity_delta"], "of ΔW₁, ΔW₂ (gauge-invariant)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+        for ax, (values, which) in zip(axes[0], panels):
+            image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", origin="upper")
+            ax.set_title(f"φ(i, j) {which}\n{entry.name}", fontsize=7)
+            ax.set_xlabel("j (compare)")
+            ax.set_ylabel("i (target)")
+            fig.colorbar(image, ax=ax)
         fig.tight_layout()
         written.append(_save(fig, folder / f"phi_{module_type(entry.name)}.png", plt))
     return written
+
+
+def _probe_plot(probe, folder: Path, plt) -> Path:
+    """probe.png: loss rise (W) or kept effect (ΔW) against the rank fraction, one line per type."""
+    key, label = (
+        ("loss_rise", "relative loss rise") if probe.mode == "weight" else ("kept_effect", "kept effect")
+    )
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for curve in probe.curves:
+        points = sorted((p["fraction"], p[key]) for p in curve.points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=curve.module_type)
+    threshold = probe.tolerance if probe.mode == "weight" else 1 - probe.tolerance
+    ax.axhline(threshold, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("rank fraction f (measured points of the bisection)")
+    ax.set_ylabel(label)
+    ax.set_title(
+        f"functional rank of {'W' if probe.mode == 'weight' else 'ΔW'} ({probe.tokens} tokens)", fontsize=8
+    )
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _save(fig, folder / "probe.png", plt)
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -353,6 +353,7 @@ RANK_COLUMNS = (
     ("relative_norm", "‖ΔW‖/‖W‖"),
     ("amplification", "amplif."),
     ("subspace_similarity_1_1", "φ(1,1)"),
+    ("intruder_dimensions", "intruders"),
 )
 
 
@@ -365,9 +366,11 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _mean_range(stats: dict | None) -> str:
-    """'mean (min–max)' from precomputed statistics, or the single value."""
+    """'mean (min–max)' from precomputed statistics, or the single value; counts show their total."""
     if stats is None:
         return "—"
+    if "total" in stats:
+        return f"{stats['total']}\n[dim]≤ {format_number(stats['max'], 3)} each[/dim]"
     if stats["min"] == stats["max"]:
         return format_number(stats["mean"], 3)
     low, high = format_number(stats["min"], 3), format_number(stats["max"], 3)
@@ -430,8 +433,42 @@ def rank_report(report, show_all=False, json_path=None, csv_path=None, plot_dir=
                 row.append(_mean_range(stats))
             table.add_row(*row)
     stdout.print(table)
+    if report.probe is not None:
+        stdout.print(probe_table(report.probe))
     for line in report.notes:
         note(f"note: {line}", quiet)
+
+
+def probe_table(probe) -> Table:
+    """Functional rank per module type, with the measured points of its bisection."""
+    reference = probe.reference
+    if probe.mode == "weight":
+        title = (
+            f"functional rank of W: smallest rank fraction whose loss rise ≤ {probe.tolerance:.0%} "
+            f"(intact loss {reference['loss']:.4f} nats/token, {probe.tokens} tokens, {probe.passes} passes)"
+        )
+    else:
+        title = (
+            f"functional rank of ΔW: smallest rank fraction keeping ≥ {1 - probe.tolerance:.0%} of the "
+            f"fine-tune's effect (KL(ft‖base) {reference['kl_finetuned_base']:.4f} nats/token, "
+            f"{probe.tokens} tokens, {probe.passes} passes)"
+        )
+    table = new_table(title)
+    table.add_column("type", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("functional rank", justify="right")
+    table.add_column(
+        "measured: fraction (rank) → " + ("loss rise" if probe.mode == "weight" else "kept effect")
+    )
+    for curve in probe.curves:
+        points = sorted(curve.points, key=lambda p: p["fraction"])
+        if probe.mode == "weight":
+            cells = [f"{p['fraction']:g} ({p['rank']}) → {p['loss_rise']:+.2%}" for p in points]
+        else:
+            cells = [f"{p['fraction']:g} ({p['rank']}) → {p['kept_effect']:.3f}" for p in points]
+        shown = "full" if curve.functional_rank >= 1 else f"{curve.functional_rank:g}"
+        table.add_row(curve.module_type, str(curve.matrices), shown, ", ".join(cells))
+    return table
 
 
 # --------------------------------------------------------------------------------------------------

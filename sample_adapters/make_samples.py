@@ -74,6 +74,7 @@ def make(out: Path, threads: int = 1) -> dict[str, list[float]]:
     base = LlamaForCausalLM(config)
     losses["base"] = train(base, base_text, steps=300, lr=3e-3, seed=1)
     base.save_pretrained(out / "base")
+    _byte_tokens(out / "base")
     state = {k: v.clone() for k, v in base.state_dict().items()}
 
     adapters = {
@@ -101,7 +102,13 @@ def make(out: Path, threads: int = 1) -> dict[str, list[float]]:
     base.requires_grad_(True)  # PEFT froze the base; a full fine-tune trains every weight
     losses["finetuned"] = train(base, tune_text, steps=80, lr=1e-3, seed=9)
     base.save_pretrained(out / "finetuned")
+    _byte_tokens(out / "finetuned")
     return losses
+
+
+def _byte_tokens(model_folder: Path) -> None:
+    """Declare that this model's tokens are UTF-8 bytes (no tokenizer files): see lorasurgery/textdata.py."""
+    (model_folder / "byte_tokens.json").write_text(json.dumps({"byte_tokens": True}) + "\n")
 
 
 def _relative_base(adapter: Path) -> None:

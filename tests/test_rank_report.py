@@ -110,6 +110,131 @@ def test_subspace_similarity_of_an_adapter_with_itself_and_another(setup):
     assert all(e.metrics["subspace_similarity_1_1"] < 0.9 for e in other.modules)
 
 
+def _gauged_copy(adapter_dir, out, seed: int = 3):
+    """The same ΔW = s·B@A with A → GA, B → BG⁻¹ (G a random well-conditioned r × r): a new gauge."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter_dir, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for key in [k for k in tensors if "lora_A" in k]:
+        A = tensors[key].double()
+        G = torch.eye(A.shape[0], dtype=torch.float64) + 0.5 * torch.randn(
+            A.shape[0], A.shape[0], generator=generator, dtype=torch.float64
+        )
+        key_b = key.replace("lora_A", "lora_B")
+        tensors[key] = (G @ A).float().contiguous()
+        tensors[key_b] = (tensors[key_b].double() @ torch.linalg.inv(G)).float().contiguous()
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
+def _phi_reference(V1: torch.Tensor, V2: torch.Tensor) -> list[list[float]]:
+    """φ(i, j) = ‖V1_iᵀ V2_j‖_F² / min(i, j) from (n, r) column bases, by the definition."""
+    return [
+        [float((V1[:, :i].T @ V2[:, :j]).norm() ** 2 / min(i, j)) for j in range(1, V2.shape[1] + 1)]
+        for i in range(1, V1.shape[1] + 1)
+    ]
+
+
+def test_both_phi_definitions_against_dense_references_and_a_gauge_transform(setup, tmp_path):
+    """The paper's φ (right singular vectors of A) moves with the gauge A → GA, B → BG⁻¹; φ of ΔW does not."""
+    from lorasurgery.adapter import load_adapter
+
+    gauged = _gauged_copy(setup / "adapter", tmp_path / "gauged")
+    other = load_adapter(setup / "other")
+    reports = {}
+    for label, folder in (("plain", setup / "adapter"), ("gauged", gauged)):
+        adapter = load_adapter(folder)
+        reports[label] = {e.name: e.metrics for e in rank_report(folder, compare=setup / "other").modules}
+        for name, metrics in reports[label].items():
+            A, B = adapter.read_factors(name)
+            A_o, B_o = other.read_factors(name)
+            dense = adapter.modules[name].scale * (B.double() @ A.double())
+            dense_o = other.modules[name].scale * (B_o.double() @ A_o.double())
+            paper = _phi_reference(
+                torch.linalg.svd(A.double(), full_matrices=False)[2].T,
+                torch.linalg.svd(A_o.double(), full_matrices=False)[2].T,
+            )
+            delta = _phi_reference(torch.linalg.svd(dense)[2][:4].T, torch.linalg.svd(dense_o)[2][:4].T)
+            for key, expected in (("subspace_similarity", paper), ("subspace_similarity_delta", delta)):
+                got = torch.tensor(metrics[key], dtype=torch.float64)
+                assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-6), (
+                    label,
+                    name,
+                    key,
+                )
+                assert metrics[key + "_1_1"] == pytest.approx(expected[0][0], abs=1e-6)
+    for name in reports["plain"]:
+        plain, gauged_metrics = reports["plain"][name], reports["gauged"][name]
+        assert torch.allclose(
+            torch.tensor(plain["subspace_similarity_delta"]),
+            torch.tensor(gauged_metrics["subspace_similarity_delta"]),
+            atol=1e-5,
+        )
+        paper_change = (
+            torch.tensor(plain["subspace_similarity"]) - torch.tensor(gauged_metrics["subspace_similarity"])
+        ).abs()
+        assert paper_change[:3, :3].max() > 1e-2, name  # the gauge moved A's singular vectors
+        # At i = j = r both span A's full row space, which the gauge keeps: φ(r, r) agrees.
+        assert paper_change[-1, -1] < 1e-5
+
+
+def test_model_pair_phi_is_one_definition_under_both_names(setup):
+    report = rank_report(setup / "ft", base=setup / "base", compare=setup / "ft", amp_rank=3)
+    for entry in (e for e in report.modules if e.kind == "delta"):
+        assert entry.metrics["subspace_similarity"] == entry.metrics["subspace_similarity_delta"]
+        assert entry.metrics["subspace_similarity_1_1"] == pytest.approx(1.0, abs=1e-6)
+
+
+def _reference_intruders(W: torch.Tensor, tuned: torch.Tensor, k: int, eps: float) -> tuple[int, list]:
+    """Shuttleworth et al.'s Alg. 1 by the definition, float64 SVDs of W and W'."""
+    U = torch.linalg.svd(W.double(), full_matrices=False)[0]
+    U_tuned = torch.linalg.svd(tuned.double(), full_matrices=False)[0][:, :k]
+    max_cosine = (U_tuned.T @ U).abs().max(dim=1).values
+    return int((max_cosine < eps).sum()), max_cosine.tolist()
+
+
+def test_intruder_dimensions_in_every_mode_match_float64_references(setup):
+    from peft import PeftModel
+
+    from lorasurgery.adapter import load_adapter
+
+    base = open_checkpoint(setup / "base")
+    ft = open_checkpoint(setup / "ft")
+    tuned_of = {}
+    adapter = load_adapter(setup / "adapter")
+    for name, module in adapter.modules.items():
+        A, B = adapter.read_factors(name)
+        tuned_of[("adapter", name)] = base.read(name + ".weight").double() + module.scale * (
+            B.double() @ A.double()
+        )
+    merged = PeftModel.from_pretrained(tiny_llama(), setup / "dora").merge_and_unload().state_dict()
+    for name in load_adapter(setup / "dora").modules:
+        tuned_of[("dora", name)] = merged[name + ".weight"].double()
+    for name in ft.tensors:
+        if ".layers." in name and name.endswith("proj.weight"):
+            tuned_of[("ft", name[: -len(".weight")])] = ft.read(name).double()
+    for target in ("adapter", "dora", "ft"):
+        report = rank_report(setup / target, base=setup / "base", intruders_k=6, intruders_eps=0.6)
+        deltas = [e for e in report.modules if e.kind == "delta"]
+        assert deltas
+        for entry in deltas:
+            W = base.read(entry.name + ".weight").double()
+            count, max_cosine = _reference_intruders(W, tuned_of[(target, entry.name)], 6, 0.6)
+            assert entry.metrics["intruder_max_cosine"] == pytest.approx(max_cosine, abs=1e-5), entry.name
+            assert entry.metrics["intruder_dimensions"] == count, entry.name
+        totals = {
+            g["module_type"]: g["metrics"]["intruder_dimensions"]["total"]
+            for g in report.summary["by_type"]
+            if g["kind"] == "delta"
+        }
+        assert sum(totals.values()) == sum(e.metrics["intruder_dimensions"] for e in deltas)
+    assert "intruder_dimensions" not in rank_report(setup / "adapter").modules[0].metrics  # no base, no W
+
+
 def test_dora_needs_a_base_and_then_uses_the_effective_delta(setup):
     assert_refused(
         ["rank-report", setup / "dora"],
@@ -205,12 +330,14 @@ def test_cli_json_csv_and_plots(setup, tmp_path):
         "amplification_random_baseline",
         "amplification_w_top_baseline",
         "mle_dimension",
+        "intruder_dimensions",
+        "intruder_max_cosine",
     }
     assert expected == set(delta["metrics"])
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
     assert len(rows) == len(data["modules"]) and {"name", "kind", "stable_rank"} <= set(rows[0])
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert "ranks_by_layer.png" in plots and "spectra_q_proj.png" in plots
+    assert {"ranks_by_layer.png", "spectra_q_proj.png", "intruders_by_layer.png"} <= set(plots)
     for name in plots:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

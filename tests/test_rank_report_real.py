@@ -111,12 +111,27 @@ def test_adapter_on_real_weights(real):
         assert entry.metrics["amplification_random_baseline"] == pytest.approx(
             8 * float(W.norm()) / math.sqrt(W.numel()), rel=1e-9
         )
-        # φ(i, j) = ‖V_iᵀ V'_j‖²_F / min(i, j) on the right singular vectors of the two ΔW (paper §7.2)
+        # φ(i, j) = ‖V_iᵀ V'_j‖²_F / min(i, j): the paper's on the right singular vectors of A and
+        # A' (§7.2), the gauge-invariant one on those of the two ΔW.
         A2, B2 = other.read_factors(entry.name)
-        V = torch.linalg.svd(dense, full_matrices=False)[2][:8].T
-        V2 = torch.linalg.svd(B2.double() @ A2.double(), full_matrices=False)[2][:8].T
-        grid = entry.metrics["subspace_similarity"]
-        for i in (1, 4, 8):
-            for j in (1, 4, 8):
-                phi = float((V[:, :i].T @ V2[:, :j]).norm() ** 2 / min(i, j))
-                assert grid[i - 1][j - 1] == pytest.approx(phi, rel=1e-3, abs=1e-9), (entry.name, i, j)
+        bases = {
+            "subspace_similarity": (
+                torch.linalg.svd(A.double(), full_matrices=False)[2].T,
+                torch.linalg.svd(A2.double(), full_matrices=False)[2].T,
+            ),
+            "subspace_similarity_delta": (
+                torch.linalg.svd(dense, full_matrices=False)[2][:8].T,
+                torch.linalg.svd(B2.double() @ A2.double(), full_matrices=False)[2][:8].T,
+            ),
+        }
+        for key, (V, V2) in bases.items():
+            grid = entry.metrics[key]
+            for i in (1, 4, 8):
+                for j in (1, 4, 8):
+                    phi = float((V[:, :i].T @ V2[:, :j]).norm() ** 2 / min(i, j))
+                    assert grid[i - 1][j - 1] == pytest.approx(phi, rel=1e-3, abs=1e-9), (
+                        entry.name,
+                        key,
+                        i,
+                        j,
+                    )

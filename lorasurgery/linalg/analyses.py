@@ -37,14 +37,21 @@ def subspace_similarity_grid(V1: torch.Tensor, V2: torch.Tensor) -> torch.Tensor
     return (captured / torch.minimum(i, j)).clamp(0.0, 1.0)
 
 
-def subspace_similarity(V1: torch.Tensor, V2: torch.Tensor) -> dict:
-    """{"subspace_similarity_1_1": φ(1, 1), "subspace_similarity": rows i = 1..r1 of φ(i, 1..r2)}."""
+def subspace_similarity(V1: torch.Tensor, V2: torch.Tensor, name: str = "subspace_similarity") -> dict:
+    """{name + "_1_1": φ(1, 1), name: rows i = 1..r1 of φ(i, 1..r2)}.
+
+    `name` says which vectors V1, V2 are (docs/rank-report.md): "subspace_similarity" for the
+    paper's (right singular vectors of A₁, A₂; of ΔW for a dense ΔW), "subspace_similarity_delta"
+    for those of ΔW₁ = s₁B₁A₁ and ΔW₂, which the B/A gauge (A → GA, B → BG⁻¹) leaves unchanged.
+    """
     grid = subspace_similarity_grid(V1, V2)
     rows = grid.cpu().tolist()
-    return {
-        "subspace_similarity_1_1": rows[0][0] if rows and rows[0] else 0.0,
-        "subspace_similarity": rows,
-    }
+    return {f"{name}_1_1": rows[0][0] if rows and rows[0] else 0.0, name: rows}
+
+
+def right_singular_rows(A: torch.Tensor) -> torch.Tensor:
+    """Vh (min(r, n), n) float64 of a factor A (r, n): the paper's basis for φ of adapters (§7.2)."""
+    return torch.linalg.svd(A.to(torch.float64), full_matrices=False).Vh
 
 
 def amplification(

@@ -28,6 +28,8 @@ from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DEFAULT_AMP_RANK = 16
+DEFAULT_INTRUDERS_K = 10  # Shuttleworth et al. 2024's k and ε (docs/rank-report.md)
+DEFAULT_INTRUDERS_EPS = 0.5
 
 
 @dataclass
@@ -50,14 +52,18 @@ class RankReport:
     modules: list[ModuleEntry] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    probe: object | None = None  # operations.probe.ProbeResult with --probe
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "target": self.target,
             "base": self.base,
             "modules": [m.to_json() for m in self.modules],
             "summary": self.summary,
         }
+        if self.probe is not None:
+            data["probe"] = self.probe.to_json()
+        return data
 
 
 def _is_adapter(path: Path) -> bool:
@@ -93,6 +99,13 @@ def rank_report(
     include: str | None = None,
     mle: bool = False,
     device: str = "cpu",
+    intruders_k: int = DEFAULT_INTRUDERS_K,
+    intruders_eps: float = DEFAULT_INTRUDERS_EPS,
+    probe_text: str | os.PathLike | None = None,
+    probe_tokens: int | None = None,
+    probe_fractions=None,
+    probe_tolerance: float | None = None,
+    probe_all: bool = False,
     progress: ProgressCallback = no_progress,
     config_file: str | os.PathLike | None = None,
     fan_in_fan_out: str | None = None,
@@ -107,6 +120,11 @@ def rank_report(
     except re.error as error:
         raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
     device = resolve_device(device)
+    if intruders_k < 0 or not 0 < intruders_eps <= 1:
+        raise LoraSurgeryError(
+            f"--intruders-k must be ≥ 0 and --intruders-eps in (0, 1], got {intruders_k} and {intruders_eps}"
+        )
+    intruders = (intruders_k, intruders_eps)
     if _is_adapter(target):
         with _one_torch_thread(device):  # see _compute_pool: W's spectra collapse under contention
             report = _adapter_report(
@@ -120,12 +138,31 @@ def rank_report(
                 progress,
                 config_file,
                 fan_in_fan_out,
+                intruders,
             )
     else:
         report = _model_report(
-            target, base, compare, amp_rank, include_re, mle, device, progress, config_file
+            target, base, compare, amp_rank, include_re, mle, device, progress, config_file, intruders
         )
     report.summary = summarize(report)
+    if probe_text is not None:
+        # Functional rank (operations.probe): forward passes on the user's text.
+        from lorasurgery.operations.probe import DEFAULT_FRACTIONS, DEFAULT_TOLERANCE, functional_rank
+
+        report.probe = functional_rank(
+            target,
+            text=probe_text,
+            base=base,
+            tokens=probe_tokens,
+            fractions=probe_fractions or DEFAULT_FRACTIONS,
+            tolerance=DEFAULT_TOLERANCE if probe_tolerance is None else probe_tolerance,
+            include=include_re,
+            device=device,
+            exhaustive=probe_all,
+            progress=progress,
+        )
+        report.summary.update(report.probe.summary())
+        report.notes.extend(report.probe.notes)
     return report
 
 
@@ -134,13 +171,23 @@ def rank_report(
 
 
 def _adapter_report(
-    target, base, compare, amp_rank, include_re, mle, device, progress, config_file, fan_in_fan_out
+    target,
+    base,
+    compare,
+    amp_rank,
+    include_re,
+    mle,
+    device,
+    progress,
+    config_file=None,
+    fan_in_fan_out=None,
+    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
 ) -> RankReport:
     import torch
 
     from lorasurgery.adapter import find_prefix_rule, load_adapter, resolve_base_names
     from lorasurgery.io import open_checkpoint
-    from lorasurgery.linalg.analyses import amplification, subspace_similarity
+    from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.svd import singular_values, truncated_svd
 
@@ -208,11 +255,15 @@ def _adapter_report(
             if U is not None:
                 metrics.update(amplification(U, Vh, delta_fro, W.to(torch.float64), S_W))
             w_metrics = _metrics(S_W, shape, checkpoint.tensors[mapping[module.name]].torch_dtype)
+            # Intruders of W' = W + ΔW: a low-rank Gram update for LoRA, W' itself for DoRA.
+            update = (
+                {"tuned": _cpu(W + delta)} if module.dora else {"factors": (_cpu(A2), _cpu(B2), module.scale)}
+            )
+            metrics.update(_intruders(_cpu(W), update, intruders))
             if mle:
                 w_metrics["mle_dimension"] = _mle(W)
         if other is not None and module.name in other.modules:
-            # φ on the row spaces of the two updates (paper §7.2: of A₁ and A₂). A DoRA module's
-            # direction part is B@A too, so its right singular vectors are those of s·B@A.
+            # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
             A_o, B_o = other.read_factors(module.name, device)
             other_module = other.modules[module.name]
             A_o, B_o = A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1)
@@ -221,14 +272,32 @@ def _adapter_report(
                     f"{compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
                     f"the target's {shape}"
                 )
+            # The paper's φ: right singular vectors of A₁ and A₂ themselves (what §7.2 and its
+            # Fig. 3/4 compute); φ_delta: those of ΔW₁ = s₁B₁A₁ and ΔW₂, which the B/A gauge
+            # (A → GA, B → BG⁻¹) leaves unchanged. They differ for i, j < r.
+            metrics.update(subspace_similarity(right_singular_rows(A2), right_singular_rows(A_o)))
             other_svd = lowrank_svd(A_o, B_o, other_module.scale)
             Vh_self = lowrank_svd(A2, B2, module.scale).Vh if module.dora else svd.Vh
-            metrics.update(subspace_similarity(Vh_self, other_svd.Vh))
+            metrics.update(subspace_similarity(Vh_self, other_svd.Vh, name="subspace_similarity_delta"))
         report.modules.append(ModuleEntry(module.name, "delta", shape, metrics, S.tolist()))
         if W is not None:
             report.modules.append(ModuleEntry(module.name, "weight", shape, w_metrics, S_W.tolist()))
         progress(Progress("rank-report", done, len(modules), module.name))
     return report
+
+
+def _cpu(tensor):
+    return tensor.detach().to("cpu").numpy()
+
+
+def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
+    """{"intruder_dimensions", "intruder_max_cosine"} of W' against W (linalg.intruders)."""
+    from lorasurgery.linalg.gram import one_blas_thread
+    from lorasurgery.linalg.intruders import intruder_dimensions
+
+    k, eps = intruders
+    with one_blas_thread():  # one matrix per core already (see _compute_pool)
+        return intruder_dimensions(W, k=k, eps=eps, **update).to_metrics()
 
 
 def _dora_effective_delta(adapter, module, W, device):
@@ -282,7 +351,16 @@ def _selected_weights(checkpoint, include_re, config_file=None) -> list[str]:
 
 
 def _model_report(
-    target, base, compare, amp_rank, include_re, mle, device, progress, config_file
+    target,
+    base,
+    compare,
+    amp_rank,
+    include_re,
+    mle,
+    device,
+    progress,
+    config_file=None,
+    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
 ) -> RankReport:
     from lorasurgery.io import open_checkpoint
 
@@ -344,7 +422,7 @@ def _model_report(
             return tensors
 
         def compute(name: str, tensors: dict) -> list[ModuleEntry]:
-            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle)
+            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle, intruders)
 
         pool = _compute_pool(device)
 
@@ -386,7 +464,9 @@ def _weight_entry(name: str, X, info) -> list[ModuleEntry]:
     return [ModuleEntry(name[: -len(".weight")], "weight", list(info.shape), metrics, S.tolist())]
 
 
-def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleEntry]:
+def _model_entries(
+    name, tensors, checkpoint, base_ckpt, r, mle, intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS)
+):
     """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W."""
     import torch
 
@@ -418,7 +498,13 @@ def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleE
             delta_o = tensors["other"].to(torch.float32) - W
             if float(torch.linalg.vector_norm(delta_o)) > 0:
                 _, _, Vh_o = truncated_svd(delta_o, k)
-                metrics.update(subspace_similarity(Vh[:k].double(), Vh_o[:k].double()))
+                # A dense ΔW has no A: both definitions use ΔW's right singular vectors.
+                similarity = subspace_similarity(Vh[:k].double(), Vh_o[:k].double())
+                metrics.update(similarity)
+                metrics.update(
+                    {key.replace("similarity", "similarity_delta"): v for key, v in similarity.items()}
+                )
+    metrics.update(_intruders(_cpu(W), {"tuned": _cpu(tensors["target"].to(torch.float32))}, intruders))
     if mle:
         metrics["mle_dimension"] = _mle(delta)
     w_metrics = _metrics(S_W, shape, base_ckpt.tensors[name].torch_dtype)
@@ -499,6 +585,8 @@ SUMMARY_METRICS = (
     "relative_norm",
     "amplification",
     "subspace_similarity_1_1",
+    "subspace_similarity_delta_1_1",
+    "intruder_dimensions",
 )
 
 
@@ -516,9 +604,12 @@ def summarize(report: RankReport) -> dict:
             if isinstance(value, (int, float)):
                 group["metrics"].setdefault(metric, []).append(float(value))
     for group in groups.values():
+        intruders = group["metrics"].get("intruder_dimensions")
         group["metrics"] = {
             m: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for m, v in group["metrics"].items()
         }
+        if intruders is not None:  # the table's count per module type
+            group["metrics"]["intruder_dimensions"]["total"] = int(sum(intruders))
     return {
         "mode": report.mode,
         "modules": len({e.name for e in report.modules}),
