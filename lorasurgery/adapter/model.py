@@ -201,6 +201,11 @@ def _make_module(
     if r == 0:
         raise AdapterError(f"{where}: rank r = 0")
     if b_shape[1] != r:
+        if len(b_shape) > 2 and len(a_shape) > 2 and r % b_shape[1] == 0:  # lora_B (out, r/groups, 1, …)
+            raise UnsupportedError(
+                f"{where}: a LoRA on a grouped convolution (groups = {r // b_shape[1]}, lora_B of shape "
+                f"{list(b_shape)}); PEFT cannot merge LoRA on a ConvNd with groups > 1 either"
+            )
         raise AdapterError(f"{where}: lora_A has rank {r} but lora_B has shape {list(b_shape)}")
     expected_r = config.rank_of(module)
     if expected_r != r:
