@@ -36,7 +36,7 @@ from pathlib import Path
 from lorasurgery.errors import CheckpointError, MismatchError, UnsupportedError
 
 KINDS = ("linear", "conv1d", "embedding", "conv", "multihead_attention", "other")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _BLOCK = re.compile(r"\.\d+\.")  # a numbered layer: inside the repeated transformer blocks
 
 
@@ -57,7 +57,10 @@ class Module:
     name: str  # module path as the checkpoint names it, e.g. model.layers.0.self_attn.q_proj
     kind: str  # one of KINDS
     cls: str  # the class name, e.g. Linear, Conv1D, Qwen3MoeExperts
-    parameters: dict[str, tuple[int, ...]] = field(default_factory=dict)  # own parameters: shape
+    parameters: dict[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # own parameters, in registration order
+    transposed: bool = False  # expert parameters stored (experts, in, out): transformers' is_transposed
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -271,6 +274,8 @@ def _summarise(model) -> dict:
         parameters = {p: list(t.shape) for p, t in module.named_parameters(recurse=False)}
         if parameters:
             modules[name] = {"kind": kind(module), "cls": type(module).__name__, "parameters": parameters}
+            if getattr(module, "is_transposed", False) is True:
+                modules[name]["transposed"] = True
     groups: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(parameter), []).append(name)
@@ -313,7 +318,7 @@ def _mapped(summary: dict, tensors: dict, where: str) -> Structure:
         if mapped is None:
             continue
         parameters = {p: tuple(shape) for p, shape in info["parameters"].items()}
-        modules[mapped] = Module(mapped, info["kind"], info["cls"], parameters)
+        modules[mapped] = Module(mapped, info["kind"], info["cls"], parameters, bool(info.get("transposed")))
     tied = []
     for group in summary["tied"]:
         renamed = tuple(n for n in (rename(g) for g in group) if n is not None)

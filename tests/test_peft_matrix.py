@@ -325,22 +325,6 @@ _LAYOUT = (
 )
 _TIES = "ties: merge still guesses the tied pair from names and equal shapes"
 XFAIL = {
-    "embconv1d-trainable-tokens": _TOKENS,
-    "multi-trainable-tokens-same": _TOKENS,
-    "multi-trainable-tokens-different": _TOKENS,
-    "llama-trainable-tokens": _TOKENS,
-    "llama-tied-trainable-tokens": _TOKENS,
-    "mha-1": "nn.MultiheadAttention keys (mha.lora_A, mha.base_layer.out_proj.lora_A) are not understood",
-    "mha-2": "nn.MultiheadAttention keys are not understood",
-    "mha-fp16": "nn.MultiheadAttention keys are not understood",
-    "mha-bf16": "nn.MultiheadAttention keys are not understood",
-    "params-1": _PARAMS,
-    "params-2": _PARAMS,
-    "params-experts": _PARAMS,
-    "params-experts-and-linear": _PARAMS,
-    "multi-params-same": _PARAMS,
-    "qwen3-moe-experts": _PARAMS,
-    "gpt-oss-experts": _PARAMS,
     "square-conv1d-and-linear": _LAYOUT,
     "square-add-adapter": _LAYOUT,
     "gpt2-no-config-square": _LAYOUT,

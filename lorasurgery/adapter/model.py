@@ -7,6 +7,12 @@ PEFT's save grammar, under the prefix `base_model.model.` (an adapter-name segme
   <m>.base_layer.<p>, <m>.<p>      tensors that replace the base's <m>.<p> (saved biases,
                                     modules_to_save, targeted embeddings)
   <m>.modules_to_save.<p>, <m>.original_module.<p>   duplicates PEFT writes with bias="all"
+  <emb>.token_adapter.trainable_tokens_delta (n, dim)  rows of <emb>.weight (trainable_token_indices)
+  <m>.lora_A.weight, <m>.base_layer.lora_A.weight …   LoRA on <m>'s nn.Parameters (target_parameters):
+                                    PEFT nests one wrapper per parameter, the first-registered innermost;
+                                    a 3-D expert parameter (E, …) has lora_A (r·E, in), lora_B (out, r·E)
+  <mha>.lora_A.weight + <mha>.base_layer.out_proj.lora_A.weight   nn.MultiheadAttention: the first
+                                    updates <mha>.in_proj_weight, the second <mha>.out_proj.weight
 Only the safetensors header is read when loading; tensors are read on demand.
 """
 
@@ -38,7 +44,7 @@ class LoraModule:
     """One LoRA-adapted layer: ΔW = scale · B @ A, laid out like the base weight."""
 
     name: str  # module path, e.g. model.layers.0.self_attn.q_proj
-    kind: str  # "linear" | "embedding" | "conv"
+    kind: str  # "linear" | "embedding" | "conv" | "parameter" (target_parameters, stored (out, in) or 3-D)
     r: int
     alpha: float
     scale: float
@@ -50,19 +56,48 @@ class LoraModule:
     b_key: str
     bias_key: str | None = None
     magnitude_key: str | None = None
+    parameter: str = "weight"  # the base tensor's leaf: weight, in_proj_weight (MHA), a targeted parameter
+    experts: int = 0  # > 0: LoRA on a 3-D expert parameter (experts, …), r per expert (kind "parameter")
+    transposed: bool = False  # experts stored (E, in, out) (transformers' is_transposed), else (E, out, in)
+    candidates: tuple[str, ...] = ()  # target_parameters of this module not yet told apart (see bind)
+    depth: int = 0  # how deep PEFT nested this parameter's wrapper (`<m>.base_layer.….lora_A`)
 
     @property
     def base_weight_name(self) -> str:
-        return f"{self.name}.weight"
+        return f"{self.name}.{self.parameter}"
 
     @property
     def module_type(self) -> str:
-        """The last path component (q_proj, c_attn, …), used to aggregate tables."""
+        """The last path component (q_proj, c_attn, …; a targeted parameter's name), used to aggregate tables."""
+        if self.kind == "parameter" and self.parameter:
+            return self.parameter
         return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def key(self) -> str:
+        """This module's key in Adapter.modules: its path, or for a targeted parameter `<path>.<parameter>`
+        (`<path>` plus one `.base_layer` per nesting level while the parameter is not yet known)."""
+        if self.kind != "parameter":
+            return self.name
+        return f"{self.name}.{self.parameter}" if self.parameter else self.name + ".base_layer" * self.depth
 
     @property
     def keys(self) -> list[str]:
         return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key) if k]
+
+
+@dataclass
+class TokenRows:
+    """Trainable tokens: rows `indices` of the base's <module>.weight become the saved rows (PEFT's
+    TrainableTokensLayer merges with index_copy: an overwrite, not an addition)."""
+
+    module: str  # the embedding's module path
+    key: str  # <module>.token_adapter.trainable_tokens_delta, (len(indices), dim)
+    indices: list[int]
+
+    @property
+    def base_weight_name(self) -> str:
+        return f"{self.module}.weight"
 
 
 @dataclass
@@ -72,6 +107,7 @@ class Adapter:
     checkpoint: Checkpoint  # the adapter's weight file, header only
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base-relative name -> adapter key
+    tokens: dict[str, TokenRows] = field(default_factory=dict)  # embedding module -> overwritten rows
     format: str = "peft"
 
     @property
@@ -159,10 +195,15 @@ def _index_tensors(adapter: Adapter) -> None:
     parts: dict[str, dict[str, str]] = {}
     saved: dict[str, str] = {}  # base-relative name -> key, from <m>.<p> and <m>.base_layer.<p>
     duplicates: dict[str, str] = {}  # from <m>.modules_to_save.<p>: used only without <m>.<p>
+    tokens: dict[str, str] = {}  # embedding module -> its trainable_tokens_delta key
     for key in adapter.tensors:
         relative = _relative(key)
-        if ".token_adapter." in relative or relative.endswith("trainable_tokens_delta"):
-            raise UnsupportedError(f"{file}: trainable tokens ({relative}) are not supported yet")
+        if ".token_adapter." in relative:
+            module, _, rest = relative.partition(".token_adapter.")
+            if rest.removesuffix(".default") != "trainable_tokens_delta":
+                raise AdapterError(f"{file}: unexpected trainable-token tensor {relative}")
+            tokens[module] = key
+            continue
         match = _LORA_KEY.match(relative)
         if match:
             part = match["part"] + (".bias" if match["param"] == "bias" else "")
@@ -180,8 +221,62 @@ def _index_tensors(adapter: Adapter) -> None:
     for name, key in duplicates.items():
         saved.setdefault(name, key)
     adapter.replacements = saved
-    for module, found in parts.items():
-        adapter.modules[module] = _make_module(adapter.config, adapter.tensors, file, module, found)
+    adapter.tokens = _token_rows(adapter.config, adapter.tensors, file, tokens)
+    for raw, found in parts.items():
+        name, depth = _unwrapped(raw)
+        parameters = adapter.config.targeted_parameters(name) if depth >= 0 else []
+        if parameters:  # PEFT's ParamWrapper: LoRA on an nn.Parameter of `name`
+            module = _make_parameter_module(
+                adapter.config, adapter.tensors, file, name, found, parameters, depth
+            )
+            key = module.key
+        else:
+            module = _make_module(adapter.config, adapter.tensors, file, name, found)
+            if f"{raw}.base_layer.out_proj" in parts:  # nn.MultiheadAttention: lora_A/B update in_proj
+                module.parameter = "in_proj_weight"
+            if raw.endswith(".base_layer.out_proj") and raw.removesuffix(".base_layer.out_proj") in parts:
+                # PEFT's MultiheadAttention adds out_proj's ΔW before calling its Linear's own merge,
+                # which adds it again: its forward (merged for every call) and its merge_and_unload both
+                # see W + 2·s·B@A, so that is what the trained model is.
+                module.scale *= 2
+            key = name
+        if key in adapter.modules:
+            raise AdapterError(f"{file}: module {name} is adapted twice ({raw})")
+        adapter.modules[key] = module
+
+
+def _unwrapped(raw: str) -> tuple[str, int]:
+    """(module path without PEFT's `base_layer` segments, how many trailed it; -1 when one sat inside
+    the path, as in nn.MultiheadAttention's <mha>.base_layer.out_proj)."""
+    depth = 0
+    while raw.endswith(".base_layer"):
+        raw, depth = raw[: -len(".base_layer")], depth + 1
+    if ".base_layer." in raw:
+        return raw.replace(".base_layer.", "."), -1
+    return raw, depth
+
+
+def _token_rows(
+    config: AdapterConfig, tensors: dict, file: Path, tokens: dict[str, str]
+) -> dict[str, TokenRows]:
+    rows = {}
+    for module, key in tokens.items():
+        indices = config.token_indices(module, only=len(tokens) == 1)
+        if indices is None:
+            raise AdapterError(
+                f"{file}: {module} has trainable tokens but adapter_config.json's trainable_token_indices "
+                f"names no rows for it"
+            )
+        shape = tuple(tensors[key].shape)
+        if len(shape) != 2 or shape[0] != len(indices):
+            raise AdapterError(
+                f"{file}: module {module}: trainable_tokens_delta has shape {list(shape)} for "
+                f"{len(indices)} token indices"
+            )
+        if len(set(indices)) != len(indices):
+            raise AdapterError(f"{file}: module {module}: trainable_token_indices repeats a token")
+        rows[module] = TokenRows(module, key, indices)
+    return rows
 
 
 def _make_module(
@@ -241,3 +336,46 @@ def _make_module(
         bias_key=bias_key,
         magnitude_key=magnitude_key,
     )
+
+
+def _make_parameter_module(
+    config: AdapterConfig, tensors: dict, file: Path, name: str, found: dict[str, str], candidates, depth: int
+) -> LoraModule:
+    """A ParamWrapper's LoRA: lora_A (r·E, in), lora_B (out, r·E); which parameter it targets is known
+    here only when the module has one target (else `bind_parameter` decides against the base)."""
+    where = f"{file}: module {name}"
+    a_key, b_key = found.get("lora_A"), found.get("lora_B")
+    if not a_key or not b_key:
+        raise AdapterError(f"{where}: has no {'lora_A' if not a_key else 'lora_B'} tensor")
+    extra = sorted(set(found) - {"lora_A", "lora_B"})
+    if extra:  # PEFT refuses DoRA, lora_bias and embeddings on nn.Parameter targets
+        raise AdapterError(f"{where}: unexpected {', '.join(extra)} on a target_parameters module")
+    a_shape, b_shape = tuple(tensors[a_key].shape), tuple(tensors[b_key].shape)
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0] or a_shape[0] == 0:
+        raise AdapterError(f"{where}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not pair up")
+    parameter = candidates[0] if len(candidates) == 1 else ""
+    ranks = {config.rank_of(f"{name}.{p}") for p in ([parameter] if parameter else candidates)}
+    r = ranks.pop() if len(ranks) == 1 else 0
+    if r and a_shape[0] % r:
+        raise AdapterError(
+            f"{where}: lora_A has {a_shape[0]} rows, not a multiple of r = {r} (one block of r per expert)"
+        )
+    experts = a_shape[0] // r if r else 0
+    module = LoraModule(
+        name=name,
+        kind="parameter",
+        r=r,
+        alpha=config.alpha_of(f"{name}.{parameter}"),
+        scale=config.scale_of(f"{name}.{parameter}", r) if r else 0.0,
+        fan_in_fan_out=False,
+        dora=False,
+        lora_bias=False,
+        shape=(b_shape[0], a_shape[1]) if experts == 1 else (),
+        a_key=a_key,
+        b_key=b_key,
+        parameter=parameter,
+        experts=experts,
+        candidates=tuple(candidates),
+        depth=depth,
+    )
+    return module

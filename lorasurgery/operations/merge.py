@@ -138,10 +138,13 @@ class _Item:
     replacement: tuple[int, str] | None = None  # (adapter index, adapter tensor name)
     updates: list[tuple[int, str]] = field(default_factory=list)  # (adapter index, module)
     bias_terms: list[tuple[int, str]] = field(default_factory=list)  # lora_bias: (adapter index, module)
+    token_rows: list[tuple[int, str]] = field(
+        default_factory=list
+    )  # trainable tokens: (adapter index, module)
 
     @property
     def untouched(self) -> bool:
-        return self.replacement is None and not self.updates and not self.bias_terms
+        return self.replacement is None and not self.updates and not self.bias_terms and not self.token_rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,6 +260,7 @@ def _plan(base: Path, adapter_paths, weights, subtract, dtype, allow_nonfinite) 
 
     checkpoint = open_checkpoint(base)
     adapters = [load_adapter(p) for p in adapter_paths]
+    _bind_parameter_targets(checkpoint, adapters)
     if subtract:
         for path, adapter in zip(adapter_paths, adapters):
             dora = [m for m, module in adapter.modules.items() if module.dora]
@@ -320,6 +324,19 @@ def _plan(base: Path, adapter_paths, weights, subtract, dtype, allow_nonfinite) 
                     )
                 item_for(bias_name).bias_terms.append((index, module))
                 biases += 1
+        for module, rows in adapter.tokens.items():
+            base_name = view.rule.apply(rows.base_weight_name)
+            if base_name not in tensors:
+                raise MismatchError(
+                    f"{path}: trainable tokens of {module}: the base has no {rows.base_weight_name}"
+                )
+            vocabulary = item_for(base_name).spec.shape[0]
+            if max(rows.indices) >= vocabulary:
+                raise MismatchError(
+                    f"{path}: trainable tokens of {module}: token {max(rows.indices)} is beyond the "
+                    f"{vocabulary} rows of {base_name}"
+                )
+            items[base_name].token_rows.append((index, module))
         summaries.append(
             AdapterSummary(
                 str(path), weight, merged, dora, biases, sum(1 for v in replaced_by.values() if v[0] == index)
@@ -339,7 +356,9 @@ def _plan(base: Path, adapter_paths, weights, subtract, dtype, allow_nonfinite) 
                 items[tied.input].replacement == items[tied.output].replacement
                 and not items[tied.input].updates
                 and not items[tied.output].updates
-            )
+                and not items[tied.input].bias_terms
+                and not items[tied.output].token_rows
+            )  # trainable tokens on the shared tensor change both sides, as PEFT's shared parameter
             if same:  # a saved base layer replaced the shared tensor: still tied, one tensor written
                 if tied.output not in checkpoint.tensors:
                     del items[tied.output]
@@ -636,7 +655,7 @@ def _write_all(
                 summary.tensors_copied += 1
             elif item.replacement is not None:
                 summary.tensors_replaced += 1
-            elif item.updates or item.bias_terms:
+            elif item.updates or item.bias_terms or item.token_rows:
                 summary.tensors_merged += 1
             else:
                 summary.tensors_converted += 1
@@ -722,6 +741,17 @@ def _produce(plan: _Plan, item: _Item, tensor, device, precise, allow_nonfinite)
     from lorasurgery.linalg.delta import merge_bias, merge_weight
 
     out_dtype = torch_dtype_of(item.spec.dtype)
+    if item.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
+        from lorasurgery.linalg.delta import overwrite_rows
+
+        rows = [
+            (plan.adapters[i].tokens[m].indices, plan.adapters[i].read(plan.adapters[i].tokens[m].key))
+            for i, m in item.token_rows
+        ]
+        plain = _Item(item.name, item.spec, item.source, item.replacement, item.updates, item.bias_terms)
+        return overwrite_rows(
+            _produce(plan, plain, tensor, device, precise, allow_nonfinite), rows, out_dtype=out_dtype
+        )
     if item.updates:
         updates = [_update(plan, index, module) for index, module in item.updates]
         return merge_weight(
@@ -914,8 +944,10 @@ def _update(plan: _Plan, index: int, module: str):
     lora = adapter.modules[module]
     A, B = adapter.read_factors(module)
     return Update(
-        module=module,
+        module=lora.name if lora.kind != "parameter" else lora.base_weight_name,
         kind=lora.kind,
+        experts=lora.experts,
+        transposed=lora.transposed,
         A=A,
         B=B,
         scale=lora.scale,
@@ -924,6 +956,18 @@ def _update(plan: _Plan, index: int, module: str):
         magnitude=adapter.read_magnitude(module) if lora.dora else None,
         source=str(adapter.path),
     )
+
+
+def _bind_parameter_targets(checkpoint, adapters) -> None:
+    """target_parameters modules learn their parameter and layout from the base (adapter/parameters.py)."""
+    if not any(m.kind == "parameter" for a in adapters for m in a.modules.values()):
+        return
+    from lorasurgery.adapter.parameters import bind_against
+    from lorasurgery.architecture import structure_of
+
+    structure = structure_of(checkpoint)
+    for adapter in adapters:
+        bind_against(adapter, checkpoint.tensors, structure)
 
 
 def _write_side_files(plan: _Plan, folder: Path) -> None:
