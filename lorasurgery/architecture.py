@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,21 @@ class Structure:
 
 def structure_of(checkpoint, config_file: str | os.PathLike | None = None) -> Structure:
     """The structure of `checkpoint` (an io.Checkpoint) from `config_file` or its own config.json."""
+    config, where = read_config(checkpoint, config_file)
+    if config is None:
+        return Structure(known=False, source=where)
+    try:
+        skeleton = skeleton_of(config)
+    except UnsupportedError as error:
+        if config_file is not None:
+            raise UnsupportedError(f"--config {config_file}: {error}") from None
+        return Structure(known=False, source=f"{where}: {error}")
+    return _mapped(skeleton, checkpoint.tensors, where)
+
+
+def read_config(checkpoint, config_file=None) -> tuple[dict | None, str]:
+    """(config, where it is) from `config_file` (a config.json or its folder), else the checkpoint's
+    own config.json; (None, why) when there is none. `checkpoint` is an io.Checkpoint or a path."""
     if config_file is not None:
         path = Path(config_file)
         if path.is_dir():
@@ -125,21 +142,21 @@ def structure_of(checkpoint, config_file: str | os.PathLike | None = None) -> St
             raise CheckpointError(f"--config {config_file}: not a readable JSON file ({error})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"--config {config_file}: expected a JSON object (a model's config.json)")
-        where = str(path)
-    elif checkpoint.config is not None:
-        config, where = checkpoint.config, str(Path(checkpoint.folder) / "config.json")
-    else:
-        return Structure(known=False, source=f"{checkpoint.path} has no config.json")
-    try:
-        skeleton = skeleton_of(config)
-    except UnsupportedError as error:
-        if config_file is not None:
-            raise UnsupportedError(f"--config {config_file}: {error}") from None
-        return Structure(known=False, source=f"{where}: {error}")
-    return _mapped(skeleton, checkpoint.tensors, where)
+        return config, str(path)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, f"{checkpoint} has no readable config.json"
+        return (config if isinstance(config, dict) else None), str(folder / "config.json")
+    if checkpoint.config is not None:
+        return checkpoint.config, str(Path(checkpoint.folder) / "config.json")
+    return None, f"{checkpoint.path} has no config.json"
 
 
 _MEMORY: dict[str, dict] = {}
+_PENDING: dict[str, subprocess.Popen] = {}
 _LOCK = threading.Lock()
 
 
@@ -151,18 +168,81 @@ def skeleton_of(config: dict) -> dict:
             return _MEMORY[key]
         summary = _read_cache(key)
         if summary is None:
-            summary = _build(config)
+            child = _PENDING.pop(key, None)
+            summary = _collect(child) if child is not None else None
+            if summary is None:
+                summary = _build(config) if "transformers" in sys.modules else _collect(_spawn(config))
             _write_cache(key, summary)
         _MEMORY[key] = summary
         return summary
 
 
-def _cache_key(config: dict) -> str:
-    try:
-        import transformers
+def prefetch(config: dict | None) -> None:
+    """Start building the skeleton of `config` in a child process unless a cache has it, so that the
+    import of transformers overlaps the caller's own start-up (and its memory stays out of ours)."""
+    if config is None or "transformers" in sys.modules:
+        return
+    key = _cache_key(config)
+    with _LOCK:
+        if key in _MEMORY or key in _PENDING or _read_cache(key) is not None:
+            return
+        _PENDING[key] = _spawn(config)
 
-        version = transformers.__version__
-    except ImportError:
+
+def _spawn(config: dict) -> subprocess.Popen:
+    code = "import sys, json; from lorasurgery.architecture import _child; _child()"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [_root(), os.environ.get("PYTHONPATH")])),
+        },
+    )
+    child.stdin.write(json.dumps(config).encode())
+    child.stdin.close()
+    return child
+
+
+def _root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def _collect(child: subprocess.Popen) -> dict:
+    out = child.stdout.read()
+    err = child.stderr.read()
+    child.wait()
+    try:
+        answer = json.loads(out)
+    except ValueError:
+        raise UnsupportedError(
+            f"building the model's skeleton failed ({err.decode(errors='replace').strip()[-300:]})"
+        ) from None
+    if "error" in answer:
+        raise UnsupportedError(answer["error"])
+    return answer["summary"]
+
+
+def _child() -> None:
+    """The child of _spawn: config JSON on stdin, {"summary"} or {"error"} on stdout."""
+    config = json.loads(sys.stdin.read())
+    try:
+        answer = {"summary": _build(config)}
+    except UnsupportedError as error:
+        answer = {"error": str(error)}
+    sys.stdout.write(json.dumps(answer))
+    sys.stdout.flush()
+
+
+def _cache_key(config: dict) -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        version = installed("transformers")  # without importing it
+    except PackageNotFoundError:
         version = "none"
     text = json.dumps(
         {"config": config, "transformers": version, "v": CACHE_VERSION}, sort_keys=True, default=str

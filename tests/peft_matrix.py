@@ -286,6 +286,7 @@ class Case:
     refusal: str = ""
     option: tuple = ()
     forward_input: tuple = ()  # where PEFT cannot merge: compare layer outputs on inputs of this shape
+    untie_first: bool = False  # the reference unties the embeddings before PEFT merges (see below)
 
 
 def lora_config(kwargs: dict):
@@ -329,6 +330,9 @@ def make_peft(bases: Bases, case: Case, out: Path, *, seed: int = 0):
     import peft
 
     model = bases.load(case.model, case.dtype)
+    if case.untie_first:  # PEFT's advice for a LoRA on one side of tied embeddings: untie, then merge
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
     torch.manual_seed(seed)
     with _quiet():
         wrapped = peft.get_peft_model(model, lora_config(case.lora))

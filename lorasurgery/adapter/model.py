@@ -18,6 +18,7 @@ Only the safetensors header is read when loading; tensors are read on demand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -41,7 +42,11 @@ _KOHYA_MARKERS = (".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w
 
 @dataclass
 class LoraModule:
-    """One LoRA-adapted layer: ΔW = scale · B @ A, laid out like the base weight."""
+    """One LoRA-adapted layer: ΔW = scale · B @ A, laid out like the base weight.
+
+    Read alone, a linear module's layout follows adapter_config.json's fan_in_fan_out, which is only
+    a hint (PEFT decides per layer); against a base, `laid_out` sets what the model's structure
+    (lorasurgery.architecture) decides."""
 
     name: str  # module path, e.g. model.layers.0.self_attn.q_proj
     kind: str  # "linear" | "embedding" | "conv" | "parameter" (target_parameters, stored (out, in) or 3-D)
@@ -61,6 +66,20 @@ class LoraModule:
     transposed: bool = False  # experts stored (E, in, out) (transformers' is_transposed), else (E, out, in)
     candidates: tuple[str, ...] = ()  # target_parameters of this module not yet told apart (see bind)
     depth: int = 0  # how deep PEFT nested this parameter's wrapper (`<m>.base_layer.….lora_A`)
+    layout: str = "adapter"  # who decided fan_in_fan_out: adapter | structure | option | shape
+
+    def laid_out(self, fan_in_fan_out: bool, layout: str) -> LoraModule:
+        """This module with its base weight stored (in, out) when `fan_in_fan_out`, else (out, in)."""
+        if self.kind != "linear":
+            return self
+        out_features, in_features = self.features
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        return dataclasses.replace(self, fan_in_fan_out=fan_in_fan_out, shape=shape, layout=layout)
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """(out, in) of a linear module, whatever its layout."""
+        return (self.shape[1], self.shape[0]) if self.fan_in_fan_out else (self.shape[0], self.shape[1])
 
     @property
     def base_weight_name(self) -> str:
@@ -181,7 +200,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     _refuse_kohya(checkpoint.files[0], checkpoint.tensors)
     adapter = Adapter(path=path, config=config, checkpoint=checkpoint)
     _index_tensors(adapter)
-    if not adapter.modules and not adapter.replacements:
+    if not adapter.modules and not adapter.replacements and not adapter.tokens:
         raise AdapterError(f"{checkpoint.files[0]}: the adapter holds no LoRA tensors")
     return adapter
 
