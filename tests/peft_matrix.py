@@ -179,6 +179,20 @@ def _tiny_transformers(kind: str):
             **common,
         )
         return transformers.Qwen3MoeForCausalLM(config)
+    if kind == "mixtral":
+        config = transformers.MixtralConfig(
+            hidden_size=16,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_local_experts=3,
+            num_experts_per_tok=2,
+            pad_token_id=None,
+            **common,
+        )
+        return transformers.MixtralForCausalLM(config)
     if kind == "gpt-oss":
         config = transformers.GptOssConfig(
             hidden_size=16,
@@ -198,7 +212,7 @@ def _tiny_transformers(kind: str):
     raise ValueError(kind)
 
 
-TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "gpt-oss")
+TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "mixtral", "gpt-oss")
 
 
 def transformers_class(kind: str):

@@ -313,6 +313,17 @@ CASES = [
         },
     ),
     Case(
+        "mixtral-experts",
+        "mixtral",
+        {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+    ),
+    Case(
+        "qwen3-moe-experts-fp16",
+        "qwen3-moe",
+        {"target_parameters": ["mlp.experts.gate_up_proj"]},
+        dtype="fp16",
+    ),
+    Case(
         "gpt-oss-experts",
         "gpt-oss",
         {
@@ -324,8 +335,6 @@ CASES = [
 
 # What fails today, and why (removed as support lands).
 XFAIL = {
-    "qwen3-moe-experts": "the checkpoint stores each expert's gate_proj/up_proj/down_proj; the fused "
-    "gate_up_proj/down_proj that target_parameters names are built by transformers when loading",
     "square-conv1d-and-linear": "merged silently wrong (conv1d.weight off by 0.49 relative): both weights are "
     "square and the adapter's fan_in_fan_out (False, saved from lin0, PEFT's last-created layer) is trusted "
     "because nothing in the adapter contradicts it",

@@ -66,6 +66,8 @@ class LoraModule:
     transposed: bool = False  # experts stored (E, in, out) (transformers' is_transposed), else (E, out, in)
     candidates: tuple[str, ...] = ()  # target_parameters of this module not yet told apart (see bind)
     depth: int = 0  # how deep PEFT nested this parameter's wrapper (`<m>.base_layer.….lora_A`)
+    piece: tuple[int, int, int, int] | None = None  # (expert, of experts, first row, end row): one expert's
+    # rows of a fused parameter that the checkpoint stores split (see adapter/parameters.py)
     layout: str = "adapter"  # who decided fan_in_fan_out: adapter | structure | option | shape
 
     def laid_out(self, fan_in_fan_out: bool, layout: str) -> LoraModule:
@@ -143,7 +145,13 @@ class Adapter:
     def read_factors(self, module: str, device: str = "cpu"):
         """(A, B) as saved: A (r, in) or (r, vocab) or (r, in, *k); B (out, r) or (dim, r) or (out, r, *1)."""
         lora = self.modules[module]
-        return self.read(lora.a_key, device), self.read(lora.b_key, device)
+        A, B = self.read(lora.a_key, device), self.read(lora.b_key, device)
+        if lora.piece is not None:  # expert e's rows of a fused expert parameter (linalg/delta.py's A_e, B_e)
+            e, experts, start, stop = lora.piece
+            r = A.shape[0] // experts
+            A = A.reshape(experts, r, A.shape[-1])[e]
+            B = B.reshape(B.shape[0], r, experts)[start:stop, :, e]
+        return A, B
 
     def read_magnitude(self, module: str, device: str = "cpu"):
         key = self.modules[module].magnitude_key

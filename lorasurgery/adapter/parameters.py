@@ -129,7 +129,11 @@ def bind_against(adapter, tensors: dict, structure) -> None:
 
     def shape_of(name: str, parameter: str):
         base = rule.apply(f"{name}.{parameter}")
-        return tuple(tensors[base].shape) if base in tensors else None
+        if base in tensors:
+            return tuple(tensors[base].shape)
+        known = structure is not None and structure.known and structure.pieces(base, tensors) is not None
+        module = structure.module(rule.apply(name) or name) if known else None
+        return tuple(module.parameters[parameter]) if module is not None else None  # stored split
 
     def layout_of(name: str):
         module = (
@@ -138,3 +142,48 @@ def bind_against(adapter, tensors: dict, structure) -> None:
         return (list(module.parameters), module.transposed) if module is not None else None
 
     bind_parameters(adapter, shape_of, layout_of)
+
+
+def split_stored(adapter, tensors: dict, structure) -> None:
+    """A bound expert parameter the checkpoint stores split (structure.pieces: per expert, per
+    projection, concatenated along d1) becomes one 2-D module per stored tensor: expert e's rows
+    [start, stop) of ΔW[e] = s·B_e@A_e, i.e. the rows of B_e (linalg/delta.py). Keys
+    `<fused key>[e].<k>`; merge reads the slices through Adapter.read_factors."""
+    from lorasurgery.adapter.names import find_prefix_rule
+
+    fused = [m for m in adapter.modules.values() if m.kind == "parameter" and m.experts]
+    if not fused or structure is None or not structure.known:
+        return
+    rule, _ = find_prefix_rule(
+        [m.base_weight_name for m in adapter.modules.values()], {**tensors, **structure.stored}
+    )
+    fused_ids = {id(m) for m in fused}
+    modules = {}
+    for key, module in adapter.modules.items():
+        base = rule.apply(module.base_weight_name) if id(module) in fused_ids else None
+        pieces = structure.pieces(base, tensors) if base is not None and base not in tensors else None
+        if pieces is None:
+            modules[key] = module
+            continue
+        where = f"{adapter.path}: module {module.name}, parameter {module.parameter}"
+        if module.transposed:
+            raise UnsupportedError(f"{where}: a fused (E, in, out) parameter stored split is not supported")
+        experts, d1, d2 = module.shape
+        share = d1 // len(pieces[0])
+        for e, names in enumerate(pieces):
+            for k, name in enumerate(names):
+                if tuple(tensors[name].shape) != (share, d2):
+                    raise MismatchError(
+                        f"{where}: the base stores expert {e} as {name} of shape {list(tensors[name].shape)}, "
+                        f"expected {[share, d2]} ({d1} rows of the fused parameter split {len(names)} ways)"
+                    )
+                piece = dataclasses.replace(
+                    module,
+                    name=name.removesuffix(".weight"),
+                    parameter="weight",
+                    experts=0,
+                    shape=(share, d2),
+                    piece=(e, experts, k * share, (k + 1) * share),
+                )
+                modules[f"{key}[{e}].{k}"] = piece
+    adapter.modules = modules

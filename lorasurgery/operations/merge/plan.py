@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.adapter.parameters import bind_against
+from lorasurgery.adapter.parameters import bind_against, split_stored
 from lorasurgery.architecture import Layout, LinearTarget, Structure, linear_layouts, structure_of
 from lorasurgery.errors import AdapterError, LoraSurgeryError, MismatchError, NonFiniteError, UnsupportedError
 from lorasurgery.io import TensorSpec, open_checkpoint
@@ -119,6 +119,7 @@ def plan_merge(
     adapters = [load_adapter(p) for p in adapter_paths]
     for adapter in adapters:  # LoRA on nn.Parameters: which parameter, which layout (adapter/parameters.py)
         bind_against(adapter, checkpoint.tensors, structure)
+        split_stored(adapter, checkpoint.tensors, structure)
     if subtract:
         for path, adapter in zip(adapter_paths, adapters):
             dora = [m for m, module in adapter.modules.items() if module.dora]
