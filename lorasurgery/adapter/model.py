@@ -92,6 +92,8 @@ class LoraModule:
         """The last path component (q_proj, c_attn, …; a targeted parameter's name), used to aggregate tables."""
         if self.kind == "parameter" and self.parameter:
             return self.parameter
+        if self.parameter == "in_proj_weight":  # nn.MultiheadAttention's q/k/v projection
+            return "in_proj"
         return self.name.rsplit(".", 1)[-1]
 
     @property
@@ -152,6 +154,26 @@ class Adapter:
             A = A.reshape(experts, r, A.shape[-1])[e]
             B = B.reshape(B.shape[0], r, experts)[start:stop, :, e]
         return A, B
+
+    def expert_factors(self, module: str, device: str = "cpu"):
+        """[(A_e (r, in), B_e (out, r)) per expert] of a LoRA on a 3-D expert parameter, else None."""
+        lora = self.modules[module]
+        if lora.kind != "parameter" or lora.piece is not None or lora.experts <= 1:
+            return None
+        A, B = self.read_factors(module, device)
+        E = lora.experts
+        r = A.shape[0] // E
+        A3 = A.reshape(E, r, A.shape[-1])  # (E, r, in): expert e's rows e·r … e·r + r − 1
+        B3 = B.reshape(B.shape[0], r, E)  # (out, r, E): expert e's columns e, E + e, …
+        return [(A3[e], B3[:, :, e]) for e in range(E)]
+
+    def label(self, module: str) -> str:
+        """How reports name a module: its key, or for a LoRA on a parameter not yet told apart from the
+        module's other targeted parameters, `<module> (<p1>|<p2>)`."""
+        lora = self.modules[module]
+        if lora.kind == "parameter" and not lora.parameter:
+            return f"{lora.name} ({'|'.join(lora.candidates)})"
+        return module
 
     def read_magnitude(self, module: str, device: str = "cpu"):
         key = self.modules[module].magnitude_key

@@ -187,3 +187,45 @@ def split_stored(adapter, tensors: dict, structure) -> None:
                 )
                 modules[f"{key}[{e}].{k}"] = piece
     adapter.modules = modules
+
+
+def bind_to_checkpoint(adapter, checkpoint):
+    """bind_against the base `checkpoint` (an io.Checkpoint) with its structure, when the adapter has
+    LoRA on nn.Parameters (reports that read W: inspect and rank-report with --base); returns the
+    structure (None when nothing needed it)."""
+    if not any(m.kind == "parameter" for m in adapter.modules.values()):
+        return None
+    from lorasurgery.architecture import structure_of
+
+    structure = structure_of(checkpoint)
+    bind_against(adapter, checkpoint.tensors, structure)
+    return structure
+
+
+def report_names(adapter, checkpoint, structure) -> dict[str, str]:
+    """resolve_base_names for reports: a fused expert parameter the checkpoint stores split counts as
+    present (under its fused name, read with read_parameter)."""
+    from types import SimpleNamespace
+
+    from lorasurgery.adapter.names import resolve_base_names
+
+    tensors = dict(checkpoint.tensors)
+    if structure is not None and structure.known:
+        for name in structure.stored:
+            module = structure.module(name.rpartition(".")[0])
+            parameter = name.rpartition(".")[2]
+            if module is not None and name not in tensors and structure.pieces(name, checkpoint.tensors):
+                tensors[name] = SimpleNamespace(shape=tuple(module.parameters[parameter]))
+    return resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
+
+
+def read_parameter(checkpoint, structure, name: str, device: str = "cpu"):
+    """The base tensor `name`; a fused expert parameter stored split is put together (E, d1, d2)."""
+    import torch
+
+    pieces = None
+    if name not in checkpoint.tensors and structure is not None:
+        pieces = structure.pieces(name, checkpoint.tensors)
+    if pieces is None:
+        return checkpoint.read(name, device)
+    return torch.stack([torch.cat([checkpoint.read(n, device) for n in names], dim=0) for names in pieces])
