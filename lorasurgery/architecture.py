@@ -40,6 +40,18 @@ from lorasurgery.errors import CheckpointError, MismatchError, UnsupportedError
 KINDS = ("linear", "conv1d", "embedding", "conv", "multihead_attention", "other")
 CACHE_VERSION = 3
 _BLOCK = re.compile(r"\.\d+\.")  # a numbered layer: inside the repeated transformer blocks
+# Without a config.json nothing says which module is an embedding but its conventional name; these
+# are consulted only then (Structure.known is False).
+CONVENTIONAL_INPUT_EMBEDDINGS = (
+    "embed_tokens",
+    "wte",
+    "word_embeddings",
+    "embed_in",
+    "tok_embeddings",
+    "shared",
+)
+CONVENTIONAL_OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+CONVENTIONAL_OTHER_EMBEDDINGS = ("wpe", "position_embeddings", "token_type_embeddings")
 
 
 def leaf(name: str) -> str:
@@ -121,6 +133,39 @@ class Structure:
     def kind_of(self, module: str) -> str | None:
         found = self.modules.get(module)
         return found.kind if found is not None else None
+
+    def is_input_embedding(self, module: str) -> bool:
+        if self.known:
+            return module == self.input_embedding
+        return leaf(module) in CONVENTIONAL_INPUT_EMBEDDINGS
+
+    def is_output_embedding(self, module: str) -> bool:
+        if self.known:
+            return module == self.output_embedding
+        return leaf(module) in CONVENTIONAL_OUTPUT_EMBEDDINGS
+
+    def is_embedding(self, module: str) -> bool:
+        """An embedding table, or the output projection onto the vocabulary (lm_head)."""
+        if self.known:
+            return self.kind_of(module) == "embedding" or module == self.output_embedding
+        name = leaf(module)
+        return (
+            name
+            in CONVENTIONAL_INPUT_EMBEDDINGS + CONVENTIONAL_OUTPUT_EMBEDDINGS + CONVENTIONAL_OTHER_EMBEDDINGS
+            or name.endswith("_embeddings")
+        )
+
+    def fan_in_fan_out(self, module: str) -> bool:
+        """Whether `module`'s weight is stored (in, out); False when unknown."""
+        found = self.modules.get(module)
+        return found is not None and found.fan_in_fan_out
+
+    def word_embeddings_tied(self) -> bool:
+        """Whether the output projection shares the input embedding's weight."""
+        if not (self.input_embedding and self.output_embedding):
+            return False
+        group = self.tie_group(f"{self.input_embedding}.weight") or ()
+        return f"{self.output_embedding}.weight" in group
 
     def tie_group(self, tensor: str) -> tuple[str, ...] | None:
         """The names sharing one parameter with `tensor` (itself included), when it is tied."""
@@ -631,4 +676,45 @@ def linear_layouts(
                 f"config.json, or --fan-in-fan-out REGEX matching the Conv1D modules (e.g. 'c_attn|c_proj|c_fc')"
             )
         layouts[key] = Layout(target.hint, "adapter")
+    return layouts
+
+
+def model_tensors(checkpoint, structure: Structure) -> dict:
+    """The checkpoint's tensors plus the tied names it stores once (under the stored tensor's info)."""
+    tensors = dict(checkpoint.tensors)
+    for group in structure.tied:
+        stored = next((n for n in group if n in checkpoint.tensors), None)
+        if stored is not None:
+            for name in group:
+                tensors.setdefault(name, checkpoint.tensors[stored])
+    return tensors
+
+
+def lay_out(structure: Structure, adapters, tensors: dict, fan_in_fan_out: str | None = None) -> dict:
+    """Lay every linear LoRA module of `adapters` out as the base stores its weight, in place.
+
+    `adapters` is a list of (adapter, {module: base tensor name}); returns {(index, module): Layout}.
+    The adapter's modules are replaced by `LoraModule.laid_out` copies (shape and fan_in_fan_out)."""
+    targets, where = [], {}
+    for index, (adapter, mapping) in enumerate(adapters):
+        for module, base_name in mapping.items():
+            lora = adapter.modules[module]
+            if lora.kind != "linear" or base_name not in tensors or len(tensors[base_name].shape) != 2:
+                continue
+            target = LinearTarget(
+                str(adapter.path),
+                module,
+                base_name,
+                tuple(tensors[base_name].shape),
+                lora.features,
+                bool(adapter.config.fan_in_fan_out),
+            )
+            targets.append(target)
+            where[(target.adapter, module)] = index
+    layouts = {}
+    for (path, module), layout in linear_layouts(structure, targets, fan_in_fan_out).items():
+        index = where[(path, module)]
+        modules = adapters[index][0].modules
+        modules[module] = modules[module].laid_out(layout.fan_in_fan_out, layout.reason)
+        layouts[(index, module)] = layout
     return layouts

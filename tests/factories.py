@@ -194,12 +194,13 @@ def randomize_adapter(model, seed: int = 0, std: float = 0.05) -> None:
 
 
 def make_adapter(
-    base_path, out_path, *, model_kind: str = "llama", seed: int = 0, **lora_config_kwargs
+    base_path, out_path, *, model_kind: str = "llama", seed: int = 0, prepare=None, **lora_config_kwargs
 ) -> Path:
     """A real PEFT LoRA adapter of the base at `base_path`, saved to `out_path`, with ΔW ≠ 0.
 
     `lora_config_kwargs` go to ``peft.LoraConfig`` (target_modules defaults to q_proj/v_proj for llama,
     c_attn for gpt2, query/value for bert; fan_in_fan_out defaults to True for gpt2's Conv1D).
+    `prepare(model)` runs on the base model first (e.g. ``resize_token_embeddings``).
     """
     import peft
 
@@ -211,6 +212,8 @@ def make_adapter(
     }
     kwargs = {**defaults.get(model_kind, {}), "r": 4, "lora_alpha": 8, **lora_config_kwargs}
     base = load_base(base_path, model_kind)
+    if prepare is not None:
+        prepare(base)
     torch.manual_seed(seed)  # lora_A's init
     with _quiet():
         model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))

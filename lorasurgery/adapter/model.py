@@ -88,25 +88,12 @@ class LoraModule:
         return f"{self.name}.{self.parameter}"
 
     @property
-    def module_type(self) -> str:
-        """The last path component (q_proj, c_attn, …; a targeted parameter's name), used to aggregate tables."""
-        if self.kind == "parameter" and self.parameter:
-            return self.parameter
-        if self.parameter == "in_proj_weight":  # nn.MultiheadAttention's q/k/v projection
-            return "in_proj"
-        return self.name.rsplit(".", 1)[-1]
-
-    @property
     def key(self) -> str:
         """This module's key in Adapter.modules: its path, or for a targeted parameter `<path>.<parameter>`
         (`<path>` plus one `.base_layer` per nesting level while the parameter is not yet known)."""
         if self.kind != "parameter":
             return self.name
         return f"{self.name}.{self.parameter}" if self.parameter else self.name + ".base_layer" * self.depth
-
-    @property
-    def keys(self) -> list[str]:
-        return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key) if k]
 
 
 @dataclass

@@ -202,20 +202,28 @@ def bind_to_checkpoint(adapter, checkpoint):
     return structure
 
 
-def report_names(adapter, checkpoint, structure) -> dict[str, str]:
-    """resolve_base_names for reports: a fused expert parameter the checkpoint stores split counts as
-    present (under its fused name, read with read_parameter)."""
+def with_split_parameters(tensors: dict, checkpoint, structure) -> dict:
+    """`tensors` plus every fused expert parameter the checkpoint stores split (structure.pieces), under
+    its fused name with the skeleton's shape, for reports that resolve names (read with read_parameter)."""
     from types import SimpleNamespace
 
-    from lorasurgery.adapter.names import resolve_base_names
-
-    tensors = dict(checkpoint.tensors)
+    tensors = dict(tensors)
     if structure is not None and structure.known:
         for name in structure.stored:
             module = structure.module(name.rpartition(".")[0])
             parameter = name.rpartition(".")[2]
             if module is not None and name not in tensors and structure.pieces(name, checkpoint.tensors):
-                tensors[name] = SimpleNamespace(shape=tuple(module.parameters[parameter]))
+                tensors[name] = SimpleNamespace(name=name, shape=tuple(module.parameters[parameter]))
+    return tensors
+
+
+def report_names(adapter, checkpoint, structure) -> dict[str, str]:
+    """resolve_base_names for reports, split-stored fused parameters counting as present."""
+    from types import SimpleNamespace
+
+    from lorasurgery.adapter.names import resolve_base_names
+
+    tensors = with_split_parameters(checkpoint.tensors, checkpoint, structure)
     return resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
 
 

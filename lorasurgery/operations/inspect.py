@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-from lorasurgery.adapter import Adapter, LoraModule, load_adapter
+from lorasurgery.adapter import Adapter, LoraModule, load_adapter, resolve_base_names
 from lorasurgery.adapter.names import find_prefix_rule
-from lorasurgery.adapter.parameters import bind_to_checkpoint, read_parameter, report_names
+from lorasurgery.adapter.parameters import bind_against, read_parameter, with_split_parameters
+from lorasurgery.architecture import lay_out, model_tensors, structure_of
 from lorasurgery.errors import MismatchError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg.lowrank import lowrank_fro_norm
@@ -139,13 +141,23 @@ def _replaced_info(adapter: Adapter, name: str, key: str) -> ModuleInfo:
 
 
 def inspect_adapter(
-    path: str | os.PathLike, base: str | os.PathLike | None = None, progress: ProgressCallback = no_progress
+    path: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    progress: ProgressCallback = no_progress,
+    *,
+    config_file: str | os.PathLike | None = None,
+    fan_in_fan_out: str | None = None,
 ) -> InspectReport:
-    """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖."""
+    """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖.
+
+    With a base, each module is laid out as the base's structure says (lorasurgery.architecture;
+    `config_file` and `fan_in_fan_out` as for merge)."""
     adapter = load_adapter(path)
-    structure = None
+    checkpoint = structure = None
     if base is not None:  # LoRA on nn.Parameters: which parameter each targets, known from the base
-        structure = bind_to_checkpoint(adapter, open_checkpoint(base))
+        checkpoint = open_checkpoint(base)
+        structure = structure_of(checkpoint, config_file)
+        bind_against(adapter, checkpoint.tensors, structure)
     modules = list(adapter.modules.values())
     total = len(modules) + len(adapter.replacements) + len(adapter.tokens)
     infos: list[ModuleInfo] = []
@@ -161,7 +173,7 @@ def inspect_adapter(
 
     warnings: list[str] = []
     if base is not None:
-        warnings += _compare_with_base(adapter, infos, base, structure)
+        warnings += _compare_with_base(adapter, infos, checkpoint, structure, fan_in_fan_out)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()
     return InspectReport(
@@ -179,11 +191,21 @@ def inspect_adapter(
     )
 
 
-def _compare_with_base(adapter: Adapter, infos: list[ModuleInfo], base, structure) -> list[str]:
+def _compare_with_base(
+    adapter: Adapter, infos: list[ModuleInfo], checkpoint, structure, fan_in_fan_out
+) -> list[str]:
     import torch
 
-    checkpoint = open_checkpoint(base)
-    mapping = report_names(adapter, checkpoint, structure) if adapter.modules else {}
+    # a tied lm_head stored once included, and fused expert parameters the checkpoint stores split
+    tensors = with_split_parameters(model_tensors(checkpoint, structure), checkpoint, structure)
+    mapping = {}
+    if adapter.modules:
+        weight_names = [m.base_weight_name for m in adapter.modules.values()]
+        rule, unmatched = find_prefix_rule(weight_names, tensors)
+        if not unmatched:
+            targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
+            lay_out(structure, [(adapter, targets)], tensors, fan_in_fan_out)
+        mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
     notes = []
     rule, unmatched = find_prefix_rule([n for n in adapter.replacements], checkpoint.tensors)
     by_name = {info.name: info for info in infos}
@@ -208,7 +230,8 @@ def _compare_with_base(adapter: Adapter, infos: list[ModuleInfo], base, structur
         info.relative_norm = info.delta_fro_norm / w_norm if w_norm else None
     for name, base_name in mapping.items():
         info = by_name[name]
-        w_norm = float(torch.linalg.vector_norm(read_parameter(checkpoint, structure, base_name).double()))
+        stored = getattr(tensors[base_name], "name", base_name)  # a tied member: the stored one
+        w_norm = float(torch.linalg.vector_norm(read_parameter(checkpoint, structure, stored).double()))
         if info.delta_fro_norm is not None:
             info.relative_norm = info.delta_fro_norm / w_norm if w_norm else float("inf")
     for name in adapter.replacements:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.adapter.parameters import bind_against, split_stored
-from lorasurgery.architecture import Layout, LinearTarget, Structure, linear_layouts, structure_of
+from lorasurgery.architecture import Layout, Structure, lay_out, model_tensors, structure_of
 from lorasurgery.errors import AdapterError, LoraSurgeryError, MismatchError, NonFiniteError, UnsupportedError
 from lorasurgery.io import TensorSpec, open_checkpoint
 from lorasurgery.io.safetensors_format import TensorInfo
@@ -129,12 +129,8 @@ def plan_merge(
                     f"W' = (m/‖V‖)·V cannot be undone by subtracting an update"
                 )
     # Every name the model has: the stored tensors, plus tied members stored once (under the stored one).
-    tensors: dict[str, TensorInfo] = dict(checkpoint.tensors)
+    tensors: dict[str, TensorInfo] = model_tensors(checkpoint, structure)
     groups = [g for g in structure.tied if any(n in checkpoint.tensors for n in g)]
-    for group in groups:
-        stored = next(n for n in group if n in checkpoint.tensors)
-        for name in group:
-            tensors.setdefault(name, checkpoint.tensors[stored])
 
     views = []
     for path, adapter in zip(adapter_paths, adapters):
@@ -146,7 +142,7 @@ def plan_merge(
         if not allow_nonfinite:
             view.check_finite()
         views.append(view)
-    layouts = _lay_out(structure, views, tensors, fan_in_fan_out)
+    layouts = lay_out(structure, [(v.adapter, v.targets()) for v in views], tensors, fan_in_fan_out)
 
     # Per tensor: its own saved copy, a saved base layer (the shared parameter), its updates.
     own: dict[str, tuple[int, str]] = {}
@@ -293,6 +289,10 @@ def _claim(target: dict, name: str, value: tuple[int, str], adapters, paths) -> 
     previous = target.get(name)
     if previous is not None and previous != value:
         if not _same_tensor(adapters[previous[0]], previous[1], adapters[value[0]], value[1]):
+            if previous[0] == value[0]:
+                raise MismatchError(
+                    f"{paths[value[0]]}: {previous[1]} and {value[1]} both replace {name} with different values"
+                )
             raise MismatchError(
                 f"{paths[previous[0]]} and {paths[value[0]]} both replace {name} "
                 f"(modules_to_save or saved layers) with different values; merge them separately"
@@ -363,34 +363,6 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
             )
     if config is not None and config.get("vocab_size") != rows:
         changes["vocab_size"] = rows
-
-
-def _lay_out(structure: Structure, views, tensors, fan_in_fan_out) -> dict[tuple[int, str], Layout]:
-    """Each linear LoRA module laid out as the base stores its weight (architecture.linear_layouts)."""
-    targets, where = [], {}
-    for index, view in enumerate(views):
-        for module, base_name in view.targets().items():
-            lora = view.adapter.modules[module]
-            if lora.kind != "linear" or len(tensors[base_name].shape) != 2:
-                continue
-            target = LinearTarget(
-                str(view.path),
-                module,
-                base_name,
-                tuple(tensors[base_name].shape),
-                lora.features,
-                bool(view.adapter.config.fan_in_fan_out),
-            )
-            targets.append(target)
-            where[(target.adapter, module)] = index
-    decided = linear_layouts(structure, targets, fan_in_fan_out)
-    layouts = {}
-    for (adapter, module), layout in decided.items():
-        index = where[(adapter, module)]
-        modules = views[index].adapter.modules
-        modules[module] = modules[module].laid_out(layout.fan_in_fan_out, layout.reason)
-        layouts[(index, module)] = layout
-    return layouts
 
 
 class _AdapterView:
