@@ -10,6 +10,8 @@ say how to resolve it, and the merge with that option must equal PEFT's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from clihelp import run_cli
 from peft_matrix import Bases, Case, float64_merge, layers_differing, make_peft, read_output, relative_error
@@ -225,7 +227,6 @@ CASES = [
         Case(f"{name}-{dtype}", model, lora, dtype=dtype)
         for dtype in ("fp16", "bf16")
         for name, model, lora in (
-            ("mlp-4", "MLP", {"target_modules": ["lin0", "lin1"]}),
             ("embconv1d-3", "EmbConv1D", {"target_modules": ["emb", "conv1d"]}),
             ("conv2d-dora", "Conv2d", {"target_modules": ["conv2d", "lin0"], "use_dora": True}),
             ("mha", "MHA", {"target_modules": ["mha"]}),
@@ -332,6 +333,26 @@ CASES = [
         },
     ),
 ]
+
+
+def _variants(cases):
+    """Every merged case of PEFT's own matrix (the rows before the research variants) again on fp16 and
+    bf16 bases, and with rsLoRA and a rank pattern: the same layouts under other numerics and scales."""
+    peft_rows = cases[: next(i for i, c in enumerate(cases) if c.id == "kasa")]
+    for case in peft_rows:
+        if case.expect != M or case.forward_input or case.lora.get("init_lora_weights") == "mica":
+            continue  # (PEFT's MiCA init refuses half-precision layers)
+        for dtype in ("fp16", "bf16"):
+            yield dataclasses.replace(case, id=f"{case.id}-{dtype}", dtype=dtype)
+        if case.second is None and "target_parameters" not in case.lora:
+            lora = {**case.lora, "use_rslora": True, "r": 6, "lora_alpha": 5}
+            targets = case.lora.get("target_modules")
+            first = targets if isinstance(targets, str) else targets[0]
+            lora["rank_pattern"] = {first: 3}
+            yield dataclasses.replace(case, id=f"{case.id}-rslora-pattern", lora=lora)
+
+
+CASES += list(_variants(CASES))
 
 # What fails today, and why (removed as support lands).
 XFAIL = {

@@ -267,7 +267,9 @@ def _index_tensors(adapter: Adapter) -> None:
             )
             key = module.key
         else:
-            module = _make_module(adapter.config, adapter.tensors, file, name, found)
+            # PEFT builds MultiheadAttention's out_proj LoRA with the MHA module's r and alpha
+            outer = raw.removesuffix(".base_layer.out_proj") if raw.endswith(".base_layer.out_proj") else name
+            module = _make_module(adapter.config, adapter.tensors, file, name, found, pattern_name=outer)
             if f"{raw}.base_layer.out_proj" in parts:  # nn.MultiheadAttention: lora_A/B update in_proj
                 module.parameter = "in_proj_weight"
             if raw.endswith(".base_layer.out_proj") and raw.removesuffix(".base_layer.out_proj") in parts:
@@ -316,7 +318,12 @@ def _token_rows(
 
 
 def _make_module(
-    config: AdapterConfig, tensors: dict, file: Path, module: str, found: dict[str, str]
+    config: AdapterConfig,
+    tensors: dict,
+    file: Path,
+    module: str,
+    found: dict[str, str],
+    pattern_name: str = "",
 ) -> LoraModule:
     where = f"{file}: module {module}"
     embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
@@ -338,7 +345,7 @@ def _make_module(
                 f"{list(b_shape)}); PEFT cannot merge LoRA on a ConvNd with groups > 1 either"
             )
         raise AdapterError(f"{where}: lora_A has rank {r} but lora_B has shape {list(b_shape)}")
-    expected_r = config.rank_of(module)
+    expected_r = config.rank_of(pattern_name or module)
     if expected_r != r:
         raise AdapterError(
             f"{where}: tensors have rank {r} but adapter_config.json gives r = {expected_r} for this module"
@@ -361,8 +368,8 @@ def _make_module(
         name=module,
         kind=kind,
         r=r,
-        alpha=config.alpha_of(module),
-        scale=config.scale_of(module, r),
+        alpha=config.alpha_of(pattern_name or module),
+        scale=config.scale_of(pattern_name or module, r),
         fan_in_fan_out=config.fan_in_fan_out and kind == "linear",
         dora=magnitude_key is not None,
         lora_bias=bias_key is not None,
