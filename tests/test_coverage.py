@@ -186,3 +186,33 @@ def test_trainable_tokens_without_indices_are_refused(bases, tmp_path):
     base = bases.get("llama")
     out = tmp_path / "out"
     assert_refused(["merge", base, bad, "-o", out], "names no rows for it", inputs=[base, bad], output=out)
+
+
+def test_trainable_tokens_cannot_be_subtracted_and_must_be_finite(bases, tmp_path):
+    from lorasurgery.io import open_checkpoint, save_tensors
+
+    case = Case("t", "llama", {"target_modules": ["q_proj"], "trainable_token_indices": [1, 2]})
+    adapters, _, _ = make_peft(bases, case, tmp_path / "a")
+    base = bases.get("llama")
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, adapters[0], "-o", out, "--subtract"],
+        "--subtract is refused for trainable tokens",
+        inputs=[base, adapters[0]],
+        output=out,
+    )
+    bad = tmp_path / "nan"
+    shutil.copytree(adapters[0], bad)
+    checkpoint = open_checkpoint(bad / "adapter_model.safetensors")
+    tensors = {name: checkpoint.read(name).clone() for name in checkpoint.tensors}
+    key = next(k for k in tensors if k.endswith("trainable_tokens_delta"))
+    tensors[key][0, 0] = float("nan")
+    del checkpoint
+    (bad / "adapter_model.safetensors").unlink()
+    save_tensors(bad, tensors, stem="adapter_model")
+    assert_refused(
+        ["merge", base, bad, "-o", out],
+        "trainable tokens of model.embed_tokens hold NaN/Inf",
+        inputs=[base, bad],
+        output=out,
+    )

@@ -122,6 +122,11 @@ def plan_merge(
         split_stored(adapter, checkpoint.tensors, structure)
     if subtract:
         for path, adapter in zip(adapter_paths, adapters):
+            if adapter.tokens:
+                raise UnsupportedError(
+                    f"{path}: --subtract is refused for trainable tokens ({', '.join(adapter.tokens)}): "
+                    f"their rows replace the base's, and the base's rows are not in the adapter"
+                )
             dora = [m for m, module in adapter.modules.items() if module.dora]
             if dora:
                 raise UnsupportedError(
@@ -429,6 +434,11 @@ class _AdapterView:
             if tensor.is_floating_point() and not all_finite(tensor):
                 raise NonFiniteError(
                     f"{self.path}: saved tensor {relative} holds NaN/Inf; pass --allow-nonfinite to go on"
+                )
+        for module, rows in self.adapter.tokens.items():
+            if not all_finite(self.adapter.read(rows.key)):
+                raise NonFiniteError(
+                    f"{self.path}: trainable tokens of {module} hold NaN/Inf; pass --allow-nonfinite to go on"
                 )
 
 
