@@ -18,15 +18,12 @@ from lorasurgery.io import open_checkpoint, save_tensors
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_merge import llama, make_adapter  # noqa: E402
+from factories import make_adapter, make_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("cli") / "base"
-    llama().save_pretrained(folder)
-    return folder
+    return make_llama(tmp_path_factory.mktemp("cli") / "base", vocab_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +259,17 @@ def test_a_missing_config_file_is_refused(base, adapter, tmp_path):
         inputs=[base, adapter],
         output=out,
     )
+
+
+def test_inspect_and_rank_report_take_the_same_options(bare_gpt2, tmp_path):
+    base, bare, adapter = bare_gpt2
+    assert_refused(["inspect", adapter, "--base", bare], "is square (32×32)", inputs=[bare, adapter])
+    result = run_cli("inspect", adapter, "--base", bare, "--config", base, "--json")
+    assert result.exit_code == 0, result.stderr
+    by_config = {m["name"]: m["relative_norm"] for m in json.loads(result.stdout)["modules"]}
+    result = run_cli("inspect", adapter, "--base", bare, "--fan-in-fan-out", "c_attn|c_proj", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert {m["name"]: m["relative_norm"] for m in json.loads(result.stdout)["modules"]} == by_config
+    assert_refused(["rank-report", adapter, "--base", bare], "is square (32×32)", inputs=[bare, adapter])
+    result = run_cli("rank-report", adapter, "--base", bare, "--config", base, "--json", "-")
+    assert result.exit_code == 0, result.stderr

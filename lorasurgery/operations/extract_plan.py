@@ -201,16 +201,15 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool,
     # embedding — the same factors with `lora`, the same saved matrix with `full`, never twice.
     tied_output = tied_input = None
     tied_embedding = input_embedding if tied else None
-    tied_head = (output_embedding or "lm_head") if tied else None
+    tied_head = structure.output_embedding if tied else None  # tied: the structure names both
     if tied and input_embedding is not None:
         if output_embedding is not None:  # stored twice although tied: drop the copy
             copy = f"{output_embedding}.weight"
             targets = [t for t in targets if t.name != copy]
             measured = [m for m in measured if m.names != [copy]]
             lora_modules.discard(output_embedding)
-        out_module = output_embedding or "lm_head"
         if any(t.module == input_embedding for t in targets):
-            tied_output, tied_input = out_module, input_embedding
+            tied_output, tied_input = tied_head, input_embedding
             next(t for t in targets if t.module == input_embedding).copies = 2
 
     for module, names in one_d.items():

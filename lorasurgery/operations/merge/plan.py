@@ -355,11 +355,9 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
     output_name = f"{structure.output_embedding}.weight" if structure.output_embedding else None
     if output_name is not None and output_name in tensors:
         spec = items[output_name].spec if output_name in items else None
-        tied_alongside = structure.tie_group(input_name) and output_name in (
-            structure.tie_group(input_name) or ()
-        )
+        tied_along = output_name in (structure.tie_group(input_name) or ())  # stored once, follows it
         out_rows = (
-            spec.shape[0] if spec is not None else (rows if tied_alongside else tensors[output_name].shape[0])
+            spec.shape[0] if spec is not None else (rows if tied_along else tensors[output_name].shape[0])
         )
         if out_rows != rows:
             raise MismatchError(
