@@ -216,3 +216,19 @@ def test_trainable_tokens_cannot_be_subtracted_and_must_be_finite(bases, tmp_pat
         inputs=[base, bad],
         output=out,
     )
+
+
+def test_extract_reports_expert_parameters_it_cannot_factor(bases, tmp_path):
+    """A fine-tune that changed fused expert weights: extract factors the 2-D weights and names each
+    changed 3-D parameter among the skipped ones, with its share of the change (never silently)."""
+    case = Case("oss", "gpt-oss", {"target_modules": ["q_proj"], **EXPERTS})
+    adapters, _, _ = make_peft(bases, case, tmp_path / "a")
+    base = bases.get("gpt-oss")
+    finetune = tmp_path / "ft"
+    assert run_cli("merge", base, adapters[0], "-o", finetune).exit_code == 0
+    result = run_cli("extract", base, finetune, "-o", tmp_path / "x", "--rank", "8", "--json")
+    assert result.exit_code == 0, result.stderr
+    skipped = {s["name"]: s for s in json.loads(result.stdout)["skipped"]}
+    for name in EXPERTS["target_parameters"]:
+        entry = skipped[f"model.layers.0.{name}"]
+        assert "3-D parameter" in entry["reason"] and entry["relative_norm"] > 0.1
