@@ -38,7 +38,7 @@ from pathlib import Path
 from lorasurgery.errors import CheckpointError, MismatchError, UnsupportedError
 
 KINDS = ("linear", "conv1d", "embedding", "conv", "multihead_attention", "other")
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 _BLOCK = re.compile(r"\.\d+\.")  # a numbered layer: inside the repeated transformer blocks
 # Without a config.json nothing says which module is an embedding but its conventional name; these
 # are consulted only then (Structure.known is False).
@@ -71,12 +71,26 @@ class Module:
     name: str  # module path as the checkpoint names it, e.g. model.layers.0.self_attn.q_proj
     kind: str  # one of KINDS
     cls: str  # the class name, e.g. Linear, Conv1D, Qwen3MoeExperts
-    parameters: dict[str, tuple[int, ...]] = field(default_factory=dict)  # own parameters: shape
+    parameters: dict[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # own parameters, in registration order
+    transposed: bool = False  # expert parameters stored (experts, in, out): transformers' is_transposed
 
     @property
     def fan_in_fan_out(self) -> bool:
         """Whether the weight is stored (in, out), as PEFT's fan_in_fan_out means."""
         return self.kind == "conv1d"
+
+
+@dataclass(frozen=True)
+class StoredAs:
+    """A fused expert parameter (experts, d1, d2) that checkpoints store split (transformers'
+    conversion mapping): expert e of source k is `sources[k]` (one of its spellings) with {e} = e, and
+    the sources are concatenated along d1 (`concatenated`) or one source is the whole (d1, d2)."""
+
+    sources: tuple[tuple[str, ...], ...]
+    experts: int
+    concatenated: bool
 
 
 @dataclass
@@ -91,6 +105,21 @@ class Structure:
     input_embedding: str | None = None  # module path of get_input_embeddings()
     output_embedding: str | None = None  # module path of get_output_embeddings()
     causal_lm: bool = False  # the class is a causal LM (…ForCausalLM, GPT2LMHeadModel …)
+    stored: dict[str, StoredAs] = field(default_factory=dict)  # fused parameters the checkpoint splits
+
+    def pieces(self, name: str, tensors) -> list[list[str]] | None:
+        """The checkpoint tensors a fused parameter is stored as, per expert ([[gate_e, up_e], …]), when
+        the checkpoint splits it (Qwen3-MoE, Mixtral: transformers fuses them when loading)."""
+        stored = self.stored.get(name)
+        if stored is None:
+            return None
+        chosen = []
+        for alternatives in stored.sources:
+            found = next((a for a in alternatives if a.format(e=0) in tensors), None)
+            if found is None:
+                return None
+            chosen.append(found)
+        return [[source.format(e=e) for source in chosen] for e in range(stored.experts)]
 
     def module(self, name: str) -> Module | None:
         return self.modules.get(name)
@@ -396,6 +425,8 @@ def _summarise(model) -> dict:
         parameters = {p: list(t.shape) for p, t in module.named_parameters(recurse=False)}
         if parameters:
             modules[name] = {"kind": kind(module), "cls": type(module).__name__, "parameters": parameters}
+            if getattr(module, "is_transposed", False) is True:
+                modules[name]["transposed"] = True
     groups: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(parameter), []).append(name)
@@ -417,7 +448,63 @@ def _summarise(model) -> dict:
         "input_embedding": embedding_name(model.get_input_embeddings),
         "output_embedding": embedding_name(model.get_output_embeddings),
         "causal_lm": architecture.endswith(("ForCausalLM", "LMHeadModel")),
+        "stored": _stored_split(model, modules),
     }
+
+
+def _stored_split(model, modules: dict) -> dict:
+    """Fused expert parameters that the checkpoint stores per expert (and per projection), from
+    transformers' own conversion mapping; only its plain merges (stack experts, concatenate along
+    dim 1) and literal renamings are understood, anything else is left out (the parameter then has no
+    counterpart in the checkpoint and a LoRA on it is refused by name)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers, or a model without a mapping
+        return {}
+
+    def literal(pattern: str) -> bool:
+        return re.fullmatch(r"[\w.*]+", pattern) is not None
+
+    renamings = [
+        (t.source_patterns[0], t.target_patterns[0])
+        for t in transforms
+        if isinstance(t, WeightRenaming)
+        and len(t.source_patterns) == len(t.target_patterns) == 1
+        and literal(t.source_patterns[0])
+        and literal(t.target_patterns[0])
+    ]
+    stored = {}
+    for transform in transforms:
+        if not isinstance(transform, WeightConverter) or len(transform.target_patterns) != 1:
+            continue
+        operations = [(type(o).__name__, getattr(o, "dim", None)) for o in transform.operations]
+        if operations not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            continue
+        target = transform.target_patterns[0].lstrip(".")
+        sources = [p.lstrip(".") for p in transform.source_patterns]
+        if not literal(target) or not all(literal(p) and p.count("*") == 1 for p in sources):
+            continue
+        for module_name, info in modules.items():
+            for parameter, shape in info["parameters"].items():
+                full = f"{module_name}.{parameter}"
+                if len(shape) != 3 or not (full == target or full.endswith("." + target)):
+                    continue
+                prefix = full[: len(full) - len(target)]
+                spellings = []
+                for source in sources:
+                    base = prefix + source.replace("*", "{e}")
+                    spellings.append(
+                        [base] + [base.replace(dst, src) for src, dst in renamings if dst in base]
+                    )
+                stored[full] = {
+                    "sources": spellings,
+                    "experts": shape[0],
+                    "concatenated": len(operations) == 2,
+                }
+    return stored
 
 
 def _mapped(summary: dict, tensors: dict, where: str) -> Structure:
@@ -438,7 +525,7 @@ def _mapped(summary: dict, tensors: dict, where: str) -> Structure:
         if mapped is None:
             continue
         parameters = {p: tuple(shape) for p, shape in info["parameters"].items()}
-        modules[mapped] = Module(mapped, info["kind"], info["cls"], parameters)
+        modules[mapped] = Module(mapped, info["kind"], info["cls"], parameters, bool(info.get("transposed")))
     tied = []
     for group in summary["tied"]:
         renamed = tuple(n for n in (rename(g) for g in group) if n is not None)
@@ -453,6 +540,14 @@ def _mapped(summary: dict, tensors: dict, where: str) -> Structure:
         input_embedding=rename(summary["input_embedding"]),
         output_embedding=rename(summary["output_embedding"]),
         causal_lm=bool(summary["causal_lm"]),
+        stored={
+            rename(name) or name: StoredAs(
+                tuple(tuple(rename(a) or a for a in spellings) for spellings in info["sources"]),
+                int(info["experts"]),
+                bool(info["concatenated"]),
+            )
+            for name, info in summary.get("stored", {}).items()
+        },
     )
 
 

@@ -102,7 +102,7 @@ def new_table(title: str | None = None) -> Table:
 def _module_type(name: str, kind: str) -> str:
     from lorasurgery.architecture import leaf
 
-    if kind == "replaced":  # a saved tensor: keep its parameter name (classifier.bias, lm_head.weight)
+    if kind in ("replaced", "tokens"):  # a saved tensor: keep its parameter name (lm_head.weight)
         return ".".join(p for p in name.split(".")[-2:] if not p.isdigit())
     return leaf(name)
 

@@ -24,9 +24,7 @@ _VARIANT_FIELDS = {
     "use_bdlora": "BD-LoRA",
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
-    "target_parameters": "LoRA on nn.Parameter (target_parameters)",
     "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
 }
 # init_lora_weights values whose adapters belong to a base PEFT modified at initialisation.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -58,7 +56,31 @@ class AdapterConfig:
     layers_to_transform: object = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    target_parameters: list[str] = field(default_factory=list)  # "<module>.<parameter>" entries
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     raw: dict = field(default_factory=dict)
+
+    def targeted_parameters(self, module_name: str) -> list[str]:
+        """Leaf names of the nn.Parameters of `module_name` that target_parameters targets (PEFT: the
+        entry equals "<module>.<parameter>" or is a dotted suffix of it)."""
+        found = []
+        for entry in sorted(set(self.target_parameters)):
+            module, _, parameter = entry.rpartition(".")
+            key = f"{module_name}.{parameter}"
+            if module and (key == entry or key.endswith("." + entry)) and parameter not in found:
+                found.append(parameter)
+        return found
+
+    def token_indices(self, module_name: str, only: bool) -> list[int] | None:
+        """The rows trainable_token_indices overwrites in `module_name`: a list applies to the input
+        embedding (`only`: the adapter's one trainable-token module), a dict by module name/suffix."""
+        indices = self.trainable_token_indices
+        if isinstance(indices, dict):
+            for key, rows in indices.items():
+                if module_name == key or module_name.endswith("." + key):
+                    return list(rows)
+            return None
+        return list(indices) if indices is not None and only else None
 
     def rank_of(self, module_name: str) -> int:
         key = pattern_key(self.rank_pattern, module_name)
@@ -93,6 +115,25 @@ def _pattern(raw: dict, name: str, path: Path, integer: bool) -> dict:
     return dict(pattern)
 
 
+def _token_indices(value, path: Path):
+    """trainable_token_indices: a list of token ids, or {embedding module: list of token ids}."""
+    if value is None:
+        return None
+
+    def rows(items) -> bool:
+        return isinstance(items, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+        )
+
+    if rows(value) or (
+        isinstance(value, dict) and all(isinstance(k, str) and rows(v) for k, v in value.items())
+    ):
+        return value
+    raise AdapterError(
+        f"{path}: trainable_token_indices must be a list of token ids or map module names to lists of token ids"
+    )
+
+
 def parse_adapter_config(raw: dict, path: Path) -> AdapterConfig:
     """Validate a loaded adapter_config.json; refuse what lorasurgery would merge wrongly."""
     peft_type = raw.get("peft_type")
@@ -120,6 +161,9 @@ def parse_adapter_config(raw: dict, path: Path) -> AdapterConfig:
         not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save)
     ):
         raise AdapterError(f"{path}: modules_to_save must be a list of module names")
+    target_parameters = raw.get("target_parameters") or []
+    if not isinstance(target_parameters, list) or not all(isinstance(t, str) for t in target_parameters):
+        raise AdapterError(f"{path}: target_parameters must be a list of parameter names")
     return AdapterConfig(
         path=path,
         peft_type=peft_type,
@@ -137,5 +181,7 @@ def parse_adapter_config(raw: dict, path: Path) -> AdapterConfig:
         layers_to_transform=raw.get("layers_to_transform"),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
         task_type=raw.get("task_type"),
+        target_parameters=target_parameters,
+        trainable_token_indices=_token_indices(raw.get("trainable_token_indices"), path),
         raw=dict(raw),
     )

@@ -7,6 +7,12 @@ PEFT's save grammar, under the prefix `base_model.model.` (an adapter-name segme
   <m>.base_layer.<p>, <m>.<p>      tensors that replace the base's <m>.<p> (saved biases,
                                     modules_to_save, targeted embeddings)
   <m>.modules_to_save.<p>, <m>.original_module.<p>   duplicates PEFT writes with bias="all"
+  <emb>.token_adapter.trainable_tokens_delta (n, dim)  rows of <emb>.weight (trainable_token_indices)
+  <m>.lora_A.weight, <m>.base_layer.lora_A.weight …   LoRA on <m>'s nn.Parameters (target_parameters):
+                                    PEFT nests one wrapper per parameter, the first-registered innermost;
+                                    a 3-D expert parameter (E, …) has lora_A (r·E, in), lora_B (out, r·E)
+  <mha>.lora_A.weight + <mha>.base_layer.out_proj.lora_A.weight   nn.MultiheadAttention: the first
+                                    updates <mha>.in_proj_weight, the second <mha>.out_proj.weight
 Only the safetensors header is read when loading; tensors are read on demand.
 """
 
@@ -43,7 +49,7 @@ class LoraModule:
     (lorasurgery.architecture) decides."""
 
     name: str  # module path, e.g. model.layers.0.self_attn.q_proj
-    kind: str  # "linear" | "embedding" | "conv"
+    kind: str  # "linear" | "embedding" | "conv" | "parameter" (target_parameters, stored (out, in) or 3-D)
     r: int
     alpha: float
     scale: float
@@ -55,6 +61,13 @@ class LoraModule:
     b_key: str
     bias_key: str | None = None
     magnitude_key: str | None = None
+    parameter: str = "weight"  # the base tensor's leaf: weight, in_proj_weight (MHA), a targeted parameter
+    experts: int = 0  # > 0: LoRA on a 3-D expert parameter (experts, …), r per expert (kind "parameter")
+    transposed: bool = False  # experts stored (E, in, out) (transformers' is_transposed), else (E, out, in)
+    candidates: tuple[str, ...] = ()  # target_parameters of this module not yet told apart (see bind)
+    depth: int = 0  # how deep PEFT nested this parameter's wrapper (`<m>.base_layer.….lora_A`)
+    piece: tuple[int, int, int, int] | None = None  # (expert, of experts, first row, end row): one expert's
+    # rows of a fused parameter that the checkpoint stores split (see adapter/parameters.py)
     layout: str = "adapter"  # who decided fan_in_fan_out: adapter | structure | option | shape
 
     def laid_out(self, fan_in_fan_out: bool, layout: str) -> LoraModule:
@@ -72,7 +85,29 @@ class LoraModule:
 
     @property
     def base_weight_name(self) -> str:
-        return f"{self.name}.weight"
+        return f"{self.name}.{self.parameter}"
+
+    @property
+    def key(self) -> str:
+        """This module's key in Adapter.modules: its path, or for a targeted parameter `<path>.<parameter>`
+        (`<path>` plus one `.base_layer` per nesting level while the parameter is not yet known)."""
+        if self.kind != "parameter":
+            return self.name
+        return f"{self.name}.{self.parameter}" if self.parameter else self.name + ".base_layer" * self.depth
+
+
+@dataclass
+class TokenRows:
+    """Trainable tokens: rows `indices` of the base's <module>.weight become the saved rows (PEFT's
+    TrainableTokensLayer merges with index_copy: an overwrite, not an addition)."""
+
+    module: str  # the embedding's module path
+    key: str  # <module>.token_adapter.trainable_tokens_delta, (len(indices), dim)
+    indices: list[int]
+
+    @property
+    def base_weight_name(self) -> str:
+        return f"{self.module}.weight"
 
 
 @dataclass
@@ -82,6 +117,7 @@ class Adapter:
     checkpoint: Checkpoint  # the adapter's weight file, header only
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base-relative name -> adapter key
+    tokens: dict[str, TokenRows] = field(default_factory=dict)  # embedding module -> overwritten rows
     format: str = "peft"
 
     @property
@@ -98,7 +134,33 @@ class Adapter:
     def read_factors(self, module: str, device: str = "cpu"):
         """(A, B) as saved: A (r, in) or (r, vocab) or (r, in, *k); B (out, r) or (dim, r) or (out, r, *1)."""
         lora = self.modules[module]
-        return self.read(lora.a_key, device), self.read(lora.b_key, device)
+        A, B = self.read(lora.a_key, device), self.read(lora.b_key, device)
+        if lora.piece is not None:  # expert e's rows of a fused expert parameter (linalg/delta.py's A_e, B_e)
+            e, experts, start, stop = lora.piece
+            r = A.shape[0] // experts
+            A = A.reshape(experts, r, A.shape[-1])[e]
+            B = B.reshape(B.shape[0], r, experts)[start:stop, :, e]
+        return A, B
+
+    def expert_factors(self, module: str, device: str = "cpu"):
+        """[(A_e (r, in), B_e (out, r)) per expert] of a LoRA on a 3-D expert parameter, else None."""
+        lora = self.modules[module]
+        if lora.kind != "parameter" or lora.piece is not None or lora.experts <= 1:
+            return None
+        A, B = self.read_factors(module, device)
+        E = lora.experts
+        r = A.shape[0] // E
+        A3 = A.reshape(E, r, A.shape[-1])  # (E, r, in): expert e's rows e·r … e·r + r − 1
+        B3 = B.reshape(B.shape[0], r, E)  # (out, r, E): expert e's columns e, E + e, …
+        return [(A3[e], B3[:, :, e]) for e in range(E)]
+
+    def label(self, module: str) -> str:
+        """How reports name a module: its key, or for a LoRA on a parameter not yet told apart from the
+        module's other targeted parameters, `<module> (<p1>|<p2>)`."""
+        lora = self.modules[module]
+        if lora.kind == "parameter" and not lora.parameter:
+            return f"{lora.name} ({'|'.join(lora.candidates)})"
+        return module
 
     def read_magnitude(self, module: str, device: str = "cpu"):
         key = self.modules[module].magnitude_key
@@ -155,7 +217,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     _refuse_kohya(checkpoint.files[0], checkpoint.tensors)
     adapter = Adapter(path=path, config=config, checkpoint=checkpoint)
     _index_tensors(adapter)
-    if not adapter.modules and not adapter.replacements:
+    if not adapter.modules and not adapter.replacements and not adapter.tokens:
         raise AdapterError(f"{checkpoint.files[0]}: the adapter holds no LoRA tensors")
     return adapter
 
@@ -169,10 +231,15 @@ def _index_tensors(adapter: Adapter) -> None:
     parts: dict[str, dict[str, str]] = {}
     saved: dict[str, str] = {}  # base-relative name -> key, from <m>.<p> and <m>.base_layer.<p>
     duplicates: dict[str, str] = {}  # from <m>.modules_to_save.<p>: used only without <m>.<p>
+    tokens: dict[str, str] = {}  # embedding module -> its trainable_tokens_delta key
     for key in adapter.tensors:
         relative = _relative(key)
-        if ".token_adapter." in relative or relative.endswith("trainable_tokens_delta"):
-            raise UnsupportedError(f"{file}: trainable tokens ({relative}) are not supported yet")
+        if ".token_adapter." in relative:
+            module, _, rest = relative.partition(".token_adapter.")
+            if rest.removesuffix(".default") != "trainable_tokens_delta":
+                raise AdapterError(f"{file}: unexpected trainable-token tensor {relative}")
+            tokens[module] = key
+            continue
         match = _LORA_KEY.match(relative)
         if match:
             part = match["part"] + (".bias" if match["param"] == "bias" else "")
@@ -190,12 +257,73 @@ def _index_tensors(adapter: Adapter) -> None:
     for name, key in duplicates.items():
         saved.setdefault(name, key)
     adapter.replacements = saved
-    for module, found in parts.items():
-        adapter.modules[module] = _make_module(adapter.config, adapter.tensors, file, module, found)
+    adapter.tokens = _token_rows(adapter.config, adapter.tensors, file, tokens)
+    for raw, found in parts.items():
+        name, depth = _unwrapped(raw)
+        parameters = adapter.config.targeted_parameters(name) if depth >= 0 else []
+        if parameters:  # PEFT's ParamWrapper: LoRA on an nn.Parameter of `name`
+            module = _make_parameter_module(
+                adapter.config, adapter.tensors, file, name, found, parameters, depth
+            )
+            key = module.key
+        else:
+            # PEFT builds MultiheadAttention's out_proj LoRA with the MHA module's r and alpha
+            outer = raw.removesuffix(".base_layer.out_proj") if raw.endswith(".base_layer.out_proj") else name
+            module = _make_module(adapter.config, adapter.tensors, file, name, found, pattern_name=outer)
+            if f"{raw}.base_layer.out_proj" in parts:  # nn.MultiheadAttention: lora_A/B update in_proj
+                module.parameter = "in_proj_weight"
+            if raw.endswith(".base_layer.out_proj") and raw.removesuffix(".base_layer.out_proj") in parts:
+                # PEFT's MultiheadAttention adds out_proj's ΔW before calling its Linear's own merge,
+                # which adds it again: its forward (merged for every call) and its merge_and_unload both
+                # see W + 2·s·B@A, so that is what the trained model is.
+                module.scale *= 2
+            key = name
+        if key in adapter.modules:
+            raise AdapterError(f"{file}: module {name} is adapted twice ({raw})")
+        adapter.modules[key] = module
+
+
+def _unwrapped(raw: str) -> tuple[str, int]:
+    """(module path without PEFT's `base_layer` segments, how many trailed it; -1 when one sat inside
+    the path, as in nn.MultiheadAttention's <mha>.base_layer.out_proj)."""
+    depth = 0
+    while raw.endswith(".base_layer"):
+        raw, depth = raw[: -len(".base_layer")], depth + 1
+    if ".base_layer." in raw:
+        return raw.replace(".base_layer.", "."), -1
+    return raw, depth
+
+
+def _token_rows(
+    config: AdapterConfig, tensors: dict, file: Path, tokens: dict[str, str]
+) -> dict[str, TokenRows]:
+    rows = {}
+    for module, key in tokens.items():
+        indices = config.token_indices(module, only=len(tokens) == 1)
+        if indices is None:
+            raise AdapterError(
+                f"{file}: {module} has trainable tokens but adapter_config.json's trainable_token_indices "
+                f"names no rows for it"
+            )
+        shape = tuple(tensors[key].shape)
+        if len(shape) != 2 or shape[0] != len(indices):
+            raise AdapterError(
+                f"{file}: module {module}: trainable_tokens_delta has shape {list(shape)} for "
+                f"{len(indices)} token indices"
+            )
+        if len(set(indices)) != len(indices):
+            raise AdapterError(f"{file}: module {module}: trainable_token_indices repeats a token")
+        rows[module] = TokenRows(module, key, indices)
+    return rows
 
 
 def _make_module(
-    config: AdapterConfig, tensors: dict, file: Path, module: str, found: dict[str, str]
+    config: AdapterConfig,
+    tensors: dict,
+    file: Path,
+    module: str,
+    found: dict[str, str],
+    pattern_name: str = "",
 ) -> LoraModule:
     where = f"{file}: module {module}"
     embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
@@ -211,8 +339,13 @@ def _make_module(
     if r == 0:
         raise AdapterError(f"{where}: rank r = 0")
     if b_shape[1] != r:
+        if len(b_shape) > 2 and len(a_shape) > 2 and r % b_shape[1] == 0:  # lora_B (out, r/groups, 1, …)
+            raise UnsupportedError(
+                f"{where}: a LoRA on a grouped convolution (groups = {r // b_shape[1]}, lora_B of shape "
+                f"{list(b_shape)}); PEFT cannot merge LoRA on a ConvNd with groups > 1 either"
+            )
         raise AdapterError(f"{where}: lora_A has rank {r} but lora_B has shape {list(b_shape)}")
-    expected_r = config.rank_of(module)
+    expected_r = config.rank_of(pattern_name or module)
     if expected_r != r:
         raise AdapterError(
             f"{where}: tensors have rank {r} but adapter_config.json gives r = {expected_r} for this module"
@@ -235,8 +368,8 @@ def _make_module(
         name=module,
         kind=kind,
         r=r,
-        alpha=config.alpha_of(module),
-        scale=config.scale_of(module, r),
+        alpha=config.alpha_of(pattern_name or module),
+        scale=config.scale_of(pattern_name or module, r),
         fan_in_fan_out=config.fan_in_fan_out and kind == "linear",
         dora=magnitude_key is not None,
         lora_bias=bias_key is not None,
@@ -246,3 +379,46 @@ def _make_module(
         bias_key=bias_key,
         magnitude_key=magnitude_key,
     )
+
+
+def _make_parameter_module(
+    config: AdapterConfig, tensors: dict, file: Path, name: str, found: dict[str, str], candidates, depth: int
+) -> LoraModule:
+    """A ParamWrapper's LoRA: lora_A (r·E, in), lora_B (out, r·E); which parameter it targets is known
+    here only when the module has one target (else `bind_parameter` decides against the base)."""
+    where = f"{file}: module {name}"
+    a_key, b_key = found.get("lora_A"), found.get("lora_B")
+    if not a_key or not b_key:
+        raise AdapterError(f"{where}: has no {'lora_A' if not a_key else 'lora_B'} tensor")
+    extra = sorted(set(found) - {"lora_A", "lora_B"})
+    if extra:  # PEFT refuses DoRA, lora_bias and embeddings on nn.Parameter targets
+        raise AdapterError(f"{where}: unexpected {', '.join(extra)} on a target_parameters module")
+    a_shape, b_shape = tuple(tensors[a_key].shape), tuple(tensors[b_key].shape)
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0] or a_shape[0] == 0:
+        raise AdapterError(f"{where}: lora_A {list(a_shape)} and lora_B {list(b_shape)} do not pair up")
+    parameter = candidates[0] if len(candidates) == 1 else ""
+    ranks = {config.rank_of(f"{name}.{p}") for p in ([parameter] if parameter else candidates)}
+    r = ranks.pop() if len(ranks) == 1 else 0
+    if r and a_shape[0] % r:
+        raise AdapterError(
+            f"{where}: lora_A has {a_shape[0]} rows, not a multiple of r = {r} (one block of r per expert)"
+        )
+    experts = a_shape[0] // r if r else 0
+    module = LoraModule(
+        name=name,
+        kind="parameter",
+        r=r,
+        alpha=config.alpha_of(f"{name}.{parameter}"),
+        scale=config.scale_of(f"{name}.{parameter}", r) if r else 0.0,
+        fan_in_fan_out=False,
+        dora=False,
+        lora_bias=False,
+        shape=(b_shape[0], a_shape[1]) if experts == 1 else (),
+        a_key=a_key,
+        b_key=b_key,
+        parameter=parameter,
+        experts=experts,
+        candidates=tuple(candidates),
+        depth=depth,
+    )
+    return module

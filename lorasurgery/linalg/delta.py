@@ -10,6 +10,11 @@ Every layer kind reduces to a product in the 2-D view of the stored weight (rows
 - ConvNd, stored (out, in, *k) seen as (out, in·∏k): L = B (out, r),  R = A (r, in·∏k)
   (PEFT's conv_fn(Aᵀ, B) with a 1×1 lora_B kernel is exactly this channel mix; groups > 1 is refused
   as PEFT refuses to merge it.)
+- nn.Parameter (target_parameters), 2-D, stored (out, in):  as Linear
+- nn.Parameter, 3-D experts (E, d1, d2): expert e is a Linear of its own, A_e = rows e·r…e·r+r-1 of
+  lora_A (r·E, in) and B_e = columns e, E+e, 2E+e … of lora_B (out, r·E) (PEFT's ParamWrapper reshapes
+  lora_B to (out, r, E)); stored (E, out, in): L = B_e, R = A_e; stored (E, in, out) (transformers'
+  is_transposed experts): L = A_eᵀ, R = B_eᵀ. The weight is merged expert by expert.
 
 DoRA (PEFT's DoraLinearLayer / DoraEmbeddingLayer / DoraConvNdLayer): V = W + s·ΔW and
 W' = (m / ‖V‖) ⊙ V with the norm taken per output feature of the layer's own (out, in) layout: per
@@ -46,18 +51,38 @@ class Update:
     """One adapter's update of one base weight, from the adapter's own tensors."""
 
     module: str  # module path, for messages
-    kind: str  # "linear" | "embedding" | "conv"
-    A: torch.Tensor  # lora_A (r, in) / lora_embedding_A (r, num_emb) / conv (r, in, *k)
-    B: torch.Tensor  # lora_B (out, r) / lora_embedding_B (dim, r) / conv (out, r, 1, …)
+    kind: str  # "linear" | "embedding" | "conv" | "parameter"
+    A: torch.Tensor  # lora_A (r, in) / lora_embedding_A (r, num_emb) / conv (r, in, *k) / experts (r·E, in)
+    B: torch.Tensor  # lora_B (out, r) / lora_embedding_B (dim, r) / conv (out, r, 1, …) / experts (out, r·E)
     scale: float  # α/r or α/√r
     weight: float = 1.0  # --weight (negated by --subtract)
     fan_in_fan_out: bool = False
     magnitude: torch.Tensor | None = None  # DoRA lora_magnitude_vector (out,)
     source: str = ""  # adapter path, for messages
+    experts: int = 0  # a 3-D expert parameter (experts, …): E
+    transposed: bool = False  # experts stored (E, in, out)
 
     @property
     def dora(self) -> bool:
         return self.magnitude is not None
+
+    def expert(self, e: int) -> Update:
+        """Expert e's own update, a Linear one on the (d1, d2) slice W[e]."""
+        E = self.experts
+        r = self.A.shape[0] // E
+        A = self.A.reshape(E, r, self.A.shape[-1])[e]  # (r, in)
+        B = self.B.reshape(self.B.shape[0], r, E)[:, :, e]  # (out, r)
+        return Update(
+            f"{self.module}[expert {e}]",
+            "linear",
+            A,
+            B,
+            self.scale,
+            self.weight,
+            self.transposed,
+            None,
+            self.source,
+        )
 
     def factors(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(L, R, norm_per_row): ΔW = scale·L@R in the stored 2-D (rows, cols) view."""
@@ -72,7 +97,7 @@ class Update:
             L, R, per_row = B.reshape(B.shape[0], r), A.reshape(r, -1), True
         elif self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out):
             L, R, per_row = A.T, B.T, False  # (rows, r), (r, cols)
-        elif self.kind == "linear":
+        elif self.kind in ("linear", "parameter") and not self.experts:
             L, R, per_row = B, A, True
         else:
             raise UnsupportedError(
@@ -99,6 +124,8 @@ def delta_weight(
     update: Update, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """The plain LoRA ΔW = s·(BA) in the base weight's stored layout and `shape` (no DoRA, no weight)."""
+    if update.experts:
+        return torch.stack([delta_weight(update.expert(e), shape[1:], dtype=dtype) for e in range(shape[0])])
     rows, cols = shape[0], math.prod(shape[1:])
     L, R, _ = update.factors(rows, cols)
     return (update.scale * (L.to(dtype) @ R.to(dtype))).reshape(shape)
@@ -163,6 +190,8 @@ def merge_weight(
     `weight` is the base tensor as read (CPU, stored layout); it may be overwritten and returned when
     `out_dtype` equals its dtype.
     """
+    if any(u.experts for u in updates):
+        return _merge_experts(weight, updates, out_dtype, precise, device, allow_nonfinite, name)
     device = torch.device(device)
     dtype = compute_dtype_for(precise)
     shape = tuple(weight.shape)
@@ -213,6 +242,44 @@ def merge_weight(
             raise NonFiniteError(_nonfinite_message(name, updates))
         out[start:stop].copy_(acc)  # the one rounding
     return out.reshape(shape)
+
+
+def _merge_experts(weight, updates, out_dtype, precise, device, allow_nonfinite, name) -> torch.Tensor:
+    """A 3-D expert parameter (E, d1, d2): each expert's slice merged as a Linear weight of its own."""
+    experts = weight.shape[0]
+    if weight.dim() != 3 or any(u.experts != experts for u in updates):
+        bad = next(u for u in updates if u.experts != experts or weight.dim() != 3)
+        raise UnsupportedError(  # resolution checks shapes first; this is a guard
+            f"{bad.source}: module {bad.module}: {bad.experts} experts do not fit the base's {name} "
+            f"of shape {tuple(weight.shape)}"
+        )
+    out = weight if out_dtype == weight.dtype and weight.device.type == "cpu" else None
+    if out is None:
+        out = torch.empty(weight.shape, dtype=out_dtype)
+    for e in range(experts):
+        merged = merge_weight(
+            weight[e],
+            [u.expert(e) for u in updates],
+            out_dtype=out_dtype,
+            precise=precise,
+            device=device,
+            allow_nonfinite=allow_nonfinite,
+            name=f"{name}[{e}]",
+        )
+        if merged.data_ptr() != out[e].data_ptr():
+            out[e].copy_(merged)
+    return out
+
+
+def overwrite_rows(
+    weight: torch.Tensor, rows: list[tuple[list[int], torch.Tensor]], *, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Trainable tokens: W[indices] = values for each (indices, values) in order, as PEFT's
+    TrainableTokensLayer merges (index_copy: the saved rows replace the base's, or the rows merged so far)."""
+    out = weight.to(out_dtype).clone() if weight.dtype != out_dtype else weight
+    for indices, values in rows:
+        out[torch.tensor(indices, dtype=torch.long)] = values.to(out_dtype)
+    return out
 
 
 def merge_bias(

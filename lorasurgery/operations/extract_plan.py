@@ -170,8 +170,13 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool,
         if len(info.shape) == 1:
             one_d.setdefault(module, []).append(name)
             continue
+        if len(info.shape) >= 3 and not structure.kind_of(module) == "conv":
+            # fused expert parameters (E, d1, d2): measured and reported, never dropped silently
+            reason = "3-D parameter such as fused MoE experts (extract factors 2-D weights only)"
+            measured.append(Measured(name, [name], reason))  # named by the parameter: a module has several
+            continue
         if len(info.shape) != 2 or not name.endswith(".weight"):
-            continue  # no LoRA for 0-D or ≥ 3-D tensors; their changes are not measured either
+            continue  # no LoRA for 0-D tensors or convolutions; their changes are not measured either
         source_code = ft_info.dtype
         if is_embedding:
             if embeddings == "skip" or excluded(module):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from lorasurgery.adapter import Adapter, LoraModule, load_adapter, resolve_base_names
 from lorasurgery.adapter.names import find_prefix_rule
+from lorasurgery.adapter.parameters import bind_against, read_parameter, with_split_parameters
 from lorasurgery.architecture import lay_out, model_tensors, structure_of
 from lorasurgery.errors import MismatchError
 from lorasurgery.io import open_checkpoint
@@ -26,8 +27,9 @@ DEAD_RELATIVE = 1e-12  # ‖ΔW‖ below this share of ‖W‖ (or exactly 0 wit
 @dataclass
 class ModuleInfo:
     name: str
-    kind: str  # linear | embedding | conv | replaced
-    shape: list[int]  # [out, in] of ΔW (conv: [out, in, *kernel]); replaced: the saved tensor's shape
+    kind: str  # linear | embedding | conv | parameter | tokens | replaced
+    shape: list[int]  # [out, in] of ΔW (conv: [out, in, *kernel]; experts: [E, out, in]); replaced /
+    # tokens: the saved tensor's shape
     r: int | None
     alpha: float | None
     scale: float | None
@@ -36,6 +38,7 @@ class ModuleInfo:
     delta_fro_norm: float | None
     nonfinite: int
     relative_norm: float | None = None  # only with a base
+    tokens: list[int] | None = None  # trainable tokens: the rows overwritten
 
 
 @dataclass
@@ -55,6 +58,8 @@ class InspectReport:
             entry = asdict(module)
             if self.base is None:
                 entry.pop("relative_norm")
+            if module.kind != "tokens":  # only trainable tokens list their rows
+                entry.pop("tokens")
             modules.append(entry)
         return {
             "path": self.path,
@@ -73,22 +78,49 @@ def _nonfinite(tensor) -> int:
     return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
 
 
-def _lora_info(adapter: Adapter, module: LoraModule) -> ModuleInfo:
-    A, B = adapter.read_factors(module.name)
+def _lora_info(adapter: Adapter, key: str, module: LoraModule) -> ModuleInfo:
+    A, B = adapter.read_factors(key)
     extra = [adapter.read(k) for k in (module.bias_key, module.magnitude_key) if k]
     A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # conv: (r, in·k), (out, r)
     nonfinite = sum(_nonfinite(t) for t in (A, B, *extra))
+    experts = adapter.expert_factors(key)
+    shape = [B.shape[0], *A.shape[1:]]
+    norm = None
+    if not nonfinite:
+        if experts is None:
+            norm = lowrank_fro_norm(A2, B2, module.scale)
+        else:  # ‖ΔW‖_F over the whole (E, out, in) parameter: Σₑ ‖s·Bₑ@Aₑ‖²
+            norm = sum(lowrank_fro_norm(a, b, module.scale) ** 2 for a, b in experts) ** 0.5
+            shape = [len(experts), B.shape[0], A.shape[1]]
     return ModuleInfo(
-        name=module.name,
+        name=adapter.label(key),
         kind=module.kind,
-        shape=[B.shape[0], *A.shape[1:]],
+        shape=shape,
         r=module.r,
         alpha=module.alpha,
         scale=module.scale,
         dora=module.dora,
         params=A.numel() + B.numel() + sum(t.numel() for t in extra),
-        delta_fro_norm=None if nonfinite else lowrank_fro_norm(A2, B2, module.scale),
+        delta_fro_norm=norm,
         nonfinite=nonfinite,
+    )
+
+
+def _tokens_info(adapter: Adapter, rows) -> ModuleInfo:
+    """Trainable tokens: rows of the embedding overwritten (no ΔW factors; the size is the rows')."""
+    tensor = adapter.read(rows.key)
+    return ModuleInfo(
+        name=rows.base_weight_name,
+        kind="tokens",
+        shape=list(tensor.shape),
+        r=None,
+        alpha=None,
+        scale=None,
+        dora=False,
+        params=tensor.numel(),
+        delta_fro_norm=None,
+        nonfinite=_nonfinite(tensor),
+        tokens=list(rows.indices),
     )
 
 
@@ -121,19 +153,27 @@ def inspect_adapter(
     With a base, each module is laid out as the base's structure says (lorasurgery.architecture;
     `config_file` and `fan_in_fan_out` as for merge)."""
     adapter = load_adapter(path)
+    checkpoint = structure = None
+    if base is not None:  # LoRA on nn.Parameters: which parameter each targets, known from the base
+        checkpoint = open_checkpoint(base)
+        structure = structure_of(checkpoint, config_file)
+        bind_against(adapter, checkpoint.tensors, structure)
     modules = list(adapter.modules.values())
-    total = len(modules) + len(adapter.replacements)
+    total = len(modules) + len(adapter.replacements) + len(adapter.tokens)
     infos: list[ModuleInfo] = []
-    for module in modules:
-        infos.append(_lora_info(adapter, module))
+    for key, module in adapter.modules.items():
+        infos.append(_lora_info(adapter, key, module))
         progress(Progress("inspect", len(infos), total, module.name))
+    for name, rows in sorted(adapter.tokens.items()):
+        infos.append(_tokens_info(adapter, rows))
+        progress(Progress("inspect", len(infos), total, name))
     for name, key in sorted(adapter.replacements.items()):
         infos.append(_replaced_info(adapter, name, key))
         progress(Progress("inspect", len(infos), total, name))
 
     warnings: list[str] = []
     if base is not None:
-        warnings += _compare_with_base(adapter, infos, base, config_file, fan_in_fan_out)
+        warnings += _compare_with_base(adapter, infos, checkpoint, structure, fan_in_fan_out)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()
     return InspectReport(
@@ -152,13 +192,12 @@ def inspect_adapter(
 
 
 def _compare_with_base(
-    adapter: Adapter, infos: list[ModuleInfo], base, config_file, fan_in_fan_out
+    adapter: Adapter, infos: list[ModuleInfo], checkpoint, structure, fan_in_fan_out
 ) -> list[str]:
     import torch
 
-    checkpoint = open_checkpoint(base)
-    structure = structure_of(checkpoint, config_file)
-    tensors = model_tensors(checkpoint, structure)  # a tied lm_head stored once included
+    # a tied lm_head stored once included, and fused expert parameters the checkpoint stores split
+    tensors = with_split_parameters(model_tensors(checkpoint, structure), checkpoint, structure)
     mapping = {}
     if adapter.modules:
         weight_names = [m.base_weight_name for m in adapter.modules.values()]
@@ -170,9 +209,29 @@ def _compare_with_base(
     notes = []
     rule, unmatched = find_prefix_rule([n for n in adapter.replacements], checkpoint.tensors)
     by_name = {info.name: info for info in infos}
+    for name, rows in adapter.tokens.items():
+        base_name = (find_prefix_rule([rows.base_weight_name], checkpoint.tensors)[0]).apply(
+            rows.base_weight_name
+        )
+        if base_name not in checkpoint.tensors:
+            raise MismatchError(
+                f"{adapter.path}: trainable tokens of {name}: the base has no {rows.base_weight_name}"
+            )
+        W = checkpoint.read(base_name).double()
+        if max(rows.indices) >= W.shape[0]:
+            raise MismatchError(
+                f"{adapter.path}: trainable tokens of {name}: token {max(rows.indices)} is beyond {base_name}"
+            )
+        info = by_name[rows.base_weight_name]
+        info.delta_fro_norm = float(
+            torch.linalg.vector_norm(adapter.read(rows.key).double() - W[rows.indices])
+        )
+        w_norm = float(torch.linalg.vector_norm(W))
+        info.relative_norm = info.delta_fro_norm / w_norm if w_norm else None
     for name, base_name in mapping.items():
         info = by_name[name]
-        w_norm = float(torch.linalg.vector_norm(checkpoint.read(tensors[base_name].name).double()))
+        stored = getattr(tensors[base_name], "name", base_name)  # a tied member: the stored one
+        w_norm = float(torch.linalg.vector_norm(read_parameter(checkpoint, structure, stored).double()))
         if info.delta_fro_norm is not None:
             info.relative_norm = info.delta_fro_norm / w_norm if w_norm else float("inf")
     for name in adapter.replacements:
@@ -200,7 +259,7 @@ def _compare_with_base(
 def _warn_about_updates(
     adapter: Adapter, infos: list[ModuleInfo], warnings: list[str], with_base: bool
 ) -> None:
-    lora = [i for i in infos if i.kind != "replaced"]
+    lora = [i for i in infos if i.kind not in ("replaced", "tokens")]
     nonfinite = [i for i in infos if i.nonfinite]
     for info in nonfinite:
         warnings.append(f"{info.name}: {info.nonfinite} NaN/Inf values in the adapter's tensors")

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from lorasurgery.architecture import in_block, lay_out, model_tensors, structure_of
-from lorasurgery.architecture import leaf as module_type
+from lorasurgery.architecture import in_block, lay_out, leaf, model_tensors, structure_of
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
@@ -68,6 +67,11 @@ class RankReport:
 
 def _is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def module_type(name: str) -> str:
+    """The last path component; an expert's entry (`…gate_up_proj[3]`) counts as its parameter's."""
+    return re.sub(r"\[\d+\]$", "", leaf(name))
 
 
 def layer_index(name: str) -> int | None:
@@ -186,6 +190,7 @@ def _adapter_report(
     import torch
 
     from lorasurgery.adapter import find_prefix_rule, load_adapter, resolve_base_names
+    from lorasurgery.adapter.parameters import bind_against, read_parameter, with_split_parameters
     from lorasurgery.io import open_checkpoint
     from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
@@ -195,9 +200,12 @@ def _adapter_report(
     report = RankReport(str(target), None if base is None else str(base), "adapter")
     checkpoint = open_checkpoint(base) if base is not None else None
     mapping = {}
+    structure = None
     if checkpoint is not None:  # each module laid out as the base stores its weight
         structure = structure_of(checkpoint, config_file)
-        tensors = model_tensors(checkpoint, structure)
+        bind_against(adapter, checkpoint.tensors, structure)  # LoRA on nn.Parameters: which one
+        # a tied lm_head stored once included, and fused expert parameters the checkpoint stores split
+        tensors = with_split_parameters(model_tensors(checkpoint, structure), checkpoint, structure)
         rule, unmatched = find_prefix_rule([m.base_weight_name for m in adapter.modules.values()], tensors)
         if not unmatched:
             targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
@@ -207,7 +215,9 @@ def _adapter_report(
     other = load_adapter(compare) if compare is not None and _is_adapter(Path(compare)) else None
     if compare is not None and other is None:
         raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")
-    modules = [m for m in adapter.modules.values() if include_re is None or include_re.search(m.name)]
+    modules = [
+        m for k, m in adapter.modules.items() if include_re is None or include_re.search(adapter.label(k))
+    ]
     if not modules:
         raise LoraSurgeryError(
             f"{target}: no module matches --include {include_re.pattern!r}"
@@ -223,13 +233,18 @@ def _adapter_report(
         report.notes.append("DoRA modules: ΔW is the effective update W' − W of the merged weight (dense)")
 
     for done, module in enumerate(modules, start=1):
-        A, B = adapter.read_factors(module.name, device)
+        if adapter.expert_factors(module.key) is not None:  # a 3-D expert parameter: one entry per expert
+            W3 = read_parameter(checkpoint, structure, mapping[module.key], device) if checkpoint else None
+            report.modules += _expert_entries(adapter, module, W3, amp_rank, mle, device)
+            progress(Progress("rank-report", done, len(modules), module.name))
+            continue
+        A, B = adapter.read_factors(module.key, device)
         A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # (r, in), (out, r)
         shape = [B2.shape[0], A2.shape[1]]  # ΔW as (out, in)
         source_dtype = A.dtype
         W = None
         if checkpoint is not None:
-            W = checkpoint.read(mapping[module.name], device).to(torch.float32)
+            W = read_parameter(checkpoint, structure, mapping[module.key], device).to(torch.float32)
             if module.fan_in_fan_out or module.kind == "embedding":
                 W = W.T  # PEFT's ΔW = s·B@A is (out, in); these weights are stored (in, out)
             W = W.reshape(shape[0], -1)
@@ -249,12 +264,13 @@ def _adapter_report(
         if mle:
             metrics["mle_dimension"] = _mle(B2 @ A2 * module.scale if not module.dora else delta)
         if W is not None:
-            S_W = singular_values(W, source_dtype=checkpoint.tensors[mapping[module.name]].torch_dtype)
+            w_dtype = source_dtype_of(checkpoint, structure, mapping[module.key])
+            S_W = singular_values(W, source_dtype=w_dtype)
             w_fro = float(torch.linalg.vector_norm(S_W))
             metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
             if U is not None:
                 metrics.update(amplification(U, Vh, delta_fro, W.to(torch.float64), S_W))
-            w_metrics = _metrics(S_W, shape, checkpoint.tensors[mapping[module.name]].torch_dtype)
+            w_metrics = _metrics(S_W, shape, w_dtype)
             # Intruders of W' = W + ΔW: a low-rank Gram update for LoRA, W' itself for DoRA.
             update = (
                 {"tuned": _cpu(W + delta)} if module.dora else {"factors": (_cpu(A2), _cpu(B2), module.scale)}
@@ -262,10 +278,10 @@ def _adapter_report(
             metrics.update(_intruders(_cpu(W), update, intruders))
             if mle:
                 w_metrics["mle_dimension"] = _mle(W)
-        if other is not None and module.name in other.modules:
+        if other is not None and module.key in other.modules:
             # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
-            A_o, B_o = other.read_factors(module.name, device)
-            other_module = other.modules[module.name]
+            A_o, B_o = other.read_factors(module.key, device)
+            other_module = other.modules[module.key]
             A_o, B_o = A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1)
             if A_o.shape[1] != shape[1] or B_o.shape[0] != shape[0]:
                 raise MismatchError(
@@ -279,9 +295,10 @@ def _adapter_report(
             other_svd = lowrank_svd(A_o, B_o, other_module.scale)
             Vh_self = lowrank_svd(A2, B2, module.scale).Vh if module.dora else svd.Vh
             metrics.update(subspace_similarity(Vh_self, other_svd.Vh, name="subspace_similarity_delta"))
-        report.modules.append(ModuleEntry(module.name, "delta", shape, metrics, S.tolist()))
+        label = adapter.label(module.key)
+        report.modules.append(ModuleEntry(label, "delta", shape, metrics, S.tolist()))
         if W is not None:
-            report.modules.append(ModuleEntry(module.name, "weight", shape, w_metrics, S_W.tolist()))
+            report.modules.append(ModuleEntry(label, "weight", shape, w_metrics, S_W.tolist()))
         progress(Progress("rank-report", done, len(modules), module.name))
     return report
 
@@ -300,13 +317,54 @@ def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
         return intruder_dimensions(W, k=k, eps=eps, **update).to_metrics()
 
 
+def source_dtype_of(checkpoint, structure, name: str):
+    """The stored dtype of base tensor `name` (of its first piece when the checkpoint stores it split)."""
+    if name in checkpoint.tensors:
+        return checkpoint.tensors[name].torch_dtype
+    return checkpoint.tensors[structure.pieces(name, checkpoint.tensors)[0][0]].torch_dtype
+
+
+def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEntry]:
+    """A LoRA on a 3-D expert parameter: ΔW_e = s·B_e@A_e per expert (adapter/parameters.py), each
+    with its own spectrum and, with the base, its expert's W_e (in (out, in))."""
+    import torch
+
+    from lorasurgery.linalg.analyses import amplification
+    from lorasurgery.linalg.lowrank import lowrank_svd
+    from lorasurgery.linalg.svd import singular_values
+
+    entries = []
+    label = adapter.label(module.key)
+    for e, (A, B) in enumerate(adapter.expert_factors(module.key, device)):
+        shape = [B.shape[0], A.shape[1]]
+        svd = lowrank_svd(A, B, module.scale)
+        metrics = _metrics(svd.S, shape, A.dtype)
+        if mle:
+            metrics["mle_dimension"] = _mle(B @ A * module.scale)
+        entries.append(ModuleEntry(f"{label}[{e}]", "delta", shape, metrics, svd.S.tolist()))
+        if W3 is None:
+            continue
+        W = (W3[e].T if module.transposed else W3[e]).to(torch.float32)  # (out, in)
+        S_W = singular_values(W, source_dtype=W3.dtype)
+        delta_fro = float(torch.linalg.vector_norm(svd.S))
+        w_fro = float(torch.linalg.vector_norm(S_W))
+        metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
+        r = min(module.r, amp_rank or module.r, *shape)
+        metrics.update(amplification(svd.U[:, :r], svd.Vh[:r], delta_fro, W.to(torch.float64), S_W))
+        w_metrics = _metrics(S_W, shape, W3.dtype)
+        if mle:
+            w_metrics["mle_dimension"] = _mle(W)
+        entries.append(ModuleEntry(f"{label}[{e}]", "weight", shape, w_metrics, S_W.tolist()))
+    return entries
+
+
 def _dora_effective_delta(adapter, module, W, device):
     """W' − W for a DoRA module, with the merge kernel (PEFT's per-output-row norm)."""
     import torch
 
     from lorasurgery.linalg.delta import Update, merge_weight
 
-    A, B = adapter.read_factors(module.name, device)
+    A, B = adapter.read_factors(module.key, device)
     # W is already (out, in): every kind is then a product B@A with DoRA's norm per row of W + sΔW,
     # which is PEFT's per-output-feature norm (per embedding dimension for embeddings).
     update = Update(
@@ -316,7 +374,7 @@ def _dora_effective_delta(adapter, module, W, device):
         B=B.reshape(B.shape[0], -1),
         scale=module.scale,
         fan_in_fan_out=False,  # W is already in (out, in)
-        magnitude=adapter.read_magnitude(module.name, device),
+        magnitude=adapter.read_magnitude(module.key, device),
         source=str(adapter.path),
     )
     merged = merge_weight(W.clone(), [update], out_dtype=torch.float32)

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasurgery.adapter.parameters import bind_against, split_stored
 from lorasurgery.architecture import Layout, Structure, lay_out, model_tensors, structure_of
 from lorasurgery.errors import (
     AdapterError,
@@ -51,10 +52,13 @@ class Item:
     replacement: tuple[int, str] | None = None  # (adapter index, adapter tensor name)
     updates: list[tuple[int, str]] = field(default_factory=list)  # (adapter index, module)
     bias_terms: list[tuple[int, str]] = field(default_factory=list)  # lora_bias: (adapter index, module)
+    token_rows: list[tuple[int, str]] = field(
+        default_factory=list
+    )  # trainable tokens: (adapter index, module)
 
     @property
     def untouched(self) -> bool:
-        return self.replacement is None and not self.updates and not self.bias_terms
+        return self.replacement is None and not self.updates and not self.bias_terms and not self.token_rows
 
 
 @dataclass
@@ -119,8 +123,16 @@ def plan_merge(
     checkpoint = open_checkpoint(base)
     structure = structure_of(checkpoint, config_file)
     adapters = [load_adapter(p) for p in adapter_paths]
+    for adapter in adapters:  # LoRA on nn.Parameters: which parameter, which layout (adapter/parameters.py)
+        bind_against(adapter, checkpoint.tensors, structure)
+        split_stored(adapter, checkpoint.tensors, structure)
     if subtract:
         for path, adapter in zip(adapter_paths, adapters):
+            if adapter.tokens:
+                raise UnsupportedError(
+                    f"{path}: --subtract is refused for trainable tokens ({', '.join(adapter.tokens)}): "
+                    f"their rows replace the base's, and the base's rows are not in the adapter"
+                )
             dora = [m for m, module in adapter.modules.items() if module.dora]
             if dora:
                 raise UnsupportedError(
@@ -133,7 +145,7 @@ def plan_merge(
 
     views = []
     for path, adapter in zip(adapter_paths, adapters):
-        if not adapter.modules and not adapter.replacements:
+        if not adapter.modules and not adapter.replacements and not adapter.tokens:
             raise AdapterError(
                 f"{path}: the adapter holds no LoRA modules and no saved tensors; nothing to merge"
             )
@@ -166,6 +178,18 @@ def plan_merge(
                     )
                 sides.setdefault(bias_name, Recipe()).bias_terms.append((index, module))
                 biases += 1
+        for module, rows in view.adapter.tokens.items():
+            base_name = view.rule.apply(rows.base_weight_name)
+            if base_name not in tensors:
+                raise MismatchError(
+                    f"{view.path}: trainable tokens of {module}: the base has no {rows.base_weight_name}"
+                )
+            if max(rows.indices) >= tensors[base_name].shape[0]:
+                raise MismatchError(
+                    f"{view.path}: trainable tokens of {module}: token {max(rows.indices)} is beyond the "
+                    f"{tensors[base_name].shape[0]} rows of {base_name}"
+                )
+            sides.setdefault(base_name, Recipe()).token_rows.append((index, module))
         counts.append((merged, dora, biases))
 
     # Recipes: tie groups by the one rule, every other tensor by itself.
@@ -187,7 +211,9 @@ def plan_merge(
             recipes[name] = group_recipes[name]
     for name in {*own, *shared, *sides} - in_group:
         side = sides.get(name, Recipe())
-        recipes[name] = Recipe(own.get(name, shared.get(name, BASE)), side.updates, side.bias_terms)
+        recipes[name] = Recipe(
+            own.get(name, shared.get(name, BASE)), side.updates, side.bias_terms, side.token_rows
+        )
 
     out_code = DTYPES.get(dtype)
     items: dict[str, Item] = {}
@@ -197,7 +223,15 @@ def plan_merge(
         if recipe.start is not BASE:
             index, tensor_name = recipe.start
             spec = TensorSpec(name, spec.dtype, tuple(adapters[index].tensors[tensor_name].shape))
-        items[name] = Item(name, spec, info, recipe.start, list(recipe.updates), list(recipe.bias_terms))
+        items[name] = Item(
+            name,
+            spec,
+            info,
+            recipe.start,
+            list(recipe.updates),
+            list(recipe.bias_terms),
+            list(recipe.token_rows),
+        )
         for index, module in recipe.updates:
             views[index].check_shape(module, name, spec.shape)
 
@@ -327,11 +361,9 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
     output_name = f"{structure.output_embedding}.weight" if structure.output_embedding else None
     if output_name is not None and output_name in tensors:
         spec = items[output_name].spec if output_name in items else None
-        tied_alongside = structure.tie_group(input_name) and output_name in (
-            structure.tie_group(input_name) or ()
-        )
+        tied_along = output_name in (structure.tie_group(input_name) or ())  # stored once, follows it
         out_rows = (
-            spec.shape[0] if spec is not None else (rows if tied_alongside else tensors[output_name].shape[0])
+            spec.shape[0] if spec is not None else (rows if tied_along else tensors[output_name].shape[0])
         )
         if out_rows != rows:
             raise MismatchError(
@@ -406,6 +438,11 @@ class _AdapterView:
             if tensor.is_floating_point() and not all_finite(tensor):
                 raise NonFiniteError(
                     f"{self.path}: saved tensor {relative} holds NaN/Inf; pass --allow-nonfinite to go on"
+                )
+        for module, rows in self.adapter.tokens.items():
+            if not all_finite(self.adapter.read(rows.key)):
+                raise NonFiniteError(
+                    f"{self.path}: trainable tokens of {module} hold NaN/Inf; pass --allow-nonfinite to go on"
                 )
 
 

@@ -8,6 +8,8 @@ output is a recipe: where its value starts, and the LoRA updates added to it.
   else a saved `base_layer` of any member, which is the shared parameter itself; else the base's
   stored tensor. PEFT behaves so: a modules_to_save wrapper holds a copy for its side only, while
   the other side keeps pointing at the (possibly replaced) shared parameter.
+- trainable tokens (rows overwritten) belong to the shared parameter: every member gets them and
+  the group stays tied, as PEFT's tied TrainableTokensLayer does in its forward and its merge.
 - updates: a LoRA applies to the side it targets only, as PEFT's forward does. (PEFT's
   merge_and_unload writes it into the shared tensor and so changes the other side too, against its
   own forward; its warning advises untying first, which is what this rule does.)
@@ -33,10 +35,13 @@ class Recipe:
     start: tuple[int, str] | None = BASE  # (adapter index, adapter tensor name), or the base's tensor
     updates: list[tuple[int, str]] = field(default_factory=list)  # (adapter index, module)
     bias_terms: list[tuple[int, str]] = field(default_factory=list)  # lora_bias: (adapter index, module)
+    token_rows: list[tuple[int, str]] = field(
+        default_factory=list
+    )  # trainable tokens: (adapter index, module)
 
     @property
     def untouched(self) -> bool:
-        return self.start is BASE and not self.updates and not self.bias_terms
+        return self.start is BASE and not self.updates and not self.bias_terms and not self.token_rows
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,14 @@ def tied_recipes(
 
     `shared` holds at most one value per group (the caller refuses saved base layers that differ)."""
     shared_start = next((shared[n] for n in group if n in shared), BASE)
+    # Trainable tokens overwrite rows of the shared parameter itself: every member gets them.
+    rows = [row for n in group for row in updates.get(n, Recipe()).token_rows]
     recipes = {}
     for name in group:
         side = updates.get(name, Recipe())
-        recipes[name] = Recipe(own.get(name, shared_start), list(side.updates), list(side.bias_terms))
+        recipes[name] = Recipe(
+            own.get(name, shared_start), list(side.updates), list(side.bias_terms), list(rows)
+        )
     return recipes
 
 
@@ -73,7 +82,9 @@ def decide_tie(
     """Whether the group stays tied after the merge, and which members are written."""
     changed = tuple(n for n in group if not recipes[n].untouched)
     first = recipes[group[0]]
-    same = all(not r.updates and not r.bias_terms for r in recipes.values()) and all(
+    same = all(
+        not r.updates and not r.bias_terms and r.token_rows == first.token_rows for r in recipes.values()
+    ) and all(
         r.start == first.start
         or (r.start is not BASE and first.start is not BASE and same_values(r.start, first.start))
         for r in recipes.values()

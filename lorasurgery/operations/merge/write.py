@@ -90,7 +90,7 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
                 summary.tensors_copied += 1
             elif item.replacement is not None:
                 summary.tensors_replaced += 1
-            elif item.updates or item.bias_terms:
+            elif item.updates or item.bias_terms or item.token_rows:
                 summary.tensors_merged += 1
             else:
                 summary.tensors_converted += 1
@@ -158,6 +158,17 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
     from lorasurgery.linalg.delta import merge_bias, merge_weight
 
     out_dtype = torch_dtype_of(item.spec.dtype)
+    if item.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
+        from dataclasses import replace
+
+        from lorasurgery.linalg.delta import overwrite_rows
+
+        rows = []
+        for index, module in item.token_rows:
+            tokens = plan.adapters[index].tokens[module]
+            rows.append((tokens.indices, plan.adapters[index].read(tokens.key)))
+        start = produce(plan, replace(item, token_rows=[]), tensor, device, precise, allow_nonfinite)
+        return overwrite_rows(start, rows, out_dtype=out_dtype)
     if item.updates:
         updates = [update_of(plan, index, module) for index, module in item.updates]
         return merge_weight(
@@ -194,8 +205,10 @@ def update_of(plan: MergePlan, index: int, module: str):
     lora = adapter.modules[module]
     A, B = adapter.read_factors(module)
     return Update(
-        module=module,
+        module=lora.name if lora.kind != "parameter" else lora.base_weight_name,
         kind=lora.kind,
+        experts=lora.experts,
+        transposed=lora.transposed,
         A=A,
         B=B,
         scale=lora.scale,
