@@ -9,7 +9,7 @@ Each merge runs in its own child process (wall time and peak RSS of that child),
 lorasurgery alternating, `--runs` times, each starting from the same state (the disk synced, the
 inputs in the page cache); medians and ratios are printed, and then the largest
 absolute difference between the two merged checkpoints, tensor by tensor, plus each one's distance
-to the exact float64 merge on a few modules. SPEC §8 targets: time ≤ 0.30× and peak RSS ≤ 0.50×
+to the exact float64 merge on a few modules. docs/design.md §8 targets: time ≤ 0.30× and peak RSS ≤ 0.50×
 PEFT's, and peak RSS ≤ 4× the largest tensor + 0.5 GB.
 
     python benchmarks/merge_vs_peft.py [--setup smollm2|synthetic|both] [--runs 3]

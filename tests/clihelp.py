@@ -1,7 +1,7 @@
 """Running the CLI in tests, and the checks every bad-input case shares.
 
 `run_cli` invokes the real click group in-process (CliRunner, separate stderr). `assert_refused`
-checks the contract of SPEC §7 for a bad input: exit code 1, a message starting `Error:` that
+checks the contract of docs/design.md §7 for a bad input: exit code 1, a message starting `Error:` that
 contains the expected text, no traceback, no output folder, and inputs byte-identical afterwards.
 """
 
@@ -33,7 +33,7 @@ def tree_digest(*paths: str | os.PathLike) -> dict[str, str]:
 def assert_refused(
     args: list, expected: str, *, inputs: list = (), output: str | os.PathLike | None = None
 ) -> Result:
-    """Run the CLI on a bad input and check everything SPEC §7 promises about it."""
+    """Run the CLI on a bad input and check everything docs/design.md §7 promises about it."""
     before = tree_digest(*inputs)
     result = run_cli(*args)
     assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr, result.exception)

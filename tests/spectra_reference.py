@@ -1,4 +1,4 @@
-"""SPEC §5's metrics straight from a float64 dense SVD: the reference rank-report is checked against."""
+"""docs/design.md §5's metrics straight from a float64 dense SVD: the reference rank-report is checked against."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ FLOATS = ("fro_norm", "spectral_norm", "stable_rank", "effective_rank", "partici
 
 
 def reference_metrics(M: torch.Tensor) -> dict:
-    """The SPEC §5 definitions, straight from a float64 dense SVD."""
+    """The docs/design.md §5 definitions, straight from a float64 dense SVD."""
     S = torch.linalg.svdvals(M.double())
     d, k = M.shape
     energy = torch.cumsum(S**2, 0) / (S**2).sum()

@@ -1,5 +1,5 @@
 """`lorasurgery extract` through the command line: the report's JSON, usage errors, and every bad
-input of SPEC §7 (exact `Error:` text, exit code, no output folder, inputs byte-identical)."""
+input of docs/design.md §7 (exact `Error:` text, exit code, no output folder, inputs byte-identical)."""
 
 from __future__ import annotations
 

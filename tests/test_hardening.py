@@ -1,4 +1,4 @@
-"""Hostile inputs, interrupted runs, full disks and large files, for every command (SPEC §7).
+"""Hostile inputs, interrupted runs, full disks and large files, for every command (docs/design.md §7).
 
 Checkpoints here are written directly with the library's writer (no transformers), so that cases
 are fast and bytes can be corrupted precisely. Every bad input must give exit code 1, `Error: …`

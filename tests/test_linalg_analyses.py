@@ -1,4 +1,4 @@
-"""The LoRA paper's analyses: subspace similarity grid and amplification factor (SPEC §5)."""
+"""The LoRA paper's analyses: subspace similarity grid and amplification factor (docs/design.md §5)."""
 
 from __future__ import annotations
 

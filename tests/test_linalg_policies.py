@@ -1,4 +1,4 @@
-"""Rank policies (SPEC §4): each picks the planted rank, edges are exact, the budget allocation is
+"""Rank policies (docs/design.md §4): each picks the planted rank, edges are exact, the budget allocation is
 checked against brute force."""
 
 from __future__ import annotations

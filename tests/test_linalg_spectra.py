@@ -1,4 +1,4 @@
-"""Spectrum metrics (SPEC §5 names and formulas) and Minka's MLE dimension."""
+"""Spectrum metrics (docs/design.md §5 names and formulas) and Minka's MLE dimension."""
 
 from __future__ import annotations
 

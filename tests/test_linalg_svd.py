@@ -1,5 +1,5 @@
 """Singular values and truncated SVDs: the fast routes agree with float64 references, and every
-truncation stays within 1% of the Eckart–Young optimum (SPEC §4)."""
+truncation stays within 1% of the Eckart–Young optimum (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`lorasurgery merge` through the CLI: exit codes, JSON, and every bad input of SPEC §7.
+"""`lorasurgery merge` through the CLI: exit codes, JSON, and every bad input of docs/design.md §7.
 
 Each refusal is checked by clihelp.assert_refused: exit 1, `Error: …` naming the module or file, no
 traceback, no output folder (nor a temporary one) afterwards, inputs byte-identical.

@@ -1,4 +1,4 @@
-"""The LoRA paper's analyses (Hu et al. 2021, §7) with SPEC §5's JSON names.
+"""The LoRA paper's analyses (Hu et al. 2021, §7) with docs/design.md §5's JSON names.
 
 - Subspace similarity (§7.2): how much of the top-i directions of one update lie in the top-j
   directions of another, φ(i, j) = ‖U_iᵀ U_j‖_F² / min(i, j) ∈ [0, 1].
@@ -61,7 +61,7 @@ def amplification(
     W: torch.Tensor,
     w_singular_values: torch.Tensor | None = None,
 ) -> dict:
-    """Amplification factor of ΔW on W (paper §7.3, Table 7), SPEC §5 formulas and names.
+    """Amplification factor of ΔW on W (paper §7.3, Table 7), docs/design.md §5 formulas and names.
 
     U_r (d, r) and Vh_r (r, k): the top-r left/right singular vectors of ΔW; delta_fro = ‖ΔW‖_F;
     W (d, k) the base weight. `w_singular_values` (W's spectrum, descending; at least r values) is

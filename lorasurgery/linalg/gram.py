@@ -35,7 +35,7 @@ def dtype_eps(dtype) -> float:
 
 
 def numerical_rank_tolerance(shape: tuple[int, int], source_dtype) -> float:
-    """numerical_rank's threshold in units of σ₁ (SPEC §5): max(d, n)·eps of the source dtype."""
+    """numerical_rank's threshold in units of σ₁ (docs/design.md §5): max(d, n)·eps of the source dtype."""
     return max(shape) * dtype_eps(source_dtype)
 
 

@@ -1,10 +1,10 @@
-"""Rank selection from a spectrum (SPEC §4): fixed, energy, ratio, Gavish–Donoho, joint budget.
+"""Rank selection from a spectrum (docs/design.md §4): fixed, energy, ratio, Gavish–Donoho, joint budget.
 
 Every policy takes singular values σ₁ ≥ σ₂ ≥ … (a torch tensor on any device, a numpy array or a
 list) and returns a plain int. Shared rules:
 - never more than the number of nonzero singular values (a zero direction carries nothing);
 - 0 exactly when there is nothing to keep (ΔW = 0): callers skip such modules;
-- `max_rank` (SPEC `--max-rank`) caps every policy.
+- `max_rank` (`--max-rank`) caps every policy.
 The spectra are short vectors (≤ a few thousand values), so the arithmetic runs in float64 numpy.
 """
 

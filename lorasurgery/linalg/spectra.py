@@ -1,6 +1,6 @@
-"""Per-matrix spectrum metrics for rank-report (SPEC §5), from singular values alone.
+"""Per-matrix spectrum metrics for rank-report (docs/design.md §5), from singular values alone.
 
-`spectrum_metrics(S, shape, source_dtype)` returns exactly the SPEC's metric names with plain
+`spectrum_metrics(S, shape, source_dtype)` returns exactly the metric names of docs/design.md §5 with plain
 Python floats/ints (JSON-ready). S must be the full spectrum — all min(d, n) singular values —
 because `optimal_rank` (Gavish–Donoho) takes the median over all of them; `singular_values` in
 lorasurgery.linalg.svd (dense) or `lowrank_svd(...).S` (adapters, padded with zeros up to
@@ -48,7 +48,7 @@ ZERO_MATRIX_METRICS = {
 
 
 def spectrum_metrics(S, shape: tuple[int, int], source_dtype="F32") -> dict:
-    """SPEC §5 metrics of a d × n matrix from its singular values S (descending, all min(d, n)).
+    """docs/design.md §5 metrics of a d × n matrix from its singular values S (descending, all min(d, n)).
 
     `source_dtype` (a torch dtype or a safetensors code such as "BF16") sets numerical_rank's eps.
 

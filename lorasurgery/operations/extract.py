@@ -103,7 +103,7 @@ class ExtractReport:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        """SPEC §4's JSON, exactly."""
+        """docs/design.md §4's JSON, exactly."""
         return {
             "modules": [
                 {
@@ -255,7 +255,7 @@ def _spectrum(run: _Run, target: Target, matrix):
 
 
 def _noise_floor(S, target: Target) -> float:
-    """σ below σ₁·max(d, n)·eps(source dtype) are rounding, not signal (SPEC §5's numerical rank)."""
+    """σ below σ₁·max(d, n)·eps(source dtype) are rounding, not signal (docs/design.md §5's numerical rank)."""
     from lorasurgery.linalg.svd import numerical_rank_tolerance
 
     return float(S[0]) * numerical_rank_tolerance(target.shape, target.source_dtype) if len(S) else 0.0
@@ -746,7 +746,7 @@ def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq
 
 
 def write_report(report: ExtractReport, path: str | os.PathLike) -> None:
-    """Write the SPEC §4 JSON report to `path` (atomically: temp file, then rename)."""
+    """Write the docs/design.md §4 JSON report to `path` (atomically: temp file, then rename)."""
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(temp, "w", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """`rank-report`: the intrinsic rank of ΔW and of W, with the LoRA paper's analyses (Hu et al. §7).
 
-Three modes (SPEC §5):
+Three modes (docs/design.md §5):
 - TARGET is an adapter: ΔW = s·B@A per module, its spectrum exact from the QR factors of B and Aᵀ
   (an r × r SVD, never d × k). With --base, W's metrics too, ‖ΔW‖/‖W‖ and the amplification factor.
   A DoRA module's update depends on W: its effective ΔW = W' − W needs --base.
