@@ -9,7 +9,7 @@ budget), `workers` threads call compute(item, value), one writer thread calls wr
 and then frees the item's bytes. Disk reads, arithmetic and writes overlap because file I/O and torch
 release the GIL. The budget bounds what is in flight (an item larger than the limit still runs, alone).
 Leaving the block waits for every thread; the first error of any thread stops the others and is
-raised in the caller, and so is a Ctrl-C. `one_torch_thread()` keeps torch's own pool out of the way
+raised in the caller, and so is a Ctrl-C. `torch_threads(1)` keeps torch's own pool out of the way
 of these threads (small memory-bound blocks: see docs/merge.md for the measurement).
 """
 
@@ -197,14 +197,17 @@ class Pipeline:
 
 
 @contextmanager
-def one_torch_thread():
-    """torch on one thread inside the block: the pipeline's threads are the parallelism, and OpenMP
-    workers spinning between tiny parallel regions slow a busy machine down (docs/merge.md)."""
+def torch_threads(n: int | None):
+    """torch on `n` intra-op threads inside the block (None: leave torch's count alone, e.g. on a GPU).
+
+    The commands' own threads are the parallelism; their kernels are small (blocks of a merge, QRs of
+    (d, r), r × r SVDs, one matrix's spectrum), and OpenMP workers spinning between tiny parallel
+    regions slow a busy machine down many times over (docs/merge.md, docs/extract.md)."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)

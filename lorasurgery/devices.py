@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from lorasurgery.errors import UnsupportedError
 
 
@@ -19,18 +17,3 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise UnsupportedError(f"--device {device}: expected cpu, cuda or auto")
     return device
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """torch on `n` intra-op threads inside the block. Small per-module kernels (QRs of (d, r),
-    r × r SVDs) are many times slower under OpenMP teams spinning at every barrier on a busy machine
-    (docs/extract.md measured 10×); one thread each is the robust choice for them. None keeps torch's count."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lorasurgery.concurrency import Budget, Pipeline, one_torch_thread
+from lorasurgery.concurrency import Budget, Pipeline, torch_threads
 
 
 def test_every_item_is_read_computed_and_written_once():
@@ -93,9 +93,14 @@ def test_budget_cancel_wakes_a_waiting_reader():
     thread.join()
 
 
-def test_one_torch_thread_restores_the_count():
+def test_torch_threads_sets_and_restores_the_count():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
-    with one_torch_thread():
+    with torch_threads(1):
         assert torch.get_num_threads() == 1
+        with torch_threads(None):  # None leaves the count alone (a GPU run)
+            assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("restored on errors too")
     assert torch.get_num_threads() == before

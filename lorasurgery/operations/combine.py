@@ -189,7 +189,8 @@ def combine_adapters(
     """Write the weighted sum of `adapters` to `out`, exactly or truncated under `policy`."""
     from lorasurgery.adapter import load_adapter
     from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.devices import resolve_device, torch_threads
+    from lorasurgery.concurrency import torch_threads
+    from lorasurgery.devices import resolve_device
     from lorasurgery.io import atomic_output_dir, check_output_path
     from lorasurgery.operations.extract_plan import natural_key
     from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
@@ -242,7 +243,7 @@ def combine_adapters(
     saved = _saved_tensors(loaded, paths, set(table))
     device = resolve_device(device)
 
-    # small per-module kernels: one torch thread (lorasurgery.devices.torch_threads)
+    # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
     with torch_threads(1 if device == "cpu" else None):
         names = sorted(table, key=natural_key)
         updates = []

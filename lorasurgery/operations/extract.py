@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.devices import resolve_device, torch_threads
+from lorasurgery.concurrency import torch_threads
+from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
 from lorasurgery.io.output import check_output_path

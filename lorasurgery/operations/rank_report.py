@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from lorasurgery.architecture import in_block, lay_out, leaf, model_tensors, structure_of
+from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
@@ -130,7 +131,7 @@ def rank_report(
         )
     intruders = (intruders_k, intruders_eps)
     if _is_adapter(target):
-        with _one_torch_thread(device):  # see _compute_pool: W's spectra collapse under contention
+        with torch_threads(1 if device == "cpu" else None):  # W's spectra collapse under contention
             report = _adapter_report(
                 target,
                 base,
@@ -573,19 +574,6 @@ def _model_entries(
 
 
 @contextmanager
-def _one_torch_thread(device: str):
-    import torch
-
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
 def _compute_pool(device: str):
     """(submit(fn, *args) -> Future, in_flight): matrices in parallel, one torch thread each (CPU).
 
@@ -606,14 +594,10 @@ def _compute_pool(device: str):
 
         yield run_now, 0
         return
-    threads = torch.get_num_threads()
+    workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
     # Global in ATen: the pool's threads pick it up on their first parallel region.
-    torch.set_num_threads(1)
-    try:
-        with _numpy_pool(workers=max(1, min(threads, os.cpu_count() or 1))) as pooled:
-            yield pooled
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), _numpy_pool(workers=workers) as pooled:
+        yield pooled
 
 
 @contextmanager

@@ -270,7 +270,8 @@ def resize_adapter(
     """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
     from lorasurgery.adapter import load_adapter
     from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.devices import resolve_device, torch_threads
+    from lorasurgery.concurrency import torch_threads
+    from lorasurgery.devices import resolve_device
     from lorasurgery.errors import AdapterError, LoraSurgeryError
     from lorasurgery.io import atomic_output_dir, check_output_path
     from lorasurgery.operations.extract_plan import natural_key
@@ -303,7 +304,7 @@ def resize_adapter(
     check_base(loaded, checkpoint)
     device = resolve_device(device)
 
-    # small per-module kernels: one torch thread (lorasurgery.devices.torch_threads)
+    # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
     with torch_threads(1 if device == "cpu" else None):
         names = sorted(loaded.modules, key=natural_key)
         updates = []

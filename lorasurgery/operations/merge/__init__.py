@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorasurgery.architecture import prefetch, read_config
-from lorasurgery.concurrency import one_torch_thread
+from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
@@ -115,7 +115,7 @@ def merge_checkpoint(
     if verify:
         require_verification_libraries()
 
-    with one_torch_thread():  # isfinite on many small adapter tensors: no OpenMP spin-up each time
+    with torch_threads(1):  # isfinite on many small adapter tensors: no OpenMP spin-up each time
         plan = plan_merge(
             Path(base),
             adapters,
@@ -143,7 +143,7 @@ def merge_checkpoint(
         else plan_shards(plan.specs, groups=plan.checkpoint.shard_groups())
     )
     with atomic_output_dir(out, inputs=[base, *adapters], force=force) as folder:
-        with one_torch_thread(), SafetensorsWriter(folder, shards) as writer:
+        with torch_threads(1), SafetensorsWriter(folder, shards) as writer:
             write_all(plan, writer, summary, device, precise, allow_nonfinite, progress)
             written = writer.close()
         write_side_files(plan, folder)
