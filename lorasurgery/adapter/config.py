@@ -48,12 +48,10 @@ class AdapterConfig:
     use_dora: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"
-    lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: object = None
     modules_to_save: list[str] | None = None
-    layers_to_transform: object = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     target_parameters: list[str] = field(default_factory=list)  # "<module>.<parameter>" entries
@@ -173,12 +171,10 @@ def parse_adapter_config(raw: dict, path: Path) -> AdapterConfig:
         use_dora=bool(raw.get("use_dora", False)),
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         bias=bias,
-        lora_bias=bool(raw.get("lora_bias", False)),
         rank_pattern=_pattern(raw, "rank_pattern", path, integer=True),
         alpha_pattern=_pattern(raw, "alpha_pattern", path, integer=False),
         target_modules=raw.get("target_modules"),
         modules_to_save=modules_to_save,
-        layers_to_transform=raw.get("layers_to_transform"),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
         task_type=raw.get("task_type"),
         target_parameters=target_parameters,

@@ -118,7 +118,6 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     replacements: dict[str, str] = field(default_factory=dict)  # base-relative name -> adapter key
     tokens: dict[str, TokenRows] = field(default_factory=dict)  # embedding module -> overwritten rows
-    format: str = "peft"
 
     @property
     def tensors(self):

@@ -28,13 +28,6 @@ class PrefixRule:
             return None
         return self.add + name[len(self.drop) :]
 
-    def describe(self) -> str:
-        if not self.drop and not self.add:
-            return "names as they are"
-        if self.drop and self.add:
-            return f"{self.drop!r} replaced by {self.add!r}"
-        return f"prefix {self.add!r} added" if self.add else f"prefix {self.drop!r} dropped"
-
 
 def _candidate_rules(first: str, base_names) -> list[PrefixRule]:
     rules = {PrefixRule(): None}
