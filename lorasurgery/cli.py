@@ -16,6 +16,7 @@ import click
 
 from lorasurgery import __version__
 from lorasurgery.errors import LoraSurgeryError, OptionError
+from lorasurgery.io.safetensors_format import OUTPUT_DTYPES
 
 
 @dataclass
@@ -95,7 +96,7 @@ json_option = _flag("--json", "as_json", help="Print JSON on stdout instead of a
 def dtype_option(what: str):
     return click.option(
         "--dtype",
-        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        type=click.Choice(["auto", *OUTPUT_DTYPES]),
         default="auto",
         show_default=True,
         help=what,

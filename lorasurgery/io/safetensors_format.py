@@ -67,6 +67,15 @@ _TORCH_NAMES: dict[str, str] = {
 }
 
 
+# --dtype's choices (merge, extract, resize, combine) as safetensors codes.
+OUTPUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+
+
+def dtype_name_of(code: str) -> str:
+    """torch's name of a safetensors dtype ("BF16" -> "bfloat16"), as config.json's torch_dtype."""
+    return _TORCH_NAMES[code]
+
+
 def torch_dtype_of(code: str):
     """The torch dtype for a safetensors dtype code; CheckpointError when torch has none."""
     import torch

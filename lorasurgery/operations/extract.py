@@ -39,7 +39,7 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
 from lorasurgery.io.output import check_output_path
-from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
+from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, torch_dtype_of
 from lorasurgery.linalg.gram import one_blas_thread
 from lorasurgery.linalg.policies import Policy
 from lorasurgery.memory import tune_allocator
@@ -57,7 +57,6 @@ from lorasurgery.operations.extract_plan import (
 )
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SVD_CHOICES = ("auto", "exact", "randomized")
 EMBEDDING_CHOICES = ("skip", "lora", "full")
 # Matrices up to this size (as float32) are handled by single-threaded workers, several at once.
@@ -184,7 +183,7 @@ def _output_dtype(dtype: str, source):
             if source in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
             else torch.float32
         )
-    return getattr(torch, _DTYPES[dtype])
+    return torch_dtype_of(OUTPUT_DTYPES[dtype])
 
 
 def _sq_norm(x) -> float:
@@ -500,7 +499,7 @@ def extract_adapter(
         raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
     if embeddings not in EMBEDDING_CHOICES:
         raise OptionError(f"--embeddings must be skip, lora or full, got {embeddings!r}")
-    if dtype not in ("auto", *_DTYPES):
+    if dtype not in ("auto", *OUTPUT_DTYPES):
         raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     if svd not in SVD_CHOICES:
         raise OptionError(f"--svd must be exact, randomized or auto, got {svd!r}")

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from lorasurgery.adapter.model import PEFT_PREFIX
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, torch_dtype_of
 
 
 @dataclass
@@ -120,9 +119,9 @@ def output_dtype(dtype: str, stored):
             if stored in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
             else torch.float32
         )
-    if dtype not in DTYPES:
+    if dtype not in OUTPUT_DTYPES:
         raise LoraSurgeryError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    return getattr(torch, DTYPES[dtype])
+    return torch_dtype_of(OUTPUT_DTYPES[dtype])
 
 
 def check_finite(update: ModuleUpdate, where: str) -> None:

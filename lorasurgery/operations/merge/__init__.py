@@ -27,7 +27,6 @@ from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
 from lorasurgery.memory import tune_allocator
 from lorasurgery.operations.merge.plan import (
-    DTYPES,
     AdapterSummary,
     Item,
     MergePlan,
@@ -39,7 +38,6 @@ from lorasurgery.operations.merge.write import write_all, write_side_files
 from lorasurgery.progress import ProgressCallback, no_progress
 
 __all__ = [
-    "DTYPES",
     "AdapterSummary",
     "Item",
     "MergePlan",

@@ -23,12 +23,10 @@ from lorasurgery.errors import (
     UnsupportedError,
 )
 from lorasurgery.io import TensorSpec, open_checkpoint
-from lorasurgery.io.safetensors_format import TensorInfo
+from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
 from lorasurgery.operations.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
 
-DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-CONFIG_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _LISTED = 8  # how many names an error lists
 
 
@@ -90,7 +88,7 @@ def check_options(adapters, weights, subtract, dtype, max_shard_bytes) -> list[f
         raise OptionError("merge needs at least one adapter")
     if len(set(map(lambda p: Path(p).resolve(), adapters))) != len(adapters):
         raise OptionError("the same adapter is given twice; use --weight to scale it instead")
-    if dtype not in ("auto", *DTYPES):
+    if dtype not in ("auto", *OUTPUT_DTYPES):
         raise OptionError(f"--dtype {dtype}: expected auto, fp32, bf16 or fp16")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise OptionError("--max-shard-size must be positive")
@@ -215,7 +213,7 @@ def plan_merge(
             own.get(name, shared.get(name, BASE)), side.updates, side.bias_terms, side.token_rows
         )
 
-    out_code = DTYPES.get(dtype)
+    out_code = OUTPUT_DTYPES.get(dtype)
     items: dict[str, Item] = {}
     for name, recipe in recipes.items():
         info = tensors[name]
@@ -249,10 +247,10 @@ def plan_merge(
     _check_vocabulary(structure, checkpoint, items, tensors, config, changes)
     if out_code and config is not None:
         for key in ("torch_dtype", "dtype"):
-            if key in config and config[key] != CONFIG_DTYPE_NAMES[out_code]:
-                changes[key] = CONFIG_DTYPE_NAMES[out_code]
+            if key in config and config[key] != dtype_name_of(out_code):
+                changes[key] = dtype_name_of(out_code)
         if "torch_dtype" not in config and "dtype" not in config:
-            changes["torch_dtype"] = CONFIG_DTYPE_NAMES[out_code]
+            changes["torch_dtype"] = dtype_name_of(out_code)
     if config is not None:
         config.update(changes)
     elif changes:
