@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lorasurgery.architecture import structure_of
-from lorasurgery.errors import MismatchError, UnsupportedError, VerificationError
+from lorasurgery.errors import MismatchError, NonFiniteError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
 from lorasurgery.linalg.delta import Update, merge_weight
@@ -440,7 +440,7 @@ def test_dtype_and_max_shard_size(bases, tmp_path):
 
 def test_merged_folder_loads_in_transformers_with_the_adapted_logits(bases, tmp_path):
     base = bases("llama")
-    (base / "generation_config.json").exists()
+    assert (base / "generation_config.json").is_file()  # so that its copy below is checked
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear")
     merge_checkpoint(base, [adapter], tmp_path / "out")
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -449,9 +449,9 @@ def test_merged_folder_loads_in_transformers_with_the_adapted_logits(bases, tmp_
         adapted = PeftModel.from_pretrained(load(base), str(adapter)).eval()
         difference = (merged(tokens).logits - adapted(tokens).logits).abs().max()
     assert float(difference) < 1e-4
-    for name in ("generation_config.json",):
-        if (base / name).exists():
-            assert (tmp_path / "out" / name).read_bytes() == (base / name).read_bytes()
+    assert (tmp_path / "out" / "generation_config.json").read_bytes() == (
+        base / "generation_config.json"
+    ).read_bytes()
 
 
 def test_verify_fails_when_the_merge_is_wrong(bases, tmp_path, monkeypatch):
@@ -477,7 +477,7 @@ def test_nonfinite_results_name_the_module(bases, tmp_path):
     update = Update(
         "model.layers.0.self_attn.q_proj", "linear", torch.ones(4, 32), torch.full((32, 4), big), 1.0
     )
-    with pytest.raises(Exception, match="model.layers.0.self_attn.q_proj"):
+    with pytest.raises(NonFiniteError, match="model.layers.0.self_attn.q_proj"):
         merge_weight(torch.zeros(32, 32), [update], out_dtype=torch.float32, name="w")
     out = merge_weight(torch.zeros(32, 32), [update], out_dtype=torch.float32, allow_nonfinite=True)
     assert not torch.isfinite(out).any()
@@ -502,7 +502,15 @@ def test_verify_passes_on_bf16(bases, tmp_path):
     base = bases("llama-bf16")
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear")
     summary = merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
-    assert summary.verified and summary.max_logit_difference > 0
+    assert summary.verified
+    # What verify measured is bf16 rounding (> 0), far below the adapter's own effect on the logits,
+    # so a merge that dropped or flipped the adapter could not pass it.
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = load(base, dtype=torch.float32)(tokens).logits
+        adapted = PeftModel.from_pretrained(load(base, dtype=torch.float32), str(adapter))(tokens).logits
+    effect = float((adapted - plain).abs().max())
+    assert 0 < summary.max_logit_difference < 0.1 * effect, (summary.max_logit_difference, effect)
 
 
 @pytest.mark.slow
