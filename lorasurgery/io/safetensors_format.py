@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorasurgery.errors import CheckpointError
+from lorasurgery.errors import CheckpointError, OptionError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
 HEADER_ALIGNMENT = 8  # the writer pads the JSON with spaces to this many bytes
@@ -74,6 +74,21 @@ OUTPUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 def dtype_name_of(code: str) -> str:
     """torch's name of a safetensors dtype ("BF16" -> "bfloat16"), as config.json's torch_dtype."""
     return _TORCH_NAMES[code]
+
+
+def output_dtype(dtype: str, stored):
+    """The written factors' torch dtype: --dtype, or (auto) the input's floating dtype."""
+    import torch
+
+    if dtype == "auto":
+        return (
+            stored
+            if stored in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+            else torch.float32
+        )
+    if dtype not in OUTPUT_DTYPES:
+        raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
+    return torch_dtype_of(OUTPUT_DTYPES[dtype])
 
 
 def torch_dtype_of(code: str):

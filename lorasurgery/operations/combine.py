@@ -78,10 +78,10 @@ def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype
     """One module's ModuleUpdate: the concatenated factors (exact) or their SVD."""
     import torch
 
-    from lorasurgery.io.safetensors_format import torch_dtype_of
+    from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
     from lorasurgery.operations.resize import check_factors_finite, module_factors, module_svd
-    from lorasurgery.operations.surgery import ModuleUpdate, check_finite, output_dtype
+    from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
     terms, bias, stored = [], None, None
     first = adapters[indices[0]].modules[name]
@@ -192,6 +192,7 @@ def combine_adapters(
     from lorasurgery.concurrency import torch_threads
     from lorasurgery.devices import resolve_device
     from lorasurgery.io import atomic_output_dir, check_output_path
+    from lorasurgery.io.safetensors_format import output_dtype
     from lorasurgery.operations.extract_plan import natural_key
     from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
     from lorasurgery.operations.surgery import (
@@ -201,7 +202,6 @@ def combine_adapters(
         build_output,
         choose_ranks,
         finish_totals,
-        output_dtype,
         preload,
     )
     from lorasurgery.progress import Progress, no_progress

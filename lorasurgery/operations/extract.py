@@ -39,7 +39,7 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
 from lorasurgery.io.output import check_output_path
-from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, torch_dtype_of
+from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
 from lorasurgery.linalg.gram import one_blas_thread
 from lorasurgery.linalg.policies import Policy
 from lorasurgery.memory import tune_allocator
@@ -174,18 +174,6 @@ class _MeasuredResult:
     tensors: dict | None = None  # adapter key -> tensor, when saved
 
 
-def _output_dtype(dtype: str, source):
-    import torch
-
-    if dtype == "auto":
-        return (
-            source
-            if source in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-            else torch.float32
-        )
-    return torch_dtype_of(OUTPUT_DTYPES[dtype])
-
-
 def _sq_norm(x) -> float:
     """‖x‖²_F from float32 row norms summed in float64 (≈2e-9 relative on a 576 × 1536 matrix).
 
@@ -306,7 +294,7 @@ def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -
         result.err_sq = delta.delta_sq
         return result
     B, A = _balanced_factors(run, M, rank, spectrum)
-    out_dtype = _output_dtype(run.dtype, target.source_dtype)
+    out_dtype = output_dtype(run.dtype, target.source_dtype)
     B, A = B.to(out_dtype), A.to(out_dtype)
     if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
         raise NonFiniteError(
@@ -351,7 +339,7 @@ def _measure(run: _Run, item: Measured) -> _MeasuredResult:
             raise _nonfinite_error(run, item.module, item.names)
         if item.save:
             if run.dtype != "auto" and w_ft.is_floating_point():
-                w_ft = w_ft.to(_output_dtype(run.dtype, w_ft.dtype))
+                w_ft = w_ft.to(output_dtype(run.dtype, w_ft.dtype))
             tensors[item.adapter_keys[name]] = w_ft.contiguous()
     changed = item.resized or delta_sq != 0
     return _MeasuredResult(item, delta_sq, base_sq, tensors if item.save and changed else None)

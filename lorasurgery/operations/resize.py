@@ -175,9 +175,9 @@ def module_update(adapter, module: str, base, device: str, dtype: str, weight: f
     """A surgery.ModuleUpdate of one module: its exact SVD (times `weight`), scaled lora_B bias, layout."""
     import torch
 
-    from lorasurgery.io.safetensors_format import torch_dtype_of
+    from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.lowrank import LowRankSVD
-    from lorasurgery.operations.surgery import ModuleUpdate, check_finite, output_dtype
+    from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
     lora = adapter.modules[module]
     where = str(adapter.weights_file)
@@ -274,6 +274,7 @@ def resize_adapter(
     from lorasurgery.devices import resolve_device
     from lorasurgery.errors import AdapterError, LoraSurgeryError
     from lorasurgery.io import atomic_output_dir, check_output_path
+    from lorasurgery.io.safetensors_format import output_dtype
     from lorasurgery.operations.extract_plan import natural_key
     from lorasurgery.operations.surgery import (
         PEFT_PREFIX,
@@ -282,7 +283,6 @@ def resize_adapter(
         build_output,
         choose_ranks,
         finish_totals,
-        output_dtype,
         preload,
     )
     from lorasurgery.progress import Progress, no_progress

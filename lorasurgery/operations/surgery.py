@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lorasurgery.adapter.model import PEFT_PREFIX
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
-from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, torch_dtype_of
+from lorasurgery.io.safetensors_format import torch_dtype_of
 
 
 @dataclass
@@ -107,21 +107,6 @@ class SurgeryReport:
         if self.command == "combine":
             result["weights"] = self.weights
         return result
-
-
-def output_dtype(dtype: str, stored):
-    """The written factors' torch dtype: --dtype, or (auto) the input's floating dtype."""
-    import torch
-
-    if dtype == "auto":
-        return (
-            stored
-            if stored in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-            else torch.float32
-        )
-    if dtype not in OUTPUT_DTYPES:
-        raise LoraSurgeryError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    return torch_dtype_of(OUTPUT_DTYPES[dtype])
 
 
 def check_finite(update: ModuleUpdate, where: str) -> None:
@@ -312,7 +297,6 @@ class PreloadedCheckpoint:
 
     def read(self, name: str, device: str = "cpu"):
         """Tensor `name` in its stored dtype, in memory of its own."""
-        from lorasurgery.io.safetensors_format import torch_dtype_of
 
         info = self._checkpoint.tensors.get(name)
         if self._buffer is None or info is None:
