@@ -193,6 +193,22 @@ def _tiny_transformers(kind: str):
             **common,
         )
         return transformers.MixtralForCausalLM(config)
+    if kind == "llama4":
+        config = transformers.Llama4TextConfig(
+            hidden_size=16,
+            intermediate_size=8,
+            intermediate_size_mlp=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_local_experts=3,
+            num_experts_per_tok=1,
+            moe_layers=[0],
+            pad_token_id=None,
+            **common,
+        )
+        return transformers.Llama4ForCausalLM(config)
     if kind == "gpt-oss":
         config = transformers.GptOssConfig(
             hidden_size=16,
@@ -212,7 +228,7 @@ def _tiny_transformers(kind: str):
     raise ValueError(kind)
 
 
-TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "mixtral", "gpt-oss")
+TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "mixtral", "llama4", "gpt-oss")
 
 
 def transformers_class(kind: str):

@@ -324,6 +324,13 @@ CASES = [
         {"target_parameters": ["mlp.experts.gate_up_proj"]},
         dtype="fp16",
     ),
+    # Llama-4 stores its experts (E, hidden, 2·inner) without transformers' is_transposed: PEFT reads
+    # them as (E, out, in), and so is the merge
+    Case(
+        "llama4-experts",
+        "llama4",
+        {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]},
+    ),
     Case(
         "gpt-oss-experts",
         "gpt-oss",
