@@ -215,6 +215,15 @@ CASES = [
         refusal="--fan-in-fan-out",
         option=("--fan-in-fan-out", r"conv1d"),
     ),
+    # conv1d's shape says (in, out), against the saved flag (false, from lin0): lin0, square, is undecidable
+    Case(
+        "conv1d-contradicts-flag",
+        "Conv1DThenSquareLinear",
+        {"target_modules": ["conv1d", "lin0"]},
+        expect="resolve",
+        refusal="--fan-in-fan-out REGEX",
+        option=("--fan-in-fan-out", "conv1d"),
+    ),
     # each adapter targets one layer kind and PEFT saved each one's flag right: nothing contradicts them
     Case(
         "square-add-adapter",
