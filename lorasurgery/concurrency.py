@@ -49,7 +49,8 @@ class Budget:
 
 class Pipeline:
     """read(item) in a reader thread → compute(item, value) in `workers` threads → write(item, result)
-    in a writer thread (write=None: the computed result is what iteration yields, with its item)."""
+    in a writer thread (write=None: the computed result is what iteration yields, with its item).
+    At most `depth` (default: `workers`) values wait between two stages."""
 
     _END = object()
 
@@ -63,6 +64,7 @@ class Pipeline:
         workers: int = 1,
         cost: Callable | None = None,
         limit: int | None = None,
+        depth: int | None = None,
         name: str = "pipeline",
     ):
         self.items = list(items)
@@ -72,8 +74,9 @@ class Pipeline:
         self.budget = Budget(limit) if cost is not None and limit is not None else None
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.read_queue: queue.Queue = queue.Queue(maxsize=self.workers)
-        self.write_queue: queue.Queue = queue.Queue(maxsize=self.workers)
+        depth = depth or self.workers  # values waiting between two stages
+        self.read_queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.write_queue: queue.Queue = queue.Queue(maxsize=depth)
         self.done_queue: queue.Queue = queue.Queue()
         self.threads = [
             threading.Thread(target=self._reader, name=f"{name}-reader", daemon=True),

@@ -12,11 +12,9 @@ Matrices are streamed one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -112,7 +110,10 @@ def rank_report(
         raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
     device = resolve_device(device)
     if _is_adapter(target):
-        with _one_torch_thread(device):  # see _compute_pool: W's spectra collapse under contention
+        from lorasurgery.concurrency import one_torch_thread
+
+        # one torch thread: W's spectra collapse under OpenMP contention (see _model_report)
+        with one_torch_thread() if device == "cpu" else contextlib.nullcontext():
             report = _adapter_report(
                 target,
                 base,
@@ -388,12 +389,12 @@ def _model_report(
         def compute(name: str, X) -> list[ModuleEntry]:
             return _weight_entry(name, X, checkpoint.tensors[name])
 
-        pool = _numpy_pool()
+        workers, torch_threads = max(1, os.cpu_count() or 1), False
     else:
 
         def read(name: str) -> dict:
-            # Reads stay in the calling thread, in order: sequential I/O, and the .bin reader's
-            # shard cache is not thread-safe.
+            # One reader thread, in order: sequential I/O, and the .bin reader's shard cache is
+            # not thread-safe.
             tensors = {"target": checkpoint.read(name, device)}
             if base_ckpt is not None:
                 tensors["base"] = base_ckpt.read(name, device)
@@ -404,27 +405,36 @@ def _model_report(
         def compute(name: str, tensors: dict) -> list[ModuleEntry]:
             return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle)
 
-        pool = _compute_pool(device)
+        workers, torch_threads = _worker_count(device), device == "cpu"
 
-    pending: deque = deque()  # (name, future) in the order of `names`, so the report keeps it
+    # One matrix per core, each on one BLAS/torch thread (docs/rank-report.md: the dense spectra are
+    # LAPACK calls that parallelise poorly, and spinning OpenMP workers collapse on a busy machine);
+    # one matrix waits for a free worker, so memory stays a few matrices whatever the model.
+    from lorasurgery.concurrency import Pipeline, one_torch_thread
+    from lorasurgery.linalg.gram import one_blas_thread
 
-    def finish_oldest() -> None:
-        finished, future = pending.popleft()
-        report.modules.extend(future.result())
-        done = len(names) - len(remaining) - len(pending)
-        progress(Progress("rank-report", done, len(names), finished[: -len(".weight")]))
-
-    remaining = deque(names)
-    with pool as (submit, in_flight):
-        while remaining:
-            name = remaining.popleft()
-            pending.append((name, submit(compute, name, read(name))))
-            # At most one matrix per worker waits: memory stays a few matrices whatever the model.
-            while len(pending) > in_flight:
-                finish_oldest()
-        while pending:
-            finish_oldest()
+    entries: dict[str, list[ModuleEntry]] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(one_blas_thread())
+        if torch_threads:
+            stack.enter_context(one_torch_thread())
+        pipeline = Pipeline(names, read, compute, workers=workers, depth=1, name="rank-report")
+        stack.enter_context(pipeline)
+        for done, (name, result) in enumerate(pipeline, 1):
+            entries[name] = result
+            progress(Progress("rank-report", done, len(names), name[: -len(".weight")]))
+    for name in names:  # the report keeps the checkpoint's order
+        report.modules.extend(entries[name])
     return report
+
+
+def _worker_count(device: str) -> int:
+    """One worker per core on the CPU; on CUDA the GPU is the parallel part: one host thread."""
+    if device != "cpu":
+        return 1
+    import torch
+
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def _numpy_readable(checkpoint, name: str) -> bool:
@@ -484,64 +494,6 @@ def _model_entries(name, tensors, checkpoint, base_ckpt, r, mle) -> list[ModuleE
         ModuleEntry(module, "delta", shape, metrics, S.tolist()),
         ModuleEntry(module, "weight", shape, w_metrics, S_W.tolist()),
     ]
-
-
-@contextmanager
-def _one_torch_thread(device: str):
-    import torch
-
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
-def _compute_pool(device: str):
-    """(submit(fn, *args) -> Future, in_flight): matrices in parallel, one torch thread each (CPU).
-
-    Why: the dense spectra are LAPACK calls on ≤ a few-thousand-wide matrices, which parallelise
-    poorly inside one call, and OpenMP workers spinning between small parallel regions collapse on
-    a busy machine: on 2 cores under load, SmolLM2-135M's 211 matrices took 3 min 14 s with torch's
-    2 threads and 21 s with 1. One matrix per core, each on one thread, uses every core without
-    that contention. On CUDA the GPU is the parallel part: one host thread, torch untouched.
-    """
-    import torch
-
-    if device != "cpu":
-
-        def run_now(fn, *args) -> Future:
-            future: Future = Future()
-            future.set_result(fn(*args))
-            return future
-
-        yield run_now, 0
-        return
-    threads = torch.get_num_threads()
-    # Global in ATen: the pool's threads pick it up on their first parallel region.
-    torch.set_num_threads(1)
-    try:
-        with _numpy_pool(workers=max(1, min(threads, os.cpu_count() or 1))) as pooled:
-            yield pooled
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
-def _numpy_pool(workers: int | None = None):
-    """(submit, workers): one matrix per core, numpy's BLAS on one thread in each (linalg.gram)."""
-    from lorasurgery.linalg.gram import one_blas_thread
-
-    workers = workers or max(1, os.cpu_count() or 1)
-    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rank-report") as pool:
-        try:
-            yield pool.submit, workers
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: drop queued matrices
-            raise
 
 
 # -------------------------------------------------------------------------------------------------
