@@ -47,6 +47,17 @@ class EmbConv1D(nn.Module):
         self.lin0 = nn.Linear(10, 2) if not square else nn.Linear(5, 5)
 
 
+class Conv1DThenSquareLinear(nn.Module):
+    """A non-square transformers Conv1D, then a square Linear: PEFT saves the Linear's flag (false)."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.conv1d = Conv1D(3, 5)  # weight (5, 3): (in, out)
+        self.lin0 = nn.Linear(5, 5)
+
+
 class ConvModel(nn.Module):
     """One ConvNd named conv1d/conv2d/conv3d, and a Linear lin0 after it."""
 
@@ -100,6 +111,7 @@ CUSTOM_MODELS = {
     "MLP": MLP,
     "EmbConv1D": EmbConv1D,
     "EmbConv1DSquare": lambda: EmbConv1D(square=True),
+    "Conv1DThenSquareLinear": Conv1DThenSquareLinear,
     "Conv1d": lambda: ConvModel(1, 1, 1, 2, lin=(9, 2)),
     "Conv1dKernel1": lambda: ConvModel(1, 3, 10, 1, lin=(100, 2)),
     "Conv2d": lambda: ConvModel(2, 5, 10, 3),
@@ -193,6 +205,22 @@ def _tiny_transformers(kind: str):
             **common,
         )
         return transformers.MixtralForCausalLM(config)
+    if kind == "llama4":
+        config = transformers.Llama4TextConfig(
+            hidden_size=16,
+            intermediate_size=8,
+            intermediate_size_mlp=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            num_local_experts=3,
+            num_experts_per_tok=1,
+            moe_layers=[0],
+            pad_token_id=None,
+            **common,
+        )
+        return transformers.Llama4ForCausalLM(config)
     if kind == "gpt-oss":
         config = transformers.GptOssConfig(
             hidden_size=16,
@@ -212,7 +240,7 @@ def _tiny_transformers(kind: str):
     raise ValueError(kind)
 
 
-TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "mixtral", "gpt-oss")
+TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "mixtral", "llama4", "gpt-oss")
 
 
 def transformers_class(kind: str):

@@ -232,3 +232,21 @@ def test_extract_reports_expert_parameters_it_cannot_factor(bases, tmp_path):
     for name in EXPERTS["target_parameters"]:
         entry = skipped[f"model.layers.0.{name}"]
         assert "3-D parameter" in entry["reason"] and entry["relative_norm"] > 0.1
+
+
+def test_merge_summary_counts_split_experts_once_and_notes_unscaled_tokens(bases, tmp_path):
+    adapters, _, _ = make_peft(
+        bases, Case("q", "qwen3-moe", {"target_modules": ["q_proj"], **EXPERTS}), tmp_path / "a"
+    )
+    result = run_cli("merge", bases.get("qwen3-moe"), adapters[0], "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    # q_proj in 1 layer + gate_up_proj + down_proj, although 4 experts × 3 stored tensors are merged
+    assert summary["adapters"][0]["modules_merged"] == 3 and summary["tensors_merged"] == 13
+    case = Case("t", "llama", {"target_modules": ["q_proj"], "trainable_token_indices": [1, 2]})
+    adapters, _, _ = make_peft(bases, case, tmp_path / "t")
+    result = run_cli(
+        "merge", bases.get("llama"), adapters[0], "-o", tmp_path / "out2", "--weight", "0.5", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert any("does not scale its trainable tokens" in note for note in json.loads(result.stdout)["notes"])

@@ -215,6 +215,15 @@ CASES = [
         refusal="--fan-in-fan-out",
         option=("--fan-in-fan-out", r"conv1d"),
     ),
+    # conv1d's shape says (in, out), against the saved flag (false, from lin0): lin0, square, is undecidable
+    Case(
+        "conv1d-contradicts-flag",
+        "Conv1DThenSquareLinear",
+        {"target_modules": ["conv1d", "lin0"]},
+        expect="resolve",
+        refusal="--fan-in-fan-out REGEX",
+        option=("--fan-in-fan-out", "conv1d"),
+    ),
     # each adapter targets one layer kind and PEFT saved each one's flag right: nothing contradicts them
     Case(
         "square-add-adapter",
@@ -323,6 +332,13 @@ CASES = [
         "qwen3-moe",
         {"target_parameters": ["mlp.experts.gate_up_proj"]},
         dtype="fp16",
+    ),
+    # Llama-4 stores its experts (E, hidden, 2·inner) without transformers' is_transposed: PEFT reads
+    # them as (E, out, in), and so is the merge
+    Case(
+        "llama4-experts",
+        "llama4",
+        {"target_parameters": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]},
     ),
     Case(
         "gpt-oss-experts",

@@ -13,6 +13,9 @@ PEFT (peft/tuners/lora/layer.py, ParamWrapper) reads the layout off the paramete
 Which parameter a wrapper targets, and whether a square 3-D parameter is stored (E, in, out), come from
 the model's structure (registration order, is_transposed) when the base has a config.json; without one
 the shapes decide where they can, and an undecidable case is refused naming the module and `--config`.
+A fused parameter that the checkpoint stores split (Qwen3-MoE, Mixtral: per expert and projection)
+becomes one 2-D module per stored tensor for the merge (`split_stored`); reports read the fused
+parameter put together (`read_parameter`).
 """
 
 from __future__ import annotations
@@ -189,19 +192,6 @@ def split_stored(adapter, tensors: dict, structure) -> None:
     adapter.modules = modules
 
 
-def bind_to_checkpoint(adapter, checkpoint):
-    """bind_against the base `checkpoint` (an io.Checkpoint) with its structure, when the adapter has
-    LoRA on nn.Parameters (reports that read W: inspect and rank-report with --base); returns the
-    structure (None when nothing needed it)."""
-    if not any(m.kind == "parameter" for m in adapter.modules.values()):
-        return None
-    from lorasurgery.architecture import structure_of
-
-    structure = structure_of(checkpoint)
-    bind_against(adapter, checkpoint.tensors, structure)
-    return structure
-
-
 def with_split_parameters(tensors: dict, checkpoint, structure) -> dict:
     """`tensors` plus every fused expert parameter the checkpoint stores split (structure.pieces), under
     its fused name with the skeleton's shape, for reports that resolve names (read with read_parameter)."""
@@ -215,16 +205,6 @@ def with_split_parameters(tensors: dict, checkpoint, structure) -> dict:
             if module is not None and name not in tensors and structure.pieces(name, checkpoint.tensors):
                 tensors[name] = SimpleNamespace(name=name, shape=tuple(module.parameters[parameter]))
     return tensors
-
-
-def report_names(adapter, checkpoint, structure) -> dict[str, str]:
-    """resolve_base_names for reports, split-stored fused parameters counting as present."""
-    from types import SimpleNamespace
-
-    from lorasurgery.adapter.names import resolve_base_names
-
-    tensors = with_split_parameters(checkpoint.tensors, checkpoint, structure)
-    return resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
 
 
 def read_parameter(checkpoint, structure, name: str, device: str = "cpu"):

@@ -73,15 +73,14 @@ class Update:
         A = self.A.reshape(E, r, self.A.shape[-1])[e]  # (r, in)
         B = self.B.reshape(self.B.shape[0], r, E)[:, :, e]  # (out, r)
         return Update(
-            f"{self.module}[expert {e}]",
-            "linear",
-            A,
-            B,
-            self.scale,
-            self.weight,
-            self.transposed,
-            None,
-            self.source,
+            module=f"{self.module}[expert {e}]",
+            kind="linear",
+            A=A,
+            B=B,
+            scale=self.scale,
+            weight=self.weight,
+            fan_in_fan_out=self.transposed,  # stored (in, out): ΔW[e] = s·(B_e@A_e)ᵀ
+            source=self.source,
         )
 
     def factors(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -158,6 +158,7 @@ def plan_merge(
     shared: dict[str, tuple[int, str]] = {}
     sides: dict[str, Recipe] = {}
     counts = []
+    notes_early: list[str] = []
     for index, view in enumerate(views):
         for name, tensor_name, is_base_layer in view.replacements():
             target = shared if is_base_layer else own
@@ -188,6 +189,13 @@ def plan_merge(
                     f"{tensors[base_name].shape[0]} rows of {base_name}"
                 )
             sides.setdefault(base_name, Recipe()).token_rows.append((index, module))
+        # a fused expert parameter stored split counts once (its pieces are keyed `<key>[e].k`)
+        merged -= len(view.targets()) - len({module.split("[", 1)[0] for module in view.targets()})
+        if view.adapter.tokens and weights[index] != 1.0:
+            notes_early.append(
+                f"{view.path}: --weight {weights[index]:g} does not scale its trainable tokens: their rows "
+                f"replace the base's whatever the weight (PEFT's scaling does not reach them either)"
+            )
         counts.append((merged, dora, biases))
 
     # Recipes: tie groups by the one rule, every other tensor by itself.
@@ -238,7 +246,7 @@ def plan_merge(
         replaced = sum(1 for i in items.values() if i.replacement and i.replacement[0] == index)
         summaries.append(AdapterSummary(str(path), weight, merged, dora, biases, replaced))
 
-    notes: list[str] = []
+    notes: list[str] = notes_early
     changes: dict = {}
     config = dict(checkpoint.config) if checkpoint.config is not None else None
     for outcome in outcomes:
