@@ -653,8 +653,10 @@ def linear_layouts(
                 f"so the adapter targets layers of another kind than its flag says"
             )
     hints: dict[str, set[bool]] = {}
+    square_kinds: dict[str, set[str]] = {}  # adapter -> leaf names of its undecided targets
     for target in undecided:
         hints.setdefault(target.weight, set()).add(target.hint)
+        square_kinds.setdefault(target.adapter, set()).add(leaf(target.module))
     for target in undecided:
         key = (target.adapter, target.module)
         stored = tuple(target.stored)
@@ -667,6 +669,11 @@ def linear_layouts(
         why = contradicted.get(target.adapter)
         if why is None and len(hints[target.weight]) > 1:
             why = "the adapters that target it disagree on fan_in_fan_out"
+        if why is None and not structure.known and len(square_kinds[target.adapter]) > 1:
+            # PEFT saves the flag of the layer it created last: with square targets of several
+            # names nothing says they are all of that layer's kind.
+            names = ", ".join(sorted(square_kinds[target.adapter]))
+            why = f"it targets square weights of several names ({names}) and saves the flag of only one"
         if why is not None:
             raise UnsupportedError(
                 f"{target.adapter}: module {target.module}: the base's {target.weight} is square "

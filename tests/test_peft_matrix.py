@@ -371,11 +371,7 @@ def _variants(cases):
 CASES += list(_variants(CASES))
 
 # What fails today, and why (removed as support lands).
-XFAIL = {
-    "square-conv1d-and-linear": "merged silently wrong (conv1d.weight off by 0.49 relative): both weights are "
-    "square and the adapter's fan_in_fan_out (False, saved from lin0, PEFT's last-created layer) is trusted "
-    "because nothing in the adapter contradicts it",
-}
+XFAIL: dict[str, str] = {}
 
 
 def _params():
