@@ -73,6 +73,18 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--all", "show_all", is_flag=True, help="One table row per module, not per module type.")
 @click.option(
+    "--config",
+    "config_file",
+    type=click.Path(),
+    help="With --base: the base's config.json, when it has none.",
+)
+@click.option(
+    "--fan-in-fan-out",
+    "fan_in_fan_out",
+    metavar="REGEX",
+    help="With --base: modules stored (in, out) (as merge).",
+)
+@click.option(
     "--for",
     "target",
     type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
@@ -80,7 +92,14 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 )
 @click.pass_context
 def inspect(
-    ctx: click.Context, adapter: str, base: str | None, as_json: bool, show_all: bool, target: str | None
+    ctx: click.Context,
+    adapter: str,
+    base: str | None,
+    as_json: bool,
+    show_all: bool,
+    config_file: str | None,
+    fan_in_fan_out: str | None,
+    target: str | None,
 ) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
     from lorasurgery import render
@@ -94,7 +113,9 @@ def inspect(
         render.serving_check(check, as_json=as_json)
         ctx.exit(check.exit_code)
     with render.progress_bar("inspect", quiet) as progress:
-        report = inspect_adapter(adapter, base=base, progress=progress)
+        report = inspect_adapter(
+            adapter, base=base, progress=progress, config_file=config_file, fan_in_fan_out=fan_in_fan_out
+        )
     render.inspect_report(report, as_json=as_json, show_all=show_all, quiet=quiet)
 
 
@@ -112,6 +133,18 @@ def inspect(
 @click.option("--verify", is_flag=True, help="Compare logits of base+adapter and merged model.")
 @click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs or results hold NaN/Inf.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(),
+    help="The base's config.json (file or folder), when BASE has none: gives each layer's kind and the ties.",
+)
+@click.option(
+    "--fan-in-fan-out",
+    "fan_in_fan_out",
+    metavar="REGEX",
+    help="Modules stored (in, out) like GPT-2's Conv1D, when no config.json can tell (others: (out, in)).",
+)
 @click.pass_context
 def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, **options) -> None:
     """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT.
@@ -146,6 +179,8 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
             force=options["force"],
             allow_nonfinite=options["allow_nonfinite"],
             verify=options["verify"],
+            config_file=options["config_file"],
+            fan_in_fan_out=options["fan_in_fan_out"],
             progress=progress,
         )
     render.merge_summary(summary, as_json=options["as_json"], quiet=settings.quiet)
@@ -177,6 +212,9 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs hold NaN/Inf.")
 @click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
+@click.option(
+    "--config", "config_file", type=click.Path(), help="The models' config.json, when they have none."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
 def extract(ctx: click.Context, base: str, finetuned: str, output: str, **options) -> None:
@@ -229,6 +267,7 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
             force=options["force"],
             allow_nonfinite=options["allow_nonfinite"],
             progress=progress,
+            config_file=options["config_file"],
         )
     if options["report"]:
         write_report(report, options["report"])
@@ -247,6 +286,13 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
 @click.option("--plot", "plot_dir", type=click.Path(), help="Write PNG plots into this folder.")
 @click.option("--mle", is_flag=True, help="Add Minka's MLE dimensionality (scikit-learn).")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--config", "config_file", type=click.Path(), help="The model's config.json, when it has none.")
+@click.option(
+    "--fan-in-fan-out",
+    "fan_in_fan_out",
+    metavar="REGEX",
+    help="With --base: modules stored (in, out) (as merge).",
+)
 @click.pass_context
 def rank_report(ctx: click.Context, target: str, **options) -> None:
     """Measure the intrinsic rank of ΔW (adapter, or TARGET − BASE) and of W.
@@ -269,6 +315,8 @@ def rank_report(ctx: click.Context, target: str, **options) -> None:
             mle=options["mle"],
             device=options["device"],
             progress=progress,
+            config_file=options["config_file"],
+            fan_in_fan_out=options["fan_in_fan_out"],
         )
     render.rank_report(
         report,

@@ -100,10 +100,11 @@ def new_table(title: str | None = None) -> Table:
 
 
 def _module_type(name: str, kind: str) -> str:
-    parts = name.split(".")
+    from lorasurgery.architecture import leaf
+
     if kind == "replaced":  # a saved tensor: keep its parameter name (classifier.bias, lm_head.weight)
-        return ".".join(p for p in parts[-2:] if not p.isdigit())
-    return parts[-1]
+        return ".".join(p for p in name.split(".")[-2:] if not p.isdigit())
+    return leaf(name)
 
 
 def _distinct(values) -> str:

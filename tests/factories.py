@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 PREFIX = "base_model.model."
-MODEL_KINDS = ("llama", "gpt2", "bert", "bert-cls")
+MODEL_KINDS = ("llama", "gpt2", "bert", "bert-cls", "bert-mlm", "auto")
 
 
 # --------------------------------------------------------------------------------------------- bases
@@ -118,7 +118,7 @@ def make_gpt2(
 def make_bert(
     path,
     *,
-    head: bool = False,
+    head: bool | str = False,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | int | None = None,
     vocab_size: int = 128,
@@ -127,7 +127,8 @@ def make_bert(
     seed: int = 0,
 ) -> Path:
     """A tiny ``BertModel``, or with `head` a ``BertForSequenceClassification`` (tensors under ``bert.``,
-    plus ``classifier``; 2 labels). LayerNorm weights and biases randomized."""
+    plus ``classifier``; 2 labels), or with ``head="mlm"`` a ``BertForMaskedLM`` (``bert.`` and a
+    ``cls`` head tied to the word embeddings). LayerNorm weights and biases randomized."""
     import transformers
 
     torch.manual_seed(seed)
@@ -140,7 +141,9 @@ def make_bert(
         max_position_embeddings=64,
         num_labels=2,
     )
-    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
+    cls = {"mlm": transformers.BertForMaskedLM, True: transformers.BertForSequenceClassification}.get(
+        head, transformers.BertModel
+    )
     model = cls(config)
     _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["LayerNorm"])
     return _save(model, path, dtype, max_shard_size)
@@ -150,7 +153,7 @@ def make_bert(
 
 
 def model_class(model_kind: str):
-    """The transformers class of a `model_kind`: llama, gpt2, bert, bert-cls."""
+    """The transformers class of a `model_kind`: llama, gpt2, bert, bert-cls, bert-mlm."""
     import transformers
 
     classes = {
@@ -158,16 +161,25 @@ def model_class(model_kind: str):
         "gpt2": transformers.GPT2LMHeadModel,
         "bert": transformers.BertModel,
         "bert-cls": transformers.BertForSequenceClassification,
+        "bert-mlm": transformers.BertForMaskedLM,
     }
     if model_kind not in classes:
         raise ValueError(f"model_kind must be one of {MODEL_KINDS}, not {model_kind!r}")
     return classes[model_kind]
 
 
-def load_base(base_path, model_kind: str = "llama"):
-    """The base model in eval mode, in the dtype it was saved in."""
+def load_base(base_path, model_kind: str = "llama", dtype="auto"):
+    """The base model in eval mode, in the dtype it was saved in (or `dtype`). ``model_kind="auto"``
+    loads the class its config.json names."""
+    import transformers
+
+    if model_kind == "auto":
+        config = transformers.AutoConfig.from_pretrained(Path(base_path))
+        cls = getattr(transformers, config.architectures[0])
+    else:
+        cls = model_class(model_kind)
     with _quiet():
-        model = model_class(model_kind).from_pretrained(Path(base_path), dtype="auto")
+        model = cls.from_pretrained(Path(base_path), dtype=dtype)
     return model.eval()
 
 
@@ -194,12 +206,13 @@ def randomize_adapter(model, seed: int = 0, std: float = 0.05) -> None:
 
 
 def make_adapter(
-    base_path, out_path, *, model_kind: str = "llama", seed: int = 0, **lora_config_kwargs
+    base_path, out_path, *, model_kind: str = "llama", seed: int = 0, prepare=None, **lora_config_kwargs
 ) -> Path:
     """A real PEFT LoRA adapter of the base at `base_path`, saved to `out_path`, with ΔW ≠ 0.
 
     `lora_config_kwargs` go to ``peft.LoraConfig`` (target_modules defaults to q_proj/v_proj for llama,
     c_attn for gpt2, query/value for bert; fan_in_fan_out defaults to True for gpt2's Conv1D).
+    `prepare(model)` runs on the base model first (e.g. ``resize_token_embeddings``).
     """
     import peft
 
@@ -211,6 +224,8 @@ def make_adapter(
     }
     kwargs = {**defaults.get(model_kind, {}), "r": 4, "lora_alpha": 8, **lora_config_kwargs}
     base = load_base(base_path, model_kind)
+    if prepare is not None:
+        prepare(base)
     torch.manual_seed(seed)  # lora_A's init
     with _quiet():
         model = peft.get_peft_model(base, peft.LoraConfig(**kwargs))

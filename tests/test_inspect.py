@@ -181,3 +181,24 @@ def test_kohya_file_is_named(tmp_path):
         stem="kohya",
     )
     assert_refused(["inspect", tmp_path / "kohya.safetensors"], "kohya / sd-scripts LoRA", inputs=[tmp_path])
+
+
+def test_base_decides_the_layout_not_the_adapter_flag(gpt2_base, tmp_path):
+    """GPT-2 Conv1D (c_attn 32→96, c_proj square) with fan_in_fan_out saved false: against the base,
+    inspect lays each module out from the model's structure, as PEFT does, and ‖ΔW‖/‖W‖ is PEFT's."""
+    from factories import load_base, make_adapter, peft_delta_weights
+
+    adapter = make_adapter(
+        gpt2_base, tmp_path / "adapter", model_kind="gpt2", target_modules=["c_attn", "c_proj"]
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    report = inspect_adapter(adapter, base=gpt2_base)
+    deltas, _ = peft_delta_weights(gpt2_base, adapter, model_kind="gpt2")
+    weights = dict(load_base(gpt2_base, "gpt2").named_parameters())
+    modules = {m.name: m for m in report.modules}
+    assert set(deltas) <= set(modules)
+    for name, delta in deltas.items():
+        expected = float(delta.double().norm() / weights[f"{name}.weight"].double().norm())
+        assert modules[name].relative_norm == pytest.approx(expected, rel=1e-5), name

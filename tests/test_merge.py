@@ -17,15 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorasurgery.architecture import structure_of
 from lorasurgery.errors import MismatchError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
 from lorasurgery.linalg.delta import Update, merge_weight
-from lorasurgery.operations.merge import architecture_tied_keys, merge_checkpoint
+from lorasurgery.operations.merge import merge_checkpoint
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from factories import load_base, make_bert, make_gpt2, make_llama  # noqa: E402
+from factories import make_adapter as make_peft_adapter  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 warnings.filterwarnings("ignore", module="peft")
@@ -34,37 +37,14 @@ FP32_RTOL = 1e-5
 
 
 # --------------------------------------------------------------------------------------------------
-# Tiny bases and real PEFT adapters
+# Tiny bases (tests/factories.py, fixed seeds) and real PEFT adapters
 
-
-def llama(tied=False, vocab=64, layers=2):
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
-def gpt2():
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def bert():
-    config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
-    )
-    return transformers.BertForMaskedLM(config)
-
-
-MODELS = {"llama": llama, "llama-tied": lambda: llama(tied=True), "gpt2": gpt2, "bert": bert}
+BASES = {
+    "llama": lambda path, **kw: make_llama(path, vocab_size=64, seed=0, **kw),
+    "llama-tied": lambda path, **kw: make_llama(path, vocab_size=64, tie_word_embeddings=True, seed=1, **kw),
+    "gpt2": lambda path, **kw: make_gpt2(path, vocab_size=64, seed=2, **kw),
+    "bert": lambda path, **kw: make_bert(path, head="mlm", vocab_size=64, seed=3, **kw),  # BertForMaskedLM
+}
 
 
 @pytest.fixture(scope="session")
@@ -76,46 +56,29 @@ def bases(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in made:
             kind = name.removesuffix("-sharded").removesuffix("-bf16")
-            torch.manual_seed(hash(kind) % 1000)
-            model = MODELS[kind]()
+            options = {}
             if name.endswith("-bf16"):
-                model = model.to(torch.bfloat16)
-            shard = "30KB" if name.endswith("-sharded") else "5GB"
-            model.save_pretrained(root / name, max_shard_size=shard)
-            made[name] = root / name
+                options["dtype"] = torch.bfloat16
+            if name.endswith("-sharded"):
+                options["max_shard_size"] = "30KB"
+            made[name] = BASES[kind](root / name, **options)
         return made[name]
 
     return get
 
 
-def make_adapter(base_folder: Path, out: Path, *, model_class=None, seed=0, prepare=None, **lora) -> Path:
-    """A real PEFT adapter for the base at `base_folder`, lora_B randomized so ΔW ≠ 0."""
-    torch.manual_seed(seed)
-    model = load(base_folder, model_class)
-    if prepare:
-        prepare(model)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                parameter.normal_(0, 0.2)
-            elif "modules_to_save" in name or "lora_magnitude" in name:
-                parameter.mul_(1.3).add_(0.05 * torch.randn_like(parameter))
-            elif name.endswith("bias") and parameter.requires_grad:
-                parameter.add_(0.1)
-    peft_model.save_pretrained(out)
-    return out
+def make_adapter(base_folder: Path, out: Path, *, model_kind: str = "auto", **kwargs) -> Path:
+    """tests/factories.py's PEFT adapter, on the model class the base's config.json names."""
+    return make_peft_adapter(base_folder, out, model_kind=model_kind, **kwargs)
 
 
-def load(folder: Path, model_class=None, dtype=None, **kwargs):
-    config = transformers.AutoConfig.from_pretrained(folder)
-    cls = model_class or getattr(transformers, config.architectures[0])
-    return cls.from_pretrained(folder, dtype=dtype or "auto", **kwargs)
+def load(folder: Path, model_kind: str = "auto", dtype=None):
+    return load_base(folder, model_kind, dtype=dtype or "auto")
 
 
-def peft_merged(base_folder, adapter, *, model_class=None, dtype=None, untie=False, prepare=None):
+def peft_merged(base_folder, adapter, *, model_kind="auto", dtype=None, untie=False, prepare=None):
     """PEFT's merge_and_unload() state dict (untie: on the untied model, as PEFT's warning advises)."""
-    model = load(base_folder, model_class, dtype=dtype)
+    model = load(base_folder, model_kind, dtype=dtype)
     if untie:
         model.config.tie_word_embeddings = False
         output = model.get_output_embeddings()
@@ -291,7 +254,8 @@ def test_merge_matches_peft(case, bases, tmp_path):
     reference, reference_config = peft_merged(base, adapter)
     ours = read_all(tmp_path / "out")
     assert_matches(ours, reference)
-    assert set(reference) - set(ours) <= set(architecture_tied_keys(config_of(base)))  # stored once
+    tied = {name for group in structure_of(open_checkpoint(base)).tied for name in group}
+    assert set(reference) - set(ours) <= tied  # stored once
     tied = config_of(tmp_path / "out").get("tie_word_embeddings", True)
     if "lm_head.weight" in ours and config_of(base).get("tie_word_embeddings") is not False:
         assert tied is False and reference_config.tie_word_embeddings is False
@@ -359,13 +323,13 @@ def test_bert_adapter_on_a_base_with_a_prefix(bases, tmp_path):
     adapter = make_adapter(
         base,
         tmp_path / "adapter",
-        model_class=transformers.BertModel,
+        model_kind="bert",
         r=4,
         lora_alpha=8,
         target_modules=["query"],
     )
     merge_checkpoint(base, [adapter], tmp_path / "out")
-    reference, _ = peft_merged(base, adapter, model_class=transformers.BertModel)
+    reference, _ = peft_merged(base, adapter, model_kind="bert")
     ours = read_all(tmp_path / "out")
     inner = {n: t for n, t in ours.items() if n.startswith("bert.") and n.removeprefix("bert.") in reference}
     assert len(inner) > 10
@@ -542,17 +506,24 @@ def test_verify_passes_on_bf16(bases, tmp_path):
 
 
 @pytest.mark.slow
-def test_peak_memory_is_a_few_largest_tensors(tmp_path):
+def test_peak_memory_is_a_few_largest_tensors(tmp_path, monkeypatch):
     """A merge in a fresh process: peak RSS above the bare interpreter stays within 4 × the largest
-    tensor (plus allocator slack) on a 380 MB checkpoint whose largest tensor is 16 MB."""
+    tensor (plus allocator slack) on a 380 MB checkpoint whose largest tensor is 16 MB. The model's
+    skeleton is cached beforehand: its one-time build runs in a child that imports transformers."""
     import subprocess
     import sys
 
     from lorasurgery.io import SafetensorsWriter, TensorSpec, plan_shards
 
-    config = llama(vocab=4096, layers=6).config
-    config.hidden_size, config.intermediate_size, config.num_attention_heads = 1024, 4096, 8
-    config.num_key_value_heads = 2
+    config = transformers.LlamaConfig(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in transformers.LlamaForCausalLM(config).state_dict().items()}
     specs = [TensorSpec(name, "F32", shape) for name, shape in shapes.items()]
@@ -576,6 +547,8 @@ def test_peak_memory_is_a_few_largest_tensors(tmp_path):
     largest = max(t.nbytes for t in open_checkpoint(tmp_path / "base").tensors.values())
     total = open_checkpoint(tmp_path / "base").total_bytes
     assert total > 20 * largest
+    monkeypatch.setenv("LORASURGERY_CACHE", str(tmp_path / "cache"))
+    assert structure_of(open_checkpoint(tmp_path / "base")).known  # cached for the child below
 
     def peak(code: str, *args) -> int:
         wrapper = (

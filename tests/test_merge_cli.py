@@ -18,15 +18,12 @@ from lorasurgery.io import open_checkpoint, save_tensors
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from test_merge import llama, make_adapter  # noqa: E402
+from factories import make_adapter, make_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("cli") / "base"
-    llama().save_pretrained(folder)
-    return folder
+    return make_llama(tmp_path_factory.mktemp("cli") / "base", vocab_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +184,92 @@ def test_progress_reports_every_tensor_and_byte(base, adapter, tmp_path):
     assert [e.done for e in events] == list(range(1, summary.tensors + 1))
     assert events[-1].bytes_done == events[-1].bytes_total == summary.bytes_written
     assert {e.stage for e in events} == {"merge"}
+
+
+@pytest.fixture(scope="module")
+def bare_gpt2(tmp_path_factory):
+    """A GPT-2 checkpoint without config.json (square Conv1D c_proj) and an adapter whose
+    fan_in_fan_out flag says false (as an adapter made by add_adapter keeps it)."""
+    from factories import make_adapter as make_peft_adapter
+    from factories import make_gpt2
+
+    root = tmp_path_factory.mktemp("gpt2-cli")
+    base = make_gpt2(root / "base")
+    adapter = make_peft_adapter(
+        base, root / "adapter", model_kind="gpt2", target_modules=["c_attn", "c_proj"]
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (root / "bare").mkdir()
+    (root / "bare" / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
+    return base, root / "bare", adapter
+
+
+def test_an_ambiguous_layout_is_refused_with_the_way_out(bare_gpt2, tmp_path):
+    _, bare, adapter = bare_gpt2
+    out = tmp_path / "out"
+    result = assert_refused(
+        ["merge", bare, adapter, "-o", out],
+        "module transformer.h.0.attn.c_proj: the base's transformer.h.0.attn.c_proj.weight is square (32×32)",
+        inputs=[bare, adapter],
+        output=out,
+    )
+    assert "--config" in result.stderr and "--fan-in-fan-out REGEX" in result.stderr
+    assert result.stderr.count(str(adapter)) == 1  # each input named once
+
+
+@pytest.mark.parametrize("option", ["config", "fan-in-fan-out"])
+def test_config_or_fan_in_fan_out_resolve_the_layout(bare_gpt2, tmp_path, option):
+    from factories import peft_merged_state_dict
+
+    base, bare, adapter = bare_gpt2
+    extra = (
+        ["--config", base / "config.json"]
+        if option == "config"
+        else ["--fan-in-fan-out", r"\.c_(attn|proj)$"]
+    )
+    before = tree_digest(bare, adapter)
+    result = run_cli("--quiet", "merge", bare, adapter, "-o", tmp_path / "out", *extra)
+    assert result.exit_code == 0, result.stderr
+    assert tree_digest(bare, adapter) == before
+    reference = peft_merged_state_dict(base, [adapter], model_kind="gpt2")
+    merged = open_checkpoint(tmp_path / "out")
+    for name in merged.tensors:
+        ours, expected = merged.read(name).double(), reference[name].double()
+        assert float((ours - expected).norm()) <= 1e-5 * float(expected.norm()), name  # zero biases too
+
+
+def test_a_fan_in_fan_out_contradicting_the_config_is_refused(bare_gpt2, tmp_path):
+    base, _, adapter = bare_gpt2
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, adapter, "-o", out, "--fan-in-fan-out", "c_attn"],
+        "--fan-in-fan-out 'c_attn' does not match module transformer.h.0.attn.c_proj",
+        inputs=[base, adapter],
+        output=out,
+    )
+
+
+def test_a_missing_config_file_is_refused(base, adapter, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, adapter, "-o", out, "--config", tmp_path / "nope.json"],
+        f"--config {tmp_path / 'nope.json'}: no such config.json",
+        inputs=[base, adapter],
+        output=out,
+    )
+
+
+def test_inspect_and_rank_report_take_the_same_options(bare_gpt2, tmp_path):
+    base, bare, adapter = bare_gpt2
+    assert_refused(["inspect", adapter, "--base", bare], "is square (32×32)", inputs=[bare, adapter])
+    result = run_cli("inspect", adapter, "--base", bare, "--config", base, "--json")
+    assert result.exit_code == 0, result.stderr
+    by_config = {m["name"]: m["relative_norm"] for m in json.loads(result.stdout)["modules"]}
+    result = run_cli("inspect", adapter, "--base", bare, "--fan-in-fan-out", "c_attn|c_proj", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert {m["name"]: m["relative_norm"] for m in json.loads(result.stdout)["modules"]} == by_config
+    assert_refused(["rank-report", adapter, "--base", bare], "is square (32×32)", inputs=[bare, adapter])
+    result = run_cli("rank-report", adapter, "--base", bare, "--config", base, "--json", "-")
+    assert result.exit_code == 0, result.stderr

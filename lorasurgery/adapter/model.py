@@ -12,6 +12,7 @@ Only the safetensors header is read when loading; tensors are read on demand.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -35,7 +36,11 @@ _KOHYA_MARKERS = (".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w
 
 @dataclass
 class LoraModule:
-    """One LoRA-adapted layer: ΔW = scale · B @ A, laid out like the base weight."""
+    """One LoRA-adapted layer: ΔW = scale · B @ A, laid out like the base weight.
+
+    Read alone, a linear module's layout follows adapter_config.json's fan_in_fan_out, which is only
+    a hint (PEFT decides per layer); against a base, `laid_out` sets what the model's structure
+    (lorasurgery.architecture) decides."""
 
     name: str  # module path, e.g. model.layers.0.self_attn.q_proj
     kind: str  # "linear" | "embedding" | "conv"
@@ -50,19 +55,24 @@ class LoraModule:
     b_key: str
     bias_key: str | None = None
     magnitude_key: str | None = None
+    layout: str = "adapter"  # who decided fan_in_fan_out: adapter | structure | option | shape
+
+    def laid_out(self, fan_in_fan_out: bool, layout: str) -> LoraModule:
+        """This module with its base weight stored (in, out) when `fan_in_fan_out`, else (out, in)."""
+        if self.kind != "linear":
+            return self
+        out_features, in_features = self.features
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        return dataclasses.replace(self, fan_in_fan_out=fan_in_fan_out, shape=shape, layout=layout)
+
+    @property
+    def features(self) -> tuple[int, int]:
+        """(out, in) of a linear module, whatever its layout."""
+        return (self.shape[1], self.shape[0]) if self.fan_in_fan_out else (self.shape[0], self.shape[1])
 
     @property
     def base_weight_name(self) -> str:
         return f"{self.name}.weight"
-
-    @property
-    def module_type(self) -> str:
-        """The last path component (q_proj, c_attn, …), used to aggregate tables."""
-        return self.name.rsplit(".", 1)[-1]
-
-    @property
-    def keys(self) -> list[str]:
-        return [k for k in (self.a_key, self.b_key, self.bias_key, self.magnitude_key) if k]
 
 
 @dataclass

@@ -509,8 +509,11 @@ def extract_adapter(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressCallback | None = None,
+    config_file: str | os.PathLike | None = None,
 ) -> ExtractReport:
-    """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report."""
+    """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report.
+
+    Layer kinds, layouts and ties come from the checkpoints' config.json, or `config_file`."""
     started = time.perf_counter()
     progress = progress or no_progress
     tune_allocator()  # streamed tensor pairs must not pile up in glibc's heaps
@@ -528,7 +531,9 @@ def extract_adapter(
     check_output_path(out, [base, finetuned], force)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
     check_architectures(base_ckpt, ft_ckpt)
-    plan = build_plan(base_ckpt, ft_ckpt, include_re, exclude_re, embeddings, save_1d)  # no torch yet
+    plan = build_plan(
+        base_ckpt, ft_ckpt, include_re, exclude_re, embeddings, save_1d, config_file
+    )  # no torch yet
     if not plan.targets and not any(m.save for m in plan.measured):
         raise LoraSurgeryError(f"{finetuned}: no module to extract (check --include/--exclude)")
 

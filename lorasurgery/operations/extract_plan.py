@@ -4,9 +4,10 @@ Everything here runs before any arithmetic and before any output exists: the two
 be the same architecture with the same tensor names and shapes (a resized vocabulary only with
 `--embeddings full`), and the output path must be usable. The plan then says, per tensor:
 
-- a `Target`: a 2-D weight factored as ΔW ≈ B·A, in PEFT's layout for its module kind
-  (Linear: ΔW is (out, in); GPT-2's Conv1D stores (in, out), so its SVD runs on the transpose and
-  the adapter says `fan_in_fan_out`; an embedding's LoRA is ΔEᵀ (dim, vocab) = B·A);
+- a `Target`: a 2-D weight factored as ΔW ≈ B·A, in PEFT's layout for its module kind, which the
+  model's structure gives (lorasurgery.architecture): Linear: ΔW is (out, in); GPT-2's Conv1D stores
+  (in, out), so its SVD runs on the transpose and the adapter says `fan_in_fan_out`; an embedding's
+  LoRA is ΔEᵀ (dim, vocab) = B·A;
 - a `Measured` group: tensors read only to report how much the fine-tune changed them (skipped
   modules), or to save them whole when changed (`--embeddings full`, `--save-1d`).
 
@@ -19,17 +20,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from lorasurgery.adapter.model import PEFT_PREFIX
 from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
+from lorasurgery.architecture import in_block, structure_of
 from lorasurgery.errors import LoraSurgeryError, MismatchError
-
-PEFT_PREFIX = "base_model.model."
-# Input embeddings (PEFT applies lora_embedding_A/B to them) and output projections tied to them.
-INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
-OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
-_OTHER_EMBEDDINGS = ("wpe", "position_embeddings", "token_type_embeddings")
-_BLOCK = re.compile(r"\.\d+\.")  # a numbered layer: inside the transformer blocks
-# Checkpoints whose block weights are transformers' Conv1D, stored (in, out).
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt"}
 
 
 @dataclass
@@ -93,10 +87,6 @@ def module_of(tensor_name: str) -> str:
     return tensor_name.rsplit(".", 1)[0]
 
 
-def _leaf(module: str) -> str:
-    return module.rsplit(".", 1)[-1]
-
-
 def compile_regex(pattern: str | None, option: str):
     if pattern is None:
         return None
@@ -120,11 +110,10 @@ def check_architectures(base, ft) -> None:
         )
 
 
-def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool) -> Plan:
+def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool, config_file=None) -> Plan:
     """Validate the pair and decide what happens to every tensor (see the module docstring)."""
-    config = ft.config or base.config or {}
-    fan_in_fan_out = config.get("model_type") in CONV1D_MODEL_TYPES
-    tied = bool(config.get("tie_word_embeddings", False))
+    structure = structure_of(ft if ft.config is not None else base, config_file)
+    tied = structure.word_embeddings_tied()
     missing = [n for n in base.tensors if n not in ft.tensors]
     if missing:
         raise MismatchError(
@@ -149,10 +138,10 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool)
     modules_with_2d: set[str] = set()
     for name, info in base.tensors.items():
         ft_info = ft.tensors[name]
-        module, leaf = module_of(name), _leaf(module_of(name))
-        is_input = leaf in INPUT_EMBEDDINGS
-        is_output = leaf in OUTPUT_EMBEDDINGS
-        is_embedding = is_input or is_output or leaf in _OTHER_EMBEDDINGS or leaf.endswith("_embeddings")
+        module = module_of(name)
+        is_input = structure.is_input_embedding(module)
+        is_output = structure.is_output_embedding(module)
+        is_embedding = is_input or is_output or structure.is_embedding(module)
         if len(info.shape) == 2:
             modules_with_2d.add(module)
         if is_input and name.endswith(".weight"):
@@ -197,30 +186,30 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool)
                 targets.append(Target(name, module, kind, not is_output, tuple(info.shape), source_code))
                 lora_modules.add(module)
             continue
-        selected = (
-            include_re.search(module) if include_re is not None else _BLOCK.search(name)
-        ) and not excluded(module)
+        selected = (include_re.search(module) if include_re is not None else in_block(name)) and not excluded(
+            module
+        )
         if not selected:
             reason = "not selected (outside the transformer blocks, or --include/--exclude)"
             measured.append(Measured(module, [name], reason))
             continue
-        targets.append(Target(name, module, "linear", fan_in_fan_out, tuple(info.shape), source_code))
+        transpose = structure.fan_in_fan_out(module)  # a Conv1D stores (in, out)
+        targets.append(Target(name, module, "linear", transpose, tuple(info.shape), source_code))
         lora_modules.add(module)
 
     # A tied lm_head has no tensor of its own (or a copy of the embedding's): it follows the input
     # embedding — the same factors with `lora`, the same saved matrix with `full`, never twice.
     tied_output = tied_input = None
     tied_embedding = input_embedding if tied else None
-    tied_head = (output_embedding or "lm_head") if tied else None
+    tied_head = structure.output_embedding if tied else None  # tied: the structure names both
     if tied and input_embedding is not None:
         if output_embedding is not None:  # stored twice although tied: drop the copy
             copy = f"{output_embedding}.weight"
             targets = [t for t in targets if t.name != copy]
             measured = [m for m in measured if m.names != [copy]]
             lora_modules.discard(output_embedding)
-        out_module = output_embedding or "lm_head"
         if any(t.module == input_embedding for t in targets):
-            tied_output, tied_input = out_module, input_embedding
+            tied_output, tied_input = tied_head, input_embedding
             next(t for t in targets if t.module == input_embedding).copies = 2
 
     for module, names in one_d.items():
@@ -237,10 +226,9 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool)
             keys = {n: PEFT_PREFIX + n for n in names}
             measured.append(Measured(module, names, reason, save=True, adapter_keys=keys))
 
-    architectures = config.get("architectures") or []
-    task_type = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
-    if any(str(a).endswith("LMHeadModel") for a in architectures):  # GPT2LMHeadModel
-        task_type = "CAUSAL_LM"
+    task_type = "CAUSAL_LM" if structure.causal_lm else None
+    # PEFT sets fan_in_fan_out per layer when loading; the saved flag says what the targets are.
+    fan_in_fan_out = any(t.transpose for t in targets if t.kind == "linear")
     return Plan(
         targets, measured, tied_output, tied_input, tied_embedding, tied_head, fan_in_fan_out, task_type
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from lorasurgery.adapter import Adapter, LoraModule, load_adapter, resolve_base_names
 from lorasurgery.adapter.names import find_prefix_rule
+from lorasurgery.architecture import lay_out, model_tensors, structure_of
 from lorasurgery.errors import MismatchError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg.lowrank import lowrank_fro_norm
@@ -107,9 +109,17 @@ def _replaced_info(adapter: Adapter, name: str, key: str) -> ModuleInfo:
 
 
 def inspect_adapter(
-    path: str | os.PathLike, base: str | os.PathLike | None = None, progress: ProgressCallback = no_progress
+    path: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    progress: ProgressCallback = no_progress,
+    *,
+    config_file: str | os.PathLike | None = None,
+    fan_in_fan_out: str | None = None,
 ) -> InspectReport:
-    """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖."""
+    """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖.
+
+    With a base, each module is laid out as the base's structure says (lorasurgery.architecture;
+    `config_file` and `fan_in_fan_out` as for merge)."""
     adapter = load_adapter(path)
     modules = list(adapter.modules.values())
     total = len(modules) + len(adapter.replacements)
@@ -123,7 +133,7 @@ def inspect_adapter(
 
     warnings: list[str] = []
     if base is not None:
-        warnings += _compare_with_base(adapter, infos, base)
+        warnings += _compare_with_base(adapter, infos, base, config_file, fan_in_fan_out)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()
     return InspectReport(
@@ -141,17 +151,28 @@ def inspect_adapter(
     )
 
 
-def _compare_with_base(adapter: Adapter, infos: list[ModuleInfo], base) -> list[str]:
+def _compare_with_base(
+    adapter: Adapter, infos: list[ModuleInfo], base, config_file, fan_in_fan_out
+) -> list[str]:
     import torch
 
     checkpoint = open_checkpoint(base)
-    mapping = resolve_base_names(adapter, checkpoint) if adapter.modules else {}
+    structure = structure_of(checkpoint, config_file)
+    tensors = model_tensors(checkpoint, structure)  # a tied lm_head stored once included
+    mapping = {}
+    if adapter.modules:
+        weight_names = [m.base_weight_name for m in adapter.modules.values()]
+        rule, unmatched = find_prefix_rule(weight_names, tensors)
+        if not unmatched:
+            targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
+            lay_out(structure, [(adapter, targets)], tensors, fan_in_fan_out)
+        mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
     notes = []
     rule, unmatched = find_prefix_rule([n for n in adapter.replacements], checkpoint.tensors)
     by_name = {info.name: info for info in infos}
     for name, base_name in mapping.items():
         info = by_name[name]
-        w_norm = float(torch.linalg.vector_norm(checkpoint.read(base_name).double()))
+        w_norm = float(torch.linalg.vector_norm(checkpoint.read(tensors[base_name].name).double()))
         if info.delta_fro_norm is not None:
             info.relative_norm = info.delta_fro_norm / w_norm if w_norm else float("inf")
     for name in adapter.replacements:

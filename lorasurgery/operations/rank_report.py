@@ -19,22 +19,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+from lorasurgery.architecture import in_block, lay_out, model_tensors, structure_of
+from lorasurgery.architecture import leaf as module_type
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
-_BLOCK = re.compile(r"\.\d+\.")
-_EMBEDDINGS = (
-    "embed_tokens",
-    "wte",
-    "wpe",
-    "word_embeddings",
-    "position_embeddings",
-    "embed_in",
-    "lm_head",
-    "embed_out",
-)
 DEFAULT_AMP_RANK = 16
 
 
@@ -72,10 +64,6 @@ def _is_adapter(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
 
 
-def module_type(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
 def layer_index(name: str) -> int | None:
     match = re.search(r"\.(\d+)\.", name)
     return int(match.group(1)) if match else None
@@ -106,7 +94,11 @@ def rank_report(
     mle: bool = False,
     device: str = "cpu",
     progress: ProgressCallback = no_progress,
+    config_file: str | os.PathLike | None = None,
+    fan_in_fan_out: str | None = None,
 ) -> RankReport:
+    """The rank report of `target` (see the module docstring). With a base, layouts and embeddings
+    come from its structure (lorasurgery.architecture; `config_file`/`fan_in_fan_out` as for merge)."""
     target = Path(target)
     if not target.exists():
         raise LoraSurgeryError(f"{target}: no such file or folder")
@@ -117,9 +109,22 @@ def rank_report(
     device = resolve_device(device)
     if _is_adapter(target):
         with _one_torch_thread(device):  # see _compute_pool: W's spectra collapse under contention
-            report = _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+            report = _adapter_report(
+                target,
+                base,
+                compare,
+                amp_rank,
+                include_re,
+                mle,
+                device,
+                progress,
+                config_file,
+                fan_in_fan_out,
+            )
     else:
-        report = _model_report(target, base, compare, amp_rank, include_re, mle, device, progress)
+        report = _model_report(
+            target, base, compare, amp_rank, include_re, mle, device, progress, config_file
+        )
     report.summary = summarize(report)
     return report
 
@@ -128,10 +133,12 @@ def rank_report(
 # adapter TARGET
 
 
-def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
+def _adapter_report(
+    target, base, compare, amp_rank, include_re, mle, device, progress, config_file, fan_in_fan_out
+) -> RankReport:
     import torch
 
-    from lorasurgery.adapter import load_adapter, resolve_base_names
+    from lorasurgery.adapter import find_prefix_rule, load_adapter, resolve_base_names
     from lorasurgery.io import open_checkpoint
     from lorasurgery.linalg.analyses import amplification, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
@@ -140,7 +147,16 @@ def _adapter_report(target, base, compare, amp_rank, include_re, mle, device, pr
     adapter = load_adapter(target)
     report = RankReport(str(target), None if base is None else str(base), "adapter")
     checkpoint = open_checkpoint(base) if base is not None else None
-    mapping = resolve_base_names(adapter, checkpoint) if checkpoint is not None else {}
+    mapping = {}
+    if checkpoint is not None:  # each module laid out as the base stores its weight
+        structure = structure_of(checkpoint, config_file)
+        tensors = model_tensors(checkpoint, structure)
+        rule, unmatched = find_prefix_rule([m.base_weight_name for m in adapter.modules.values()], tensors)
+        if not unmatched:
+            targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
+            lay_out(structure, [(adapter, targets)], tensors, fan_in_fan_out)
+        mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
+        mapping = {name: tensors[base_name].name for name, base_name in mapping.items()}  # the stored one
     other = load_adapter(compare) if compare is not None and _is_adapter(Path(compare)) else None
     if compare is not None and other is None:
         raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")
@@ -250,7 +266,8 @@ def _mle(M) -> int:
 # model TARGET (with or without a base)
 
 
-def _selected_weights(checkpoint, include_re) -> list[str]:
+def _selected_weights(checkpoint, include_re, config_file=None) -> list[str]:
+    structure = structure_of(checkpoint, config_file) if include_re is None else None
     names = []
     for name, info in checkpoint.tensors.items():
         if len(info.shape) != 2 or not name.endswith(".weight"):
@@ -259,12 +276,14 @@ def _selected_weights(checkpoint, include_re) -> list[str]:
         if include_re is not None:
             if include_re.search(module):
                 names.append(name)
-        elif _BLOCK.search(name) and module_type(module) not in _EMBEDDINGS:
+        elif in_block(name) and not structure.is_embedding(module):
             names.append(name)
     return names
 
 
-def _model_report(target, base, compare, amp_rank, include_re, mle, device, progress) -> RankReport:
+def _model_report(
+    target, base, compare, amp_rank, include_re, mle, device, progress, config_file
+) -> RankReport:
     from lorasurgery.io import open_checkpoint
 
     checkpoint = open_checkpoint(target)
@@ -273,7 +292,7 @@ def _model_report(target, base, compare, amp_rank, include_re, mle, device, prog
     if other is not None and base_ckpt is None:
         raise LoraSurgeryError("--compare with a model TARGET needs --base (φ compares the two ΔW)")
     report = RankReport(str(target), None if base is None else str(base), "delta" if base_ckpt else "weight")
-    names = _selected_weights(checkpoint, include_re)
+    names = _selected_weights(checkpoint, include_re, config_file)
     if not names:
         raise LoraSurgeryError(
             f"{target}: no 2-D weight selected"

@@ -1,0 +1,159 @@
+"""`merge`: fold one or more PEFT LoRA adapters into a base checkpoint, one tensor at a time.
+
+W' = W + Σᵢ wᵢ·ΔWᵢ for every targeted weight (kernels: linalg/delta.py), saved tensors
+(modules_to_save, `bias="all"`, saved base layers) replace the base's, every other tensor is copied
+byte for byte. The package is split by concern:
+
+    plan.py    every output tensor's recipe, resolved and checked before the output folder exists
+               (layouts and ties from lorasurgery.architecture; the tie rule is ties.py)
+    write.py   the plan executed through lorasurgery.concurrency's pipeline into the shard writer
+    verify.py  --verify: PEFT's adapted model against the merged one, on the same tokens
+
+The output is written into a temporary folder that becomes OUT only when complete (and, with verify,
+only when the merged model matches base + adapters). The semantics are in docs/merge.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorasurgery.architecture import prefetch, read_config
+from lorasurgery.concurrency import one_torch_thread
+from lorasurgery.devices import resolve_device
+from lorasurgery.errors import LoraSurgeryError
+from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
+from lorasurgery.memory import tune_allocator
+from lorasurgery.operations.merge.plan import (
+    DTYPES,
+    AdapterSummary,
+    Item,
+    MergePlan,
+    check_options,
+    plan_merge,
+)
+from lorasurgery.operations.merge.verify import require_verification_libraries, verify_merge
+from lorasurgery.operations.merge.write import write_all, write_side_files
+from lorasurgery.progress import ProgressCallback, no_progress
+
+__all__ = [
+    "DTYPES",
+    "AdapterSummary",
+    "Item",
+    "MergePlan",
+    "MergeSummary",
+    "merge_checkpoint",
+    "plan_merge",
+    "verify_merge",
+]
+
+
+@dataclass
+class MergeSummary:
+    """What a merge did; `--json` prints `to_dict()`."""
+
+    base: str
+    output: str
+    adapters: list[AdapterSummary]
+    tensors: int = 0  # tensors in the output
+    tensors_merged: int = 0  # W + ΣΔW computed
+    tensors_replaced: int = 0  # taken from an adapter (modules_to_save, saved biases, base layers)
+    tensors_copied: int = 0  # byte-identical copies of the base
+    tensors_converted: int = 0  # untouched but cast to the output dtype
+    bytes_written: int = 0
+    files: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    device: str = "cpu"
+    precise: bool = False
+    subtract: bool = False
+    config_changes: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. the tied-embeddings note
+    verified: bool = False
+    max_logit_difference: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_checkpoint(
+    base,
+    adapters,
+    out,
+    *,
+    weights=None,
+    subtract: bool = False,
+    dtype: str = "auto",
+    max_shard_bytes: int | None = None,
+    device: str = "cpu",
+    precise: bool = False,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    verify: bool = False,
+    config_file=None,
+    fan_in_fan_out: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> MergeSummary:
+    """Merge `adapters` into the checkpoint `base` and write a plain checkpoint to `out`.
+
+    `config_file` describes the base's structure when it has no config.json (or overrides it);
+    `fan_in_fan_out` (a regex on module names) says which layers store (in, out) when nothing else can.
+    Raises a LoraSurgeryError (nothing written) for bad input, and VerificationError when `verify`
+    finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
+    """
+    started = time.perf_counter()
+    with contextlib.suppress(LoraSurgeryError):  # a bad --config is reported by the plan
+        prefetch(read_config(base, config_file)[0])  # the skeleton builds while we start up
+    tune_allocator()
+    progress = progress or no_progress
+    adapters = [Path(a) for a in adapters]
+    weights = check_options(adapters, weights, subtract, dtype, max_shard_bytes)
+    device = resolve_device(device)
+    check_output_path(out, [base, *adapters], force)  # fail fast; checked again when writing
+    if verify:
+        require_verification_libraries()
+
+    with one_torch_thread():  # isfinite on many small adapter tensors: no OpenMP spin-up each time
+        plan = plan_merge(
+            Path(base),
+            adapters,
+            weights,
+            subtract=subtract,
+            dtype=dtype,
+            allow_nonfinite=allow_nonfinite,
+            config_file=config_file,
+            fan_in_fan_out=fan_in_fan_out,
+        )
+    summary = MergeSummary(
+        base=str(base),
+        output=str(out),
+        adapters=plan.adapter_summaries,
+        dtype=dtype,
+        device=device,
+        precise=precise,
+        subtract=subtract,
+        config_changes=plan.config_changes,
+        notes=plan.notes,
+    )
+    shards = (
+        plan_shards(plan.specs, max_shard_bytes=max_shard_bytes)
+        if max_shard_bytes
+        else plan_shards(plan.specs, groups=plan.checkpoint.shard_groups())
+    )
+    with atomic_output_dir(out, inputs=[base, *adapters], force=force) as folder:
+        with one_torch_thread(), SafetensorsWriter(folder, shards) as writer:
+            write_all(plan, writer, summary, device, precise, allow_nonfinite, progress)
+            written = writer.close()
+        write_side_files(plan, folder)
+        summary.files = [f.name for f in written.files]
+        summary.bytes_written = written.bytes
+        summary.tensors = written.tensors
+        if verify:
+            summary.max_logit_difference = verify_merge(
+                base, adapters, folder, weights=weights, merged_dtype=plan.output_dtype_code
+            )
+            summary.verified = True
+    summary.seconds = time.perf_counter() - started
+    return summary

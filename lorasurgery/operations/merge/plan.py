@@ -1,0 +1,421 @@
+"""merge planning: every output tensor's recipe, resolved and checked before any output exists.
+
+`plan_merge` opens the base and the adapters, reads the model's structure (layouts, ties), maps each
+adapter's modules and saved tensors onto base tensor names, decides each LoRA target's layout,
+applies the tie rule (ties.py) and checks shapes, finiteness, options and conflicts. The result,
+`MergePlan`, is plain data: one `Item` per output tensor (start, updates, bias terms), the config
+changes and the notes; write.py executes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasurgery.architecture import Layout, Structure, lay_out, model_tensors, structure_of
+from lorasurgery.errors import AdapterError, LoraSurgeryError, MismatchError, NonFiniteError, UnsupportedError
+from lorasurgery.io import TensorSpec, open_checkpoint
+from lorasurgery.io.safetensors_format import TensorInfo
+from lorasurgery.operations.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
+
+DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+CONFIG_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_LISTED = 8  # how many names an error lists
+
+
+@dataclass
+class AdapterSummary:
+    path: str
+    weight: float
+    modules_merged: int
+    dora_modules: int
+    lora_biases: int
+    tensors_replaced: int
+
+
+@dataclass
+class Item:
+    """How one output tensor is produced."""
+
+    name: str  # output tensor name
+    spec: TensorSpec
+    source: TensorInfo | None  # base tensor read when nothing replaces it (a tied one: the stored member)
+    replacement: tuple[int, str] | None = None  # (adapter index, adapter tensor name)
+    updates: list[tuple[int, str]] = field(default_factory=list)  # (adapter index, module)
+    bias_terms: list[tuple[int, str]] = field(default_factory=list)  # lora_bias: (adapter index, module)
+
+    @property
+    def untouched(self) -> bool:
+        return self.replacement is None and not self.updates and not self.bias_terms
+
+
+@dataclass
+class MergePlan:
+    checkpoint: object  # the base (io.Checkpoint)
+    structure: Structure
+    adapters: list  # loaded adapters, their modules laid out against the base
+    weights: list[float]
+    items: list[Item]  # output order
+    config: dict | None  # the output config.json (None: the base has none)
+    config_changes: dict
+    notes: list[str]
+    adapter_summaries: list[AdapterSummary]
+    output_dtype_code: str | None  # --dtype as a safetensors code, None for auto
+    layouts: dict[tuple[int, str], Layout] = field(default_factory=dict)  # (adapter, module) -> layout
+    ties: list[TieOutcome] = field(default_factory=list)
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [i.spec for i in self.items]
+
+    def item(self, name: str) -> Item | None:
+        return next((i for i in self.items if i.name == name), None)
+
+
+def check_options(adapters, weights, subtract, dtype, max_shard_bytes) -> list[float]:
+    """The effective weight of each adapter (negated by subtract), or an error for bad options."""
+    if not adapters:
+        raise LoraSurgeryError("merge needs at least one adapter")
+    if len(set(map(lambda p: Path(p).resolve(), adapters))) != len(adapters):
+        raise LoraSurgeryError("the same adapter is given twice; use --weight to scale it instead")
+    if dtype not in ("auto", *DTYPES):
+        raise LoraSurgeryError(f"--dtype {dtype}: expected auto, fp32, bf16 or fp16")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise LoraSurgeryError("--max-shard-size must be positive")
+    weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise LoraSurgeryError(
+            f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter, in order"
+        )
+    for w, path in zip(weights, adapters):
+        if not math.isfinite(w):
+            raise LoraSurgeryError(f"--weight {w} for {path} is not a finite number")
+    return [-w for w in weights] if subtract else weights
+
+
+def plan_merge(
+    base,
+    adapter_paths,
+    weights: list[float],
+    *,
+    subtract: bool = False,
+    dtype: str = "auto",
+    allow_nonfinite: bool = False,
+    config_file=None,
+    fan_in_fan_out: str | None = None,
+) -> MergePlan:
+    """Everything a merge will do, checked; raises a LoraSurgeryError naming the input that is wrong."""
+    from lorasurgery.adapter import load_adapter
+
+    adapter_paths = [Path(p) for p in adapter_paths]
+    checkpoint = open_checkpoint(base)
+    structure = structure_of(checkpoint, config_file)
+    adapters = [load_adapter(p) for p in adapter_paths]
+    if subtract:
+        for path, adapter in zip(adapter_paths, adapters):
+            dora = [m for m, module in adapter.modules.items() if module.dora]
+            if dora:
+                raise UnsupportedError(
+                    f"{path}: --subtract is refused for DoRA adapters (module {dora[0]}): "
+                    f"W' = (m/‖V‖)·V cannot be undone by subtracting an update"
+                )
+    # Every name the model has: the stored tensors, plus tied members stored once (under the stored one).
+    tensors: dict[str, TensorInfo] = model_tensors(checkpoint, structure)
+    groups = [g for g in structure.tied if any(n in checkpoint.tensors for n in g)]
+
+    views = []
+    for path, adapter in zip(adapter_paths, adapters):
+        if not adapter.modules and not adapter.replacements:
+            raise AdapterError(
+                f"{path}: the adapter holds no LoRA modules and no saved tensors; nothing to merge"
+            )
+        view = _AdapterView(adapter, path, checkpoint.path, tensors)
+        if not allow_nonfinite:
+            view.check_finite()
+        views.append(view)
+    layouts = lay_out(structure, [(v.adapter, v.targets()) for v in views], tensors, fan_in_fan_out)
+
+    # Per tensor: its own saved copy, a saved base layer (the shared parameter), its updates.
+    own: dict[str, tuple[int, str]] = {}
+    shared: dict[str, tuple[int, str]] = {}
+    sides: dict[str, Recipe] = {}
+    counts = []
+    for index, view in enumerate(views):
+        for name, tensor_name, is_base_layer in view.replacements():
+            target = shared if is_base_layer else own
+            _claim(target, name, (index, tensor_name), adapters, adapter_paths)
+        merged = dora = biases = 0
+        for module, base_name in view.targets().items():
+            lora = view.adapter.modules[module]
+            sides.setdefault(base_name, Recipe()).updates.append((index, module))
+            merged += 1
+            dora += bool(lora.dora)
+            if lora.lora_bias:
+                bias_name = base_name[: -len("weight")] + "bias"
+                if not base_name.endswith(".weight") or bias_name not in tensors:
+                    raise MismatchError(
+                        f"{view.path}: module {module} has lora_bias but the base has no {bias_name} to add it to"
+                    )
+                sides.setdefault(bias_name, Recipe()).bias_terms.append((index, module))
+                biases += 1
+        counts.append((merged, dora, biases))
+
+    # Recipes: tie groups by the one rule, every other tensor by itself.
+    recipes: dict[str, Recipe] = {}
+    outcomes: list[TieOutcome] = []
+    in_group = {n for g in groups for n in g}
+
+    def same_values(a, b) -> bool:
+        return _same_tensor(adapters[a[0]], a[1], adapters[b[0]], b[1])
+
+    for group in groups:
+        _check_shared(group, shared, same_values, adapter_paths)
+        group_recipes = tied_recipes(group, own, shared, sides)
+        if all(r.untouched for r in group_recipes.values()):
+            continue
+        outcome = decide_tie(group, set(checkpoint.tensors), group_recipes, same_values)
+        outcomes.append(outcome)
+        for name in outcome.written:
+            recipes[name] = group_recipes[name]
+    for name in {*own, *shared, *sides} - in_group:
+        side = sides.get(name, Recipe())
+        recipes[name] = Recipe(own.get(name, shared.get(name, BASE)), side.updates, side.bias_terms)
+
+    out_code = DTYPES.get(dtype)
+    items: dict[str, Item] = {}
+    for name, recipe in recipes.items():
+        info = tensors[name]
+        spec = _spec(name, info, out_code)
+        if recipe.start is not BASE:
+            index, tensor_name = recipe.start
+            spec = TensorSpec(name, spec.dtype, tuple(adapters[index].tensors[tensor_name].shape))
+        items[name] = Item(name, spec, info, recipe.start, list(recipe.updates), list(recipe.bias_terms))
+        for index, module in recipe.updates:
+            views[index].check_shape(module, name, spec.shape)
+
+    summaries = []
+    for index, (path, weight, (merged, dora, biases)) in enumerate(zip(adapter_paths, weights, counts)):
+        replaced = sum(1 for i in items.values() if i.replacement and i.replacement[0] == index)
+        summaries.append(AdapterSummary(str(path), weight, merged, dora, biases, replaced))
+
+    notes: list[str] = []
+    changes: dict = {}
+    config = dict(checkpoint.config) if checkpoint.config is not None else None
+    for outcome in outcomes:
+        if outcome.untied:
+            _untie_note(structure, outcome, notes, changes)
+    _check_vocabulary(structure, checkpoint, items, tensors, config, changes)
+    if out_code and config is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config and config[key] != CONFIG_DTYPE_NAMES[out_code]:
+                changes[key] = CONFIG_DTYPE_NAMES[out_code]
+        if "torch_dtype" not in config and "dtype" not in config:
+            changes["torch_dtype"] = CONFIG_DTYPE_NAMES[out_code]
+    if config is not None:
+        config.update(changes)
+    elif changes:
+        notes.append(f"the base has no config.json; these settings could not be recorded: {changes}")
+
+    # Output order: the base's file order, tied members new to the output last.
+    written = set(checkpoint.tensors) | set(items)
+    for outcome in outcomes:
+        written -= set(outcome.group) - set(outcome.written)
+    ordered = [
+        items.get(name) or Item(name, _spec(name, info, out_code), info) for name, info in tensors.items()
+    ]
+    ordered = [i for i in ordered if i.name in written]
+    return MergePlan(
+        checkpoint=checkpoint,
+        structure=structure,
+        adapters=adapters,
+        weights=weights,
+        items=ordered,
+        config=config,
+        config_changes=changes,
+        notes=notes,
+        adapter_summaries=summaries,
+        output_dtype_code=out_code,
+        layouts=layouts,
+        ties=outcomes,
+    )
+
+
+def _spec(name: str, info: TensorInfo, out_code: str | None) -> TensorSpec:
+    code = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
+    return TensorSpec(name, code, tuple(info.shape))
+
+
+def _same_tensor(adapter_a, name_a, adapter_b, name_b) -> bool:
+    import torch
+
+    if tuple(adapter_a.tensors[name_a].shape) != tuple(adapter_b.tensors[name_b].shape):
+        return False
+    return torch.equal(adapter_a.read(name_a).float(), adapter_b.read(name_b).float())
+
+
+def _claim(target: dict, name: str, value: tuple[int, str], adapters, paths) -> None:
+    """Record that adapter value[0] replaces `name`; two adapters may only agree."""
+    previous = target.get(name)
+    if previous is not None and previous != value:
+        if not _same_tensor(adapters[previous[0]], previous[1], adapters[value[0]], value[1]):
+            if previous[0] == value[0]:
+                raise MismatchError(
+                    f"{paths[value[0]]}: {previous[1]} and {value[1]} both replace {name} with different values"
+                )
+            raise MismatchError(
+                f"{paths[previous[0]]} and {paths[value[0]]} both replace {name} "
+                f"(modules_to_save or saved layers) with different values; merge them separately"
+            )
+        return
+    target[name] = value
+
+
+def _check_shared(group, shared: dict, same_values, paths) -> None:
+    """Saved base layers of members of one tie group are one parameter: they must agree."""
+    found = [(n, shared[n]) for n in group if n in shared]
+    for name, value in found[1:]:
+        first_name, first = found[0]
+        if value != first and not same_values(value, first):
+            sources = (
+                f"{paths[first[0]]} saves"
+                if first[0] == value[0]
+                else f"{paths[first[0]]} and {paths[value[0]]} save"
+            )
+            raise MismatchError(
+                f"{sources} different base layers for {first_name} and {name}, which the base ties "
+                f"into one tensor; merge them separately"
+            )
+
+
+def _untie_note(structure: Structure, outcome: TieOutcome, notes: list, changes: dict) -> None:
+    changed = outcome.changed
+    what = "both" if len(changed) == len(outcome.group) else ", ".join(changed)
+    stored_as = " to ".join(reversed(outcome.group)) if len(outcome.group) == 2 else ", ".join(outcome.group)
+    embeddings = {f"{m}.weight" for m in (structure.input_embedding, structure.output_embedding) if m}
+    if embeddings & set(outcome.group):
+        changes["tie_word_embeddings"] = False
+        notes.append(
+            f"the base ties {stored_as} and the merge changes {what}: "
+            f"both are written and config.json gets tie_word_embeddings: false"
+        )
+    else:
+        notes.append(
+            f"the base ties {stored_as} and the merge changes {what}: all are written, but transformers "
+            f"may tie them again when loading"
+        )
+
+
+def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, changes) -> None:
+    """A replaced input embedding may have more rows (resized vocabulary): vocab_size follows it."""
+    if not structure.input_embedding:
+        return
+    input_name = f"{structure.input_embedding}.weight"
+    item = items.get(input_name)
+    if item is None or item.replacement is None or input_name not in tensors:
+        return
+    rows = item.spec.shape[0]
+    if rows == tensors[input_name].shape[0]:
+        return
+    output_name = f"{structure.output_embedding}.weight" if structure.output_embedding else None
+    if output_name is not None and output_name in tensors:
+        spec = items[output_name].spec if output_name in items else None
+        tied_alongside = structure.tie_group(input_name) and output_name in (
+            structure.tie_group(input_name) or ()
+        )
+        out_rows = (
+            spec.shape[0] if spec is not None else (rows if tied_alongside else tensors[output_name].shape[0])
+        )
+        if out_rows != rows:
+            raise MismatchError(
+                f"the adapter resizes {input_name} to {rows} rows but {output_name} keeps {out_rows}; "
+                f"an adapter for a resized vocabulary must also carry {output_name} (modules_to_save)"
+            )
+    if config is not None and config.get("vocab_size") != rows:
+        changes["vocab_size"] = rows
+
+
+class _AdapterView:
+    """One adapter seen against one base: its targets and replaced tensors under base names."""
+
+    def __init__(self, adapter, path: Path, base_path, tensors: dict):
+        from lorasurgery.adapter import find_prefix_rule, resolve_base_names
+
+        self.adapter = adapter
+        self.path = path
+        self.tensors = tensors
+        # The prefix rule comes from the LoRA modules (else from the saved tensors); shapes are
+        # checked later against the tensor each module will really meet (a saved, resized one).
+        weight_names = [module.base_weight_name for module in adapter.modules.values()]
+        if weight_names:
+            self.rule, unmatched = find_prefix_rule(weight_names, tensors)
+            if unmatched:  # its error lists the modules the base lacks
+                resolve_base_names(adapter, _Names(tensors, base_path))
+        else:
+            self.rule, _ = find_prefix_rule(list(adapter.replacements), tensors)
+        self._targets = {m: self.rule.apply(module.base_weight_name) for m, module in adapter.modules.items()}
+
+    def targets(self) -> dict[str, str]:
+        return dict(self._targets)
+
+    def replacements(self):
+        """(base tensor name, adapter tensor name, saved base layer?) per saved tensor."""
+        unmatched = []
+        for relative, tensor_name in self.adapter.replacements.items():
+            name = self.rule.apply(relative)
+            if name is None or name not in self.tensors:
+                unmatched.append(relative)
+                continue
+            yield name, tensor_name, ".base_layer." in tensor_name
+        if unmatched:
+            raise MismatchError(
+                f"{self.path}: saved tensors with no counterpart in the base: {', '.join(unmatched[:_LISTED])}"
+                + (f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else "")
+            )
+
+    def check_shape(self, module: str, base_name: str, shape: tuple[int, ...]) -> None:
+        lora = self.adapter.modules[module]
+        expected = tuple(lora.shape)
+        if tuple(shape) != expected:
+            layout = ""
+            if lora.kind == "linear":
+                layout = f" (stored {'(in, out)' if lora.fan_in_fan_out else '(out, in)'}, decided by the {lora.layout})"
+            raise MismatchError(
+                f"{self.path}: module {module} expects a weight of shape {list(expected)}{layout} but the "
+                f"base's {base_name} has shape {list(shape)}"
+            )
+
+    def check_finite(self) -> None:
+        from lorasurgery.linalg.delta import all_finite
+
+        for module in self.adapter.modules:
+            for label, tensor in _module_tensors(self.adapter, module):
+                if tensor.is_floating_point() and not all_finite(tensor):
+                    raise NonFiniteError(
+                        f"{self.path}: module {module}: {label} holds NaN/Inf; pass --allow-nonfinite to go on"
+                    )
+        for relative, tensor_name in self.adapter.replacements.items():
+            tensor = self.adapter.read(tensor_name)
+            if tensor.is_floating_point() and not all_finite(tensor):
+                raise NonFiniteError(
+                    f"{self.path}: saved tensor {relative} holds NaN/Inf; pass --allow-nonfinite to go on"
+                )
+
+
+@dataclass
+class _Names:
+    """A checkpoint's names as resolve_base_names sees them: tied members stored once included."""
+
+    tensors: dict
+    path: Path
+
+
+def _module_tensors(adapter, module: str):
+    A, B = adapter.read_factors(module)
+    yield "lora_A", A
+    yield "lora_B", B
+    if adapter.modules[module].dora:
+        yield "lora_magnitude_vector", adapter.read_magnitude(module)
+    if adapter.modules[module].lora_bias:
+        yield "lora_B.bias", adapter.read_lora_bias(module)

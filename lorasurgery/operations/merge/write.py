@@ -1,0 +1,220 @@
+"""merge execution: each planned output tensor read, merged and written through the project's pipeline.
+
+A reader thread, two merging threads (torch on one thread each) and a writer overlap disk reads,
+arithmetic and disk writes; the writer puts each tensor at its planned offset, so the order of
+completion does not matter. A byte budget of twice the largest in-flight tensor bounds memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from lorasurgery.concurrency import Pipeline
+from lorasurgery.io import copy_side_files
+from lorasurgery.io.safetensors_format import torch_dtype_of
+from lorasurgery.operations.merge.plan import Item, MergePlan
+from lorasurgery.progress import Progress
+
+# Files beside the weights that a loader needs; copied unchanged (config.json is rewritten).
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "LICENSE",
+    "LICENSE.txt",
+    "NOTICE",
+)
+
+
+def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite, progress) -> None:
+    """Read, merge and write every output tensor of `plan` into `writer`, counting into `summary`."""
+    checkpoint = plan.checkpoint
+    files = {f: i for i, f in enumerate(checkpoint.files)}
+    order = sorted(
+        plan.items, key=lambda i: (files.get(i.source.file, 0), i.source.start) if i.source else (0, 0)
+    )
+    costs = {item.name: memory_cost(plan, item) for item in order}
+    total_bytes = sum(s.nbytes for s in plan.specs)
+
+    def read(item: Item):
+        if copies_raw(item):
+            return None  # the writer copies the bytes itself
+        if item.replacement is not None:
+            index, tensor_name = item.replacement
+            return plan.adapters[index].read(tensor_name)
+        return checkpoint.read(item.source.name)
+
+    def compute(item: Item, tensor):
+        if tensor is None:
+            return None
+        return produce(plan, item, tensor, device, precise, allow_nonfinite)
+
+    flusher = _Writeback(writer)
+
+    def write(item: Item, tensor) -> None:
+        if tensor is None:
+            writer.copy_raw(item.name, item.source)
+        else:
+            writer.write(item.name, tensor)
+        flusher.start(item.name)
+
+    pipeline = Pipeline(
+        order,
+        read,
+        compute,
+        write,
+        workers=2,
+        cost=lambda item: costs[item.name],
+        limit=2 * max(costs.values(), default=0),
+        name="merge",
+    )
+    done_bytes = 0
+    with flusher, pipeline:
+        for done, item in enumerate(pipeline, 1):
+            if copies_raw(item):
+                summary.tensors_copied += 1
+            elif item.replacement is not None:
+                summary.tensors_replaced += 1
+            elif item.updates or item.bias_terms:
+                summary.tensors_merged += 1
+            else:
+                summary.tensors_converted += 1
+            done_bytes += item.spec.nbytes
+            progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+
+
+class _Writeback:
+    """Starts writing each finished tensor to disk at once, while later ones are read and merged.
+
+    Otherwise every byte stays dirty in the page cache until close()'s fsync, and the disk has it
+    all to write at the end (docs/merge.md has the measurement). posix_fadvise(DONTNEED) on the
+    written range starts the write-back without waiting; a read-only descriptor of our own will do."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.descriptors: dict[int, int] = {}
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.descriptors.values():
+            os.close(fd)
+        self.descriptors.clear()
+
+    def start(self, name: str) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        slot = self.writer.slots[name]
+        try:
+            fd = self.descriptors.get(slot.file_index)
+            if fd is None:
+                path = self.writer.folder / self.writer.names[slot.file_index]
+                fd = self.descriptors[slot.file_index] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, slot.offset, slot.spec.nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only an optimisation: close()'s fsync still makes the data durable
+            pass
+
+
+def copies_raw(item: Item) -> bool:
+    return (
+        item.untouched
+        and item.source is not None
+        and item.source.dtype == item.spec.dtype
+        and item.source.start >= 0  # safetensors, not a pickle
+    )
+
+
+def memory_cost(plan: MergePlan, item: Item) -> int:
+    """Bytes an item holds while in flight: what is read, plus the output when it is a new buffer."""
+    if copies_raw(item):
+        return 0
+    if item.replacement is not None:
+        index, tensor_name = item.replacement
+        shape = tuple(plan.adapters[index].tensors[tensor_name].shape)
+        read = math.prod(shape) * 4  # adapters are float32 at most, in practice
+    else:
+        read = item.source.nbytes
+    return read + (0 if item.source and item.source.dtype == item.spec.dtype else item.spec.nbytes)
+
+
+def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinite):
+    """The output tensor of `item` from its base (or replacement) tensor."""
+    from lorasurgery.linalg.delta import merge_bias, merge_weight
+
+    out_dtype = torch_dtype_of(item.spec.dtype)
+    if item.updates:
+        updates = [update_of(plan, index, module) for index, module in item.updates]
+        return merge_weight(
+            tensor,
+            updates,
+            out_dtype=out_dtype,
+            precise=precise,
+            device=device,
+            allow_nonfinite=allow_nonfinite,
+            name=item.name,
+        )
+    if item.bias_terms:
+        terms = []
+        for index, module in item.bias_terms:
+            lora = plan.adapters[index].modules[module]
+            terms.append((plan.adapters[index].read_lora_bias(module), plan.weights[index] * lora.scale))
+        return merge_bias(
+            tensor,
+            terms,
+            out_dtype=out_dtype,
+            precise=precise,
+            allow_nonfinite=allow_nonfinite,
+            name=item.name,
+            modules=", ".join(m for _, m in item.bias_terms),
+        )
+    return tensor.to(out_dtype)
+
+
+def update_of(plan: MergePlan, index: int, module: str):
+    """The kernel's Update for one adapter's module, laid out as the plan decided."""
+    from lorasurgery.linalg.delta import Update
+
+    adapter = plan.adapters[index]
+    lora = adapter.modules[module]
+    A, B = adapter.read_factors(module)
+    return Update(
+        module=module,
+        kind=lora.kind,
+        A=A,
+        B=B,
+        scale=lora.scale,
+        weight=plan.weights[index],
+        fan_in_fan_out=bool(lora.fan_in_fan_out),
+        magnitude=adapter.read_magnitude(module) if lora.dora else None,
+        source=str(adapter.path),
+    )
+
+
+def write_side_files(plan: MergePlan, folder: Path) -> None:
+    """config.json (with the plan's changes) and the tokenizer/generation files beside the weights."""
+    checkpoint = plan.checkpoint
+    source = checkpoint.folder
+    if plan.config is not None:
+        with open(folder / "config.json", "w", encoding="utf-8") as f:
+            json.dump(plan.config, f, indent=2)
+            f.write("\n")
+    names = list(SIDE_FILES)
+    if Path(checkpoint.path).is_dir():  # remote code and templates that config.json may name
+        names += sorted(p.name for p in source.iterdir() if p.suffix in (".py", ".jinja", ".tiktoken"))
+    copy_side_files(source, folder, dict.fromkeys(names))
