@@ -108,6 +108,20 @@ def _base_parts(base) -> tuple[dict | None, object | None]:
     return config, checkpoint
 
 
+def base_structure(base, base_config, base_ckpt):
+    """The base's architecture.Structure (kinds, ties), from its weights' names when it has weights."""
+    from types import SimpleNamespace
+
+    from lorasurgery.architecture import structure_of
+
+    if base_config is None:
+        return None
+    if base_ckpt is not None:
+        return structure_of(base_ckpt)
+    folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    return structure_of(SimpleNamespace(tensors={}), config_file=folder / "config.json")
+
+
 def refusal(adapter_path, target: str, rules) -> str:
     """One sentence per impossible rule: what, which modules, and the alternative."""
     parts = []
@@ -194,6 +208,7 @@ def export_adapter(
         raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
+    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
     rules = check_rules(
         adapter,
         target,
@@ -201,6 +216,7 @@ def export_adapter(
         have_base_weights=base_ckpt is not None,
         max_rank=max_rank,
         drop_saved=drop_saved,
+        structure=structure,
     )
     if any(r.status == IMPOSSIBLE for r in rules):
         raise UnsupportedError(refusal(adapter_path, target, rules))
@@ -433,5 +449,8 @@ def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
         raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
-    rules = check_rules(adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None)
+    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
+    rules = check_rules(
+        adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
+    )
     return ServingCheck(str(adapter_path), target, rules)
