@@ -27,7 +27,7 @@ import torch
 from lorasurgery.adapter import PEFT_PREFIX, load_adapter
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
-from lorasurgery.io import atomic_output_dir, copy_side_files, open_checkpoint, read_json
+from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
 from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
 from lorasurgery.operations.export_rules import (
     FIXED,
@@ -207,6 +207,13 @@ def export_adapter(
     if target not in TARGETS:
         raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
+    inputs = [adapter_path] + ([base] if base else [])
+    if target == "llama.cpp":  # refuse an unusable OUT before any work
+        from lorasurgery.operations.export_gguf import check_gguf_output
+
+        check_gguf_output(output, inputs, force)
+    else:
+        check_output_path(output, inputs, force)
     base_config, base_ckpt = _base_parts(base)
     structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
     rules = check_rules(
@@ -304,14 +311,13 @@ def export_adapter(
             base_config,
             output,
             force=force,
-            inputs=[adapter_path] + ([base] if base else []),
+            inputs=inputs,
         )
         return report
 
     config = _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora)
     report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
     tensors = _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora)
-    inputs = [adapter_path] + ([base] if base else [])
     with atomic_output_dir(output, inputs=inputs, force=force) as folder:
         write_adapter_folder(folder, tensors, config)
         if Path(adapter_path).is_dir():
