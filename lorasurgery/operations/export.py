@@ -27,7 +27,7 @@ import torch
 from lorasurgery.adapter import PEFT_PREFIX, load_adapter
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
-from lorasurgery.io import atomic_output_dir, copy_side_files, open_checkpoint, read_json
+from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
 from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
 from lorasurgery.operations.export_rules import (
     FIXED,
@@ -106,6 +106,20 @@ def _base_parts(base) -> tuple[dict | None, object | None]:
     except CheckpointError:
         checkpoint = None
     return config, checkpoint
+
+
+def base_structure(base, base_config, base_ckpt):
+    """The base's architecture.Structure (kinds, ties), from its weights' names when it has weights."""
+    from types import SimpleNamespace
+
+    from lorasurgery.architecture import structure_of
+
+    if base_config is None:
+        return None
+    if base_ckpt is not None:
+        return structure_of(base_ckpt)
+    folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    return structure_of(SimpleNamespace(tensors={}), config_file=folder / "config.json")
 
 
 def refusal(adapter_path, target: str, rules) -> str:
@@ -193,7 +207,15 @@ def export_adapter(
     if target not in TARGETS:
         raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
+    inputs = [adapter_path] + ([base] if base else [])
+    if target == "llama.cpp":  # refuse an unusable OUT before any work
+        from lorasurgery.operations.export_gguf import check_gguf_output
+
+        check_gguf_output(output, inputs, force)
+    else:
+        check_output_path(output, inputs, force)
     base_config, base_ckpt = _base_parts(base)
+    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
     rules = check_rules(
         adapter,
         target,
@@ -201,6 +223,7 @@ def export_adapter(
         have_base_weights=base_ckpt is not None,
         max_rank=max_rank,
         drop_saved=drop_saved,
+        structure=structure,
     )
     if any(r.status == IMPOSSIBLE for r in rules):
         raise UnsupportedError(refusal(adapter_path, target, rules))
@@ -288,14 +311,13 @@ def export_adapter(
             base_config,
             output,
             force=force,
-            inputs=[adapter_path] + ([base] if base else []),
+            inputs=inputs,
         )
         return report
 
     config = _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora)
     report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
     tensors = _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora)
-    inputs = [adapter_path] + ([base] if base else [])
     with atomic_output_dir(output, inputs=inputs, force=force) as folder:
         write_adapter_folder(folder, tensors, config)
         if Path(adapter_path).is_dir():
@@ -433,5 +455,8 @@ def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
         raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
-    rules = check_rules(adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None)
+    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
+    rules = check_rules(
+        adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
+    )
     return ServingCheck(str(adapter_path), target, rules)

@@ -83,21 +83,27 @@ def gguf_tensors(modules, factors, base_config: dict) -> list[tuple[str, np.ndar
     return out
 
 
+def check_gguf_output(output, inputs, force: bool) -> Path:
+    """Refuse an OUT that is or lies inside an input, is a folder, or exists without --force."""
+    output = Path(output)
+    for given in inputs:
+        source = Path(given).resolve()
+        if output.resolve() == source or output.resolve().is_relative_to(source):
+            raise OutputError(f"output {output} is inside the input {given}; choose a path elsewhere")
+    if output.is_dir():
+        raise OutputError(f"output {output} is a folder; export --for llama.cpp writes one .gguf file")
+    if output.exists() and not force:
+        raise OutputError(f"output {output} already exists; pass --force to replace it")
+    return output
+
+
 def write_gguf(
     adapter, modules, factors, alpha: float, base_config: dict, output, *, force: bool, inputs
 ) -> Path:
     """Write the GGUF LoRA atomically: a temporary file beside OUT, renamed when complete."""
     import gguf
 
-    output = Path(output)
-    for given in inputs:
-        source = Path(given).resolve()
-        if output.resolve() == source or output.resolve().is_relative_to(source):
-            raise OutputError(f"output {output} is inside the input {given}; choose a path elsewhere")
-    if output.exists() and not force:
-        raise OutputError(f"output {output} already exists; pass --force to replace it")
-    if output.is_dir():
-        raise OutputError(f"output {output} is a folder; export --for llama.cpp writes one .gguf file")
+    output = check_gguf_output(output, inputs, force)
     _, arch = gguf_architecture(base_config)
     tensors = gguf_tensors(modules, factors, base_config)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -68,9 +68,11 @@ def check_rules(
     have_base_weights: bool = False,
     max_rank: int | None = None,
     drop_saved: bool = False,
+    structure=None,
 ) -> list[Rule]:
     """Every rule of `target` checked against `adapter` (an Adapter). `base_config` is the base's
-    config.json (llama.cpp needs it); `have_base_weights` says whether DoRA can be converted."""
+    config.json (llama.cpp needs it, with `structure`, the base's architecture.Structure, for its
+    ties); `have_base_weights` says whether DoRA can be converted."""
     config = adapter.config
     modules = adapter.modules
     rules: list[Rule] = []
@@ -225,11 +227,11 @@ def check_rules(
             )
         )
     if target == "llama.cpp":
-        rules.extend(_llamacpp_rules(adapter, base_config))
+        rules.extend(_llamacpp_rules(adapter, base_config, structure))
     return rules
 
 
-def _llamacpp_rules(adapter, base_config: dict | None) -> list[Rule]:
+def _llamacpp_rules(adapter, base_config: dict | None, structure) -> list[Rule]:
     rules = []
     if base_config is None:
         rules.append(
@@ -253,8 +255,9 @@ def _llamacpp_rules(adapter, base_config: dict | None) -> list[Rule]:
             "" if known else "merge into the base and convert the merged model with convert_hf_to_gguf.py",
         )
     )
-    tied = bool(base_config.get("tie_word_embeddings", False))
-    heads = [m for m in adapter.modules if m.rsplit(".", 1)[-1] == "lm_head"]
+    # Ties and which module is the output projection: from the model's structure (architecture.py).
+    tied = structure is not None and structure.word_embeddings_tied()
+    heads = [m for m in adapter.modules if structure is not None and structure.is_output_embedding(m)]
     rules.append(
         Rule(
             "tied_lm_head",
@@ -265,7 +268,11 @@ def _llamacpp_rules(adapter, base_config: dict | None) -> list[Rule]:
             "merge the adapter into the base (`lorasurgery merge`)" if tied and heads else "",
         )
     )
-    embeddings = [m for m, lo in adapter.modules.items() if lo.kind == "embedding"]
+    embeddings = [
+        m
+        for m, lo in adapter.modules.items()
+        if lo.kind == "embedding" or (structure and structure.is_input_embedding(m))
+    ]
     rules.append(
         Rule(
             "tied_embedding",
