@@ -45,9 +45,10 @@ def factors_error(svd: LowRankSVD, A: torch.Tensor, B: torch.Tensor) -> float:
 
     With P = UᵀB, B⊥ = B − UP, Q = AV, A⊥ = A − QVᵀ the residual is
     U(Σ − PQ)Vᵀ − UPA⊥ − B⊥QVᵀ − B⊥A⊥: four mutually orthogonal terms (U ⊥ B⊥, Vᵀ ⊥ A⊥), so
-    ‖E‖² = ‖Σ − PQ‖² + ‖PA⊥‖² + ‖B⊥Q‖² + ‖B⊥A⊥‖², the last as ‖R_B⊥ R_A⊥ᵀ‖² from QR factors. Each
-    term is the square of a product computed directly, so a residual that is zero comes out at
-    rounding² (no Gram-trace cancellation, which would leave √eps ≈ 1e-8). Cost O((out + in)·(m + k)²)
+    ‖E‖² = ‖Σ − PQ‖² + ‖PA⊥‖² + ‖B⊥Q‖² + ‖B⊥A⊥‖². Each is the square of a product computed
+    directly, so a residual that is zero comes out at rounding² (a Gram trace such as tr(PᵀP·A⊥A⊥ᵀ)
+    would cancel and leave √eps ≈ 1e-8); the last is a k × k Gram trace unless that trace cancels
+    (it is below 1e-8·‖B⊥‖²‖A⊥‖²), and then ‖R_B⊥ R_A⊥ᵀ‖² from QR factors. Cost O((out + in)·(m + k)²)
     for m = len(Σ). For truncated factors Σ − PQ holds the discarded σ (Eckart–Young) plus a cast's
     error inside the kept subspace; the other terms are the cast's error outside it.
     """
@@ -61,13 +62,17 @@ def factors_error(svd: LowRankSVD, A: torch.Tensor, B: torch.Tensor) -> float:
     Q = Ac @ Vh.T  # (k, m)
     B_perp = Bc - U @ P  # (out, k)
     A_perp = Ac - Q @ Vh  # (k, in)
-    r_b = torch.linalg.qr(B_perp, mode="r").R  # (·, k)
-    r_a = torch.linalg.qr(A_perp.T, mode="r").R  # (·, k)
+    gram_b, gram_a = B_perp.T @ B_perp, A_perp @ A_perp.T  # (k, k) each
+    perp_sq = float((gram_b * gram_a).sum())  # ‖B⊥A⊥‖² = tr(B⊥ᵀB⊥·A⊥A⊥ᵀ), rounding ≈ k·eps·‖B⊥‖²‖A⊥‖²
+    if perp_sq < 1e-8 * float(gram_b.trace()) * float(gram_a.trace()):  # cancelling: square a product
+        r_b = torch.linalg.qr(B_perp, mode="r").R  # (·, k)
+        r_a = torch.linalg.qr(A_perp.T, mode="r").R  # (·, k)
+        perp_sq = float((r_b @ r_a.T).square().sum())  # ‖B⊥A⊥‖ = ‖R_B⊥ R_A⊥ᵀ‖
     err_sq = (
         float((torch.diag(S) - P @ Q).square().sum())  # (m, m)
         + float((P @ A_perp).square().sum())  # (m, in)
         + float((B_perp @ Q).square().sum())  # (out, m)
-        + float((r_b @ r_a.T).square().sum())  # ‖B⊥A⊥‖ = ‖R_B⊥ R_A⊥ᵀ‖
+        + perp_sq
     )
     return math.sqrt(max(err_sq, 0.0) / total_sq)
 

@@ -79,6 +79,7 @@ def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype
     import torch
 
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
+    from lorasurgery.linalg.delta import all_finite
     from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
     from lorasurgery.operations.resize import check_factors_finite, module_factors, module_svd
     from lorasurgery.operations.surgery import ModuleUpdate, check_finite
@@ -87,8 +88,10 @@ def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype
     first = adapters[indices[0]].modules[name]
     for i in indices:
         adapter, lora, w = adapters[i], adapters[i].modules[name], weights[i]
-        check_factors_finite(adapter, name)
-        if lora.dora:  # the effective update, dense: its full SVD as balanced factors
+        if lora.dora:
+            check_factors_finite(
+                adapter, name
+            )  # the effective update, dense: its full SVD as balanced factors
             svd = module_svd(adapter, name, checkpoint, device)
             root = svd.S.sqrt()
             terms.append((root[:, None] * svd.Vh, svd.U * root, w))
@@ -101,6 +104,9 @@ def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype
         a_dtype = torch_dtype_of(adapter.tensors[lora.a_key].dtype)
         stored = a_dtype if stored is None else torch.promote_types(stored, a_dtype)
     A, B = concatenated_factors(terms)  # (Σr, n), (d, Σr) float64
+    if not (all_finite(A) and all_finite(B) and (bias is None or all_finite(bias))):
+        for i in indices:  # the error path: name the adapter and the tensor
+            check_factors_finite(adapters[i], name)
     a_info = adapters[indices[0]].tensors[first.a_key]
     update = ModuleUpdate(
         name=name,

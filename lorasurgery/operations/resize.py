@@ -171,8 +171,8 @@ def truncated_factors(svd, k: int, dtype) -> tuple[object, object, float]:
 # ------------------------------------------------------------------------------------------ resize
 
 
-def module_update(adapter, module: str, base, device: str, dtype: str, weight: float = 1.0):
-    """A surgery.ModuleUpdate of one module: its exact SVD (times `weight`), scaled lora_B bias, layout."""
+def module_update(adapter, module: str, base, device: str, dtype: str):
+    """A surgery.ModuleUpdate of one module: its exact SVD, its lora_B bias at scale 1, its layout."""
     import torch
 
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
@@ -183,10 +183,10 @@ def module_update(adapter, module: str, base, device: str, dtype: str, weight: f
     where = str(adapter.weights_file)
     check_factors_finite(adapter, module)
     svd = module_svd(adapter, module, base, device)
-    svd = LowRankSVD(U=svd.U.cpu(), S=svd.S.cpu() * abs(weight), Vh=svd.Vh.cpu() * (1 if weight >= 0 else -1))
+    svd = LowRankSVD(U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.Vh.cpu())
     bias = adapter.read_lora_bias(module)
     if bias is not None:
-        bias = bias.to(torch.float64) * (lora.scale * weight)  # the written scale is 1
+        bias = bias.to(torch.float64) * lora.scale  # the written scale is 1
     a_info = adapter.tensors[lora.a_key]
     update = ModuleUpdate(
         name=module,
