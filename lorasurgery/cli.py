@@ -164,6 +164,13 @@ def merge(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str,
 @click.option("--allow-nonfinite", is_flag=True, help="Go on when inputs hold NaN/Inf.")
 @click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option(
+    "--calibrate", is_flag=True, help="Minimise the error on the layers' inputs over --text (data-aware)."
+)
+@click.option("--text", "text", type=click.Path(), help="Text file for --calibrate (the model's tokenizer).")
+@click.option(
+    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens of --text used."
+)
 @click.pass_context
 def extract(ctx: click.Context, base: str, finetuned: str, output: str, **options) -> None:
     """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD.
@@ -175,6 +182,8 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
     from lorasurgery.operations.extract import Policy, extract_adapter, write_report
     from lorasurgery.units import parse_count
 
+    if options["calibrate"] != bool(options["text"]):
+        raise click.UsageError("--calibrate and --text FILE go together")
     policies = [n for n in ("rank", "energy", "ratio", "budget") if options[n] is not None]
     policies += ["auto"] if options["auto"] else []
     if len(policies) != 1:
@@ -214,6 +223,8 @@ def extract(ctx: click.Context, base: str, finetuned: str, output: str, **option
             device=options["device"],
             force=options["force"],
             allow_nonfinite=options["allow_nonfinite"],
+            calibrate=options["text"] if options["calibrate"] else None,
+            calibrate_tokens=options["tokens"],
             progress=progress,
         )
     if options["report"]:
