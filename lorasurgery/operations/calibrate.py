@@ -64,6 +64,7 @@ def collect_input_grams(
     tokens: int | None = None,
     device: str = "cpu",
     progress: ProgressCallback = no_progress,
+    ridge: float = RIDGE,
 ) -> dict[str, Whitening]:
     """{module: Whitening} from the inputs each named Linear-like module of the model in `folder` sees."""
     import torch
@@ -119,6 +120,6 @@ def collect_input_grams(
     for name, (G, count) in ((n, owner[n]) for n in module_names if n in owner):
         key = id(owner[name])
         if key not in by_accumulator:
-            by_accumulator[key] = whitening(G, count)
+            by_accumulator[key] = whitening(G, count, ridge)
         result[name] = by_accumulator[key]
     return result

@@ -586,6 +586,7 @@ def extract_adapter(
     allow_nonfinite: bool = False,
     calibrate: str | os.PathLike | None = None,
     calibrate_tokens: int | None = None,
+    calibrate_ridge: float | None = None,
     progress: ProgressCallback | None = None,
 ) -> ExtractReport:
     """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report."""
@@ -635,11 +636,12 @@ def extract_adapter(
     workers = _worker_count(run)
     report = ExtractReport(str(base), str(finetuned), str(out), policy.describe())
     if calibrate is not None:
-        from lorasurgery.operations.calibrate import collect_input_grams
+        from lorasurgery.operations.calibrate import RIDGE, collect_input_grams
 
         linear = [t.module for t in plan.targets if t.kind == "linear"]
+        ridge = RIDGE if calibrate_ridge is None else calibrate_ridge
         run.calibration = collect_input_grams(
-            finetuned, linear, calibrate, calibrate_tokens, device, progress
+            finetuned, linear, calibrate, calibrate_tokens, device, progress, ridge
         )
         tokens = max((w.tokens for w in run.calibration.values()), default=0)
         report.policy += ", calibrated"
