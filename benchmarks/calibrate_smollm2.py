@@ -26,6 +26,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--budget", default="5M")
+    parser.add_argument("--rank", type=int, help="a fixed rank instead of --budget (no allocation)")
     parser.add_argument("--ft-steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
@@ -49,15 +50,16 @@ def main() -> None:
     runs = [] if args.skip_plain else [("plain", None, None)]
     runs += [(f"calibrated λ={r}", text, float(r)) for r in args.ridges.split(",")]
     if args.skip_plain:
-        adapters["plain"] = WORK / "calibrate-bench-plain"
+        adapters["plain"] = WORK / "calibrate-bench-plain"  # the --budget run's
     for label, calibrate, ridge in runs:
-        out = WORK / f"calibrate-bench-{label.replace(' ', '-').replace('λ=', '')}-{args.tokens}"
+        policy_tag = f"rank{args.rank}" if args.rank else args.budget
+        out = WORK / f"calibrate-bench-{label.replace(' ', '-').replace('λ=', '')}-{args.tokens}-{policy_tag}"
         started = time.perf_counter()
         report = extract_adapter(
             base,
             finetuned,
             out,
-            policy=Policy(budget=budget),
+            policy=Policy(rank=args.rank) if args.rank else Policy(budget=budget),
             calibrate=calibrate,
             calibrate_tokens=args.tokens,
             calibrate_ridge=ridge,
@@ -68,7 +70,9 @@ def main() -> None:
     quality = recovered_effect(base, finetuned, adapters)
     result = {"budget": budget, "reports": reports, "recovered_effect": quality}
     print(json.dumps(result, indent=1))
-    (WORK / f"calibrate_results_{args.ridges}_{args.tokens}.json").write_text(json.dumps(result, indent=1))
+    (WORK / f"calibrate_results_{args.ridges}_{args.tokens}_{args.rank or args.budget}.json").write_text(
+        json.dumps(result, indent=1)
+    )
 
 
 if __name__ == "__main__":
