@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ridges", default="0.01", help="ridges λ to try, comma-separated")
+    parser.add_argument("--scaled", action="store_true", help="budget on whitened spectra scaled to ‖ΔW‖")
     parser.add_argument("--skip-plain", action="store_true", help="reuse the plain adapter of an earlier run")
     args = parser.parse_args()
     import torch
@@ -52,7 +53,7 @@ def main() -> None:
     if args.skip_plain:
         adapters["plain"] = WORK / "calibrate-bench-plain"  # the --budget run's
     for label, calibrate, ridge in runs:
-        policy_tag = f"rank{args.rank}" if args.rank else args.budget
+        policy_tag = (f"rank{args.rank}" if args.rank else args.budget) + ("-scaled" if args.scaled else "")
         out = WORK / f"calibrate-bench-{label.replace(' ', '-').replace('λ=', '')}-{args.tokens}-{policy_tag}"
         started = time.perf_counter()
         report = extract_adapter(
@@ -63,6 +64,7 @@ def main() -> None:
             calibrate=calibrate,
             calibrate_tokens=args.tokens,
             calibrate_ridge=ridge,
+            calibrate_scaled_budget=args.scaled,
             force=True,
         )
         reports[label] = report.totals | {"seconds": time.perf_counter() - started}
@@ -70,9 +72,10 @@ def main() -> None:
     quality = recovered_effect(base, finetuned, adapters)
     result = {"budget": budget, "reports": reports, "recovered_effect": quality}
     print(json.dumps(result, indent=1))
-    (WORK / f"calibrate_results_{args.ridges}_{args.tokens}_{args.rank or args.budget}.json").write_text(
-        json.dumps(result, indent=1)
-    )
+    (
+        WORK
+        / f"calibrate_results_{args.ridges}_{args.tokens}_{args.rank or args.budget}{'_scaled' if args.scaled else ''}.json"
+    ).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

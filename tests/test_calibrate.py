@@ -127,3 +127,20 @@ def test_cli_calibrated_extraction_beats_plain_in_data_space(tmp_path):
         assert errors["plain"][1] <= errors["cal"][1] * (1 + 1e-4) + 1e-6, name  # optimal in weight space
     usage = run_cli(*common, "-o", tmp_path / "x", "--calibrate")
     assert usage.exit_code == 2 and "--calibrate and --text" in usage.stderr and not (tmp_path / "x").exists()
+
+
+def test_budget_on_whitened_spectra_scaled_or_not_stays_within_the_budget(tmp_path):
+    from lorasurgery.operations.extract import Policy, extract_adapter
+
+    for scaled in (False, True):
+        report = extract_adapter(
+            SAMPLES / "base",
+            SAMPLES / "finetuned",
+            tmp_path / f"out{scaled}",
+            policy=Policy(budget=20000),
+            calibrate=TEXT,
+            calibrate_tokens=256,
+            calibrate_scaled_budget=scaled,
+        )
+        assert report.totals["params"] <= 20000 and "data_relative_error" in report.totals
+        assert all(m.data_relative_error is not None for m in report.modules)

@@ -587,6 +587,7 @@ def extract_adapter(
     calibrate: str | os.PathLike | None = None,
     calibrate_tokens: int | None = None,
     calibrate_ridge: float | None = None,
+    calibrate_scaled_budget: bool = False,
     progress: ProgressCallback | None = None,
 ) -> ExtractReport:
     """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report."""
@@ -683,7 +684,15 @@ def extract_adapter(
     _run_all(order, work, workers, size_of, collect("extract: spectra" if policy.budget else "extract"))
 
     if policy.budget is not None:
-        ranks = _allocate(plan, factored, measured, policy.budget, max_rank, report)
+        ranks = _allocate(
+            plan,
+            factored,
+            measured,
+            policy.budget,
+            max_rank,
+            report,
+            calibrate_scaled_budget and calibrate is not None,
+        )
         second = [
             (t, ranks[t.name], factored[t.name].spectrum)
             for t in order
@@ -705,7 +714,9 @@ def extract_adapter(
     return report
 
 
-def _allocate(plan: Plan, factored, measured, budget: int, max_rank, report: ExtractReport) -> dict[str, int]:
+def _allocate(
+    plan: Plan, factored, measured, budget: int, max_rank, report: ExtractReport, scaled=False
+) -> dict[str, int]:
     """--budget: ranks maximising the retained energy under Σ k·(d + n)·copies ≤ budget − saved."""
     from lorasurgery.linalg.policies import allocate_budget
 
@@ -727,6 +738,10 @@ def _allocate(plan: Plan, factored, measured, budget: int, max_rank, report: Ext
         if S is None:  # unchanged
             continue
         S = S[S > _noise_floor(S, target)]  # no budget for rounding noise
+        if scaled and float(S.square().sum()) > 0:
+            # Whitened spectra in each module's ‖ΔW‖_F units: the data decides the shape of a
+            # module's spectrum, not how much budget its input scale draws (docs/extract.md).
+            S = S * math.sqrt(factored[target.name].delta_sq / float(S.square().sum()))
         d, n = target.shape
         names.append(target.name)
         # A tied lm_head carries a copy of the embedding's factors: each of its ranks costs twice.
