@@ -31,7 +31,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ridges", default="0.01", help="ridges λ to try, comma-separated")
-    parser.add_argument("--scaled", action="store_true", help="budget on whitened spectra scaled to ‖ΔW‖")
+    parser.add_argument(
+        "--unscaled",
+        dest="scaled",
+        action="store_false",
+        help="budget on the raw whitened spectra (not the default)",
+    )
     parser.add_argument("--skip-plain", action="store_true", help="reuse the plain adapter of an earlier run")
     args = parser.parse_args()
     import torch

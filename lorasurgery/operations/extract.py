@@ -587,7 +587,7 @@ def extract_adapter(
     calibrate: str | os.PathLike | None = None,
     calibrate_tokens: int | None = None,
     calibrate_ridge: float | None = None,
-    calibrate_scaled_budget: bool = False,
+    calibrate_scaled_budget: bool = True,
     progress: ProgressCallback | None = None,
 ) -> ExtractReport:
     """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report."""
