@@ -107,6 +107,15 @@ def allow_nonfinite_option(what: str):
     return _flag("--allow-nonfinite", help=f"Go on when {what} hold NaN/Inf.")
 
 
+def text_option(what: str):
+    return click.option("--text", "text", type=click.Path(), help=what)
+
+
+tokens_option = click.option(
+    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens of --text used."
+)
+
+
 def config_option(what: str):
     return click.option("--config", "config_file", type=click.Path(), help=what)
 
@@ -305,6 +314,11 @@ def merge(
 @allow_nonfinite_option("inputs")
 @click.option("--report", type=click.Path(), help="Write the error report as JSON to this file.")
 @config_option("The models' config.json, when they have none.")
+@click.option(
+    "--calibrate", is_flag=True, help="Minimise the error on the layers' inputs over --text (data-aware)."
+)
+@text_option("Text file for --calibrate (the model's tokenizer).")
+@tokens_option
 @json_option
 @global_options
 @click.pass_context
@@ -330,6 +344,9 @@ def extract(
     allow_nonfinite: bool,
     report: str | None,
     config_file: str | None,
+    calibrate: bool,
+    text: str | None,
+    tokens: int,
     as_json: bool,
 ) -> None:
     """Extract a PEFT LoRA adapter from the full fine-tune FINETUNED of BASE by truncated SVD.
@@ -340,6 +357,8 @@ def extract(
     from lorasurgery import render
     from lorasurgery.operations.extract import extract_adapter, write_report
 
+    if calibrate != bool(text):
+        raise click.UsageError("--calibrate and --text FILE go together")
     policy = make_policy(rank, energy, ratio, auto, budget)
     quiet = settings_of(ctx).quiet
     with render.progress_bar("extract", quiet) as progress:
@@ -358,6 +377,8 @@ def extract(
             device=device,
             force=force,
             allow_nonfinite=allow_nonfinite,
+            calibrate=text if calibrate else None,
+            calibrate_tokens=tokens,
             progress=progress,
             config_file=config_file,
         )
@@ -395,12 +416,8 @@ def extract(
     help="A top vector of W + ΔW is an intruder when its max |cos| with W's is below this.",
 )
 @click.option("--probe", is_flag=True, help="Functional rank per module type: forward passes on --text.")
-@click.option(
-    "--text", "text", type=click.Path(), help="Text file for --probe (tokenised by the model's tokenizer)."
-)
-@click.option(
-    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens of --text used."
-)
+@text_option("Text file for --probe (tokenised by the model's tokenizer).")
+@tokens_option
 @click.option(
     "--probe-fractions",
     default="0.05,0.1,0.25,0.5,0.75",

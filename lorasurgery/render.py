@@ -259,11 +259,15 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
     # Module names keep their full width on a narrow terminal; the headers wrap instead.
     table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
     table.add_column("shape", no_wrap=True)
-    for column in ("rank", "retained energy", "relative error"):
+    calibrated = any(m.data_relative_error is not None for m in report.modules)
+    for column in ("rank", "retained energy", "relative error") + (
+        ("data-space error",) if calibrated else ()
+    ):
         table.add_column(column, justify="right")
     for m in report.modules:
         shape = "×".join(map(str, m.shape))
-        table.add_row(m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error))
+        row = [m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error)]
+        table.add_row(*row, *((format_number(m.data_relative_error),) if calibrated else ()))
     stdout.print(table)
     if report.skipped:
         # Norms and biases come one per layer: one line for all of them keeps the table readable
@@ -287,6 +291,11 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
     stdout.print(
         f"total: {len(report.modules)} modules, {totals['params']:,} parameters, {totals['bytes']:,} bytes, "
         f"overall relative error {format_number(totals['relative_error'])}"
+        + (
+            f" (data space: {format_number(totals['data_relative_error'])})"
+            if "data_relative_error" in totals
+            else ""
+        )
         + (f"; saved in full: {', '.join(report.saved)}" if report.saved else "")
     )
     for line in report.notes:

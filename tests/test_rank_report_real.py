@@ -91,6 +91,19 @@ def test_full_finetune_delta_on_real_weights(real):
             U, _, Vh = torch.linalg.svd(M, full_matrices=False)
             expected = float(M.norm() / (U[:, :8].T @ W @ Vh[:8].T).norm())
             assert entry.metrics["amplification"] == pytest.approx(expected, rel=1e-3), entry.name
+            assert_intruders(entry.metrics, W, M + W)
+
+
+def assert_intruders(metrics: dict, W: torch.Tensor, tuned: torch.Tensor, k: int = 10) -> None:
+    """Intruder dimensions (Shuttleworth et al. 2024, Alg. 1) against float64 SVDs of W and W + ΔW."""
+    U = torch.linalg.svd(W, full_matrices=False)[0]
+    max_cosine = (torch.linalg.svd(tuned, full_matrices=False)[0][:, :k].T @ U).abs().max(dim=1).values
+    assert metrics["intruder_max_cosine"] == pytest.approx(max_cosine.tolist(), abs=1e-4)
+    # A count may only differ where a cosine sits within rounding of ε.
+    assert (
+        metrics["intruder_dimensions"] == int((max_cosine < 0.5).sum())
+        or (max_cosine - 0.5).abs().min() < 1e-4
+    )
 
 
 def test_adapter_on_real_weights(real):
@@ -108,6 +121,7 @@ def test_adapter_on_real_weights(real):
         U, _, Vh = torch.linalg.svd(dense, full_matrices=False)
         expected = float(dense.norm() / (U[:, :8].T @ W @ Vh[:8].T).norm())
         assert entry.metrics["amplification"] == pytest.approx(expected, rel=1e-3), entry.name
+        assert_intruders(entry.metrics, W, W + dense)
         assert entry.metrics["amplification_random_baseline"] == pytest.approx(
             8 * float(W.norm()) / math.sqrt(W.numel()), rel=1e-9
         )

@@ -80,6 +80,7 @@ class ModuleResult:
     relative_error: float  # ‖ΔW − BA‖_F / ‖ΔW‖_F, of the written (cast) factors
     kind: str = "linear"  # linear | embedding | tied (lm_head carrying the embedding's factors)
     params: int = 0
+    data_relative_error: float | None = None  # ‖(ΔW − BA)L‖_F / ‖ΔW·L‖_F with --calibrate
 
 
 @dataclass
@@ -113,6 +114,7 @@ class ExtractReport:
                     "retained_energy": m.retained_energy,
                     "relative_error": m.relative_error,
                 }
+                | ({} if m.data_relative_error is None else {"data_relative_error": m.data_relative_error})
                 for m in self.modules
             ],
             "skipped": [
@@ -138,6 +140,12 @@ class _Run:
     dtype: str
     allow_nonfinite: bool
     early: _EarlyReader | None = None
+    calibration: dict | None = None  # module -> calibrate.Whitening (--calibrate)
+
+    def whitening(self, target: Target):
+        """L of the module's input Gram with --calibrate (operations.calibrate), else None."""
+        w = self.calibration.get(target.module) if self.calibration else None
+        return None if w is None else w.L
 
     def read(self, checkpoint, name: str):
         """Tensor `name` in its stored dtype, in memory of its own (from the early reader if it has it)."""
@@ -164,6 +172,8 @@ class _Factored:
     err_sq: float = 0.0
     A: object = None  # (r, n) in the output dtype, CPU
     B: object = None  # (d, r)
+    data_err_sq: float | None = None  # ‖(ΔW − BA)L‖²_F and ‖ΔW·L‖²_F with --calibrate
+    data_sq: float | None = None
 
 
 @dataclass
@@ -239,7 +249,17 @@ def _spectrum(run: _Run, target: Target, matrix):
     """All min(d, n) singular values, float64, CPU (the cheapest exact route for the source dtype)."""
     from lorasurgery.linalg.svd import singular_values
 
+    L = run.whitening(target)
+    if L is not None:  # --calibrate: the whitened spectrum σ(ΔW·L), energy in data space
+        matrix = _whiten(matrix, L)
     return singular_values(matrix, source_dtype=target.source_dtype).cpu()
+
+
+def _whiten(M, L):
+    """ΔW·L (d, n) float32 on M's device, the product in float64."""
+    import torch
+
+    return (M.to(torch.float64) @ L.to(M.device)).to(torch.float32)
 
 
 def _noise_floor(S, target: Target) -> float:
@@ -293,7 +313,15 @@ def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -
     if rank == 0:
         result.err_sq = delta.delta_sq
         return result
-    B, A = _balanced_factors(run, M, rank, spectrum)
+    L = run.whitening(target)
+    if L is None:
+        B, A = _balanced_factors(run, M, rank, spectrum)
+    else:  # --calibrate: truncate ΔW·L, then A = A_w·L⁻¹ (operations.calibrate)
+        import torch
+
+        B, A_w = _balanced_factors(run, _whiten(M, L), rank, spectrum)
+        A = torch.linalg.solve_triangular(L.to(M.device), A_w.to(torch.float64), upper=False, left=False)
+        A = A.to(torch.float32)
     out_dtype = output_dtype(run.dtype, target.source_dtype)
     B, A = B.to(out_dtype), A.to(out_dtype)
     if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
@@ -303,6 +331,8 @@ def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -
         )
     residual = torch.addmm(M, B.to(torch.float32), A.to(torch.float32), alpha=-1)  # (d, n) ΔW − BA
     result.err_sq = _sq_norm(residual)
+    if L is not None:
+        result.data_err_sq, result.data_sq = _sq_norm(_whiten(residual, L)), _sq_norm(_whiten(M, L))
     del residual, M, delta
     result.A, result.B = A.cpu().contiguous(), B.cpu().contiguous()
     return result
@@ -473,6 +503,10 @@ def extract_adapter(
     device: str = "cpu",
     force: bool = False,
     allow_nonfinite: bool = False,
+    calibrate: str | os.PathLike | None = None,
+    calibrate_tokens: int | None = None,
+    calibrate_ridge: float | None = None,
+    calibrate_scaled_budget: bool = True,
     progress: ProgressCallback | None = None,
     config_file: str | os.PathLike | None = None,
 ) -> ExtractReport:
@@ -526,6 +560,20 @@ def extract_adapter(
     run = _Run(base_ckpt, ft_ckpt, device, policy, max_rank, svd, dtype, allow_nonfinite, early)
     workers = _worker_count(run)
     report = ExtractReport(str(base), str(finetuned), str(out), policy.describe())
+    if calibrate is not None:
+        from lorasurgery.operations.calibrate import RIDGE, collect_input_grams
+
+        linear = [t.module for t in plan.targets if t.kind == "linear"]
+        ridge = RIDGE if calibrate_ridge is None else calibrate_ridge
+        run.calibration = collect_input_grams(
+            finetuned, linear, calibrate, calibrate_tokens, device, progress, ridge
+        )
+        tokens = max((w.tokens for w in run.calibration.values()), default=0)
+        report.policy += ", calibrated"
+        report.notes.append(
+            f"calibrated on {tokens} tokens of {calibrate}: {len(run.calibration)} modules minimise the error "
+            f"on their inputs ‖(ΔW − BA)X‖ (data_relative_error); embeddings stay plain"
+        )
 
     passes = 2 if policy.budget is not None else 1
     total = passes * len(plan.targets) + len(plan.measured)
@@ -560,7 +608,15 @@ def extract_adapter(
     _run_all(order, work, workers, size_of, collect("extract: spectra" if policy.budget else "extract"))
 
     if policy.budget is not None:
-        ranks = _allocate(plan, factored, measured, policy.budget, max_rank, report)
+        ranks = _allocate(
+            plan,
+            factored,
+            measured,
+            policy.budget,
+            max_rank,
+            report,
+            calibrate_scaled_budget and calibrate is not None,
+        )
         second = [
             (t, ranks[t.name], factored[t.name].spectrum)
             for t in order
@@ -579,7 +635,9 @@ def extract_adapter(
     return report
 
 
-def _allocate(plan: Plan, factored, measured, budget: int, max_rank, report: ExtractReport) -> dict[str, int]:
+def _allocate(
+    plan: Plan, factored, measured, budget: int, max_rank, report: ExtractReport, scaled=False
+) -> dict[str, int]:
     """--budget: ranks maximising the retained energy under Σ k·(d + n)·copies ≤ budget − saved."""
     from lorasurgery.linalg.policies import allocate_budget
 
@@ -601,6 +659,10 @@ def _allocate(plan: Plan, factored, measured, budget: int, max_rank, report: Ext
         if S is None:  # unchanged
             continue
         S = S[S > _noise_floor(S, target)]  # no budget for rounding noise
+        if scaled and float(S.square().sum()) > 0:
+            # Whitened spectra in each module's ‖ΔW‖_F units: the data decides the shape of a
+            # module's spectrum, not how much budget its input scale draws (docs/extract.md).
+            S = S * math.sqrt(factored[target.name].delta_sq / float(S.square().sum()))
         d, n = target.shape
         names.append(target.name)
         # A tied lm_head carries a copy of the embedding's factors: each of its ranks costs twice.
@@ -614,6 +676,7 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
     tensors: dict = {}
     module_ranks: dict[str, int] = {}
     error_sq = total_sq = 0.0
+    data_error_sq = data_total_sq = 0.0  # --calibrate: Σ over the calibrated modules
     unchanged = 0
     change_sq: dict[str, float] = {}  # every measured module's ‖ΔW‖², for the skipped-share note
     for target in sorted(plan.targets, key=lambda t: natural_key(t.module)):
@@ -644,7 +707,11 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
             relative_error=math.sqrt(f.err_sq / f.delta_sq),
             kind=target.kind,
             params=f.A.numel() + f.B.numel(),
+            data_relative_error=math.sqrt(f.data_err_sq / f.data_sq) if f.data_sq else None,
         )
+        if f.data_sq:
+            data_error_sq += f.data_err_sq
+            data_total_sq += f.data_sq
         report.modules.append(result)
         if target.module == plan.tied_input and plan.tied_output:
             # PEFT applies an embedding LoRA to the input side only; the tied lm_head (vocab, dim)
@@ -707,6 +774,8 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
         "bytes": sum(byte_size(dtype_code_of(t.dtype), tuple(t.shape)) for t in tensors.values()),
         "relative_error": math.sqrt(error_sq / total_sq) if total_sq else 0.0,
     }
+    if data_total_sq:
+        report.totals["data_relative_error"] = math.sqrt(data_error_sq / data_total_sq)
     _skipped_note(report, skipped_sq, change_sq)
     if unchanged:
         report.notes.append(f"{unchanged} selected modules are unchanged by the fine-tune and were left out")

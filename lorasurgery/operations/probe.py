@@ -29,7 +29,6 @@ from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
 DEFAULT_TOLERANCE = 0.01
-SMALL_MODEL = 20_000_000  # parameters: below, the probe's forward passes run on one thread
 
 
 def load_causal_lm(folder: str | os.PathLike, device: str = "cpu"):
@@ -54,21 +53,44 @@ def load_causal_lm(folder: str | os.PathLike, device: str = "cpu"):
 
 
 class Forward:
-    """Forward passes of one model over fixed token windows: mean next-token loss, log-probs, KL."""
+    """Forward passes of one model over fixed token windows: mean next-token loss, log-probs, KL.
 
-    def __init__(self, model, windows: list, device: str = "cpu"):
+    On the CPU the windows run in parallel, one per core, each on one torch thread (the caller sets
+    torch.set_num_threads(1), see `cpu_threads`): OpenMP threads splitting each matmul spin on a
+    busy machine, and there one SmolLM2 pass took 137–173 s on 2 threads against 40 s on 1
+    (docs/rank-report.md). At most `workers` windows' logits are held at once.
+    """
+
+    def __init__(self, model, windows: list, device: str = "cpu", workers: int | None = None):
         self.model = model
         self.windows = [w.to(device) for w in windows]  # [(1, L) LongTensor]
         self.positions = sum(w.shape[1] - 1 for w in self.windows)
         self.passes = 0
+        self.workers = workers or (max(1, os.cpu_count() or 1) if device == "cpu" else 1)
 
-    def _logits(self):
+    def _run(self, window):
         import torch
 
+        with torch.inference_mode():  # thread-local: entered in the worker
+            return window, self.model(window).logits[0, :-1].float()  # (L − 1, vocab)
+
+    def _logits(self):
         self.passes += 1
-        with torch.inference_mode():
+        if self.workers == 1:
             for window in self.windows:
-                yield window, self.model(window).logits[0, :-1].float()  # (L − 1, vocab)
+                yield self._run(window)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="probe") as pool:
+            pending: deque = deque()
+            for window in self.windows:
+                pending.append(pool.submit(self._run, window))
+                if len(pending) >= self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def loss(self) -> float:
         """Mean next-token cross-entropy in nats/token over every window."""
@@ -313,10 +335,8 @@ def _functional_rank(
         )
     ids = token_ids(Path(base) if base is not None else target, text, tokens or DEFAULT_TOKENS)
     model = load_causal_lm(model_folder, device)
-    if device == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
-        # A small model's matmuls are too short to split: OpenMP threads only spin, and on a busy
-        # machine that costs 30× (docs/rank-report.md). One thread for the whole probe.
-        torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)  # one window per core instead (Forward), restored on return
     windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))
     forward = Forward(model, windows, device)
     notes: list[str] = []

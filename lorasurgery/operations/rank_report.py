@@ -7,7 +7,8 @@ Three modes (docs/design.md §5):
 - TARGET is a model with --base: ΔW = W_target − W_base, dense, singular values only unless vectors
   are needed (amplification, subspace similarity).
 - TARGET is a model alone: W's metrics — the paper's open question, is W itself rank-deficient?
-Matrices are streamed one at a time.
+Matrices are streamed one at a time. With a base, each ΔW's entry also counts the intruder
+dimensions of W + ΔW (linalg.intruders); --probe adds the functional rank (operations.probe).
 """
 
 from __future__ import annotations
