@@ -48,6 +48,7 @@ class AdapterConfig:
     use_dora: bool = False
     fan_in_fan_out: bool = False
     bias: str = "none"
+    lora_bias: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: object = None
@@ -171,6 +172,7 @@ def parse_adapter_config(raw: dict, path: Path) -> AdapterConfig:
         use_dora=bool(raw.get("use_dora", False)),
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         bias=bias,
+        lora_bias=bool(raw.get("lora_bias", False)),
         rank_pattern=_pattern(raw, "rank_pattern", path, integer=True),
         alpha_pattern=_pattern(raw, "alpha_pattern", path, integer=False),
         target_modules=raw.get("target_modules"),
