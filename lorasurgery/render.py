@@ -260,10 +260,9 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
     table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
     table.add_column("shape", no_wrap=True)
     calibrated = any(m.data_relative_error is not None for m in report.modules)
-    for column in ("rank", "retained energy", "relative error") + (
-        ("data-space error",) if calibrated else ()
-    ):
-        table.add_column(column, justify="right")
+    for column in ("rank", "retained energy", "relative error") + (("data error",) if calibrated else ()):
+        # headers wrap at spaces, never inside a word (80 columns fit them all)
+        table.add_column(column, justify="right", min_width=max(map(len, column.split())))
     for m in report.modules:
         shape = "×".join(map(str, m.shape))
         row = [m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from clihelp import run_cli
 
+from lorasurgery import render
 from lorasurgery.operations.calibrate import collect_input_grams, whitened_factors, whitening
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
@@ -81,10 +82,11 @@ def test_grams_are_those_of_each_layers_inputs_and_shared_by_q_k_v():
         )
 
 
-def test_cli_calibrated_extraction_beats_plain_in_data_space(tmp_path):
+def test_cli_calibrated_extraction_beats_plain_in_data_space(tmp_path, monkeypatch):
     from lorasurgery.adapter import load_adapter
     from lorasurgery.io import open_checkpoint
 
+    monkeypatch.setattr(render.stdout, "width", 80)  # CI's xdist workers run at 80 columns
     common = ["extract", SAMPLES / "base", SAMPLES / "finetuned", "--rank", "4"]
     calibrated = run_cli(
         "-q",
@@ -100,11 +102,14 @@ def test_cli_calibrated_extraction_beats_plain_in_data_space(tmp_path):
         tmp_path / "cal.json",
     )
     assert calibrated.exit_code == 0, calibrated.stderr
-    assert "data-space error" in calibrated.stdout
+    assert "(data space:" in calibrated.stdout
     plain = run_cli("-q", *common, "-o", tmp_path / "plain")
     assert plain.exit_code == 0, plain.stderr
     report = json.loads((tmp_path / "cal.json").read_text())
     assert "data_relative_error" in report["totals"]
+    for module in report["modules"]:  # each row shows its data-space error, whole, at 80 columns
+        row = next(line for line in calibrated.stdout.splitlines() if f" {module['name']} " in line)
+        assert row.split()[-1] == render.format_number(module["data_relative_error"]), row
     names = [m["name"] for m in report["modules"]]
     grams = collect_input_grams(SAMPLES / "finetuned", names, TEXT, tokens=512)
     base, ft = open_checkpoint(SAMPLES / "base"), open_checkpoint(SAMPLES / "finetuned")
