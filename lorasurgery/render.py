@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorasurgery.io.output import write_text_atomically
 from lorasurgery.progress import Progress as ProgressEvent
 from lorasurgery.progress import ProgressCallback, no_progress
 
@@ -365,14 +366,6 @@ RANK_COLUMNS = (
 )
 
 
-def _write_text(path: str, text: str) -> None:
-    """Write a report file next to its final name, then rename: no half-written reports."""
-    temp = f"{path}.tmp-{os.getpid()}"
-    with open(temp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temp, path)
-
-
 def _mean_range(stats: dict | None) -> str:
     """'mean (min–max)' from precomputed statistics, or the single value; counts show their total."""
     if stats is None:
@@ -408,9 +401,9 @@ def rank_report(report, show_all=False, json_path=None, csv_path=None, plot_dir=
         if json_path == "-":
             stdout.out(text.rstrip("\n"), highlight=False)
         else:
-            _write_text(json_path, text)
+            write_text_atomically(json_path, text)
     if csv_path:
-        _write_text(csv_path, rank_report_csv(report))
+        write_text_atomically(csv_path, rank_report_csv(report))
     if plot_dir:
         from lorasurgery.plots import write_plots
 

@@ -1,7 +1,12 @@
 """Checkpoint I/O: validated header index, streaming reader, streaming sharded atomic writer."""
 
 from lorasurgery.io.checkpoint import Checkpoint, open_checkpoint, read_json
-from lorasurgery.io.output import atomic_output_dir, check_output_path, copy_side_files
+from lorasurgery.io.output import (
+    atomic_output_dir,
+    check_output_path,
+    copy_side_files,
+    write_text_atomically,
+)
 from lorasurgery.io.safetensors_format import (
     TensorInfo,
     dtype_code_of,
@@ -26,4 +31,5 @@ __all__ = [
     "read_safetensors_header",
     "save_tensors",
     "torch_dtype_of",
+    "write_text_atomically",
 ]

@@ -104,3 +104,12 @@ def copy_side_files(source_folder: Path, dest: Path, names: Iterable[str]) -> li
             shutil.copyfile(src, dest / name)
             copied.append(name)
     return copied
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a report file beside its final name, then rename it into place: never half a report."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temp, path)

@@ -31,14 +31,13 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
-from lorasurgery.io.output import check_output_path
+from lorasurgery.io.output import check_output_path, write_text_atomically
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
 from lorasurgery.linalg.gram import one_blas_thread
 from lorasurgery.linalg.policies import Policy
@@ -803,10 +802,5 @@ def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq
 
 
 def write_report(report: ExtractReport, path: str | os.PathLike) -> None:
-    """Write the docs/design.md §4 JSON report to `path` (atomically: temp file, then rename)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(report.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(temp, path)
+    """Write the docs/design.md §4 JSON report to `path`, atomically."""
+    write_text_atomically(path, json.dumps(report.to_json(), indent=2) + "\n")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lorasurgery.adapter.model import PEFT_PREFIX
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
@@ -259,13 +258,10 @@ def finish_totals(report: SurgeryReport, tensors: dict) -> None:
 
 
 def write_report(report: SurgeryReport, path: str | os.PathLike) -> None:
-    """The JSON report to `path`, atomically (temp file, then rename)."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(report.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(temp, path)
+    """The JSON report to `path`, atomically."""
+    from lorasurgery.io.output import write_text_atomically
+
+    write_text_atomically(path, json.dumps(report.to_json(), indent=2) + "\n")
 
 
 class PreloadedCheckpoint:
