@@ -29,11 +29,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.concurrency import torch_threads
+from lorasurgery.concurrency import Pipeline, torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
@@ -450,35 +449,14 @@ def _run_all(items: list, work: Callable, workers: int, size_of: Callable, on_do
     small = [i for i in items if workers > 1 and size_of(i) <= PARALLEL_MAX_BYTES]
     large = [i for i in items if not (workers > 1 and size_of(i) <= PARALLEL_MAX_BYTES)]
     if small:
-        stop = threading.Event()
-
-        def guarded(item):
-            if stop.is_set():
-                return None
-            return work(item)
-
-        with (
-            torch_threads(1),
-            one_blas_thread(),
-            ThreadPoolExecutor(workers, thread_name_prefix="extract") as pool,
-        ):
-            pending: set = set()
-            try:
-                for item in small:
-                    while len(pending) > workers:  # one queued per worker: none idles, none piles up
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            on_done(future.result())
-                    pending.add(pool.submit(guarded, item))
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        on_done(future.result())
-            except BaseException:
-                stop.set()
-                for future in pending:
-                    future.cancel()
-                raise
+        # The items read their own tensors (through the early reader), so the pipeline's read
+        # stage only hands them on; its queues keep one item waiting per worker.
+        with torch_threads(1), one_blas_thread():
+            with Pipeline(
+                small, lambda item: None, lambda item, _: work(item), workers=workers, name="extract"
+            ) as run:
+                for _, result in run:
+                    on_done(result)
     for item in large:
         on_done(work(item))
 

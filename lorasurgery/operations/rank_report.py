@@ -313,7 +313,7 @@ def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
     from lorasurgery.linalg.intruders import intruder_dimensions
 
     k, eps = intruders
-    with one_blas_thread():  # one matrix per core already (see _compute_pool)
+    with one_blas_thread():  # one matrix per core already (see _model_report)
         return intruder_dimensions(W, k=k, eps=eps, **update).to_metrics()
 
 
