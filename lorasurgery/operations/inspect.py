@@ -106,12 +106,11 @@ def _lora_info(adapter: Adapter, key: str, module: LoraModule) -> ModuleInfo:
     )
 
 
-def _tokens_info(adapter: Adapter, rows) -> ModuleInfo:
-    """Trainable tokens: rows of the embedding overwritten (no ΔW factors; the size is the rows')."""
-    tensor = adapter.read(rows.key)
+def _tensor_info(name: str, kind: str, tensor, **extra) -> ModuleInfo:
+    """A tensor the adapter saves whole (no ΔW factors): its size is the tensor's."""
     return ModuleInfo(
-        name=rows.base_weight_name,
-        kind="tokens",
+        name=name,
+        kind=kind,
         shape=list(tensor.shape),
         r=None,
         alpha=None,
@@ -120,24 +119,17 @@ def _tokens_info(adapter: Adapter, rows) -> ModuleInfo:
         params=tensor.numel(),
         delta_fro_norm=None,
         nonfinite=_nonfinite(tensor),
-        tokens=list(rows.indices),
+        **extra,
     )
+
+
+def _tokens_info(adapter: Adapter, rows) -> ModuleInfo:
+    """Trainable tokens: rows of the embedding overwritten."""
+    return _tensor_info(rows.base_weight_name, "tokens", adapter.read(rows.key), tokens=list(rows.indices))
 
 
 def _replaced_info(adapter: Adapter, name: str, key: str) -> ModuleInfo:
-    tensor = adapter.read(key)
-    return ModuleInfo(
-        name=name,
-        kind="replaced",
-        shape=list(tensor.shape),
-        r=None,
-        alpha=None,
-        scale=None,
-        dora=False,
-        params=tensor.numel(),
-        delta_fro_norm=None,
-        nonfinite=_nonfinite(tensor),
-    )
+    return _tensor_info(name, "replaced", adapter.read(key))
 
 
 def inspect_adapter(
