@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from factories import (
     peft_merged_state_dict,
 )
 from safetensors.torch import load_file, save_file
+from surgery_reference import load_with_peft
 
 from lorasurgery.operations.extract import Policy, extract_adapter
 
@@ -55,19 +55,6 @@ def finetune_with(base: Path, out: Path, change) -> Path:
 def low_rank(d: int, n: int, r: int, seed: int, scale: float = 0.05) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(d, r, generator=g) @ torch.randn(r, n, generator=g) / math.sqrt(r)
-
-
-def load_with_peft(base: Path, adapter: Path, kind: str = "llama"):
-    """PeftModel.from_pretrained, failing on any warning PEFT raises (missing keys, tied weights …)."""
-    model = load_base(base, kind)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        wrapped = peft.PeftModel.from_pretrained(model, str(adapter))
-    ours = [
-        str(w.message) for w in caught if "peft" in (w.filename or "") or "adapter" in str(w.message).lower()
-    ]
-    assert not ours, ours
-    return wrapped.eval()
 
 
 def logits(model, vocab: int = 128, seed: int = 0) -> torch.Tensor:
