@@ -11,13 +11,19 @@ release the GIL. The budget bounds what is in flight (an item larger than the li
 Leaving the block waits for every thread; the first error of any thread stops the others and is
 raised in the caller, and so is a Ctrl-C. `torch_threads(1)` keeps torch's own pool out of the way
 of these threads (small memory-bound blocks: see docs/merge.md for the measurement).
+
+Two smaller shapes of the same idea: `Prefetch` reads the first items in the background while the
+caller does something slow that needs no disk (extract: `import torch`), and `ordered_map` runs a
+function over items on `workers` threads and yields the results in order (the probe's windows).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 
@@ -199,6 +205,69 @@ class Pipeline:
             self._fail(error)
 
 
+class Prefetch:
+    """read(item) for the first items, in a background thread, while the caller's block runs.
+
+        with Prefetch(items, read, cost=size_of, limit=n) as early:
+            slow_thing_without_disk()
+        value = early.take(item)  # read in time, or None: the caller reads it itself
+
+    It stops at the first item that would pass `limit` (cost units), when the block ends, and at the
+    first error, which it drops: the caller reads that item again and reports the error properly.
+    `take` hands each value out once.
+    """
+
+    def __init__(
+        self, items: Iterable, read: Callable, *, cost: Callable, limit: int, name: str = "prefetch"
+    ):
+        self.items, self.read, self.cost, self.limit = list(items), read, cost, limit
+        self.values: dict = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def __enter__(self) -> Prefetch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        used = 0
+        for item in self.items:
+            used += self.cost(item)
+            if self.stop.is_set() or used > self.limit:
+                return
+            try:
+                value = self.read(item)
+            except Exception:
+                return
+            with self.lock:
+                self.values[item] = value
+
+    def take(self, item):
+        with self.lock:
+            return self.values.pop(item, None)
+
+
+def ordered_map(function: Callable, items: Iterable, workers: int, name: str = "map") -> Iterator:
+    """function(item) for each item on `workers` threads, yielded in the items' order; at most
+    `workers` results are computed ahead of the consumer (each may be large: a window's logits)."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 @contextmanager
 def torch_threads(n: int | None):
     """torch on `n` intra-op threads inside the block (None: leave torch's count alone, e.g. on a GPU).
@@ -214,3 +283,12 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def one_blas_thread():
+    """numpy's BLAS on one thread inside (linalg.gram's spectra): the callers already run one matrix per core."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -1,4 +1,5 @@
-"""lorasurgery.concurrency: the read → compute → write pipeline, its byte budget and its errors."""
+"""lorasurgery.concurrency: the read → compute → write pipeline, its byte budget and its errors; the
+prefetcher and the ordered map."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from lorasurgery.concurrency import Budget, Pipeline, torch_threads
+from lorasurgery.concurrency import Budget, Pipeline, Prefetch, ordered_map, torch_threads
 
 
 def test_every_item_is_read_computed_and_written_once():
@@ -104,3 +105,60 @@ def test_torch_threads_sets_and_restores_the_count():
     with pytest.raises(RuntimeError), torch_threads(1):
         raise RuntimeError("restored on errors too")
     assert torch.get_num_threads() == before
+
+
+def test_prefetch_reads_in_order_up_to_its_limit_and_hands_each_value_out_once():
+    read = []
+    with Prefetch(range(10), lambda i: read.append(i) or i * i, cost=lambda i: 3, limit=10) as early:
+        pass
+    assert read == [0, 1, 2]  # a fourth would pass 10
+    assert [early.take(i) for i in range(4)] == [0, 1, 4, None]
+    assert early.take(1) is None  # taken already: the caller reads it itself
+
+
+def test_prefetch_stops_at_the_first_error_and_when_its_block_ends():
+    def read(i):
+        if i == 2:
+            raise OSError("unreadable")  # dropped: the caller reads it again and reports it
+        return i
+
+    with Prefetch(range(5), read, cost=lambda i: 1, limit=100) as early:
+        pass
+    assert [early.take(i) for i in range(5)] == [0, 1, None, None, None]
+
+    release, started = threading.Event(), threading.Event()
+
+    def slow(i):
+        started.set()
+        release.wait(5)
+        return i
+
+    timer = threading.Timer(0.2, release.set)  # item 0 finishes only after the block has ended
+    with Prefetch(range(5), slow, cost=lambda i: 1, limit=100) as early:
+        assert started.wait(5)
+        timer.start()
+    assert early.take(0) == 0 and all(early.take(i) is None for i in range(1, 5))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ordered_map_yields_in_order_with_a_bounded_lead(workers):
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def work(i):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.01 * ((7 * i) % 5))  # finish out of order
+        with lock:
+            running -= 1
+        return i * 10
+
+    results = []
+    for value in ordered_map(work, range(12), workers):
+        results.append(value)
+    assert results == [10 * i for i in range(12)]
+    assert most <= workers
+    with pytest.raises(ZeroDivisionError):
+        list(ordered_map(lambda i: 1 / (i - 5), range(8), workers))

@@ -10,8 +10,6 @@ torch's float64 matmul on this project's machines, and `import torch` alone take
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 # Columns converted to float64 at once: bounds the extra memory to 32 MB whatever the matrix size.
@@ -73,12 +71,3 @@ def read_matrix(checkpoint, name: str) -> np.ndarray | None:
         if info.dtype == "F16":
             values = values.astype(np.float32)
     return values.reshape(info.shape)
-
-
-@contextmanager
-def one_blas_thread():
-    """numpy's BLAS on one thread inside: the callers already run one matrix per core."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield

@@ -26,19 +26,17 @@ import json
 import math
 import mmap
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.concurrency import Pipeline, torch_threads
+from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
 from lorasurgery.io.output import check_output_path, write_text_atomically
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
-from lorasurgery.linalg.gram import one_blas_thread
 from lorasurgery.linalg.policies import Policy
 from lorasurgery.memory import tune_allocator
 from lorasurgery.operations.extract_plan import (
@@ -137,7 +135,7 @@ class _Run:
     svd: str
     dtype: str
     allow_nonfinite: bool
-    early: _EarlyReader | None = None
+    early: Prefetch | None = None  # _early_reads
     calibration: dict | None = None  # module -> calibrate.Whitening (--calibrate)
 
     def whitening(self, target: Target):
@@ -147,7 +145,7 @@ class _Run:
 
     def read(self, checkpoint, name: str):
         """Tensor `name` in its stored dtype, in memory of its own (from the early reader if it has it)."""
-        tensor = self.early.take(checkpoint, name) if self.early is not None else None
+        tensor = _take_early(self.early, checkpoint, name)
         return checkpoint.read(name) if tensor is None else tensor
 
 
@@ -376,60 +374,45 @@ def _measure(run: _Run, item: Measured) -> _MeasuredResult:
 # ------------------------------------------------------------------------------------- threads
 
 
-class _EarlyReader:
-    """Reads the first tensors of the work order while torch is being imported.
+def _early_reads(reads: list, limit: int) -> Prefetch:
+    """The first tensors of the work order, read while torch is being imported.
 
     `import torch` takes 1–2 s of one core and nothing else needs the disk then; file reads release
-    the GIL, so the tensors the workers start with are read meanwhile (up to EARLY_READ_BYTES; the
-    reader stops once torch is in). A worker takes a tensor from here when it was read in time, and
-    reads it itself otherwise — errors included, so a failed early read is simply dropped.
+    the GIL, so the tensors the workers start with are read meanwhile. A worker takes a tensor from
+    here when it was read in time (`_take_early`), and reads it itself otherwise.
     """
+    from lorasurgery.io.checkpoint import read_range
 
-    def __init__(self, reads: list, limit: int):
-        self.reads, self.limit = reads, limit  # [(checkpoint, tensor name)] in the order of use
-        self.buffers: dict = {}
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="extract-early-reader", daemon=True)
-
-    def __enter__(self) -> _EarlyReader:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()  # torch is in (or the import failed): the workers read from here on
-        self.thread.join()
-
-    def _run(self) -> None:
-        from lorasurgery.io.checkpoint import read_range
-
-        used = 0
-        for checkpoint, name in self.reads:
-            info = checkpoint.tensors[name]
-            if self.stop.is_set() or info.start < 0 or used + info.nbytes > self.limit:
-                return
-            if info.nbytes == 0:
-                continue
-            # An anonymous mapping, not bytearray(n): that zero-fills every page while holding the
-            # GIL, which stalled the very import this thread runs beside.
-            buffer = mmap.mmap(-1, info.nbytes)
-            try:
-                read_range(info.file, info.start, buffer)
-            except (OSError, LoraSurgeryError):
-                return  # the worker reads it again and reports the error properly
-            with self.lock:
-                self.buffers[(id(checkpoint), name)] = buffer
-            used += info.nbytes
-
-    def take(self, checkpoint, name: str):
-        with self.lock:
-            buffer = self.buffers.pop((id(checkpoint), name), None)
-        if buffer is None:
-            return None
-        import torch
-
+    def read(entry):
+        checkpoint, name = entry
         info = checkpoint.tensors[name]
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
+        # An anonymous mapping, not bytearray(n): that zero-fills every page while holding the GIL,
+        # which stalled the very import this thread runs beside.
+        buffer = mmap.mmap(-1, info.nbytes)
+        read_range(info.file, info.start, buffer)
+        return buffer
+
+    # Up to the first pickled tensor (no byte range to read), skipping empty ones.
+    files = []
+    for checkpoint, name in reads:
+        info = checkpoint.tensors[name]
+        if info.start < 0:
+            break
+        if info.nbytes:
+            files.append((checkpoint, name))
+    return Prefetch(
+        files, read, cost=lambda entry: entry[0].tensors[entry[1]].nbytes, limit=limit, name="extract-early"
+    )
+
+
+def _take_early(early: Prefetch | None, checkpoint, name: str):
+    buffer = early.take((checkpoint, name)) if early is not None else None
+    if buffer is None:
+        return None
+    import torch
+
+    info = checkpoint.tensors[name]
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(info.torch_dtype).reshape(info.shape)
 
 
 def _worker_count(run: _Run) -> int:
@@ -530,7 +513,7 @@ def extract_adapter(
         )
     ]
     largest = max((c.tensors[n].nbytes for c, n in reads), default=0)
-    with _EarlyReader(reads, min(EARLY_READ_BYTES, EARLY_READ_TENSORS * largest)) as early:
+    with _early_reads(reads, min(EARLY_READ_BYTES, EARLY_READ_TENSORS * largest)) as early:
         import torch  # noqa: F401  (1–2 s, while the early reader reads the first tensors)
 
         device = resolve_device(device)

@@ -55,10 +55,9 @@ def load_causal_lm(folder: str | os.PathLike, device: str = "cpu"):
 class Forward:
     """Forward passes of one model over fixed token windows: mean next-token loss, log-probs, KL.
 
-    On the CPU the windows run in parallel, one per core, each on one torch thread (the caller sets
-    torch.set_num_threads(1), see `cpu_threads`): OpenMP threads splitting each matmul spin on a
-    busy machine, and there one SmolLM2 pass took 137–173 s on 2 threads against 40 s on 1
-    (docs/rank-report.md). At most `workers` windows' logits are held at once.
+    On the CPU the windows run in parallel, one per core, each on one torch thread (the caller runs
+    it inside lorasurgery.concurrency.torch_threads(1)): OpenMP threads splitting each matmul spin on a
+    busy machine and make each pass several times slower (docs/rank-report.md). At most `workers` windows' logits are held at once.
     """
 
     def __init__(self, model, windows: list, device: str = "cpu", workers: int | None = None):
@@ -75,22 +74,10 @@ class Forward:
             return window, self.model(window).logits[0, :-1].float()  # (L − 1, vocab)
 
     def _logits(self):
-        self.passes += 1
-        if self.workers == 1:
-            for window in self.windows:
-                yield self._run(window)
-            return
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
+        from lorasurgery.concurrency import ordered_map
 
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="probe") as pool:
-            pending: deque = deque()
-            for window in self.windows:
-                pending.append(pool.submit(self._run, window))
-                if len(pending) >= self.workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        self.passes += 1
+        return ordered_map(self._run, self.windows, self.workers, name="probe")
 
     def loss(self) -> float:
         """Mean next-token cross-entropy in nats/token over every window."""
@@ -303,16 +290,14 @@ def functional_rank(
     progress: ProgressCallback = no_progress,
 ) -> ProbeResult:
     """The probe of `rank-report --probe`: TARGET a model (alone, or with --base) or an adapter (with --base)."""
-    import torch
+    from lorasurgery.concurrency import torch_threads
 
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    try:
+    # One window per core instead of torch's threads splitting each matmul (Forward).
+    with torch_threads(1 if device == "cpu" else None):
         return _functional_rank(
             target, text, base, tokens, fractions, tolerance, include, device, exhaustive, progress, started
         )
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _functional_rank(
@@ -335,8 +320,6 @@ def _functional_rank(
         )
     ids = token_ids(Path(base) if base is not None else target, text, tokens or DEFAULT_TOKENS)
     model = load_causal_lm(model_folder, device)
-    if device == "cpu":
-        torch.set_num_threads(1)  # one window per core instead (Forward), restored on return
     windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))
     forward = Forward(model, windows, device)
     notes: list[str] = []

@@ -309,7 +309,7 @@ def _cpu(tensor):
 
 def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
     """{"intruder_dimensions", "intruder_max_cosine"} of W' against W (linalg.intruders)."""
-    from lorasurgery.linalg.gram import one_blas_thread
+    from lorasurgery.concurrency import one_blas_thread
     from lorasurgery.linalg.intruders import intruder_dimensions
 
     k, eps = intruders
@@ -487,8 +487,7 @@ def _model_report(
     # One matrix per core, each on one BLAS/torch thread (docs/rank-report.md: the dense spectra are
     # LAPACK calls that parallelise poorly, and spinning OpenMP workers collapse on a busy machine);
     # one matrix waits for a free worker, so memory stays a few matrices whatever the model.
-    from lorasurgery.concurrency import Pipeline
-    from lorasurgery.linalg.gram import one_blas_thread
+    from lorasurgery.concurrency import Pipeline, one_blas_thread
 
     entries: dict[str, list[ModuleEntry]] = {}
     with contextlib.ExitStack() as stack:
