@@ -13,7 +13,23 @@ from __future__ import annotations
 import os
 import time
 
+from lorasurgery.adapter import load_adapter
+from lorasurgery.concurrency import torch_threads
+from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
+from lorasurgery.io import check_output_path
+from lorasurgery.io.safetensors_format import output_dtype
+from lorasurgery.operations.extract_plan import natural_key
+from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
+from lorasurgery.operations.surgery import (
+    SurgeryReport,
+    adapter_config,
+    build_output,
+    choose_ranks,
+    preload,
+    write_output,
+)
+from lorasurgery.progress import Progress, no_progress
 
 
 def _module_table(adapters, paths) -> dict[str, list[int]]:
@@ -193,25 +209,6 @@ def combine_adapters(
     progress=None,
 ):
     """Write the weighted sum of `adapters` to `out`, exactly or truncated under `policy`."""
-    from lorasurgery.adapter import load_adapter
-    from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.concurrency import torch_threads
-    from lorasurgery.devices import resolve_device
-    from lorasurgery.io import atomic_output_dir, check_output_path
-    from lorasurgery.io.safetensors_format import output_dtype
-    from lorasurgery.operations.extract_plan import natural_key
-    from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
-    from lorasurgery.operations.surgery import (
-        PEFT_PREFIX,
-        SurgeryReport,
-        adapter_config,
-        build_output,
-        choose_ranks,
-        finish_totals,
-        preload,
-    )
-    from lorasurgery.progress import Progress, no_progress
-
     started = time.perf_counter()
     progress = progress or no_progress
     paths = [str(p) for p in adapters]
@@ -263,23 +260,10 @@ def combine_adapters(
         report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
         ranks = None
         if not exact:
-            budget = None
-            if policy.budget is not None:
-                fixed = sum(t.numel() for t in saved.values()) + sum(
-                    u.bias.numel() for u in updates if u.bias is not None
-                )
-                budget = policy.budget - fixed
-                if budget < 0:
-                    raise LoraSurgeryError(
-                        f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone "
-                        f"take {fixed:,} parameters"
-                    )
-            ranks = choose_ranks(updates, policy, max_rank, budget)
+            ranks = choose_ranks(updates, policy, max_rank, saved)
         output = build_output(updates, ranks, report)
     if not output.module_ranks:
         raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
-    tensors = {**output.tensors, **saved}
-    report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
     if saved and any(w != 1.0 for w in weights):
         report.notes.append(
             "tensors saved whole (modules_to_save, biases) are copied unchanged, not weighted"
@@ -289,8 +273,4 @@ def combine_adapters(
     config = adapter_config(
         loaded[0].config.raw, output.module_ranks, output.lora_bias, **_merged_config(loaded, paths)
     )
-    finish_totals(report, tensors)
-    with atomic_output_dir(out, inputs=inputs, force=force) as folder:
-        write_adapter_folder(folder, tensors, config)
-    report.seconds = time.perf_counter() - started
-    return report
+    return write_output(report, out, inputs, force, output, saved, config, started)

@@ -19,7 +19,29 @@ import os
 import time
 from dataclasses import dataclass
 
-from lorasurgery.errors import MismatchError, NonFiniteError, OptionError, UnsupportedError
+from lorasurgery.adapter import load_adapter
+from lorasurgery.concurrency import torch_threads
+from lorasurgery.devices import resolve_device
+from lorasurgery.errors import (
+    AdapterError,
+    LoraSurgeryError,
+    MismatchError,
+    NonFiniteError,
+    OptionError,
+    UnsupportedError,
+)
+from lorasurgery.io import check_output_path
+from lorasurgery.io.safetensors_format import output_dtype
+from lorasurgery.operations.extract_plan import natural_key
+from lorasurgery.operations.surgery import (
+    SurgeryReport,
+    adapter_config,
+    build_output,
+    choose_ranks,
+    preload,
+    write_output,
+)
+from lorasurgery.progress import Progress, no_progress
 
 
 @dataclass
@@ -268,25 +290,6 @@ def resize_adapter(
     progress=None,
 ):
     """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
-    from lorasurgery.adapter import load_adapter
-    from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.concurrency import torch_threads
-    from lorasurgery.devices import resolve_device
-    from lorasurgery.errors import AdapterError, LoraSurgeryError
-    from lorasurgery.io import atomic_output_dir, check_output_path
-    from lorasurgery.io.safetensors_format import output_dtype
-    from lorasurgery.operations.extract_plan import natural_key
-    from lorasurgery.operations.surgery import (
-        PEFT_PREFIX,
-        SurgeryReport,
-        adapter_config,
-        build_output,
-        choose_ranks,
-        finish_totals,
-        preload,
-    )
-    from lorasurgery.progress import Progress, no_progress
-
     started = time.perf_counter()
     progress = progress or no_progress
     policy.validate()
@@ -313,26 +316,13 @@ def resize_adapter(
             progress(Progress("resize", i + 1, len(names), name))
         keys = lora_keys(loaded)
         saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
-        budget = None
-        if policy.budget is not None:
-            fixed = sum(t.numel() for t in saved.values()) + sum(
-                u.bias.numel() for u in updates if u.bias is not None
-            )
-            budget = policy.budget - fixed
-            if budget < 0:
-                raise LoraSurgeryError(
-                    f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone take "
-                    f"{fixed:,} parameters"
-                )
-        ranks = choose_ranks(updates, policy, max_rank, budget)
+        ranks = choose_ranks(updates, policy, max_rank, saved)
         report = SurgeryReport("resize", [str(adapter)], str(out), policy.describe())
         output = build_output(updates, ranks, report)
     if not output.module_ranks:
         raise LoraSurgeryError(
             f"{adapter}: every module has rank 0 under {policy.describe()}; nothing to write"
         )
-    tensors = {**output.tensors, **saved}
-    report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
     dora = [u.name for u in updates if loaded.modules[u.name].dora]
     if dora:
         report.notes.append(
@@ -342,8 +332,4 @@ def resize_adapter(
     fan_in_fan_out = known_fan_in_fan_out([loaded])  # the flag is PEFT's hint: say the truth when known
     overrides = {} if fan_in_fan_out is None else {"fan_in_fan_out": fan_in_fan_out}
     config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias, **overrides)
-    finish_totals(report, tensors)
-    with atomic_output_dir(out, inputs=inputs, force=force) as folder:
-        write_adapter_folder(folder, tensors, config)
-    report.seconds = time.perf_counter() - started
-    return report
+    return write_output(report, out, inputs, force, output, saved, config, started)

@@ -5,7 +5,8 @@ factor layout) or, for `combine --exact`, the concatenated factors themselves. F
 - `choose_ranks`: one rank per module under the policy (per module, or jointly for --budget);
 - `build_output`: the written factors (cast, with the error of what is written), lora_B biases,
   saved tensors, and an adapter_config.json with α = r per module (adapter.writer);
-- `SurgeryReport`: the table / JSON report (see docs/resize.md, docs/combine.md).
+- `write_output`: the folder, atomically, and the totals of the `SurgeryReport`, the table / JSON
+  report (see docs/resize.md, docs/combine.md).
 """
 
 from __future__ import annotations
@@ -128,10 +129,9 @@ def _floor(update: ModuleUpdate) -> float:
     return float(S[0]) * numerical_rank_tolerance(update.dims, torch.float64) if len(S) else 0.0
 
 
-def choose_ranks(
-    updates: list[ModuleUpdate], policy, max_rank: int | None, budget: int | None
-) -> dict[str, int]:
-    """{module: rank} under `policy` (its budget replaced by `budget`, what the factors may spend)."""
+def choose_ranks(updates: list[ModuleUpdate], policy, max_rank: int | None, saved: dict) -> dict[str, int]:
+    """{module: rank} under `policy`; a --budget counts the `saved` tensors (copied unchanged) and the
+    lora_B biases first, and the factors spend the rest."""
     import torch
 
     from lorasurgery.linalg.policies import allocate_budget
@@ -145,11 +145,19 @@ def choose_ranks(
                 S = torch.cat([S, S.new_zeros(min(d, n) - len(S))])
             ranks[u.name] = policy.module_rank(S, (d, n), floor=_floor(u), max_rank=max_rank)
         return ranks
+    fixed = sum(t.numel() for t in saved.values()) + sum(
+        u.bias.numel() for u in updates if u.bias is not None
+    )
+    if fixed > policy.budget:
+        raise LoraSurgeryError(
+            f"--budget {policy.budget:,}: the tensors copied unchanged and the lora_B biases alone take "
+            f"{fixed:,} parameters"
+        )
     spectra = []
     for u in updates:
         S = u.svd.S.double().cpu()
         spectra.append((S[S > _floor(u)], *u.dims))
-    chosen = allocate_budget(spectra, budget, max_rank=max_rank)
+    chosen = allocate_budget(spectra, policy.budget - fixed, max_rank=max_rank)
     return {u.name: k for u, k in zip(updates, chosen)}
 
 
@@ -249,12 +257,32 @@ def adapter_config(raw: dict, module_ranks: dict[str, int], lora_bias: bool, **o
     return config
 
 
-def finish_totals(report: SurgeryReport, tensors: dict) -> None:
+def write_output(
+    report: SurgeryReport,
+    out,
+    inputs: list,
+    force: bool,
+    output: Output,
+    saved: dict,
+    config: dict,
+    started: float,
+) -> SurgeryReport:
+    """The adapter folder (factors + the saved tensors) to `out`, atomically; the report's totals."""
+    import time
+
+    from lorasurgery.adapter.writer import write_adapter_folder
+    from lorasurgery.io import atomic_output_dir
     from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
 
+    tensors = {**output.tensors, **saved}
+    report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
     report.totals["params"] = sum(t.numel() for t in tensors.values())
     report.totals["bytes"] = sum(byte_size(dtype_code_of(t.dtype), tuple(t.shape)) for t in tensors.values())
     report.totals = {k: report.totals[k] for k in ("params", "bytes", "relative_error")}
+    with atomic_output_dir(out, inputs=inputs, force=force) as folder:
+        write_adapter_folder(folder, tensors, config)
+    report.seconds = time.perf_counter() - started
+    return report
 
 
 def write_report(report: SurgeryReport, path: str | os.PathLike) -> None:
