@@ -94,6 +94,35 @@ def _metrics(S, shape, source_dtype) -> dict:
     return spectrum_metrics(_padded(S, shape), tuple(shape), source_dtype)
 
 
+@dataclass
+class _Request:
+    """What rank_report was asked, checked, for the adapter or the model path."""
+
+    target: Path
+    base: str | os.PathLike | None
+    compare: str | os.PathLike | None
+    amp_rank: int | None
+    include_re: re.Pattern | None
+    mle: bool
+    device: str
+    progress: ProgressCallback
+    config_file: str | os.PathLike | None
+    fan_in_fan_out: str | None
+    intruders: tuple[int, float]  # (k, ε)
+
+    def common(self) -> tuple:
+        return (
+            self.target,
+            self.base,
+            self.compare,
+            self.amp_rank,
+            self.include_re,
+            self.mle,
+            self.device,
+            self.progress,
+        )
+
+
 def rank_report(
     target: str | os.PathLike,
     *,
@@ -128,26 +157,24 @@ def rank_report(
         raise LoraSurgeryError(
             f"--intruders-k must be ≥ 0 and --intruders-eps in (0, 1], got {intruders_k} and {intruders_eps}"
         )
-    intruders = (intruders_k, intruders_eps)
+    request = _Request(
+        target,
+        base,
+        compare,
+        amp_rank,
+        include_re,
+        mle,
+        device,
+        progress,
+        config_file,
+        fan_in_fan_out,
+        (intruders_k, intruders_eps),
+    )
     if _is_adapter(target):
         with torch_threads(1 if device == "cpu" else None):  # W's spectra collapse under contention
-            report = _adapter_report(
-                target,
-                base,
-                compare,
-                amp_rank,
-                include_re,
-                mle,
-                device,
-                progress,
-                config_file,
-                fan_in_fan_out,
-                intruders,
-            )
+            report = _adapter_report(request)
     else:
-        report = _model_report(
-            target, base, compare, amp_rank, include_re, mle, device, progress, config_file, intruders
-        )
+        report = _model_report(request)
     report.summary = summarize(report)
     if probe_text is not None:
         # Functional rank (operations.probe): forward passes on the user's text.
@@ -174,19 +201,9 @@ def rank_report(
 # adapter TARGET
 
 
-def _adapter_report(
-    target,
-    base,
-    compare,
-    amp_rank,
-    include_re,
-    mle,
-    device,
-    progress,
-    config_file=None,
-    fan_in_fan_out=None,
-    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
-) -> RankReport:
+def _adapter_report(request: _Request) -> RankReport:
+    target, base, compare, amp_rank, include_re, mle, device, progress = request.common()
+    config_file, fan_in_fan_out, intruders = request.config_file, request.fan_in_fan_out, request.intruders
     import torch
 
     from lorasurgery.adapter import find_prefix_rule, load_adapter, resolve_base_names
@@ -408,18 +425,9 @@ def _selected_weights(checkpoint, include_re, config_file=None) -> list[str]:
     return names
 
 
-def _model_report(
-    target,
-    base,
-    compare,
-    amp_rank,
-    include_re,
-    mle,
-    device,
-    progress,
-    config_file=None,
-    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
-) -> RankReport:
+def _model_report(request: _Request) -> RankReport:
+    target, base, compare, amp_rank, include_re, mle, device, progress = request.common()
+    config_file, intruders = request.config_file, request.intruders
     from lorasurgery.io import open_checkpoint
 
     checkpoint = open_checkpoint(target)
