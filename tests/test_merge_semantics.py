@@ -180,9 +180,9 @@ def test_the_recipe_tied_llama_embedding_lora_and_modules_to_save_lm_head(tied_b
     )
     plan = plan_merge(tied_base, [adapter], [1.0])
     embed, head = plan.item("model.embed_tokens.weight"), plan.item("lm_head.weight")
-    assert embed.updates == [(0, "model.embed_tokens")]
-    assert embed.replacement == (0, "base_model.model.model.embed_tokens.base_layer.weight")
-    assert head.replacement == (0, "base_model.model.lm_head.weight") and not head.updates
+    assert embed.recipe.updates == [(0, "model.embed_tokens")]
+    assert embed.recipe.start == (0, "base_model.model.model.embed_tokens.base_layer.weight")
+    assert head.recipe.start == (0, "base_model.model.lm_head.weight") and not head.recipe.updates
     assert [(t.group, t.untied) for t in plan.ties] == [
         (("model.embed_tokens.weight", "lm_head.weight"), True)
     ]

@@ -42,21 +42,16 @@ class AdapterSummary:
 
 @dataclass
 class Item:
-    """How one output tensor is produced."""
+    """How one output tensor is produced: its recipe (merge.ties) on a known tensor."""
 
     name: str  # output tensor name
     spec: TensorSpec
     source: TensorInfo | None  # base tensor read when nothing replaces it (a tied one: the stored member)
-    replacement: tuple[int, str] | None = None  # (adapter index, adapter tensor name)
-    updates: list[tuple[int, str]] = field(default_factory=list)  # (adapter index, module)
-    bias_terms: list[tuple[int, str]] = field(default_factory=list)  # lora_bias: (adapter index, module)
-    token_rows: list[tuple[int, str]] = field(
-        default_factory=list
-    )  # trainable tokens: (adapter index, module)
+    recipe: Recipe = field(default_factory=Recipe)  # recipe.start: (adapter index, tensor) replacing it
 
     @property
     def untouched(self) -> bool:
-        return self.replacement is None and not self.updates and not self.bias_terms and not self.token_rows
+        return self.recipe.untouched
 
 
 @dataclass
@@ -229,21 +224,13 @@ def plan_merge(
         if recipe.start is not BASE:
             index, tensor_name = recipe.start
             spec = TensorSpec(name, spec.dtype, tuple(adapters[index].tensors[tensor_name].shape))
-        items[name] = Item(
-            name,
-            spec,
-            info,
-            recipe.start,
-            list(recipe.updates),
-            list(recipe.bias_terms),
-            list(recipe.token_rows),
-        )
+        items[name] = Item(name, spec, info, recipe)
         for index, module in recipe.updates:
             views[index].check_shape(module, name, spec.shape)
 
     summaries = []
     for index, (path, weight, (merged, dora, biases)) in enumerate(zip(adapter_paths, weights, counts)):
-        replaced = sum(1 for i in items.values() if i.replacement and i.replacement[0] == index)
+        replaced = sum(1 for i in items.values() if i.recipe.start and i.recipe.start[0] == index)
         summaries.append(AdapterSummary(str(path), weight, merged, dora, biases, replaced))
 
     notes: list[str] = notes_early
@@ -359,7 +346,7 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
         return
     input_name = f"{structure.input_embedding}.weight"
     item = items.get(input_name)
-    if item is None or item.replacement is None or input_name not in tensors:
+    if item is None or item.recipe.start is None or input_name not in tensors:
         return
     rows = item.spec.shape[0]
     if rows == tensors[input_name].shape[0]:

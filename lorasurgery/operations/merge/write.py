@@ -54,8 +54,8 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     def read(item: Item):
         if copies_raw(item):
             return None  # the writer copies the bytes itself
-        if item.replacement is not None:
-            index, tensor_name = item.replacement
+        if item.recipe.start is not None:
+            index, tensor_name = item.recipe.start
             return plan.adapters[index].read(tensor_name)
         return checkpoint.read(item.source.name)
 
@@ -88,9 +88,9 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
         for done, item in enumerate(pipeline, 1):
             if copies_raw(item):
                 summary.tensors_copied += 1
-            elif item.replacement is not None:
+            elif item.recipe.start is not None:
                 summary.tensors_replaced += 1
-            elif item.updates or item.bias_terms or item.token_rows:
+            elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
                 summary.tensors_merged += 1
             else:
                 summary.tensors_converted += 1
@@ -144,8 +144,8 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
     """Bytes an item holds while in flight: what is read, plus the output when it is a new buffer."""
     if copies_raw(item):
         return 0
-    if item.replacement is not None:
-        index, tensor_name = item.replacement
+    if item.recipe.start is not None:
+        index, tensor_name = item.recipe.start
         shape = tuple(plan.adapters[index].tensors[tensor_name].shape)
         read = math.prod(shape) * 4  # adapters are float32 at most, in practice
     else:
@@ -158,19 +158,26 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
     from lorasurgery.linalg.delta import merge_bias, merge_weight
 
     out_dtype = torch_dtype_of(item.spec.dtype)
-    if item.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
+    if item.recipe.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
         from dataclasses import replace
 
         from lorasurgery.linalg.delta import overwrite_rows
 
         rows = []
-        for index, module in item.token_rows:
+        for index, module in item.recipe.token_rows:
             tokens = plan.adapters[index].tokens[module]
             rows.append((tokens.indices, plan.adapters[index].read(tokens.key)))
-        start = produce(plan, replace(item, token_rows=[]), tensor, device, precise, allow_nonfinite)
+        start = produce(
+            plan,
+            replace(item, recipe=replace(item.recipe, token_rows=[])),
+            tensor,
+            device,
+            precise,
+            allow_nonfinite,
+        )
         return overwrite_rows(start, rows, out_dtype=out_dtype)
-    if item.updates:
-        updates = [update_of(plan, index, module) for index, module in item.updates]
+    if item.recipe.updates:
+        updates = [update_of(plan, index, module) for index, module in item.recipe.updates]
         return merge_weight(
             tensor,
             updates,
@@ -180,9 +187,9 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
             allow_nonfinite=allow_nonfinite,
             name=item.name,
         )
-    if item.bias_terms:
+    if item.recipe.bias_terms:
         terms = []
-        for index, module in item.bias_terms:
+        for index, module in item.recipe.bias_terms:
             lora = plan.adapters[index].modules[module]
             terms.append((plan.adapters[index].read_lora_bias(module), plan.weights[index] * lora.scale))
         return merge_bias(
@@ -192,7 +199,7 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
             precise=precise,
             allow_nonfinite=allow_nonfinite,
             name=item.name,
-            modules=", ".join(m for _, m in item.bias_terms),
+            modules=", ".join(m for _, m in item.recipe.bias_terms),
         )
     return tensor.to(out_dtype)
 
