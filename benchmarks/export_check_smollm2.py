@@ -19,27 +19,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from common import WORK, smollm2_checkpoint  # noqa: E402
+from common import ADAPTER_KINDS, WORK, smollm2_checkpoint  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 KINDS = {
-    "plain": (dict(r=16, lora_alpha=32, target_modules=TARGETS), {}),
+    "plain": (ADAPTER_KINDS["plain"], {}),
+    # one pattern on a single layer too: a per-module rank the plain patterns do not reach
     "rslora_patterns": (
-        dict(
-            r=16,
-            lora_alpha=16,
-            use_rslora=True,
-            target_modules=TARGETS,
-            rank_pattern={"down_proj": 8, "layers.3.self_attn.q_proj": 4},
-            alpha_pattern={"v_proj": 4},
-        ),
+        {
+            **ADAPTER_KINDS["rslora_patterns"],
+            "rank_pattern": {"down_proj": 8, "layers.3.self_attn.q_proj": 4},
+        },
         {},
     ),
-    "multi_rank": (
-        dict(r=8, lora_alpha=8, target_modules=TARGETS, rank_pattern={"gate_proj": 32, "o_proj": 2}),
-        {},
-    ),
-    "dora": (dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]), {}),
+    "multi_rank": (ADAPTER_KINDS["multi_rank"], {}),
+    "dora": ({**ADAPTER_KINDS["dora"], "target_modules": ["q_proj", "v_proj", "down_proj"]}, {}),
     "dora_full_rank": (None, {"max_rank": 576}),
 }
 

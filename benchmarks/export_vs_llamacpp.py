@@ -22,26 +22,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from common import WORK, median, run_measured, smollm2_checkpoint  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import ADAPTER_KINDS, WORK, median, run_measured, smollm2_checkpoint  # noqa: E402
 
 
 def make_adapters(base: Path) -> dict[str, Path]:
     from factories import make_adapter
 
     root = WORK / "export-adapters"
-    kinds = {
-        "plain": dict(r=16, lora_alpha=32, target_modules=TARGETS),
-        "rslora_patterns": dict(
-            r=16,
-            lora_alpha=16,
-            use_rslora=True,
-            target_modules=TARGETS,
-            rank_pattern={"down_proj": 8},
-            alpha_pattern={"v_proj": 4},
-        ),
-    }
+    kinds = {name: ADAPTER_KINDS[name] for name in ("plain", "rslora_patterns")}
     out = {}
     for name, kwargs in kinds.items():
         folder = root / name

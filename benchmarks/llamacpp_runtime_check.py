@@ -26,9 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-from common import WORK, smollm2_checkpoint, smollm2_tokenizer  # noqa: E402
+from common import ADAPTER_KINDS, WORK, smollm2_checkpoint, smollm2_tokenizer  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT = "The surgeon carefully folded the low-rank update into the weights, and the model"
 
 
@@ -110,22 +109,9 @@ def main() -> None:
 
     root = WORK / "runtime-adapters"
     kinds = {
-        "plain": (dict(r=16, lora_alpha=32, target_modules=TARGETS), {}),
-        "rslora_patterns": (
-            dict(
-                r=16,
-                lora_alpha=16,
-                use_rslora=True,
-                target_modules=TARGETS,
-                rank_pattern={"down_proj": 8},
-                alpha_pattern={"v_proj": 4},
-            ),
-            {},
-        ),
-        "dora": (
-            dict(r=8, lora_alpha=16, use_dora=True, target_modules=["q_proj", "v_proj"]),
-            {"max_rank": 576},
-        ),
+        "plain": (ADAPTER_KINDS["plain"], {}),
+        "rslora_patterns": (ADAPTER_KINDS["rslora_patterns"], {}),
+        "dora": (ADAPTER_KINDS["dora"], {"max_rank": 576}),
     }
     passed = True
     for name, (kwargs, export_options) in kinds.items():
