@@ -96,6 +96,11 @@ def new_table(title: str | None = None) -> Table:
     return Table(title=title, title_justify="left", show_edge=False, header_style="bold")
 
 
+def add_module_column(table: Table, modules) -> None:
+    """A "module" column that keeps every name whole on a narrow terminal (the other headers wrap)."""
+    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in modules), default=6))
+
+
 # --------------------------------------------------------------------------------------------------
 # inspect
 
@@ -257,8 +262,7 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
         print_json(report.to_json())
         return
     table = new_table(f"{report.output} — extracted from {report.finetuned} ({report.policy})")
-    # Module names keep their full width on a narrow terminal; the headers wrap instead.
-    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
+    add_module_column(table, report.modules)
     table.add_column("shape", no_wrap=True)
     calibrated = any(m.data_relative_error is not None for m in report.modules)
     for column in ("rank", "retained energy", "relative error") + (("data error",) if calibrated else ()):
@@ -317,7 +321,7 @@ def surgery_report(report, as_json: bool = False, quiet: bool = False) -> None:
     else:
         title = f"{report.output} — resized from {report.inputs[0]} ({report.policy})"
     table = new_table(title)
-    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
+    add_module_column(table, report.modules)
     table.add_column("shape", no_wrap=True)
     for column in ("rank in", "rank", "retained energy", "relative error"):
         table.add_column(column, justify="right")
@@ -498,7 +502,7 @@ def export_report(report, as_json: bool = False, quiet: bool = False) -> None:
         print_json(report.to_json())
         return
     table = new_table(f"{report.output} — {report.adapter} for {report.target}")
-    table.add_column("module", no_wrap=True, min_width=max((len(m.name) for m in report.modules), default=6))
+    add_module_column(table, report.modules)
     for column in ("r in", "r out", "method", "relative error"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for m in report.modules:
