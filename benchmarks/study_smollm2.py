@@ -104,6 +104,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     base = smollm2_checkpoint()
+    if not (base / "tokenizer_config.json").is_file():
+        smollm2_tokenizer().save_pretrained(base)  # --probe --text tokenises with the model's own
     finetuned = make_finetune(base, args.ft_steps)
     adapters = {
         (r, s): train_adapter(base, r, s, args.steps)
