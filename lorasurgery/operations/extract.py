@@ -393,15 +393,15 @@ def _early_reads(reads: list, limit: int) -> Prefetch:
         return buffer
 
     # Up to the first pickled tensor (no byte range to read), skipping empty ones.
-    files = []
+    entries = []
     for checkpoint, name in reads:
         info = checkpoint.tensors[name]
         if info.start < 0:
             break
         if info.nbytes:
-            files.append((checkpoint, name))
+            entries.append((checkpoint, name))
     return Prefetch(
-        files, read, cost=lambda entry: entry[0].tensors[entry[1]].nbytes, limit=limit, name="extract-early"
+        entries, read, cost=lambda entry: entry[0].tensors[entry[1]].nbytes, limit=limit, name="extract-early"
     )
 
 
