@@ -56,8 +56,9 @@ class Forward:
     """Forward passes of one model over fixed token windows: mean next-token loss, log-probs, KL.
 
     On the CPU the windows run in parallel, one per core, each on one torch thread (the caller runs
-    it inside lorasurgery.concurrency.torch_threads(1)): OpenMP threads splitting each matmul spin on a
-    busy machine and make each pass several times slower (docs/rank-report.md). At most `workers` windows' logits are held at once.
+    it inside lorasurgery.concurrency.torch_threads(1)): OpenMP threads splitting each matmul spin
+    on a busy machine and make each pass several times slower (docs/rank-report.md). At most
+    `workers` windows' logits are held at once.
     """
 
     def __init__(self, model, windows: list, device: str = "cpu", workers: int | None = None):

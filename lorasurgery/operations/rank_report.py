@@ -110,18 +110,6 @@ class _Request:
     fan_in_fan_out: str | None
     intruders: tuple[int, float]  # (k, ε)
 
-    def common(self) -> tuple:
-        return (
-            self.target,
-            self.base,
-            self.compare,
-            self.amp_rank,
-            self.include_re,
-            self.mle,
-            self.device,
-            self.progress,
-        )
-
 
 def rank_report(
     target: str | os.PathLike,
@@ -202,7 +190,8 @@ def rank_report(
 
 
 def _adapter_report(request: _Request) -> RankReport:
-    target, base, compare, amp_rank, include_re, mle, device, progress = request.common()
+    target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
+    include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
     config_file, fan_in_fan_out, intruders = request.config_file, request.fan_in_fan_out, request.intruders
     import torch
 
@@ -426,7 +415,8 @@ def _selected_weights(checkpoint, include_re, config_file=None) -> list[str]:
 
 
 def _model_report(request: _Request) -> RankReport:
-    target, base, compare, amp_rank, include_re, mle, device, progress = request.common()
+    target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
+    include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
     config_file, intruders = request.config_file, request.intruders
     from lorasurgery.io import open_checkpoint
 
