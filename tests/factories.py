@@ -149,6 +149,42 @@ def make_bert(
     return _save(model, path, dtype, max_shard_size)
 
 
+def make_gpt_oss(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    hidden_size: int = 32,
+    experts: int = 4,
+    seed: int = 0,
+) -> Path:
+    """A tiny ``GptOssForCausalLM`` (1 layer, `experts` experts with fused ``gate_up_proj`` (E, hidden,
+    2·inner) and ``down_proj`` (E, inner, hidden) parameters, biases and sinks). `hidden_size` a
+    multiple of 32 lets its experts be stored as MXFP4 (32-value blocks) as gpt-oss ships them."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GptOssConfig(
+        vocab_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden_size // 4,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        layer_types=["full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = transformers.GptOssForCausalLM(config)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm"])
+    return _save(model, path, dtype, None)
+
+
 # ------------------------------------------------------------------------------------------ adapters
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from lorasurgery.adapter.config import AdapterConfig, parse_adapter_config
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
 from lorasurgery.io.checkpoint import Checkpoint, open_checkpoint, read_json
+from lorasurgery.io.quantization import recognise, refusal
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -192,7 +193,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{path}: no such adapter folder")
     if path.is_file():  # a lone weights file: recognise kohya files, refuse the rest clearly
         try:
-            names = open_checkpoint(path).tensors
+            names = open_checkpoint(path, raw=True).tensors
         except CheckpointError:
             names = {}
         _refuse_kohya(path, names)
@@ -203,7 +204,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     if not config_path.is_file():
         for candidate in sorted(path.glob("*.safetensors"))[:4]:
             try:
-                _refuse_kohya(candidate, open_checkpoint(candidate).tensors)
+                _refuse_kohya(candidate, open_checkpoint(candidate, raw=True).tensors)
             except CheckpointError:
                 pass
         raise AdapterError(f"{path}: no {CONFIG_FILE}; not a PEFT adapter folder")
@@ -212,8 +213,13 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     except CheckpointError as error:
         raise AdapterError(str(error)) from None
     config = parse_adapter_config(raw, config_path)
-    checkpoint = open_checkpoint(_find_weights(path))
+    # Raw: a config.json some trainers copy beside an adapter describes its base, not its factors,
+    # so only the adapter's own tensors can show quantization (they never should).
+    checkpoint = open_checkpoint(_find_weights(path), raw=True)
     _refuse_kohya(checkpoint.files[0], checkpoint.tensors)
+    quantized = recognise(None, checkpoint.tensors)
+    if quantized is not None:
+        raise refusal(quantized, checkpoint.tensors, checkpoint.files[0])
     adapter = Adapter(path=path, config=config, checkpoint=checkpoint)
     _index_tensors(adapter)
     if not adapter.modules and not adapter.replacements and not adapter.tokens:

@@ -5,6 +5,10 @@ or `pytorch_model.bin` (and its index); or one `.safetensors` / `.bin` file. Ope
 headers (validated in full); `read` then copies one tensor's bytes with plain reads into fresh
 memory. No mmap: touched mmap pages count towards RSS and keep a whole file resident, while a read
 leaves only the tensor. Pickle files go through `torch.load(weights_only=True)` and nothing else.
+
+Opening also recognises a quantized checkpoint (io.quantization, docs/design.md §13): `open_checkpoint`
+refuses one whose format has no dequantizing reader, so no command reads codes as weights;
+`raw=True` gives the stored tensors as they are, for what copies bytes or checks them itself.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lorasurgery.errors import CheckpointError
+from lorasurgery.errors import CheckpointError, UnsupportedError
+from lorasurgery.io.quantization import SIDE_CONFIGS, recognise, refusal
 from lorasurgery.io.safetensors_format import (
     TensorInfo,
     dtype_code_of,
@@ -52,6 +57,8 @@ class Checkpoint:
         self.files = files  # weight files, in shard order
         self.tensors = tensors
         self.config = self._read_config()
+        # What makes it quantized (None: plain); Checkpoint.read still returns the stored tensors.
+        self.quantization = recognise(self.config, tensors, self._read_side_configs())
         self._pickle_cache: tuple[Path, dict] | None = None  # the one .bin shard kept loaded
 
     def __repr__(self) -> str:
@@ -83,6 +90,25 @@ class Checkpoint:
         if not config_path.is_file():
             return None
         return read_json(config_path, "config.json")
+
+    def _read_side_configs(self) -> dict[str, dict]:
+        """{name: JSON} of the quantization side files present (an old GPTQ/AWQ repo's)."""
+        found = {}
+        for name in SIDE_CONFIGS:
+            if (self.folder / name).is_file():
+                try:
+                    found[name] = read_json(self.folder / name, name)
+                except CheckpointError:
+                    found[name] = {}  # its presence says enough
+        return found
+
+    def refuse_quantized(self) -> None:
+        """UnsupportedError when the checkpoint is quantized in a format lorasurgery cannot read."""
+        q = self.quantization
+        if q is None or q.readable:
+            return
+        declared_in = q.source if q.source in SIDE_CONFIGS else "config.json"  # named when no tensor shows it
+        raise refusal(q, self.tensors, self.folder / declared_in)
 
     def read(self, name: str, device: str = "cpu"):
         """Tensor `name` in its stored dtype, in memory of its own (never a view of the file)."""
@@ -220,15 +246,27 @@ def _open_index(index_path: Path) -> Checkpoint:
     return Checkpoint(index_path, folder, files, tensors)
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Index the checkpoint at `path` (folder or file) from its headers alone."""
-    path = Path(path)
+def open_checkpoint(path: str | os.PathLike, *, raw: bool = False) -> Checkpoint:
+    """Index the checkpoint at `path` (folder or file) from its headers alone.
+
+    A quantized checkpoint is refused by name (UnsupportedError, docs/design.md §13) unless `raw`:
+    then its stored tensors are served as they are (codes and scales), never to be read as weights."""
+    checkpoint = _open(Path(path))
+    if not raw:
+        checkpoint.refuse_quantized()
+    return checkpoint
+
+
+def _open(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
         candidates = (SAFETENSORS_FILE, SAFETENSORS_INDEX, PICKLE_FILE, PICKLE_INDEX)
         found = next((path / c for c in candidates if (path / c).is_file()), None)
         if found is None:
+            gguf = sorted(path.glob("*.gguf"))
+            if gguf:
+                raise _gguf_refusal(gguf[0])
             if (path / "adapter_config.json").is_file():
                 raise CheckpointError(f"{path}: is a PEFT adapter folder, expected a model checkpoint")
             raise CheckpointError(f"{path}: no {', '.join(candidates)} in this folder")
@@ -239,4 +277,14 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return _open_index(path)
     if path.suffix in (".safetensors", ".bin"):
         return Checkpoint(path, path.parent, [path], _index_file(path))
+    if path.suffix == ".gguf":
+        raise _gguf_refusal(path)
     raise CheckpointError(f"{path}: not a checkpoint (expected a model folder, .safetensors or .bin file)")
+
+
+def _gguf_refusal(path: Path) -> UnsupportedError:
+    return UnsupportedError(
+        f"{path}: is a GGUF file (llama.cpp's format, quantized block by block); lorasurgery reads "
+        f"safetensors and .bin checkpoints and does not read GGUF bases yet — give it the model's "
+        f"Hugging Face folder (docs/design.md §13)"
+    )

@@ -32,7 +32,13 @@ DEFAULT_TOLERANCE = 0.01
 
 
 def load_causal_lm(folder: str | os.PathLike, device: str = "cpu"):
-    """The checkpoint in `folder` as a float32 transformers causal LM in eval mode, local files only."""
+    """The checkpoint in `folder` as a float32 transformers causal LM in eval mode, local files only.
+
+    A quantized checkpoint is refused first, by name (docs/design.md §13), not left to transformers."""
+    from lorasurgery.io import open_checkpoint
+
+    open_checkpoint(folder)  # headers only
+
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -319,6 +325,10 @@ def _functional_rank(
         raise LoraSurgeryError(
             f"{model_folder}: --probe needs a transformers model folder (config.json and weights)"
         )
+    # Every model read is opened (headers only) before the tokenizer and transformers start: a
+    # quantized or malformed checkpoint is refused by name first (docs/design.md §13).
+    for model_path in ([] if adapter_mode else [target]) + ([] if base is None else [base]):
+        open_checkpoint(model_path)
     ids = token_ids(Path(base) if base is not None else target, text, tokens or DEFAULT_TOKENS)
     model = load_causal_lm(model_folder, device)
     windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))

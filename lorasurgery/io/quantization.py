@@ -1,0 +1,444 @@
+"""Quantized checkpoints, recognised from their config or their tensors, so codes are never read as
+weights (docs/design.md §13).
+
+A quantized checkpoint stores codes and the scales that decode them, not weights: adding ΔW to FP8
+codes, or taking the SVD of NF4 bytes, "works" and means nothing. `recognise` looks only at what
+opening a checkpoint already has — tensor names, dtypes, shapes, config.json's `quantization_config`
+(or an old GPTQ/AWQ repo's `quantize_config.json` / `quant_config.json`) — and says which format it
+is and, per logical weight, which stored tensors hold its codes and which decode them. A format with
+a dequantizing reader is listed in READABLE; every other one is refused by `refusal`, naming the
+file, the format and a tensor that shows it.
+
+Signals read from the tensors alone (<x> a stored tensor, <m> a module; the names transformers,
+compressed-tensors and bitsandbytes save):
+
+  <x> float8 + <x>_scale_inv                        FP8, transformers' fine-grained (DeepSeek-style)
+  <x> float8 + <x>_scale                            FP8 with multiplier scales (compressed-tensors
+                                                    float-quantized, fbgemm)
+  <m>.weight_packed (+ weight_scale, weight_shape,  compressed-tensors pack-quantized / nvfp4 /
+    weight_zero_point, weight_global_scale)         mxfp4-pack-quantized
+  <x>_blocks uint8 + <x>_scales                     MXFP4 as gpt-oss stores its experts
+  <w>.absmax, .quant_map, .nested_absmax,           bitsandbytes 4-bit (NF4 / FP4 from the
+    .quant_state.bitsandbytes__nf4|fp4              quant_state's name)
+  <m>.SCB (+ <m>.weight_format) beside int8 weight  bitsandbytes int8
+  <m>.qweight (+ qzeros, scales, g_idx)             GPTQ (with g_idx) / AWQ (without)
+  <m>.W_q                                           HQQ
+  integer <m>.weight + <m>.weight_scale(s) / .scales  integer codes (compressed-tensors int-quantized,
+                                                    EETQ, MLX …)
+  any other float8 / sub-byte / E8M0 tensor,        codes without a scale beside them: no
+    any other integer <…>.weight                    ordinary model stores weights so
+
+A float payload never counts, whatever its name (LayerScale's `…scale`, a norm's weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasurgery.errors import UnsupportedError
+from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
+
+FLOAT8 = frozenset({"F8_E4M3", "F8_E5M2"})
+SCALE_ONLY = frozenset({"F8_E8M0"})  # UE8M0 exponents: only ever scales
+SUB_BYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
+INTEGER = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
+CODES = FLOAT8 | SCALE_ONLY | SUB_BYTE
+
+# Formats that have a dequantizing reader: none yet, so every quantized checkpoint is refused.
+READABLE: frozenset[str] = frozenset()
+
+# Format -> the name messages give it; a quant_method not listed here is shown as it is.
+FORMAT_NAMES = {
+    "fp8": "FP8",
+    "fbgemm-fp8": "FBGEMM FP8",
+    "compressed-tensors": "compressed-tensors",
+    "mxfp4": "MXFP4",
+    "bitsandbytes-nf4": "bitsandbytes NF4",
+    "bitsandbytes-fp4": "bitsandbytes FP4",
+    "bitsandbytes-4bit": "bitsandbytes 4-bit",
+    "bitsandbytes-int8": "bitsandbytes int8",
+    "bitsandbytes": "bitsandbytes",
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "hqq": "HQQ",
+    "gguf": "GGUF",
+    "mlx": "MLX",
+    "int": "integer",
+    "float8": "float8",
+    "codes": "sub-byte or E8M0",
+}
+
+# Side files old GPTQ / AutoAWQ repos ship instead of a quantization_config, and their format.
+SIDE_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+DESIGN = "docs/design.md §13"
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One logical tensor stored quantized: the stored tensor of its codes and those that decode them."""
+
+    logical: str  # the tensor the model sees, e.g. model.layers.0.self_attn.q_proj.weight
+    format: str  # a FORMAT_NAMES key, as the tensors alone show it
+    codes: str  # the stored tensor holding the codes (the logical name itself for FP8 or bnb)
+    parts: tuple[tuple[str, str], ...] = ()  # (role, stored name): ("scale_inv", "<x>_scale_inv") …
+    scheme: str | None = None  # what the tensors show of the layout: "block", "tensor", "channel",
+    # "nf4", "pack-quantized", "nvfp4-pack-quantized", "unscaled" …
+
+    def part(self, role: str) -> str | None:
+        """The stored name of part `role` ("scale_inv", "absmax", "qzeros" …), or None."""
+        return next((name for r, name in self.parts if r == role), None)
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        """Every stored tensor this logical tensor is made of."""
+        return (self.codes, *(name for _, name in self.parts))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What made a checkpoint quantized: the declared config, the tensors, or both."""
+
+    format: str  # a FORMAT_NAMES key, or the declared quant_method when lorasurgery knows no better
+    quant_method: str | None = None  # as declared; None when only the tensors say so
+    source: str | None = None  # what declared it: "quantization_config", "quantize_config.json" …
+    config: dict | None = field(default=None, compare=False)  # the declaration as found
+    tensors: tuple[QuantizedTensor, ...] = ()  # every logical tensor stored quantized, in file order
+
+    @property
+    def name(self) -> str:
+        """The format as messages say it ("FP8", "bitsandbytes NF4", "GPTQ" …)."""
+        return FORMAT_NAMES.get(self.format, self.format)
+
+    @property
+    def readable(self) -> bool:
+        return self.format in READABLE
+
+    @property
+    def block_size(self) -> tuple[int, ...] | None:
+        """The declared weight_block_size (fine-grained FP8), else None."""
+        size = (self.config or {}).get("weight_block_size")
+        if isinstance(size, list) and size and all(isinstance(n, int) for n in size):
+            return tuple(size)
+        return None
+
+    @property
+    def stored_names(self) -> frozenset[str]:
+        """Every stored tensor that holds codes or decodes them."""
+        return frozenset(name for t in self.tensors for name in t.stored)
+
+    def declaration(self) -> str | None:
+        """How the config declares it: 'quantization_config quant_method "fp8"', or None."""
+        if self.source is None:
+            return None
+        text = f'{self.source} quant_method "{self.quant_method}"'
+        layout = (self.config or {}).get("format")
+        if isinstance(layout, str):  # compressed-tensors: float-quantized, pack-quantized …
+            text += f', format "{layout}"'
+        return text
+
+
+def declared(config: Mapping | None, side_configs: Mapping[str, Mapping] | None = None):
+    """(quant_method, source, declaration) when config.json or a side file declares quantization."""
+    if isinstance(config, Mapping):
+        for key in ("quantization_config", "compression_config"):  # the latter: early compressed-tensors
+            value = config.get(key)
+            if isinstance(value, Mapping) and value:
+                method = value.get("quant_method")
+                if not isinstance(method, str) or not method:
+                    method = "compressed-tensors" if "config_groups" in value else "unknown"
+                return method, key, dict(value)
+        value = config.get("quantization")  # MLX writes {"group_size": 64, "bits": 4}
+        if isinstance(value, Mapping) and "bits" in value:
+            return "mlx", "quantization", dict(value)
+    for file, default in SIDE_CONFIGS.items():
+        if side_configs and file in side_configs:
+            value = side_configs[file]
+            method = value.get("quant_method") if isinstance(value, Mapping) else None
+            qconfig = dict(value) if isinstance(value, Mapping) else {}
+            return (method if isinstance(method, str) and method else default), file, qconfig
+    return None
+
+
+def declares_quantization(config: Mapping | None) -> bool:
+    """Whether config.json alone declares a quantized checkpoint."""
+    return declared(config) is not None
+
+
+def _declared_format(method: str, config: Mapping) -> str:
+    method = method.lower()
+    if method == "bitsandbytes":
+        if config.get("load_in_4bit") or config.get("_load_in_4bit"):
+            kind = config.get("bnb_4bit_quant_type")
+            return f"bitsandbytes-{kind}" if kind in ("nf4", "fp4") else "bitsandbytes-4bit"
+        if config.get("load_in_8bit") or config.get("_load_in_8bit"):
+            return "bitsandbytes-int8"
+        return "bitsandbytes"
+    return {"fbgemm_fp8": "fbgemm-fp8"}.get(method, method)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recognition from tensors
+
+
+def _siblings(tensors: Mapping[str, TensorInfo], stem: str, roles: dict[str, str]) -> tuple:
+    """((role, stem + suffix), …) for each suffix present."""
+    return tuple((role, stem + suffix) for role, suffix in roles.items() if stem + suffix in tensors)
+
+
+def _scale_layout(codes: TensorInfo, scale: TensorInfo) -> str:
+    # A 1×1 grid of one 128×128 block is still "block" (a small weight of a block-quantized model).
+    if scale.numel == 1 and len(scale.shape) < len(codes.shape):
+        return "tensor"
+    if codes.shape and codes.shape[0] > 1 and scale.shape in ((codes.shape[0],), (codes.shape[0], 1)):
+        return "channel"
+    return "block"
+
+
+def _module(name: str, suffix: str) -> str:
+    return name[: -len(suffix)]
+
+
+def _activation_parts(tensors, name: str) -> tuple:
+    # Static activation scales ride along with the weight's module; they decode nothing of W but go
+    # wherever its codes go (a byte-identical copy, a requantized write).
+    if not name.endswith(".weight"):
+        return ()
+    module = _module(name, ".weight")
+    return _siblings(
+        tensors, module, {"activation_scale": ".activation_scale", "input_scale": ".input_scale"}
+    )
+
+
+def _packed(tensors):
+    for name in tensors:
+        if name.endswith(".weight_packed"):
+            module = _module(name, ".weight_packed")
+            parts = _siblings(
+                tensors,
+                module,
+                {
+                    "scale": ".weight_scale",
+                    "global_scale": ".weight_global_scale",
+                    "zero_point": ".weight_zero_point",
+                    "shape": ".weight_shape",
+                    "g_idx": ".weight_g_idx",
+                },
+            )
+            scale = tensors.get(module + ".weight_scale")
+            if module + ".weight_global_scale" in tensors:
+                scheme = "nvfp4-pack-quantized"
+            elif scale is not None and scale.dtype in ("U8", "F8_E8M0"):
+                scheme = "mxfp4-pack-quantized"
+            else:
+                scheme = "pack-quantized"
+            parts += _activation_parts(tensors, module + ".weight")
+            yield QuantizedTensor(module + ".weight", "compressed-tensors", name, parts, scheme)
+
+
+def _gpt_oss_mxfp4(tensors):
+    for name, info in tensors.items():
+        if (
+            name.endswith("_blocks")
+            and info.dtype == "U8"
+            and _module(name, "_blocks") + "_scales" in tensors
+        ):
+            logical = _module(name, "_blocks")
+            yield QuantizedTensor(logical, "mxfp4", name, (("scales", logical + "_scales"),), "e2m1")
+
+
+def _bnb_4bit(tensors):
+    for name in tensors:
+        if name.endswith(".absmax") and not name.endswith(".nested_absmax"):
+            weight = _module(name, ".absmax")
+            if weight not in tensors:
+                continue
+            parts = _siblings(
+                tensors,
+                weight,
+                {
+                    "absmax": ".absmax",
+                    "quant_map": ".quant_map",
+                    "nested_absmax": ".nested_absmax",
+                    "nested_quant_map": ".nested_quant_map",
+                },
+            )
+            kind = next(
+                (k for k in ("nf4", "fp4") if f"{weight}.quant_state.bitsandbytes__{k}" in tensors), None
+            )
+            if kind is not None:
+                parts += (("quant_state", f"{weight}.quant_state.bitsandbytes__{kind}"),)
+            fmt = f"bitsandbytes-{kind}" if kind else "bitsandbytes-4bit"
+            yield QuantizedTensor(weight, fmt, weight, parts, kind)
+
+
+def _bnb_int8(tensors):
+    for name in tensors:
+        if name.endswith(".SCB"):
+            module = _module(name, ".SCB")
+            weight = tensors.get(module + ".weight")
+            if weight is not None and weight.dtype in INTEGER:
+                parts = (("SCB", name),) + _siblings(tensors, module, {"weight_format": ".weight_format"})
+                yield QuantizedTensor(
+                    module + ".weight", "bitsandbytes-int8", module + ".weight", parts, "int8"
+                )
+
+
+def _gptq_awq(tensors):
+    for name, info in tensors.items():
+        if name.endswith(".qweight") and info.dtype in INTEGER:
+            module = _module(name, ".qweight")
+            parts = _siblings(tensors, module, {"qzeros": ".qzeros", "scales": ".scales", "g_idx": ".g_idx"})
+            fmt = "gptq" if module + ".g_idx" in tensors else "awq"
+            yield QuantizedTensor(module + ".weight", fmt, name, parts)
+
+
+def _hqq(tensors):
+    for name in tensors:
+        if name.endswith(".W_q"):
+            module = _module(name, ".W_q")
+            parts = _siblings(tensors, module, {"scale": ".scale", "zero": ".zero", "meta": ".meta"})
+            yield QuantizedTensor(module + ".weight", "hqq", name, parts)
+
+
+def _fp8(tensors):
+    for name, info in tensors.items():
+        if info.dtype not in FLOAT8:
+            continue
+        for suffix, role in (("_scale_inv", "scale_inv"), ("_scale", "scale")):
+            scale = tensors.get(name + suffix)
+            if scale is not None:
+                parts = ((role, name + suffix),) + _activation_parts(tensors, name)
+                yield QuantizedTensor(name, "fp8", name, parts, _scale_layout(info, scale))
+                break
+
+
+def _integer(tensors):
+    for name, info in tensors.items():
+        if info.dtype not in INTEGER or not name.endswith(".weight"):
+            continue
+        module = _module(name, ".weight")
+        scales = _siblings(
+            tensors,
+            module,
+            {"scale": ".weight_scale", "scales": ".weight_scales", "group_scales": ".scales"},
+        )
+        if scales:
+            parts = scales + _siblings(
+                tensors,
+                module,
+                {"zero_point": ".weight_zero_point", "biases": ".biases", "qbiases": ".qbiases"},
+            )
+            parts += _activation_parts(tensors, name)
+            yield QuantizedTensor(name, "int", name, parts)
+
+
+# The most specific layouts first: each claims its tensors, so that, e.g., an NVFP4 packed weight's
+# float8 scales are not mistaken for FP8 weights.
+_MATCHERS = (_packed, _gpt_oss_mxfp4, _bnb_4bit, _bnb_int8, _gptq_awq, _hqq, _fp8, _integer)
+
+
+def _unscaled(tensors, claimed: set[str]):
+    for name, info in tensors.items():
+        if name in claimed:
+            continue
+        if info.dtype in CODES:
+            yield QuantizedTensor(name, "float8" if info.dtype in FLOAT8 else "codes", name, (), "unscaled")
+        elif info.dtype in INTEGER and name.endswith(".weight"):
+            yield QuantizedTensor(name, "int", name, (), "unscaled")
+
+
+def quantized_tensors(tensors: Mapping[str, TensorInfo]) -> tuple[QuantizedTensor, ...]:
+    """Every logical tensor the stored tensors show to be quantized, in the checkpoint's order."""
+    found: list[QuantizedTensor] = []
+    claimed: set[str] = set()
+    for matcher in _MATCHERS:
+        for tensor in matcher(tensors):
+            if claimed.isdisjoint(tensor.stored):
+                found.append(tensor)
+                claimed.update(tensor.stored)
+    found.extend(_unscaled(tensors, claimed))
+    order = {name: i for i, name in enumerate(tensors)}
+    return tuple(sorted(found, key=lambda t: order[t.codes]))
+
+
+def recognise(
+    config: Mapping | None,
+    tensors: Mapping[str, TensorInfo],
+    side_configs: Mapping[str, Mapping] | None = None,
+) -> Quantization | None:
+    """What makes this checkpoint quantized, or None for a plain one.
+
+    `config` is config.json, `tensors` the header index, `side_configs` {file name: JSON} of the
+    SIDE_CONFIGS files present. A declared quant_method decides the format; the tensors decide it
+    when nothing is declared."""
+    found = quantized_tensors(tensors)
+    declaration = declared(config, side_configs)
+    if declaration is not None:
+        method, source, qconfig = declaration
+        return Quantization(_declared_format(method, qconfig), method, source, qconfig, found)
+    if not found:
+        return None
+    scaled = next((t for t in found if t.scheme != "unscaled"), found[0])
+    return Quantization(scaled.format, tensors=found)
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusal
+
+
+def _dtype_name(code: str) -> str:
+    try:
+        return dtype_name_of(code)
+    except KeyError:
+        return code
+
+
+def _evidence(tensor: QuantizedTensor, tensors: Mapping[str, TensorInfo]) -> str:
+    """'float8_e4m3fn codes with weight_scale_inv' — names relative to the logical tensor's module."""
+    module = tensor.logical.rpartition(".")[0]
+
+    def short(name: str) -> str:
+        return name[len(module) + 1 :] if module and name.startswith(module + ".") else name
+
+    text = f"{_dtype_name(tensors[tensor.codes].dtype)} codes"
+    if tensor.codes != tensor.logical:
+        text += f" in {short(tensor.codes)}"
+    scales = [short(name) for role, name in tensor.parts if role not in ("activation_scale", "input_scale")]
+    if scales:
+        text += " with " + ", ".join(scales)
+    elif tensor.scheme == "unscaled":
+        text += " with no scale beside them"
+    return text
+
+
+def refusal(
+    quantization: Quantization,
+    tensors: Mapping[str, TensorInfo],
+    where: str | Path,
+) -> UnsupportedError:
+    """The error for a checkpoint whose format has no reader: the file, the format, a tensor that
+    shows it, and what lorasurgery reads. `where` names the checkpoint when no tensor shows it."""
+    reasons = []
+    evidence = quantization.tensors[0] if quantization.tensors else None
+    if evidence is not None:
+        reasons.append(_evidence(evidence, tensors))
+    declaration = quantization.declaration()
+    if declaration is not None:
+        reasons.append(declaration)
+    because = "; ".join(reasons)
+    if evidence is not None:
+        subject = f"{tensors[evidence.codes].file}: tensor {evidence.logical}"
+        if evidence.scheme == "unscaled" and quantization.source is None:
+            what = "holds quantization codes, not weights"
+        else:
+            what = f"is {quantization.name}-quantized"
+    else:
+        subject = f"{where}:"
+        what = f"declares {quantization.name} quantization, but no tensor holds its codes"
+    return UnsupportedError(
+        f"{subject} {what} ({because}); lorasurgery does not read quantized checkpoints yet and "
+        f"never reads codes as weights — dequantize the model first ({DESIGN})"
+    )
