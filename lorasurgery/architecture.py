@@ -695,33 +695,3 @@ def model_tensors(checkpoint, structure: Structure) -> dict:
             for name in group:
                 tensors.setdefault(name, checkpoint.tensors[stored])
     return tensors
-
-
-def lay_out(structure: Structure, adapters, tensors: dict, fan_in_fan_out: str | None = None) -> dict:
-    """Lay every linear LoRA module of `adapters` out as the base stores its weight, in place.
-
-    `adapters` is a list of (adapter, {module: base tensor name}); returns {(index, module): Layout}.
-    The adapter's modules are replaced by `LoraModule.laid_out` copies (shape and fan_in_fan_out)."""
-    targets, where = [], {}
-    for index, (adapter, mapping) in enumerate(adapters):
-        for module, base_name in mapping.items():
-            lora = adapter.modules[module]
-            if lora.kind != "linear" or base_name not in tensors or len(tensors[base_name].shape) != 2:
-                continue
-            target = LinearTarget(
-                str(adapter.path),
-                module,
-                base_name,
-                tuple(tensors[base_name].shape),
-                lora.features,
-                bool(adapter.config.fan_in_fan_out),
-            )
-            targets.append(target)
-            where[(target.adapter, module)] = index
-    layouts = {}
-    for (path, module), layout in linear_layouts(structure, targets, fan_in_fan_out).items():
-        index = where[(path, module)]
-        modules = adapters[index][0].modules
-        modules[module] = modules[module].laid_out(layout.fan_in_fan_out, layout.reason)
-        layouts[(index, module)] = layout
-    return layouts

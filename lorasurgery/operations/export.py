@@ -26,6 +26,7 @@ import torch
 
 from lorasurgery.adapter import PEFT_PREFIX, load_adapter
 from lorasurgery.adapter.writer import write_adapter_folder
+from lorasurgery.binding import saved_fan_in_fan_out
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
 from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
 from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
@@ -169,14 +170,15 @@ def _plain_factors(adapter, lora, multiplier: float) -> _Factors:
     return _Factors(A, B_out, "folded", error)
 
 
-def _svd_factors(adapter, lora, multiplier: float, k: int, base, method: str) -> _Factors:
-    """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with a base)."""
+def _svd_factors(source, lora, multiplier: float, k: int, method: str) -> _Factors:
+    """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with `source` an
+    adapter bound to its base, lorasurgery.binding)."""
     from lorasurgery.linalg.lowrank import LowRankSVD
-    from lorasurgery.operations.resize import module_svd, truncated_factors
+    from lorasurgery.operations.resize import adapter_of, module_svd, truncated_factors
 
-    svd = module_svd(adapter, lora.name, base=base)
+    svd = module_svd(source, lora.name)
     svd = LowRankSVD(U=svd.U, S=svd.S / multiplier, Vh=svd.Vh)  # t·B'@A' = ΔW
-    dtype = adapter.tensors[lora.b_key].dtype
+    dtype = adapter_of(source).tensors[lora.b_key].dtype
     from lorasurgery.io import torch_dtype_of
 
     A, B, error = truncated_factors(svd, k, torch_dtype_of(dtype))
@@ -263,13 +265,18 @@ def export_adapter(
         g = _most_common([lo.scale for lo in plain], 1.0)
         multiplier = {lo.name: g for lo in modules}
 
+    bound = adapter
+    if base_ckpt is not None and any(lo.dora and not keep_dora for lo in modules):
+        from lorasurgery.binding import bind
+
+        (bound,) = bind([adapter], base_ckpt)  # DoRA's W and its layout, for the DoRA → LoRA conversion
     factors: dict[str, _Factors] = {}
     for i, lo in enumerate(modules):
         t = multiplier[lo.name]
         if lo.dora and not keep_dora:
-            f = _svd_factors(adapter, lo, t, rank_out(lo), base_ckpt, "dora→lora")
+            f = _svd_factors(bound, lo, t, rank_out(lo), "dora→lora")
         elif rank_out(lo) < lo.r:  # above --max-rank
-            f = _svd_factors(adapter, lo, t, rank_out(lo), None, "truncated")
+            f = _svd_factors(adapter, lo, t, rank_out(lo), "truncated")
         else:
             f = _plain_factors(adapter, lo, t)
         factors[lo.name] = _pad(f, ranks[lo.name]) if target == "sglang" else f
@@ -378,7 +385,7 @@ def _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora) ->
         "alpha_pattern": {re.escape(n): _number(g * k) for n, k in others.items()},
         "use_rslora": False,
         "use_dora": bool(keep_dora and source.use_dora),
-        "fan_in_fan_out": source.fan_in_fan_out,
+        "fan_in_fan_out": saved_fan_in_fan_out([adapter]),
         "bias": source.bias if target == "peft" else "none",
         "lora_bias": bool(target == "peft" and source.lora_bias),
         "modules_to_save": source.modules_to_save if target == "peft" else None,
