@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from lorasurgery.adapter.model import Adapter, LoraModule, TokenRows
+from lorasurgery.adapter.model import Adapter, LoraModule, TokenRows, is_base_layer
 from lorasurgery.adapter.names import (
     PrefixRule,
     find_prefix_rule,
@@ -51,8 +51,11 @@ from lorasurgery.errors import MismatchError
 
 def stored_transposed(lora: LoraModule) -> bool:
     """Whether the base weight is stored as the transpose of ΔW = s·B@A's (out, in): a linear layer
-    stored (in, out) (GPT-2's Conv1D, PEFT's fan_in_fan_out) or an embedding (num_embeddings, dim).
-    The one place this rule is written; a bound module's `fan_in_fan_out` is the base's layout."""
+    stored (in, out) (GPT-2's Conv1D, PEFT's fan_in_fan_out), an embedding (num_embeddings, dim), or,
+    expert by expert, a 3-D expert parameter stored (E, in, out). The one place this rule is written;
+    a bound module's `fan_in_fan_out` is the base's layout."""
+    if lora.kind == "parameter":
+        return lora.transposed
     return lora.kind == "embedding" or (lora.kind == "linear" and lora.fan_in_fan_out)
 
 
@@ -289,7 +292,7 @@ def _saved(adapter: Adapter, rule: PrefixRule, model: dict):
         if name not in model:
             name = None
         tensor = model[name].name if name is not None else None
-        yield SavedTensor(relative, key, name, tensor, ".base_layer." in key)
+        yield SavedTensor(relative, key, name, tensor, is_base_layer(key))
 
 
 def _tokens(adapter: Adapter, rule: PrefixRule, model: dict) -> dict[str, BoundTokens]:

@@ -13,7 +13,9 @@ PEFT's save grammar, under the prefix `base_model.model.` (an adapter-name segme
                                     a 3-D expert parameter (E, …) has lora_A (r·E, in), lora_B (out, r·E)
   <mha>.lora_A.weight + <mha>.base_layer.out_proj.lora_A.weight   nn.MultiheadAttention: the first
                                     updates <mha>.in_proj_weight, the second <mha>.out_proj.weight
-Only the safetensors header is read when loading; tensors are read on demand.
+Only the safetensors header is read when loading; tensors are read on demand. The keys written
+(extract, resize, combine, export) come from the same grammar: `lora_keys`, `saved_key`,
+`base_layer_key`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,42 @@ _LORA_KEY = re.compile(
     r"(?:\.(?P<adapter>(?!(?:weight|bias)$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
 _KOHYA_MARKERS = (".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w1")
+
+
+@dataclass(frozen=True)
+class LoraKeys:
+    """The keys PEFT saves one module's LoRA tensors under."""
+
+    A: str  # lora_A (r, in) / lora_embedding_A (r, vocab)
+    B: str  # lora_B (out, r) / lora_embedding_B (dim, r)
+    bias: str  # lora_B's bias (lora_bias)
+    magnitude: str  # DoRA's lora_magnitude_vector
+
+
+def lora_keys(module: str, kind: str = "linear") -> LoraKeys:
+    """The keys of module `module`'s LoRA tensors (an embedding's are lora_embedding_A/B)."""
+    prefix = PEFT_PREFIX + module
+    if kind == "embedding":
+        A, B = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+    else:
+        A, B = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+    return LoraKeys(A, B, f"{prefix}.lora_B.bias", f"{prefix}.lora_magnitude_vector")
+
+
+def saved_key(name: str) -> str:
+    """The key of a tensor saved whole (modules_to_save), `name` relative to the model."""
+    return PEFT_PREFIX + name
+
+
+def base_layer_key(module: str, parameter: str) -> str:
+    """The key of a LoRA-wrapped layer's own parameter saved beside it (bias="lora_only", a targeted
+    embedding's weight): the tensor the wrapped layer shares with a tie."""
+    return f"{PEFT_PREFIX}{module}.base_layer.{parameter}"
+
+
+def is_base_layer(key: str) -> bool:
+    """Whether a saved tensor's key is a wrapped layer's own parameter (see base_layer_key)."""
+    return ".base_layer." in key
 
 
 @dataclass

@@ -55,17 +55,15 @@ def factors(adapter, lora, device: str = "cpu") -> Factors:
 def from_stored(lora, W: torch.Tensor) -> torch.Tensor:
     """The base tensor `W` of `lora` as ΔW's (out, in) (a view where it can be); a 3-D expert
     parameter as (E, out, in)."""
-    if lora.kind == "parameter" and W.dim() == 3:
-        return W.transpose(1, 2) if lora.transposed else W
-    if stored_transposed(lora):
-        return W.T
-    return W.reshape(W.shape[0], -1)
+    if W.dim() == 3 and lora.kind == "parameter":
+        return W.transpose(1, 2) if stored_transposed(lora) else W
+    return W.T if stored_transposed(lora) else W.reshape(W.shape[0], -1)
 
 
 def to_stored(lora, M: torch.Tensor, shape) -> torch.Tensor:
-    """`M`, (out, in) like ΔW, in the layout and `shape` the base stores `lora`'s tensor in."""
-    if lora.kind == "parameter" and M.dim() == 3:
-        return M.transpose(1, 2) if lora.transposed else M
+    """`M`, (out, in) like ΔW (experts (E, out, in)), in the layout and `shape` the base stores it in."""
+    if M.dim() == 3 and lora.kind == "parameter":
+        return M.transpose(1, 2) if stored_transposed(lora) else M
     return (M.T if stored_transposed(lora) else M).reshape(shape)
 
 
@@ -80,7 +78,7 @@ def kernel_update(adapter, lora, *, weight: float = 1.0, device: str = "cpu") ->
         B=B,
         scale=lora.scale,
         weight=weight,
-        transposed=stored_transposed(lora) if lora.kind != "parameter" else lora.transposed,
+        transposed=stored_transposed(lora),
         magnitude=adapter.read_magnitude(lora, device) if lora.dora else None,
         source=str(adapter.path),
         experts=lora.experts,

@@ -14,6 +14,7 @@ import os
 import time
 
 from lorasurgery.adapter import load_adapter
+from lorasurgery.adapter.model import is_base_layer
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
@@ -66,7 +67,7 @@ def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
             module = relative.rsplit(".", 1)[0]
             # <m>.base_layer.weight is the layer a LoRA wraps (PEFT saves targeted embeddings so);
             # <m>.weight is a whole module (modules_to_save), which cannot also carry a LoRA.
-            if module in modules and relative.endswith(".weight") and ".base_layer." not in key:
+            if module in modules and relative.endswith(".weight") and not is_base_layer(key):
                 owner = next(j for j, a in enumerate(adapters) if module in a.modules)
                 raise MismatchError(
                     f"{paths[i]} saves {relative} whole while {paths[owner]} adapts module {module} with "
@@ -98,7 +99,8 @@ def _combined_update(sources, indices, weights, name, device, dtype, exact):
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.delta import all_finite
     from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
-    from lorasurgery.operations.resize import check_factors_finite, module_factors, module_svd
+    from lorasurgery.linalg.update import factors
+    from lorasurgery.operations.resize import check_factors_finite, module_svd
     from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
     adapters = [adapter_of(source) for source in sources]
@@ -113,7 +115,7 @@ def _combined_update(sources, indices, weights, name, device, dtype, exact):
             root = svd.S.sqrt()
             terms.append((root[:, None] * svd.Vh, svd.U * root, w))
         else:
-            f = module_factors(sources[i], name)
+            f = factors(adapter, lora)
             terms.append((f.A.to(torch.float64), f.B.to(torch.float64), w * f.scale))
         if lora.bias_key:  # written at scale 1: w·s·b
             term = adapter.read(lora.bias_key).to(torch.float64) * (w * lora.scale)

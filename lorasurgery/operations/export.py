@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from lorasurgery.adapter import PEFT_PREFIX, load_adapter
+from lorasurgery.adapter import load_adapter
+from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import saved_fan_in_fan_out
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
@@ -400,22 +401,15 @@ def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora) ->
     tensors = {}
     for lo in modules:
         f = factors[lo.name]
-        prefix = PEFT_PREFIX + lo.name
-        if lo.kind == "embedding":
-            tensors[f"{prefix}.lora_embedding_A"] = f.A.contiguous()
-            tensors[f"{prefix}.lora_embedding_B"] = f.B.contiguous()
-        else:
-            tensors[f"{prefix}.lora_A.weight"] = f.A.contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = f.B.contiguous()
+        keys = lora_keys(lo.name, lo.kind)
+        tensors[keys.A], tensors[keys.B] = f.A.contiguous(), f.B.contiguous()
         if keep_dora:
             if lo.magnitude_key:
-                tensors[f"{prefix}.lora_magnitude_vector"] = adapter.read(lo.magnitude_key)
+                tensors[keys.magnitude] = adapter.read(lo.magnitude_key)
             if lo.bias_key:  # PEFT scales lora_B's bias with the module's scaling: fold it the same way
                 bias = adapter.read(lo.bias_key)
                 ratio = lo.scale / multiplier[lo.name]
-                tensors[f"{prefix}.lora_B.bias"] = (
-                    bias if ratio == 1.0 else (bias.double() * ratio).to(bias.dtype)
-                )
+                tensors[keys.bias] = bias if ratio == 1.0 else (bias.double() * ratio).to(bias.dtype)
     if target == "peft":
         for key in {adapter.replacements[n] for n in adapter.replacements}:
             tensors[key] = adapter.read(key)

@@ -113,7 +113,8 @@ class _Matrix:
     name: str
     parameter: object  # the model's torch Parameter
     full: int  # rank at f = 1 (min(d, n) or r)
-    transpose: bool  # the parameter is stored (in, out) (GPT-2 Conv1D, embeddings)
+    lora: object  # the bound LoraModule whose layout M's (out, in) is (linalg.update), or None: M is
+    # the parameter as stored, flattened to 2-D
     source: object  # callable () -> (M (out, in) float32, U, S, Vh) or None when low-rank exact
 
 
@@ -167,6 +168,19 @@ def _rank_at(fraction: float, full: int) -> int:
     return max(1, min(full, math.ceil(fraction * full - 1e-9)))
 
 
+def _as_matrix(matrix: _Matrix, value):
+    """A parameter's value as its matrix M ((out, in) of a LoRA module)."""
+    from lorasurgery.linalg.update import from_stored
+
+    return from_stored(matrix.lora, value) if matrix.lora is not None else value.reshape(value.shape[0], -1)
+
+
+def _as_stored(matrix: _Matrix, M, shape):
+    from lorasurgery.linalg.update import to_stored
+
+    return to_stored(matrix.lora, M, shape) if matrix.lora is not None else M.reshape(shape)
+
+
 class _Truncator:
     """Sets every matrix of one module type to offset + its rank-k approximation, and restores it."""
 
@@ -177,7 +191,7 @@ class _Truncator:
         for matrix in matrices:
             original = matrix.parameter.detach().clone()
             M, U, S, Vh = matrix.source()
-            offset = (original if not matrix.transpose else original.T).reshape(M.shape) - M
+            offset = _as_matrix(matrix, original).reshape(M.shape) - M
             self.items.append(
                 (matrix, original, offset, U.to(torch.float32), S.to(torch.float32), Vh.to(torch.float32))
             )
@@ -187,8 +201,7 @@ class _Truncator:
         for matrix, original, offset, U, S, Vh in self.items:
             k = _rank_at(fraction, matrix.full)
             head = offset + (U[:, :k] * S[:k]) @ Vh[:k]  # (out, in)
-            value = head.T if matrix.transpose else head
-            matrix.parameter.data.copy_(value.reshape(original.shape))
+            matrix.parameter.data.copy_(_as_stored(matrix, head, original.shape))
             ranks.append(k)
         return round(sum(ranks) / len(ranks))
 
@@ -348,7 +361,7 @@ def _functional_rank(
         checkpoint = open_checkpoint(target)
         for name in _selected_weights(checkpoint, include):
             p = parameter(name, target)
-            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), False, dense_source(p, lambda: 0.0))
+            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, lambda: 0.0))
             groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
         reference = {"loss": forward.loss()}
         progress(Progress("probe", forward.passes, 0, "intact model"))
@@ -363,7 +376,7 @@ def _functional_rank(
             def base_weight(name=name, p=p):
                 return base_ckpt.read(name, device).to(torch.float32).reshape(p.shape[0], -1)
 
-            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), False, dense_source(p, base_weight))
+            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, base_weight))
             groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
         ft_log_probs = forward.log_probs()
         loss_ft = _loss_from(ft_log_probs, windows)
@@ -449,7 +462,8 @@ def tune(model, bound, include=None, device: str = "cpu"):
     import torch
 
     from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.operations.rank_report import _dora_effective_delta, module_type
+    from lorasurgery.linalg.update import dora_delta, factors, from_stored, to_stored
+    from lorasurgery.operations.rank_report import module_type
 
     adapter = bound.adapter
     shared = {}
@@ -494,21 +508,18 @@ def tune(model, bound, include=None, device: str = "cpu"):
                 f"{bound.path}: module {key}: --probe does not handle LoRA on expert parameters yet"
             )
         p = parameter(module.name, own=True)
-        transpose = module.transposed
-        A, B = adapter.read_factors(lora, device)
-        A2, B2 = A.reshape(A.shape[0], -1).to(torch.float32), B.reshape(B.shape[0], -1).to(torch.float32)
-        W = (p.detach().T if transpose else p.detach()).reshape(B2.shape[0], -1).to(torch.float32)
+        f = factors(adapter, lora, device)
+        W = from_stored(lora, p.detach()).to(torch.float32)  # (out, in), like ΔW = s·B@A
         if lora.dora:
-            delta = _dora_effective_delta(adapter, lora, W, device)
+            delta = dora_delta(bound, key, p.detach(), device).to(torch.float32)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             full = min(delta.shape)
         else:
-            svd = lowrank_svd(A2, B2, lora.scale)
+            svd = lowrank_svd(f.A.to(torch.float32), f.B.to(torch.float32), lora.scale)
             U, S, Vh = (t.to(torch.float32) for t in (svd.U, svd.S, svd.Vh))
             delta = (U * S) @ Vh
             full = len(S)
-        tuned = W + delta
-        p.data.copy_((tuned.T if transpose else tuned).reshape(p.shape))
+        p.data.copy_(to_stored(lora, W + delta, p.shape))
         if lora.lora_bias:
             bias = parameter(module.name[: -len("weight")] + "bias", own=True)
             bias.data.add_(adapter.read_lora_bias(lora, device).to(bias.dtype), alpha=lora.scale)
@@ -517,9 +528,7 @@ def tune(model, bound, include=None, device: str = "cpu"):
             return delta, U, S, Vh
 
         if include is None or include.search(lora.label):
-            groups.setdefault(module_type(lora.label), []).append(
-                _Matrix(module.name, p, full, transpose, source)
-            )
+            groups.setdefault(module_type(lora.label), []).append(_Matrix(module.name, p, full, lora, source))
     for tokens in bound.tokens.values():
         p = parameter(tokens.name)
         rows = torch.tensor(tokens.rows.indices, dtype=torch.long)

@@ -200,6 +200,7 @@ def _adapter_report(request: _Request) -> RankReport:
     from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.svd import singular_values, truncated_svd
+    from lorasurgery.linalg.update import dora_delta, factors, from_stored
 
     adapter = load_adapter(target)
     report = RankReport(str(target), None if base is None else str(base), "adapter")
@@ -233,20 +234,18 @@ def _adapter_report(request: _Request) -> RankReport:
             report.modules += _expert_entries(adapter, module, W3, amp_rank, mle, device)
             progress(Progress("rank-report", done, len(modules), module.name))
             continue
-        A, B = adapter.read_factors(module, device)
-        A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # (r, in), (out, r)
+        f = factors(adapter, module, device)
+        A2, B2 = f.A, f.B  # (r, in), (out, r)
         shape = [B2.shape[0], A2.shape[1]]  # ΔW as (out, in)
-        source_dtype = A.dtype
-        W = None
+        source_dtype = A2.dtype
+        W = stored = None
         if bound is not None:
-            W = bound.read_base(module.key, device).to(torch.float32)
-            if bound.modules[module.key].transposed:
-                W = W.T  # PEFT's ΔW = s·B@A is (out, in); these weights are stored (in, out)
-            W = W.reshape(shape[0], -1)
+            stored = bound.read_base(module.key, device)
+            W = from_stored(module, stored).to(torch.float32)  # (out, in), like PEFT's ΔW = s·B@A
         # r of the amplification factor: the adapter's rank, or --amp-rank when smaller.
         r = min(module.r, amp_rank or module.r, *shape)
         if module.dora:
-            delta = _dora_effective_delta(adapter, module, W, device)
+            delta = dora_delta(bound, module.key, stored, device).to(torch.float32)
             S = singular_values(delta, source_dtype=source_dtype)
             delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
             # W' − W is dense (the magnitude rescales W's rows too): its top-r vectors by SVD.
@@ -275,9 +274,9 @@ def _adapter_report(request: _Request) -> RankReport:
                 w_metrics["mle_dimension"] = _mle(W)
         if other is not None and module.key in other.modules:
             # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
-            A_o, B_o = other.read_factors(module.key, device)
             other_module = other.modules[module.key]
-            A_o, B_o = A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1)
+            f_o = factors(other, other_module, device)
+            A_o, B_o = f_o.A, f_o.B
             if A_o.shape[1] != shape[1] or B_o.shape[0] != shape[0]:
                 raise MismatchError(
                     f"{compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
@@ -320,6 +319,7 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
     from lorasurgery.linalg.analyses import amplification
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.svd import singular_values
+    from lorasurgery.linalg.update import from_stored
 
     entries = []
     label = module.label
@@ -332,7 +332,7 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
         entries.append(ModuleEntry(f"{label}[{e}]", "delta", shape, metrics, svd.S.tolist()))
         if W3 is None:
             continue
-        W = (W3[e].T if module.transposed else W3[e]).to(torch.float32)  # (out, in)
+        W = from_stored(module, W3)[e].to(torch.float32)  # (out, in)
         S_W = singular_values(W, source_dtype=W3.dtype)
         delta_fro = float(torch.linalg.vector_norm(svd.S))
         w_fro = float(torch.linalg.vector_norm(S_W))
@@ -344,29 +344,6 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
             w_metrics["mle_dimension"] = _mle(W)
         entries.append(ModuleEntry(f"{label}[{e}]", "weight", shape, w_metrics, S_W.tolist()))
     return entries
-
-
-def _dora_effective_delta(adapter, module, W, device):
-    """W' − W for a DoRA module, with the merge kernel (PEFT's per-output-row norm)."""
-    import torch
-
-    from lorasurgery.linalg.delta import Update, merge_weight
-
-    A, B = adapter.read_factors(module, device)
-    # W is already (out, in): every kind is then a product B@A with DoRA's norm per row of W + sΔW,
-    # which is PEFT's per-output-feature norm (per embedding dimension for embeddings).
-    update = Update(
-        module=module.name,
-        kind="linear",
-        A=A.reshape(A.shape[0], -1),
-        B=B.reshape(B.shape[0], -1),
-        scale=module.scale,
-        fan_in_fan_out=False,  # W is already in (out, in)
-        magnitude=adapter.read_magnitude(module, device),
-        source=str(adapter.path),
-    )
-    merged = merge_weight(W.clone(), [update], out_dtype=torch.float32)
-    return merged.to(torch.float32) - W
 
 
 def _mle(M) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import decided_fan_in_fan_out
@@ -42,15 +41,6 @@ from lorasurgery.operations.surgery import (
     write_output,
 )
 from lorasurgery.progress import Progress, no_progress
-
-
-@dataclass
-class ModuleFactors:
-    """One module's update in PEFT's factor layout, flattened to 2-D: ΔW = scale·B@A."""
-
-    A: object  # (r, in) / (r, vocab) / (r, in·∏kernel), as stored (dtype kept)
-    B: object  # (out, r) / (dim, r) / (out, r)
-    scale: float
 
 
 def as_adapter(adapter):
@@ -81,53 +71,6 @@ def _parts(adapter, module: str):
     return adapter, adapter.modules[module], None
 
 
-def module_factors(adapter, module: str, device: str = "cpu") -> ModuleFactors:
-    """The stored factors of `module`, flattened to 2-D in PEFT's layout (a conv's 1×1 lora_B included)."""
-    adapter, lora, _ = _parts(adapter, module)
-    A, B = adapter.read_factors(lora, device)
-    if lora.kind == "conv":
-        r = A.shape[0]
-        if B.dim() < 2 or B.shape[1] != r or any(k != 1 for k in B.shape[2:]):
-            raise UnsupportedError(
-                f"{adapter.path}: module {module}: lora_B of shape {tuple(B.shape)} is not a 1×1 "
-                f"convolution; it has no low-rank form lorasurgery can resize"
-            )
-        A, B = A.reshape(r, -1), B.reshape(B.shape[0], r)
-    return ModuleFactors(A, B, lora.scale)
-
-
-def dora_delta(bound, module: str, device: str = "cpu"):
-    """W' − W of a DoRA module (float64), in PEFT's factor layout: (out, in), (dim, vocab) or (out, in·∏k).
-
-    `bound` is a BoundAdapter (lorasurgery.binding): the base weight and its layout are the binding's.
-    W' is the merge kernel's (`linalg.delta.merge_weight`, PEFT's DoRA semantics) in float64."""
-    import torch
-
-    from lorasurgery.linalg.delta import Update, merge_weight
-
-    target = bound.modules[module]
-    lora = target.lora
-    W = bound.read_base(module, device).to(device=device, dtype=torch.float64)  # stored layout
-    A, B = bound.adapter.read_factors(lora, device)
-    update = Update(
-        module=module,
-        kind=lora.kind,
-        A=A,
-        B=B,
-        scale=lora.scale,
-        fan_in_fan_out=bool(lora.fan_in_fan_out),
-        magnitude=bound.adapter.read_magnitude(lora, device),
-        source=str(bound.path),
-    )
-    merged = merge_weight(
-        W.clone(), [update], out_dtype=torch.float64, precise=True, device=device, name=target.tensor
-    )
-    delta = merged - W
-    if target.transposed:
-        return delta.T  # stored (vocab, dim) / (in, out) -> B@A's (dim, vocab) / (out, in)
-    return delta.reshape(delta.shape[0], -1)
-
-
 def module_svd(adapter, module: str, base=None, device: str = "cpu"):
     """The exact SVD (float64) of `module`'s true ΔW in PEFT's factor layout, as a LowRankSVD.
 
@@ -139,6 +82,7 @@ def module_svd(adapter, module: str, base=None, device: str = "cpu"):
 
     from lorasurgery.binding import bind
     from lorasurgery.linalg.lowrank import LowRankSVD, lowrank_svd
+    from lorasurgery.linalg.update import dora_delta, factors
 
     raw, lora, bound = _parts(adapter, module)
     if lora.dora:
@@ -149,9 +93,9 @@ def module_svd(adapter, module: str, base=None, device: str = "cpu"):
             )
         if bound is None:
             (bound,) = bind([raw], as_checkpoint(base))
-        U, S, Vh = torch.linalg.svd(dora_delta(bound, module, device), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(dora_delta(bound, module, device=device), full_matrices=False)
         return LowRankSVD(U=U, S=S, Vh=Vh)
-    f = module_factors(adapter, module, device)
+    f = factors(raw, lora, device)
     return lowrank_svd(f.A, f.B, f.scale)
 
 

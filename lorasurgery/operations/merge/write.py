@@ -207,25 +207,11 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
 
 
 def update_of(plan: MergePlan, index: int, module: str):
-    """The kernel's Update for one adapter's module, laid out as the plan decided."""
-    from lorasurgery.linalg.delta import Update
+    """The kernel's Update for one adapter's module, laid out as the binding decided."""
+    from lorasurgery.linalg.update import kernel_update
 
     bound = plan.adapters[index]
-    adapter, lora = bound.adapter, bound.targets[module].lora
-    A, B = adapter.read_factors(lora)
-    return Update(
-        module=lora.name if lora.kind != "parameter" else lora.base_weight_name,
-        kind=lora.kind,
-        experts=lora.experts,
-        transposed=lora.transposed,
-        A=A,
-        B=B,
-        scale=lora.scale,
-        weight=plan.weights[index],
-        fan_in_fan_out=bool(lora.fan_in_fan_out),
-        magnitude=adapter.read_magnitude(lora) if lora.dora else None,
-        source=str(adapter.path),
-    )
+    return kernel_update(bound.adapter, bound.targets[module].lora, weight=plan.weights[index])
 
 
 def write_side_files(plan: MergePlan, folder: Path) -> None:
