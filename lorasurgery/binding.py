@@ -15,6 +15,10 @@ command that has a base asks here (merge, inspect, rank-report, resize, combine,
    each module will really meet, a saved and resized one included, and passes False).
 The result is immutable, and the loaded Adapter is left as it was: bound modules are laid-out copies.
 
+A layout that rests on the adapter's flag rather than on the structure, the option or the shape (a
+square weight of a base without config.json) is an `Assumption`: each BoundAdapter lists its own,
+naming the modules, what was assumed and how to be sure, for every command to report.
+
 Reading adapter_config.json's fan_in_fan_out, and the rule that turns a layout into a transpose
 (`stored_transposed`), belong to this layer and lorasurgery.architecture only.
 """
@@ -47,6 +51,8 @@ from lorasurgery.architecture import (
     structure_of,
 )
 from lorasurgery.errors import MismatchError
+
+_LISTED = 8  # how many modules a message names
 
 
 def stored_transposed(lora: LoraModule) -> bool:
@@ -100,6 +106,46 @@ class BoundTokens:
 
 
 @dataclass(frozen=True)
+class Assumption:
+    """Linear targets whose layout follows the adapter's fan_in_fan_out because nothing decides it."""
+
+    adapter: str
+    modules: tuple[str, ...]
+    fan_in_fan_out: bool  # the layout assumed: stored (in, out) when true
+    because: str  # why nothing decides it
+    remedy: str  # how to be sure
+
+    @property
+    def assumed(self) -> str:
+        return (
+            "stored (in, out) as a GPT-2 Conv1D"
+            if self.fan_in_fan_out
+            else "stored (out, in) as an nn.Linear"
+        )
+
+    def message(self) -> str:
+        listed = ", ".join(self.modules[:_LISTED]) + (
+            f" and {len(self.modules) - _LISTED} more" if len(self.modules) > _LISTED else ""
+        )
+        flag = str(self.fan_in_fan_out).lower()
+        count = f"{len(self.modules)} module{'s' if len(self.modules) != 1 else ''}"
+        return (
+            f"{self.adapter}: the layout of {count} ({listed}) is assumed from adapter_config.json's "
+            f"fan_in_fan_out: {flag}, {self.assumed}: {self.because}. {self.remedy[0].upper()}{self.remedy[1:]}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "adapter": self.adapter,
+            "modules": list(self.modules),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "assumed": self.assumed,
+            "because": self.because,
+            "remedy": self.remedy,
+        }
+
+
+@dataclass(frozen=True)
 class BoundAdapter:
     """An adapter on one base checkpoint (see the module docstring)."""
 
@@ -111,6 +157,7 @@ class BoundAdapter:
     targets: Mapping[str, BoundModule]  # what a merge updates: one per stored base tensor
     saved: tuple[SavedTensor, ...]
     tokens: Mapping[str, BoundTokens]  # embedding module -> its overwritten rows
+    assumptions: tuple[Assumption, ...] = ()  # layouts that rest on the adapter's flag
 
     @property
     def path(self):
@@ -142,10 +189,12 @@ def bind(
     config_file=None,
     fan_in_fan_out: str | None = None,
     check_shapes: bool = True,
+    config_option: bool = True,
 ) -> list[BoundAdapter]:
     """Bind `adapters` to the checkpoint `base` (an io.Checkpoint), together. `structure` is the base's
     (read from `config_file` or its own config.json when not given); `fan_in_fan_out` is merge's
-    `--fan-in-fan-out REGEX`. Raises naming the adapter and module when they do not fit."""
+    `--fan-in-fan-out REGEX`; `config_option`: the command takes --config (the remedy an Assumption
+    names). Raises naming the adapter and module when they do not fit."""
     if structure is None:
         structure = structure_of(base, config_file)
     model = model_tensors(base, structure)  # every name the model has, tied members stored once included
@@ -172,10 +221,18 @@ def bind(
     for (path, key), layout in linear_layouts(structure, targets, fan_in_fan_out).items():
         layouts[where[(path, key)]][key] = layout
 
-    return [
-        _bound(adapter, base, structure, model, tensors, rule_modules, layouts[index], check_shapes)
-        for index, (adapter, rule_modules) in enumerate(zip(adapters, found))
-    ]
+    remedy = (
+        "pass --config with the base's config.json to be sure"
+        if config_option
+        else "put the base's config.json in its folder to be sure"
+    )
+    bound = []
+    for adapter, mapped, laid_out in zip(adapters, found, layouts):
+        assumptions = _assumptions(adapter, structure, laid_out, remedy)
+        bound.append(
+            _bound(adapter, base, structure, model, tensors, mapped, laid_out, assumptions, check_shapes)
+        )
+    return bound
 
 
 def decided_fan_in_fan_out(bound: Sequence[BoundAdapter]) -> bool | None:
@@ -185,7 +242,9 @@ def decided_fan_in_fan_out(bound: Sequence[BoundAdapter]) -> bool | None:
         module.lora.fan_in_fan_out
         for b in bound
         for module in b.modules.values()
-        if module.kind == "linear" and module.layout is not None and module.layout.reason != "adapter"
+        if module.kind == "linear"
+        and module.layout is not None
+        and module.layout.reason not in ("adapter", "assumed")
     }
     return flags.pop() if len(flags) == 1 else None
 
@@ -214,6 +273,23 @@ def _map_modules(adapter: Adapter, checkpoint, structure: Structure, tensors: di
     return rule, modules, {key: rule.apply(m.base_weight_name) for key, m in modules.items()}
 
 
+def _assumptions(adapter: Adapter, structure: Structure, layouts: dict[str, Layout], remedy: str):
+    """One Assumption per layout assumed from the adapter's flag (architecture.linear_layouts)."""
+    by_flag: dict[bool, list[str]] = {}
+    for key, layout in layouts.items():
+        if layout.reason == "assumed":
+            by_flag.setdefault(layout.fan_in_fan_out, []).append(key)
+    because = (
+        f"{structure.source}, and square weights do not tell a Linear from a GPT-2 Conv1D"
+        if not structure.known
+        else f"the model of {structure.source} does not know these modules, and their weights are square"
+    )
+    return [
+        Assumption(str(adapter.path), tuple(keys), flag, because, remedy)
+        for flag, keys in sorted(by_flag.items())
+    ]
+
+
 def _bind_parameters(adapter: Adapter, stored: dict, structure: Structure) -> dict[str, LoraModule]:
     """adapter/parameters.bind_parameters against the checkpoint's tensors `stored` and its structure."""
     if not any(m.kind == "parameter" for m in adapter.modules.values()):
@@ -239,7 +315,9 @@ def _bind_parameters(adapter: Adapter, stored: dict, structure: Structure) -> di
     return bind_parameters(adapter, shape_of, layout_of)
 
 
-def _bound(adapter, checkpoint, structure, model, tensors, found, layouts, check_shapes) -> BoundAdapter:
+def _bound(
+    adapter, checkpoint, structure, model, tensors, found, layouts, assumptions, check_shapes
+) -> BoundAdapter:
     rule, modules, names = found
     bound: dict[str, BoundModule] = {}
     for key, lora in modules.items():
@@ -265,6 +343,7 @@ def _bound(adapter, checkpoint, structure, model, tensors, found, layouts, check
         targets=MappingProxyType(_targets(adapter, checkpoint, structure, bound)),
         saved=tuple(_saved(adapter, rule, model)),
         tokens=MappingProxyType(_tokens(adapter, rule, model)),
+        assumptions=tuple(assumptions),
     )
 
 

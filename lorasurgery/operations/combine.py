@@ -21,7 +21,14 @@ from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
 from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype
 from lorasurgery.operations.extract_plan import natural_key
-from lorasurgery.operations.resize import adapter_of, as_checkpoint, bind_base, check_dora_base, loras_of
+from lorasurgery.operations.resize import (
+    adapter_of,
+    as_checkpoint,
+    assumption_notes,
+    bind_base,
+    check_dora_base,
+    loras_of,
+)
 from lorasurgery.operations.surgery import (
     SurgeryReport,
     adapter_config,
@@ -264,6 +271,7 @@ def combine_adapters(
         output = build_output(updates, ranks, report)
     if not output.module_ranks:
         raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
+    report.notes += assumption_notes(sources)
     if saved and any(w != 1.0 for w in weights):
         report.notes.append(
             "tensors saved whole (modules_to_save, biases) are copied unchanged, not weighted"

@@ -270,7 +270,9 @@ def export_adapter(
     if base_ckpt is not None and any(lo.dora and not keep_dora for lo in modules):
         from lorasurgery.binding import bind
 
-        (bound,) = bind([adapter], base_ckpt)  # DoRA's W and its layout, for the DoRA → LoRA conversion
+        # DoRA's W and its layout, for the DoRA → LoRA conversion
+        (bound,) = bind([adapter], base_ckpt, config_option=False)
+        report.notes += [a.message() for a in bound.assumptions]
     factors: dict[str, _Factors] = {}
     for i, lo in enumerate(modules):
         t = multiplier[lo.name]

@@ -162,6 +162,7 @@ def inspect_adapter(
 
     warnings: list[str] = []
     if bound is not None:
+        warnings += [a.message() for a in bound.assumptions]
         warnings += _compare_with_base(bound, infos)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()

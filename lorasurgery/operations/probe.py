@@ -429,6 +429,7 @@ def _adapter_groups(target, base, include, model, forward, device, notes):
     from lorasurgery.io import open_checkpoint
 
     (bound,) = bind([load_adapter(target)], open_checkpoint(base))
+    notes += [a.message() for a in bound.assumptions]
     loss_base = forward.loss()
     groups, changed = tune(model, bound, include, device)
     if any(module.lora.dora for module in bound.modules.values()):

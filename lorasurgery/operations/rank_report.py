@@ -51,6 +51,7 @@ class RankReport:
     summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     probe: object | None = None  # operations.probe.ProbeResult with --probe
+    assumptions: list = field(default_factory=list)  # binding.Assumption: layouts resting on a flag
 
     def to_json(self) -> dict:
         data = {
@@ -61,6 +62,8 @@ class RankReport:
         }
         if self.probe is not None:
             data["probe"] = self.probe.to_json()
+        if self.assumptions:
+            data["assumptions"] = [a.to_dict() for a in self.assumptions]
         return data
 
 
@@ -209,6 +212,8 @@ def _adapter_report(request: _Request) -> RankReport:
         (bound,) = bind(
             [adapter], open_checkpoint(base), config_file=config_file, fan_in_fan_out=fan_in_fan_out
         )
+        report.assumptions = list(bound.assumptions)
+        report.notes += [a.message() for a in bound.assumptions]
     other = load_adapter(compare) if compare is not None and _is_adapter(Path(compare)) else None
     if compare is not None and other is None:
         raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")

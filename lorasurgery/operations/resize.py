@@ -92,7 +92,7 @@ def module_svd(adapter, module: str, base=None, device: str = "cpu"):
                 f"DoRA needs --base"
             )
         if bound is None:
-            (bound,) = bind([raw], as_checkpoint(base))
+            (bound,) = bind([raw], as_checkpoint(base), config_option=False)
         U, S, Vh = torch.linalg.svd(dora_delta(bound, module, device=device), full_matrices=False)
         return LowRankSVD(U=U, S=S, Vh=Vh)
     f = factors(raw, lora, device)
@@ -190,7 +190,15 @@ def bind_base(adapters, checkpoint) -> list:
     it expects, MismatchError otherwise, and laid out as the base's structure says); else the adapters."""
     from lorasurgery.binding import bind
 
-    return bind(adapters, checkpoint) if checkpoint is not None else list(adapters)
+    return bind(adapters, checkpoint, config_option=False) if checkpoint is not None else list(adapters)
+
+
+def assumption_notes(sources) -> list[str]:
+    """The notes naming every layout a binding assumed (binding.Assumption)."""
+    from lorasurgery.binding import BoundAdapter
+
+    bound = [s for s in sources if isinstance(s, BoundAdapter)]
+    return [a.message() for s in bound for a in s.assumptions]
 
 
 def adapter_of(source):
@@ -254,6 +262,7 @@ def resize_adapter(
             f"{adapter}: every module has rank 0 under {policy.describe()}; nothing to write"
         )
     dora = [u.name for u in updates if modules[u.name].dora]
+    report.notes += assumption_notes([source])
     if dora:
         report.notes.append(
             f"{len(dora)} DoRA modules became plain LoRA of their effective update W' − W on {base}; "

@@ -68,6 +68,7 @@ class MergePlan:
     output_dtype_code: str | None  # --dtype as a safetensors code, None for auto
     layouts: dict[tuple[int, str], Layout] = field(default_factory=dict)  # (adapter, module) -> layout
     ties: list[TieOutcome] = field(default_factory=list)
+    assumptions: list = field(default_factory=list)  # binding.Assumption: layouts resting on a flag
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -270,6 +271,7 @@ def plan_merge(
         output_dtype_code=out_code,
         layouts=layouts,
         ties=outcomes,
+        assumptions=[a for b in bound for a in b.assumptions],
     )
 
 
