@@ -18,9 +18,10 @@ adds or drops a prefix). Building a skeleton costs an import of the model's tran
 (seconds), so the summary is cached per config in memory and on disk.
 
 Without a config.json (or when transformers cannot build it) the structure is `known = False`:
-then `linear_layouts` decides a LoRA target's layout from the stored shape where the shape decides,
-and refuses, naming the module and the way out (`--config`, `--fan-in-fan-out REGEX`), where it does
-not. The rules are in docs/merge.md, "Semantics".
+then `linear_layouts` decides a LoRA target's layout from the stored shape where the shape decides.
+A square weight it cannot decide follows the adapter's flag as a stated assumption ("assumed"), and
+is refused, naming the module and the way out (`--config`, `--fan-in-fan-out REGEX`), where
+something contradicts that flag. The rules are in docs/merge.md, "Semantics".
 """
 
 from __future__ import annotations
@@ -592,7 +593,10 @@ class LinearTarget:
 @dataclass(frozen=True)
 class Layout:
     fan_in_fan_out: bool  # stored (in, out)
-    reason: str  # "structure" | "option" | "shape" | "adapter"
+    # who decided: "structure" | "option" | "shape"; "assumed": the adapter's flag, nothing deciding
+    # (a square weight without a structure); "adapter": the flag, no layout fitting (the shape check
+    # then reports it)
+    reason: str
 
 
 def fan_in_fan_out_matcher(pattern: str | None):
@@ -613,9 +617,13 @@ def linear_layouts(
 
     The structure decides when it knows the module (PEFT sets fan_in_fan_out per layer: on for
     Conv1D, off for Linear). Else `--fan-in-fan-out REGEX` decides (matching modules are stored
-    (in, out)); else the stored shape when it is not square; else the adapter's flag, but only when
-    nothing contradicts it: every other target of that adapter whose shape decides agrees with it,
-    and every adapter targeting that weight says the same."""
+    (in, out)); else the stored shape when it is not square. Else the layout is assumed from the
+    adapter's flag (reason "assumed"), unless something contradicts it: another target of that
+    adapter whose shape decides disagrees, the adapters targeting that weight disagree, or (without a
+    structure) the flag is true and the adapter's square targets have several names. PEFT saves
+    the flag of the layer it created last: false is nn.Linear's, the layer custom models are built
+    of (transformers models, which have Conv1D, come with a config.json); true is a Conv1D's, and
+    square targets of several names need not all be Conv1D."""
     matches = fan_in_fan_out_matcher(fan_in_fan_out)
     layouts: dict[tuple[str, str], Layout] = {}
     undecided: list[LinearTarget] = []
@@ -669,9 +677,9 @@ def linear_layouts(
         why = contradicted.get(target.adapter)
         if why is None and len(hints[target.weight]) > 1:
             why = "the adapters that target it disagree on fan_in_fan_out"
-        if why is None and not structure.known and len(square_kinds[target.adapter]) > 1:
-            # PEFT saves the flag of the layer it created last: with square targets of several
-            # names nothing says they are all of that layer's kind.
+        if why is None and target.hint and not structure.known and len(square_kinds[target.adapter]) > 1:
+            # PEFT saves the flag of the layer it created last: a true flag (a Conv1D's) with square
+            # targets of several names does not say they are all Conv1D.
             names = ", ".join(sorted(square_kinds[target.adapter]))
             why = f"it targets square weights of several names ({names}) and saves the flag of only one"
         if why is not None:
@@ -682,7 +690,7 @@ def linear_layouts(
                 f"{str(target.hint).lower()} cannot be trusted ({why}). Pass --config with the base's "
                 f"config.json, or --fan-in-fan-out REGEX matching the Conv1D modules (e.g. 'c_attn|c_proj|c_fc')"
             )
-        layouts[key] = Layout(target.hint, "adapter")
+        layouts[key] = Layout(target.hint, "assumed")
     return layouts
 
 
@@ -695,33 +703,3 @@ def model_tensors(checkpoint, structure: Structure) -> dict:
             for name in group:
                 tensors.setdefault(name, checkpoint.tensors[stored])
     return tensors
-
-
-def lay_out(structure: Structure, adapters, tensors: dict, fan_in_fan_out: str | None = None) -> dict:
-    """Lay every linear LoRA module of `adapters` out as the base stores its weight, in place.
-
-    `adapters` is a list of (adapter, {module: base tensor name}); returns {(index, module): Layout}.
-    The adapter's modules are replaced by `LoraModule.laid_out` copies (shape and fan_in_fan_out)."""
-    targets, where = [], {}
-    for index, (adapter, mapping) in enumerate(adapters):
-        for module, base_name in mapping.items():
-            lora = adapter.modules[module]
-            if lora.kind != "linear" or base_name not in tensors or len(tensors[base_name].shape) != 2:
-                continue
-            target = LinearTarget(
-                str(adapter.path),
-                module,
-                base_name,
-                tuple(tensors[base_name].shape),
-                lora.features,
-                bool(adapter.config.fan_in_fan_out),
-            )
-            targets.append(target)
-            where[(target.adapter, module)] = index
-    layouts = {}
-    for (path, module), layout in linear_layouts(structure, targets, fan_in_fan_out).items():
-        index = where[(path, module)]
-        modules = adapters[index][0].modules
-        modules[module] = modules[module].laid_out(layout.fan_in_fan_out, layout.reason)
-        layouts[(index, module)] = layout
-    return layouts

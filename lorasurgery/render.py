@@ -249,6 +249,8 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
     if summary.config_changes:
         changes = ", ".join(f"{k}: {json.dumps(v)}" for k, v in summary.config_changes.items())
         stdout.print(f"config.json: {changes}")
+    for assumption in summary.assumptions:  # part of what was written: on stdout, with the table
+        stdout.print(f"assumed: {assumption.message()}", markup=False, soft_wrap=True)
     if summary.verified:
         stdout.print(f"verified: largest logit difference {summary.max_logit_difference:.3g}")
 

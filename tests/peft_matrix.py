@@ -35,6 +35,36 @@ class MLP(nn.Module):
         self.lin1 = nn.Linear(20, 2)
 
 
+class Block(nn.Module):
+    """PEFT's DeepMLP block: two square Linear layers."""
+
+    def __init__(self, size: int = 10):
+        super().__init__()
+        self.lin0 = nn.Linear(size, size)
+        self.lin1 = nn.Linear(size, size)
+
+
+class DeepMLP(nn.Module):
+    """PEFT's DeepMLP (its TestMultiRankAdapter model), 3 blocks instead of 12: square Linear layers
+    of two names, which no shape tells from Conv1D."""
+
+    def __init__(self, blocks: int = 3, size: int = 10):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(size) for _ in range(blocks)])
+        self.out = nn.Linear(size, 2)
+
+
+class Mlp2xSameShape(nn.Module):
+    """PEFT's MLP_2x_same_shape: lin1 and lin2 square and of one shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 20)
+        self.lin2 = nn.Linear(20, 20)
+        self.lin3 = nn.Linear(20, 2)
+
+
 class EmbConv1D(nn.Module):
     """An embedding and a transformers Conv1D (weight stored (in, out)) next to a Linear."""
 
@@ -109,6 +139,8 @@ class MoeBlock(nn.Module):
 
 CUSTOM_MODELS = {
     "MLP": MLP,
+    "DeepMLP": DeepMLP,
+    "MLP_2x_same_shape": Mlp2xSameShape,
     "EmbConv1D": EmbConv1D,
     "EmbConv1DSquare": lambda: EmbConv1D(square=True),
     "Conv1DThenSquareLinear": Conv1DThenSquareLinear,
@@ -316,7 +348,10 @@ class Case:
 
     expect "merge": equal to PEFT's merge_and_unload. "refuse": exit 1 with `refusal` in the message
     (research variants, and what PEFT itself does not merge). "resolve": refused with `refusal`
-    naming how to resolve it, then merged with `option` added, equal to PEFT."""
+    naming how to resolve it, then merged with `option` added, equal to PEFT. "assume": a base
+    without config.json whose square layers the adapter's flag describes wrongly: merged with the
+    layout assumed from the flag, the merge's --json naming module `assumed` among its assumptions,
+    then merged with `option` added, equal to PEFT."""
 
     id: str
     model: str
@@ -326,6 +361,7 @@ class Case:
     config_json: bool = True  # transformers bases only; custom models never have one
     expect: str = "merge"
     refusal: str = ""
+    assumed: str = ""  # expect "assume": a module whose layout the merge says it assumed
     option: tuple = ()
     forward_input: tuple = ()  # where PEFT cannot merge: compare layer outputs on inputs of this shape
     untie_first: bool = False  # the reference unties the embeddings before PEFT merges (see below)

@@ -139,7 +139,22 @@ def test_a_square_weight_follows_a_flag_nothing_contradicts():
     layouts = linear_layouts(
         UNKNOWN, [target("a", (8, 8), (8, 8), hint=True), target("b", (8, 5), (5, 8), hint=True)]
     )
-    assert layouts[("ad", "a")] == architecture.Layout(True, "adapter")
+    assert layouts[("ad", "a")] == architecture.Layout(True, "assumed")
+
+
+def test_without_a_structure_a_false_flag_is_assumed_for_square_weights_of_any_name():
+    """PEFT's flag is its last-created layer's: false is nn.Linear's (custom models' layers), so
+    square targets of several names follow it as an assumption; true (a Conv1D's) does not say
+    that targets of several names are all Conv1D, and is refused."""
+    linear = [target("layers.0.lin0", (8, 8), (8, 8)), target("layers.0.lin1", (8, 8), (8, 8))]
+    layouts = linear_layouts(UNKNOWN, linear)
+    assert set(layouts.values()) == {architecture.Layout(False, "assumed")}
+    conv1d = [
+        target("h.0.attn.c_proj", (8, 8), (8, 8), hint=True),
+        target("h.0.mlp.up", (8, 8), (8, 8), hint=True),
+    ]
+    with pytest.raises(UnsupportedError, match="square weights of several names"):
+        linear_layouts(UNKNOWN, conv1d)
 
 
 def test_a_square_weight_with_a_contradicted_flag_is_refused_naming_the_module_and_the_fix():

@@ -148,7 +148,7 @@ def layer_updates(peft_model, dora: bool) -> dict[str, Update]:
             A.detach(),
             B.detach(),
             module.scaling["default"],
-            fan_in_fan_out=name == "conv1d",
+            transposed=name in ("conv1d", "embedding"),  # stored (in, out) / (num_emb, dim)
             magnitude=magnitude,
         )
     return updates

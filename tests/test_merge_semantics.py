@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clihelp import run_cli
 from factories import load_base, make_adapter, make_gpt2, make_llama
 
 from lorasurgery.errors import MismatchError, UnsupportedError
@@ -314,6 +315,37 @@ def test_square_conv1d_with_the_default_flag_merges_right(gpt2, tmp_path):
     assert_tensors_match(
         read_all(tmp_path / "out"), reference.state, {"lm_head.weight": "transformer.wte.weight"}
     )
+
+
+def test_square_conv1d_with_the_flag_false_and_no_config_is_merged_as_assumed(gpt2, tmp_path):
+    """GPT-2's square attn.c_proj alone, saved with fan_in_fan_out false, on a base without
+    config.json: nothing tells its Conv1D from a Linear, so the flag's layout is assumed (wrongly
+    here), and the summary and --json say which modules and how to be sure; with --config the merge
+    is exact."""
+    adapter = make_adapter(gpt2, tmp_path / "adapter", model_kind="gpt2", target_modules=["attn.c_proj"])
+    set_flag(adapter, False)
+    bare = without_config(gpt2, tmp_path / "bare")
+    reference = PeftResult(gpt2, adapter, kind="gpt2").state  # PEFT turns the flag on for Conv1D
+    partner = {"lm_head.weight": "transformer.wte.weight"}
+    square = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]  # 32×32
+
+    summary = merge_checkpoint(bare, [adapter], tmp_path / "assumed")
+    (assumption,) = summary.assumptions
+    assert sorted(assumption.modules) == square and not assumption.fan_in_fan_out
+    as_json = summary.to_dict()["assumptions"][0]
+    assert as_json["assumed"] == "stored (out, in) as an nn.Linear" and "--config" in as_json["remedy"]
+    ours = read_all(tmp_path / "assumed")
+    name = f"{square[0]}.weight"
+    update = float((reference[name] - read_all(gpt2)[name]).norm())
+    assert float((ours[name] - reference[name]).norm()) > 0.5 * update  # what the assumption costs here
+    result = run_cli("merge", bare, adapter, "-o", tmp_path / "cli")
+    assert result.exit_code == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("assumed:")]
+    assert square[0] in line and "fan_in_fan_out: false" in line and "--config" in line
+
+    summary = merge_checkpoint(bare, [adapter], tmp_path / "by-config", config_file=gpt2 / "config.json")
+    assert summary.assumptions == []
+    assert_tensors_match(read_all(tmp_path / "by-config"), reference, partner)
 
 
 def test_non_square_conv1d_without_the_flag_merges(gpt2, tmp_path):

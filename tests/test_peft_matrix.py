@@ -5,12 +5,15 @@ adapter parameter, runs the CLI and compares every tensor of the output with PEF
 within 1e-5 relative in float32; on fp16/bf16 bases no further from the float64 merge than PEFT.
 Research variants no serving stack loads are refused; so is what PEFT itself cannot merge (grouped
 convolutions). Where a base has no config.json and the layout is truly ambiguous, the refusal must
-say how to resolve it, and the merge with that option must equal PEFT's.
+say how to resolve it, and the merge with that option must equal PEFT's; where a square layer's
+layout is assumed from the adapter's flag, the merge must say so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 from clihelp import run_cli
@@ -36,6 +39,33 @@ CASES = [
     Case("mlp-9-dora-alpha", "MLP", {"target_modules": "lin1", "use_dora": True, "lora_alpha": 32}),
     Case("mlp-lora-bias", "MLP", {"target_modules": ["lin0", "lin1"], "lora_bias": True, "lora_alpha": 32}),
     Case("mlp-mica", "MLP", {"target_modules": ["lin0"], "init_lora_weights": "mica", "r": 4}),
+    # ---- square Linear layers (PEFT's DeepMLP and MLP_2x_same_shape): no shape tells them from a
+    # Conv1D, and a custom model has no config.json; the adapter's fan_in_fan_out: false is assumed
+    Case("deepmlp-square-linear", "DeepMLP", {"target_modules": ["lin0", "lin1"]}),
+    Case(
+        "deepmlp-multirank",  # PEFT's TestMultiRankAdapter.test_multirank_2, both adapters merged
+        "DeepMLP",
+        {
+            "target_modules": ["lin0", "lin1"],
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {f"layers.{i}.lin{j}": 8 // (i + 1) for i in range(3) for j in range(2)},
+            "alpha_pattern": {f"layers.{i}.lin{j}": 16 // (i + 1) for i in range(3) for j in range(2)},
+        },
+        second={
+            "target_modules": ["lin0", "lin1"],
+            "r": 4,
+            "lora_alpha": 8,
+            "rank_pattern": {f"layers.{i}.lin{j}": 8 // (i + 1) for i in range(3) for j in range(2)},
+        },
+    ),
+    Case("mlp-2x-same-shape", "MLP_2x_same_shape", {"target_modules": ["lin1", "lin2"]}),
+    Case(
+        "mlp-2x-same-shape-two-adapters",
+        "MLP_2x_same_shape",
+        {"target_modules": ["lin1"]},
+        second={"target_modules": ["lin2"]},
+    ),
     # ---- Embedding + transformers Conv1D (weight stored (in, out); non-square, so shapes decide)
     Case("embconv1d-1-conv1d", "EmbConv1D", {"target_modules": ["conv1d"]}),
     Case("embconv1d-2-emb", "EmbConv1D", {"target_modules": ["emb"]}),
@@ -207,12 +237,15 @@ CASES = [
         second={"target_modules": ["conv1d"]},
     ),
     Case("square-conv1d-only", "EmbConv1DSquare", {"target_modules": ["conv1d"]}),
+    # A square Conv1D beside a square Linear, saved with the Linear's flag (false): the bare-checkpoint
+    # rule assumes every square target is a Linear (custom models are; Conv1D is a transformers class,
+    # and transformers checkpoints have a config.json), says so, and --fan-in-fan-out corrects it.
     Case(
         "square-conv1d-and-linear",
         "EmbConv1DSquare",
         {"target_modules": ["conv1d", "lin0"]},
-        expect="resolve",
-        refusal="--fan-in-fan-out",
+        expect="assume",
+        assumed="conv1d",
         option=("--fan-in-fan-out", r"conv1d"),
     ),
     # conv1d's shape says (in, out), against the saved flag (false, from lin0): lin0, square, is undecidable
@@ -391,7 +424,15 @@ def test_merge_matches_peft(case: Case, bases: Bases, tmp_path):
     adapters, unmerged, expected = make_peft(bases, case, tmp_path / "adapter")
     base = bases.get(case.model, case.dtype, case.config_json)
     out = tmp_path / "out"
-    result = run_cli("--quiet", "merge", base, *adapters, "-o", out)
+    if case.expect == "assume":
+        result = run_cli("merge", base, *adapters, "-o", out, "--json")
+        assert result.exit_code == 0, result.stderr
+        assumed = [m for a in json.loads(result.stdout)["assumptions"] for m in a["modules"]]
+        assert case.assumed in assumed, assumed
+        shutil.rmtree(out)
+        result = run_cli("--quiet", "merge", base, *adapters, "-o", out, *case.option)
+    else:
+        result = run_cli("--quiet", "merge", base, *adapters, "-o", out)
     if case.expect in ("refuse", "resolve"):
         assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
         assert result.stderr.startswith("Error: ") and case.refusal in result.stderr, result.stderr
@@ -420,9 +461,36 @@ def test_merge_matches_peft(case: Case, bases: Bases, tmp_path):
             )
 
 
+def test_a_bare_square_linear_mlp_merges_naming_what_it_assumed(bases: Bases, tmp_path):
+    """PEFT's DeepMLP without config.json: square Linear layers of two names merge equal to PEFT,
+    and the summary (stdout) and --json name every module whose layout the flag decided."""
+    case = Case("deepmlp", "DeepMLP", {"target_modules": ["lin0", "lin1"]})
+    adapters, _, expected = make_peft(bases, case, tmp_path / "adapter")
+    base = bases.get(case.model)
+    modules = [f"layers.{i}.lin{j}" for i in range(3) for j in range(2)]
+    result = run_cli("merge", base, *adapters, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("assumed:")]
+    assert "6 modules" in line and "layers.0.lin0" in line and "stored (out, in) as an nn.Linear" in line
+    assert "fan_in_fan_out: false" in line and "--config" in line and "has no config.json" in line
+    ours = read_output(bases, case, tmp_path / "out")
+    for name, reference in expected.items():
+        assert relative_error(ours[name], reference) <= RELATIVE, name
+    result = run_cli("merge", base, *adapters, "-o", tmp_path / "again", "--json")
+    (assumption,) = json.loads(result.stdout)["assumptions"]
+    assert sorted(assumption["modules"]) == sorted(modules) and assumption["fan_in_fan_out"] is False
+    assert assumption["adapter"] == str(adapters[0]) and "--config" in assumption["remedy"]
+    # where the shapes decide (non-square Linear layers), nothing is assumed
+    plain = Case("mlp", "MLP", {"target_modules": ["lin0", "lin1"]})
+    adapters, _, _ = make_peft(bases, plain, tmp_path / "plain")
+    result = run_cli("merge", bases.get(plain.model), *adapters, "-o", tmp_path / "plain-out", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["assumptions"] == []
+
+
 def test_matrix_covers_every_kind():
     """The matrix holds each layer kind users meet, and every expected refusal is named."""
     models = {case.model for case in CASES}
     assert {"MLP", "EmbConv1D", "Conv1d", "Conv2d", "Conv3d", "MHA", "MlpUsingParameters", "gpt2"} <= models
-    assert all(case.refusal for case in CASES if case.expect != M)
+    assert all(case.refusal for case in CASES if case.expect in ("refuse", "resolve"))
+    assert all(case.assumed and case.option for case in CASES if case.expect == "assume")
     assert len({case.id for case in CASES}) == len(CASES)

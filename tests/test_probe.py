@@ -1,5 +1,6 @@
 """rank-report --probe on the shipped sample model: full rank changes nothing, loss rises as rank
-falls, the fine-tune reference is PEFT's own forward; text handling and the CLI."""
+falls, the fine-tune reference is PEFT's own forward (on GPT-2's Conv1D too, whatever the adapter's
+flag says); text handling and the CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import assert_refused, run_cli
+from factories import make_adapter, make_gpt2, peft_merged_state_dict
 
-from lorasurgery.operations.probe import Forward, bisect_fractions, functional_rank, load_causal_lm
+from lorasurgery.adapter import load_adapter
+from lorasurgery.binding import bind
+from lorasurgery.io import open_checkpoint
+from lorasurgery.operations.probe import Forward, bisect_fractions, functional_rank, load_causal_lm, tune
 from lorasurgery.textdata import token_ids, token_windows
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
@@ -106,6 +111,54 @@ def test_adapter_finetune_reference_is_peft_forward():
     assert result.reference["loss_base"] == pytest.approx(base_loss, rel=1e-6)
     assert result.reference["kl_finetuned_base"] > 0.05
     assert torch.get_num_threads() >= 1
+
+
+def test_the_probed_conv1d_fine_tune_is_peft_s_whatever_the_saved_flag(tmp_path):
+    """GPT-2's square attn.c_proj (a Conv1D, stored (in, out)) with fan_in_fan_out: false saved, and
+    ln_f in modules_to_save: PEFT loads it right (it sets the flag per layer), and the model the
+    probe tunes must be PEFT's merged one, to float32 rounding; so must the loss it measures."""
+    base = make_gpt2(tmp_path / "gpt2", vocab_size=256)
+    (base / "byte_tokens.json").write_text('{"byte_tokens": true}')
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        model_kind="gpt2",
+        target_modules=["attn.c_proj"],
+        modules_to_save=["ln_f"],
+    )
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = False
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+    model = load_causal_lm(base)
+    (bound,) = bind([load_adapter(adapter)], open_checkpoint(base))
+    groups, changed = tune(model, bound)
+    assert {m.name for ms in groups.values() for m in ms} == {
+        f"transformer.h.{i}.attn.c_proj.weight" for i in (0, 1)
+    }
+    ours = model.state_dict()
+    reference = peft_merged_state_dict(base, adapter, model_kind="gpt2")
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        error = float(
+            (ours[name].double() - tensor.double()).norm() / max(float(tensor.double().norm()), 1e-12)
+        )
+        assert error <= 1e-6, (name, error)
+    base_state = load_causal_lm(base).state_dict()
+    assert not torch.equal(ours["transformer.ln_f.weight"], base_state["transformer.ln_f.weight"])
+    assert len(changed) == 4  # two c_proj weights, ln_f's weight and bias
+
+    from peft import PeftModel
+
+    result = functional_rank(adapter, base=base, text=TEXT, tokens=256, fractions=[1.0])
+    peft_model = PeftModel.from_pretrained(load_causal_lm(base), adapter)
+    windows = token_windows(token_ids(base, TEXT, 256), 64)
+    assert result.reference["loss_finetuned"] == pytest.approx(
+        Forward(peft_model.eval(), windows).loss(), rel=1e-5
+    )
+    assert result.reference["loss_base"] == pytest.approx(
+        Forward(load_causal_lm(base), windows).loss(), rel=1e-6
+    )
 
 
 def test_byte_tokens_only_when_the_folder_says_so(tmp_path):

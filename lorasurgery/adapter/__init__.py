@@ -2,7 +2,7 @@
 
 from lorasurgery.adapter.config import AdapterConfig, parse_adapter_config, pattern_key
 from lorasurgery.adapter.model import PEFT_PREFIX, Adapter, LoraModule, load_adapter
-from lorasurgery.adapter.names import PrefixRule, find_prefix_rule, resolve_base_names
+from lorasurgery.adapter.names import PrefixRule, find_prefix_rule
 
 __all__ = [
     "PEFT_PREFIX",
@@ -14,5 +14,4 @@ __all__ = [
     "load_adapter",
     "parse_adapter_config",
     "pattern_key",
-    "resolve_base_names",
 ]

@@ -13,7 +13,9 @@ PEFT's save grammar, under the prefix `base_model.model.` (an adapter-name segme
                                     a 3-D expert parameter (E, …) has lora_A (r·E, in), lora_B (out, r·E)
   <mha>.lora_A.weight + <mha>.base_layer.out_proj.lora_A.weight   nn.MultiheadAttention: the first
                                     updates <mha>.in_proj_weight, the second <mha>.out_proj.weight
-Only the safetensors header is read when loading; tensors are read on demand.
+Only the safetensors header is read when loading; tensors are read on demand. The keys written
+(extract, resize, combine, export) come from the same grammar: `lora_keys`, `saved_key`,
+`base_layer_key`.
 """
 
 from __future__ import annotations
@@ -41,13 +43,49 @@ _LORA_KEY = re.compile(
 _KOHYA_MARKERS = (".lora_down.weight", ".lora_up.weight", ".hada_w1_a", ".lokr_w1")
 
 
+@dataclass(frozen=True)
+class LoraKeys:
+    """The keys PEFT saves one module's LoRA tensors under."""
+
+    A: str  # lora_A (r, in) / lora_embedding_A (r, vocab)
+    B: str  # lora_B (out, r) / lora_embedding_B (dim, r)
+    bias: str  # lora_B's bias (lora_bias)
+    magnitude: str  # DoRA's lora_magnitude_vector
+
+
+def lora_keys(module: str, kind: str = "linear") -> LoraKeys:
+    """The keys of module `module`'s LoRA tensors (an embedding's are lora_embedding_A/B)."""
+    prefix = PEFT_PREFIX + module
+    if kind == "embedding":
+        A, B = f"{prefix}.lora_embedding_A", f"{prefix}.lora_embedding_B"
+    else:
+        A, B = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+    return LoraKeys(A, B, f"{prefix}.lora_B.bias", f"{prefix}.lora_magnitude_vector")
+
+
+def saved_key(name: str) -> str:
+    """The key of a tensor saved whole (modules_to_save), `name` relative to the model."""
+    return PEFT_PREFIX + name
+
+
+def base_layer_key(module: str, parameter: str) -> str:
+    """The key of a LoRA-wrapped layer's own parameter saved beside it (bias="lora_only", a targeted
+    embedding's weight): the tensor the wrapped layer shares with a tie."""
+    return f"{PEFT_PREFIX}{module}.base_layer.{parameter}"
+
+
+def is_base_layer(key: str) -> bool:
+    """Whether a saved tensor's key is a wrapped layer's own parameter (see base_layer_key)."""
+    return ".base_layer." in key
+
+
 @dataclass
 class LoraModule:
     """One LoRA-adapted layer: ΔW = scale · B @ A, laid out like the base weight.
 
     Read alone, a linear module's layout follows adapter_config.json's fan_in_fan_out, which is only
-    a hint (PEFT decides per layer); against a base, `laid_out` sets what the model's structure
-    (lorasurgery.architecture) decides."""
+    a hint (PEFT decides per layer); bound to a base (lorasurgery.binding), a `laid_out` copy has the
+    layout the model's structure decides. The module itself is never changed."""
 
     name: str  # module path, e.g. model.layers.0.self_attn.q_proj
     kind: str  # "linear" | "embedding" | "conv" | "parameter" (target_parameters, stored (out, in) or 3-D)
@@ -69,15 +107,14 @@ class LoraModule:
     depth: int = 0  # how deep PEFT nested this parameter's wrapper (`<m>.base_layer.….lora_A`)
     piece: tuple[int, int, int, int] | None = None  # (expert, of experts, first row, end row): one expert's
     # rows of a fused parameter that the checkpoint stores split (see adapter/parameters.py)
-    layout: str = "adapter"  # who decided fan_in_fan_out: adapter | structure | option | shape
 
-    def laid_out(self, fan_in_fan_out: bool, layout: str) -> LoraModule:
+    def laid_out(self, fan_in_fan_out: bool) -> LoraModule:
         """This module with its base weight stored (in, out) when `fan_in_fan_out`, else (out, in)."""
         if self.kind != "linear":
             return self
         out_features, in_features = self.features
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
-        return dataclasses.replace(self, fan_in_fan_out=fan_in_fan_out, shape=shape, layout=layout)
+        return dataclasses.replace(self, fan_in_fan_out=fan_in_fan_out, shape=shape)
 
     @property
     def features(self) -> tuple[int, int]:
@@ -87,6 +124,14 @@ class LoraModule:
     @property
     def base_weight_name(self) -> str:
         return f"{self.name}.{self.parameter}"
+
+    @property
+    def label(self) -> str:
+        """How reports name it: its key, or for a LoRA on a parameter not yet told apart from the
+        module's other targeted parameters, `<module> (<p1>|<p2>)`."""
+        if self.kind == "parameter" and not self.parameter:
+            return f"{self.name} ({'|'.join(self.candidates)})"
+        return self.key
 
     @property
     def key(self) -> str:
@@ -131,9 +176,14 @@ class Adapter:
     def read(self, key: str, device: str = "cpu"):
         return self.checkpoint.read(key, device)
 
-    def read_factors(self, module: str, device: str = "cpu"):
-        """(A, B) as saved: A (r, in) or (r, vocab) or (r, in, *k); B (out, r) or (dim, r) or (out, r, *1)."""
-        lora = self.modules[module]
+    def _module(self, module: str | LoraModule) -> LoraModule:
+        return self.modules[module] if isinstance(module, str) else module
+
+    def read_factors(self, module: str | LoraModule, device: str = "cpu"):
+        """(A, B) as saved: A (r, in) or (r, vocab) or (r, in, *k); B (out, r) or (dim, r) or (out, r, *1).
+
+        `module` is a key of `modules`, or a LoraModule of this adapter (a bound copy, lorasurgery.binding)."""
+        lora = self._module(module)
         A, B = self.read(lora.a_key, device), self.read(lora.b_key, device)
         if lora.piece is not None:  # expert e's rows of a fused expert parameter (linalg/delta.py's A_e, B_e)
             e, experts, start, stop = lora.piece
@@ -142,12 +192,12 @@ class Adapter:
             B = B.reshape(B.shape[0], r, experts)[start:stop, :, e]
         return A, B
 
-    def expert_factors(self, module: str, device: str = "cpu"):
+    def expert_factors(self, module: str | LoraModule, device: str = "cpu"):
         """[(A_e (r, in), B_e (out, r)) per expert] of a LoRA on a 3-D expert parameter, else None."""
-        lora = self.modules[module]
+        lora = self._module(module)
         if lora.kind != "parameter" or lora.piece is not None or lora.experts <= 1:
             return None
-        A, B = self.read_factors(module, device)
+        A, B = self.read_factors(lora, device)
         E = lora.experts
         r = A.shape[0] // E
         A3 = A.reshape(E, r, A.shape[-1])  # (E, r, in): expert e's rows e·r … e·r + r − 1
@@ -155,19 +205,15 @@ class Adapter:
         return [(A3[e], B3[:, :, e]) for e in range(E)]
 
     def label(self, module: str) -> str:
-        """How reports name a module: its key, or for a LoRA on a parameter not yet told apart from the
-        module's other targeted parameters, `<module> (<p1>|<p2>)`."""
-        lora = self.modules[module]
-        if lora.kind == "parameter" and not lora.parameter:
-            return f"{lora.name} ({'|'.join(lora.candidates)})"
-        return module
+        """How reports name a module (LoraModule.label)."""
+        return self.modules[module].label
 
-    def read_magnitude(self, module: str, device: str = "cpu"):
-        key = self.modules[module].magnitude_key
+    def read_magnitude(self, module: str | LoraModule, device: str = "cpu"):
+        key = self._module(module).magnitude_key
         return self.read(key, device) if key else None
 
-    def read_lora_bias(self, module: str, device: str = "cpu"):
-        key = self.modules[module].bias_key
+    def read_lora_bias(self, module: str | LoraModule, device: str = "cpu"):
+        key = self._module(module).bias_key
         return self.read(key, device) if key else None
 
 

@@ -1,4 +1,4 @@
-"""Map an adapter's module paths to a base checkpoint's tensor names.
+"""Map an adapter's module paths to a base checkpoint's tensor names (used by lorasurgery.binding).
 
 A model saved from another head class adds or drops a prefix (`model.`, `bert.`, `transformer.` …):
 an adapter trained on BertForSequenceClassification names `bert.encoder…` while a BertModel
@@ -56,31 +56,20 @@ def find_prefix_rule(weight_names: list[str], base_tensors: dict) -> tuple[Prefi
     return best
 
 
-def resolve_base_names(adapter, checkpoint) -> dict[str, str]:
-    """{module: base tensor name} for every LoRA module, or MismatchError listing what does not fit.
+def _listed(items: list[str], separator: str) -> str:
+    more = len(items) - _LISTED
+    return separator.join(items[:_LISTED]) + (f"{separator}and {more} more" if more > 0 else "")
 
-    `checkpoint` needs `.tensors` (name -> info with `.shape`) and `.path`."""
-    modules = adapter.modules
-    weight_names = [m.base_weight_name for m in modules.values()]
-    rule, unmatched = find_prefix_rule(weight_names, checkpoint.tensors)
-    if unmatched:
-        names = [n.removesuffix(".weight") for n in unmatched]
-        listed = ", ".join(names[:_LISTED]) + (
-            f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
-        )
-        raise MismatchError(
-            f"{adapter.path}: {len(names)} of {len(modules)} target modules are not in the base "
-            f"{checkpoint.path}: {listed}"
-        )
-    mapping = {name: rule.apply(module.base_weight_name) for name, module in modules.items()}
-    wrong = []
-    for name, base_name in mapping.items():
-        base_shape = tuple(checkpoint.tensors[base_name].shape)
-        if base_shape != tuple(modules[name].shape):
-            wrong.append(f"{name} (adapter expects {list(modules[name].shape)}, base has {list(base_shape)})")
-    if wrong:
-        listed = "; ".join(wrong[:_LISTED]) + (
-            f"; and {len(wrong) - _LISTED} more" if len(wrong) > _LISTED else ""
-        )
-        raise MismatchError(f"{adapter.path}: shape mismatch with the base {checkpoint.path}: {listed}")
-    return mapping
+
+def missing_modules_error(adapter_path, unmatched: list[str], total: int, base_path) -> MismatchError:
+    """The error for LoRA modules whose base tensors (`unmatched`, adapter names) the base lacks."""
+    names = [n.removesuffix(".weight") for n in unmatched]
+    return MismatchError(
+        f"{adapter_path}: {len(names)} of {total} target modules are not in the base {base_path}: "
+        f"{_listed(names, ', ')}"
+    )
+
+
+def shape_mismatch_error(adapter_path, wrong: list[str], base_path) -> MismatchError:
+    """The error for modules whose ΔW does not fit the base tensor (`wrong`: one phrase per module)."""
+    return MismatchError(f"{adapter_path}: shape mismatch with the base {base_path}: {_listed(wrong, '; ')}")

@@ -14,8 +14,8 @@ Which parameter a wrapper targets, and whether a square 3-D parameter is stored 
 the model's structure (registration order, is_transposed) when the base has a config.json; without one
 the shapes decide where they can, and an undecidable case is refused naming the module and `--config`.
 A fused parameter that the checkpoint stores split (Qwen3-MoE, Mixtral: per expert and projection)
-becomes one 2-D module per stored tensor for the merge (`split_stored`); reports read the fused
-parameter put together (`read_parameter`).
+becomes one 2-D module per stored tensor for the merge (`split_pieces`); reports read the fused
+parameter put together (`read_parameter`). lorasurgery.binding calls these against a base.
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ def _fits(adapter, module, parameter: str, shape, transposed: bool) -> bool:
     return False
 
 
-def bind_parameters(adapter, shape_of: ShapeOf, layout_of: LayoutOf) -> None:
-    """Give every target_parameters module of `adapter` its parameter, rank, scale and layout against
-    the base; re-keys `adapter.modules` as `<module>.<parameter>`. Raises naming the module otherwise."""
+def bind_parameters(adapter, shape_of: ShapeOf, layout_of: LayoutOf) -> dict:
+    """`adapter.modules` with every target_parameters module given its parameter, rank, scale and
+    layout against the base, keyed `<module>.<parameter>` (new objects; the adapter is not changed).
+    Raises naming the module when the base does not tell."""
     groups: dict[str, list] = {}
     for module in adapter.modules.values():
         if module.kind == "parameter":
             groups.setdefault(module.name, []).append(module)
     if not groups:
-        return
+        return dict(adapter.modules)
     bound = {}
     for name, wrappers in groups.items():
         wrappers.sort(key=lambda m: -m.depth)  # innermost first: the first-registered parameter
@@ -111,85 +112,38 @@ def bind_parameters(adapter, shape_of: ShapeOf, layout_of: LayoutOf) -> None:
                 transposed=transposed and len(shape) == 3,
                 shape=shape,
             )
-    adapter.modules = {
+    return {
         (bound[id(m)].key if id(m) in bound else key): bound.get(id(m), m)
         for key, m in adapter.modules.items()
     }
 
 
-def bind_against(adapter, tensors: dict, structure) -> None:
-    """bind_parameters against a base: `tensors` maps its tensor names to infos with `.shape`;
-    `structure` is lorasurgery.architecture's Structure of the base (or None)."""
-    from lorasurgery.adapter.names import find_prefix_rule
-
-    if not any(m.kind == "parameter" for m in adapter.modules.values()):
-        return
-    names = [
-        f"{m.name}.{m.candidates[0]}" if m.kind == "parameter" else m.base_weight_name
-        for m in adapter.modules.values()
-    ]
-    rule, _ = find_prefix_rule(names, tensors)
-
-    def shape_of(name: str, parameter: str):
-        base = rule.apply(f"{name}.{parameter}")
-        if base in tensors:
-            return tuple(tensors[base].shape)
-        known = structure is not None and structure.known and structure.pieces(base, tensors) is not None
-        module = structure.module(rule.apply(name) or name) if known else None
-        return tuple(module.parameters[parameter]) if module is not None else None  # stored split
-
-    def layout_of(name: str):
-        module = (
-            structure.module(rule.apply(name) or name) if structure is not None and structure.known else None
-        )
-        return (list(module.parameters), module.transposed) if module is not None else None
-
-    bind_parameters(adapter, shape_of, layout_of)
-
-
-def split_stored(adapter, tensors: dict, structure) -> None:
+def split_pieces(where: str, key: str, module, pieces: list[list[str]], tensors: dict) -> dict:
     """A bound expert parameter the checkpoint stores split (structure.pieces: per expert, per
-    projection, concatenated along d1) becomes one 2-D module per stored tensor: expert e's rows
+    projection, concatenated along d1) as one 2-D module per stored tensor: expert e's rows
     [start, stop) of ΔW[e] = s·B_e@A_e, i.e. the rows of B_e (linalg/delta.py). Keys
-    `<fused key>[e].<k>`; merge reads the slices through Adapter.read_factors."""
-    from lorasurgery.adapter.names import find_prefix_rule
-
-    fused = [m for m in adapter.modules.values() if m.kind == "parameter" and m.experts]
-    if not fused or structure is None or not structure.known:
-        return
-    rule, _ = find_prefix_rule(
-        [m.base_weight_name for m in adapter.modules.values()], {**tensors, **structure.stored}
-    )
-    fused_ids = {id(m) for m in fused}
-    modules = {}
-    for key, module in adapter.modules.items():
-        base = rule.apply(module.base_weight_name) if id(module) in fused_ids else None
-        pieces = structure.pieces(base, tensors) if base is not None and base not in tensors else None
-        if pieces is None:
-            modules[key] = module
-            continue
-        where = f"{adapter.path}: module {module.name}, parameter {module.parameter}"
-        if module.transposed:
-            raise UnsupportedError(f"{where}: a fused (E, in, out) parameter stored split is not supported")
-        experts, d1, d2 = module.shape
-        share = d1 // len(pieces[0])
-        for e, names in enumerate(pieces):
-            for k, name in enumerate(names):
-                if tuple(tensors[name].shape) != (share, d2):
-                    raise MismatchError(
-                        f"{where}: the base stores expert {e} as {name} of shape {list(tensors[name].shape)}, "
-                        f"expected {[share, d2]} ({d1} rows of the fused parameter split {len(names)} ways)"
-                    )
-                piece = dataclasses.replace(
-                    module,
-                    name=name.removesuffix(".weight"),
-                    parameter="weight",
-                    experts=0,
-                    shape=(share, d2),
-                    piece=(e, experts, k * share, (k + 1) * share),
+    `<key>[e].<k>`; Adapter.read_factors reads the slices."""
+    if module.transposed:
+        raise UnsupportedError(f"{where}: a fused (E, in, out) parameter stored split is not supported")
+    experts, d1, d2 = module.shape
+    share = d1 // len(pieces[0])
+    split = {}
+    for e, names in enumerate(pieces):
+        for k, name in enumerate(names):
+            if tuple(tensors[name].shape) != (share, d2):
+                raise MismatchError(
+                    f"{where}: the base stores expert {e} as {name} of shape {list(tensors[name].shape)}, "
+                    f"expected {[share, d2]} ({d1} rows of the fused parameter split {len(names)} ways)"
                 )
-                modules[f"{key}[{e}].{k}"] = piece
-    adapter.modules = modules
+            split[f"{key}[{e}].{k}"] = dataclasses.replace(
+                module,
+                name=name.removesuffix(".weight"),
+                parameter="weight",
+                experts=0,
+                shape=(share, d2),
+                piece=(e, experts, k * share, (k + 1) * share),
+            )
+    return split
 
 
 def with_split_parameters(tensors: dict, checkpoint, structure) -> dict:

@@ -5,8 +5,8 @@ Every layer kind reduces to a product in the 2-D view of the stored weight (rows
     ΔW = s · L @ R,   L (rows, r), R (r, cols)
 
 - Linear, stored (out, in):                 L = B (out, r),            R = A (r, in)
-- Conv1D / fan_in_fan_out, stored (in, out): L = Aᵀ (in, r),           R = Bᵀ (r, out)     [ΔW = (BA)ᵀ]
-- Embedding, stored (num_emb, dim):          L = Aᵀ (num_emb, r),      R = Bᵀ (r, dim)     [ΔW = (BA)ᵀ]
+- Conv1D, stored (in, out) (transposed):     L = Aᵀ (in, r),           R = Bᵀ (r, out)     [ΔW = (BA)ᵀ]
+- Embedding, stored (num_emb, dim) (transposed): L = Aᵀ (num_emb, r),  R = Bᵀ (r, dim)     [ΔW = (BA)ᵀ]
 - ConvNd, stored (out, in, *k) seen as (out, in·∏k): L = B (out, r),  R = A (r, in·∏k)
   (PEFT's conv_fn(Aᵀ, B) with a 1×1 lora_B kernel is exactly this channel mix; groups > 1 is refused
   as PEFT refuses to merge it.)
@@ -14,7 +14,10 @@ Every layer kind reduces to a product in the 2-D view of the stored weight (rows
 - nn.Parameter, 3-D experts (E, d1, d2): expert e is a Linear of its own, A_e = rows e·r…e·r+r-1 of
   lora_A (r·E, in) and B_e = columns e, E+e, 2E+e … of lora_B (out, r·E) (PEFT's ParamWrapper reshapes
   lora_B to (out, r, E)); stored (E, out, in): L = B_e, R = A_e; stored (E, in, out) (transformers'
-  is_transposed experts): L = A_eᵀ, R = B_eᵀ. The weight is merged expert by expert.
+  is_transposed experts, transposed): L = A_eᵀ, R = B_eᵀ. The weight is merged expert by expert.
+
+Whether a weight is stored transposed is the caller's `Update.transposed`, decided by the binding
+(lorasurgery.binding.stored_transposed; linalg/update.py builds Updates): the kernel knows no layouts.
 
 DoRA (PEFT's DoraLinearLayer / DoraEmbeddingLayer / DoraConvNdLayer): V = W + s·ΔW and
 W' = (m / ‖V‖) ⊙ V with the norm taken per output feature of the layer's own (out, in) layout: per
@@ -56,11 +59,10 @@ class Update:
     B: torch.Tensor  # lora_B (out, r) / lora_embedding_B (dim, r) / conv (out, r, 1, …) / experts (out, r·E)
     scale: float  # α/r or α/√r
     weight: float = 1.0  # --weight (negated by --subtract)
-    fan_in_fan_out: bool = False
+    transposed: bool = False  # stored as ΔW's transpose: (in, out), (num_emb, dim), experts (E, in, out)
     magnitude: torch.Tensor | None = None  # DoRA lora_magnitude_vector (out,)
     source: str = ""  # adapter path, for messages
     experts: int = 0  # a 3-D expert parameter (experts, …): E
-    transposed: bool = False  # experts stored (E, in, out)
 
     @property
     def dora(self) -> bool:
@@ -79,7 +81,7 @@ class Update:
             B=B,
             scale=self.scale,
             weight=self.weight,
-            fan_in_fan_out=self.transposed,  # stored (in, out): ΔW[e] = s·(B_e@A_e)ᵀ
+            transposed=self.transposed,  # stored (in, out): ΔW[e] = s·(B_e@A_e)ᵀ
             source=self.source,
         )
 
@@ -94,10 +96,9 @@ class Update:
                     f"non-1×1 convolution; PEFT cannot merge it either"
                 )
             L, R, per_row = B.reshape(B.shape[0], r), A.reshape(r, -1), True
-        elif self.kind == "embedding" or (self.kind == "linear" and self.fan_in_fan_out):
-            L, R, per_row = A.T, B.T, False  # (rows, r), (r, cols)
-        elif self.kind in ("linear", "parameter") and not self.experts:
-            L, R, per_row = B, A, True
+        elif self.kind in ("linear", "embedding", "parameter") and not self.experts:
+            # stored transposed: (rows, r), (r, cols) = Aᵀ, Bᵀ, the norm per stored column
+            L, R, per_row = (A.T, B.T, False) if self.transposed else (B, A, True)
         else:
             raise UnsupportedError(
                 f"{self.source}: module {self.module}: cannot merge layer kind {self.kind!r}"

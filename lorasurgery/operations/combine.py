@@ -14,13 +14,21 @@ import os
 import time
 
 from lorasurgery.adapter import load_adapter
+from lorasurgery.adapter.model import is_base_layer
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
 from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype
 from lorasurgery.operations.extract_plan import natural_key
-from lorasurgery.operations.resize import as_checkpoint, check_base, check_dora_base
+from lorasurgery.operations.resize import (
+    adapter_of,
+    as_checkpoint,
+    assumption_notes,
+    bind_base,
+    check_dora_base,
+    loras_of,
+)
 from lorasurgery.operations.surgery import (
     SurgeryReport,
     adapter_config,
@@ -32,16 +40,16 @@ from lorasurgery.operations.surgery import (
 from lorasurgery.progress import Progress, no_progress
 
 
-def _module_table(adapters, paths) -> dict[str, list[int]]:
+def _module_table(sources, paths) -> dict[str, list[int]]:
     """{module: indices of the adapters that adapt it}, checking that they agree on its kind and shape."""
     table: dict[str, list[int]] = {}
-    for i, adapter in enumerate(adapters):
-        for name in adapter.modules:
+    for i, source in enumerate(sources):
+        for name in loras_of(source):
             table.setdefault(name, []).append(i)
     for name, indices in table.items():
-        first = adapters[indices[0]].modules[name]
+        first = loras_of(sources[indices[0]])[name]
         for j in indices[1:]:
-            other = adapters[j].modules[name]
+            other = loras_of(sources[j])[name]
             if (other.kind, tuple(other.shape)) != (first.kind, tuple(first.shape)):
                 raise MismatchError(
                     f"module {name}: {paths[indices[0]]} adapts a {first.kind} of shape {list(first.shape)} "
@@ -66,7 +74,7 @@ def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
             module = relative.rsplit(".", 1)[0]
             # <m>.base_layer.weight is the layer a LoRA wraps (PEFT saves targeted embeddings so);
             # <m>.weight is a whole module (modules_to_save), which cannot also carry a LoRA.
-            if module in modules and relative.endswith(".weight") and ".base_layer." not in key:
+            if module in modules and relative.endswith(".weight") and not is_base_layer(key):
                 owner = next(j for j, a in enumerate(adapters) if module in a.modules)
                 raise MismatchError(
                     f"{paths[i]} saves {relative} whole while {paths[owner]} adapts module {module} with "
@@ -90,29 +98,31 @@ def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
     return {key: tensor for _, key, tensor in chosen.values()}
 
 
-def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype, exact):
-    """One module's ModuleUpdate: the concatenated factors (exact) or their SVD."""
+def _combined_update(sources, indices, weights, name, device, dtype, exact):
+    """One module's ModuleUpdate: the concatenated factors (exact) or their SVD. `sources`: the
+    adapters, bound to the base when there is one (lorasurgery.binding)."""
     import torch
 
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.delta import all_finite
     from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
-    from lorasurgery.operations.resize import check_factors_finite, module_factors, module_svd
+    from lorasurgery.linalg.update import factors
+    from lorasurgery.operations.resize import check_factors_finite, module_svd
     from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
+    adapters = [adapter_of(source) for source in sources]
     terms, bias, stored = [], None, None
-    first = adapters[indices[0]].modules[name]
+    first = loras_of(sources[indices[0]])[name]
     for i in indices:
-        adapter, lora, w = adapters[i], adapters[i].modules[name], weights[i]
+        adapter, lora, w = adapters[i], loras_of(sources[i])[name], weights[i]
         if lora.dora:
-            check_factors_finite(
-                adapter, name
-            )  # the effective update, dense: its full SVD as balanced factors
-            svd = module_svd(adapter, name, checkpoint, device)
+            # the effective update, dense: its full SVD as balanced factors
+            check_factors_finite(sources[i], name)
+            svd = module_svd(sources[i], name, device=device)
             root = svd.S.sqrt()
             terms.append((root[:, None] * svd.Vh, svd.U * root, w))
         else:
-            f = module_factors(adapter, name)
+            f = factors(adapter, lora)
             terms.append((f.A.to(torch.float64), f.B.to(torch.float64), w * f.scale))
         if lora.bias_key:  # written at scale 1: w·s·b
             term = adapter.read(lora.bias_key).to(torch.float64) * (w * lora.scale)
@@ -122,7 +132,7 @@ def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype
     A, B = concatenated_factors(terms)  # (Σr, n), (d, Σr) float64
     if not (all_finite(A) and all_finite(B) and (bias is None or all_finite(bias))):
         for i in indices:  # the error path: name the adapter and the tensor
-            check_factors_finite(adapters[i], name)
+            check_factors_finite(sources[i], name)
     a_info = adapters[indices[0]].tensors[first.a_key]
     update = ModuleUpdate(
         name=name,
@@ -140,22 +150,20 @@ def _combined_update(adapters, indices, weights, name, checkpoint, device, dtype
     return update
 
 
-def _check_lora_bias(updates, adapters, checkpoint) -> None:
+def _check_lora_bias(updates, sources, checkpoint) -> None:
     """PEFT's lora_bias is one flag for a whole adapter, and a layer without a bias of its own cannot
     carry one (PEFT then refuses to merge). So when some input has lora_B biases, every other output
     module gets a zero one — allowed only where the base is known to have that bias."""
-    from lorasurgery.operations.resize import base_weights
-
     with_bias = next((u for u in updates if u.bias is not None), None)
     if with_bias is None:
         return
     for u in updates:
         if u.bias is not None or u.kind == "embedding":
             continue  # embeddings: build_output refuses the mix with its own message
-        adapter = next(a for a in adapters if u.name in a.modules)
+        source = next(s for s in sources if u.name in loras_of(s))
         has_bias = False
         if checkpoint is not None:
-            weight = base_weights(adapter, checkpoint)[u.name]
+            weight = source.modules[u.name].tensor
             has_bias = weight.removesuffix(".weight") + ".bias" in checkpoint.tensors
         if not has_bias:
             raise LoraSurgeryError(
@@ -169,23 +177,25 @@ def _check_lora_bias(updates, adapters, checkpoint) -> None:
             )
 
 
-def _merged_config(adapters, paths) -> dict:
-    """Fields of the output config that come from all inputs (the rest is the first input's)."""
+def _merged_config(adapters, bound) -> dict:
+    """Fields of the output config that come from all inputs (the rest is the first input's);
+    `bound`: the adapters bound to --base, or () without one."""
     saves = []
     for adapter in adapters:
         for module in adapter.config.modules_to_save or []:
             if module not in saves:
                 saves.append(module)
     biases = {adapter.config.bias for adapter in adapters}
-    from lorasurgery.operations.resize import known_fan_in_fan_out
+    from lorasurgery.binding import decided_fan_in_fan_out, saved_fan_in_fan_out
 
-    fan = {adapter.config.fan_in_fan_out for adapter in adapters if adapter.modules}
-    known = known_fan_in_fan_out(adapters)
+    known = decided_fan_in_fan_out(bound)
     return {
         "modules_to_save": saves or None,
         "bias": "all" if "all" in biases else "lora_only" if "lora_only" in biases else "none",
         # A layer's layout is the model's: as laid out on --base when given, else any input's flag.
-        "fan_in_fan_out": (True in fan) if known is None else known,
+        "fan_in_fan_out": saved_fan_in_fan_out([a for a in adapters if a.modules])
+        if known is None
+        else known,
         "layers_to_transform": None,  # target_modules are full paths: no layer filter is needed
         "layers_pattern": None,
         "exclude_modules": None,
@@ -240,9 +250,8 @@ def combine_adapters(
     for adapter in loaded:
         check_dora_base(adapter, base)
     checkpoint = as_checkpoint(base)
-    for adapter in loaded:
-        check_base(adapter, checkpoint)
-    table = _module_table(loaded, paths)
+    sources = bind_base(loaded, checkpoint)  # the layouts of one base: decided together
+    table = _module_table(sources, paths)
     saved = _saved_tensors(loaded, paths, set(table))
     device = resolve_device(device)
 
@@ -251,11 +260,9 @@ def combine_adapters(
         names = sorted(table, key=natural_key)
         updates = []
         for i, name in enumerate(names):
-            updates.append(
-                _combined_update(loaded, table[name], weights, name, checkpoint, device, dtype, exact)
-            )
+            updates.append(_combined_update(sources, table[name], weights, name, device, dtype, exact))
             progress(Progress("combine", i + 1, len(names), name))
-        _check_lora_bias(updates, loaded, checkpoint)
+        _check_lora_bias(updates, sources, checkpoint)
         policy_text = "exact sum" if exact else policy.describe()
         report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
         ranks = None
@@ -264,6 +271,7 @@ def combine_adapters(
         output = build_output(updates, ranks, report)
     if not output.module_ranks:
         raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
+    report.notes += assumption_notes(sources)
     if saved and any(w != 1.0 for w in weights):
         report.notes.append(
             "tensors saved whole (modules_to_save, biases) are copied unchanged, not weighted"
@@ -271,6 +279,9 @@ def combine_adapters(
     if any(m.dora for a in loaded for m in a.modules.values()):
         report.notes.append(f"DoRA inputs entered as their effective update W' − W on {base}")
     config = adapter_config(
-        loaded[0].config.raw, output.module_ranks, output.lora_bias, **_merged_config(loaded, paths)
+        loaded[0].config.raw,
+        output.module_ranks,
+        output.lora_bias,
+        **_merged_config(loaded, sources if checkpoint is not None else ()),
     )
     return write_output(report, out, inputs, force, output, saved, config, started)

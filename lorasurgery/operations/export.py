@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from lorasurgery.adapter import PEFT_PREFIX, load_adapter
+from lorasurgery.adapter import load_adapter
+from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.writer import write_adapter_folder
+from lorasurgery.binding import saved_fan_in_fan_out
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
 from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
 from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
@@ -169,14 +171,15 @@ def _plain_factors(adapter, lora, multiplier: float) -> _Factors:
     return _Factors(A, B_out, "folded", error)
 
 
-def _svd_factors(adapter, lora, multiplier: float, k: int, base, method: str) -> _Factors:
-    """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with a base)."""
+def _svd_factors(source, lora, multiplier: float, k: int, method: str) -> _Factors:
+    """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with `source` an
+    adapter bound to its base, lorasurgery.binding)."""
     from lorasurgery.linalg.lowrank import LowRankSVD
-    from lorasurgery.operations.resize import module_svd, truncated_factors
+    from lorasurgery.operations.resize import adapter_of, module_svd, truncated_factors
 
-    svd = module_svd(adapter, lora.name, base=base)
+    svd = module_svd(source, lora.name)
     svd = LowRankSVD(U=svd.U, S=svd.S / multiplier, Vh=svd.Vh)  # t·B'@A' = ΔW
-    dtype = adapter.tensors[lora.b_key].dtype
+    dtype = adapter_of(source).tensors[lora.b_key].dtype
     from lorasurgery.io import torch_dtype_of
 
     A, B, error = truncated_factors(svd, k, torch_dtype_of(dtype))
@@ -263,13 +266,20 @@ def export_adapter(
         g = _most_common([lo.scale for lo in plain], 1.0)
         multiplier = {lo.name: g for lo in modules}
 
+    bound = adapter
+    if base_ckpt is not None and any(lo.dora and not keep_dora for lo in modules):
+        from lorasurgery.binding import bind
+
+        # DoRA's W and its layout, for the DoRA → LoRA conversion
+        (bound,) = bind([adapter], base_ckpt, config_option=False)
+        report.notes += [a.message() for a in bound.assumptions]
     factors: dict[str, _Factors] = {}
     for i, lo in enumerate(modules):
         t = multiplier[lo.name]
         if lo.dora and not keep_dora:
-            f = _svd_factors(adapter, lo, t, rank_out(lo), base_ckpt, "dora→lora")
+            f = _svd_factors(bound, lo, t, rank_out(lo), "dora→lora")
         elif rank_out(lo) < lo.r:  # above --max-rank
-            f = _svd_factors(adapter, lo, t, rank_out(lo), None, "truncated")
+            f = _svd_factors(adapter, lo, t, rank_out(lo), "truncated")
         else:
             f = _plain_factors(adapter, lo, t)
         factors[lo.name] = _pad(f, ranks[lo.name]) if target == "sglang" else f
@@ -378,7 +388,7 @@ def _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora) ->
         "alpha_pattern": {re.escape(n): _number(g * k) for n, k in others.items()},
         "use_rslora": False,
         "use_dora": bool(keep_dora and source.use_dora),
-        "fan_in_fan_out": source.fan_in_fan_out,
+        "fan_in_fan_out": saved_fan_in_fan_out([adapter]),
         "bias": source.bias if target == "peft" else "none",
         "lora_bias": bool(target == "peft" and source.lora_bias),
         "modules_to_save": source.modules_to_save if target == "peft" else None,
@@ -393,22 +403,15 @@ def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora) ->
     tensors = {}
     for lo in modules:
         f = factors[lo.name]
-        prefix = PEFT_PREFIX + lo.name
-        if lo.kind == "embedding":
-            tensors[f"{prefix}.lora_embedding_A"] = f.A.contiguous()
-            tensors[f"{prefix}.lora_embedding_B"] = f.B.contiguous()
-        else:
-            tensors[f"{prefix}.lora_A.weight"] = f.A.contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = f.B.contiguous()
+        keys = lora_keys(lo.name, lo.kind)
+        tensors[keys.A], tensors[keys.B] = f.A.contiguous(), f.B.contiguous()
         if keep_dora:
             if lo.magnitude_key:
-                tensors[f"{prefix}.lora_magnitude_vector"] = adapter.read(lo.magnitude_key)
+                tensors[keys.magnitude] = adapter.read(lo.magnitude_key)
             if lo.bias_key:  # PEFT scales lora_B's bias with the module's scaling: fold it the same way
                 bias = adapter.read(lo.bias_key)
                 ratio = lo.scale / multiplier[lo.name]
-                tensors[f"{prefix}.lora_B.bias"] = (
-                    bias if ratio == 1.0 else (bias.double() * ratio).to(bias.dtype)
-                )
+                tensors[keys.bias] = bias if ratio == 1.0 else (bias.double() * ratio).to(bias.dtype)
     if target == "peft":
         for key in {adapter.replacements[n] for n in adapter.replacements}:
             tensors[key] = adapter.read(key)

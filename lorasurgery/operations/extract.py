@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from lorasurgery.adapter.model import lora_keys, saved_key
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_threads
 from lorasurgery.devices import resolve_device
@@ -40,7 +41,6 @@ from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_co
 from lorasurgery.linalg.policies import Policy
 from lorasurgery.memory import tune_allocator
 from lorasurgery.operations.extract_plan import (
-    PEFT_PREFIX,
     Measured,
     Plan,
     Target,
@@ -653,11 +653,8 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
         if f.rank == 0:
             report.skipped.append(Skipped(target.module, f"rank 0 under {report.policy}", relative_norm))
             continue
-        prefix = PEFT_PREFIX + target.module
-        if target.kind == "embedding":
-            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = f.A, f.B
-        else:
-            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = f.A, f.B
+        keys = lora_keys(target.module, target.kind)
+        tensors[keys.A], tensors[keys.B] = f.A, f.B
         module_ranks[target.module] = f.rank
         result = ModuleResult(
             name=target.module,
@@ -677,9 +674,9 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
             # PEFT applies an embedding LoRA to the input side only; the tied lm_head (vocab, dim)
             # needs ΔE = (B_e A_e)ᵀ = A_eᵀ B_eᵀ too: its Linear LoRA is B = A_eᵀ, A = B_eᵀ — the same
             # numbers PEFT's ensure_weight_tying shares. Counted once in the overall error.
-            out_prefix = PEFT_PREFIX + plan.tied_output
-            tensors[f"{out_prefix}.lora_A.weight"] = f.B.T.contiguous()
-            tensors[f"{out_prefix}.lora_B.weight"] = f.A.T.contiguous()
+            out_keys = lora_keys(plan.tied_output)
+            tensors[out_keys.A] = f.B.T.contiguous()
+            tensors[out_keys.B] = f.A.T.contiguous()
             module_ranks[plan.tied_output] = f.rank
             report.modules.append(
                 ModuleResult(
@@ -717,8 +714,8 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
         # PEFT ties lm_head to the saved embedding (ensure_weight_tying) but still loads it from its
         # own key, and fails without it; its own save_pretrained writes both. So the matrix is
         # written twice here too — the one place PEFT's format needs a tied matrix twice.
-        embedding = tensors[f"{PEFT_PREFIX}{plan.tied_embedding}.weight"]
-        tensors[f"{PEFT_PREFIX}{plan.tied_head}.weight"] = embedding
+        embedding = tensors[saved_key(f"{plan.tied_embedding}.weight")]
+        tensors[saved_key(f"{plan.tied_head}.weight")] = embedding
         report.notes.append(
             f"{plan.tied_head} is tied to {plan.tied_embedding}: PEFT loads a saved tied embedding only "
             f"with a copy under {plan.tied_head}, so the file holds it twice (--embeddings lora does not)"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from lorasurgery.adapter.model import PEFT_PREFIX
+from lorasurgery.adapter.model import base_layer_key, saved_key
 from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
 from lorasurgery.architecture import in_block, structure_of
 from lorasurgery.errors import LoraSurgeryError, MismatchError
@@ -157,7 +157,7 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool,
                         "resized",
                         save=True,
                         resized=True,
-                        adapter_keys={name: PEFT_PREFIX + name},
+                        adapter_keys={name: saved_key(name)},
                     )
                 )
                 continue
@@ -184,7 +184,7 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool,
                 measured.append(Measured(module, [name], reason))
             elif embeddings == "full":
                 measured.append(
-                    Measured(module, [name], "embedding", save=True, adapter_keys={name: PEFT_PREFIX + name})
+                    Measured(module, [name], "embedding", save=True, adapter_keys={name: saved_key(name)})
                 )
             else:
                 kind = "linear" if is_output else "embedding"
@@ -222,13 +222,13 @@ def build_plan(base, ft, include_re, exclude_re, embeddings: str, save_1d: bool,
         if not save_1d or excluded(module):
             measured.append(Measured(module, names, reason))
         elif module in lora_modules:  # the bias of a factored layer: PEFT's bias="lora_only" key
-            keys = {n: f"{PEFT_PREFIX}{module}.base_layer.{n.rsplit('.', 1)[1]}" for n in names}
+            keys = {n: base_layer_key(module, n.rsplit(".", 1)[1]) for n in names}
             measured.append(Measured(module, names, reason, save=True, adapter_keys=keys, as_bias=True))
         elif module in modules_with_2d:  # saving it would mean saving the whole (unselected) weight
             reason = "bias of a module not in the adapter (select the module to save its bias)"
             measured.append(Measured(module, names, reason))
         else:  # a norm: the whole module goes into modules_to_save
-            keys = {n: PEFT_PREFIX + n for n in names}
+            keys = {n: saved_key(n) for n in names}
             measured.append(Measured(module, names, reason, save=True, adapter_keys=keys))
 
     task_type = "CAUSAL_LM" if structure.causal_lm else None

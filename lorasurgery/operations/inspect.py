@@ -10,12 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-from lorasurgery.adapter import Adapter, LoraModule, load_adapter, resolve_base_names
-from lorasurgery.adapter.names import find_prefix_rule
-from lorasurgery.adapter.parameters import bind_against, read_parameter, with_split_parameters
-from lorasurgery.architecture import lay_out, model_tensors, structure_of
+from lorasurgery.adapter import Adapter, LoraModule, load_adapter
+from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.errors import MismatchError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg.lowrank import lowrank_fro_norm
@@ -78,12 +75,12 @@ def _nonfinite(tensor) -> int:
     return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
 
 
-def _lora_info(adapter: Adapter, key: str, module: LoraModule) -> ModuleInfo:
-    A, B = adapter.read_factors(key)
+def _lora_info(adapter: Adapter, module: LoraModule) -> ModuleInfo:
+    A, B = adapter.read_factors(module)
     extra = [adapter.read(k) for k in (module.bias_key, module.magnitude_key) if k]
     A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # conv: (r, in·k), (out, r)
     nonfinite = sum(_nonfinite(t) for t in (A, B, *extra))
-    experts = adapter.expert_factors(key)
+    experts = adapter.expert_factors(module)
     shape = [B.shape[0], *A.shape[1:]]
     norm = None
     if not nonfinite:
@@ -93,7 +90,7 @@ def _lora_info(adapter: Adapter, key: str, module: LoraModule) -> ModuleInfo:
             norm = sum(lowrank_fro_norm(a, b, module.scale) ** 2 for a, b in experts) ** 0.5
             shape = [len(experts), B.shape[0], A.shape[1]]
     return ModuleInfo(
-        name=adapter.label(key),
+        name=module.label,
         kind=module.kind,
         shape=shape,
         r=module.r,
@@ -145,16 +142,16 @@ def inspect_adapter(
     With a base, each module is laid out as the base's structure says (lorasurgery.architecture;
     `config_file` and `fan_in_fan_out` as for merge)."""
     adapter = load_adapter(path)
-    checkpoint = structure = None
-    if base is not None:  # LoRA on nn.Parameters: which parameter each targets, known from the base
-        checkpoint = open_checkpoint(base)
-        structure = structure_of(checkpoint, config_file)
-        bind_against(adapter, checkpoint.tensors, structure)
-    modules = list(adapter.modules.values())
+    bound = None
+    if base is not None:  # the modules as the base lays them out (LoRA on nn.Parameters resolved)
+        (bound,) = bind(
+            [adapter], open_checkpoint(base), config_file=config_file, fan_in_fan_out=fan_in_fan_out
+        )
+    modules = list(bound.loras.values() if bound is not None else adapter.modules.values())
     total = len(modules) + len(adapter.replacements) + len(adapter.tokens)
     infos: list[ModuleInfo] = []
-    for key, module in adapter.modules.items():
-        infos.append(_lora_info(adapter, key, module))
+    for module in modules:
+        infos.append(_lora_info(adapter, module))
         progress(Progress("inspect", len(infos), total, module.name))
     for name, rows in sorted(adapter.tokens.items()):
         infos.append(_tokens_info(adapter, rows))
@@ -164,8 +161,9 @@ def inspect_adapter(
         progress(Progress("inspect", len(infos), total, name))
 
     warnings: list[str] = []
-    if base is not None:
-        warnings += _compare_with_base(adapter, infos, checkpoint, structure, fan_in_fan_out)
+    if bound is not None:
+        warnings += [a.message() for a in bound.assumptions]
+        warnings += _compare_with_base(bound, infos)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()
     return InspectReport(
@@ -183,67 +181,42 @@ def inspect_adapter(
     )
 
 
-def _compare_with_base(
-    adapter: Adapter, infos: list[ModuleInfo], checkpoint, structure, fan_in_fan_out
-) -> list[str]:
+def _compare_with_base(bound: BoundAdapter, infos: list[ModuleInfo]) -> list[str]:
     import torch
 
-    # a tied lm_head stored once included, and fused expert parameters the checkpoint stores split
-    tensors = with_split_parameters(model_tensors(checkpoint, structure), checkpoint, structure)
-    mapping = {}
-    if adapter.modules:
-        weight_names = [m.base_weight_name for m in adapter.modules.values()]
-        rule, unmatched = find_prefix_rule(weight_names, tensors)
-        if not unmatched:
-            targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
-            lay_out(structure, [(adapter, targets)], tensors, fan_in_fan_out)
-        mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
+    adapter, checkpoint = bound.adapter, bound.checkpoint
     notes = []
-    rule, unmatched = find_prefix_rule([n for n in adapter.replacements], checkpoint.tensors)
     by_name = {info.name: info for info in infos}
-    for name, rows in adapter.tokens.items():
-        base_name = (find_prefix_rule([rows.base_weight_name], checkpoint.tensors)[0]).apply(
-            rows.base_weight_name
-        )
-        if base_name not in checkpoint.tensors:
-            raise MismatchError(
-                f"{adapter.path}: trainable tokens of {name}: the base has no {rows.base_weight_name}"
-            )
-        W = checkpoint.read(base_name).double()
-        if max(rows.indices) >= W.shape[0]:
-            raise MismatchError(
-                f"{adapter.path}: trainable tokens of {name}: token {max(rows.indices)} is beyond {base_name}"
-            )
+    for tokens in bound.tokens.values():
+        rows = tokens.rows
+        W = checkpoint.read(tokens.tensor).double()
         info = by_name[rows.base_weight_name]
         info.delta_fro_norm = float(
             torch.linalg.vector_norm(adapter.read(rows.key).double() - W[rows.indices])
         )
         w_norm = float(torch.linalg.vector_norm(W))
         info.relative_norm = info.delta_fro_norm / w_norm if w_norm else None
-    for name, base_name in mapping.items():
-        info = by_name[name]
-        stored = getattr(tensors[base_name], "name", base_name)  # a tied member: the stored one
-        w_norm = float(torch.linalg.vector_norm(read_parameter(checkpoint, structure, stored).double()))
+    for key, module in bound.modules.items():
+        info = by_name[module.lora.label]
+        w_norm = float(torch.linalg.vector_norm(bound.read_base(key).double()))
         if info.delta_fro_norm is not None:
             info.relative_norm = info.delta_fro_norm / w_norm if w_norm else float("inf")
-    for name in adapter.replacements:
-        info = by_name[name]
-        base_name = rule.apply(name)
-        if base_name not in checkpoint.tensors:
-            notes.append(f"{name}: saved by the adapter but not in the base; a merge would add it")
+    for saved in bound.saved:
+        info = by_name[saved.relative]
+        if saved.name is None:
+            notes.append(f"{saved.relative}: saved by the adapter but not in the base; a merge would add it")
             continue
-        base_tensor = checkpoint.read(base_name)
+        base_tensor = checkpoint.read(saved.tensor)
         if list(base_tensor.shape) != info.shape:
             notes.append(
-                f"{name}: replaces a base tensor of shape {list(base_tensor.shape)} with {info.shape}"
+                f"{saved.relative}: replaces a base tensor of shape {list(base_tensor.shape)} with {info.shape}"
             )
             continue
-        saved = adapter.read(adapter.replacements[name]).double()
-        difference = float(torch.linalg.vector_norm(saved - base_tensor.double()))
+        difference = float(torch.linalg.vector_norm(adapter.read(saved.key).double() - base_tensor.double()))
         info.delta_fro_norm = difference
         w_norm = float(torch.linalg.vector_norm(base_tensor.double()))
         info.relative_norm = difference / w_norm if w_norm else None
-    if unmatched and not adapter.modules and len(unmatched) == len(adapter.replacements):
+    if bound.saved and not adapter.modules and all(saved.name is None for saved in bound.saved):
         raise MismatchError(f"{adapter.path}: none of its saved tensors is in the base {checkpoint.path}")
     return notes
 

@@ -119,7 +119,8 @@ class _Matrix:
     name: str
     parameter: object  # the model's torch Parameter
     full: int  # rank at f = 1 (min(d, n) or r)
-    transpose: bool  # the parameter is stored (in, out) (GPT-2 Conv1D, embeddings)
+    lora: object  # the bound LoraModule whose layout M's (out, in) is (linalg.update), or None: M is
+    # the parameter as stored, flattened to 2-D
     source: object  # callable () -> (M (out, in) float32, U, S, Vh) or None when low-rank exact
 
 
@@ -173,6 +174,19 @@ def _rank_at(fraction: float, full: int) -> int:
     return max(1, min(full, math.ceil(fraction * full - 1e-9)))
 
 
+def _as_matrix(matrix: _Matrix, value):
+    """A parameter's value as its matrix M ((out, in) of a LoRA module)."""
+    from lorasurgery.linalg.update import from_stored
+
+    return from_stored(matrix.lora, value) if matrix.lora is not None else value.reshape(value.shape[0], -1)
+
+
+def _as_stored(matrix: _Matrix, M, shape):
+    from lorasurgery.linalg.update import to_stored
+
+    return to_stored(matrix.lora, M, shape) if matrix.lora is not None else M.reshape(shape)
+
+
 class _Truncator:
     """Sets every matrix of one module type to offset + its rank-k approximation, and restores it."""
 
@@ -183,7 +197,7 @@ class _Truncator:
         for matrix in matrices:
             original = matrix.parameter.detach().clone()
             M, U, S, Vh = matrix.source()
-            offset = (original if not matrix.transpose else original.T).reshape(M.shape) - M
+            offset = _as_matrix(matrix, original).reshape(M.shape) - M
             self.items.append(
                 (matrix, original, offset, U.to(torch.float32), S.to(torch.float32), Vh.to(torch.float32))
             )
@@ -193,8 +207,7 @@ class _Truncator:
         for matrix, original, offset, U, S, Vh in self.items:
             k = _rank_at(fraction, matrix.full)
             head = offset + (U[:, :k] * S[:k]) @ Vh[:k]  # (out, in)
-            value = head.T if matrix.transpose else head
-            matrix.parameter.data.copy_(value.reshape(original.shape))
+            matrix.parameter.data.copy_(_as_stored(matrix, head, original.shape))
             ranks.append(k)
         return round(sum(ranks) / len(ranks))
 
@@ -358,7 +371,7 @@ def _functional_rank(
         checkpoint = open_checkpoint(target)
         for name in _selected_weights(checkpoint, include):
             p = parameter(name, target)
-            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), False, dense_source(p, lambda: 0.0))
+            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, lambda: 0.0))
             groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
         reference = {"loss": forward.loss()}
         progress(Progress("probe", forward.passes, 0, "intact model"))
@@ -373,7 +386,7 @@ def _functional_rank(
             def base_weight(name=name, p=p):
                 return base_ckpt.read(name, device).to(torch.float32).reshape(p.shape[0], -1)
 
-            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), False, dense_source(p, base_weight))
+            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, base_weight))
             groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
         ft_log_probs = forward.log_probs()
         loss_ft = _loss_from(ft_log_probs, windows)
@@ -421,65 +434,115 @@ def _loss_from(log_probs: list, windows: list) -> float:
 
 def _adapter_groups(target, base, include, model, forward, device, notes):
     """Matrices of an adapter's modules on the base model, the fine-tune's log-probs and the references."""
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.binding import bind
+    from lorasurgery.io import open_checkpoint
+
+    (bound,) = bind([load_adapter(target)], open_checkpoint(base))
+    notes += [a.message() for a in bound.assumptions]
+    loss_base = forward.loss()
+    groups, changed = tune(model, bound, include, device)
+    if any(module.lora.dora for module in bound.modules.values()):
+        notes.append(
+            "DoRA modules: the effective ΔW = W' − W is truncated (a dense matrix, fraction of min(d, n))"
+        )
+    if bound.saved or bound.tokens or any(m.lora.lora_bias for m in bound.modules.values()):
+        notes.append(
+            "the adapter's saved tensors (modules_to_save, biases), trainable tokens and lora_B biases are "
+            "applied as in the fine-tune and kept whole; only the LoRA modules' ΔW is truncated"
+        )
+    ft_log_probs = forward.log_probs()
+    loss_ft = _loss_from(ft_log_probs, forward.windows)
+    # KL(ft‖base): the base's pass, with every parameter the adapter changed set back for it.
+    for parameter_, base_value, _ in changed:
+        parameter_.data.copy_(base_value)
+    kl = forward.kl_from(ft_log_probs)
+    for parameter_, _, tuned_value in changed:
+        parameter_.data.copy_(tuned_value)
+    reference = {"loss_finetuned": loss_ft, "loss_base": loss_base, "kl_finetuned_base": kl}
+    return groups, ft_log_probs, reference
+
+
+def tune(model, bound, include=None, device: str = "cpu"):
+    """Make `model` (the base, as transformers loaded it) the fine-tune that `bound` (a BoundAdapter,
+    lorasurgery.binding) describes, as PEFT's model computes it: saved tensors replace the base's
+    (modules_to_save copies untied from a tie, saved base layers shared with it), every LoRA module
+    adds its ΔW in the layout the base stores the weight (DoRA: its effective W' − W), lora_B biases
+    add s·b, trainable tokens overwrite their rows. Returns ({module type: [_Matrix]} of the LoRA
+    modules whose label matches `include`, [(parameter, base value, tuned value)] of what changed)."""
     import torch
 
-    from lorasurgery.adapter import load_adapter, resolve_base_names
-    from lorasurgery.io import open_checkpoint
     from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.operations.rank_report import _dora_effective_delta, module_type
+    from lorasurgery.linalg.update import dora_delta, factors, from_stored, to_stored
+    from lorasurgery.operations.rank_report import module_type
 
-    adapter = load_adapter(target)
-    checkpoint = open_checkpoint(base)
-    mapping = resolve_base_names(adapter, checkpoint)
-    modules = [m for m in adapter.modules.values() if include is None or include.search(m.name)]
-    loss_base = forward.loss()
-    groups: dict[str, list[_Matrix]] = {}
-    for module in modules:
-        name = mapping[module.name]
+    adapter = bound.adapter
+    shared = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
+    originals: dict[int, tuple] = {}
+
+    def parameter(name: str, own: bool = False):
+        """The model's parameter `name`, remembered as changed; `own`: untied from a tie first."""
         try:
             p = model.get_parameter(name)
         except AttributeError:
             raise LoraSurgeryError(
-                f"{base}: tensor {name!r} is not a parameter of the loaded model"
+                f"{bound.checkpoint.path}: tensor {name!r} is not a parameter of the loaded model"
             ) from None
-        transpose = bool(module.fan_in_fan_out or module.kind == "embedding")
-        A, B = adapter.read_factors(module.name, device)
-        A2, B2 = A.reshape(A.shape[0], -1).to(torch.float32), B.reshape(B.shape[0], -1).to(torch.float32)
-        W = (p.detach().T if transpose else p.detach()).reshape(B2.shape[0], -1).to(torch.float32)
-        if module.dora:
-            delta = _dora_effective_delta(adapter, module, W, device)
+        if own and shared.get(id(p), 1) > 1:  # one side of a tie: PEFT's forward changes that side only
+            path, _, leaf = name.rpartition(".")
+            p = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            setattr(model.get_submodule(path), leaf, p)
+        originals.setdefault(id(p), (p, p.detach().clone()))
+        return p
+
+    for saved in bound.saved:
+        if saved.name is None:
+            raise LoraSurgeryError(
+                f"{bound.path}: saved tensor {saved.relative} has no counterpart in the base; --probe cannot "
+                f"add it to the model"
+            )
+        p = parameter(saved.name, own=not saved.base_layer)
+        value = adapter.read(saved.key)
+        if tuple(value.shape) != tuple(p.shape):
+            raise LoraSurgeryError(
+                f"{bound.path}: saved tensor {saved.relative} has shape {list(value.shape)} but the base's "
+                f"{saved.name} has {list(p.shape)}; --probe does not resize the model (merge it instead)"
+            )
+        p.data.copy_(value.to(p.dtype))
+    groups: dict[str, list[_Matrix]] = {}
+    for key, module in bound.modules.items():
+        lora = module.lora
+        if lora.kind == "parameter" and lora.experts:
+            raise LoraSurgeryError(
+                f"{bound.path}: module {key}: --probe does not handle LoRA on expert parameters yet"
+            )
+        p = parameter(module.name, own=True)
+        f = factors(adapter, lora, device)
+        W = from_stored(lora, p.detach()).to(torch.float32)  # (out, in), like ΔW = s·B@A
+        if lora.dora:
+            delta = dora_delta(bound, key, p.detach(), device).to(torch.float32)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             full = min(delta.shape)
         else:
-            svd = lowrank_svd(A2, B2, module.scale)
+            svd = lowrank_svd(f.A.to(torch.float32), f.B.to(torch.float32), lora.scale)
             U, S, Vh = (t.to(torch.float32) for t in (svd.U, svd.S, svd.Vh))
             delta = (U * S) @ Vh
             full = len(S)
-        tuned = W + delta
-        p.data.copy_((tuned.T if transpose else tuned).reshape(p.shape))
+        p.data.copy_(to_stored(lora, W + delta, p.shape))
+        if lora.lora_bias:
+            bias = parameter(module.name[: -len("weight")] + "bias", own=True)
+            bias.data.add_(adapter.read_lora_bias(lora, device).to(bias.dtype), alpha=lora.scale)
 
         def source(delta=delta, U=U, S=S, Vh=Vh):
             return delta, U, S, Vh
 
-        groups.setdefault(module_type(module.name), []).append(_Matrix(name, p, full, transpose, source))
-    if any(m.dora for m in modules):
-        notes.append(
-            "DoRA modules: the effective ΔW = W' − W is truncated (a dense matrix, fraction of min(d, n))"
-        )
-    if adapter.config.modules_to_save:
-        notes.append("modules_to_save are not applied: the fine-tune here is the base plus the adapter's ΔW")
-    ft_log_probs = forward.log_probs()
-    loss_ft = _loss_from(ft_log_probs, forward.windows)
-    # KL(ft‖base): the base's pass, with the adapter's matrices set back to W for it.
-    saved = [(m.parameter, m.parameter.detach().clone()) for ms in groups.values() for m in ms]
-    for ms in groups.values():
-        for m in ms:
-            delta, *_ = m.source()
-            value = m.parameter.detach()
-            current = (value.T if m.transpose else value).reshape(delta.shape) - delta
-            m.parameter.data.copy_((current.T if m.transpose else current).reshape(value.shape))
-    kl = forward.kl_from(ft_log_probs)
-    for parameter_, value in saved:
-        parameter_.data.copy_(value)
-    reference = {"loss_finetuned": loss_ft, "loss_base": loss_base, "kl_finetuned_base": kl}
-    return groups, ft_log_probs, reference
+        if include is None or include.search(lora.label):
+            groups.setdefault(module_type(lora.label), []).append(_Matrix(module.name, p, full, lora, source))
+    for tokens in bound.tokens.values():
+        p = parameter(tokens.name)
+        rows = torch.tensor(tokens.rows.indices, dtype=torch.long)
+        p.data[rows] = adapter.read(tokens.rows.key).to(device=p.device, dtype=p.dtype)
+    changed = [(p, base_value, p.detach().clone()) for p, base_value in originals.values()]
+    return groups, changed

@@ -18,9 +18,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-from lorasurgery.architecture import in_block, lay_out, leaf, model_tensors, structure_of
+from lorasurgery.architecture import in_block, leaf, structure_of
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
@@ -52,6 +51,7 @@ class RankReport:
     summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     probe: object | None = None  # operations.probe.ProbeResult with --probe
+    assumptions: list = field(default_factory=list)  # binding.Assumption: layouts resting on a flag
 
     def to_json(self) -> dict:
         data = {
@@ -62,6 +62,8 @@ class RankReport:
         }
         if self.probe is not None:
             data["probe"] = self.probe.to_json()
+        if self.assumptions:
+            data["assumptions"] = [a.to_dict() for a in self.assumptions]
         return data
 
 
@@ -195,35 +197,28 @@ def _adapter_report(request: _Request) -> RankReport:
     config_file, fan_in_fan_out, intruders = request.config_file, request.fan_in_fan_out, request.intruders
     import torch
 
-    from lorasurgery.adapter import find_prefix_rule, load_adapter, resolve_base_names
-    from lorasurgery.adapter.parameters import bind_against, read_parameter, with_split_parameters
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.binding import bind
     from lorasurgery.io import open_checkpoint
     from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.svd import singular_values, truncated_svd
+    from lorasurgery.linalg.update import dora_delta, factors, from_stored
 
     adapter = load_adapter(target)
     report = RankReport(str(target), None if base is None else str(base), "adapter")
-    checkpoint = open_checkpoint(base) if base is not None else None
-    mapping = {}
-    structure = None
-    if checkpoint is not None:  # each module laid out as the base stores its weight
-        structure = structure_of(checkpoint, config_file)
-        bind_against(adapter, checkpoint.tensors, structure)  # LoRA on nn.Parameters: which one
-        # a tied lm_head stored once included, and fused expert parameters the checkpoint stores split
-        tensors = with_split_parameters(model_tensors(checkpoint, structure), checkpoint, structure)
-        rule, unmatched = find_prefix_rule([m.base_weight_name for m in adapter.modules.values()], tensors)
-        if not unmatched:
-            targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
-            lay_out(structure, [(adapter, targets)], tensors, fan_in_fan_out)
-        mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
-        mapping = {name: tensors[base_name].name for name, base_name in mapping.items()}  # the stored one
+    bound = None
+    if base is not None:  # each module laid out as the base stores its weight
+        (bound,) = bind(
+            [adapter], open_checkpoint(base), config_file=config_file, fan_in_fan_out=fan_in_fan_out
+        )
+        report.assumptions = list(bound.assumptions)
+        report.notes += [a.message() for a in bound.assumptions]
     other = load_adapter(compare) if compare is not None and _is_adapter(Path(compare)) else None
     if compare is not None and other is None:
         raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")
-    modules = [
-        m for k, m in adapter.modules.items() if include_re is None or include_re.search(adapter.label(k))
-    ]
+    loras = bound.loras if bound is not None else adapter.modules
+    modules = [m for m in loras.values() if include_re is None or include_re.search(m.label)]
     if not modules:
         raise LoraSurgeryError(
             f"{target}: no module matches --include {include_re.pattern!r}"
@@ -231,7 +226,7 @@ def _adapter_report(request: _Request) -> RankReport:
             else f"{target}: no LoRA modules"
         )
     dora = [m.name for m in modules if m.dora]
-    if dora and checkpoint is None:
+    if dora and bound is None:
         raise LoraSurgeryError(
             f"{target}: module {dora[0]} is DoRA, whose effective ΔW = W' − W depends on W; pass --base"
         )
@@ -239,25 +234,23 @@ def _adapter_report(request: _Request) -> RankReport:
         report.notes.append("DoRA modules: ΔW is the effective update W' − W of the merged weight (dense)")
 
     for done, module in enumerate(modules, start=1):
-        if adapter.expert_factors(module.key) is not None:  # a 3-D expert parameter: one entry per expert
-            W3 = read_parameter(checkpoint, structure, mapping[module.key], device) if checkpoint else None
+        if adapter.expert_factors(module) is not None:  # a 3-D expert parameter: one entry per expert
+            W3 = bound.read_base(module.key, device) if bound is not None else None
             report.modules += _expert_entries(adapter, module, W3, amp_rank, mle, device)
             progress(Progress("rank-report", done, len(modules), module.name))
             continue
-        A, B = adapter.read_factors(module.key, device)
-        A2, B2 = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)  # (r, in), (out, r)
+        f = factors(adapter, module, device)
+        A2, B2 = f.A, f.B  # (r, in), (out, r)
         shape = [B2.shape[0], A2.shape[1]]  # ΔW as (out, in)
-        source_dtype = A.dtype
-        W = None
-        if checkpoint is not None:
-            W = read_parameter(checkpoint, structure, mapping[module.key], device).to(torch.float32)
-            if module.fan_in_fan_out or module.kind == "embedding":
-                W = W.T  # PEFT's ΔW = s·B@A is (out, in); these weights are stored (in, out)
-            W = W.reshape(shape[0], -1)
+        source_dtype = A2.dtype
+        W = stored = None
+        if bound is not None:
+            stored = bound.read_base(module.key, device)
+            W = from_stored(module, stored).to(torch.float32)  # (out, in), like PEFT's ΔW = s·B@A
         # r of the amplification factor: the adapter's rank, or --amp-rank when smaller.
         r = min(module.r, amp_rank or module.r, *shape)
         if module.dora:
-            delta = _dora_effective_delta(adapter, module, W, device)
+            delta = dora_delta(bound, module.key, stored, device).to(torch.float32)
             S = singular_values(delta, source_dtype=source_dtype)
             delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
             # W' − W is dense (the magnitude rescales W's rows too): its top-r vectors by SVD.
@@ -270,7 +263,7 @@ def _adapter_report(request: _Request) -> RankReport:
         if mle:
             metrics["mle_dimension"] = _mle(B2 @ A2 * module.scale if not module.dora else delta)
         if W is not None:
-            w_dtype = source_dtype_of(checkpoint, structure, mapping[module.key])
+            w_dtype = bound.base_dtype(module.key)
             S_W = singular_values(W, source_dtype=w_dtype)
             w_fro = float(torch.linalg.vector_norm(S_W))
             metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
@@ -286,9 +279,9 @@ def _adapter_report(request: _Request) -> RankReport:
                 w_metrics["mle_dimension"] = _mle(W)
         if other is not None and module.key in other.modules:
             # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
-            A_o, B_o = other.read_factors(module.key, device)
             other_module = other.modules[module.key]
-            A_o, B_o = A_o.reshape(A_o.shape[0], -1), B_o.reshape(B_o.shape[0], -1)
+            f_o = factors(other, other_module, device)
+            A_o, B_o = f_o.A, f_o.B
             if A_o.shape[1] != shape[1] or B_o.shape[0] != shape[0]:
                 raise MismatchError(
                     f"{compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
@@ -301,7 +294,7 @@ def _adapter_report(request: _Request) -> RankReport:
             other_svd = lowrank_svd(A_o, B_o, other_module.scale)
             Vh_self = lowrank_svd(A2, B2, module.scale).Vh if module.dora else svd.Vh
             metrics.update(subspace_similarity(Vh_self, other_svd.Vh, name="subspace_similarity_delta"))
-        label = adapter.label(module.key)
+        label = module.label
         report.modules.append(ModuleEntry(label, "delta", shape, metrics, S.tolist()))
         if W is not None:
             report.modules.append(ModuleEntry(label, "weight", shape, w_metrics, S_W.tolist()))
@@ -323,13 +316,6 @@ def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
         return intruder_dimensions(W, k=k, eps=eps, **update).to_metrics()
 
 
-def source_dtype_of(checkpoint, structure, name: str):
-    """The stored dtype of base tensor `name` (of its first piece when the checkpoint stores it split)."""
-    if name in checkpoint.tensors:
-        return checkpoint.tensors[name].torch_dtype
-    return checkpoint.tensors[structure.pieces(name, checkpoint.tensors)[0][0]].torch_dtype
-
-
 def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEntry]:
     """A LoRA on a 3-D expert parameter: ΔW_e = s·B_e@A_e per expert (adapter/parameters.py), each
     with its own spectrum and, with the base, its expert's W_e (in (out, in))."""
@@ -338,10 +324,11 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
     from lorasurgery.linalg.analyses import amplification
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.svd import singular_values
+    from lorasurgery.linalg.update import from_stored
 
     entries = []
-    label = adapter.label(module.key)
-    for e, (A, B) in enumerate(adapter.expert_factors(module.key, device)):
+    label = module.label
+    for e, (A, B) in enumerate(adapter.expert_factors(module, device)):
         shape = [B.shape[0], A.shape[1]]
         svd = lowrank_svd(A, B, module.scale)
         metrics = _metrics(svd.S, shape, A.dtype)
@@ -350,7 +337,7 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
         entries.append(ModuleEntry(f"{label}[{e}]", "delta", shape, metrics, svd.S.tolist()))
         if W3 is None:
             continue
-        W = (W3[e].T if module.transposed else W3[e]).to(torch.float32)  # (out, in)
+        W = from_stored(module, W3)[e].to(torch.float32)  # (out, in)
         S_W = singular_values(W, source_dtype=W3.dtype)
         delta_fro = float(torch.linalg.vector_norm(svd.S))
         w_fro = float(torch.linalg.vector_norm(S_W))
@@ -362,29 +349,6 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
             w_metrics["mle_dimension"] = _mle(W)
         entries.append(ModuleEntry(f"{label}[{e}]", "weight", shape, w_metrics, S_W.tolist()))
     return entries
-
-
-def _dora_effective_delta(adapter, module, W, device):
-    """W' − W for a DoRA module, with the merge kernel (PEFT's per-output-row norm)."""
-    import torch
-
-    from lorasurgery.linalg.delta import Update, merge_weight
-
-    A, B = adapter.read_factors(module.key, device)
-    # W is already (out, in): every kind is then a product B@A with DoRA's norm per row of W + sΔW,
-    # which is PEFT's per-output-feature norm (per embedding dimension for embeddings).
-    update = Update(
-        module=module.name,
-        kind="linear",
-        A=A.reshape(A.shape[0], -1),
-        B=B.reshape(B.shape[0], -1),
-        scale=module.scale,
-        fan_in_fan_out=False,  # W is already in (out, in)
-        magnitude=adapter.read_magnitude(module.key, device),
-        source=str(adapter.path),
-    )
-    merged = merge_weight(W.clone(), [update], out_dtype=torch.float32)
-    return merged.to(torch.float32) - W
 
 
 def _mle(M) -> int:

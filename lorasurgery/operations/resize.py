@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 from lorasurgery.adapter import load_adapter
+from lorasurgery.binding import decided_fan_in_fan_out
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import (
     AdapterError,
     LoraSurgeryError,
-    MismatchError,
     NonFiniteError,
     OptionError,
     UnsupportedError,
@@ -42,15 +41,6 @@ from lorasurgery.operations.surgery import (
     write_output,
 )
 from lorasurgery.progress import Progress, no_progress
-
-
-@dataclass
-class ModuleFactors:
-    """One module's update in PEFT's factor layout, flattened to 2-D: ΔW = scale·B@A."""
-
-    A: object  # (r, in) / (r, vocab) / (r, in·∏kernel), as stored (dtype kept)
-    B: object  # (out, r) / (dim, r) / (out, r)
-    scale: float
 
 
 def as_adapter(adapter):
@@ -70,108 +60,42 @@ def as_checkpoint(base):
     return open_checkpoint(base)
 
 
-def module_factors(adapter, module: str, device: str = "cpu") -> ModuleFactors:
-    """The stored factors of `module`, flattened to 2-D in PEFT's layout (a conv's 1×1 lora_B included)."""
-    lora = adapter.modules[module]
-    A, B = adapter.read_factors(module, device)
-    if lora.kind == "conv":
-        r = A.shape[0]
-        if B.dim() < 2 or B.shape[1] != r or any(k != 1 for k in B.shape[2:]):
-            raise UnsupportedError(
-                f"{adapter.path}: module {module}: lora_B of shape {tuple(B.shape)} is not a 1×1 "
-                f"convolution; it has no low-rank form lorasurgery can resize"
-            )
-        A, B = A.reshape(r, -1), B.reshape(B.shape[0], r)
-    return ModuleFactors(A, B, lora.scale)
+def _parts(adapter, module: str):
+    """(the Adapter, module `module`'s LoraModule, the BoundAdapter or None) of an Adapter, a path or
+    a BoundAdapter (lorasurgery.binding: the module laid out as its base stores it)."""
+    from lorasurgery.binding import BoundAdapter
 
-
-def base_weights(adapter, checkpoint) -> dict[str, str]:
-    """{module: the stored base tensor it adapts}, shapes checked, every linear module laid out as the
-    base model's structure says (`lorasurgery.architecture`: a GPT-2 Conv1D is stored (in, out)
-    whatever adapter_config.json's fan_in_fan_out claims). Cached on the adapter per checkpoint."""
-    from types import SimpleNamespace
-
-    from lorasurgery.adapter import find_prefix_rule, resolve_base_names
-    from lorasurgery.architecture import lay_out, model_tensors, structure_of
-
-    cache = adapter.__dict__.setdefault("_base_weights", {})
-    if str(checkpoint.path) in cache:
-        return cache[str(checkpoint.path)]
-    structure = structure_of(checkpoint)
-    tensors = model_tensors(checkpoint, structure)  # a tied lm_head stored once included
-    rule, unmatched = find_prefix_rule([m.base_weight_name for m in adapter.modules.values()], tensors)
-    if not unmatched:
-        targets = {name: rule.apply(m.base_weight_name) for name, m in adapter.modules.items()}
-        lay_out(structure, [(adapter, targets)], tensors)
-    mapping = resolve_base_names(adapter, SimpleNamespace(tensors=tensors, path=checkpoint.path))
-    stored = {module: tensors[name].name for module, name in mapping.items()}
-    cache[str(checkpoint.path)] = stored
-    return stored
-
-
-def dora_delta(adapter, module: str, base, device: str = "cpu"):
-    """W' − W of a DoRA module (float64), in PEFT's factor layout: (out, in), (dim, vocab) or (out, in·∏k).
-
-    W' is the merge kernel's (`linalg.delta.merge_weight`, PEFT's DoRA semantics) in float64. The
-    stored layout of the base weight (Conv1D (in, out), embedding (vocab, dim)) is the adapter
-    module's (`LoraModule.kind`, `fan_in_fan_out`, whose shape the base weight was checked against).
-    """
-    import torch
-
-    from lorasurgery.linalg.delta import Update, merge_weight
-
+    if isinstance(adapter, BoundAdapter):
+        return adapter.adapter, adapter.modules[module].lora, adapter
     adapter = as_adapter(adapter)
-    checkpoint = as_checkpoint(base)
-    name = base_weights(adapter, checkpoint)[module]
-    lora = adapter.modules[module]  # laid out by base_weights
-    shape = tuple(checkpoint.tensors[name].shape)
-    if shape != tuple(lora.shape):
-        raise MismatchError(
-            f"{adapter.path}: module {module} expects a base weight of shape {list(lora.shape)} but "
-            f"{checkpoint.path}'s {name} has shape {list(shape)}"
-        )
-    W = checkpoint.read(name).to(device=device, dtype=torch.float64)  # stored layout
-    A, B = adapter.read_factors(module, device)
-    update = Update(
-        module=module,
-        kind=lora.kind,
-        A=A,
-        B=B,
-        scale=lora.scale,
-        fan_in_fan_out=bool(lora.fan_in_fan_out),
-        magnitude=adapter.read_magnitude(module, device),
-        source=str(adapter.path),
-    )
-    merged = merge_weight(
-        W.clone(), [update], out_dtype=torch.float64, precise=True, device=device, name=name
-    )
-    delta = merged - W
-    if lora.kind == "embedding" or (lora.kind == "linear" and lora.fan_in_fan_out):
-        return delta.T  # stored (vocab, dim) / (in, out) -> B@A's (dim, vocab) / (out, in)
-    return delta.reshape(delta.shape[0], -1)
+    return adapter, adapter.modules[module], None
 
 
 def module_svd(adapter, module: str, base=None, device: str = "cpu"):
     """The exact SVD (float64) of `module`'s true ΔW in PEFT's factor layout, as a LowRankSVD.
 
     Plain LoRA: of s·B@A from QR factors (r singular values, never forming d × k). DoRA: of the
-    effective update W' − W computed densely from `base` (a Checkpoint or a path; min(d, k) values).
+    effective update W' − W computed densely from the base: `adapter` bound to it (a BoundAdapter),
+    or `base` (a Checkpoint or a path; min(d, k) values).
     """
     import torch
 
+    from lorasurgery.binding import bind
     from lorasurgery.linalg.lowrank import LowRankSVD, lowrank_svd
+    from lorasurgery.linalg.update import dora_delta, factors
 
-    adapter = as_adapter(adapter)
-    lora = adapter.modules[module]
+    raw, lora, bound = _parts(adapter, module)
     if lora.dora:
-        if base is None:
+        if bound is None and base is None:
             raise UnsupportedError(
-                f"{adapter.path}: module {module} is DoRA: its update depends on the base weight; "
+                f"{raw.path}: module {module} is DoRA: its update depends on the base weight; "
                 f"DoRA needs --base"
             )
-        U, S, Vh = torch.linalg.svd(dora_delta(adapter, module, base, device), full_matrices=False)
+        if bound is None:
+            (bound,) = bind([raw], as_checkpoint(base), config_option=False)
+        U, S, Vh = torch.linalg.svd(dora_delta(bound, module, device=device), full_matrices=False)
         return LowRankSVD(U=U, S=S, Vh=Vh)
-    f = module_factors(adapter, module, device)
+    f = factors(raw, lora, device)
     return lowrank_svd(f.A, f.B, f.scale)
 
 
@@ -194,19 +118,22 @@ def truncated_factors(svd, k: int, dtype) -> tuple[object, object, float]:
 
 
 def module_update(adapter, module: str, base, device: str, dtype: str):
-    """A surgery.ModuleUpdate of one module: its exact SVD, its lora_B bias at scale 1, its layout."""
+    """A surgery.ModuleUpdate of one module: its exact SVD, its lora_B bias at scale 1, its layout.
+
+    `adapter`: an Adapter, or a BoundAdapter when there is a base (its layouts and DoRA's W)."""
     import torch
 
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.lowrank import LowRankSVD
     from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
-    lora = adapter.modules[module]
+    source = adapter
+    adapter, lora, _ = _parts(source, module)
     where = str(adapter.weights_file)
-    check_factors_finite(adapter, module)
-    svd = module_svd(adapter, module, base, device)
+    check_factors_finite(source, module)
+    svd = module_svd(source, module, base, device)
     svd = LowRankSVD(U=svd.U.cpu(), S=svd.S.cpu(), Vh=svd.Vh.cpu())
-    bias = adapter.read_lora_bias(module)
+    bias = adapter.read_lora_bias(lora)
     if bias is not None:
         bias = bias.to(torch.float64) * lora.scale  # the written scale is 1
     a_info = adapter.tensors[lora.a_key]
@@ -228,7 +155,7 @@ def module_update(adapter, module: str, base, device: str, dtype: str):
 def check_factors_finite(adapter, module: str) -> None:
     import torch
 
-    lora = adapter.modules[module]
+    adapter, lora, _ = _parts(adapter, module)
     for label, key in (
         ("lora_A", lora.a_key),
         ("lora_B", lora.b_key),
@@ -258,23 +185,34 @@ def check_dora_base(adapter, base) -> None:
         )
 
 
-def check_base(adapter, checkpoint) -> None:
-    """With a base: every module exists in it with the shape it expects (MismatchError otherwise), and
-    the linear modules are laid out as the base's structure says (`base_weights`)."""
-    if checkpoint is not None:
-        base_weights(adapter, checkpoint)
+def bind_base(adapters, checkpoint) -> list:
+    """With a base: the adapters bound to it (lorasurgery.binding; every module found with the shape
+    it expects, MismatchError otherwise, and laid out as the base's structure says); else the adapters."""
+    from lorasurgery.binding import bind
+
+    return bind(adapters, checkpoint, config_option=False) if checkpoint is not None else list(adapters)
 
 
-def known_fan_in_fan_out(adapters) -> bool | None:
-    """The fan_in_fan_out every linear module was laid out with against a base, or None when no
-    layout was decided there (no base) or the modules differ (PEFT then decides per layer)."""
-    flags = {
-        m.fan_in_fan_out
-        for adapter in adapters
-        for m in adapter.modules.values()
-        if m.kind == "linear" and m.layout != "adapter"
-    }
-    return flags.pop() if len(flags) == 1 else None
+def assumption_notes(sources) -> list[str]:
+    """The notes naming every layout a binding assumed (binding.Assumption)."""
+    from lorasurgery.binding import BoundAdapter
+
+    bound = [s for s in sources if isinstance(s, BoundAdapter)]
+    return [a.message() for s in bound for a in s.assumptions]
+
+
+def adapter_of(source):
+    """The Adapter of an Adapter or a BoundAdapter."""
+    from lorasurgery.binding import BoundAdapter
+
+    return source.adapter if isinstance(source, BoundAdapter) else source
+
+
+def loras_of(source) -> dict:
+    """{key: LoraModule} of an Adapter, or of a BoundAdapter (laid out on its base)."""
+    from lorasurgery.binding import BoundAdapter
+
+    return source.loras if isinstance(source, BoundAdapter) else source.modules
 
 
 def resize_adapter(
@@ -303,16 +241,16 @@ def resize_adapter(
         raise AdapterError(f"{adapter}: the adapter holds no LoRA modules; nothing to resize")
     preload(loaded)
     check_dora_base(loaded, base)
-    checkpoint = as_checkpoint(base)
-    check_base(loaded, checkpoint)
+    (source,) = bind_base([loaded], as_checkpoint(base))
+    modules = loras_of(source)
     device = resolve_device(device)
 
     # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
     with torch_threads(1 if device == "cpu" else None):
-        names = sorted(loaded.modules, key=natural_key)
+        names = sorted(modules, key=natural_key)
         updates = []
         for i, name in enumerate(names):
-            updates.append(module_update(loaded, name, checkpoint, device, dtype))
+            updates.append(module_update(source, name, None, device, dtype))
             progress(Progress("resize", i + 1, len(names), name))
         keys = lora_keys(loaded)
         saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
@@ -323,13 +261,15 @@ def resize_adapter(
         raise LoraSurgeryError(
             f"{adapter}: every module has rank 0 under {policy.describe()}; nothing to write"
         )
-    dora = [u.name for u in updates if loaded.modules[u.name].dora]
+    dora = [u.name for u in updates if modules[u.name].dora]
+    report.notes += assumption_notes([source])
     if dora:
         report.notes.append(
             f"{len(dora)} DoRA modules became plain LoRA of their effective update W' − W on {base}; "
             f"the result belongs to that base"
         )
-    fan_in_fan_out = known_fan_in_fan_out([loaded])  # the flag is PEFT's hint: say the truth when known
+    # the flag is PEFT's hint: say the truth when the base decided it
+    fan_in_fan_out = decided_fan_in_fan_out([source]) if base is not None else None
     overrides = {} if fan_in_fan_out is None else {"fan_in_fan_out": fan_in_fan_out}
     config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias, **overrides)
     return write_output(report, out, inputs, force, output, saved, config, started)

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from lorasurgery.adapter.model import PEFT_PREFIX
+from lorasurgery.adapter.model import PEFT_PREFIX, lora_keys
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
 from lorasurgery.io.safetensors_format import torch_dtype_of
 
@@ -209,23 +209,15 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
             A, B, error = truncated_factors(u.svd, k, u.out_dtype)
         err_sq += error**2 * u_sq
         total_sq += u_sq
-        prefix = PEFT_PREFIX + u.name
+        keys = lora_keys(u.name, u.kind)
         if u.kind == "conv":
             A = A.reshape(k, *u.kernel)  # (k, in, *kernel)
             B = B.reshape(B.shape[0], k, *([1] * (len(u.kernel) - 1)))  # (out, k, 1, …)
-        if u.kind == "embedding":
-            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = (
-                A.contiguous(),
-                B.contiguous(),
-            )
-        else:
-            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = (
-                A.contiguous(),
-                B.contiguous(),
-            )
-            if any_bias:  # PEFT's lora_bias is global: every LoRA Linear has one (zeros where none came in)
-                bias = u.bias if u.bias is not None else torch.zeros(B.shape[0], dtype=torch.float64)
-                tensors[f"{prefix}.lora_B.bias"] = bias.to(u.out_dtype)
+        tensors[keys.A], tensors[keys.B] = A.contiguous(), B.contiguous()
+        if u.kind != "embedding" and any_bias:
+            # PEFT's lora_bias is global: every LoRA Linear has one (zeros where none came in)
+            bias = u.bias if u.bias is not None else torch.zeros(B.shape[0], dtype=torch.float64)
+            tensors[keys.bias] = bias.to(u.out_dtype)
         module_ranks[u.name] = k
         report.modules.append(
             ModuleResult(

@@ -69,12 +69,16 @@ class MergeSummary:
     subtract: bool = False
     config_changes: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. the tied-embeddings note
+    # layouts that rest on an adapter's fan_in_fan_out, not on the base (binding.Assumption)
+    assumptions: list = field(default_factory=list)
     verified: bool = False
     max_logit_difference: float | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        result = asdict(self)
+        result["assumptions"] = [a.to_dict() for a in self.assumptions]
+        return result
 
 
 def merge_checkpoint(
@@ -137,6 +141,7 @@ def merge_checkpoint(
         subtract=subtract,
         config_changes=plan.config_changes,
         notes=plan.notes,
+        assumptions=plan.assumptions,
     )
     shards = (
         plan_shards(plan.specs, max_shard_bytes=max_shard_bytes)

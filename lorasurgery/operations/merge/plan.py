@@ -1,8 +1,8 @@
 """merge planning: every output tensor's recipe, resolved and checked before any output exists.
 
-`plan_merge` opens the base and the adapters, reads the model's structure (layouts, ties), maps each
-adapter's modules and saved tensors onto base tensor names, decides each LoRA target's layout,
-applies the tie rule (ties.py) and checks shapes, finiteness, options and conflicts. The result,
+`plan_merge` opens the base and the adapters, binds them to it (lorasurgery.binding: base tensor
+names, layouts, ties, split expert parameters), applies the tie rule (ties.py) and checks shapes,
+finiteness, options and conflicts. The result,
 `MergePlan`, is plain data: one `Item` per output tensor (start, updates, bias terms), the config
 changes and the notes; write.py executes it.
 """
@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.adapter.parameters import bind_against, split_stored
-from lorasurgery.architecture import Layout, Structure, lay_out, model_tensors, structure_of
+from lorasurgery.architecture import Layout, Structure, model_tensors, structure_of
+from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.errors import (
     AdapterError,
     MismatchError,
@@ -58,7 +58,7 @@ class Item:
 class MergePlan:
     checkpoint: object  # the base (io.Checkpoint)
     structure: Structure
-    adapters: list  # loaded adapters, their modules laid out against the base
+    adapters: list[BoundAdapter]  # the adapters bound to the base (their `targets` are what is merged)
     weights: list[float]
     items: list[Item]  # output order
     config: dict | None  # the output config.json (None: the base has none)
@@ -68,6 +68,7 @@ class MergePlan:
     output_dtype_code: str | None  # --dtype as a safetensors code, None for auto
     layouts: dict[tuple[int, str], Layout] = field(default_factory=dict)  # (adapter, module) -> layout
     ties: list[TieOutcome] = field(default_factory=list)
+    assumptions: list = field(default_factory=list)  # binding.Assumption: layouts resting on a flag
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -116,9 +117,6 @@ def plan_merge(
     checkpoint = open_checkpoint(base)
     structure = structure_of(checkpoint, config_file)
     adapters = [load_adapter(p) for p in adapter_paths]
-    for adapter in adapters:  # LoRA on nn.Parameters: which parameter, which layout (adapter/parameters.py)
-        bind_against(adapter, checkpoint.tensors, structure)
-        split_stored(adapter, checkpoint.tensors, structure)
     if subtract:
         for path, adapter in zip(adapter_paths, adapters):
             if adapter.tokens:
@@ -132,21 +130,25 @@ def plan_merge(
                     f"{path}: --subtract is refused for DoRA adapters (module {dora[0]}): "
                     f"W' = (m/‖V‖)·V cannot be undone by subtracting an update"
                 )
-    # Every name the model has: the stored tensors, plus tied members stored once (under the stored one).
-    tensors: dict[str, TensorInfo] = model_tensors(checkpoint, structure)
-    groups = [g for g in structure.tied if any(n in checkpoint.tensors for n in g)]
-
-    views = []
     for path, adapter in zip(adapter_paths, adapters):
         if not adapter.modules and not adapter.replacements and not adapter.tokens:
             raise AdapterError(
                 f"{path}: the adapter holds no LoRA modules and no saved tensors; nothing to merge"
             )
-        view = _AdapterView(adapter, path, checkpoint.path, tensors)
-        if not allow_nonfinite:
-            view.check_finite()
-        views.append(view)
-    layouts = lay_out(structure, [(v.adapter, v.targets()) for v in views], tensors, fan_in_fan_out)
+    # Shapes are checked below against the tensor each module will really meet (a saved, resized one).
+    bound = bind(adapters, checkpoint, structure=structure, fan_in_fan_out=fan_in_fan_out, check_shapes=False)
+    if not allow_nonfinite:
+        for path, b in zip(adapter_paths, bound):
+            _check_finite(b, path)
+    # Every name the model has: the stored tensors, plus tied members stored once (under the stored one).
+    tensors: dict[str, TensorInfo] = model_tensors(checkpoint, structure)
+    groups = [g for g in structure.tied if any(n in checkpoint.tensors for n in g)]
+    layouts = {
+        (index, key): module.layout
+        for index, b in enumerate(bound)
+        for key, module in b.targets.items()
+        if module.layout is not None
+    }
 
     # Per tensor: its own saved copy, a saved base layer (the shared parameter), its updates.
     own: dict[str, tuple[int, str]] = {}
@@ -154,41 +156,38 @@ def plan_merge(
     sides: dict[str, Recipe] = {}
     counts = []
     notes_early: list[str] = []
-    for index, view in enumerate(views):
-        for name, tensor_name, is_base_layer in view.replacements():
-            target = shared if is_base_layer else own
-            _claim(target, name, (index, tensor_name), adapters, adapter_paths)
+    for index, (path, b) in enumerate(zip(adapter_paths, bound)):
+        unmatched = [saved.relative for saved in b.saved if saved.name is None]
+        if unmatched:
+            raise MismatchError(
+                f"{path}: saved tensors with no counterpart in the base: {', '.join(unmatched[:_LISTED])}"
+                + (f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else "")
+            )
+        for saved in b.saved:
+            _claim(
+                shared if saved.base_layer else own, saved.name, (index, saved.key), adapters, adapter_paths
+            )
         merged = dora = biases = 0
-        for module, base_name in view.targets().items():
-            lora = view.adapter.modules[module]
-            sides.setdefault(base_name, Recipe()).updates.append((index, module))
+        for key, module in b.targets.items():
+            lora = module.lora
+            sides.setdefault(module.name, Recipe()).updates.append((index, key))
             merged += 1
             dora += bool(lora.dora)
             if lora.lora_bias:
-                bias_name = base_name[: -len("weight")] + "bias"
-                if not base_name.endswith(".weight") or bias_name not in tensors:
+                bias_name = module.name[: -len("weight")] + "bias"
+                if not module.name.endswith(".weight") or bias_name not in tensors:
                     raise MismatchError(
-                        f"{view.path}: module {module} has lora_bias but the base has no {bias_name} to add it to"
+                        f"{path}: module {key} has lora_bias but the base has no {bias_name} to add it to"
                     )
-                sides.setdefault(bias_name, Recipe()).bias_terms.append((index, module))
+                sides.setdefault(bias_name, Recipe()).bias_terms.append((index, key))
                 biases += 1
-        for module, rows in view.adapter.tokens.items():
-            base_name = view.rule.apply(rows.base_weight_name)
-            if base_name not in tensors:
-                raise MismatchError(
-                    f"{view.path}: trainable tokens of {module}: the base has no {rows.base_weight_name}"
-                )
-            if max(rows.indices) >= tensors[base_name].shape[0]:
-                raise MismatchError(
-                    f"{view.path}: trainable tokens of {module}: token {max(rows.indices)} is beyond the "
-                    f"{tensors[base_name].shape[0]} rows of {base_name}"
-                )
-            sides.setdefault(base_name, Recipe()).token_rows.append((index, module))
+        for module, tokens in b.tokens.items():
+            sides.setdefault(tokens.name, Recipe()).token_rows.append((index, module))
         # a fused expert parameter stored split counts once (its pieces are keyed `<key>[e].k`)
-        merged -= len(view.targets()) - len({module.split("[", 1)[0] for module in view.targets()})
-        if view.adapter.tokens and weights[index] != 1.0:
+        merged -= len(b.targets) - len({key.split("[", 1)[0] for key in b.targets})
+        if b.tokens and weights[index] != 1.0:
             notes_early.append(
-                f"{view.path}: --weight {weights[index]:g} does not scale its trainable tokens: their rows "
+                f"{path}: --weight {weights[index]:g} does not scale its trainable tokens: their rows "
                 f"replace the base's whatever the weight (PEFT's scaling does not reach them either)"
             )
         counts.append((merged, dora, biases))
@@ -226,7 +225,7 @@ def plan_merge(
             spec = TensorSpec(name, spec.dtype, tuple(adapters[index].tensors[tensor_name].shape))
         items[name] = Item(name, spec, info, recipe)
         for index, module in recipe.updates:
-            views[index].check_shape(module, name, spec.shape)
+            _check_shape(bound[index], module, name, spec.shape)
 
     summaries = []
     for index, (path, weight, (merged, dora, biases)) in enumerate(zip(adapter_paths, weights, counts)):
@@ -262,7 +261,7 @@ def plan_merge(
     return MergePlan(
         checkpoint=checkpoint,
         structure=structure,
-        adapters=adapters,
+        adapters=bound,
         weights=weights,
         items=ordered,
         config=config,
@@ -272,6 +271,7 @@ def plan_merge(
         output_dtype_code=out_code,
         layouts=layouts,
         ties=outcomes,
+        assumptions=[a for b in bound for a in b.assumptions],
     )
 
 
@@ -367,91 +367,49 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
         changes["vocab_size"] = rows
 
 
-class _AdapterView:
-    """One adapter seen against one base: its targets and replaced tensors under base names."""
+def _check_shape(bound: BoundAdapter, key: str, base_name: str, shape: tuple[int, ...]) -> None:
+    module = bound.targets[key]
+    expected = tuple(module.lora.shape)
+    if tuple(shape) != expected:
+        layout = ""
+        if module.kind == "linear":
+            stored = "(in, out)" if module.transposed else "(out, in)"
+            decided = module.layout.reason if module.layout is not None else "adapter"
+            layout = f" (stored {stored}, decided by the {decided})"
+        raise MismatchError(
+            f"{bound.path}: module {key} expects a weight of shape {list(expected)}{layout} but the "
+            f"base's {base_name} has shape {list(shape)}"
+        )
 
-    def __init__(self, adapter, path: Path, base_path, tensors: dict):
-        from lorasurgery.adapter import find_prefix_rule, resolve_base_names
 
-        self.adapter = adapter
-        self.path = path
-        self.tensors = tensors
-        # The prefix rule comes from the LoRA modules (else from the saved tensors); shapes are
-        # checked later against the tensor each module will really meet (a saved, resized one).
-        weight_names = [module.base_weight_name for module in adapter.modules.values()]
-        if weight_names:
-            self.rule, unmatched = find_prefix_rule(weight_names, tensors)
-            if unmatched:  # its error lists the modules the base lacks
-                resolve_base_names(adapter, _Names(tensors, base_path))
-        else:
-            self.rule, _ = find_prefix_rule(list(adapter.replacements), tensors)
-        self._targets = {m: self.rule.apply(module.base_weight_name) for m, module in adapter.modules.items()}
+def _check_finite(bound: BoundAdapter, path) -> None:
+    from lorasurgery.linalg.delta import all_finite
 
-    def targets(self) -> dict[str, str]:
-        return dict(self._targets)
-
-    def replacements(self):
-        """(base tensor name, adapter tensor name, saved base layer?) per saved tensor."""
-        unmatched = []
-        for relative, tensor_name in self.adapter.replacements.items():
-            name = self.rule.apply(relative)
-            if name is None or name not in self.tensors:
-                unmatched.append(relative)
-                continue
-            yield name, tensor_name, ".base_layer." in tensor_name
-        if unmatched:
-            raise MismatchError(
-                f"{self.path}: saved tensors with no counterpart in the base: {', '.join(unmatched[:_LISTED])}"
-                + (f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else "")
-            )
-
-    def check_shape(self, module: str, base_name: str, shape: tuple[int, ...]) -> None:
-        lora = self.adapter.modules[module]
-        expected = tuple(lora.shape)
-        if tuple(shape) != expected:
-            layout = ""
-            if lora.kind == "linear":
-                layout = f" (stored {'(in, out)' if lora.fan_in_fan_out else '(out, in)'}, decided by the {lora.layout})"
-            raise MismatchError(
-                f"{self.path}: module {module} expects a weight of shape {list(expected)}{layout} but the "
-                f"base's {base_name} has shape {list(shape)}"
-            )
-
-    def check_finite(self) -> None:
-        from lorasurgery.linalg.delta import all_finite
-
-        for module in self.adapter.modules:
-            for label, tensor in _module_tensors(self.adapter, module):
-                if tensor.is_floating_point() and not all_finite(tensor):
-                    raise NonFiniteError(
-                        f"{self.path}: module {module}: {label} holds NaN/Inf; pass --allow-nonfinite to go on"
-                    )
-        for relative, tensor_name in self.adapter.replacements.items():
-            tensor = self.adapter.read(tensor_name)
+    adapter = bound.adapter
+    for key, module in bound.targets.items():
+        for label, tensor in _module_tensors(adapter, module.lora):
             if tensor.is_floating_point() and not all_finite(tensor):
                 raise NonFiniteError(
-                    f"{self.path}: saved tensor {relative} holds NaN/Inf; pass --allow-nonfinite to go on"
+                    f"{path}: module {key}: {label} holds NaN/Inf; pass --allow-nonfinite to go on"
                 )
-        for module, rows in self.adapter.tokens.items():
-            if not all_finite(self.adapter.read(rows.key)):
-                raise NonFiniteError(
-                    f"{self.path}: trainable tokens of {module} hold NaN/Inf; pass --allow-nonfinite to go on"
-                )
+    for relative, tensor_name in adapter.replacements.items():
+        tensor = adapter.read(tensor_name)
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise NonFiniteError(
+                f"{path}: saved tensor {relative} holds NaN/Inf; pass --allow-nonfinite to go on"
+            )
+    for module, rows in adapter.tokens.items():
+        if not all_finite(adapter.read(rows.key)):
+            raise NonFiniteError(
+                f"{path}: trainable tokens of {module} hold NaN/Inf; pass --allow-nonfinite to go on"
+            )
 
 
-@dataclass
-class _Names:
-    """A checkpoint's names as resolve_base_names sees them: tied members stored once included."""
-
-    tensors: dict
-    path: Path
-
-
-def _module_tensors(adapter, module: str):
-    A, B = adapter.read_factors(module)
+def _module_tensors(adapter, lora):
+    A, B = adapter.read_factors(lora)
     yield "lora_A", A
     yield "lora_B", B
-    if adapter.modules[module].dora:
-        yield "lora_magnitude_vector", adapter.read_magnitude(module)
-    if adapter.modules[module].lora_bias:
-        yield "lora_B.bias", adapter.read_lora_bias(module)
+    if lora.dora:
+        yield "lora_magnitude_vector", adapter.read_magnitude(lora)
+    if lora.lora_bias:
+        yield "lora_B.bias", adapter.read_lora_bias(lora)

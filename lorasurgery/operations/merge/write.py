@@ -56,7 +56,7 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
             return None  # the writer copies the bytes itself
         if item.recipe.start is not None:
             index, tensor_name = item.recipe.start
-            return plan.adapters[index].read(tensor_name)
+            return plan.adapters[index].adapter.read(tensor_name)
         return checkpoint.read(item.source.name)
 
     def compute(item: Item, tensor):
@@ -146,7 +146,7 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
         return 0
     if item.recipe.start is not None:
         index, tensor_name = item.recipe.start
-        shape = tuple(plan.adapters[index].tensors[tensor_name].shape)
+        shape = tuple(plan.adapters[index].adapter.tensors[tensor_name].shape)
         read = math.prod(shape) * 4  # adapters are float32 at most, in practice
     else:
         read = item.source.nbytes
@@ -165,8 +165,8 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
 
         rows = []
         for index, module in item.recipe.token_rows:
-            tokens = plan.adapters[index].tokens[module]
-            rows.append((tokens.indices, plan.adapters[index].read(tokens.key)))
+            tokens = plan.adapters[index].tokens[module].rows
+            rows.append((tokens.indices, plan.adapters[index].adapter.read(tokens.key)))
         start = produce(
             plan,
             replace(item, recipe=replace(item.recipe, token_rows=[])),
@@ -190,8 +190,10 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
     if item.recipe.bias_terms:
         terms = []
         for index, module in item.recipe.bias_terms:
-            lora = plan.adapters[index].modules[module]
-            terms.append((plan.adapters[index].read_lora_bias(module), plan.weights[index] * lora.scale))
+            lora = plan.adapters[index].targets[module].lora
+            terms.append(
+                (plan.adapters[index].adapter.read_lora_bias(lora), plan.weights[index] * lora.scale)
+            )
         return merge_bias(
             tensor,
             terms,
@@ -205,25 +207,11 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
 
 
 def update_of(plan: MergePlan, index: int, module: str):
-    """The kernel's Update for one adapter's module, laid out as the plan decided."""
-    from lorasurgery.linalg.delta import Update
+    """The kernel's Update for one adapter's module, laid out as the binding decided."""
+    from lorasurgery.linalg.update import kernel_update
 
-    adapter = plan.adapters[index]
-    lora = adapter.modules[module]
-    A, B = adapter.read_factors(module)
-    return Update(
-        module=lora.name if lora.kind != "parameter" else lora.base_weight_name,
-        kind=lora.kind,
-        experts=lora.experts,
-        transposed=lora.transposed,
-        A=A,
-        B=B,
-        scale=lora.scale,
-        weight=plan.weights[index],
-        fan_in_fan_out=bool(lora.fan_in_fan_out),
-        magnitude=adapter.read_magnitude(module) if lora.dora else None,
-        source=str(adapter.path),
-    )
+    bound = plan.adapters[index]
+    return kernel_update(bound.adapter, bound.targets[module].lora, weight=plan.weights[index])
 
 
 def write_side_files(plan: MergePlan, folder: Path) -> None:

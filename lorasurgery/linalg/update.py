@@ -1,0 +1,101 @@
+"""One LoRA module's update ΔW in each form the commands need, with the layout rule applied once.
+
+- `factors(adapter, lora)`: ΔW = scale·B@A in factored form, in PEFT's (out, in) orientation, the
+  same for every layer kind: A (r, in) / (r, vocab) / (r, in·∏kernel), B (out, r) / (dim, r) / (out, r)
+  (a conv's 1×1 lora_B flattened; another kernel has no such form and is refused);
+- `kernel_update(adapter, lora, weight)`: the merge kernel's Update (linalg.delta), which computes in
+  the base tensor's stored layout;
+- `from_stored(lora, W)` / `to_stored(lora, M)`: a base tensor between its stored layout and ΔW's
+  (out, in): transposed where binding.stored_transposed says (a Conv1D-like linear, an embedding),
+  a conv's kernel flattened, a 3-D expert parameter per expert ((E, in, out) experts transposed);
+- `dora_delta(bound, key)`: DoRA's effective update W' − W (it depends on W: the magnitude rescales
+  each output feature of W + s·B@A), by the merge kernel with PEFT's semantics, in float64 always.
+
+`lora` is a LoraModule: an adapter's own (read alone) or a bound one (lorasurgery.binding), whose
+layout is the base's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorasurgery.binding import stored_transposed
+from lorasurgery.errors import UnsupportedError
+from lorasurgery.linalg.delta import Update, merge_weight
+
+
+@dataclass(frozen=True)
+class Factors:
+    """ΔW = scale·B@A, flattened to 2-D in PEFT's (out, in) orientation (dtypes as stored)."""
+
+    A: torch.Tensor  # (r, in) / (r, vocab) / (r, in·∏kernel)
+    B: torch.Tensor  # (out, r) / (dim, r) / (out, r)
+    scale: float
+
+
+def flatten(adapter, lora, A: torch.Tensor, B: torch.Tensor) -> Factors:
+    """The factors A, B of `lora` as read (Adapter.read_factors) in their 2-D form."""
+    r = A.shape[0]
+    if lora.kind == "conv" and (B.dim() < 2 or B.shape[1] != r or any(k != 1 for k in B.shape[2:])):
+        raise UnsupportedError(
+            f"{adapter.path}: module {lora.key}: lora_B of shape {tuple(B.shape)} is not a 1×1 "
+            f"convolution; it has no low-rank form lorasurgery can use"
+        )
+    return Factors(A.reshape(r, -1), B.reshape(B.shape[0], r), lora.scale)
+
+
+def factors(adapter, lora, device: str = "cpu") -> Factors:
+    """The factors of `lora` (a module of `adapter`), read and flattened to 2-D."""
+    A, B = adapter.read_factors(lora, device)
+    return flatten(adapter, lora, A, B)
+
+
+def from_stored(lora, W: torch.Tensor) -> torch.Tensor:
+    """The base tensor `W` of `lora` as ΔW's (out, in) (a view where it can be); a 3-D expert
+    parameter as (E, out, in)."""
+    if W.dim() == 3 and lora.kind == "parameter":
+        return W.transpose(1, 2) if stored_transposed(lora) else W
+    return W.T if stored_transposed(lora) else W.reshape(W.shape[0], -1)
+
+
+def to_stored(lora, M: torch.Tensor, shape) -> torch.Tensor:
+    """`M`, (out, in) like ΔW (experts (E, out, in)), in the layout and `shape` the base stores it in."""
+    if M.dim() == 3 and lora.kind == "parameter":
+        return M.transpose(1, 2) if stored_transposed(lora) else M
+    return (M.T if stored_transposed(lora) else M).reshape(shape)
+
+
+def kernel_update(adapter, lora, *, weight: float = 1.0, device: str = "cpu") -> Update:
+    """The merge kernel's Update of `lora` (a bound module: its layout is the base's), with the
+    adapter's --weight."""
+    A, B = adapter.read_factors(lora, device)
+    return Update(
+        module=lora.name if lora.kind != "parameter" else lora.base_weight_name,
+        kind=lora.kind,
+        A=A,
+        B=B,
+        scale=lora.scale,
+        weight=weight,
+        transposed=stored_transposed(lora),
+        magnitude=adapter.read_magnitude(lora, device) if lora.dora else None,
+        source=str(adapter.path),
+        experts=lora.experts,
+    )
+
+
+def dora_delta(bound, key: str, W: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
+    """DoRA's effective update W' − W of module `key` of `bound` (a BoundAdapter), float64, (out, in).
+
+    `W` is the base tensor in its stored layout (read from the base when not given). W' is the merge
+    kernel's in float64 (`linalg.delta.merge_weight`: PEFT's DoRA, its norm per output feature)."""
+    module = bound.modules[key]
+    if W is None:
+        W = bound.read_base(key, device)
+    W = W.to(device=device, dtype=torch.float64)
+    update = kernel_update(bound.adapter, module.lora, device=device)
+    merged = merge_weight(
+        W.clone(), [update], out_dtype=torch.float64, precise=True, device=device, name=module.tensor
+    )
+    return from_stored(module.lora, merged - W)
