@@ -268,7 +268,7 @@ def held_out_losses(base: Path, finetuned: Path, adapters: dict) -> dict:
 def summarize(report: dict) -> dict:
     """Per module type: intruder counts, how close the top vectors come to being intruders, and the
     amplification numbers of the paper's Table 7 (means over the layers, and layer 15 alone)."""
-    from lorasurgery.operations.rank_report import layer_index, module_type
+    from lorasurgery.naming import layer_index, module_type
 
     out = {}
     for group in report["summary"]["by_type"]:
@@ -312,7 +312,7 @@ def table7_row(metrics: dict) -> dict:
 
 def phi_summary(report: dict) -> dict:
     """φ(1, 1) by both definitions for the layers of the figures, and the means per module type."""
-    from lorasurgery.operations.rank_report import layer_index, module_type
+    from lorasurgery.naming import layer_index, module_type
 
     out = {}
     for module in report["modules"]:
@@ -350,7 +350,7 @@ def phi_figure(report: dict, title: str, columns: int, path: Path) -> None:
     the same grid between two random Gaussian matrices of the same shapes as the baseline."""
     import numpy as np
 
-    from lorasurgery.operations.rank_report import layer_index, module_type
+    from lorasurgery.naming import layer_index, module_type
 
     plt = _pyplot()
     chosen = [
@@ -389,7 +389,7 @@ def phi_figure(report: dict, title: str, columns: int, path: Path) -> None:
 
 def intruder_figure(reports: dict, path: Path) -> None:
     """Per layer, the smallest max_j |cos(u'_i, u_j)| over W + ΔW's top 10: below ε = 0.5 an intruder."""
-    from lorasurgery.operations.rank_report import layer_index, module_type
+    from lorasurgery.naming import layer_index, module_type
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)

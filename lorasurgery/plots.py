@@ -26,7 +26,7 @@ def _pyplot():
 
 def write_plots(report, folder: str | os.PathLike) -> list[Path]:
     from lorasurgery.linalg.policies import gavish_donoho_threshold
-    from lorasurgery.operations.rank_report import layer_index, module_type
+    from lorasurgery.naming import layer_index, module_type
 
     plt = _pyplot()
     folder = Path(folder)

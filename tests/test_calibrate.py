@@ -48,7 +48,7 @@ def test_whitened_truncation_is_the_exact_optimum_on_a_planted_covariance():
 
 
 def test_grams_are_those_of_each_layers_inputs_and_shared_by_q_k_v():
-    from lorasurgery.operations.probe import load_causal_lm
+    from lorasurgery.causal_lm import load_causal_lm
     from lorasurgery.textdata import token_ids, token_windows
 
     names = [

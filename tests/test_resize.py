@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from surgery_reference import deltas, load_with_peft, optimal, relative
 
 from lorasurgery.errors import UnsupportedError
+from lorasurgery.factored import module_svd, truncated_factors
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
 from lorasurgery.linalg.policies import Policy, rank_energy, rank_ratio
-from lorasurgery.operations.resize import module_svd, resize_adapter, truncated_factors
+from lorasurgery.operations.resize import resize_adapter
 
 
 @pytest.fixture(scope="module")

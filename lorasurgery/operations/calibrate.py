@@ -69,8 +69,8 @@ def collect_input_grams(
     """{module: Whitening} from the inputs each named Linear-like module of the model in `folder` sees."""
     import torch
 
+    from lorasurgery.causal_lm import load_causal_lm
     from lorasurgery.errors import LoraSurgeryError
-    from lorasurgery.operations.probe import load_causal_lm
     from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
 
     ids = token_ids(folder, text, tokens or DEFAULT_TOKENS)

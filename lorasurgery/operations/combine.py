@@ -18,10 +18,7 @@ from lorasurgery.adapter.model import is_base_layer
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
-from lorasurgery.io import check_output_path
-from lorasurgery.io.safetensors_format import output_dtype
-from lorasurgery.operations.extract_plan import natural_key
-from lorasurgery.operations.resize import (
+from lorasurgery.factored import (
     adapter_of,
     as_checkpoint,
     assumption_notes,
@@ -29,6 +26,9 @@ from lorasurgery.operations.resize import (
     check_dora_base,
     loras_of,
 )
+from lorasurgery.io import check_output_path
+from lorasurgery.io.safetensors_format import output_dtype
+from lorasurgery.naming import natural_key
 from lorasurgery.operations.surgery import (
     SurgeryReport,
     adapter_config,
@@ -63,7 +63,7 @@ def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
     """{key: tensor} of every saved (non-LoRA) tensor, once; two different ones under one name are an error."""
     import torch
 
-    from lorasurgery.operations.resize import lora_keys
+    from lorasurgery.factored import lora_keys
 
     chosen: dict[str, tuple[int, str, object]] = {}  # base-relative name -> (adapter, key, tensor)
     for i, adapter in enumerate(adapters):
@@ -103,11 +103,11 @@ def _combined_update(sources, indices, weights, name, device, dtype, exact):
     adapters, bound to the base when there is one (lorasurgery.binding)."""
     import torch
 
+    from lorasurgery.factored import check_factors_finite, module_svd
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.delta import all_finite
     from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
     from lorasurgery.linalg.update import factors
-    from lorasurgery.operations.resize import check_factors_finite, module_svd
     from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
     adapters = [adapter_of(source) for source in sources]

@@ -174,8 +174,8 @@ def _plain_factors(adapter, lora, multiplier: float) -> _Factors:
 def _svd_factors(source, lora, multiplier: float, k: int, method: str) -> _Factors:
     """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with `source` an
     adapter bound to its base, lorasurgery.binding)."""
+    from lorasurgery.factored import adapter_of, module_svd, truncated_factors
     from lorasurgery.linalg.lowrank import LowRankSVD
-    from lorasurgery.operations.resize import adapter_of, module_svd, truncated_factors
 
     svd = module_svd(source, lora.name)
     svd = LowRankSVD(U=svd.U, S=svd.S / multiplier, Vh=svd.Vh)  # t·B'@A' = ΔW

@@ -40,6 +40,7 @@ from lorasurgery.io.output import check_output_path, write_text_atomically
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
 from lorasurgery.linalg.policies import Policy
 from lorasurgery.memory import tune_allocator
+from lorasurgery.naming import natural_key
 from lorasurgery.operations.extract_plan import (
     Measured,
     Plan,
@@ -49,7 +50,6 @@ from lorasurgery.operations.extract_plan import (
     check_architectures,
     compile_regex,
     module_of,
-    natural_key,
 )
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 

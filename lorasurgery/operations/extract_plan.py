@@ -24,6 +24,7 @@ from lorasurgery.adapter.model import base_layer_key, saved_key
 from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
 from lorasurgery.architecture import in_block, structure_of
 from lorasurgery.errors import LoraSurgeryError, MismatchError
+from lorasurgery.naming import natural_key
 
 
 @dataclass
@@ -94,11 +95,6 @@ def compile_regex(pattern: str | None, option: str):
         return re.compile(pattern)
     except re.error as error:
         raise LoraSurgeryError(f"{option} {pattern!r} is not a valid regular expression ({error})") from None
-
-
-def natural_key(name: str):
-    """model.layers.2 before model.layers.10."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def check_architectures(base, ft) -> None:

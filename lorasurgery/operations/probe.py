@@ -13,7 +13,7 @@ loss is taken to fall (the kept effect to rise) with the rank, so ⌈log₂(#fra
 per type find the smallest passing fraction instead of one pass per fraction. The reference
 passes (intact model, fine-tune, base) are run once and reused.
 
-The forward-pass machinery (`load_causal_lm`, `Forward`) is shared with `extract --calibrate`.
+The model is loaded by `lorasurgery.causal_lm.load_causal_lm`, shared with `extract --calibrate`.
 """
 
 from __future__ import annotations
@@ -24,38 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasurgery.causal_lm import load_causal_lm
 from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
 DEFAULT_TOLERANCE = 0.01
-
-
-def load_causal_lm(folder: str | os.PathLike, device: str = "cpu"):
-    """The checkpoint in `folder` as a float32 transformers causal LM in eval mode, local files only.
-
-    A quantized checkpoint is refused first, by name (docs/design.md §13), not left to transformers."""
-    from lorasurgery.io import open_checkpoint
-
-    open_checkpoint(folder)  # headers only
-
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # no "Loading weights" chatter: the core never prints
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(Path(folder), dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise LoraSurgeryError(f"{folder}: transformers cannot load it as a causal LM ({error})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    model.requires_grad_(False)
-    return model.to(device).eval()
 
 
 class Forward:
@@ -326,11 +300,12 @@ def _functional_rank(
     import torch
 
     from lorasurgery.io import open_checkpoint
-    from lorasurgery.operations.rank_report import _is_adapter, _selected_weights, module_type
+    from lorasurgery.naming import module_type
+    from lorasurgery.operations.rank_targets import is_adapter, selected_weights
     from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
 
     target = Path(target)
-    adapter_mode = _is_adapter(target)
+    adapter_mode = is_adapter(target)
     if adapter_mode and base is None:
         raise LoraSurgeryError(f"{target}: --probe of an adapter needs --base (the model it applies to)")
     model_folder = Path(base) if adapter_mode else target
@@ -369,7 +344,7 @@ def _functional_rank(
     groups: dict[str, list[_Matrix]] = {}
     if base is None:  # W itself
         checkpoint = open_checkpoint(target)
-        for name in _selected_weights(checkpoint, include):
+        for name in selected_weights(checkpoint, include):
             p = parameter(name, target)
             matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, lambda: 0.0))
             groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
@@ -378,7 +353,7 @@ def _functional_rank(
         mode = "weight"
     elif not adapter_mode:  # ΔW = W_target − W_base, dense
         checkpoint, base_ckpt = open_checkpoint(target), open_checkpoint(base)
-        for name in _selected_weights(checkpoint, include):
+        for name in selected_weights(checkpoint, include):
             if name not in base_ckpt.tensors:
                 continue
             p = parameter(name, target)
@@ -474,7 +449,7 @@ def tune(model, bound, include=None, device: str = "cpu"):
 
     from lorasurgery.linalg.lowrank import lowrank_svd
     from lorasurgery.linalg.update import dora_delta, factors, from_stored, to_stored
-    from lorasurgery.operations.rank_report import module_type
+    from lorasurgery.naming import module_type
 
     adapter = bound.adapter
     shared = {}

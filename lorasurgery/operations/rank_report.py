@@ -19,10 +19,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import in_block, leaf, structure_of
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
+from lorasurgery.naming import module_type
+from lorasurgery.operations.rank_targets import is_adapter, selected_weights
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DEFAULT_AMP_RANK = 16
@@ -65,20 +66,6 @@ class RankReport:
         if self.assumptions:
             data["assumptions"] = [a.to_dict() for a in self.assumptions]
         return data
-
-
-def _is_adapter(path: Path) -> bool:
-    return path.is_dir() and (path / "adapter_config.json").is_file()
-
-
-def module_type(name: str) -> str:
-    """The last path component; an expert's entry (`…gate_up_proj[3]`) counts as its parameter's."""
-    return re.sub(r"\[\d+\]$", "", leaf(name))
-
-
-def layer_index(name: str) -> int | None:
-    match = re.search(r"\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
 
 
 def _padded(S, shape) -> object:
@@ -160,7 +147,7 @@ def rank_report(
         fan_in_fan_out,
         (intruders_k, intruders_eps),
     )
-    if _is_adapter(target):
+    if is_adapter(target):
         with torch_threads(1 if device == "cpu" else None):  # W's spectra collapse under contention
             report = _adapter_report(request)
     else:
@@ -214,7 +201,7 @@ def _adapter_report(request: _Request) -> RankReport:
         )
         report.assumptions = list(bound.assumptions)
         report.notes += [a.message() for a in bound.assumptions]
-    other = load_adapter(compare) if compare is not None and _is_adapter(Path(compare)) else None
+    other = load_adapter(compare) if compare is not None and is_adapter(Path(compare)) else None
     if compare is not None and other is None:
         raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")
     loras = bound.loras if bound is not None else adapter.modules
@@ -363,21 +350,6 @@ def _mle(M) -> int:
 # model TARGET (with or without a base)
 
 
-def _selected_weights(checkpoint, include_re, config_file=None) -> list[str]:
-    structure = structure_of(checkpoint, config_file) if include_re is None else None
-    names = []
-    for name, info in checkpoint.tensors.items():
-        if len(info.shape) != 2 or not name.endswith(".weight"):
-            continue
-        module = name[: -len(".weight")]
-        if include_re is not None:
-            if include_re.search(module):
-                names.append(name)
-        elif in_block(name) and not structure.is_embedding(module):
-            names.append(name)
-    return names
-
-
 def _model_report(request: _Request) -> RankReport:
     target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
     include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
@@ -390,7 +362,7 @@ def _model_report(request: _Request) -> RankReport:
     if other is not None and base_ckpt is None:
         raise LoraSurgeryError("--compare with a model TARGET needs --base (φ compares the two ΔW)")
     report = RankReport(str(target), None if base is None else str(base), "delta" if base_ckpt else "weight")
-    names = _selected_weights(checkpoint, include_re, config_file)
+    names = selected_weights(checkpoint, include_re, config_file)
     if not names:
         raise LoraSurgeryError(
             f"{target}: no 2-D weight selected"

@@ -172,8 +172,8 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
     """Factors (cast) per module at its rank (None: --exact, the concatenation as it is); fills the report."""
     import torch
 
+    from lorasurgery.factored import truncated_factors
     from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
-    from lorasurgery.operations.resize import truncated_factors
 
     tensors: dict = {}
     module_ranks: dict[str, int] = {}
@@ -238,7 +238,7 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
 def adapter_config(raw: dict, module_ranks: dict[str, int], lora_bias: bool, **overrides) -> dict:
     """The input's adapter_config.json with every LoRA field rewritten for α = r per module."""
     from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
-    from lorasurgery.operations.extract_plan import natural_key
+    from lorasurgery.naming import natural_key
 
     config = {k: v for k, v in raw.items() if k not in ("rank_pattern", "alpha_pattern")}
     config.update(lora_rank_fields(module_ranks, natural_key))
