@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorasurgery.operations.extract import Policy, extract_adapter
+    from lorasurgery.commands.extract.extract import Policy, extract_adapter
     from lorasurgery.units import parse_count
 
     base = smollm2_checkpoint()

@@ -43,7 +43,7 @@ def main() -> None:
     from safetensors.torch import load_file
     from test_export import _llama_expected, llamacpp_deltas, relative, sglang_deltas, vllm_deltas
 
-    from lorasurgery.operations.export import export_adapter
+    from lorasurgery.commands.export.export import export_adapter
 
     base = smollm2_checkpoint()
     config = json.loads((base / "config.json").read_text())

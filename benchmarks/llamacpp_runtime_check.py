@@ -98,7 +98,7 @@ def main() -> None:
     import numpy as np
     from factories import make_adapter
 
-    from lorasurgery.operations.export import export_adapter
+    from lorasurgery.commands.export.export import export_adapter
 
     base = smollm2_checkpoint()
     model = base_gguf(base, Path(args.llama_cpp))

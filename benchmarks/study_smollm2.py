@@ -200,7 +200,7 @@ def adapter_tuned(folder: Path):
 
 def cached_report(path: Path, target: Path, **options) -> tuple[dict, float | None]:
     """rank_report(target, **options) as JSON, computed once and kept at `path`."""
-    from lorasurgery.operations.rank_report import rank_report
+    from lorasurgery.commands.rank_report.rank_report import rank_report
 
     if path.is_file():
         data = json.loads(path.read_text())

@@ -1,6 +1,6 @@
 """lorasurgery: model surgery and analysis of LoRA adapters.
 
-The library core (io, adapter, linalg, operations) never prints and never imports click or rich;
+The library core (io, adapter, linalg, commands) never prints and never imports click or rich;
 the command line lives in cli.py and render.py. Importing this package does not import torch.
 """
 

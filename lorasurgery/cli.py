@@ -1,7 +1,7 @@
 """The `lorasurgery` command line: parse options, call the library core, render the result.
 
 This is the only place that turns library errors into `Error: …` on stderr with exit code 1
-(click's own usage errors, and the library's OptionError, exit with 2). torch and the operations are
+(click's own usage errors, and the library's OptionError, exit with 2). torch and the commands are
 imported inside the commands so that `lorasurgery --help` stays fast. Options that several commands
 share are defined once, as decorators, below.
 """
@@ -204,11 +204,11 @@ def inspect(
 ) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
     from lorasurgery import render
-    from lorasurgery.operations.inspect import inspect_adapter
+    from lorasurgery.commands.inspect import inspect_adapter
 
     quiet = settings_of(ctx).quiet
     if target is not None:
-        from lorasurgery.operations.export import serving_check
+        from lorasurgery.commands.export.export import serving_check
 
         check = serving_check(adapter, target, base=base)
         render.serving_check(check, as_json=as_json)
@@ -267,7 +267,7 @@ def merge(
     one tensor at a time. Untouched tensors are copied byte for byte.
     """
     from lorasurgery import render
-    from lorasurgery.operations.merge import merge_checkpoint
+    from lorasurgery.commands.merge import merge_checkpoint
     from lorasurgery.units import parse_bytes
 
     quiet = settings_of(ctx).quiet
@@ -355,7 +355,7 @@ def extract(
     rank policy. The report gives each module's true error after the cast to the output dtype.
     """
     from lorasurgery import render
-    from lorasurgery.operations.extract import extract_adapter, write_report
+    from lorasurgery.commands.extract.extract import extract_adapter, write_report
 
     if calibrate != bool(text):
         raise click.UsageError("--calibrate and --text FILE go together")
@@ -465,7 +465,7 @@ def rank_report(
     intruder dimensions of W + ΔW (with a base), and subspace similarity φ(i, j) against --compare.
     """
     from lorasurgery import render
-    from lorasurgery.operations.rank_report import rank_report as run_rank_report
+    from lorasurgery.commands.rank_report.rank_report import rank_report as run_rank_report
 
     if probe and not text:
         raise click.UsageError("--probe needs --text FILE (the text the model is run on)")
@@ -555,8 +555,8 @@ def resize(
     adapter needs --base and becomes a plain LoRA of its effective update.
     """
     from lorasurgery import render
-    from lorasurgery.operations.resize import resize_adapter
-    from lorasurgery.operations.surgery import write_report
+    from lorasurgery.commands.surgery.resize import resize_adapter
+    from lorasurgery.commands.surgery.surgery import write_report
 
     policy = make_policy(rank, energy, ratio, auto, budget)
     quiet = settings_of(ctx).quiet
@@ -614,8 +614,8 @@ def combine(
     Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
     """
     from lorasurgery import render
-    from lorasurgery.operations.combine import combine_adapters
-    from lorasurgery.operations.surgery import write_report
+    from lorasurgery.commands.surgery.combine import combine_adapters
+    from lorasurgery.commands.surgery.surgery import write_report
 
     policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
     quiet = settings_of(ctx).quiet
@@ -693,7 +693,7 @@ def export(
     (needs --base, error reported). llama.cpp gets a GGUF LoRA file (needs --base for config.json).
     """
     from lorasurgery import render
-    from lorasurgery.operations.export import export_adapter
+    from lorasurgery.commands.export.export import export_adapter
 
     quiet = settings_of(ctx).quiet
     with render.progress_bar("export", quiet) as progress:

@@ -11,7 +11,7 @@ import torch
 from clihelp import run_cli
 
 from lorasurgery import render
-from lorasurgery.operations.calibrate import collect_input_grams, whitened_factors, whitening
+from lorasurgery.commands.extract.calibrate import collect_input_grams, whitened_factors, whitening
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 TEXT = SAMPLES / "corpus" / "Apache-2.0"
@@ -135,7 +135,7 @@ def test_cli_calibrated_extraction_beats_plain_in_data_space(tmp_path, monkeypat
 
 
 def test_budget_on_whitened_spectra_scaled_or_not_stays_within_the_budget(tmp_path):
-    from lorasurgery.operations.extract import Policy, extract_adapter
+    from lorasurgery.commands.extract.extract import Policy, extract_adapter
 
     for scaled in (False, True):
         report = extract_adapter(

@@ -12,9 +12,9 @@ from factories import make_adapter, make_llama, peft_merged_state_dict
 from safetensors.torch import load_file
 from surgery_reference import deltas, load_with_peft, optimal, relative
 
+from lorasurgery.commands.surgery.combine import combine_adapters
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.linalg.policies import Policy
-from lorasurgery.operations.combine import combine_adapters
 
 WEIGHTS = [0.5, -1.0, 2.0]
 

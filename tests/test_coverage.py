@@ -19,7 +19,7 @@ from peft_matrix import Bases, Case, make_peft
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from lorasurgery.operations.rank_report import rank_report  # noqa: E402
+from lorasurgery.commands.rank_report.rank_report import rank_report  # noqa: E402
 
 EXPERTS = {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 

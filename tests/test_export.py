@@ -23,7 +23,7 @@ import torch
 from factories import make_adapter, make_gpt2, make_llama, peft_delta_weights, peft_merged_state_dict
 from safetensors.torch import load_file
 
-from lorasurgery.operations.export import export_adapter
+from lorasurgery.commands.export.export import export_adapter
 
 PREFIX = "base_model.model."
 TOL = 1e-5

@@ -24,7 +24,7 @@ from factories import (
 from safetensors.torch import load_file, save_file
 from surgery_reference import load_with_peft
 
-from lorasurgery.operations.extract import Policy, extract_adapter
+from lorasurgery.commands.extract.extract import Policy, extract_adapter
 
 peft = pytest.importorskip("peft")
 

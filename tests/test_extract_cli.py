@@ -14,7 +14,7 @@ from clihelp import assert_refused, run_cli
 from factories import make_gpt2, make_llama
 from safetensors.torch import load_file, save_file
 
-from lorasurgery.operations.extract import Policy, extract_adapter
+from lorasurgery.commands.extract.extract import Policy, extract_adapter
 from lorasurgery.progress import Progress
 
 

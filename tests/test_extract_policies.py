@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorasurgery.operations.extract import Policy, extract_adapter
+from lorasurgery.commands.extract.extract import Policy, extract_adapter
 
 
 def planted(d: int, n: int, sigmas, seed: int) -> torch.Tensor:

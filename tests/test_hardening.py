@@ -363,7 +363,7 @@ def test_merging_a_checkpoint_far_larger_than_the_allowed_peak(tmp_path):
     base, adapter = big_pair(tmp_path, megabytes=600)
     size = (base / "model.safetensors").stat().st_size
     largest = 4 * 1024 * 1024
-    idle = peak_rss_of([sys.executable, "-c", "import torch, lorasurgery.cli, lorasurgery.operations.merge"])
+    idle = peak_rss_of([sys.executable, "-c", "import torch, lorasurgery.cli, lorasurgery.commands.merge"])
     peak = peak_rss_of(
         [sys.executable, "-m", "lorasurgery", "-q", "merge", base, adapter, "-o", tmp_path / "m"]
     )
@@ -460,7 +460,7 @@ def test_extracting_from_checkpoints_far_larger_than_the_allowed_peak(tmp_path):
         [
             sys.executable,
             "-c",
-            "import torch, lorasurgery.cli, lorasurgery.operations.extract, lorasurgery.linalg.svd",
+            "import torch, lorasurgery.cli, lorasurgery.commands.extract.extract, lorasurgery.linalg.svd",
         ]
     )
     peak = peak_rss_of(

@@ -9,7 +9,7 @@ import torch
 from clihelp import assert_refused, run_cli
 from tiny import peft_adapter, tiny_bert, tiny_gpt2, tiny_llama
 
-from lorasurgery.operations.inspect import inspect_adapter
+from lorasurgery.commands.inspect import inspect_adapter
 
 ADAPTERS = {
     "patterns_rslora": (

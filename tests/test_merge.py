@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from lorasurgery.architecture import structure_of
+from lorasurgery.commands.merge import merge_checkpoint
 from lorasurgery.errors import MismatchError, NonFiniteError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
 from lorasurgery.linalg.delta import Update, merge_weight
-from lorasurgery.operations.merge import merge_checkpoint
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -573,7 +573,7 @@ def test_peak_memory_is_a_few_largest_tensors(tmp_path, monkeypatch):
         return int(out.stdout.split()[-1])
 
     bare = peak(
-        "import torch, lorasurgery.cli, lorasurgery.operations.merge, lorasurgery.adapter; torch.ones(9)"
+        "import torch, lorasurgery.cli, lorasurgery.commands.merge, lorasurgery.adapter; torch.ones(9)"
     )
     merged = peak(
         "import sys; from lorasurgery.cli import main; sys.argv[0] = 'lorasurgery'; main()",

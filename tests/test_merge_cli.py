@@ -197,7 +197,7 @@ def test_verify_without_peft_says_so(base, adapter, tmp_path, monkeypatch):
 
 
 def test_progress_reports_every_tensor_and_byte(base, adapter, tmp_path):
-    from lorasurgery.operations.merge import merge_checkpoint
+    from lorasurgery.commands.merge import merge_checkpoint
 
     events = []
     summary = merge_checkpoint(base, [adapter], tmp_path / "out", progress=events.append)

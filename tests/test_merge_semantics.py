@@ -19,9 +19,9 @@ import torch
 from clihelp import run_cli
 from factories import load_base, make_adapter, make_gpt2, make_llama
 
+from lorasurgery.commands.merge import merge_checkpoint, plan_merge
 from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import open_checkpoint
-from lorasurgery.operations.merge import merge_checkpoint, plan_merge
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

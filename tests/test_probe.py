@@ -16,8 +16,8 @@ from factories import make_adapter, make_gpt2, peft_merged_state_dict
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
 from lorasurgery.causal_lm import load_causal_lm
+from lorasurgery.commands.rank_report.probe import Forward, bisect_fractions, functional_rank, tune
 from lorasurgery.io import open_checkpoint
-from lorasurgery.operations.probe import Forward, bisect_fractions, functional_rank, tune
 from lorasurgery.textdata import token_ids, token_windows
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"

@@ -13,9 +13,9 @@ from clihelp import assert_refused, run_cli
 from spectra_reference import assert_close, reference_metrics
 from tiny import peft_adapter, peft_finetune, tiny_llama
 
+from lorasurgery.commands.rank_report.rank_report import rank_report
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg.lowrank import lowrank_svd
-from lorasurgery.operations.rank_report import rank_report
 
 
 @pytest.fixture(scope="module")

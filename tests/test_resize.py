@@ -13,11 +13,11 @@ from factories import make_adapter, make_llama, peft_merged_state_dict
 from safetensors.torch import load_file
 from surgery_reference import deltas, load_with_peft, optimal, relative
 
+from lorasurgery.commands.surgery.resize import resize_adapter
 from lorasurgery.errors import UnsupportedError
 from lorasurgery.factored import module_svd, truncated_factors
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
 from lorasurgery.linalg.policies import Policy, rank_energy, rank_ratio
-from lorasurgery.operations.resize import resize_adapter
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ computes it). The target applies its own multiplier t_m to what it loads (vLLM/S
 llama.cpp α/rank per tensor, see export_rules), so export writes factors with t_m·B'@A' = ΔW_m:
 - plain module: B' = (s_m/t_m)·B, A' = A (B kept byte for byte when s_m = t_m);
 - rank above --max-rank, or DoRA with --base: the optimal rank-k factors of ΔW_m/t_m from its exact
-  SVD (operations.resize: module_svd, truncated_factors), the relative error reported after the cast;
+  SVD (lorasurgery.factored: module_svd, truncated_factors), the relative error reported after the cast;
 - SGLang: every module zero-padded to one rank (exact), since it stacks q/k/v and gate/up.
 The config is written so that every reading gives t_m: r = R, lora_alpha = g·R and, for modules of
 another rank k, rank_pattern k and alpha_pattern g·k (PEFT and pattern-aware vLLM read g; vLLM
@@ -28,10 +28,7 @@ from lorasurgery.adapter import load_adapter
 from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import saved_fan_in_fan_out
-from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
-from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
-from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
-from lorasurgery.operations.export_rules import (
+from lorasurgery.commands.export.rules import (
     FIXED,
     IMPOSSIBLE,
     PASS,
@@ -40,6 +37,9 @@ from lorasurgery.operations.export_rules import (
     embedding_copies,
     verdict,
 )
+from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
+from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
+from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 SIDE_FILES = (
@@ -212,7 +212,7 @@ def export_adapter(
     adapter = load_adapter(adapter_path)
     inputs = [adapter_path] + ([base] if base else [])
     if target == "llama.cpp":  # refuse an unusable OUT before any work
-        from lorasurgery.operations.export_gguf import check_gguf_output
+        from lorasurgery.commands.export.gguf import check_gguf_output
 
         check_gguf_output(output, inputs, force)
     else:
@@ -311,7 +311,7 @@ def export_adapter(
             )
 
     if target == "llama.cpp":
-        from lorasurgery.operations.export_gguf import write_gguf
+        from lorasurgery.commands.export.gguf import write_gguf
 
         write_gguf(
             adapter,

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorasurgery.commands.export.rules import LLAMACPP_ARCHITECTURES
 from lorasurgery.errors import OutputError, UnsupportedError
-from lorasurgery.operations.export_rules import LLAMACPP_ARCHITECTURES
 
 
 def llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:

@@ -32,16 +32,7 @@ from dataclasses import dataclass, field
 
 from lorasurgery.adapter.model import lora_keys, saved_key
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_threads
-from lorasurgery.devices import resolve_device
-from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
-from lorasurgery.io import atomic_output_dir, open_checkpoint
-from lorasurgery.io.output import check_output_path, write_text_atomically
-from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
-from lorasurgery.linalg.policies import Policy
-from lorasurgery.memory import tune_allocator
-from lorasurgery.naming import natural_key
-from lorasurgery.operations.extract_plan import (
+from lorasurgery.commands.extract.plan import (
     Measured,
     Plan,
     Target,
@@ -51,6 +42,15 @@ from lorasurgery.operations.extract_plan import (
     compile_regex,
     module_of,
 )
+from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_threads
+from lorasurgery.devices import resolve_device
+from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
+from lorasurgery.io import atomic_output_dir, open_checkpoint
+from lorasurgery.io.output import check_output_path, write_text_atomically
+from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
+from lorasurgery.linalg.policies import Policy
+from lorasurgery.memory import tune_allocator
+from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 SVD_CHOICES = ("auto", "exact", "randomized")
@@ -139,7 +139,7 @@ class _Run:
     calibration: dict | None = None  # module -> calibrate.Whitening (--calibrate)
 
     def whitening(self, target: Target):
-        """L of the module's input Gram with --calibrate (operations.calibrate), else None."""
+        """L of the module's input Gram with --calibrate (commands.extract.calibrate), else None."""
         w = self.calibration.get(target.module) if self.calibration else None
         return None if w is None else w.L
 
@@ -312,7 +312,7 @@ def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -
     L = run.whitening(target)
     if L is None:
         B, A = _balanced_factors(run, M, rank, spectrum)
-    else:  # --calibrate: truncate ΔW·L, then A = A_w·L⁻¹ (operations.calibrate)
+    else:  # --calibrate: truncate ΔW·L, then A = A_w·L⁻¹ (commands.extract.calibrate)
         import torch
 
         B, A_w = _balanced_factors(run, _whiten(M, L), rank, spectrum)
@@ -521,7 +521,7 @@ def extract_adapter(
     workers = _worker_count(run)
     report = ExtractReport(str(base), str(finetuned), str(out), policy.describe())
     if calibrate is not None:
-        from lorasurgery.operations.calibrate import RIDGE, collect_input_grams
+        from lorasurgery.commands.extract.calibrate import RIDGE, collect_input_grams
 
         linear = [t.module for t in plan.targets if t.kind == "linear"]
         ridge = RIDGE if calibrate_ridge is None else calibrate_ridge

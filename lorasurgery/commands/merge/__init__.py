@@ -21,21 +21,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorasurgery.architecture import prefetch, read_config
-from lorasurgery.concurrency import torch_threads
-from lorasurgery.devices import resolve_device
-from lorasurgery.errors import LoraSurgeryError
-from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
-from lorasurgery.io.quantization import declares_quantization
-from lorasurgery.memory import tune_allocator
-from lorasurgery.operations.merge.plan import (
+from lorasurgery.commands.merge.plan import (
     AdapterSummary,
     Item,
     MergePlan,
     check_options,
     plan_merge,
 )
-from lorasurgery.operations.merge.verify import require_verification_libraries, verify_merge
-from lorasurgery.operations.merge.write import write_all, write_side_files
+from lorasurgery.commands.merge.verify import require_verification_libraries, verify_merge
+from lorasurgery.commands.merge.write import write_all, write_side_files
+from lorasurgery.concurrency import torch_threads
+from lorasurgery.devices import resolve_device
+from lorasurgery.errors import LoraSurgeryError
+from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
+from lorasurgery.io.quantization import declares_quantization
+from lorasurgery.memory import tune_allocator
 from lorasurgery.progress import ProgressCallback, no_progress
 
 __all__ = [

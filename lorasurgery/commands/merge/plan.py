@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lorasurgery.architecture import Layout, Structure, model_tensors, structure_of
 from lorasurgery.binding import BoundAdapter, bind
+from lorasurgery.commands.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
 from lorasurgery.errors import (
     AdapterError,
     MismatchError,
@@ -24,7 +25,6 @@ from lorasurgery.errors import (
 )
 from lorasurgery.io import TensorSpec, open_checkpoint
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
-from lorasurgery.operations.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _LISTED = 8  # how many names an error lists

@@ -12,10 +12,10 @@ import math
 import os
 from pathlib import Path
 
+from lorasurgery.commands.merge.plan import Item, MergePlan
 from lorasurgery.concurrency import Pipeline
 from lorasurgery.io import copy_side_files
 from lorasurgery.io.safetensors_format import torch_dtype_of
-from lorasurgery.operations.merge.plan import Item, MergePlan
 from lorasurgery.progress import Progress
 
 # Files beside the weights that a loader needs; copied unchanged (config.json is rewritten).

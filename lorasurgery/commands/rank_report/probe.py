@@ -299,9 +299,9 @@ def _functional_rank(
 ):
     import torch
 
+    from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
     from lorasurgery.io import open_checkpoint
     from lorasurgery.naming import module_type
-    from lorasurgery.operations.rank_targets import is_adapter, selected_weights
     from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
 
     target = Path(target)

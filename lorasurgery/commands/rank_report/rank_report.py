@@ -8,7 +8,7 @@ Three modes (docs/design.md §5):
   are needed (amplification, subspace similarity).
 - TARGET is a model alone: W's metrics — the paper's open question, is W itself rank-deficient?
 Matrices are streamed one at a time. With a base, each ΔW's entry also counts the intruder
-dimensions of W + ΔW (linalg.intruders); --probe adds the functional rank (operations.probe).
+dimensions of W + ΔW (linalg.intruders); --probe adds the functional rank (probe.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.naming import module_type
-from lorasurgery.operations.rank_targets import is_adapter, selected_weights
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DEFAULT_AMP_RANK = 16
@@ -51,7 +51,7 @@ class RankReport:
     modules: list[ModuleEntry] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    probe: object | None = None  # operations.probe.ProbeResult with --probe
+    probe: object | None = None  # probe.ProbeResult with --probe
     assumptions: list = field(default_factory=list)  # binding.Assumption: layouts resting on a flag
 
     def to_json(self) -> dict:
@@ -154,8 +154,12 @@ def rank_report(
         report = _model_report(request)
     report.summary = summarize(report)
     if probe_text is not None:
-        # Functional rank (operations.probe): forward passes on the user's text.
-        from lorasurgery.operations.probe import DEFAULT_FRACTIONS, DEFAULT_TOLERANCE, functional_rank
+        # Functional rank (probe.py): forward passes on the user's text.
+        from lorasurgery.commands.rank_report.probe import (
+            DEFAULT_FRACTIONS,
+            DEFAULT_TOLERANCE,
+            functional_rank,
+        )
 
         report.probe = functional_rank(
             target,

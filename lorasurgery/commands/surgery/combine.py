@@ -15,6 +15,14 @@ import time
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.adapter.model import is_base_layer
+from lorasurgery.commands.surgery.surgery import (
+    SurgeryReport,
+    adapter_config,
+    build_output,
+    choose_ranks,
+    preload,
+    write_output,
+)
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError, OptionError
@@ -29,14 +37,6 @@ from lorasurgery.factored import (
 from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype
 from lorasurgery.naming import natural_key
-from lorasurgery.operations.surgery import (
-    SurgeryReport,
-    adapter_config,
-    build_output,
-    choose_ranks,
-    preload,
-    write_output,
-)
 from lorasurgery.progress import Progress, no_progress
 
 
@@ -103,12 +103,12 @@ def _combined_update(sources, indices, weights, name, device, dtype, exact):
     adapters, bound to the base when there is one (lorasurgery.binding)."""
     import torch
 
+    from lorasurgery.commands.surgery.surgery import ModuleUpdate, check_finite
     from lorasurgery.factored import check_factors_finite, module_svd
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.delta import all_finite
     from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
     from lorasurgery.linalg.update import factors
-    from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
     adapters = [adapter_of(source) for source in sources]
     terms, bias, stored = [], None, None

@@ -17,6 +17,14 @@ import time
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import decided_fan_in_fan_out
+from lorasurgery.commands.surgery.surgery import (
+    SurgeryReport,
+    adapter_config,
+    build_output,
+    choose_ranks,
+    preload,
+    write_output,
+)
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import (
@@ -38,14 +46,6 @@ from lorasurgery.factored import (
 from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype
 from lorasurgery.naming import natural_key
-from lorasurgery.operations.surgery import (
-    SurgeryReport,
-    adapter_config,
-    build_output,
-    choose_ranks,
-    preload,
-    write_output,
-)
 from lorasurgery.progress import Progress, no_progress
 
 # ------------------------------------------------------------------------------------------ resize
@@ -57,9 +57,9 @@ def module_update(adapter, module: str, base, device: str, dtype: str):
     `adapter`: an Adapter, or a BoundAdapter when there is a base (its layouts and DoRA's W)."""
     import torch
 
+    from lorasurgery.commands.surgery.surgery import ModuleUpdate, check_finite
     from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
     from lorasurgery.linalg.lowrank import LowRankSVD
-    from lorasurgery.operations.surgery import ModuleUpdate, check_finite
 
     source = adapter
     adapter, lora, _ = parts(source, module)
