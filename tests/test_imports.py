@@ -2,7 +2,7 @@
 
 Every `import` and `from … import` of every module under lorasurgery/ — at the top or inside a
 function, so a lazy import cannot hide an edge — makes one graph of lorasurgery modules. It must have
-no cycle; no `commands.<x>` package may import another command's package; only the command-line layer
+no cycle; every import looks down the layers (LAYERS); no `commands.<x>` package may import another command's package; only the command-line layer
 (cli.py, render.py, plots.py, __main__.py) may import a command; and no library module imports click
 or rich (the library never prints).
 """
@@ -15,6 +15,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lorasurgery"
 CLI_LAYER = {"lorasurgery.cli", "lorasurgery.render", "lorasurgery.plots", "lorasurgery.__main__"}
 UI_LIBRARIES = {"click", "rich"}
+# Layers, lowest first (docs/architecture.md): a module imports only from its own layer or below.
+LAYERS = (
+    ("errors", "units", "progress", "devices", "memory", "concurrency", "textdata"),
+    ("io",),
+    ("adapter",),
+    ("architecture", "naming"),
+    ("binding",),
+    ("linalg",),
+    ("factored", "causal_lm"),
+    ("commands",),
+    ("cli", "render", "plots", "__main__", ""),
+)
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -56,6 +68,14 @@ def import_graph(root: Path = PACKAGE) -> tuple[dict[str, set[str]], dict[str, s
     return graph, externals
 
 
+def layer_of(name: str) -> int:
+    """The index in LAYERS of module `name` (by its first component under lorasurgery)."""
+    top = name.split(".")[1] if "." in name else ""
+    found = [i for i, layer in enumerate(LAYERS) if top in layer]
+    assert found, f"{name}: a new top-level module; add it to a layer in LAYERS and docs/architecture.md"
+    return found[0]
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as [a, b, …, a], or None."""
     state: dict[str, int] = {}  # 1 on the current path, 2 done
@@ -92,6 +112,8 @@ def layering_errors(root: Path = PACKAGE) -> list[str]:
         errors.append("import cycle: " + " -> ".join(cycle))
     for name, imported in sorted(graph.items()):
         for other in sorted(imported):
+            if layer_of(other) > layer_of(name):
+                errors.append(f"{name} imports {other}, a layer above it")
             if command_of(other) is None:
                 continue
             if command_of(name) is not None and command_of(name) != command_of(other):
@@ -115,6 +137,7 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     files = {
         "__init__.py": "",
         "naming.py": "def f():\n    from lorasurgery.commands.merge import plan\n",
+        "errors.py": "from lorasurgery.io import x\n",
         "io/__init__.py": "import click\n",
         "commands/__init__.py": "",
         "commands/merge/__init__.py": "",
@@ -140,4 +163,5 @@ def test_the_graph_sees_lazy_and_relative_imports(tmp_path):
     )
     assert "shared layer lorasurgery.naming imports the command lorasurgery.commands.merge.plan" in errors
     assert "library module lorasurgery.io imports ['click']" in errors
+    assert "lorasurgery.errors imports lorasurgery.io, a layer above it" in errors
     assert not any("lorasurgery.cli" in e for e in errors), errors  # the CLI may import commands and click
