@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from lorasurgery.adapter import Adapter, LoraModule, load_adapter
 from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.errors import MismatchError
@@ -70,7 +72,6 @@ class InspectReport:
 
 
 def _nonfinite(tensor) -> int:
-    import torch
 
     return int((~torch.isfinite(tensor)).sum()) if tensor.is_floating_point() else 0
 
@@ -182,7 +183,6 @@ def inspect_adapter(
 
 
 def _compare_with_base(bound: BoundAdapter, infos: list[ModuleInfo]) -> list[str]:
-    import torch
 
     adapter, checkpoint = bound.adapter, bound.checkpoint
     notes = []

@@ -21,13 +21,17 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.adapter.model import lora_keys
+from lorasurgery.adapter.names import find_prefix_rule
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.binding import saved_fan_in_fan_out
+from lorasurgery.architecture import structure_of
+from lorasurgery.binding import bind, saved_fan_in_fan_out
+from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
 from lorasurgery.commands.export.rules import (
     FIXED,
     IMPOSSIBLE,
@@ -38,8 +42,16 @@ from lorasurgery.commands.export.rules import (
     verdict,
 )
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
-from lorasurgery.io import atomic_output_dir, check_output_path, copy_side_files, open_checkpoint, read_json
-from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_fro_norm
+from lorasurgery.factored import adapter_of, module_svd, truncated_factors
+from lorasurgery.io import (
+    atomic_output_dir,
+    check_output_path,
+    copy_side_files,
+    open_checkpoint,
+    read_json,
+    torch_dtype_of,
+)
+from lorasurgery.linalg.lowrank import LowRankSVD, concatenated_factors, lowrank_fro_norm
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 SIDE_FILES = (
@@ -112,10 +124,6 @@ def _base_parts(base) -> tuple[dict | None, object | None]:
 
 def base_structure(base, base_config, base_ckpt):
     """The base's architecture.Structure (kinds, ties), from its weights' names when it has weights."""
-    from types import SimpleNamespace
-
-    from lorasurgery.architecture import structure_of
-
     if base_config is None:
         return None
     if base_ckpt is not None:
@@ -174,13 +182,9 @@ def _plain_factors(adapter, lora, multiplier: float) -> _Factors:
 def _svd_factors(source, lora, multiplier: float, k: int, method: str) -> _Factors:
     """Optimal rank-k factors of ΔW/t (resize's exact SVD; DoRA's effective update with `source` an
     adapter bound to its base, lorasurgery.binding)."""
-    from lorasurgery.factored import adapter_of, module_svd, truncated_factors
-    from lorasurgery.linalg.lowrank import LowRankSVD
-
     svd = module_svd(source, lora.name)
     svd = LowRankSVD(U=svd.U, S=svd.S / multiplier, Vh=svd.Vh)  # t·B'@A' = ΔW
     dtype = adapter_of(source).tensors[lora.b_key].dtype
-    from lorasurgery.io import torch_dtype_of
 
     A, B, error = truncated_factors(svd, k, torch_dtype_of(dtype))
     return _Factors(A, B, method, float(error))
@@ -212,8 +216,6 @@ def export_adapter(
     adapter = load_adapter(adapter_path)
     inputs = [adapter_path] + ([base] if base else [])
     if target == "llama.cpp":  # refuse an unusable OUT before any work
-        from lorasurgery.commands.export.gguf import check_gguf_output
-
         check_gguf_output(output, inputs, force)
     else:
         check_output_path(output, inputs, force)
@@ -268,8 +270,6 @@ def export_adapter(
 
     bound = adapter
     if base_ckpt is not None and any(lo.dora and not keep_dora for lo in modules):
-        from lorasurgery.binding import bind
-
         # DoRA's W and its layout, for the DoRA → LoRA conversion
         (bound,) = bind([adapter], base_ckpt, config_option=False)
         report.notes += [a.message() for a in bound.assumptions]
@@ -311,8 +311,6 @@ def export_adapter(
             )
 
     if target == "llama.cpp":
-        from lorasurgery.commands.export.gguf import write_gguf
-
         write_gguf(
             adapter,
             modules,
@@ -345,7 +343,6 @@ def _check_copies(adapter, copies: set[str], base_ckpt, report: ExportReport) ->
             f"not checked against the base (no --base weights)"
         )
         return
-    from lorasurgery.adapter.names import find_prefix_rule
 
     rule, _ = find_prefix_rule(sorted(copies), base_ckpt.tensors)
     for name in sorted(copies):

@@ -16,7 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
+from lorasurgery.causal_lm import load_causal_lm
+from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
+from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
 
 RIDGE = 1e-2  # × the mean diagonal of G: directions the text never excites fall back to plain SVD
 
@@ -29,8 +34,6 @@ class Whitening:
 
 def whitening(gram, tokens: int, ridge: float = RIDGE) -> Whitening:
     """Cholesky factor of the token-averaged Gram plus the ridge (float64)."""
-    import torch
-
     G = gram.to(torch.float64) / max(tokens, 1)
     n = G.shape[0]
     scale = float(G.diagonal().mean()) if n else 0.0
@@ -43,8 +46,6 @@ def whitened_factors(M, L, k: int, truncate=None):
 
     `truncate(M_w, k)` -> (U, S, Vh) is the truncated SVD to use (the extractor's own); default exact.
     """
-    import torch
-
     M_w = (M.to(torch.float64) @ L).to(M.dtype)  # (d, n)
     if truncate is None:
         U, S, Vh = torch.linalg.svd(M_w.to(torch.float64), full_matrices=False)
@@ -67,12 +68,6 @@ def collect_input_grams(
     ridge: float = RIDGE,
 ) -> dict[str, Whitening]:
     """{module: Whitening} from the inputs each named Linear-like module of the model in `folder` sees."""
-    import torch
-
-    from lorasurgery.causal_lm import load_causal_lm
-    from lorasurgery.errors import LoraSurgeryError
-    from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
-
     ids = token_ids(folder, text, tokens or DEFAULT_TOKENS)
     model = load_causal_lm(folder, device)
     windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))

@@ -24,6 +24,7 @@ from lorasurgery.adapter.model import base_layer_key, saved_key
 from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
 from lorasurgery.architecture import in_block, structure_of
 from lorasurgery.errors import LoraSurgeryError, MismatchError
+from lorasurgery.io.safetensors_format import torch_dtype_of
 from lorasurgery.naming import natural_key
 
 
@@ -42,8 +43,6 @@ class Target:
     @property
     def source_dtype(self):
         """The fine-tune's torch dtype (imports torch: planning itself runs before torch is loaded)."""
-        from lorasurgery.io.safetensors_format import torch_dtype_of
-
         return torch_dtype_of(self.source_code)
 
     @property

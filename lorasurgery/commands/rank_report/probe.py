@@ -24,9 +24,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from lorasurgery.adapter import load_adapter
+from lorasurgery.binding import bind
 from lorasurgery.causal_lm import load_causal_lm
+from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
+from lorasurgery.concurrency import ordered_map, torch_threads
 from lorasurgery.errors import LoraSurgeryError
+from lorasurgery.io import open_checkpoint
+from lorasurgery.linalg.lowrank import lowrank_svd
+from lorasurgery.linalg.update import dora_delta, factors, from_stored, to_stored
+from lorasurgery.naming import module_type as type_of
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
+from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75)
 DEFAULT_TOLERANCE = 0.01
@@ -49,21 +60,17 @@ class Forward:
         self.workers = workers or (max(1, os.cpu_count() or 1) if device == "cpu" else 1)
 
     def _run(self, window):
-        import torch
 
         with torch.inference_mode():  # thread-local: entered in the worker
             return window, self.model(window).logits[0, :-1].float()  # (L − 1, vocab)
 
     def _logits(self):
-        from lorasurgery.concurrency import ordered_map
 
         self.passes += 1
         return ordered_map(self._run, self.windows, self.workers, name="probe")
 
     def loss(self) -> float:
         """Mean next-token cross-entropy in nats/token over every window."""
-        import torch
-
         total = 0.0
         for window, logits in self._logits():
             total += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
@@ -71,14 +78,10 @@ class Forward:
 
     def log_probs(self) -> list:
         """[(L − 1, vocab) float32 on the CPU]: the reference distribution of a KL."""
-        import torch
-
         return [torch.log_softmax(logits, -1).cpu() for _, logits in self._logits()]
 
     def kl_from(self, reference: list) -> float:
         """Mean over positions of KL(reference ‖ this model), nats/token."""
-        import torch
-
         total = 0.0
         for (_, logits), ref in zip(self._logits(), reference):
             log_q = torch.log_softmax(logits, -1).cpu()
@@ -150,13 +153,10 @@ def _rank_at(fraction: float, full: int) -> int:
 
 def _as_matrix(matrix: _Matrix, value):
     """A parameter's value as its matrix M ((out, in) of a LoRA module)."""
-    from lorasurgery.linalg.update import from_stored
-
     return from_stored(matrix.lora, value) if matrix.lora is not None else value.reshape(value.shape[0], -1)
 
 
 def _as_stored(matrix: _Matrix, M, shape):
-    from lorasurgery.linalg.update import to_stored
 
     return to_stored(matrix.lora, M, shape) if matrix.lora is not None else M.reshape(shape)
 
@@ -165,7 +165,6 @@ class _Truncator:
     """Sets every matrix of one module type to offset + its rank-k approximation, and restores it."""
 
     def __init__(self, matrices: list[_Matrix]):
-        import torch
 
         self.items = []
         for matrix in matrices:
@@ -284,8 +283,6 @@ def functional_rank(
     progress: ProgressCallback = no_progress,
 ) -> ProbeResult:
     """The probe of `rank-report --probe`: TARGET a model (alone, or with --base) or an adapter (with --base)."""
-    from lorasurgery.concurrency import torch_threads
-
     started = time.perf_counter()
     # One window per core instead of torch's threads splitting each matmul (Forward).
     with torch_threads(1 if device == "cpu" else None):
@@ -297,12 +294,6 @@ def functional_rank(
 def _functional_rank(
     target, text, base, tokens, fractions, tolerance, include, device, exhaustive, progress, started
 ):
-    import torch
-
-    from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
-    from lorasurgery.io import open_checkpoint
-    from lorasurgery.naming import module_type
-    from lorasurgery.textdata import DEFAULT_TOKENS, token_ids, token_windows
 
     target = Path(target)
     adapter_mode = is_adapter(target)
@@ -347,7 +338,7 @@ def _functional_rank(
         for name in selected_weights(checkpoint, include):
             p = parameter(name, target)
             matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, lambda: 0.0))
-            groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
+            groups.setdefault(type_of(name[: -len(".weight")]), []).append(matrix)
         reference = {"loss": forward.loss()}
         progress(Progress("probe", forward.passes, 0, "intact model"))
         mode = "weight"
@@ -362,7 +353,7 @@ def _functional_rank(
                 return base_ckpt.read(name, device).to(torch.float32).reshape(p.shape[0], -1)
 
             matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, base_weight))
-            groups.setdefault(module_type(name[: -len(".weight")]), []).append(matrix)
+            groups.setdefault(type_of(name[: -len(".weight")]), []).append(matrix)
         ft_log_probs = forward.log_probs()
         loss_ft = _loss_from(ft_log_probs, windows)
         base_forward = Forward(load_causal_lm(base, device), windows, device)
@@ -409,10 +400,6 @@ def _loss_from(log_probs: list, windows: list) -> float:
 
 def _adapter_groups(target, base, include, model, forward, device, notes):
     """Matrices of an adapter's modules on the base model, the fine-tune's log-probs and the references."""
-    from lorasurgery.adapter import load_adapter
-    from lorasurgery.binding import bind
-    from lorasurgery.io import open_checkpoint
-
     (bound,) = bind([load_adapter(target)], open_checkpoint(base))
     notes += [a.message() for a in bound.assumptions]
     loss_base = forward.loss()
@@ -445,12 +432,6 @@ def tune(model, bound, include=None, device: str = "cpu"):
     adds its ΔW in the layout the base stores the weight (DoRA: its effective W' − W), lora_B biases
     add s·b, trainable tokens overwrite their rows. Returns ({module type: [_Matrix]} of the LoRA
     modules whose label matches `include`, [(parameter, base value, tuned value)] of what changed)."""
-    import torch
-
-    from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.linalg.update import dora_delta, factors, from_stored, to_stored
-    from lorasurgery.naming import module_type
-
     adapter = bound.adapter
     shared = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -514,7 +495,7 @@ def tune(model, bound, include=None, device: str = "cpu"):
             return delta, U, S, Vh
 
         if include is None or include.search(lora.label):
-            groups.setdefault(module_type(lora.label), []).append(_Matrix(module.name, p, full, lora, source))
+            groups.setdefault(type_of(lora.label), []).append(_Matrix(module.name, p, full, lora, source))
     for tokens in bound.tokens.values():
         p = parameter(tokens.name)
         rows = torch.tensor(tokens.rows.indices, dtype=torch.long)

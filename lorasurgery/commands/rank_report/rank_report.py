@@ -19,10 +19,23 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from lorasurgery.adapter import load_adapter
+from lorasurgery.binding import bind
+from lorasurgery.commands.rank_report.probe import DEFAULT_FRACTIONS, DEFAULT_TOLERANCE, functional_rank
 from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
-from lorasurgery.concurrency import torch_threads
+from lorasurgery.concurrency import Pipeline, one_blas_thread, torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
+from lorasurgery.io import open_checkpoint
+from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
+from lorasurgery.linalg.gram import DTYPE_EPS, gram_singular_values, read_matrix
+from lorasurgery.linalg.intruders import intruder_dimensions
+from lorasurgery.linalg.lowrank import lowrank_svd
+from lorasurgery.linalg.spectra import mle_dimension, spectrum_metrics
+from lorasurgery.linalg.svd import singular_values, truncated_svd
+from lorasurgery.linalg.update import dora_delta, factors, from_stored
 from lorasurgery.naming import module_type
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
@@ -70,15 +83,12 @@ class RankReport:
 
 def _padded(S, shape) -> object:
     """A low-rank spectrum padded with zeros to min(d, k): metrics need the full spectrum."""
-    import torch
-
     full = torch.zeros(min(shape), dtype=torch.float64)
     full[: len(S)] = S.to(torch.float64)[: min(shape)]
     return full
 
 
 def _metrics(S, shape, source_dtype) -> dict:
-    from lorasurgery.linalg.spectra import spectrum_metrics
 
     return spectrum_metrics(_padded(S, shape), tuple(shape), source_dtype)
 
@@ -155,12 +165,6 @@ def rank_report(
     report.summary = summarize(report)
     if probe_text is not None:
         # Functional rank (probe.py): forward passes on the user's text.
-        from lorasurgery.commands.rank_report.probe import (
-            DEFAULT_FRACTIONS,
-            DEFAULT_TOLERANCE,
-            functional_rank,
-        )
-
         report.probe = functional_rank(
             target,
             text=probe_text,
@@ -186,15 +190,6 @@ def _adapter_report(request: _Request) -> RankReport:
     target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
     include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
     config_file, fan_in_fan_out, intruders = request.config_file, request.fan_in_fan_out, request.intruders
-    import torch
-
-    from lorasurgery.adapter import load_adapter
-    from lorasurgery.binding import bind
-    from lorasurgery.io import open_checkpoint
-    from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
-    from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.linalg.svd import singular_values, truncated_svd
-    from lorasurgery.linalg.update import dora_delta, factors, from_stored
 
     adapter = load_adapter(target)
     report = RankReport(str(target), None if base is None else str(base), "adapter")
@@ -299,9 +294,6 @@ def _cpu(tensor):
 
 def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
     """{"intruder_dimensions", "intruder_max_cosine"} of W' against W (linalg.intruders)."""
-    from lorasurgery.concurrency import one_blas_thread
-    from lorasurgery.linalg.intruders import intruder_dimensions
-
     k, eps = intruders
     with one_blas_thread():  # one matrix per core already (see _model_report)
         return intruder_dimensions(W, k=k, eps=eps, **update).to_metrics()
@@ -310,13 +302,6 @@ def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
 def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEntry]:
     """A LoRA on a 3-D expert parameter: ΔW_e = s·B_e@A_e per expert (adapter/parameters.py), each
     with its own spectrum and, with the base, its expert's W_e (in (out, in))."""
-    import torch
-
-    from lorasurgery.linalg.analyses import amplification
-    from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.linalg.svd import singular_values
-    from lorasurgery.linalg.update import from_stored
-
     entries = []
     label = module.label
     for e, (A, B) in enumerate(adapter.expert_factors(module, device)):
@@ -343,9 +328,6 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
 
 
 def _mle(M) -> int:
-    import torch
-
-    from lorasurgery.linalg.spectra import mle_dimension
 
     return int(mle_dimension(M.detach().to("cpu", torch.float64)))
 
@@ -358,7 +340,6 @@ def _model_report(request: _Request) -> RankReport:
     target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
     include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
     config_file, intruders = request.config_file, request.intruders
-    from lorasurgery.io import open_checkpoint
 
     checkpoint = open_checkpoint(target)
     base_ckpt = open_checkpoint(base) if base is not None else None
@@ -396,7 +377,6 @@ def _model_report(request: _Request) -> RankReport:
     ):
         # W's metrics need singular values only: numpy alone (linalg.gram), without the 1.5–2 s
         # of importing torch in a run that otherwise takes a few seconds.
-        from lorasurgery.linalg.gram import read_matrix
 
         def read(name: str):
             return read_matrix(checkpoint, name)
@@ -425,7 +405,6 @@ def _model_report(request: _Request) -> RankReport:
     # One matrix per core, each on one BLAS/torch thread (docs/rank-report.md: the dense spectra are
     # LAPACK calls that parallelise poorly, and spinning OpenMP workers collapse on a busy machine);
     # one matrix waits for a free worker, so memory stays a few matrices whatever the model.
-    from lorasurgery.concurrency import Pipeline, one_blas_thread
 
     entries: dict[str, list[ModuleEntry]] = {}
     with contextlib.ExitStack() as stack:
@@ -446,13 +425,11 @@ def _worker_count(device: str) -> int:
     """One worker per core on the CPU; on CUDA the GPU is the parallel part: one host thread."""
     if device != "cpu":
         return 1
-    import torch
 
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def _numpy_readable(checkpoint, name: str) -> bool:
-    from lorasurgery.linalg.gram import DTYPE_EPS
 
     info = checkpoint.tensors[name]
     return info.start >= 0 and info.dtype in DTYPE_EPS
@@ -460,9 +437,6 @@ def _numpy_readable(checkpoint, name: str) -> bool:
 
 def _weight_entry(name: str, X, info) -> list[ModuleEntry]:
     """The "weight" entry of W from a numpy array (see linalg.gram)."""
-    from lorasurgery.linalg.gram import gram_singular_values
-    from lorasurgery.linalg.spectra import spectrum_metrics
-
     S = gram_singular_values(X)  # (min(d, n),) float64, descending
     metrics = spectrum_metrics(S, tuple(info.shape), info.dtype)
     return [ModuleEntry(name[: -len(".weight")], "weight", list(info.shape), metrics, S.tolist())]
@@ -472,11 +446,6 @@ def _model_entries(
     name, tensors, checkpoint, base_ckpt, r, mle, intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS)
 ):
     """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W."""
-    import torch
-
-    from lorasurgery.linalg.analyses import amplification, subspace_similarity
-    from lorasurgery.linalg.svd import singular_values, truncated_svd
-
     module = name[: -len(".weight")]
     info = checkpoint.tensors[name]
     shape = list(info.shape)

@@ -13,12 +13,17 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from lorasurgery.adapter import load_adapter
 from lorasurgery.adapter.model import is_base_layer
+from lorasurgery.binding import decided_fan_in_fan_out, saved_fan_in_fan_out
 from lorasurgery.commands.surgery.surgery import (
+    ModuleUpdate,
     SurgeryReport,
     adapter_config,
     build_output,
+    check_finite,
     choose_ranks,
     preload,
     write_output,
@@ -32,10 +37,16 @@ from lorasurgery.factored import (
     assumption_notes,
     bind_base,
     check_dora_base,
+    check_factors_finite,
+    lora_keys,
     loras_of,
+    module_svd,
 )
 from lorasurgery.io import check_output_path
-from lorasurgery.io.safetensors_format import output_dtype
+from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
+from lorasurgery.linalg.delta import all_finite
+from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
+from lorasurgery.linalg.update import factors
 from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, no_progress
 
@@ -61,10 +72,6 @@ def _module_table(sources, paths) -> dict[str, list[int]]:
 
 def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
     """{key: tensor} of every saved (non-LoRA) tensor, once; two different ones under one name are an error."""
-    import torch
-
-    from lorasurgery.factored import lora_keys
-
     chosen: dict[str, tuple[int, str, object]] = {}  # base-relative name -> (adapter, key, tensor)
     for i, adapter in enumerate(adapters):
         keys = lora_keys(adapter)
@@ -101,15 +108,6 @@ def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
 def _combined_update(sources, indices, weights, name, device, dtype, exact):
     """One module's ModuleUpdate: the concatenated factors (exact) or their SVD. `sources`: the
     adapters, bound to the base when there is one (lorasurgery.binding)."""
-    import torch
-
-    from lorasurgery.commands.surgery.surgery import ModuleUpdate, check_finite
-    from lorasurgery.factored import check_factors_finite, module_svd
-    from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
-    from lorasurgery.linalg.delta import all_finite
-    from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
-    from lorasurgery.linalg.update import factors
-
     adapters = [adapter_of(source) for source in sources]
     terms, bias, stored = [], None, None
     first = loras_of(sources[indices[0]])[name]
@@ -186,7 +184,6 @@ def _merged_config(adapters, bound) -> dict:
             if module not in saves:
                 saves.append(module)
     biases = {adapter.config.bias for adapter in adapters}
-    from lorasurgery.binding import decided_fan_in_fan_out, saved_fan_in_fan_out
 
     known = decided_fan_in_fan_out(bound)
     return {

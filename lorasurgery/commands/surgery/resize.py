@@ -15,12 +15,16 @@ from __future__ import annotations
 import os
 import time
 
+import torch
+
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import decided_fan_in_fan_out
 from lorasurgery.commands.surgery.surgery import (
+    ModuleUpdate,
     SurgeryReport,
     adapter_config,
     build_output,
+    check_finite,
     choose_ranks,
     preload,
     write_output,
@@ -44,7 +48,8 @@ from lorasurgery.factored import (
     parts,
 )
 from lorasurgery.io import check_output_path
-from lorasurgery.io.safetensors_format import output_dtype
+from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
+from lorasurgery.linalg.lowrank import LowRankSVD
 from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, no_progress
 
@@ -55,12 +60,6 @@ def module_update(adapter, module: str, base, device: str, dtype: str):
     """A surgery.ModuleUpdate of one module: its exact SVD, its lora_B bias at scale 1, its layout.
 
     `adapter`: an Adapter, or a BoundAdapter when there is a base (its layouts and DoRA's W)."""
-    import torch
-
-    from lorasurgery.commands.surgery.surgery import ModuleUpdate, check_finite
-    from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
-    from lorasurgery.linalg.lowrank import LowRankSVD
-
     source = adapter
     adapter, lora, _ = parts(source, module)
     where = str(adapter.weights_file)

@@ -14,11 +14,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 
+import torch
+
 from lorasurgery.adapter.model import PEFT_PREFIX, lora_keys
+from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields, write_adapter_folder
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError
-from lorasurgery.io.safetensors_format import torch_dtype_of
+from lorasurgery.factored import truncated_factors
+from lorasurgery.io import atomic_output_dir
+from lorasurgery.io.checkpoint import read_range
+from lorasurgery.io.output import write_text_atomically
+from lorasurgery.io.safetensors_format import byte_size, dtype_code_of, torch_dtype_of
+from lorasurgery.linalg.gram import numerical_rank_tolerance
+from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
+from lorasurgery.linalg.policies import allocate_budget
+from lorasurgery.naming import natural_key
 
 
 @dataclass
@@ -110,7 +122,6 @@ class SurgeryReport:
 
 
 def check_finite(update: ModuleUpdate, where: str) -> None:
-    import torch
 
     values = [update.svd.S] if update.svd is not None else list(update.exact)
     if update.bias is not None:
@@ -121,10 +132,6 @@ def check_finite(update: ModuleUpdate, where: str) -> None:
 
 def _floor(update: ModuleUpdate) -> float:
     """σ at or below σ₁·max(d, n)·eps(float64) are rounding of the float64 arithmetic, not signal."""
-    import torch
-
-    from lorasurgery.linalg.gram import numerical_rank_tolerance
-
     S = update.svd.S
     return float(S[0]) * numerical_rank_tolerance(update.dims, torch.float64) if len(S) else 0.0
 
@@ -132,10 +139,6 @@ def _floor(update: ModuleUpdate) -> float:
 def choose_ranks(updates: list[ModuleUpdate], policy, max_rank: int | None, saved: dict) -> dict[str, int]:
     """{module: rank} under `policy`; a --budget counts the `saved` tensors (copied unchanged) and the
     lora_B biases first, and the factors spend the rest."""
-    import torch
-
-    from lorasurgery.linalg.policies import allocate_budget
-
     ranks = {}
     if policy.budget is None:
         for u in updates:
@@ -170,11 +173,6 @@ class Output:
 
 def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, report: SurgeryReport) -> Output:
     """Factors (cast) per module at its rank (None: --exact, the concatenation as it is); fills the report."""
-    import torch
-
-    from lorasurgery.factored import truncated_factors
-    from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
-
     tensors: dict = {}
     module_ranks: dict[str, int] = {}
     err_sq = total_sq = 0.0
@@ -237,9 +235,6 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
 
 def adapter_config(raw: dict, module_ranks: dict[str, int], lora_bias: bool, **overrides) -> dict:
     """The input's adapter_config.json with every LoRA field rewritten for α = r per module."""
-    from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
-    from lorasurgery.naming import natural_key
-
     config = {k: v for k, v in raw.items() if k not in ("rank_pattern", "alpha_pattern")}
     config.update(lora_rank_fields(module_ranks, natural_key))
     check_module_keys(module_ranks, config.get("modules_to_save") or [], set(module_ranks))
@@ -260,12 +255,6 @@ def write_output(
     started: float,
 ) -> SurgeryReport:
     """The adapter folder (factors + the saved tensors) to `out`, atomically; the report's totals."""
-    import time
-
-    from lorasurgery.adapter.writer import write_adapter_folder
-    from lorasurgery.io import atomic_output_dir
-    from lorasurgery.io.safetensors_format import byte_size, dtype_code_of
-
     tensors = {**output.tensors, **saved}
     report.saved = [key.removeprefix(PEFT_PREFIX) for key in saved]
     report.totals["params"] = sum(t.numel() for t in tensors.values())
@@ -279,8 +268,6 @@ def write_output(
 
 def write_report(report: SurgeryReport, path: str | os.PathLike) -> None:
     """The JSON report to `path`, atomically."""
-    from lorasurgery.io.output import write_text_atomically
-
     write_text_atomically(path, json.dumps(report.to_json(), indent=2) + "\n")
 
 
@@ -294,9 +281,6 @@ class PreloadedCheckpoint:
     """
 
     def __init__(self, checkpoint):
-        import torch
-
-        from lorasurgery.io.checkpoint import read_range
 
         self._checkpoint = checkpoint
         self._buffer = None
