@@ -15,7 +15,7 @@ from surgery_reference import deltas, load_with_peft, optimal, relative
 
 from lorasurgery.errors import UnsupportedError
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
-from lorasurgery.linalg.policies import Policy, rank_energy, rank_ratio
+from lorasurgery.linalg.policies import Policy
 from lorasurgery.operations.resize import module_svd, resize_adapter, truncated_factors
 
 
@@ -109,15 +109,57 @@ def test_resize_with_a_rank_above_some_modules_keeps_them_whole(llama_base, rich
     assert config["rank_pattern"] == {m: 4 for m in ranks if "down_proj" in m} == config["alpha_pattern"]
 
 
-def test_per_module_policies_choose_the_ranks_of_the_dense_spectra(llama_base, rich, tmp_path):
-    before = deltas(llama_base, rich)
-    for policy, rule in (
-        (Policy(energy=0.8), lambda S: rank_energy(S, 0.8)),
-        (Policy(ratio=0.4), lambda S: rank_ratio(S, 0.4)),
-    ):
-        report = resize_adapter(rich, tmp_path / "out", policy=policy, force=True)
-        for m in report.modules:
-            assert m.rank == rule(torch.linalg.svdvals(before[m.name])), (policy, m.name)
+# Planted spectra (scale 1): the ranks and errors each policy must give, worked out by hand.
+# energy 0.8 (smallest k with Σ_{i≤k} σᵢ² ≥ 0.8·Σσ²), ratio 0.2 (count of σᵢ ≥ 0.2·σ₁):
+#   [8, 4, 2, 1, .5, .25]        σ² = 64, 16, 4, 1, .25, .0625 (Σ 85.3125): 64 < 68.25 ≤ 80 → 2; σ ≥ 1.6 → 3
+#   [3, 2.9, 2.8, .1, .05, .01]  σ² = 9, 8.41, 7.84, … (Σ 25.2626): 17.41 < 20.21 ≤ 25.25 → 3; σ ≥ 0.6 → 3
+#   [5, .1, .05, .02, .01, .005] σ² = 25, .01, … (Σ 25.013): 25 ≥ 20.01 → 1; σ ≥ 1 → 1
+PLANTED = {
+    "model.layers.0.self_attn.q_proj": [8, 4, 2, 1, 0.5, 0.25],
+    "model.layers.0.self_attn.v_proj": [3, 2.9, 2.8, 0.1, 0.05, 0.01],
+    "model.layers.1.self_attn.q_proj": [5, 0.1, 0.05, 0.02, 0.01, 0.005],
+    "model.layers.1.self_attn.v_proj": [8, 4, 2, 1, 0.5, 0.25],
+}
+PLANTED_RANKS = {  # policy -> ranks in PLANTED's order
+    "energy": [2, 3, 1, 2],
+    "ratio": [3, 3, 1, 3],
+}
+
+
+@pytest.fixture(scope="module")
+def planted(llama_base, tmp_path_factory):
+    """A PEFT-made r = 6, alpha = 6 adapter on q/v whose factors are replaced by B = U·diag(σ), A = Vᵀ
+    (U, V orthonormal): each ΔW has exactly the singular values PLANTED gives it."""
+    from safetensors.torch import save_file
+
+    folder = make_adapter(
+        llama_base, tmp_path_factory.mktemp("planted"), target_modules=["q_proj", "v_proj"], r=6, lora_alpha=6
+    )
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(11)
+    for name, sigma in PLANTED.items():
+        key = f"base_model.model.{name}"
+        (k, n), (d, _) = tensors[f"{key}.lora_A.weight"].shape, tensors[f"{key}.lora_B.weight"].shape
+        U = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
+        tensors[f"{key}.lora_B.weight"] = (U * torch.tensor(sigma, dtype=torch.float64)).float().contiguous()
+        tensors[f"{key}.lora_A.weight"] = V.T.float().contiguous()
+    save_file(tensors, path)
+    return folder
+
+
+def test_per_module_policies_choose_the_ranks_of_the_planted_spectra(llama_base, planted, rich, tmp_path):
+    before = deltas(llama_base, planted)
+    for name, sigma in PLANTED.items():  # the planting worked: PEFT's ΔW has those singular values
+        assert torch.allclose(torch.linalg.svdvals(before[name])[:6], torch.tensor(sigma).double(), rtol=1e-5)
+    for policy, key in ((Policy(energy=0.8), "energy"), (Policy(ratio=0.2), "ratio")):
+        report = resize_adapter(planted, tmp_path / "out", policy=policy, force=True)
+        by_name = {m.name: m for m in report.modules}
+        for (name, sigma), k in zip(PLANTED.items(), PLANTED_RANKS[key]):
+            assert by_name[name].rank == k, (key, name)
+            tail = sum(s * s for s in sigma[k:]) / sum(s * s for s in sigma)
+            assert by_name[name].relative_error == pytest.approx(tail**0.5, rel=1e-4, abs=1e-6), (key, name)
     report = resize_adapter(rich, tmp_path / "out", policy=Policy(auto=True), force=True)
     # A rank-r product has r nonzero σ and min(d, n) − r exact zeros: Gavish–Donoho's median is 0,
     # so --auto keeps every numerically nonzero direction.
