@@ -28,7 +28,7 @@ from lorasurgery.operations.merge import merge_checkpoint
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from factories import load_base, make_bert, make_gpt2, make_llama  # noqa: E402
+from factories import load_base, make_bert, make_gpt2, make_llama, relative_error  # noqa: E402
 from factories import make_adapter as make_peft_adapter  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
@@ -93,11 +93,6 @@ def peft_merged(base_folder, adapter, *, model_kind="auto", dtype=None, untie=Fa
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
     checkpoint = open_checkpoint(folder)
     return {name: checkpoint.read(name) for name in checkpoint.tensors}
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / max(float(b.norm()), 1e-30))
 
 
 def assert_matches(ours: dict, reference: dict, rtol=FP32_RTOL, rename=lambda n: n) -> None:

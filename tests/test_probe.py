@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import assert_refused, run_cli
-from factories import make_adapter, make_gpt2, peft_merged_state_dict
+from factories import make_adapter, make_gpt2, peft_merged_state_dict, relative_error
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
@@ -172,9 +172,7 @@ def test_the_probed_conv1d_fine_tune_is_peft_s_whatever_the_saved_flag(tmp_path)
     reference = peft_merged_state_dict(base, adapter, model_kind="gpt2")
     assert set(ours) == set(reference)
     for name, tensor in reference.items():
-        error = float(
-            (ours[name].double() - tensor.double()).norm() / max(float(tensor.double().norm()), 1e-12)
-        )
+        error = relative_error(ours[name], tensor)
         assert error <= 1e-6, (name, error)
     base_state = load_causal_lm(base).state_dict()
     assert not torch.equal(ours["transformer.ln_f.weight"], base_state["transformer.ln_f.weight"])

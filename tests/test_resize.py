@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from factories import make_adapter, make_llama, peft_merged_state_dict
+from factories import make_adapter, make_llama, peft_merged_state_dict, relative_error
 from safetensors.torch import load_file
-from surgery_reference import deltas, load_with_peft, optimal, relative
+from surgery_reference import deltas, load_with_peft, optimal
 
 from lorasurgery.errors import UnsupportedError
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
@@ -54,10 +54,10 @@ def test_truncated_factors_are_optimal_and_their_error_is_that_of_the_cast_facto
     A2, B2, error = truncated_factors(lowrank_svd(A, B, 0.7), k, dtype)
     assert A2.dtype == B2.dtype == dtype and A2.shape == (k, 40) and B2.shape == (24, k)
     written = B2.double() @ A2.double()
-    assert error == pytest.approx(relative(written, dense), rel=1e-9, abs=1e-13)
+    assert error == pytest.approx(relative_error(written, dense), rel=1e-9, abs=1e-13)
     assert error >= best_error * (1 - 1e-12)
     cast = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    assert relative(written, best) < cast + 1e-12
+    assert relative_error(written, best) < cast + 1e-12
 
 
 def test_factors_error_of_a_concatenation_wider_than_the_matrix():
@@ -68,10 +68,10 @@ def test_factors_error_of_a_concatenation_wider_than_the_matrix():
     )
     svd = lowrank_svd(A, B)  # Σr = 10 > min(d, n) = 6
     assert svd.U.shape == (6, 6) and svd.Vh.shape == (6, 8)
-    assert relative((svd.U * svd.S) @ svd.Vh, B @ A) < 1e-13
+    assert relative_error((svd.U * svd.S) @ svd.Vh, B @ A) < 1e-13
     assert factors_error(svd, A, B) < 1e-13
     assert factors_error(svd, A.float(), B.float()) == pytest.approx(
-        relative(B.float().double() @ A.float().double(), B @ A), rel=1e-6
+        relative_error(B.float().double() @ A.float().double(), B @ A), rel=1e-6
     )
 
 
@@ -86,9 +86,9 @@ def test_resize_to_rank_k_gives_every_module_its_optimal_update(llama_base, rich
     by_name = {m.name: m for m in report.modules}
     for name, delta in before.items():
         best, best_error = optimal(delta, 3)
-        assert relative(after[name], best) < 1e-5, name
+        assert relative_error(after[name], best) < 1e-5, name
         assert by_name[name].rank == 3 and by_name[name].original_rank in (4, 6, 8)
-        assert by_name[name].relative_error == pytest.approx(relative(after[name], delta), abs=1e-6)
+        assert by_name[name].relative_error == pytest.approx(relative_error(after[name], delta), abs=1e-6)
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-6)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (
@@ -104,7 +104,7 @@ def test_resize_with_a_rank_above_some_modules_keeps_them_whole(llama_base, rich
     ranks = {m.name: m.rank for m in report.modules}
     assert ranks["model.layers.0.mlp.down_proj"] == 4 and ranks["model.layers.0.self_attn.q_proj"] == 6
     for name, delta in before.items():
-        assert relative(after[name], optimal(delta, ranks[name])[0]) < 1e-5, name
+        assert relative_error(after[name], optimal(delta, ranks[name])[0]) < 1e-5, name
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {m: 4 for m in ranks if "down_proj" in m} == config["alpha_pattern"]
 
@@ -196,7 +196,7 @@ def test_gpt2_conv1d_layout_comes_back_as_peft_applies_it(gpt2_base, gpt2_lora, 
     assert len(report.modules) == len(before) == 4
     for name, delta in before.items():
         assert delta.shape[0] != delta.shape[1]  # (in, out) of a Conv1D, as PEFT returns it
-        assert relative(after[name], optimal(delta, 2)[0]) < 1e-5, name
+        assert relative_error(after[name], optimal(delta, 2)[0]) < 1e-5, name
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
@@ -238,10 +238,10 @@ def test_dora_becomes_a_plain_lora_of_its_effective_update(llama_base, llama_dor
     by_name = {m.name: m for m in report.modules}
     for name, delta in effective.items():
         best, best_error = optimal(delta, 3)
-        assert relative(after[name], best) < 1e-4, name
+        assert relative_error(after[name], best) < 1e-4, name
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)
     svd = module_svd(llama_dora, "model.layers.0.self_attn.q_proj", base=llama_base)
-    assert relative((svd.U * svd.S) @ svd.Vh, effective["model.layers.0.self_attn.q_proj"]) < 1e-5
+    assert relative_error((svd.U * svd.S) @ svd.Vh, effective["model.layers.0.self_attn.q_proj"]) < 1e-5
 
 
 @pytest.mark.parametrize("flag", [True, False])
@@ -260,7 +260,7 @@ def test_gpt2_dora_layout_comes_from_the_model_not_the_adapters_flag(gpt2_base, 
     by_name = {m.name: m for m in report.modules}
     for name, delta in effective.items():
         best, best_error = optimal(delta, 6)
-        assert relative(after[name], best) < 1e-4, name
+        assert relative_error(after[name], best) < 1e-4, name
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)
 
 
@@ -292,7 +292,7 @@ def test_conv2d_lora_is_resized_in_its_flattened_layout(tmp_path):
     with torch.no_grad():
         got = loaded.base_model.model.conv.get_delta_weight("default").double().flatten(1)
     best, best_error = optimal(expected, 2)
-    assert relative(got, best) < 1e-5
+    assert relative_error(got, best) < 1e-5
     assert report.modules[0].kind == "conv" and report.modules[0].relative_error == pytest.approx(
         best_error, abs=1e-6
     )
