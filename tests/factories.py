@@ -341,6 +341,12 @@ def peft_delta_weights(
 # ------------------------------------------------------------------------------------------- helpers
 
 
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖ours − reference‖_F / ‖reference‖_F in float64 (a zero reference divides by 1e-30)."""
+    difference = (ours.double() - reference.double()).norm()
+    return float(difference / max(float(reference.double().norm()), 1e-30))
+
+
 def silence_libraries() -> None:
     """Quiet transformers/huggingface_hub logging and progress bars. PEFT's own warnings (missing or
     unexpected keys, tied weights) are left alone: tests assert on them with ``warnings``."""

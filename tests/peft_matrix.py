@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from factories import relative_error  # noqa: F401 (also test_peft_matrix's)
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -480,11 +481,6 @@ def read_output(bases: Bases, case: Case, folder: Path) -> dict[str, torch.Tenso
     with _quiet():
         net = transformers_class(case.model).from_pretrained(folder, dtype=DTYPES[case.dtype])
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    difference = (ours.double() - reference.double()).norm()
-    return float(difference / max(float(reference.double().norm()), 1e-30))
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -46,8 +46,3 @@ def optimal(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     best = (U[:, :k] * S[:k]) @ Vh[:k]
     return best, float((S[k:].square().sum() / S.square().sum()).sqrt())
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖_F / ‖b‖_F."""
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))

@@ -1,5 +1,6 @@
-"""extract --calibrate: the whitened truncation is the exact optimum of ‖(ΔW − BA)X‖_F on a planted
-data covariance; the Gram hooks see each layer's real inputs; the CLI reports both errors."""
+"""extract --calibrate: what it writes is the exact optimum of ‖(ΔW − BA)X‖_F on the layers' real
+inputs (a float64 reference computed here); the Gram hooks see each layer's real inputs; the CLI
+reports both errors."""
 
 from __future__ import annotations
 
@@ -11,40 +12,83 @@ import torch
 from clihelp import run_cli
 
 from lorasurgery import render
-from lorasurgery.commands.extract.calibrate import collect_input_grams, whitened_factors, whitening
+from lorasurgery.commands.extract.calibrate import collect_input_grams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 TEXT = SAMPLES / "corpus" / "Apache-2.0"
 
 
-def test_whitened_truncation_is_the_exact_optimum_on_a_planted_covariance():
-    g = torch.Generator().manual_seed(0)
-    d, n, k, tokens = 24, 32, 5, 400
-    M = torch.randn(d, n, generator=g, dtype=torch.float64)
-    # Inputs concentrated on a few directions: covariance Q diag(c) Qᵀ with c spanning 10⁴.
-    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
-    c = torch.logspace(2, -2, n, dtype=torch.float64)
-    X = Q @ (c.sqrt()[:, None] * torch.randn(n, tokens, generator=g, dtype=torch.float64))  # (n, tokens)
-    L = whitening(X @ X.T, tokens, ridge=0.0).L
-    assert torch.allclose(L @ L.T, X @ X.T / tokens)
+def reference_whitening(folder, names, tokens):
+    """{module: L} computed here, independently of the product: each module's inputs captured by
+    forward pre-hooks over the text's 64-token windows, G = XᵀX/tokens + 1e-2·mean(diag G)·I (the
+    documented ridge) in float64, L its Cholesky factor."""
+    from lorasurgery.causal_lm import load_causal_lm
+    from lorasurgery.textdata import token_ids, token_windows
 
-    B, A = whitened_factors(M, L, k)
+    model = load_causal_lm(folder)
+    inputs = {name: [] for name in names}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, name=name: inputs[name].append(a[0][0].double())
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for window in token_windows(token_ids(folder, TEXT, tokens), 64):
+            model(window)
+    for hook in hooks:
+        hook.remove()
+    result = {}
+    for name in names:
+        X = torch.cat(inputs[name])  # (tokens, n)
+        assert X.shape[0] == tokens
+        G = X.T @ X / X.shape[0]
+        G = G + 1e-2 * float(G.diagonal().mean()) * torch.eye(G.shape[0], dtype=torch.float64)
+        result[name] = torch.linalg.cholesky(G)
+    return result
 
-    def data_error(Y):  # ‖(M − Y)X‖_F² per token
-        return float(((M - Y) @ X).square().sum()) / tokens
 
-    S_w = torch.linalg.svdvals(M @ L)
-    optimum = float(S_w[k:].square().sum())  # Eckart–Young in the whitened space
-    assert data_error(B @ A) == pytest.approx(optimum, rel=1e-9)
-    # …and it is the unique minimiser [ML]_k L⁻¹
-    U, S, Vh = torch.linalg.svd(M @ L)
-    expected = (U[:, :k] * S[:k]) @ Vh[:k] @ torch.linalg.inv(L)
-    assert torch.allclose(B @ A, expected, atol=1e-9)
-    # Plain truncation is optimal in weight space and clearly worse on these inputs.
-    U, S, Vh = torch.linalg.svd(M)
-    plain = (U[:, :k] * S[:k]) @ Vh[:k]
-    assert data_error(plain) > 1.5 * optimum
-    assert float((M - plain).square().sum()) <= float((M - B @ A).square().sum())
+def data_error(adapter, name, delta, L) -> float:
+    """‖(ΔW − s·BA)L‖_F / ‖ΔW·L‖_F of `adapter`'s module `name`, float64."""
+    A, B = adapter.read_factors(name)
+    residual = delta - adapter.modules[name].scale * (B.double() @ A.double())
+    return float((residual @ L).norm() / (delta @ L).norm())
+
+
+def test_calibrated_extraction_reaches_the_data_space_optimum_plain_truncation_misses(tmp_path):
+    """What `extract --calibrate` writes is, per module, the Eckart–Young optimum of ‖(ΔW − BA)L‖_F
+    with L from the layer's real inputs (computed here in float64): its data error is
+    √(Σ_{i>k} σᵢ²(ΔW·L) / Σ σᵢ²(ΔW·L)). Plain truncation misses it, clearly on some module."""
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.commands.extract.extract import Policy, extract_adapter
+    from lorasurgery.io import open_checkpoint
+
+    k, tokens = 4, 512
+    report = extract_adapter(
+        SAMPLES / "base",
+        SAMPLES / "finetuned",
+        tmp_path / "cal",
+        policy=Policy(rank=k),
+        calibrate=TEXT,
+        calibrate_tokens=tokens,
+    )
+    extract_adapter(SAMPLES / "base", SAMPLES / "finetuned", tmp_path / "plain", policy=Policy(rank=k))
+    names = [m.name for m in report.modules]
+    whitening_of = reference_whitening(SAMPLES / "finetuned", names, tokens)
+    base, ft = open_checkpoint(SAMPLES / "base"), open_checkpoint(SAMPLES / "finetuned")
+    calibrated, plain = load_adapter(tmp_path / "cal"), load_adapter(tmp_path / "plain")
+    gaps = []
+    for module in report.modules:
+        name = module.name
+        delta = ft.read(name + ".weight").double() - base.read(name + ".weight").double()
+        L = whitening_of[name]
+        S = torch.linalg.svdvals(delta @ L)
+        optimum = float((S[k:].square().sum() / S.square().sum()).sqrt())
+        assert data_error(calibrated, name, delta, L) == pytest.approx(optimum, rel=1e-3, abs=1e-6), name
+        assert module.data_relative_error == pytest.approx(optimum, rel=1e-3, abs=1e-6), name
+        gaps.append(data_error(plain, name, delta, L) / optimum)
+        assert gaps[-1] >= 1 - 1e-3, name
+    assert max(gaps) > 1.05, gaps  # the calibration matters on these inputs
 
 
 def test_grams_are_those_of_each_layers_inputs_and_shared_by_q_k_v():

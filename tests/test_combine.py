@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from factories import make_adapter, make_llama, peft_merged_state_dict
+from factories import make_adapter, make_llama, peft_merged_state_dict, relative_error
 from safetensors.torch import load_file
-from surgery_reference import deltas, load_with_peft, optimal, relative
+from surgery_reference import deltas, load_with_peft, optimal
 
 from lorasurgery.commands.surgery.combine import combine_adapters
 from lorasurgery.errors import LoraSurgeryError, MismatchError
@@ -61,7 +61,7 @@ def test_exact_combination_merges_to_the_weighted_sum(llama_base, three, tmp_pat
     expected, got = weighted_sum(llama_base, three, WEIGHTS), deltas(llama_base, tmp_path / "out")
     assert set(got) == set(expected)
     for name, delta in expected.items():
-        assert relative(got[name], delta) < 1e-6, name
+        assert relative_error(got[name], delta) < 1e-6, name
     ranks = {m.name: m.rank for m in report.modules}
     assert ranks["model.layers.0.self_attn.q_proj"] == 12 and ranks["model.layers.0.self_attn.v_proj"] == 8
     assert ranks["model.embed_tokens"] == 2 and ranks["model.layers.1.mlp.down_proj"] == 4
@@ -82,8 +82,8 @@ def test_truncated_combination_is_the_optimal_rank_k_sum(llama_base, three, tmp_
         k = min(3, by_name[name].original_rank)
         best, best_error = optimal(delta, k)
         assert by_name[name].rank == k
-        assert relative(got[name], best) < 1e-5, name
-        assert by_name[name].relative_error == pytest.approx(relative(got[name], delta), abs=1e-6)
+        assert relative_error(got[name], best) < 1e-5, name
+        assert by_name[name].relative_error == pytest.approx(relative_error(got[name], delta), abs=1e-6)
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-6)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["alpha_pattern"] == config["rank_pattern"] and not config["use_rslora"]
@@ -139,7 +139,7 @@ def test_dora_inputs_enter_as_their_effective_update(llama_base, llama_dora, lla
     expected = weighted_sum(llama_base, [llama_dora, llama_lora_qv], [0.5, 2.0])
     got = deltas(llama_base, tmp_path / "out")
     for name, delta in expected.items():
-        assert relative(got[name], delta) < 1e-5, name
+        assert relative_error(got[name], delta) < 1e-5, name
 
 
 def test_identical_saved_tensors_are_written_once_and_different_ones_refused(llama_base, three, tmp_path):

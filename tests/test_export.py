@@ -20,7 +20,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from factories import make_adapter, make_gpt2, make_llama, peft_delta_weights, peft_merged_state_dict
+from factories import (
+    make_adapter,
+    make_gpt2,
+    make_llama,
+    peft_delta_weights,
+    peft_merged_state_dict,
+    relative_error,
+)
 from safetensors.torch import load_file
 
 from lorasurgery.commands.export.export import export_adapter
@@ -142,11 +149,6 @@ def llamacpp_deltas(path):
     return deltas
 
 
-def relative(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
-
-
 def _llama_expected(base, expected, config):
     """PEFT's ΔW renamed and permuted the way llama.cpp stores the base weights."""
     import gguf
@@ -206,13 +208,13 @@ def test_every_target_formula_gives_peft_delta(llama, tmp_path, case):
         elif target == "vllm":
             got, want = vllm_deltas(out), expected
             for module, delta in vllm_deltas(out, pattern_aware=True).items():
-                assert relative(delta, expected[module]) < TOL, (target, module)
+                assert relative_error(delta, expected[module]) < TOL, (target, module)
         else:  # PEFT itself reloads the normalised folder
             got, _ = peft_delta_weights(llama, out)
             want = expected
         assert set(got) == set(want), target
         for name in want:
-            assert relative(got[name], want[name]) < TOL, (target, name)
+            assert relative_error(got[name], want[name]) < TOL, (target, name)
 
 
 def test_gpt2_conv1d_folders(tmp_path):
@@ -233,11 +235,11 @@ def test_gpt2_conv1d_folders(tmp_path):
         got = formula(tmp_path / target)
         assert set(got) == set(expected)
         for name, delta in expected.items():
-            assert relative(got[name], delta) < TOL, (target, name)
+            assert relative_error(got[name], delta) < TOL, (target, name)
     export_adapter(adapter, "peft", tmp_path / "peft")
     got, _ = peft_delta_weights(base, tmp_path / "peft", model_kind="gpt2")
     for name, delta in expected.items():
-        assert relative(got[name], delta) < TOL
+        assert relative_error(got[name], delta) < TOL
 
 
 def test_dora_with_base_is_the_effective_update(llama, tmp_path):
@@ -252,7 +254,7 @@ def test_dora_with_base_is_the_effective_update(llama, tmp_path):
         assert m.method == "dora→lora"
         true = merged[m.name + ".weight"].double() - base_sd[m.name + ".weight"].double()
         # the reported error is the exact error of what vLLM computes against PEFT's W' − W
-        assert relative(got[m.name], true) == pytest.approx(m.relative_error, rel=1e-3, abs=1e-7)
+        assert relative_error(got[m.name], true) == pytest.approx(m.relative_error, rel=1e-3, abs=1e-7)
         # and it is the optimum at this rank (Eckart–Young)
         S = torch.linalg.svdvals(true)
         assert m.relative_error == pytest.approx(
@@ -270,7 +272,7 @@ def test_dora_with_base_is_the_effective_update(llama, tmp_path):
     want = _llama_expected(llama, exact, config)
     got = llamacpp_deltas(tmp_path / "d.gguf")
     for name in want:
-        assert relative(got[name], want[name]) < TOL
+        assert relative_error(got[name], want[name]) < TOL
 
 
 def test_max_rank_truncates_optimally(llama, tmp_path):
@@ -290,13 +292,13 @@ def test_max_rank_truncates_optimally(llama, tmp_path):
         optimum = float(S[3:].square().sum().sqrt() / S.square().sum().sqrt())
         assert m.rank_out == min(m.rank_in, 3)
         assert m.relative_error == pytest.approx(optimum, rel=1e-4, abs=1e-6)
-        assert relative(got[m.name], expected[m.name]) == pytest.approx(optimum, rel=1e-4, abs=1e-6)
+        assert relative_error(got[m.name], expected[m.name]) == pytest.approx(optimum, rel=1e-4, abs=1e-6)
     # SGLang: one rank for all, the rank-2 modules padded exactly
     export_adapter(adapter, "sglang", tmp_path / "s", max_rank=3)
     got = sglang_deltas(tmp_path / "s")
     for m in report.modules:
         if m.rank_in == 2:
-            assert relative(got[m.name], expected[m.name]) < TOL
+            assert relative_error(got[m.name], expected[m.name]) < TOL
 
 
 def test_plain_factors_are_kept_byte_for_byte(llama, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import run_cli
-from factories import load_base, make_adapter, make_gpt2, make_llama
+from factories import load_base, make_adapter, make_gpt2, make_llama, relative_error
 
 from lorasurgery.commands.merge import merge_checkpoint, plan_merge
 from lorasurgery.errors import MismatchError, UnsupportedError
@@ -29,11 +29,6 @@ warnings.filterwarnings("ignore", module="peft")
 
 FP32_RTOL = 1e-5
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def relative_error(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / max(float(b.norm()), 1e-30))
 
 
 def read_all(folder: Path) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import assert_refused, run_cli
-from factories import make_adapter, make_gpt2, peft_merged_state_dict
+from factories import make_adapter, make_gpt2, peft_merged_state_dict, relative_error
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
@@ -111,7 +111,39 @@ def test_adapter_finetune_reference_is_peft_forward():
     base_loss = Forward(load_causal_lm(SAMPLES / "base"), windows).loss()
     assert result.reference["loss_base"] == pytest.approx(base_loss, rel=1e-6)
     assert result.reference["kl_finetuned_base"] > 0.05
-    assert torch.get_num_threads() >= 1
+
+
+def test_probe_runs_its_windows_on_one_torch_thread_each_and_restores_torch_s_count(monkeypatch):
+    """On the CPU the probe's parallelism is one window per core, each on one torch thread; torch's
+    own count is set back afterwards. Checked where the passes start (Forward._logits, the caller's
+    thread) and in the windows' threads: a probe that forgot torch_threads(1), or left it set, fails."""
+    import os
+    import threading
+
+    starts, windows = [], []
+    logits, run = Forward._logits, Forward._run
+
+    def spy_logits(self):
+        starts.append((torch.get_num_threads(), self.workers))
+        return logits(self)
+
+    def spy_run(self, window):
+        windows.append(threading.current_thread().name)
+        return run(self, window)
+
+    monkeypatch.setattr(Forward, "_logits", spy_logits)
+    monkeypatch.setattr(Forward, "_run", spy_run)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        functional_rank(SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=[0.5])
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(before)
+    cores = max(1, os.cpu_count() or 1)
+    assert starts and all(pair == (1, cores) for pair in starts), starts
+    if cores > 1:  # the windows ran on the probe's pool, not in the caller's thread
+        assert all(name.startswith("probe") for name in windows), set(windows)
 
 
 def test_the_probed_conv1d_fine_tune_is_peft_s_whatever_the_saved_flag(tmp_path):
@@ -141,9 +173,7 @@ def test_the_probed_conv1d_fine_tune_is_peft_s_whatever_the_saved_flag(tmp_path)
     reference = peft_merged_state_dict(base, adapter, model_kind="gpt2")
     assert set(ours) == set(reference)
     for name, tensor in reference.items():
-        error = float(
-            (ours[name].double() - tensor.double()).norm() / max(float(tensor.double().norm()), 1e-12)
-        )
+        error = relative_error(ours[name], tensor)
         assert error <= 1e-6, (name, error)
     base_state = load_causal_lm(base).state_dict()
     assert not torch.equal(ours["transformer.ln_f.weight"], base_state["transformer.ln_f.weight"])

@@ -9,15 +9,15 @@ import json
 
 import pytest
 import torch
-from factories import make_adapter, make_llama, peft_merged_state_dict
+from factories import make_adapter, make_llama, peft_merged_state_dict, relative_error
 from safetensors.torch import load_file
-from surgery_reference import deltas, load_with_peft, optimal, relative
+from surgery_reference import deltas, load_with_peft, optimal
 
 from lorasurgery.commands.surgery.resize import resize_adapter
 from lorasurgery.errors import UnsupportedError
 from lorasurgery.factored import module_svd, truncated_factors
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
-from lorasurgery.linalg.policies import Policy, rank_energy, rank_ratio
+from lorasurgery.linalg.policies import Policy
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,10 @@ def test_truncated_factors_are_optimal_and_their_error_is_that_of_the_cast_facto
     A2, B2, error = truncated_factors(lowrank_svd(A, B, 0.7), k, dtype)
     assert A2.dtype == B2.dtype == dtype and A2.shape == (k, 40) and B2.shape == (24, k)
     written = B2.double() @ A2.double()
-    assert error == pytest.approx(relative(written, dense), rel=1e-9, abs=1e-13)
+    assert error == pytest.approx(relative_error(written, dense), rel=1e-9, abs=1e-13)
     assert error >= best_error * (1 - 1e-12)
     cast = {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    assert relative(written, best) < cast + 1e-12
+    assert relative_error(written, best) < cast + 1e-12
 
 
 def test_factors_error_of_a_concatenation_wider_than_the_matrix():
@@ -69,10 +69,10 @@ def test_factors_error_of_a_concatenation_wider_than_the_matrix():
     )
     svd = lowrank_svd(A, B)  # Σr = 10 > min(d, n) = 6
     assert svd.U.shape == (6, 6) and svd.Vh.shape == (6, 8)
-    assert relative((svd.U * svd.S) @ svd.Vh, B @ A) < 1e-13
+    assert relative_error((svd.U * svd.S) @ svd.Vh, B @ A) < 1e-13
     assert factors_error(svd, A, B) < 1e-13
     assert factors_error(svd, A.float(), B.float()) == pytest.approx(
-        relative(B.float().double() @ A.float().double(), B @ A), rel=1e-6
+        relative_error(B.float().double() @ A.float().double(), B @ A), rel=1e-6
     )
 
 
@@ -87,9 +87,9 @@ def test_resize_to_rank_k_gives_every_module_its_optimal_update(llama_base, rich
     by_name = {m.name: m for m in report.modules}
     for name, delta in before.items():
         best, best_error = optimal(delta, 3)
-        assert relative(after[name], best) < 1e-5, name
+        assert relative_error(after[name], best) < 1e-5, name
         assert by_name[name].rank == 3 and by_name[name].original_rank in (4, 6, 8)
-        assert by_name[name].relative_error == pytest.approx(relative(after[name], delta), abs=1e-6)
+        assert by_name[name].relative_error == pytest.approx(relative_error(after[name], delta), abs=1e-6)
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-6)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (
@@ -105,20 +105,62 @@ def test_resize_with_a_rank_above_some_modules_keeps_them_whole(llama_base, rich
     ranks = {m.name: m.rank for m in report.modules}
     assert ranks["model.layers.0.mlp.down_proj"] == 4 and ranks["model.layers.0.self_attn.q_proj"] == 6
     for name, delta in before.items():
-        assert relative(after[name], optimal(delta, ranks[name])[0]) < 1e-5, name
+        assert relative_error(after[name], optimal(delta, ranks[name])[0]) < 1e-5, name
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {m: 4 for m in ranks if "down_proj" in m} == config["alpha_pattern"]
 
 
-def test_per_module_policies_choose_the_ranks_of_the_dense_spectra(llama_base, rich, tmp_path):
-    before = deltas(llama_base, rich)
-    for policy, rule in (
-        (Policy(energy=0.8), lambda S: rank_energy(S, 0.8)),
-        (Policy(ratio=0.4), lambda S: rank_ratio(S, 0.4)),
-    ):
-        report = resize_adapter(rich, tmp_path / "out", policy=policy, force=True)
-        for m in report.modules:
-            assert m.rank == rule(torch.linalg.svdvals(before[m.name])), (policy, m.name)
+# Planted spectra (scale 1): the ranks and errors each policy must give, worked out by hand.
+# energy 0.8 (smallest k with Σ_{i≤k} σᵢ² ≥ 0.8·Σσ²), ratio 0.2 (count of σᵢ ≥ 0.2·σ₁):
+#   [8, 4, 2, 1, .5, .25]        σ² = 64, 16, 4, 1, .25, .0625 (Σ 85.3125): 64 < 68.25 ≤ 80 → 2; σ ≥ 1.6 → 3
+#   [3, 2.9, 2.8, .1, .05, .01]  σ² = 9, 8.41, 7.84, … (Σ 25.2626): 17.41 < 20.21 ≤ 25.25 → 3; σ ≥ 0.6 → 3
+#   [5, .1, .05, .02, .01, .005] σ² = 25, .01, … (Σ 25.013): 25 ≥ 20.01 → 1; σ ≥ 1 → 1
+PLANTED = {
+    "model.layers.0.self_attn.q_proj": [8, 4, 2, 1, 0.5, 0.25],
+    "model.layers.0.self_attn.v_proj": [3, 2.9, 2.8, 0.1, 0.05, 0.01],
+    "model.layers.1.self_attn.q_proj": [5, 0.1, 0.05, 0.02, 0.01, 0.005],
+    "model.layers.1.self_attn.v_proj": [8, 4, 2, 1, 0.5, 0.25],
+}
+PLANTED_RANKS = {  # policy -> ranks in PLANTED's order
+    "energy": [2, 3, 1, 2],
+    "ratio": [3, 3, 1, 3],
+}
+
+
+@pytest.fixture(scope="module")
+def planted(llama_base, tmp_path_factory):
+    """A PEFT-made r = 6, alpha = 6 adapter on q/v whose factors are replaced by B = U·diag(σ), A = Vᵀ
+    (U, V orthonormal): each ΔW has exactly the singular values PLANTED gives it."""
+    from safetensors.torch import save_file
+
+    folder = make_adapter(
+        llama_base, tmp_path_factory.mktemp("planted"), target_modules=["q_proj", "v_proj"], r=6, lora_alpha=6
+    )
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    g = torch.Generator().manual_seed(11)
+    for name, sigma in PLANTED.items():
+        key = f"base_model.model.{name}"
+        (k, n), (d, _) = tensors[f"{key}.lora_A.weight"].shape, tensors[f"{key}.lora_B.weight"].shape
+        U = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
+        tensors[f"{key}.lora_B.weight"] = (U * torch.tensor(sigma, dtype=torch.float64)).float().contiguous()
+        tensors[f"{key}.lora_A.weight"] = V.T.float().contiguous()
+    save_file(tensors, path)
+    return folder
+
+
+def test_per_module_policies_choose_the_ranks_of_the_planted_spectra(llama_base, planted, rich, tmp_path):
+    before = deltas(llama_base, planted)
+    for name, sigma in PLANTED.items():  # the planting worked: PEFT's ΔW has those singular values
+        assert torch.allclose(torch.linalg.svdvals(before[name])[:6], torch.tensor(sigma).double(), rtol=1e-5)
+    for policy, key in ((Policy(energy=0.8), "energy"), (Policy(ratio=0.2), "ratio")):
+        report = resize_adapter(planted, tmp_path / "out", policy=policy, force=True)
+        by_name = {m.name: m for m in report.modules}
+        for (name, sigma), k in zip(PLANTED.items(), PLANTED_RANKS[key]):
+            assert by_name[name].rank == k, (key, name)
+            tail = sum(s * s for s in sigma[k:]) / sum(s * s for s in sigma)
+            assert by_name[name].relative_error == pytest.approx(tail**0.5, rel=1e-4, abs=1e-6), (key, name)
     report = resize_adapter(rich, tmp_path / "out", policy=Policy(auto=True), force=True)
     # A rank-r product has r nonzero σ and min(d, n) − r exact zeros: Gavish–Donoho's median is 0,
     # so --auto keeps every numerically nonzero direction.
@@ -155,7 +197,7 @@ def test_gpt2_conv1d_layout_comes_back_as_peft_applies_it(gpt2_base, gpt2_lora, 
     assert len(report.modules) == len(before) == 4
     for name, delta in before.items():
         assert delta.shape[0] != delta.shape[1]  # (in, out) of a Conv1D, as PEFT returns it
-        assert relative(after[name], optimal(delta, 2)[0]) < 1e-5, name
+        assert relative_error(after[name], optimal(delta, 2)[0]) < 1e-5, name
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
@@ -197,10 +239,10 @@ def test_dora_becomes_a_plain_lora_of_its_effective_update(llama_base, llama_dor
     by_name = {m.name: m for m in report.modules}
     for name, delta in effective.items():
         best, best_error = optimal(delta, 3)
-        assert relative(after[name], best) < 1e-4, name
+        assert relative_error(after[name], best) < 1e-4, name
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)
     svd = module_svd(llama_dora, "model.layers.0.self_attn.q_proj", base=llama_base)
-    assert relative((svd.U * svd.S) @ svd.Vh, effective["model.layers.0.self_attn.q_proj"]) < 1e-5
+    assert relative_error((svd.U * svd.S) @ svd.Vh, effective["model.layers.0.self_attn.q_proj"]) < 1e-5
 
 
 @pytest.mark.parametrize("flag", [True, False])
@@ -219,7 +261,7 @@ def test_gpt2_dora_layout_comes_from_the_model_not_the_adapters_flag(gpt2_base, 
     by_name = {m.name: m for m in report.modules}
     for name, delta in effective.items():
         best, best_error = optimal(delta, 6)
-        assert relative(after[name], best) < 1e-4, name
+        assert relative_error(after[name], best) < 1e-4, name
         assert by_name[name].relative_error == pytest.approx(best_error, abs=1e-5)
 
 
@@ -251,7 +293,7 @@ def test_conv2d_lora_is_resized_in_its_flattened_layout(tmp_path):
     with torch.no_grad():
         got = loaded.base_model.model.conv.get_delta_weight("default").double().flatten(1)
     best, best_error = optimal(expected, 2)
-    assert relative(got, best) < 1e-5
+    assert relative_error(got, best) < 1e-5
     assert report.modules[0].kind == "conv" and report.modules[0].relative_error == pytest.approx(
         best_error, abs=1e-6
     )

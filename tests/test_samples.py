@@ -158,7 +158,8 @@ def test_regenerating_the_samples_reproduces_them(tmp_path):
     adapter's B/A gauge. So the regeneration runs on two threads, unlike the shipped one, and what
     is compared is what a real change to the script would move: tensor names, shapes and dtypes and
     the configs (exact), the training curves (to the README's two decimals) and the held-out loss of
-    each model (measured across thread counts: within 1.5%; a changed recipe moves it far more)."""
+    each model (measured across thread counts: within 1.5%; asserted within 5%; a changed recipe moves
+    it far more)."""
     result = subprocess.run(
         [sys.executable, str(SAMPLES / "make_samples.py"), str(tmp_path), "--threads", "2"],
         capture_output=True,

@@ -1,10 +1,12 @@
-"""Tiny real transformers models and PEFT-made fine-tunes/adapters for tests (seeded, < 1 s each)."""
+"""Tiny real transformers models (in memory) and PEFT-made fine-tunes/adapters for tests (seeded, < 1 s
+each); adapters are randomised by factories.randomize_adapter, the tests' one randomiser."""
 
 from __future__ import annotations
 
 import peft
 import torch
 import transformers
+from factories import randomize_adapter
 
 
 def tiny_llama(tie: bool = False, vocab: int = 64, hidden: int = 32, seed: int = 0):
@@ -33,9 +35,7 @@ def peft_finetune(model, seed: int = 1, **lora):
     """A fine-tune whose ΔW is exactly low rank: a randomized PEFT adapter, merged by PEFT."""
     torch.manual_seed(seed)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
-    for name, parameter in wrapped.named_parameters():
-        if "lora_B" in name or "lora_embedding_A" in name:
-            parameter.data.normal_(0, 0.1)
+    randomize_adapter(wrapped, seed=seed, std=0.1)
     return wrapped.merge_and_unload()
 
 
@@ -43,13 +43,7 @@ def peft_adapter(model, out, seed: int = 1, **lora):
     """A real PEFT adapter saved to `out`, with every zero-initialised factor randomized so ΔW ≠ 0."""
     torch.manual_seed(seed)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
-    for name, parameter in wrapped.named_parameters():
-        if "lora_B" in name or "lora_embedding_A" in name:
-            parameter.data.normal_(0, 0.1)
-        elif "lora_magnitude_vector" in name:
-            parameter.data.mul_(1 + 0.05 * torch.randn_like(parameter))
-        elif parameter.requires_grad and "lora_" not in name:  # saved biases, modules_to_save
-            parameter.data.add_(0.01 * torch.randn_like(parameter))
+    randomize_adapter(wrapped, seed=seed, std=0.1)  # the one randomiser (factories)
     wrapped.save_pretrained(out)
     return wrapped
 
