@@ -41,23 +41,6 @@ def whitening(gram, tokens: int, ridge: float = RIDGE) -> Whitening:
     return Whitening(torch.linalg.cholesky(G), tokens)
 
 
-def whitened_factors(M, L, k: int, truncate=None):
-    """(B (d, k), A (k, n), S_w) minimising ‖(M − BA)L‖_F at rank k; S_w all of σ(M·L) when known.
-
-    `truncate(M_w, k)` -> (U, S, Vh) is the truncated SVD to use (the extractor's own); default exact.
-    """
-    M_w = (M.to(torch.float64) @ L).to(M.dtype)  # (d, n)
-    if truncate is None:
-        U, S, Vh = torch.linalg.svd(M_w.to(torch.float64), full_matrices=False)
-    else:
-        U, S, Vh = truncate(M_w, k)
-    root = S[:k].to(torch.float64).clamp_min(0).sqrt()
-    B = U[:, :k].to(torch.float64) * root  # (d, k)
-    A_w = root[:, None] * Vh[:k].to(torch.float64)  # (k, n) = A·L
-    A = torch.linalg.solve_triangular(L, A_w, upper=False, left=False)  # A L = A_w
-    return B, A
-
-
 def collect_input_grams(
     folder: str | os.PathLike,
     module_names: list[str],
