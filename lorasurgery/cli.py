@@ -715,9 +715,13 @@ def _interrupt(signum, frame) -> None:
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C so that temporary outputs are removed. With SIGXFSZ ignored, a
-    # file-size limit makes write() fail with EFBIG (a clean error) instead of killing the process.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM unwinds like Ctrl-C so that temporary outputs are removed, unless it was ignored when
+    # the run started: a signal ignored at start stays ignored, the Unix convention that Python keeps
+    # for SIGINT (a `cmd &` or nohup job starts with SIGINT ignored and runs to completion;
+    # docs/design.md §7). With SIGXFSZ ignored, a file-size limit makes write() fail with EFBIG (a
+    # clean error) instead of killing the process.
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:

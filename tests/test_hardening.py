@@ -224,12 +224,27 @@ def finetune_of(base: Path, folder: Path, change) -> Path:
     return folder
 
 
-def start(*args: str | Path, **kwargs) -> subprocess.Popen:
+# Sets the child's SIGINT and SIGTERM, then execs lorasurgery (same pid). Without it the child would
+# inherit however this suite was started: an ignored signal stays ignored across fork and exec, and
+# `cmd &`, nohup and many CI runners start the suite with SIGINT ignored.
+LAUNCHER = """
+import os, signal, sys
+ignored = {int(number) for number in sys.argv[1].split(",") if number}
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+os.execv(sys.executable, [sys.executable, "-m", "lorasurgery", *sys.argv[2:]])
+"""
+
+
+def start(*args: str | Path, ignore: tuple[signal.Signals, ...] = ()) -> subprocess.Popen:
+    """`lorasurgery ARGS` started as a terminal starts it, with SIGINT and SIGTERM at their defaults
+    (a Ctrl-C reaches it), except the signals in `ignore`, ignored as a background job finds SIGINT."""
+    ignored = ",".join(str(int(sig)) for sig in ignore)
     return subprocess.Popen(
-        [sys.executable, "-m", "lorasurgery", *map(str, args)],
+        [sys.executable, "-c", LAUNCHER, ignored, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        **kwargs,
     )
 
 
@@ -264,12 +279,16 @@ def wait_until_read(process: subprocess.Popen, nbytes: int, timeout: float = 60)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_merge_leaves_nothing(tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig, ignore",
+    [(signal.SIGINT, ()), (signal.SIGTERM, ()), (signal.SIGTERM, (signal.SIGINT,))],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-with-SIGINT-ignored"],
+)
+def test_interrupted_merge_leaves_nothing(tmp_path, sig, ignore):
     base, adapter = big_pair(tmp_path)
     before = tree_digest(base, adapter)
     out = tmp_path / "merged"
-    process = start("merge", base, adapter, "-o", out)
+    process = start("merge", base, adapter, "-o", out, ignore=ignore)
     wait_for_temp(process, out)
     os.kill(process.pid, sig)
     os.kill(process.pid, signal.SIGCONT)
@@ -278,6 +297,31 @@ def test_interrupted_merge_leaves_nothing(tmp_path, sig):
     assert stderr.decode().startswith("Error: interrupted")
     assert not out.exists() and not temp_dirs(out)
     assert tree_digest(base, adapter) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ignored_at_start_stays_ignored_and_the_merge_completes(tmp_path, sig):
+    """The Unix convention (docs/design.md §7): `cmd &` and nohup start a job with SIGINT ignored,
+    since a Ctrl-C at the terminal is not meant for it, and it keeps ignoring it. So a merge sent a
+    signal it started with ignored runs on: exit 0 and the same output as an undisturbed merge."""
+    base, adapter = big_pair(tmp_path, megabytes=64)
+    out, reference = tmp_path / "merged", tmp_path / "reference"
+    process = start("merge", base, adapter, "-o", out, ignore=(sig,))
+    wait_for_temp(process, out)
+    os.kill(process.pid, sig)
+    os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr.decode()
+    assert out.is_dir() and not temp_dirs(out)
+    undisturbed = start("--quiet", "merge", base, adapter, "-o", reference)
+    _, stderr = undisturbed.communicate(timeout=120)
+    assert undisturbed.returncode == 0, stderr.decode()
+    assert digests_by_name(out) == digests_by_name(reference) != {}
+
+
+def digests_by_name(folder: Path) -> dict[str, str]:
+    return {Path(path).name: digest for path, digest in tree_digest(folder).items()}
 
 
 @pytest.mark.slow
