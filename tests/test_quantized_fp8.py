@@ -198,6 +198,23 @@ def test_edge_blocks_are_partial_and_scale_shapes_match(models):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_code_decodes_as_torch_converts_it(dtype):
+    """The CPU's fast conversion (fp8._float32_codes, bits through float16) against torch's own, on
+    every one of the 256 codes (NaN, ±0, subnormals), over chunk boundaries and with a NaN code
+    in the second chunk only."""
+    from lorasurgery.io.fp8 import _CHUNK, _float32_codes
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(2 * _CHUNK // 256 + 3)
+    if dtype == torch.float8_e4m3fn:
+        codes[: _CHUNK + 1][(codes[: _CHUNK + 1] & 0x7F) == 0x7F] = 0  # the first chunk: no NaN
+    codes = codes.view(dtype)
+    ours, theirs = _float32_codes(codes), codes.to(torch.float32)
+    nan = theirs.isnan()
+    assert nan[_CHUNK:].any() and torch.equal(nan, ours.isnan())
+    assert torch.equal(ours[~nan].view(torch.int32), theirs[~nan].view(torch.int32))  # -0.0 too
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_dequantization_on_cuda_equals_the_cpu_bit_for_bit(models):
     for variant in VARIANTS:

@@ -43,6 +43,7 @@ SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # and U8 (E8M0 bytes) under sc
 CODE_DTYPES = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}  # quantization_config `fmt`
 PLAIN_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _NOT_DECLARED = object()
+_CHUNK = 1 << 18  # codes converted per step on the CPU: 0.5 MB int16 buffers
 
 
 def logical_index(
@@ -133,10 +134,9 @@ def dequantize(info: DequantizedInfo, codes, scale):
     """The float32 tensor `info` from its codes and scale_inv, on their device; CheckpointError
     naming the scale tensor when a scale is not a positive finite number (or not a power of two
     under scale_fmt "ue8m0")."""
-    import torch
 
     s = _scales(info, scale)
-    W = codes.to(torch.float32)
+    W = _float32_codes(codes)
     if info.block is None:
         return W.mul_(s.reshape(()))
     rows, cols = W.shape[-2:]
@@ -149,6 +149,35 @@ def dequantize(info: DequantizedInfo, codes, scale):
     if rest:
         W[..., full * block_cols :].mul_(s[..., full:])
     return W
+
+
+def _float32_codes(codes):
+    """float32(codes), exactly, without torch's scalar float8 conversion on the CPU (3× slower).
+
+    The 7 bits of an e4m3 code below its sign are a float16's exponent and mantissa shifted right
+    by 7, with the exponent bias 8 smaller (7, not 15): as a float16 it is the code's value / 2⁸,
+    exact for every code, subnormals included, and so is float32(that) · 2⁸. e5m2 is the top byte
+    of a float16. The int16 arithmetic runs in chunks, so its buffers stay small; a chunk holding
+    e4m3fn's NaN code (0x7F, which this would read as 480) is converted by torch instead."""
+    import torch
+
+    if codes.device.type != "cpu" or codes.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return codes.to(torch.float32)
+    flat = codes.reshape(-1).view(torch.uint8)
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    shift, bias = (128, 256.0) if codes.dtype == torch.float8_e4m3fn else (256, 1.0)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk, target = flat[start : start + _CHUNK], out[start : start + _CHUNK]
+        b = chunk.to(torch.int16)
+        bits = b & 0x7F
+        if shift == 128 and int(bits.amax()) == 0x7F:
+            target.copy_(chunk.view(codes.dtype))
+            continue
+        bits.mul_(shift).add_(b.bitwise_and_(0x80).mul_(-256))  # the sign: −32768, bit 15
+        target.copy_(bits.view(torch.float16))
+        if bias != 1.0:
+            target.mul_(bias)
+    return out.reshape(codes.shape)
 
 
 def _scales(info: DequantizedInfo, scale):
