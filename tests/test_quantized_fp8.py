@@ -251,6 +251,7 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
     Q, D, adapter = models["Q"], models["D"], models["adapter"]
     note = " ".join(result.stderr.split())
     assert "FP8-quantized: its 14 quantized tensors are written dequantized as bfloat16" in note
+    assert "config.json: quantization_config removed" in result.stdout
     ours = load_file(out / "model.safetensors")
     assert not any(name.endswith("_scale_inv") for name in ours)
     assert sorted(ours) == sorted(load_file(models["plain"] / "model.safetensors"))
