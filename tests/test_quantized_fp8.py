@@ -513,6 +513,16 @@ BAD = {
         lambda q: q.update(scale_fmt="ue8m0"),
         'or not a power of two as quantization_config scale_fmt "ue8m0" declares',
     ),
+    "FP4 experts": (
+        None,
+        lambda q: q.update(expert_dtype="fp4"),
+        "quantization_config: expert_dtype 'fp4' (experts packed as FP4): lorasurgery reads FP8 codes only",
+    ),
+    "scale of another rank": (
+        lambda t: t.update({f"{NAME}_scale_inv": torch.ones(9)}),
+        None,
+        f"tensor {NAME}_scale_inv: shape [9] is neither one scale nor a grid of blocks over {NAME} [72, 72]",
+    ),
     "block size not in the shapes": (
         None,
         lambda c: c.pop("quantization_config"),
@@ -545,6 +555,21 @@ def test_bad_fp8_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path
         assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
     else:  # found when the checkpoint is opened
         assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
+
+
+def test_config_less_grids_that_fit_no_one_block_size_are_refused(models, tmp_path):
+    folder = shutil.copytree(models["fp8"]["no-config"], tmp_path / "broken")
+    tensors = load_file(folder / "model.safetensors")
+    tensors[f"{NAME}_scale_inv"] = quantize(tensors[NAME].float(), (16, 16))[1]  # 5×5 where 8×8 gives 9×9
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", folder, models["adapter"], "-o", out],
+        f"the FP8 scales fit no single block size: {NAME}_scale_inv [5, 5] over {NAME} [72, 72] needs 15 "
+        f"or more rows per block",
+        inputs=[folder],
+        output=out,
+    )
 
 
 def test_a_broken_read_leaves_no_output_and_inputs_untouched(models, tmp_path):
