@@ -8,27 +8,26 @@ forward-pass features need them (docs/architecture.md, "Lazy imports").
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from lorasurgery.errors import LoraSurgeryError
-from lorasurgery.io import open_checkpoint
 
 
 def load_causal_lm(folder: str | os.PathLike, device: str = "cpu"):
     """The checkpoint in `folder` as a float32 transformers causal LM in eval mode, local files only.
 
-    A quantized checkpoint is refused first, by name (docs/design.md §13), not left to transformers."""
-    open_checkpoint(folder)  # headers only
-
+    A quantized checkpoint is read as every command reads it (docs/design.md §13): dequantized by
+    lorasurgery's reader (io.pretrained), or refused by name, not left to transformers."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from lorasurgery.io.pretrained import from_pretrained
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no "Loading weights" chatter: the core never prints
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(Path(folder), dtype=torch.float32, local_files_only=True)
+        model = from_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         raise LoraSurgeryError(f"{folder}: transformers cannot load it as a causal LM ({error})") from None
     finally:

@@ -247,7 +247,10 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
         f"{summary.seconds:.1f} s"
     )
     if summary.config_changes:
-        changes = ", ".join(f"{k}: {json.dumps(v)}" for k, v in summary.config_changes.items())
+        changes = ", ".join(  # None: the key is removed (a quantized base's quantization_config)
+            f"{k}: {json.dumps(v)}" if v is not None else f"{k} removed"
+            for k, v in summary.config_changes.items()
+        )
         stdout.print(f"config.json: {changes}")
     for assumption in summary.assumptions:  # part of what was written: on stdout, with the table
         stdout.print(f"assumed: {assumption.message()}", markup=False, soft_wrap=True)

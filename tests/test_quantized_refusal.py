@@ -1,13 +1,14 @@
-"""Quantized checkpoints are recognised and refused by name; no command reads codes as weights
-(docs/design.md §13).
+"""Quantized checkpoints are recognised, and those of a format lorasurgery does not read are refused
+by name; no command reads codes as weights (docs/design.md §13).
 
 A tiny real Llama (and a tiny gpt-oss for MXFP4, which only its experts use) is stored in each
 layout with the names, dtypes and shapes its producer writes (transformers' fine-grained FP8,
 compressed-tensors, gpt-oss MXFP4, bitsandbytes, GPTQ/AWQ, HQQ, GGUF), with and without the config
 that declares it. Block FP8 — the case that silently lost the adapter — is quantized for real; the
-other payloads are codes of the right shape, since nothing may read them. Then every command that
-reads base or fine-tune weights must exit 1 with `Error:` naming the file, the format and a tensor,
-no traceback, no output, inputs unchanged.
+other payloads are codes of the right shape, since nothing may read them. Every command that reads
+base or fine-tune weights must exit 1 on each unread layout with `Error:` naming the file, the
+format and a tensor, no traceback, no output, inputs unchanged. Fine-grained FP8 is read now
+(tests/test_quantized_fp8.py); here it is only recognised.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from clihelp import assert_refused, run_cli
 from factories import make_adapter, make_gpt_oss
 from safetensors.torch import load_file, save_file
 
-from lorasurgery.errors import UnsupportedError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.io.quantization import recognise
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 TEXT = SAMPLES / "corpus" / "Apache-2.0"
 LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
-TAIL = "lorasurgery does not read quantized checkpoints yet and never reads codes as weights"
+TAIL = (
+    "lorasurgery reads transformers' fine-grained FP8 (float8 codes with weight_scale_inv) but not this "
+    "format yet, and never reads codes as weights"
+)
 
 # ---------------------------------------------------------------------------------- the layouts
 # Each takes {name: fp32 tensor} of the plain model and returns the stored tensors; the Llama's
@@ -225,43 +228,14 @@ BNB4 = {
     "bnb_4bit_use_double_quant": True,
 }
 
-# name: (model, convert, quantization_config or None, side files, what the error must say)
+# name: (model, convert, quantization_config or None, side files, what the error must say, None for
+# the layouts lorasurgery reads: transformers' fine-grained FP8)
 LAYOUTS = {
-    "fp8-block": (
-        "llama",
-        block_fp8,
-        FP8_CONFIG,
-        {},
-        r'is FP8-quantized \(float8_e4m3fn codes with weight_scale_inv; quantization_config quant_method "fp8"\)',
-    ),
-    "fp8-block-no-config": (
-        "llama",
-        block_fp8,
-        None,
-        {},
-        r"is FP8-quantized \(float8_e4m3fn codes with weight_scale_inv\)",
-    ),
-    "fp8-block-bf16-scales": (
-        "llama",
-        lambda t: block_fp8(t, torch.bfloat16),
-        FP8_CONFIG,
-        {},
-        r"is FP8-quantized \(float8_e4m3fn codes with weight_scale_inv;",
-    ),
-    "fp8-per-tensor-0d": (
-        "llama",
-        tensor_fp8,
-        None,
-        {},
-        r"is FP8-quantized \(float8_e4m3fn codes with weight_scale_inv\)",
-    ),
-    "fp8-ue8m0": (
-        "llama",
-        ue8m0_fp8,
-        {**FP8_CONFIG, "scale_fmt": "ue8m0"},
-        {},
-        r"is FP8-quantized \(float8_e4m3fn codes with weight_scale_inv;",
-    ),
+    "fp8-block": ("llama", block_fp8, FP8_CONFIG, {}, None),
+    "fp8-block-no-config": ("llama", block_fp8, None, {}, None),
+    "fp8-block-bf16-scales": ("llama", lambda t: block_fp8(t, torch.bfloat16), FP8_CONFIG, {}, None),
+    "fp8-per-tensor-0d": ("llama", tensor_fp8, None, {}, None),
+    "fp8-ue8m0": ("llama", ue8m0_fp8, {**FP8_CONFIG, "scale_fmt": "ue8m0"}, {}, None),
     "float8-unscaled": (
         "llama",
         unscaled_float8,
@@ -464,9 +438,12 @@ COMMANDS = {
 }
 
 
+REFUSED = [name for name, layout in LAYOUTS.items() if layout[-1] is not None]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_command_refuses_every_quantized_layout_by_name(layouts, layout, command, tmp_path):
+@pytest.mark.parametrize("layout", REFUSED)
+def test_every_command_refuses_every_unread_quantized_layout_by_name(layouts, layout, command, tmp_path):
     Q, P, A, expected = layouts[layout]
     out = tmp_path / "out"
     result = assert_refused(COMMANDS[command](Q, P, A, out), TAIL, inputs=[Q, P, A], output=out)
@@ -481,17 +458,15 @@ def test_every_command_refuses_every_quantized_layout_by_name(layouts, layout, c
     assert "(docs/design.md §13)" in message
 
 
-def test_the_issue_s_block_fp8_merge_message_in_full(layouts, tmp_path):
-    Q, _, A, _ = layouts["fp8-block"]
+def test_a_gptq_merge_message_in_full(layouts, tmp_path):
+    Q, _, A, _ = layouts["gptq"]
     out = tmp_path / "out"
-    result = assert_refused(["merge", Q, A, "-o", out], "FP8", inputs=[Q, A], output=out)
-    first = next(
-        name for name in load_file(Q / "model.safetensors") if LINEAR.search(name)
-    )  # save_file sorts
+    result = assert_refused(["merge", Q, A, "-o", out], "GPTQ", inputs=[Q, A], output=out)
+    first = next(name for name in load_file(Q / "model.safetensors") if name.endswith(".qweight"))
     assert result.stderr == (
-        f"Error: {Q / 'model.safetensors'}: tensor {first} is FP8-quantized (float8_e4m3fn codes with "
-        f'weight_scale_inv; quantization_config quant_method "fp8"); {TAIL} — dequantize the model first '
-        f"(docs/design.md §13)\n"
+        f"Error: {Q / 'model.safetensors'}: tensor {first.removesuffix('.qweight')}.weight is GPTQ-quantized "
+        f'(int32 codes in qweight with qzeros, scales, g_idx; quantization_config quant_method "gptq"); '
+        f"{TAIL} — dequantize the model first (docs/design.md §13)\n"
     )
 
 
@@ -515,8 +490,9 @@ def test_a_gguf_base_is_refused_by_name(plain, tmp_path, as_file):
 
 def test_recognition_describes_block_fp8_for_a_reader(layouts):
     Q = layouts["fp8-block"][0]
-    with pytest.raises(UnsupportedError):
-        open_checkpoint(Q)
+    logical = open_checkpoint(Q)  # read dequantized: the scales hidden, the weights float32
+    assert not any(name.endswith("_scale_inv") for name in logical.tensors)
+    assert {info.dtype for info in logical.tensors.values() if info.dequantized} == {"F32"}
     raw = open_checkpoint(Q, raw=True)  # the stored tensors, as they are
     q = raw.quantization
     assert (q.format, q.quant_method, q.source, q.block_size) == (

@@ -6,20 +6,26 @@ headers (validated in full); `read` then copies one tensor's bytes with plain re
 memory. No mmap: touched mmap pages count towards RSS and keep a whole file resident, while a read
 leaves only the tensor. Pickle files go through `torch.load(weights_only=True)` and nothing else.
 
-Opening also recognises a quantized checkpoint (io.quantization, docs/design.md §13): `open_checkpoint`
-refuses one whose format has no dequantizing reader, so no command reads codes as weights;
-`raw=True` gives the stored tensors as they are, for what copies bytes or checks them itself.
+Opening also recognises a quantized checkpoint (io.quantization, docs/design.md §13), so that no
+command reads codes as weights. One whose format has a dequantizing reader (io.fp8: transformers'
+fine-grained FP8) is presented as the model sees it: `tensors` lists the logical tensors, each
+quantized one a DequantizedInfo (dtype F32, no byte range of its own), the scales hidden, and
+`read` returns it dequantized in float32 — the exact product of codes and scales, rounded nowhere
+else, so a merge adds ΔW to it and rounds once. Plain tensors read as stored, byte for byte.
+`raw` (or `open_checkpoint(raw=True)`) is the stored layer: codes and scales as they are, for what
+copies bytes or checks them itself. Every other quantized format is refused by name at open.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.io.quantization import SIDE_CONFIGS, recognise, refusal
+from lorasurgery.io.quantization import SIDE_CONFIGS, DequantizedInfo, recognise, refusal
 from lorasurgery.io.safetensors_format import (
     TensorInfo,
     dtype_code_of,
@@ -55,14 +61,30 @@ class Checkpoint:
         self.path = path  # what the user named
         self.folder = folder  # where config.json and the shards live
         self.files = files  # weight files, in shard order
-        self.tensors = tensors
+        self.stored = tensors  # every stored tensor, codes and scales included
+        self.tensors = tensors  # what commands see: the logical tensors once `dequantize_index` ran
         self.config = self._read_config()
-        # What makes it quantized (None: plain); Checkpoint.read still returns the stored tensors.
+        # What makes it quantized (None: plain); its reader presents it dequantized (`dequantize_index`).
         self.quantization = recognise(self.config, tensors, self._read_side_configs())
         self._pickle_cache: tuple[Path, dict] | None = None  # the one .bin shard kept loaded
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+
+    @property
+    def dequantizes(self) -> bool:
+        """Whether `tensors` holds logical tensors decoded from codes (a quantized checkpoint)."""
+        return self.tensors is not self.stored
+
+    @property
+    def raw(self) -> Checkpoint:
+        """The stored layer: the same checkpoint with its stored tensors (codes and scales) as they are."""
+        if not self.dequantizes:
+            return self
+        raw = copy.copy(self)
+        raw.tensors = self.stored
+        raw._pickle_cache = None
+        return raw
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -108,15 +130,32 @@ class Checkpoint:
         if q is None or q.readable:
             return
         declared_in = q.source if q.source in SIDE_CONFIGS else "config.json"  # named when no tensor shows it
-        raise refusal(q, self.tensors, self.folder / declared_in)
+        raise refusal(q, self.stored, self.folder / declared_in)
+
+    def dequantize_index(self) -> None:
+        """Present a quantized checkpoint of a readable format as its logical tensors (the layout
+        checked on the headers: CheckpointError naming the file and tensor when it is broken)."""
+        from lorasurgery.io import fp8
+
+        if self.quantization is not None and not self.dequantizes:
+            self.tensors = fp8.logical_index(self.stored, self.quantization, self.config, self.folder)
 
     def read(self, name: str, device: str = "cpu"):
-        """Tensor `name` in its stored dtype, in memory of its own (never a view of the file)."""
-        import torch
-
+        """Tensor `name` in memory of its own (never a view of the file): a stored tensor in its
+        stored dtype, a logical one of a quantized checkpoint dequantized in float32 (on `device`)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if isinstance(info, DequantizedInfo):
+            from lorasurgery.io import fp8
+
+            codes = self._read_stored(info.codes, device)
+            return fp8.dequantize(info, codes, self._read_stored(info.part("scale_inv"), device))
+        return self._read_stored(info, device)
+
+    def _read_stored(self, info: TensorInfo, device: str):
+        import torch
+
         if info.start < 0:
             tensor = self._pickle_tensor(info).clone()
         else:
@@ -129,7 +168,7 @@ class Checkpoint:
     def iter_tensors(self, names: Iterable[str] | None = None, device: str = "cpu") -> Iterator:
         """Yield (name, tensor) one at a time, in file order so reads stay sequential."""
         chosen = self.tensors.values() if names is None else (self.tensors[n] for n in names)
-        for info in sorted(chosen, key=lambda t: (self.files.index(t.file), t.start)):
+        for info in sorted(chosen, key=lambda t: (self.files.index(t.file), t.position)):
             yield info.name, self.read(info.name, device)
 
     def _pickle_tensor(self, info: TensorInfo):
@@ -249,11 +288,14 @@ def _open_index(index_path: Path) -> Checkpoint:
 def open_checkpoint(path: str | os.PathLike, *, raw: bool = False) -> Checkpoint:
     """Index the checkpoint at `path` (folder or file) from its headers alone.
 
-    A quantized checkpoint is refused by name (UnsupportedError, docs/design.md §13) unless `raw`:
-    then its stored tensors are served as they are (codes and scales), never to be read as weights."""
+    A quantized checkpoint of a readable format is presented dequantized (`Checkpoint.tensors` its
+    logical tensors, `read` float32); any other is refused by name (UnsupportedError, docs/design.md
+    §13). With `raw` its stored tensors are served as they are (codes and scales), never to be read
+    as weights."""
     checkpoint = _open(Path(path))
     if not raw:
         checkpoint.refuse_quantized()
+        checkpoint.dequantize_index()
     return checkpoint
 
 

@@ -6,8 +6,9 @@ codes, or taking the SVD of NF4 bytes, "works" and means nothing. `recognise` lo
 opening a checkpoint already has — tensor names, dtypes, shapes, config.json's `quantization_config`
 (or an old GPTQ/AWQ repo's `quantize_config.json` / `quant_config.json`) — and says which format it
 is and, per logical weight, which stored tensors hold its codes and which decode them. A format with
-a dequantizing reader is listed in READABLE; every other one is refused by `refusal`, naming the
-file, the format and a tensor that shows it.
+a dequantizing reader is listed in READABLE (its reader turns the index into logical tensors: io.fp8
+for transformers' fine-grained FP8); every other one is refused by `refusal`, naming the file, the
+format and a tensor that shows it.
 
 Signals read from the tensors alone (<x> a stored tensor, <m> a module; the names transformers,
 compressed-tensors and bitsandbytes save):
@@ -46,12 +47,14 @@ SUB_BYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 INTEGER = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 CODES = FLOAT8 | SCALE_ONLY | SUB_BYTE
 
-# Formats that have a dequantizing reader: none yet, so every quantized checkpoint is refused.
-READABLE: frozenset[str] = frozenset()
+# Formats that have a dequantizing reader (io.fp8); every other quantized checkpoint is refused.
+READABLE: frozenset[str] = frozenset({"fp8"})
+READ_FORMATS = "transformers' fine-grained FP8 (float8 codes with weight_scale_inv)"  # as messages say it
 
 # Format -> the name messages give it; a quant_method not listed here is shown as it is.
 FORMAT_NAMES = {
     "fp8": "FP8",
+    "fp8-scale": "FP8",  # float8 codes with a multiplier `_scale`: compressed-tensors', fbgemm's naming
     "fbgemm-fp8": "FBGEMM FP8",
     "compressed-tensors": "compressed-tensors",
     "mxfp4": "MXFP4",
@@ -140,6 +143,41 @@ class Quantization:
         return text
 
 
+@dataclass(frozen=True)
+class DequantizedInfo(TensorInfo):
+    """A logical tensor of a quantized checkpoint as every command sees it (docs/design.md §13).
+
+    `dtype` is F32, what Checkpoint.read returns: the exact product of codes and scales, so every
+    consumer that derives a precision or a buffer from the dtype meets the tensor it reads.
+    `start` and `end` are -1: it has no bytes of its own, so nothing can byte-copy the codes as if
+    they were the tensor (every raw path already treats a negative start as "read it"). `file` is
+    the file of its codes, `position` their offset, `plain_dtype` the dtype the model declares
+    (config.json's torch_dtype/dtype, else bf16): what an unquantized checkpoint of it stores."""
+
+    format: str = ""  # a READABLE key
+    codes: TensorInfo | None = None
+    parts: tuple[tuple[str, TensorInfo], ...] = ()  # (role, stored tensor): ("scale_inv", …) …
+    block: tuple[int, int] | None = None  # rows × columns one scale covers; None: one per tensor
+    scale_fmt: str | None = None  # "ue8m0": the scales are powers of two
+    model_dtype: str = "BF16"
+
+    @property
+    def dequantized(self) -> bool:
+        return True
+
+    @property
+    def position(self) -> int:
+        return self.codes.start if self.codes is not None else -1
+
+    @property
+    def plain_dtype(self) -> str:
+        return self.model_dtype
+
+    def part(self, role: str) -> TensorInfo | None:
+        """The stored tensor of part `role`, or None."""
+        return next((info for r, info in self.parts if r == role), None)
+
+
 def declared(config: Mapping | None, side_configs: Mapping[str, Mapping] | None = None):
     """(quant_method, source, declaration) when config.json or a side file declares quantization."""
     if isinstance(config, Mapping):
@@ -165,6 +203,12 @@ def declared(config: Mapping | None, side_configs: Mapping[str, Mapping] | None 
 def declares_quantization(config: Mapping | None) -> bool:
     """Whether config.json alone declares a quantized checkpoint."""
     return declared(config) is not None
+
+
+def declares_unreadable_quantization(config: Mapping | None) -> bool:
+    """Whether config.json alone declares a quantized format that has no reader (refused at open)."""
+    declaration = declared(config)
+    return declaration is not None and _declared_format(declaration[0], declaration[2]) not in READABLE
 
 
 def _declared_format(method: str, config: Mapping) -> str:
@@ -304,14 +348,16 @@ def _hqq(tensors):
 
 
 def _fp8(tensors):
+    # `_scale_inv` is transformers' fine-grained FP8 (READABLE); `_scale` the naming of the formats
+    # that store the same product under another convention, kept apart so that it stays refused.
     for name, info in tensors.items():
         if info.dtype not in FLOAT8:
             continue
-        for suffix, role in (("_scale_inv", "scale_inv"), ("_scale", "scale")):
+        for suffix, role, fmt in (("_scale_inv", "scale_inv", "fp8"), ("_scale", "scale", "fp8-scale")):
             scale = tensors.get(name + suffix)
             if scale is not None:
                 parts = ((role, name + suffix),) + _activation_parts(tensors, name)
-                yield QuantizedTensor(name, "fp8", name, parts, _scale_layout(info, scale))
+                yield QuantizedTensor(name, fmt, name, parts, _scale_layout(info, scale))
                 break
 
 
@@ -439,6 +485,6 @@ def refusal(
         subject = f"{where}:"
         what = f"declares {quantization.name} quantization, but no tensor holds its codes"
     return UnsupportedError(
-        f"{subject} {what} ({because}); lorasurgery does not read quantized checkpoints yet and "
-        f"never reads codes as weights — dequantize the model first ({DESIGN})"
+        f"{subject} {what} ({because}); lorasurgery reads {READ_FORMATS} but not this format yet, "
+        f"and never reads codes as weights — dequantize the model first ({DESIGN})"
     )

@@ -140,6 +140,22 @@ class TensorInfo:
     def torch_dtype(self):
         return torch_dtype_of(self.dtype)
 
+    # A logical tensor decoded from quantization codes (io.quantization.DequantizedInfo) overrides these.
+    @property
+    def dequantized(self) -> bool:
+        """Whether `read` decodes it from codes: then it has no bytes of its own (start = end = -1)."""
+        return False
+
+    @property
+    def position(self) -> int:
+        """Where it lies in `file`, to read a checkpoint in file order."""
+        return self.start
+
+    @property
+    def plain_dtype(self) -> str:
+        """The dtype an unquantized checkpoint of the model stores it in (merge's --dtype auto)."""
+        return self.dtype
+
 
 @dataclass
 class SafetensorsHeader:

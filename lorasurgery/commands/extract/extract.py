@@ -392,10 +392,13 @@ def _early_reads(reads: list, limit: int) -> Prefetch:
         read_range(info.file, info.start, buffer)
         return buffer
 
-    # Up to the first pickled tensor (no byte range to read), skipping empty ones.
+    # Up to the first pickled tensor (no byte range to read), skipping empty ones and those a
+    # quantized checkpoint decodes from codes (read, dequantized, by the workers).
     entries = []
     for checkpoint, name in reads:
         info = checkpoint.tensors[name]
+        if info.dequantized:
+            continue
         if info.start < 0:
             break
         if info.nbytes:
@@ -418,7 +421,7 @@ def _take_early(early: Prefetch | None, checkpoint, name: str):
 def _worker_count(run: _Run) -> int:
     if run.device != "cpu":
         return 1  # one GPU stream; the CPU only feeds it
-    if any(i.start < 0 for c in (run.base, run.ft) for i in c.tensors.values()):
+    if any(f.suffix == ".bin" for c in (run.base, run.ft) for f in c.files):
         return 1  # pytorch_model.bin: the checkpoint's unpickled-shard cache is not thread-safe
     return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 

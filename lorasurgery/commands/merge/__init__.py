@@ -34,7 +34,7 @@ from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
-from lorasurgery.io.quantization import declares_quantization
+from lorasurgery.io.quantization import declares_unreadable_quantization
 from lorasurgery.memory import tune_allocator
 from lorasurgery.progress import ProgressCallback, no_progress
 
@@ -109,7 +109,7 @@ def merge_checkpoint(
     started = time.perf_counter()
     with contextlib.suppress(LoraSurgeryError):  # a bad --config is reported by the plan
         config = read_config(base, config_file)[0]
-        if not declares_quantization(config):  # a quantized base is refused at once by the plan
+        if not declares_unreadable_quantization(config):  # such a base is refused at once by the plan
             prefetch(config)  # the skeleton builds while we start up
     tune_allocator()
     progress = progress or no_progress

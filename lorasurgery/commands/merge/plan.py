@@ -245,8 +245,12 @@ def plan_merge(
                 changes[key] = dtype_name_of(out_code)
         if "torch_dtype" not in config and "dtype" not in config:
             changes["torch_dtype"] = dtype_name_of(out_code)
+    if checkpoint.quantization is not None:
+        _unquantized_output(checkpoint, out_code, config, changes, notes)
     if config is not None:
         config.update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del config[key]  # a change to None removes the key (a quantized base's quantization_config)
     elif changes:
         notes.append(f"the base has no config.json; these settings could not be recorded: {changes}")
 
@@ -276,8 +280,30 @@ def plan_merge(
 
 
 def _spec(name: str, info: TensorInfo, out_code: str | None) -> TensorSpec:
-    code = out_code if out_code and info.dtype in FLOAT_CODES else info.dtype
+    stored = info.plain_dtype  # of a dequantized tensor: the dtype the model declares (--dtype auto)
+    code = out_code if out_code and stored in FLOAT_CODES else stored
     return TensorSpec(name, code, tuple(info.shape))
+
+
+def _unquantized_output(checkpoint, out_code: str | None, config, changes: dict, notes: list) -> None:
+    """A quantized base (docs/design.md §13) merges into an unquantized checkpoint: each quantized
+    tensor dequantized (ΔW added in float32) and rounded once to --dtype, its scales dropped (the
+    reader hides them), and config.json without quantization_config."""
+    dequantized = [info for info in checkpoint.tensors.values() if info.dequantized]
+    written_as = out_code or (dequantized[0].plain_dtype if dequantized else None)
+    if config is not None:
+        declared_in = checkpoint.quantization.source
+        if declared_in in config:  # quantization_config (or compression_config …)
+            changes[declared_in] = None
+        if written_as and "torch_dtype" not in config and "dtype" not in config:
+            changes["torch_dtype"] = dtype_name_of(written_as)
+    if dequantized:
+        notes.append(
+            f"the base is {checkpoint.quantization.name}-quantized: its {len(dequantized)} quantized "
+            f"tensors are written dequantized as {dtype_name_of(written_as)} (those merged rounded once, "
+            f"after ΔW is added in float32), without their scales, and config.json without "
+            f"quantization_config"
+        )
 
 
 def _same_tensor(adapter_a, name_a, adapter_b, name_b) -> bool:

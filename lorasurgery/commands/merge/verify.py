@@ -95,14 +95,16 @@ def _load_model(path):
     import torch
     import transformers
 
+    from lorasurgery.io.pretrained import from_pretrained
+
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     config = transformers.AutoConfig.from_pretrained(folder)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     cls = cls or transformers.AutoModel
-    try:
-        model = cls.from_pretrained(folder, dtype=torch.float32)
+    try:  # a quantized base as lorasurgery reads it: dequantized (docs/design.md §13)
+        model = from_pretrained(cls, folder, dtype=torch.float32)
     except Exception as error:  # transformers raises many kinds; report which model failed
         raise VerificationError(f"--verify: transformers cannot load {folder}: {error}") from None
     return model.eval()

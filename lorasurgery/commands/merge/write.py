@@ -46,7 +46,7 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     checkpoint = plan.checkpoint
     files = {f: i for i, f in enumerate(checkpoint.files)}
     order = sorted(
-        plan.items, key=lambda i: (files.get(i.source.file, 0), i.source.start) if i.source else (0, 0)
+        plan.items, key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0)
     )
     costs = {item.name: memory_cost(plan, item) for item in order}
     total_bytes = sum(s.nbytes for s in plan.specs)
@@ -132,6 +132,7 @@ class _Writeback:
 
 
 def copies_raw(item: Item) -> bool:
+    # A dequantized tensor of a quantized base has start -1 (no bytes of its own): never copied raw.
     return (
         item.untouched
         and item.source is not None

@@ -1,0 +1,335 @@
+"""transformers' fine-grained FP8, read dequantized (docs/design.md §13).
+
+The layout (DeepSeek-V3/R1, Qwen3-*-FP8, every model saved by transformers' FP8 quantizer;
+config.json `quantization_config: {"quant_method": "fp8", "weight_block_size": [bn, bk], …}`):
+
+  <x>              float8 codes (e4m3; e5m2 where `fmt` says so), shape (…, out, in)
+  <x>_scale_inv    the multiplier of each block despite its name: shape (…, ⌈out/bn⌉, ⌈in/bk⌉), the
+                   edge blocks partial; one element (0-d, or a 1×1 grid under `weight_block_size:
+                   null`) is one scale for the tensor. float32, bfloat16 or float16; under
+                   `scale_fmt: "ue8m0"` powers of two, possibly stored as float8_e8m0fnu (or its
+                   bytes as uint8).
+  <m>.activation_scale / .input_scale   static activation scales: nothing of W, hidden.
+
+W = float32(codes) · float32(scale), one rounding per element: bit for bit what transformers'
+`_dequantize_fp8_weight(…, torch.float32)` and compressed-tensors' block dequantizer compute.
+
+`logical_index` runs when the checkpoint is opened, on headers only: it checks the layout (a scale
+for every codes tensor, its shape against the blocks, the codes' dtype against the config, no
+scale without codes) and returns the index commands see — each quantized tensor as a
+DequantizedInfo (F32, no byte range of its own), its scales hidden, plain tensors as stored.
+`dequantize` runs when a tensor is read: it checks that tensor's scales (small: one read each)
+and decodes it vectorised — the scales expanded over rows only, the columns broadcast through a
+view of the codes — on whatever device the codes were read to.
+
+Without a config the block size comes from the shapes: every grid must give the same [bn, bk]
+(⌈out/bn⌉ scale rows, ⌈in/bk⌉ columns). Where more than one size fits a grid of two or more blocks
+(576 rows in 5 blocks: any of 116–143), the rows each scale covers are not known and the
+checkpoint is refused, asking for the config's weight_block_size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from lorasurgery.errors import CheckpointError, UnsupportedError
+from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
+from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
+
+DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config when weight_block_size is absent
+SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # and U8 (E8M0 bytes) under scale_fmt "ue8m0"
+CODE_DTYPES = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}  # quantization_config `fmt`
+PLAIN_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_NOT_DECLARED = object()
+_CHUNK = 1 << 18  # codes converted per step on the CPU: 0.5 MB int16 buffers
+
+
+def logical_index(
+    tensors: Mapping[str, TensorInfo], quantization: Quantization, config: Mapping | None, folder: Path
+) -> dict[str, TensorInfo]:
+    """The checkpoint's tensors as the model sees them, in file order; CheckpointError (or
+    UnsupportedError) naming the file and tensor when the FP8 layout is broken."""
+    declared = quantization.source is not None
+    settings = quantization.config or {}
+    where = f"{folder / 'config.json'}: quantization_config"
+    block = _declared_block(settings, where) if declared else _NOT_DECLARED
+    scale_fmt = settings.get("scale_fmt") if declared else None
+    if scale_fmt not in (None, "float", "ue8m0"):
+        raise CheckpointError(f'{where}: scale_fmt {scale_fmt!r} is neither "float" nor "ue8m0"')
+    fmt = settings.get("fmt") if declared else None
+    if fmt is not None and fmt not in CODE_DTYPES:
+        raise CheckpointError(f'{where}: fmt {fmt!r} is neither "e4m3" nor "e5m2"')
+    if declared and settings.get("expert_dtype", "fp8") != "fp8":
+        raise UnsupportedError(
+            f"{where}: expert_dtype {settings.get('expert_dtype')!r} (experts packed as FP4): lorasurgery "
+            f"reads FP8 codes only and does not read FP4-packed experts yet (docs/design.md §13)"
+        )
+    declaration = quantization.declaration() or "float8 codes with weight_scale_inv beside them"
+
+    pairs = []  # (QuantizedTensor, codes, scale)
+    for t in quantization.tensors:
+        codes = tensors[t.codes]
+        if t.format != "fp8":
+            raise _foreign(t, tensors, declaration)
+        if fmt is not None and codes.dtype != CODE_DTYPES[fmt]:
+            raise CheckpointError(
+                f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} codes, but "
+                f'quantization_config fmt "{fmt}" declares {dtype_name_of(CODE_DTYPES[fmt])}'
+            )
+        scale = tensors[t.part("scale_inv")]
+        if scale.dtype not in SCALE_DTYPES and not (scale.dtype == "U8" and scale_fmt == "ue8m0"):
+            raise CheckpointError(
+                f"{scale.file}: tensor {scale.name}: scales of dtype {dtype_name_of(scale.dtype)}; FP8 "
+                f"scales are float32, bfloat16, float16 or float8_e8m0fnu (uint8 only under "
+                f'scale_fmt "ue8m0")'
+            )
+        pairs.append((t, codes, scale))
+    _check_orphans(tensors, quantization.stored_names)
+
+    grids = [(codes, scale) for _, codes, scale in pairs if not _one_scale(codes, scale, block)]
+    for codes, scale in grids:
+        _check_grid(codes, scale)
+    if block is _NOT_DECLARED:
+        block = _deduced_block(grids, folder) if grids else DEFAULT_BLOCK  # no grid: nothing uses it
+    for codes, scale in grids:
+        if block is None:
+            raise CheckpointError(
+                f"{scale.file}: tensor {scale.name}: shape {list(scale.shape)}, a grid of scales, but "
+                f"quantization_config weight_block_size is null (one scale per tensor)"
+            )
+        expected = _grid_shape(codes.shape, block)
+        if tuple(scale.shape) != expected:
+            raise CheckpointError(
+                f"{scale.file}: tensor {scale.name}: shape {list(scale.shape)} does not match the blocks "
+                f"of {codes.name} {list(codes.shape)}: in blocks of {list(block)} (quantization_config "
+                f"weight_block_size) it needs {list(expected)}"
+            )
+
+    if not pairs:
+        return tensors  # declared, but nothing stored quantized: the tensors are what they are
+    model_dtype = _model_dtype(config)
+    logical = {}
+    for t, codes, scale in pairs:
+        logical[codes.name] = DequantizedInfo(
+            t.logical,
+            "F32",
+            tuple(codes.shape),
+            codes.file,
+            -1,
+            -1,
+            format="fp8",
+            codes=codes,
+            parts=tuple((role, tensors[stored]) for role, stored in t.parts),
+            block=None if _one_scale(codes, scale, block) else block,
+            scale_fmt=scale_fmt,
+            model_dtype=model_dtype,
+        )
+    hidden = quantization.stored_names - set(logical)
+    return {name: logical.get(name, info) for name, info in tensors.items() if name not in hidden}
+
+
+def dequantize(info: DequantizedInfo, codes, scale):
+    """The float32 tensor `info` from its codes and scale_inv, on their device; CheckpointError
+    naming the scale tensor when a scale is not a positive finite number (or not a power of two
+    under scale_fmt "ue8m0")."""
+
+    s = _scales(info, scale)
+    W = _float32_codes(codes)
+    if info.block is None:
+        return W.mul_(s.reshape(()))
+    rows, cols = W.shape[-2:]
+    block_rows, block_cols = info.block
+    # Scales expanded over the rows only ((…, rows, ⌈in/bk⌉): small); the columns of each block are
+    # broadcast through a view of W, so no second tensor of W's size exists.
+    s = s.repeat_interleave(block_rows, dim=-2)[..., :rows, :]
+    full, rest = divmod(cols, block_cols)
+    W[..., : full * block_cols].unflatten(-1, (full, block_cols)).mul_(s[..., :full, None])
+    if rest:
+        W[..., full * block_cols :].mul_(s[..., full:])
+    return W
+
+
+def _float32_codes(codes):
+    """float32(codes), exactly, without torch's scalar float8 conversion on the CPU (3× slower).
+
+    The 7 bits of an e4m3 code below its sign are a float16's exponent and mantissa shifted right
+    by 7, with the exponent bias 8 smaller (7, not 15): as a float16 it is the code's value / 2⁸,
+    exact for every code, subnormals included, and so is float32(that) · 2⁸. e5m2 is the top byte
+    of a float16. The int16 arithmetic runs in chunks, so its buffers stay small; a chunk holding
+    e4m3fn's NaN code (0x7F, which this would read as 480) is converted by torch instead."""
+    import torch
+
+    if codes.device.type != "cpu" or codes.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return codes.to(torch.float32)
+    flat = codes.reshape(-1).view(torch.uint8)
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    shift, bias = (128, 256.0) if codes.dtype == torch.float8_e4m3fn else (256, 1.0)
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk, target = flat[start : start + _CHUNK], out[start : start + _CHUNK]
+        b = chunk.to(torch.int16)
+        bits = b & 0x7F
+        if shift == 128 and int(bits.amax()) == 0x7F:
+            target.copy_(chunk.view(codes.dtype))
+            continue
+        bits.mul_(shift).add_(b.bitwise_and_(0x80).mul_(-256))  # the sign: −32768, bit 15
+        target.copy_(bits.view(torch.float16))
+        if bias != 1.0:
+            target.mul_(bias)
+    return out.reshape(codes.shape)
+
+
+def _scales(info: DequantizedInfo, scale):
+    import torch
+
+    stored = info.part("scale_inv")
+    if scale.dtype == torch.uint8:  # E8M0 exponents stored as bytes: the same bits
+        scale = scale.view(torch.float8_e8m0fnu)
+    s = scale.to(torch.float32)
+    good = torch.isfinite(s) & (s > 0)
+    if info.scale_fmt == "ue8m0" and stored.dtype not in ("F8_E8M0", "U8"):
+        good &= torch.frexp(s).mantissa.abs() == 0.5
+    if not bool(good.all()):
+        flat = good.reshape(-1)
+        first = int((~flat).nonzero()[0, 0])
+        index = list(_unravel(first, tuple(s.shape)))
+        value = float(s.reshape(-1)[first])
+        what = "NaN, infinite, zero or negative"
+        if info.scale_fmt == "ue8m0":
+            what += ', or not a power of two as quantization_config scale_fmt "ue8m0" declares'
+        raise CheckpointError(
+            f"{stored.file}: tensor {stored.name}: {int((~flat).sum())} of {flat.numel()} scales are "
+            f"{what} (the first at {index}: {value!r}); {info.name} cannot be decoded"
+        )
+    return s
+
+
+def _unravel(index: int, shape: tuple[int, ...]):
+    out = []
+    for size in reversed(shape):
+        index, rest = divmod(index, size)
+        out.append(rest)
+    return reversed(out)
+
+
+def _declared_block(settings: Mapping, where: str):
+    if "weight_block_size" not in settings:
+        return DEFAULT_BLOCK
+    size = settings["weight_block_size"]
+    if size is None:
+        return None
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size)
+    ):
+        raise CheckpointError(
+            f"{where}: weight_block_size must be [rows, columns] of positive integers or null, got {size!r}"
+        )
+    return tuple(size)
+
+
+def _model_dtype(config: Mapping | None) -> str:
+    """The dtype the model declares (torch_dtype, or transformers 5's dtype), else bf16."""
+    for key in ("torch_dtype", "dtype"):
+        value = (config or {}).get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in PLAIN_DTYPES:
+            return PLAIN_DTYPES[value.removeprefix("torch.")]
+    return "BF16"
+
+
+def _one_scale(codes: TensorInfo, scale: TensorInfo, block) -> bool:
+    """One scale for the whole tensor: a single element of lower rank (0-d, [1]), or any single
+    element when weight_block_size is null (transformers' per-tensor quantizer writes a 1×1 grid)."""
+    if scale.numel != 1:
+        return False
+    return len(scale.shape) < len(codes.shape) or (block is None and len(scale.shape) == len(codes.shape))
+
+
+def _check_grid(codes: TensorInfo, scale: TensorInfo) -> None:
+    if len(codes.shape) < 2 or len(scale.shape) != len(codes.shape) or scale.shape[:-2] != codes.shape[:-2]:
+        raise CheckpointError(
+            f"{scale.file}: tensor {scale.name}: shape {list(scale.shape)} is neither one scale nor a "
+            f"grid of blocks over {codes.name} {list(codes.shape)} (…, ⌈rows/bn⌉, ⌈columns/bk⌉)"
+        )
+
+
+def _grid_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+
+
+def _deduced_block(grids: list[tuple[TensorInfo, TensorInfo]], folder: Path) -> tuple[int, int]:
+    """The one [bn, bk] every grid fits, when the rows and columns each scale covers are known."""
+    block = []
+    for axis, label in ((-2, "rows"), (-1, "columns")):
+        low, high = 1, math.inf
+        low_by = high_by = spans = None
+        for codes, scale in grids:
+            size, count = codes.shape[axis], scale.shape[axis]
+            if size == 0 or count == 0:
+                if size != count:
+                    raise CheckpointError(
+                        f"{scale.file}: tensor {scale.name}: shape {list(scale.shape)} does not match "
+                        f"the {label} of {codes.name} {list(codes.shape)}"
+                    )
+                continue
+            # ⌈size/b⌉ = count  ⇔  size/count ≤ b < size/(count − 1)
+            least = -(-size // count)
+            most = math.inf if count == 1 else -(-size // (count - 1)) - 1
+            if least > low:
+                low, low_by = least, (codes, scale)
+            if most < high:
+                high, high_by = most, (codes, scale)
+            if count >= 2:
+                spans = (codes, scale)  # its scales' rows (columns) move with the block size
+        if low > high:
+            (a, sa), (b, sb) = low_by, high_by
+            raise CheckpointError(
+                f"{sa.file}: the FP8 scales fit no single block size: {sa.name} {list(sa.shape)} over "
+                f"{a.name} {list(a.shape)} needs {low} or more {label} per block, {sb.name} "
+                f"{list(sb.shape)} over {b.name} {list(b.shape)} at most {high}"
+            )
+        if spans is not None and low < high:
+            codes, scale = spans
+            raise CheckpointError(
+                f"{scale.file}: the FP8 block size cannot be told from the shapes alone: {scale.name} "
+                f"{list(scale.shape)} over {codes.name} {list(codes.shape)} fits any of {low}–{high} "
+                f"{label} per block, and {folder / 'config.json'} has no quantization_config with "
+                f'weight_block_size to say which; add one, e.g. "quantization_config": '
+                f'{{"quant_method": "fp8", "weight_block_size": [128, 128]}} if the model was quantized '
+                f"in DeepSeek's 128×128 blocks"
+            )
+        block.append(low)
+    return (block[0], block[1])
+
+
+def _check_orphans(tensors: Mapping[str, TensorInfo], claimed: frozenset[str]) -> None:
+    """A `<x>_scale_inv` that decodes nothing: its codes are missing, or are not float8."""
+    for name, info in tensors.items():
+        if not name.endswith("_scale_inv") or name in claimed:
+            continue
+        codes = tensors.get(name[: -len("_scale_inv")])
+        if codes is None:
+            raise CheckpointError(
+                f"{info.file}: tensor {name} is the FP8 scale of {name[: -len('_scale_inv')]}, which "
+                f"the checkpoint does not have"
+            )
+        raise CheckpointError(
+            f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} values, but {name} "
+            f"beside it says they are FP8 codes (float8_e4m3fn)"
+        )
+
+
+def _foreign(t, tensors: Mapping[str, TensorInfo], declaration: str) -> CheckpointError:
+    """A quantized tensor that is not fine-grained FP8 in a fine-grained FP8 checkpoint."""
+    info = tensors[t.codes]
+    if t.scheme == "unscaled" and info.dtype in ("F8_E4M3", "F8_E5M2"):
+        return CheckpointError(
+            f"{info.file}: tensor {t.logical} holds {dtype_name_of(info.dtype)} codes with no "
+            f"{t.codes}_scale_inv beside them: its scale tensor is missing"
+        )
+    return CheckpointError(
+        f"{info.file}: tensor {t.logical} ({_evidence(t, tensors)}) contradicts the checkpoint's "
+        f"fine-grained FP8 ({declaration}): FP8 codes are float8 with a <name>_scale_inv beside them"
+    )
