@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import lorasurgery.io.fp8 as fp8
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.quantization import SIDE_CONFIGS, DequantizedInfo, recognise, refusal
 from lorasurgery.io.safetensors_format import (
@@ -135,8 +136,6 @@ class Checkpoint:
     def dequantize_index(self) -> None:
         """Present a quantized checkpoint of a readable format as its logical tensors (the layout
         checked on the headers: CheckpointError naming the file and tensor when it is broken)."""
-        from lorasurgery.io import fp8
-
         if self.quantization is not None and not self.dequantizes:
             self.tensors = fp8.logical_index(self.stored, self.quantization, self.config, self.folder)
 
@@ -147,8 +146,6 @@ class Checkpoint:
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         if isinstance(info, DequantizedInfo):
-            from lorasurgery.io import fp8
-
             codes = self._read_stored(info.codes, device)
             return fp8.dequantize(info, codes, self._read_stored(info.part("scale_inv"), device))
         return self._read_stored(info, device)
