@@ -9,6 +9,10 @@ Three modes (docs/design.md §5):
 - TARGET is a model alone: W's metrics — the paper's open question, is W itself rank-deficient?
 Matrices are streamed one at a time. With a base, each ΔW's entry also counts the intruder
 dimensions of W + ΔW (linalg.intruders); --probe adds the functional rank (probe.py).
+
+torch and the torch-based kernels are imported inside the functions that use them: rank-report of W
+alone runs on numpy (linalg.gram) and never imports torch, 1.5–2 s of a run that takes a few seconds
+(docs/architecture.md, "Lazy imports").
 """
 
 from __future__ import annotations
@@ -19,23 +23,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
-from lorasurgery.commands.rank_report.probe import DEFAULT_FRACTIONS, DEFAULT_TOLERANCE, functional_rank
 from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
 from lorasurgery.concurrency import Pipeline, one_blas_thread, torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.io import open_checkpoint
-from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
 from lorasurgery.linalg.gram import DTYPE_EPS, gram_singular_values, read_matrix
 from lorasurgery.linalg.intruders import intruder_dimensions
-from lorasurgery.linalg.lowrank import lowrank_svd
 from lorasurgery.linalg.spectra import mle_dimension, spectrum_metrics
-from lorasurgery.linalg.svd import singular_values, truncated_svd
-from lorasurgery.linalg.update import dora_delta, factors, from_stored
 from lorasurgery.naming import module_type
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
@@ -83,6 +80,8 @@ class RankReport:
 
 def _padded(S, shape) -> object:
     """A low-rank spectrum padded with zeros to min(d, k): metrics need the full spectrum."""
+    import torch
+
     full = torch.zeros(min(shape), dtype=torch.float64)
     full[: len(S)] = S.to(torch.float64)[: min(shape)]
     return full
@@ -164,7 +163,14 @@ def rank_report(
         report = _model_report(request)
     report.summary = summarize(report)
     if probe_text is not None:
-        # Functional rank (probe.py): forward passes on the user's text.
+        # Functional rank (probe.py): forward passes on the user's text. Imported here: the probe
+        # needs torch, which rank-report of W never imports (docs/architecture.md, "Lazy imports").
+        from lorasurgery.commands.rank_report.probe import (
+            DEFAULT_FRACTIONS,
+            DEFAULT_TOLERANCE,
+            functional_rank,
+        )
+
         report.probe = functional_rank(
             target,
             text=probe_text,
@@ -187,6 +193,13 @@ def rank_report(
 
 
 def _adapter_report(request: _Request) -> RankReport:
+    import torch
+
+    from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
+    from lorasurgery.linalg.lowrank import lowrank_svd
+    from lorasurgery.linalg.svd import singular_values, truncated_svd
+    from lorasurgery.linalg.update import dora_delta, factors, from_stored
+
     target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
     include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
     config_file, fan_in_fan_out, intruders = request.config_file, request.fan_in_fan_out, request.intruders
@@ -302,6 +315,13 @@ def _intruders(W, update: dict, intruders: tuple[int, float]) -> dict:
 def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEntry]:
     """A LoRA on a 3-D expert parameter: ΔW_e = s·B_e@A_e per expert (adapter/parameters.py), each
     with its own spectrum and, with the base, its expert's W_e (in (out, in))."""
+    import torch
+
+    from lorasurgery.linalg.analyses import amplification
+    from lorasurgery.linalg.lowrank import lowrank_svd
+    from lorasurgery.linalg.svd import singular_values
+    from lorasurgery.linalg.update import from_stored
+
     entries = []
     label = module.label
     for e, (A, B) in enumerate(adapter.expert_factors(module, device)):
@@ -328,6 +348,7 @@ def _expert_entries(adapter, module, W3, amp_rank, mle, device) -> list[ModuleEn
 
 
 def _mle(M) -> int:
+    import torch
 
     return int(mle_dimension(M.detach().to("cpu", torch.float64)))
 
@@ -337,6 +358,7 @@ def _mle(M) -> int:
 
 
 def _model_report(request: _Request) -> RankReport:
+
     target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
     include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
     config_file, intruders = request.config_file, request.intruders
@@ -423,6 +445,8 @@ def _model_report(request: _Request) -> RankReport:
 
 def _worker_count(device: str) -> int:
     """One worker per core on the CPU; on CUDA the GPU is the parallel part: one host thread."""
+    import torch
+
     if device != "cpu":
         return 1
 
@@ -446,6 +470,11 @@ def _model_entries(
     name, tensors, checkpoint, base_ckpt, r, mle, intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS)
 ):
     """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W."""
+    import torch
+
+    from lorasurgery.linalg.analyses import amplification, subspace_similarity
+    from lorasurgery.linalg.svd import singular_values, truncated_svd
+
     module = name[: -len(".weight")]
     info = checkpoint.tensors[name]
     shape = list(info.shape)
