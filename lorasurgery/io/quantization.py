@@ -200,11 +200,6 @@ def declared(config: Mapping | None, side_configs: Mapping[str, Mapping] | None 
     return None
 
 
-def declares_quantization(config: Mapping | None) -> bool:
-    """Whether config.json alone declares a quantized checkpoint."""
-    return declared(config) is not None
-
-
 def declares_unreadable_quantization(config: Mapping | None) -> bool:
     """Whether config.json alone declares a quantized format that has no reader (refused at open)."""
     declaration = declared(config)
