@@ -92,7 +92,7 @@ def check_factors_finite(adapter, module: str) -> None:
             raise NonFiniteError(f"{adapter.weights_file}: module {module}: {label} holds NaN/Inf")
 
 
-def lora_keys(adapter) -> set[str]:
+def module_tensor_keys(adapter) -> set[str]:
     """Every tensor key that belongs to a LoRA module (factors, lora_B bias, DoRA magnitude)."""
     return {
         key

@@ -52,6 +52,7 @@ from lorasurgery.io import (
     torch_dtype_of,
 )
 from lorasurgery.linalg.lowrank import LowRankSVD, concatenated_factors, lowrank_fro_norm
+from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 SIDE_FILES = (
@@ -239,7 +240,7 @@ def export_adapter(
                 f"export it --for vllm (or resize --base) instead; nothing was written"
             )
     report = ExportReport(str(adapter_path), target, str(output), rules)
-    modules = sorted(adapter.modules.values(), key=lambda lo: _natural(lo.name))
+    modules = sorted(adapter.modules.values(), key=lambda lo: natural_key(lo.name))
     keep_dora = target == "peft"
 
     # Ranks out, and which modules keep their stored factors (up to a fold).
@@ -359,10 +360,6 @@ def _check_copies(adapter, copies: set[str], base_ckpt, report: ExportReport) ->
     report.notes.append(
         f"left out PEFT's saved copies of the base embedding ({', '.join(sorted(copies))}), equal to the base"
     )
-
-
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 def _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora) -> dict:

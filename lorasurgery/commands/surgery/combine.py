@@ -38,9 +38,9 @@ from lorasurgery.factored import (
     bind_base,
     check_dora_base,
     check_factors_finite,
-    lora_keys,
     loras_of,
     module_svd,
+    module_tensor_keys,
 )
 from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
@@ -74,7 +74,7 @@ def _saved_tensors(adapters, paths, modules: set[str]) -> dict[str, object]:
     """{key: tensor} of every saved (non-LoRA) tensor, once; two different ones under one name are an error."""
     chosen: dict[str, tuple[int, str, object]] = {}  # base-relative name -> (adapter, key, tensor)
     for i, adapter in enumerate(adapters):
-        keys = lora_keys(adapter)
+        keys = module_tensor_keys(adapter)
         for relative, key in adapter.replacements.items():
             if key in keys:
                 continue

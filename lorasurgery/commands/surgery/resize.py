@@ -42,9 +42,9 @@ from lorasurgery.factored import (
     bind_base,
     check_dora_base,
     check_factors_finite,
-    lora_keys,
     loras_of,
     module_svd,
+    module_tensor_keys,
     parts,
 )
 from lorasurgery.io import check_output_path
@@ -122,7 +122,7 @@ def resize_adapter(
         for i, name in enumerate(names):
             updates.append(module_update(source, name, None, device, dtype))
             progress(Progress("resize", i + 1, len(names), name))
-        keys = lora_keys(loaded)
+        keys = module_tensor_keys(loaded)
         saved = {key: loaded.read(key) for key in loaded.tensors if key not in keys}
         ranks = choose_ranks(updates, policy, max_rank, saved)
         report = SurgeryReport("resize", [str(adapter)], str(out), policy.describe())
