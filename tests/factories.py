@@ -368,3 +368,29 @@ def _quiet():
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
+
+
+E4M3_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def quantize_fp8(W: torch.Tensor, block, scale_dtype=torch.float32, ue8m0=False):
+    """(e4m3 codes, weight_scale_inv) of W as transformers' fine-grained FP8 stores it: per block of `block` rows × columns (None: one scale),
+    scale = amax/448, powers of two rounded up under ue8m0, codes = W / scale."""
+    W = W.float()
+    if block is None:
+        scale = W.abs().amax().clamp_min(1e-12) / E4M3_MAX
+        scale = scale.to(scale_dtype)
+        return (W / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    rows, cols = block
+    out, inner = W.shape
+    grid = (-(-out // rows), -(-inner // cols))
+    padded = torch.zeros(grid[0] * rows, grid[1] * cols)
+    padded[:out, :inner] = W
+    blocks = padded.reshape(grid[0], rows, grid[1], cols)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / E4M3_MAX
+    if ue8m0:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    scale = scale.to(scale_dtype)
+    codes = (blocks / scale.float()[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    codes = codes.reshape(padded.shape)[:out, :inner].to(torch.float8_e4m3fn)
+    return codes, scale

@@ -25,7 +25,7 @@ import pytest
 import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
-from factories import load_base, make_adapter, make_llama, peft_merged_state_dict
+from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_fp8
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -35,33 +35,6 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 TEXT = SAMPLES / "corpus" / "Apache-2.0"
 LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]  # k, o and up stay untouched
-E4M3_MAX = 448.0
-
-
-# ------------------------------------------------------------------------------- the quantizer
-
-
-def quantize(W: torch.Tensor, block, scale_dtype=torch.float32, ue8m0=False):
-    """(e4m3 codes, weight_scale_inv) of W: per block of `block` rows × columns (None: one scale),
-    scale = amax/448, powers of two rounded up under ue8m0, codes = W / scale."""
-    W = W.float()
-    if block is None:
-        scale = W.abs().amax().clamp_min(1e-12) / E4M3_MAX
-        scale = scale.to(scale_dtype)
-        return (W / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
-    rows, cols = block
-    out, inner = W.shape
-    grid = (-(-out // rows), -(-inner // cols))
-    padded = torch.zeros(grid[0] * rows, grid[1] * cols)
-    padded[:out, :inner] = W
-    blocks = padded.reshape(grid[0], rows, grid[1], cols)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / E4M3_MAX
-    if ue8m0:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    scale = scale.to(scale_dtype)
-    codes = (blocks / scale.float()[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
-    codes = codes.reshape(padded.shape)[:out, :inner].to(torch.float8_e4m3fn)
-    return codes, scale
 
 
 def fp8_config(block, scale_fmt="float") -> dict:
@@ -85,7 +58,7 @@ def store_fp8(plain: Path, folder: Path, block, scale_dtype=torch.float32, ue8m0
     stored = {}
     for name, W in load_file(plain / "model.safetensors").items():
         if LINEAR.search(name):
-            stored[name], stored[f"{name}_scale_inv"] = quantize(W, block, scale_dtype, ue8m0)
+            stored[name], stored[f"{name}_scale_inv"] = quantize_fp8(W, block, scale_dtype, ue8m0)
         else:
             stored[name] = W
     save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
@@ -463,7 +436,7 @@ BAD = {
         f"tensor {NAME} holds float8_e4m3fn codes with no {NAME}_scale_inv beside them: its scale tensor is missing",
     ),
     "scale shape": (
-        lambda t: t.update({f"{NAME}_scale_inv": quantize(t[NAME].float(), (16, 16))[1]}),
+        lambda t: t.update({f"{NAME}_scale_inv": quantize_fp8(t[NAME].float(), (16, 16))[1]}),
         None,
         f"tensor {NAME}_scale_inv: shape [5, 5] does not match the blocks of {NAME} [72, 72]: in blocks of "
         f"[32, 32] (quantization_config weight_block_size) it needs [3, 3]",
@@ -560,7 +533,7 @@ def test_bad_fp8_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path
 def test_config_less_grids_that_fit_no_one_block_size_are_refused(models, tmp_path):
     folder = shutil.copytree(models["fp8"]["no-config"], tmp_path / "broken")
     tensors = load_file(folder / "model.safetensors")
-    tensors[f"{NAME}_scale_inv"] = quantize(tensors[NAME].float(), (16, 16))[1]  # 5×5 where 8×8 gives 9×9
+    tensors[f"{NAME}_scale_inv"] = quantize_fp8(tensors[NAME].float(), (16, 16))[1]  # 5×5 where 8×8 gives 9×9
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
     assert_refused(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import assert_refused, run_cli
-from factories import make_adapter, make_gpt_oss
+from factories import make_adapter, make_gpt_oss, quantize_fp8
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -41,18 +41,6 @@ TAIL = (
 # compressed-tensors checkpoints keep them).
 
 
-def fp8_block(W: torch.Tensor, block: int = 128, dtype=torch.float32):
-    """(e4m3 codes, weight_scale_inv) as transformers' fine-grained FP8 quantizer computes them."""
-    out, inner = W.shape
-    rows, cols = -(-out // block), -(-inner // block)
-    padded = torch.zeros(rows * block, cols * block)
-    padded[:out, :inner] = W
-    blocks = padded.reshape(rows, block, cols, block)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
-    codes = (blocks / scale[:, None, :, None]).reshape(rows * block, cols * block)[:out, :inner]
-    return codes.to(torch.float8_e4m3fn), scale.to(dtype)
-
-
 def _linears(tensors, convert):
     stored = {}
     for name, W in tensors.items():
@@ -67,7 +55,7 @@ def _codes(shape, dtype, seed=0):
 
 def block_fp8(tensors, scale_dtype=torch.float32):
     def convert(name, W):
-        codes, scale = fp8_block(W, dtype=scale_dtype)
+        codes, scale = quantize_fp8(W, (128, 128), scale_dtype)
         return {name: codes, f"{name}_scale_inv": scale}
 
     return _linears(tensors, convert)
@@ -83,7 +71,7 @@ def tensor_fp8(tensors):  # one 0-d bf16 scale per tensor
 
 def ue8m0_fp8(tensors):  # power-of-two scales stored as E8M0 (scale_fmt "ue8m0")
     def convert(name, W):
-        codes, scale = fp8_block(W)
+        codes, scale = quantize_fp8(W, (128, 128))
         return {
             name: codes,
             f"{name}_scale_inv": torch.exp2(torch.ceil(torch.log2(scale))).to(torch.float8_e8m0fnu),
