@@ -626,3 +626,11 @@ def test_recognise_on_a_bare_index_needs_no_config():
     assert recognise({"quantization_config": None}, {}) is None
     declared = recognise({"quantization_config": {"quant_method": "fbgemm_fp8"}}, {})
     assert (declared.format, declared.name, declared.tensors) == ("fbgemm-fp8", "FBGEMM FP8", ())
+
+
+def test_every_readable_format_has_a_reader():
+    """READABLE (what recognition lets through) and io.readers (what decodes it) list the same formats."""
+    from lorasurgery.io.quantization import READABLE
+    from lorasurgery.io.readers import READERS
+
+    assert set(READERS) == set(READABLE)

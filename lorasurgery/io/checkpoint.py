@@ -7,8 +7,8 @@ memory. No mmap: touched mmap pages count towards RSS and keep a whole file resi
 leaves only the tensor. Pickle files go through `torch.load(weights_only=True)` and nothing else.
 
 Opening also recognises a quantized checkpoint (io.quantization, docs/design.md §13), so that no
-command reads codes as weights. One whose format has a dequantizing reader (io.fp8: transformers'
-fine-grained FP8) is presented as the model sees it: `tensors` lists the logical tensors, each
+command reads codes as weights. One whose format has a dequantizing reader (io.readers: one module
+per format) is presented as the model sees it: `tensors` lists the logical tensors, each
 quantized one a DequantizedInfo (dtype F32, no byte range of its own), the scales hidden, and
 `read` returns it dequantized in float32 — the exact product of codes and scales, rounded nowhere
 else, so a merge adds ΔW to it and rounds once. Plain tensors read as stored, byte for byte.
@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import lorasurgery.io.fp8 as fp8
+import lorasurgery.io.readers as readers
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.quantization import SIDE_CONFIGS, DequantizedInfo, recognise, refusal
 from lorasurgery.io.safetensors_format import (
@@ -137,7 +137,7 @@ class Checkpoint:
         """Present a quantized checkpoint of a readable format as its logical tensors (the layout
         checked on the headers: CheckpointError naming the file and tensor when it is broken)."""
         if self.quantization is not None and not self.dequantizes:
-            self.tensors = fp8.logical_index(self.stored, self.quantization, self.config, self.folder)
+            self.tensors = readers.logical_index(self.stored, self.quantization, self.config, self.folder)
 
     def read(self, name: str, device: str = "cpu"):
         """Tensor `name` in memory of its own (never a view of the file): a stored tensor in its
@@ -146,8 +146,7 @@ class Checkpoint:
         if info is None:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         if isinstance(info, DequantizedInfo):
-            codes = self._read_stored(info.codes, device)
-            return fp8.dequantize(info, codes, self._read_stored(info.part("scale_inv"), device))
+            return readers.dequantize(info, lambda stored: self._read_stored(stored, device))
         return self._read_stored(info, device)
 
     def _read_stored(self, info: TensorInfo, device: str):

@@ -130,13 +130,13 @@ def logical_index(
     return {name: logical.get(name, info) for name, info in tensors.items() if name not in hidden}
 
 
-def dequantize(info: DequantizedInfo, codes, scale):
-    """The float32 tensor `info` from its codes and scale_inv, on their device; CheckpointError
-    naming the scale tensor when a scale is not a positive finite number (or not a power of two
-    under scale_fmt "ue8m0")."""
+def dequantize(info: DequantizedInfo, read):
+    """The float32 tensor `info` from its codes and scale_inv (`read(stored info)` reads one, on the
+    device the caller chose); CheckpointError naming the scale tensor when a scale is not a positive
+    finite number (or not a power of two under scale_fmt "ue8m0")."""
 
-    s = _scales(info, scale)
-    W = _float32_codes(codes)
+    s = _scales(info, read(info.part("scale_inv")))
+    W = _float32_codes(read(info.codes))
     if info.block is None:
         return W.mul_(s.reshape(()))
     rows, cols = W.shape[-2:]

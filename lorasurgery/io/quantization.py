@@ -160,6 +160,7 @@ class DequantizedInfo(TensorInfo):
     block: tuple[int, int] | None = None  # rows × columns one scale covers; None: one per tensor
     scale_fmt: str | None = None  # "ue8m0": the scales are powers of two
     model_dtype: str = "BF16"
+    scheme: object = None  # what else the format's reader needs to decode it (its own frozen value)
 
     @property
     def dequantized(self) -> bool:
