@@ -23,7 +23,7 @@ LAYERS = (
     ("architecture", "naming"),
     ("binding",),
     ("linalg",),
-    ("factored", "causal_lm"),
+    ("factored", "causal_lm", "recipes"),
     ("commands",),
     ("cli", "render", "plots", "__main__", ""),
 )

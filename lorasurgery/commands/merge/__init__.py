@@ -5,7 +5,7 @@ W' = W + Σᵢ wᵢ·ΔWᵢ for every targeted weight (kernels: linalg/delta.py)
 byte for byte. The package is split by concern:
 
     plan.py    every output tensor's recipe, resolved and checked before the output folder exists
-               (layouts and ties from lorasurgery.architecture; the tie rule is ties.py)
+               (layouts from lorasurgery.binding; recipes and the tie rule from lorasurgery.recipes)
     write.py   the plan executed through lorasurgery.concurrency's pipeline into the shard writer
     verify.py  --verify: PEFT's adapted model against the merged one, on the same tokens
 

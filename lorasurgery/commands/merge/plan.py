@@ -1,7 +1,8 @@
 """merge planning: every output tensor's recipe, resolved and checked before any output exists.
 
 `plan_merge` opens the base and the adapters, binds them to it (lorasurgery.binding: base tensor
-names, layouts, ties, split expert parameters), applies the tie rule (ties.py) and checks shapes,
+names, layouts, ties, split expert parameters), takes each tensor's recipe and the tie rule from
+lorasurgery.recipes (shared with verify) and checks shapes,
 finiteness, options and conflicts. The result,
 `MergePlan`, is plain data: one `Item` per output tensor (start, updates, bias terms), the config
 changes and the notes; write.py executes it.
@@ -13,9 +14,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import Layout, Structure, model_tensors, structure_of
+from lorasurgery.architecture import Layout, Structure, structure_of
 from lorasurgery.binding import BoundAdapter, bind
-from lorasurgery.commands.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
 from lorasurgery.errors import (
     AdapterError,
     MismatchError,
@@ -25,9 +25,9 @@ from lorasurgery.errors import (
 )
 from lorasurgery.io import TensorSpec, open_checkpoint
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
+from lorasurgery.recipes import BASE, Recipe, TieOutcome, plan_recipes
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-_LISTED = 8  # how many names an error lists
 
 
 @dataclass
@@ -42,7 +42,7 @@ class AdapterSummary:
 
 @dataclass
 class Item:
-    """How one output tensor is produced: its recipe (merge.ties) on a known tensor."""
+    """How one output tensor is produced: its recipe (lorasurgery.recipes) on a known tensor."""
 
     name: str  # output tensor name
     spec: TensorSpec
@@ -140,80 +140,29 @@ def plan_merge(
     if not allow_nonfinite:
         for path, b in zip(adapter_paths, bound):
             _check_finite(b, path)
-    # Every name the model has: the stored tensors, plus tied members stored once (under the stored one).
-    tensors: dict[str, TensorInfo] = model_tensors(checkpoint, structure)
-    groups = [g for g in structure.tied if any(n in checkpoint.tensors for n in g)]
+    # Every tensor's recipe and the ties, as verify expects them too (lorasurgery.recipes).
+    planned = plan_recipes(bound)
+    tensors: dict[str, TensorInfo] = planned.tensors
+    recipes, outcomes = planned.recipes, planned.ties
     layouts = {
         (index, key): module.layout
         for index, b in enumerate(bound)
         for key, module in b.targets.items()
         if module.layout is not None
     }
-
-    # Per tensor: its own saved copy, a saved base layer (the shared parameter), its updates.
-    own: dict[str, tuple[int, str]] = {}
-    shared: dict[str, tuple[int, str]] = {}
-    sides: dict[str, Recipe] = {}
     counts = []
     notes_early: list[str] = []
     for index, (path, b) in enumerate(zip(adapter_paths, bound)):
-        unmatched = [saved.relative for saved in b.saved if saved.name is None]
-        if unmatched:
-            raise MismatchError(
-                f"{path}: saved tensors with no counterpart in the base: {', '.join(unmatched[:_LISTED])}"
-                + (f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else "")
-            )
-        for saved in b.saved:
-            _claim(
-                shared if saved.base_layer else own, saved.name, (index, saved.key), adapters, adapter_paths
-            )
-        merged = dora = biases = 0
-        for key, module in b.targets.items():
-            lora = module.lora
-            sides.setdefault(module.name, Recipe()).updates.append((index, key))
-            merged += 1
-            dora += bool(lora.dora)
-            if lora.lora_bias:
-                bias_name = module.name[: -len("weight")] + "bias"
-                if not module.name.endswith(".weight") or bias_name not in tensors:
-                    raise MismatchError(
-                        f"{path}: module {key} has lora_bias but the base has no {bias_name} to add it to"
-                    )
-                sides.setdefault(bias_name, Recipe()).bias_terms.append((index, key))
-                biases += 1
-        for module, tokens in b.tokens.items():
-            sides.setdefault(tokens.name, Recipe()).token_rows.append((index, module))
         # a fused expert parameter stored split counts once (its pieces are keyed `<key>[e].k`)
-        merged -= len(b.targets) - len({key.split("[", 1)[0] for key in b.targets})
+        merged = len({key.split("[", 1)[0] for key in b.targets})
+        dora = sum(bool(module.lora.dora) for module in b.targets.values())
+        biases = sum(bool(module.lora.lora_bias) for module in b.targets.values())
         if b.tokens and weights[index] != 1.0:
             notes_early.append(
                 f"{path}: --weight {weights[index]:g} does not scale its trainable tokens: their rows "
                 f"replace the base's whatever the weight (PEFT's scaling does not reach them either)"
             )
         counts.append((merged, dora, biases))
-
-    # Recipes: tie groups by the one rule, every other tensor by itself.
-    recipes: dict[str, Recipe] = {}
-    outcomes: list[TieOutcome] = []
-    in_group = {n for g in groups for n in g}
-
-    def same_values(a, b) -> bool:
-        return _same_tensor(adapters[a[0]], a[1], adapters[b[0]], b[1])
-
-    for group in groups:
-        _check_shared(group, shared, same_values, adapter_paths)
-        group_recipes = tied_recipes(group, own, shared, sides)
-        if all(r.untouched for r in group_recipes.values()):
-            continue
-        outcome = decide_tie(group, set(checkpoint.tensors), group_recipes, same_values)
-        outcomes.append(outcome)
-        for name in outcome.written:
-            recipes[name] = group_recipes[name]
-    for name in {*own, *shared, *sides} - in_group:
-        side = sides.get(name, Recipe())
-        recipes[name] = Recipe(
-            own.get(name, shared.get(name, BASE)), side.updates, side.bias_terms, side.token_rows
-        )
 
     out_code = OUTPUT_DTYPES.get(dtype)
     items: dict[str, Item] = {}
@@ -304,48 +253,6 @@ def _unquantized_output(checkpoint, out_code: str | None, config, changes: dict,
             f"after ΔW is added in float32), without their scales, and config.json without "
             f"quantization_config"
         )
-
-
-def _same_tensor(adapter_a, name_a, adapter_b, name_b) -> bool:
-    import torch
-
-    if tuple(adapter_a.tensors[name_a].shape) != tuple(adapter_b.tensors[name_b].shape):
-        return False
-    return torch.equal(adapter_a.read(name_a).float(), adapter_b.read(name_b).float())
-
-
-def _claim(target: dict, name: str, value: tuple[int, str], adapters, paths) -> None:
-    """Record that adapter value[0] replaces `name`; two adapters may only agree."""
-    previous = target.get(name)
-    if previous is not None and previous != value:
-        if not _same_tensor(adapters[previous[0]], previous[1], adapters[value[0]], value[1]):
-            if previous[0] == value[0]:
-                raise MismatchError(
-                    f"{paths[value[0]]}: {previous[1]} and {value[1]} both replace {name} with different values"
-                )
-            raise MismatchError(
-                f"{paths[previous[0]]} and {paths[value[0]]} both replace {name} "
-                f"(modules_to_save or saved layers) with different values; merge them separately"
-            )
-        return
-    target[name] = value
-
-
-def _check_shared(group, shared: dict, same_values, paths) -> None:
-    """Saved base layers of members of one tie group are one parameter: they must agree."""
-    found = [(n, shared[n]) for n in group if n in shared]
-    for name, value in found[1:]:
-        first_name, first = found[0]
-        if value != first and not same_values(value, first):
-            sources = (
-                f"{paths[first[0]]} saves"
-                if first[0] == value[0]
-                else f"{paths[first[0]]} and {paths[value[0]]} save"
-            )
-            raise MismatchError(
-                f"{sources} different base layers for {first_name} and {name}, which the base ties "
-                f"into one tensor; merge them separately"
-            )
 
 
 def _untie_note(structure: Structure, outcome: TieOutcome, notes: list, changes: dict) -> None:
