@@ -294,6 +294,53 @@ def merge(
 
 @cli.command()
 @click.argument("base", type=click.Path(exists=False))
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(exists=False), metavar="ADAPTER... ARTIFACT"
+)
+@click.option(
+    "--weight", "weights", multiple=True, type=float, help="Weight of each adapter (default 1), as merge's."
+)
+@device_option
+@json_option
+@config_option("The base's config.json (file or folder), when BASE has none.")
+@global_options
+@click.pass_context
+def verify(
+    ctx: click.Context,
+    base: str,
+    paths: tuple[str, ...],
+    weights: tuple[float, ...],
+    device: str,
+    as_json: bool,
+    config_file: str | None,
+) -> None:
+    """Check that ADAPTERs landed in ARTIFACT, a merged checkpoint made by any tool.
+
+    Per tensor, the landed update ΔŴ = W_artifact − W_base against PEFT's ΔW: relative error,
+    retention ρ and a verdict (landed, partly, missing, transposed, scaled by c, applied twice,
+    wrong side of a tie); every other tensor must be unchanged, config.json consistent. Exit 0 when
+    everything landed, 3 when the check found a failure, 1 when it could not check.
+    """
+    from lorasurgery import render
+    from lorasurgery.commands.verify import DID_NOT_LAND, verify_artifact
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one ADAPTER and then the ARTIFACT")
+    quiet = settings_of(ctx).quiet
+    report = verify_artifact(
+        base,
+        list(paths[:-1]),
+        paths[-1],
+        weights=list(weights) or None,
+        device=device,
+        config_file=config_file,
+    )
+    render.verify_report(report, as_json=as_json, quiet=quiet)
+    ctx.exit(0 if report.landed else DID_NOT_LAND)
+
+
+@cli.command()
+@click.argument("base", type=click.Path(exists=False))
 @click.argument("finetuned", type=click.Path(exists=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output adapter folder.")
 @policy_options

@@ -259,6 +259,63 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# verify
+
+
+def verify_report(report, as_json: bool = False, quiet: bool = False) -> None:
+    """verify: one row per module type and verdict (a row per tensor that did not land), then what
+    else changed, on stdout; JSON with --json."""
+    if as_json:
+        print_json(report.to_dict())
+        return
+    table = new_table(
+        f"{report.artifact} ({report.artifact_kind}) against {report.base} + {', '.join(report.adapters)}"
+    )
+    for column in ("module type", "kind", "tensors", "verdict", "relative error", "retention ρ"):
+        table.add_column(column, justify="left" if column in ("module type", "kind", "verdict") else "right")
+    groups: dict[tuple, list] = {}
+    for check in report.checks:
+        key = (
+            _module_type(check.name.removesuffix(".weight"), check.kind),
+            check.kind,
+            check.verdict,
+        )
+        groups.setdefault(key, []).append(check)
+    for (module_type, kind, verdict), checks in groups.items():
+        errors = [c.comparison.relative_error for c in checks if c.comparison]
+        kept = [c.comparison.retention for c in checks if c.comparison]
+        table.add_row(module_type, kind, format_number(len(checks)), verdict, spread(errors), spread(kept))
+    stdout.print(table)
+    for check in report.checks:
+        if check.verdict != "landed":
+            c = check.comparison
+            numbers = (
+                f" (relative error {format_number(c.relative_error)}, ρ {format_number(c.retention)}, tolerance {format_number(c.tolerance)})"
+                if c
+                else ""
+            )
+            detail = f": {check.detail}" if check.detail else ""
+            stdout.print(f"{check.verdict}: {check.name}{numbers}{detail}", markup=False, soft_wrap=True)
+    for changed in report.changed:
+        stdout.print(
+            f"changed: {changed.name} is not touched by the adapters but {changed.detail}",
+            markup=False,
+            soft_wrap=True,
+        )
+    for name in report.extra:
+        stdout.print(f"extra: {name} is in the artifact but not in the base", markup=False, soft_wrap=True)
+    for issue in report.config:
+        stdout.print(f"config: {issue}", markup=False, soft_wrap=True)
+    landed = sum(c.verdict == "landed" for c in report.checks)
+    outcome = "everything landed" if report.landed else "did NOT land"
+    stdout.print(
+        f"{outcome}: {landed}/{len(report.checks)} touched tensors landed, {len(report.changed)} untouched "
+        f"changed, {report.tensors_checked:,} tensors checked in {report.seconds:.1f} s",
+        markup=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # extract
 
 

@@ -1,0 +1,131 @@
+"""`verify`: did the adapters land in an artifact someone else made? (docs/design.md §14, docs/verify.md)
+
+`verify_artifact(base, adapters, artifact)` binds the adapters to the base (lorasurgery.binding),
+takes the very recipes merge writes (lorasurgery.recipes: each tensor's updates, saved tensors, ties)
+and checks the artifact against them, one tensor pair at a time. The package is split by the kind
+of artifact, so that the ones to come (an adapter exported for a runtime, GGUF, `--text`) are a
+module each beside the first:
+
+    merged.py   a merged checkpoint (safetensors file or folder, sharded, or quantized: read
+                dequantized by the checkpoint layer): ΔŴ = W_artifact − W_base per tensor, every
+                untouched tensor unchanged
+    config.py   the artifact's config.json against what the merge implies (ties, vocabulary,
+                quantization_config)
+    verdict.py  ΔŴ against ΔW: relative error, retention ρ, tolerance, the verdict's name
+
+The report says per tensor what landed; `landed` is true only when everything did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorasurgery.adapter import load_adapter
+from lorasurgery.architecture import structure_of
+from lorasurgery.binding import bind
+from lorasurgery.commands.verify.config import check_config
+from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
+from lorasurgery.concurrency import torch_threads
+from lorasurgery.devices import resolve_device
+from lorasurgery.errors import OptionError, UnsupportedError
+from lorasurgery.io import open_checkpoint
+from lorasurgery.recipes import plan_recipes
+
+__all__ = ["VerifyReport", "verify_artifact", "DID_NOT_LAND"]
+
+DID_NOT_LAND = 3  # the exit code of a completed check that found a failure (1 stays: could not check)
+
+
+@dataclass
+class VerifyReport:
+    """What verify found; `--json` prints `to_dict()`."""
+
+    base: str
+    artifact: str
+    artifact_kind: str  # "merged checkpoint" (adapters and GGUF to come)
+    adapters: list[str]
+    weights: list[float]
+    checks: list[TensorCheck] = field(default_factory=list)  # every touched tensor
+    changed: list[Changed] = field(default_factory=list)  # untouched tensors the artifact changed
+    config: list[str] = field(default_factory=list)  # config.json inconsistencies
+    extra: list[str] = field(default_factory=list)  # artifact tensors the base does not have
+    tensors_checked: int = 0
+    seconds: float = 0.0
+
+    @property
+    def landed(self) -> bool:
+        return (
+            all(c.verdict == "landed" for c in self.checks)
+            and not self.changed
+            and not self.config
+            and not self.extra
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "base": self.base,
+            "artifact": self.artifact,
+            "artifact_kind": self.artifact_kind,
+            "adapters": self.adapters,
+            "weights": self.weights,
+            "landed": self.landed,
+            "tensors_checked": self.tensors_checked,
+            "checks": [c.to_dict() for c in self.checks],
+            "changed": [c.to_dict() for c in self.changed],
+            "config": self.config,
+            "extra": self.extra,
+            "seconds": self.seconds,
+        }
+
+
+def verify_artifact(
+    base, adapters, artifact, *, weights=None, device: str = "cpu", config_file=None, progress=None
+) -> VerifyReport:
+    """Check `artifact` against `base` + `adapters` (each with its weight); raises a LoraSurgeryError
+    naming the input when something cannot be checked."""
+    started = time.perf_counter()
+    adapters = [Path(a) for a in adapters]
+    if not adapters:
+        raise OptionError("verify needs at least one adapter")
+    weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise OptionError(
+            f"{len(weights)} --weight values for {len(adapters)} adapters; give one --weight per adapter, in order"
+        )
+    device = resolve_device(device)
+    artifact_path = Path(artifact)
+    _refuse_adapter_artifact(artifact_path)
+    checkpoint = open_checkpoint(base)
+    target = open_checkpoint(artifact_path)
+    structure = structure_of(checkpoint, config_file)
+    artifact_structure = structure_of(target, config_file if target.config is None else None)
+    loaded = [load_adapter(p) for p in adapters]
+    bound = bind(loaded, checkpoint, structure=structure)
+    recipes = plan_recipes(bound)
+    report = VerifyReport(str(base), str(artifact), "merged checkpoint", [str(a) for a in adapters], weights)
+    check = MergedCheck(bound, weights, recipes, target, artifact_structure, device)
+    work = units(recipes, checkpoint, target)
+    with torch_threads(2):
+        report.checks, report.changed = check.run(work, progress)
+    order = {name: i for i, name in enumerate(checkpoint.tensors)}
+    report.checks.sort(
+        key=lambda c: order.get(recipes.tensors[c.name].name, 0) if c.name in recipes.tensors else 0
+    )
+    report.changed.sort(key=lambda c: order.get(c.name, 0))
+    model = set(recipes.tensors)
+    report.extra = [n for n in target.tensors if n not in model and n not in checkpoint.tensors]
+    report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
+    report.tensors_checked = sum(len(u.names) for u in work)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _refuse_adapter_artifact(path: Path) -> None:
+    """An adapter folder or file as ARTIFACT is the next kind verify learns (SPEC §14): say so by name."""
+    if (path / "adapter_config.json").is_file() or path.name == "adapter_model.safetensors":
+        raise UnsupportedError(
+            f"{path}: is an adapter; verify checks merged checkpoints for now (checking an adapter "
+            f"exported for a runtime is to come) — merge it first, or pass the merged model"
+        )

@@ -1,0 +1,321 @@
+"""verify of a merged checkpoint: every base tensor against the artifact's, one pair at a time.
+
+The expected value of each tensor comes from the recipes merge writes (lorasurgery.recipes): for a
+LoRA update ΔW = Σ wᵢ·sᵢ·BᵢAᵢ in the stored layout (linalg.delta.delta_weight, float32, never
+W + ΔW − W, which would cancel), DoRA by the merge kernel in float64 (its ΔW depends on W), a saved
+tensor, a lora_bias term or trainable-token rows as merge computes them. The artifact is read as
+transformers would load it: a quantized one dequantized by the checkpoint layer, and a tie group the
+artifact's config keeps tied read from the member it keeps (the input embedding).
+
+Each unit of work — an untouched tensor, a touched one, a touched tie group — is read (base and
+artifact), compared and dropped through concurrency.Pipeline, so memory holds a few tensor pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorasurgery.commands.verify.verdict import Comparison, compare, half_ulp_norm, norm
+from lorasurgery.concurrency import Pipeline
+from lorasurgery.linalg.delta import delta_weight, merge_bias, merge_weight, overwrite_rows
+from lorasurgery.linalg.update import kernel_update
+from lorasurgery.recipes import BASE, Recipe, Recipes
+
+F32_NOISE = 1e-5  # relative: float32 summation order between two tools computing the same ΔW
+
+
+@dataclass
+class Unit:
+    """What one step reads and checks: one untouched tensor, or touched tensors (a tie group whole)."""
+
+    names: tuple[str, ...]
+    touched: bool
+    bytes: int = 0
+
+
+@dataclass
+class TensorCheck:
+    """One touched tensor: ΔŴ against ΔW."""
+
+    name: str
+    kind: str  # lora | dora | replaced | bias | tokens
+    modules: list[str]  # the adapter modules (or saved tensors) behind it
+    comparison: Comparison | None
+    verdict: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        c = self.comparison
+        return {
+            "tensor": self.name,
+            "kind": self.kind,
+            "modules": self.modules,
+            "verdict": self.verdict,
+            "relative_error": c.relative_error if c else None,
+            "retention": c.retention if c else None,
+            "scale": c.scale if c else None,
+            "expected_norm": c.expected_norm if c else None,
+            "tolerance": c.tolerance if c else None,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Changed:
+    """A tensor the adapters do not touch that the artifact changed (or lacks)."""
+
+    name: str
+    detail: str
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.name, "detail": self.detail}
+
+
+def units(recipes: Recipes, base, artifact) -> list[Unit]:
+    """Every tensor of the base, once, in the base's file order: tie groups something touches whole."""
+    groups = {n: outcome.group for outcome in recipes.ties for n in outcome.group}
+    seen: set[str] = set()
+    found = []
+    for name in base.tensors:
+        if name in seen:
+            continue
+        names = groups.get(name, (name,))
+        seen.update(names)
+        touched = any(recipes.touched(n) for n in names) or name in groups
+        found.append(
+            Unit(tuple(names), touched, sum(recipes.tensors[n].nbytes for n in names if n in recipes.tensors))
+        )
+    return found
+
+
+class MergedCheck:
+    """The comparison of one merged checkpoint `artifact` with `base` + the bound adapters."""
+
+    def __init__(self, bound, weights, recipes: Recipes, artifact, artifact_structure, device="cpu"):
+        self.bound, self.weights, self.recipes = bound, weights, recipes
+        self.base = bound[0].checkpoint
+        self.structure = bound[0].structure
+        self.artifact, self.device = artifact, device
+        self.kept = _kept_members(artifact, artifact_structure)
+
+    # ---------------------------------------------------------------------------------- reading
+
+    def artifact_name(self, name: str) -> str | None:
+        """The artifact tensor transformers loads for base tensor `name` (a kept tie's member)."""
+        if name in self.kept:
+            return self.kept[name]
+        return name if name in self.artifact.tensors else None
+
+    def read(self, unit: Unit):
+        base, artifact = {}, {}
+        for name in unit.names:
+            info = self.recipes.tensors.get(name) or self.base.tensors[name]
+            base[name] = self.base.read(info.name, self.device)
+            stored = self.artifact_name(name)
+            artifact[name] = self.artifact.read(stored, self.device) if stored is not None else None
+        return base, artifact
+
+    # ---------------------------------------------------------------------------------- checking
+
+    def check(self, unit: Unit, tensors):
+        base, artifact = tensors
+        if not unit.touched:
+            name = unit.names[0]
+            return [], _untouched(name, base[name], artifact[name], self.base.tensors[name], self._info(name))
+        checks, changed, landed = [], [], {}
+        expected = {n: self.expected(n, base[n]) for n in unit.names}
+        for name in unit.names:
+            recipe, delta = expected[name]
+            H = None if artifact[name] is None else artifact[name].float() - base[name].float()
+            if recipe is None or recipe.untouched:
+                found = _untouched(
+                    name, base[name], artifact[name], self.base.tensors.get(name), self._info(name)
+                )
+                changed.extend(found)
+                if found and H is not None:
+                    landed[name] = H
+                continue
+            checks.append(self._check_one(name, recipe, delta, base[name], artifact[name], H))
+        if len(unit.names) > 1:
+            _tie_sides(checks, landed, expected, self, base)
+        return checks, changed
+
+    def _info(self, name: str):
+        stored = self.artifact_name(name)
+        return self.artifact.tensors[stored] if stored is not None else None
+
+    def _check_one(self, name, recipe: Recipe, delta, W, A, H) -> TensorCheck:
+        kind, modules = self.describe(recipe)
+        if A is None:
+            return TensorCheck(name, kind, modules, None, "absent", "the artifact has no such tensor")
+        if tuple(A.shape) != tuple(delta.shape):
+            return TensorCheck(
+                name,
+                kind,
+                modules,
+                None,
+                "differs",
+                f"shape {list(A.shape)}, expected {list(delta.shape)}",
+            )
+        if tuple(W.shape) != tuple(A.shape):  # a resized saved tensor: compare values, not updates
+            W = torch.zeros_like(A, dtype=torch.float32)
+            H = A.float()
+        tolerance = self.tolerance(name, W.float() + delta, delta)
+        comparison = compare(H, delta, tolerance)
+        return TensorCheck(name, kind, modules, comparison, comparison.label)
+
+    def tolerance(self, name: str, values: torch.Tensor, delta: torch.Tensor) -> float:
+        info = self._info(name)
+        code, factor = info.dtype, 1.0
+        if info.dequantized and info.codes is not None:  # the codes' grid, scaled by a block scale
+            code, factor = info.codes.dtype, 2.0
+        return (
+            half_ulp_norm(values, code, factor) + half_ulp_norm(delta, code, factor) + F32_NOISE * norm(delta)
+        )
+
+    def describe(self, recipe: Recipe) -> tuple[str, list[str]]:
+        modules = [self.bound[i].targets[key].lora.key for i, key in recipe.updates]
+        if recipe.start is not BASE:
+            return "replaced", [recipe.start[1], *modules]
+        if recipe.updates:
+            dora = any(self.bound[i].targets[key].lora.dora for i, key in recipe.updates)
+            return ("dora" if dora else "lora"), modules
+        if recipe.bias_terms:
+            return "bias", [key for _, key in recipe.bias_terms]
+        return "tokens", [module for _, module in recipe.token_rows]
+
+    def expected(self, name: str, W: torch.Tensor):
+        """(recipe, expected ΔW in the stored layout, float32) of base tensor `name` read as `W`."""
+        recipe = self.recipes.recipes.get(name)
+        if recipe is None and name in self.recipes.tensors:  # a tie kept: the stored member's recipe
+            stored = self.recipes.tensors[name].name
+            recipe = self.recipes.recipes.get(stored)
+        if recipe is None or recipe.untouched:
+            return recipe, torch.zeros_like(W, dtype=torch.float32)
+        W = W.float()
+        start = W
+        if recipe.start is not BASE:
+            index, key = recipe.start
+            start = self.bound[index].adapter.read(key, self.device).float()
+        updates = [
+            kernel_update(self.bound[i].adapter, self.bound[i].targets[k].lora, weight=self.weights[i])
+            for i, k in recipe.updates
+        ]
+        if any(u.magnitude is not None for u in updates):  # DoRA depends on W: the kernel, in float64
+            merged = merge_weight(
+                start.double(), updates, out_dtype=torch.float64, precise=True, device=self.device, name=name
+            )
+            value = merged
+        elif updates:
+            delta = sum(u.weight * delta_weight(u, tuple(start.shape)) for u in updates)
+            if start is W and not recipe.bias_terms and not recipe.token_rows:
+                return recipe, delta  # ΔW itself: W + ΔW − W would cancel digits
+            value = start + delta
+        else:
+            value = start
+        if recipe.bias_terms:
+            terms = []
+            for index, key in recipe.bias_terms:
+                lora = self.bound[index].targets[key].lora
+                terms.append(
+                    (self.bound[index].adapter.read_lora_bias(lora), self.weights[index] * lora.scale)
+                )
+            value = merge_bias(value.double(), terms, out_dtype=torch.float64, precise=True, name=name)
+        value = self._rows(recipe, W, value)
+        if tuple(value.shape) != tuple(W.shape):
+            return recipe, value.float()  # a resized saved tensor: its value is what is compared
+        return recipe, (value.double() - W.double()).float()
+
+    def _rows(self, recipe: Recipe, W, value):
+        if not recipe.token_rows:
+            return value
+        rows = []
+        for index, module in recipe.token_rows:
+            tokens = self.bound[index].tokens[module].rows
+            rows.append((tokens.indices, self.bound[index].adapter.read(tokens.key)))
+        return overwrite_rows(value.double(), rows, out_dtype=torch.float64)
+
+    def run(self, work: list[Unit], progress=None):
+        """(checks, changed) over every unit, in order of completion."""
+        checks, changed = [], []
+        limit = 2 * max((u.bytes for u in work), default=0) * 3
+        pipeline = Pipeline(
+            work, self.read, self.check, workers=1, cost=lambda u: 3 * u.bytes, limit=limit, name="verify"
+        )
+        with pipeline:
+            for done, (unit, (found, moved)) in enumerate(pipeline, 1):
+                checks.extend(found)
+                changed.extend(moved)
+                if progress is not None:
+                    progress(done, len(work), unit.names[0])
+        return checks, changed
+
+
+def _untouched(name: str, W, A, base_info, artifact_info) -> list[Changed]:
+    """[] when the artifact keeps `name` as the base has it: byte-equal in the same dtype, else equal
+    after rounding the base to the artifact's dtype (a quantized artifact: within its codes' rounding)."""
+    if A is None:
+        return [Changed(name, "absent from the artifact")]
+    if tuple(A.shape) != tuple(W.shape):
+        return [Changed(name, f"shape {list(A.shape)}, the base's {list(W.shape)}")]
+    if (
+        base_info is not None
+        and artifact_info is not None
+        and not artifact_info.dequantized
+        and not base_info.dequantized
+        and artifact_info.dtype == base_info.dtype
+    ):
+        if torch.equal(A, W):
+            return []
+        return [Changed(name, f"differs (largest |Δ| {float((A.float() - W.float()).abs().max()):.3g})")]
+    if not W.is_floating_point():
+        return [] if torch.equal(A.to(W.dtype), W) else [Changed(name, "differs")]
+    if artifact_info is not None and not artifact_info.dequantized:
+        if torch.equal(W.to(A.dtype), A):
+            return []
+        return [Changed(name, f"differs after rounding to {artifact_info.dtype}")]
+    H = A.float() - W.float()
+    code, factor = (artifact_info.codes.dtype, 2.0) if artifact_info.codes is not None else ("F32", 1.0)
+    if norm(H) <= half_ulp_norm(W.float(), code, factor) + half_ulp_norm(A.float(), code, factor):
+        return []
+    return [Changed(name, f"differs beyond {code} rounding (‖Δ‖ {norm(H):.3g})")]
+
+
+def _kept_members(artifact, structure) -> dict[str, str]:
+    """{member: the artifact tensor transformers loads for it} of every tie group the artifact's own
+    config keeps: the input embedding's stored tensor when it has one, else the first stored member."""
+    kept = {}
+    for group in structure.tied:
+        stored = [n for n in group if n in artifact.tensors]
+        if not stored:
+            continue
+        embedding = f"{structure.input_embedding}.weight" if structure.input_embedding else None
+        keeper = embedding if embedding in stored else stored[0]
+        for name in group:
+            kept[name] = keeper
+    return kept
+
+
+def _tie_sides(checks: list[TensorCheck], landed: dict, expected: dict, check, base):
+    """A tie group's update on the wrong member: a member that should stay as the base has it carries
+    a module's ΔW (PEFT's merge writes into the shared tensor), or a member that should carry it does
+    not while another does (the artifact's config keeps a tie the adapters broke)."""
+    for c in checks:
+        if c.comparison is None:
+            continue
+        delta = expected[c.name][1]
+        for other, H in landed.items():
+            if H.shape == delta.shape and norm(H - delta) <= check.tolerance(
+                other, base[other].float() + delta, delta
+            ):
+                c.verdict = "wrong side of a tie"
+                c.detail = f"the update also landed on {other}, which the tie rule keeps as the base has it"
+        stored_as = check.kept.get(c.name)
+        if c.verdict == "missing" and stored_as not in (None, c.name) and c.name in check.artifact.tensors:
+            c.verdict = "wrong side of a tie"
+            c.detail = (
+                f"the artifact stores {c.name} with the update, but its config ties it to {stored_as}, "
+                f"which transformers loads in its place"
+            )

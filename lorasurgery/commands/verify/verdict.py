@@ -1,0 +1,102 @@
+"""verify's arithmetic: how a landed update ΔŴ compares with the expected ΔW, and what went wrong.
+
+For one tensor: D = ΔW (expected, float32) and H = ΔŴ = W_artifact − W_base (float32), every norm
+and inner product accumulated in float64. The tolerance τ is the rounding the artifact's dtype
+allows (docs/verify.md "Tolerance"): half an ulp of each element of W + ΔW in that dtype, in norm,
+plus half an ulp of each element of ΔW (a tool that rounds ΔW to the dtype before adding it, as
+PEFT does in bf16), plus 1e-5·‖ΔW‖ for float32 summation order. A quantized artifact's ulp is its
+codes' (e4m3: 3 mantissa bits), doubled because a block scale need not be a power of two.
+
+Verdicts, first that holds:
+- `landed`: ‖H − D‖ ≤ τ and the update is visibly there: ρ ≥ ½, and the rounding's noise on ρ,
+  about τ/(‖ΔW‖·√N) for N elements, at most ¼ (else the dtype cannot show ΔW: partly, or missing);
+- `missing`: ‖H‖ ≈ 0 (≤ τ + 2 %·‖D‖ when outside the tolerance; exactly 0 inside it);
+- `partly`: inside the tolerance but ρ < ½ (a tiny update mostly rounded away), or 0 < ρ < 1 and
+  no simpler explanation (requantization);
+- `transposed`: a square tensor with H ≈ Dᵀ;
+- `scaled`: H ≈ c·D with c = ρ (c = 2 reads "applied twice"; α instead of α/r shows as c = r);
+- `differs`: none of these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Mantissa bits of each safetensors float code (the ulp of x is 2^(exponent(x) − bits)).
+MANTISSA_BITS = {"F64": 52, "F32": 23, "F16": 10, "BF16": 7, "F8_E4M3": 3, "F8_E5M2": 2}
+VISIBLE = 0.5  # ρ below this, inside the tolerance: the update is not really there
+MISSING = 0.02  # ‖ΔŴ‖ below this share of ‖ΔW‖ (beyond τ): nothing landed
+RESOLVABLE = 0.25  # largest rounding noise of ρ (τ/(‖ΔW‖·√N)) under which "landed" can be told
+SCALE_SLACK = 1e-3  # relative residual allowed when fitting ΔŴ ≈ c·ΔW or ΔWᵀ
+
+
+def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0) -> float:
+    """‖½ ulp(x)‖ over the elements of `values` rounded to the dtype `code`, times `factor`."""
+    bits = MANTISSA_BITS.get(code)
+    if bits is None:  # integer tensors are exact
+        return 0.0
+    _, exponent = torch.frexp(values.float())  # x = m·2^e, ½ ≤ |m| < 1: ulp = 2^(e − 1 − bits)
+    half = torch.ldexp(torch.ones((), dtype=torch.float64), (exponent - 2 - bits).to(torch.float64))
+    half = torch.where(values == 0, 0.0, half)  # zero rounds exactly
+    return factor * float(torch.linalg.vector_norm(half, dtype=torch.float64))
+
+
+def norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+
+
+def inner(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.sum(a.double() * b.double())) if a.numel() else 0.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """ΔŴ against ΔW for one tensor."""
+
+    verdict: str  # landed | partly | missing | transposed | scaled | differs
+    relative_error: float  # ‖ΔŴ − ΔW‖ / ‖ΔW‖
+    retention: float  # ρ = ⟨ΔŴ, ΔW⟩ / ‖ΔW‖²
+    expected_norm: float  # ‖ΔW‖
+    tolerance: float  # τ, relative to ‖ΔW‖
+    scale: float | None = None  # c when scaled
+
+    @property
+    def label(self) -> str:
+        if self.verdict == "scaled" and self.scale is not None:
+            if abs(self.scale - 2) < 0.01:
+                return "applied twice"
+            return f"scaled by {self.scale:.4g}"
+        return self.verdict
+
+
+def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float) -> Comparison:
+    """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`."""
+    n = norm(D)
+    h = norm(H)
+    error = norm(H - D)
+    rho = inner(H, D) / (n * n) if n > 0 else (1.0 if h <= tolerance else 0.0)
+    scale = n if n > 0 else 1.0
+
+    def result(verdict: str, c: float | None = None) -> Comparison:
+        return Comparison(verdict, error / scale, rho, n, tolerance / scale, c)
+
+    if error <= tolerance:
+        # ρ's noise from rounding is about τ / (‖ΔW‖·√N): above RESOLVABLE the dtype cannot show ΔW
+        resolvable = tolerance <= RESOLVABLE * n * math.sqrt(max(D.numel(), 1))
+        if n == 0 or (rho >= VISIBLE and resolvable):
+            return result("landed")
+        return result("missing" if h == 0 else "partly")
+    if h <= tolerance + MISSING * n:
+        return result("missing")
+    if D.dim() >= 2 and D.shape[-1] == D.shape[-2]:
+        if norm(H - D.transpose(-1, -2)) <= 2 * tolerance + SCALE_SLACK * n:
+            return result("transposed")
+    residual = math.sqrt(max(h * h - rho * rho * n * n, 0.0))  # ‖H − ρD‖, ρ the least-squares c
+    if residual <= 2 * tolerance * max(1.0, abs(rho)) + SCALE_SLACK * abs(rho) * n:
+        return result("scaled", rho)
+    if 0 < rho < 1:
+        return result("partly")
+    return result("differs")
