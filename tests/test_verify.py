@@ -178,6 +178,11 @@ def test_tied_lm_head(tmp_path):
     assert run_cli("merge", base, adapter, "-o", ours, "-q").exit_code == 0
     code, report = verify(base, adapter, ours)
     assert code == LANDED, report
+    # PEFT's merge writes lm_head's update into the tensor it shares with embed_tokens, saved tied
+    code, report = verify(base, adapter, peft_artifact(base, adapter, tmp_path / "peft"))
+    assert code == DID_NOT_LAND
+    assert verdicts(report)["lm_head.weight"] == "wrong side of a tie", report
+    assert verdicts(report)["model.embed_tokens.weight"] == "wrong side of a tie"
     # lorasurgery's untied output with config.json still saying tie_word_embeddings: true
     kept = tmp_path / "kept-tied"
     shutil.copytree(ours, kept)
@@ -264,3 +269,32 @@ def test_bad_input(llama, tmp_path):
     assert_refused(["verify", base, adapter, tmp_path / "nowhere"], "nowhere", inputs=[base, adapter])
     result = run_cli("verify", base, adapter)
     assert result.exit_code == 2 and "ARTIFACT" in result.stderr
+
+
+def test_dora_embedding_saved_tensor_sharded(tmp_path):
+    base = make_llama(tmp_path / "base", max_shard_size="20KB")
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        target_modules=["q_proj", "o_proj", "embed_tokens"],
+        use_dora=True,
+        modules_to_save=["lm_head"],
+    )
+    code, report = verify(base, adapter, peft_artifact(base, adapter, tmp_path / "peft"))
+    assert code == LANDED, report
+    kinds = {c["tensor"]: c["kind"] for c in report["checks"]}
+    assert kinds["lm_head.weight"] == "replaced" and kinds["model.layers.0.self_attn.o_proj.weight"] == "dora"
+    assert kinds["model.embed_tokens.weight"] == "dora"
+    ours = tmp_path / "ours"
+    assert run_cli("merge", base, adapter, "-o", ours, "--max-shard-size", "30KB", "-q").exit_code == 0
+    assert len(list(ours.glob("*.safetensors"))) > 1
+    code, report = verify(base, adapter, ours)
+    assert code == LANDED, report
+    # the saved lm_head left out: the base's comes through
+    plain = make_adapter(
+        base, tmp_path / "plain", target_modules=["q_proj", "o_proj", "embed_tokens"], use_dora=True
+    )
+    made_without = tmp_path / "without"
+    assert run_cli("merge", base, plain, "-o", made_without, "-q").exit_code == 0
+    code, report = verify(base, adapter, made_without)
+    assert code == DID_NOT_LAND and verdicts(report)["lm_head.weight"] != "landed"

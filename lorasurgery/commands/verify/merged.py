@@ -124,22 +124,22 @@ class MergedCheck:
         if not unit.touched:
             name = unit.names[0]
             return [], _untouched(name, base[name], artifact[name], self.base.tensors[name], self._info(name))
-        checks, changed, landed = [], [], {}
+        checks, changed, surplus = [], [], {}
         expected = {n: self.expected(n, base[n]) for n in unit.names}
         for name in unit.names:
             recipe, delta = expected[name]
             H = None if artifact[name] is None else artifact[name].float() - base[name].float()
+            if H is not None and H.shape == delta.shape:
+                surplus[name] = H - delta  # what landed on this member beyond what it should carry
             if recipe is None or recipe.untouched:
                 found = _untouched(
                     name, base[name], artifact[name], self.base.tensors.get(name), self._info(name)
                 )
                 changed.extend(found)
-                if found and H is not None:
-                    landed[name] = H
                 continue
             checks.append(self._check_one(name, recipe, delta, base[name], artifact[name], H))
         if len(unit.names) > 1:
-            _tie_sides(checks, landed, expected, self, base)
+            _tie_sides(checks, surplus, expected, self, base)
         return checks, changed
 
     def _info(self, name: str):
@@ -176,12 +176,15 @@ class MergedCheck:
         )
 
     def describe(self, recipe: Recipe) -> tuple[str, list[str]]:
+        """(kind, the adapter modules and saved tensors behind it): LoRA updates name the kind even
+        on a saved start (a tied member's saved base layer)."""
         modules = [self.bound[i].targets[key].lora.key for i, key in recipe.updates]
-        if recipe.start is not BASE:
-            return "replaced", [recipe.start[1], *modules]
+        saved = [recipe.start[1]] if recipe.start is not BASE else []
         if recipe.updates:
             dora = any(self.bound[i].targets[key].lora.dora for i, key in recipe.updates)
-            return ("dora" if dora else "lora"), modules
+            return ("dora" if dora else "lora"), saved + modules
+        if saved:
+            return "replaced", saved
         if recipe.bias_terms:
             return "bias", [key for _, key in recipe.bias_terms]
         return "tokens", [module for _, module in recipe.token_rows]
@@ -298,20 +301,26 @@ def _kept_members(artifact, structure) -> dict[str, str]:
     return kept
 
 
-def _tie_sides(checks: list[TensorCheck], landed: dict, expected: dict, check, base):
-    """A tie group's update on the wrong member: a member that should stay as the base has it carries
-    a module's ΔW (PEFT's merge writes into the shared tensor), or a member that should carry it does
-    not while another does (the artifact's config keeps a tie the adapters broke)."""
+def _tie_sides(checks: list[TensorCheck], surplus: dict, expected: dict, check, base):
+    """A tie group's update on the wrong member: another member carries this member's ΔW on top of
+    its own expected value (PEFT's merge_and_unload writes a tied lm_head's update into the tensor it
+    shares with embed_tokens), or this member lacks it because the artifact's config keeps a tie the
+    adapters broke, so transformers loads another member in its place."""
+    by_name = {c.name: c for c in checks}
     for c in checks:
-        if c.comparison is None:
+        if c.comparison is None or c.kind not in ("lora", "dora"):
             continue
         delta = expected[c.name][1]
-        for other, H in landed.items():
-            if H.shape == delta.shape and norm(H - delta) <= check.tolerance(
-                other, base[other].float() + delta, delta
-            ):
+        for other, extra in surplus.items():
+            if other == c.name or extra.shape != delta.shape:
+                continue
+            tolerance = check.tolerance(other, base[other].float() + delta, delta)
+            if norm(extra) > tolerance and norm(extra - delta) <= tolerance:
                 c.verdict = "wrong side of a tie"
-                c.detail = f"the update also landed on {other}, which the tie rule keeps as the base has it"
+                c.detail = f"its update also landed on {other}, which the tie rule keeps without it"
+                if other in by_name:
+                    by_name[other].verdict = "wrong side of a tie"
+                    by_name[other].detail = f"it carries the update of {c.name}, its tied member"
         stored_as = check.kept.get(c.name)
         if c.verdict == "missing" and stored_as not in (None, c.name) and c.name in check.artifact.tensors:
             c.verdict = "wrong side of a tie"
