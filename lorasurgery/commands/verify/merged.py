@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasurgery.commands.verify.verdict import Comparison, compare, half_ulp_norm, norm
+from lorasurgery.commands.verify.verdict import Comparison, compare, half_ulp_bound, half_ulp_norm, norm
 from lorasurgery.concurrency import Pipeline
 from lorasurgery.linalg.delta import delta_weight, merge_bias, merge_weight, overwrite_rows
 from lorasurgery.linalg.update import kernel_update
@@ -99,6 +99,7 @@ class MergedCheck:
         self.structure = bound[0].structure
         self.artifact, self.device = artifact, device
         self.kept = _kept_members(artifact, artifact_structure)
+        self.rounding: dict[str, float] = {}  # per tensor: ‖½ ulp‖ of the artifact's values
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -128,7 +129,13 @@ class MergedCheck:
         expected = {n: self.expected(n, base[n]) for n in unit.names}
         for name in unit.names:
             recipe, delta = expected[name]
-            H = None if artifact[name] is None else artifact[name].float() - base[name].float()
+            H = None
+            if artifact[name] is not None:
+                A = artifact[name]
+                H = A.to(torch.float32, copy=True)
+                self.rounding[name] = self.artifact_rounding(name, H)  # before H becomes ΔŴ in place
+                if H.shape == base[name].shape:
+                    H.sub_(base[name])
             if H is not None and H.shape == delta.shape:
                 surplus[name] = H - delta  # what landed on this member beyond what it should carry
             if recipe is None or recipe.untouched:
@@ -159,21 +166,29 @@ class MergedCheck:
                 "differs",
                 f"shape {list(A.shape)}, expected {list(delta.shape)}",
             )
-        if tuple(W.shape) != tuple(A.shape):  # a resized saved tensor: compare values, not updates
-            W = torch.zeros_like(A, dtype=torch.float32)
-            H = A.float()
-        tolerance = self.tolerance(name, W.float() + delta, delta)
+        tolerance = self.tolerance(name, delta)
         comparison = compare(H, delta, tolerance)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
-    def tolerance(self, name: str, values: torch.Tensor, delta: torch.Tensor) -> float:
+    def artifact_rounding(self, name: str, values: torch.Tensor) -> float:
+        """‖½ ulp‖ of the artifact's values of `name` (float32) in the dtype it stores them in."""
+        code, factor = self._grid(name)
+        return half_ulp_norm(values, code, factor)
+
+    def _grid(self, name: str) -> tuple[str, float]:
+        """The dtype whose rounding the artifact's `name` went through, and a factor: a quantized
+        tensor's codes (e4m3 …), doubled since a block scale need not be a power of two."""
         info = self._info(name)
-        code, factor = info.dtype, 1.0
-        if info.dequantized and info.codes is not None:  # the codes' grid, scaled by a block scale
-            code, factor = info.codes.dtype, 2.0
-        return (
-            half_ulp_norm(values, code, factor) + half_ulp_norm(delta, code, factor) + F32_NOISE * norm(delta)
-        )
+        if info.dequantized and info.codes is not None:
+            return info.codes.dtype, 2.0
+        return info.dtype, 1.0
+
+    def tolerance(self, name: str, delta: torch.Tensor) -> float:
+        """τ of docs/verify.md: the artifact's rounding of W + ΔW (measured on its values), a
+        tool's rounding of ΔW (bounded), float32 summation noise."""
+        code, factor = self._grid(name)
+        size = norm(delta)
+        return self.rounding[name] + half_ulp_bound(size, code, factor) + F32_NOISE * size
 
     def describe(self, recipe: Recipe) -> tuple[str, list[str]]:
         """(kind, the adapter modules and saved tensors behind it): LoRA updates name the kind even
@@ -314,7 +329,7 @@ def _tie_sides(checks: list[TensorCheck], surplus: dict, expected: dict, check, 
         for other, extra in surplus.items():
             if other == c.name or extra.shape != delta.shape:
                 continue
-            tolerance = check.tolerance(other, base[other].float() + delta, delta)
+            tolerance = check.tolerance(other, delta)
             if norm(extra) > tolerance and norm(extra - delta) <= tolerance:
                 c.verdict = "wrong side of a tie"
                 c.detail = f"its update also landed on {other}, which the tie rule keeps without it"
