@@ -107,7 +107,7 @@ def verify_artifact(
     report = VerifyReport(str(base), str(artifact), "merged checkpoint", [str(a) for a in adapters], weights)
     check = MergedCheck(bound, weights, recipes, target, artifact_structure, device)
     work = units(recipes, checkpoint, target)
-    with torch_threads(2):
+    with torch_threads(1):  # two workers, one thread each: the work is memory-bound
         report.checks, report.changed = check.run(work, progress)
     order = {name: i for i, name in enumerate(checkpoint.tensors)}
     report.checks.sort(

@@ -166,8 +166,8 @@ class MergedCheck:
                 "differs",
                 f"shape {list(A.shape)}, expected {list(delta.shape)}",
             )
-        tolerance = self.tolerance(name, delta)
-        comparison = compare(H, delta, tolerance)
+        size = norm(delta)
+        comparison = compare(H, delta, self.tolerance(name, delta, size), size)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
     def artifact_rounding(self, name: str, values: torch.Tensor) -> float:
@@ -183,11 +183,11 @@ class MergedCheck:
             return info.codes.dtype, 2.0
         return info.dtype, 1.0
 
-    def tolerance(self, name: str, delta: torch.Tensor) -> float:
+    def tolerance(self, name: str, delta: torch.Tensor, size: float | None = None) -> float:
         """τ of docs/verify.md: the artifact's rounding of W + ΔW (measured on its values), a
         tool's rounding of ΔW (bounded), float32 summation noise."""
         code, factor = self._grid(name)
-        size = norm(delta)
+        size = norm(delta) if size is None else size
         return self.rounding[name] + half_ulp_bound(size, code, factor) + F32_NOISE * size
 
     def describe(self, recipe: Recipe) -> tuple[str, list[str]]:
@@ -227,7 +227,11 @@ class MergedCheck:
             )
             value = merged
         elif updates:
-            delta = sum(u.weight * delta_weight(u, tuple(start.shape)) for u in updates)
+            delta = delta_weight(updates[0], tuple(start.shape))
+            if updates[0].weight != 1:
+                delta.mul_(updates[0].weight)
+            for u in updates[1:]:
+                delta.add_(delta_weight(u, tuple(start.shape)), alpha=u.weight)
             if start is W and not recipe.bias_terms and not recipe.token_rows:
                 return recipe, delta  # ΔW itself: W + ΔW − W would cancel digits
             value = start + delta
@@ -260,7 +264,7 @@ class MergedCheck:
         checks, changed = [], []
         limit = 2 * max((u.bytes for u in work), default=0) * 3
         pipeline = Pipeline(
-            work, self.read, self.check, workers=1, cost=lambda u: 3 * u.bytes, limit=limit, name="verify"
+            work, self.read, self.check, workers=2, cost=lambda u: 3 * u.bytes, limit=limit, name="verify"
         )
         with pipeline:
             for done, (unit, (found, moved)) in enumerate(pipeline, 1):

@@ -84,12 +84,15 @@ class Comparison:
         return self.verdict
 
 
-def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float) -> Comparison:
-    """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`."""
-    n = norm(D)
-    h = norm(H)
+def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None = None) -> Comparison:
+    """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`;
+    `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it."""
+    n = norm(D) if n is None else n
     error = norm(H - D)
-    rho = inner(H, D) / (n * n) if n > 0 else (1.0 if h <= tolerance else 0.0)
+    if n == 0:
+        rho = 1.0 if norm(H) <= tolerance else 0.0
+    else:
+        rho = inner(H, D) / (n * n)
     scale = n if n > 0 else 1.0
 
     def result(verdict: str, c: float | None = None) -> Comparison:
@@ -100,7 +103,8 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float) -> Comparison:
         resolvable = tolerance <= RESOLVABLE * n * math.sqrt(max(D.numel(), 1))
         if n == 0 or (rho >= VISIBLE and resolvable):
             return result("landed")
-        return result("missing" if h == 0 else "partly")
+        return result("missing" if not H.any() else "partly")
+    h = norm(H)
     if h <= tolerance + MISSING * n:
         return result("missing")
     if D.dim() >= 2 and D.shape[-1] == D.shape[-2]:
