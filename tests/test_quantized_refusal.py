@@ -413,6 +413,8 @@ COMMANDS = {
     "resize --base": lambda Q, P, A, out: ["resize", A, "--rank", "2", "--base", Q, "-o", out],
     "combine --base": lambda Q, P, A, out: ["combine", A, A, "--exact", "--base", Q, "-o", out],
     "export --base": lambda Q, P, A, out: ["export", A, "--for", "vllm", "--base", Q, "-o", out],
+    "verify quantized base": lambda Q, P, A, out: ["verify", Q, A, P],
+    "verify quantized artifact": lambda Q, P, A, out: ["verify", P, A, Q],
     "rank-report --probe": lambda Q, P, A, out: ["rank-report", Q, "--probe", "--text", TEXT],
     "rank-report adapter --probe": lambda Q, P, A, out: [
         "rank-report",
