@@ -170,6 +170,17 @@ def test_gpt2_conv1d(tmp_path):
     code, report = verify(base, adapter, out)
     assert code == DID_NOT_LAND and verdicts(report)[key] == "transposed"
 
+    # an artifact that unties lm_head from wte and stores it changed: the tied member is checked too
+    def untied_lm_head(t):
+        t["lm_head.weight"] = W["transformer.wte.weight"] + 1e-2
+
+    out = edited_copy(tmp_path / "peft", tmp_path / "untied", untied_lm_head)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    code, report = verify(base, adapter, out)
+    assert code == DID_NOT_LAND and [c["tensor"] for c in report["changed"]] == ["lm_head.weight"]
+    assert any("tied" in issue for issue in report["config"])
+
 
 def test_tied_lm_head(tmp_path):
     base = make_llama(tmp_path / "base", tie_word_embeddings=True)
@@ -274,6 +285,10 @@ def test_bad_input(llama, tmp_path):
     assert_refused(["verify", base, adapter, tmp_path / "nowhere"], "nowhere", inputs=[base, adapter])
     result = run_cli("verify", base, adapter)
     assert result.exit_code == 2 and "ARTIFACT" in result.stderr
+    result = run_cli("verify", base, adapter, base, "--weight", "1", "--weight", "2")
+    assert result.exit_code == 2 and "2 --weight values for 1 adapters" in result.stderr
+    other = make_gpt2(tmp_path / "gpt2")
+    assert_refused(["verify", other, adapter, other], str(adapter), inputs=[other, adapter])
 
 
 def test_dora_embedding_saved_tensor_sharded(tmp_path):

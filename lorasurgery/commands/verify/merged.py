@@ -74,19 +74,18 @@ class Changed:
 
 
 def units(recipes: Recipes, base, artifact) -> list[Unit]:
-    """Every tensor of the base, once, in the base's file order: tie groups something touches whole."""
+    """Every tensor of the model, once, in the base's file order (a tied member the base stores once
+    too: the artifact may store it apart); tie groups something touches whole."""
     groups = {n: outcome.group for outcome in recipes.ties for n in outcome.group}
     seen: set[str] = set()
     found = []
-    for name in base.tensors:
+    for name in recipes.tensors:
         if name in seen:
             continue
         names = groups.get(name, (name,))
         seen.update(names)
         touched = any(recipes.touched(n) for n in names) or name in groups
-        found.append(
-            Unit(tuple(names), touched, sum(recipes.tensors[n].nbytes for n in names if n in recipes.tensors))
-        )
+        found.append(Unit(tuple(names), touched, sum(recipes.tensors[n].nbytes for n in names)))
     return found
 
 
@@ -112,8 +111,7 @@ class MergedCheck:
     def read(self, unit: Unit):
         base, artifact = {}, {}
         for name in unit.names:
-            info = self.recipes.tensors.get(name) or self.base.tensors[name]
-            base[name] = self.base.read(info.name, self.device)
+            base[name] = self.base.read(self.recipes.tensors[name].name, self.device)
             stored = self.artifact_name(name)
             artifact[name] = self.artifact.read(stored, self.device) if stored is not None else None
         return base, artifact
@@ -124,7 +122,9 @@ class MergedCheck:
         base, artifact = tensors
         if not unit.touched:
             name = unit.names[0]
-            return [], _untouched(name, base[name], artifact[name], self.base.tensors[name], self._info(name))
+            return [], _untouched(
+                name, base[name], artifact[name], self.recipes.tensors[name], self._info(name)
+            )
         checks, changed, surplus = [], [], {}
         expected = {n: self.expected(n, base[n]) for n in unit.names}
         for name in unit.names:
@@ -140,7 +140,7 @@ class MergedCheck:
                 surplus[name] = H - delta  # what landed on this member beyond what it should carry
             if recipe is None or recipe.untouched:
                 found = _untouched(
-                    name, base[name], artifact[name], self.base.tensors.get(name), self._info(name)
+                    name, base[name], artifact[name], self.recipes.tensors.get(name), self._info(name)
                 )
                 changed.extend(found)
                 continue
