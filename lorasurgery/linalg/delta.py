@@ -128,7 +128,7 @@ def delta_weight(
         return torch.stack([delta_weight(update.expert(e), shape[1:], dtype=dtype) for e in range(shape[0])])
     rows, cols = shape[0], math.prod(shape[1:])
     L, R, _ = update.factors(rows, cols)
-    return (update.scale * (L.to(dtype) @ R.to(dtype))).reshape(shape)
+    return (L.to(dtype) @ R.to(dtype)).mul_(update.scale).reshape(shape)  # in place: one d×k buffer
 
 
 def _block_rows(cols: int) -> int:

@@ -136,7 +136,7 @@ class MergedCheck:
                 self.rounding[name] = self.artifact_rounding(name, H)  # before H becomes ΔŴ in place
                 if H.shape == base[name].shape:
                     H.sub_(base[name])
-            if H is not None and H.shape == delta.shape:
+            if len(unit.names) > 1 and H is not None and H.shape == delta.shape:
                 surplus[name] = H - delta  # what landed on this member beyond what it should carry
             if recipe is None or recipe.untouched:
                 found = _untouched(

@@ -86,13 +86,14 @@ class Comparison:
 
 def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None = None) -> Comparison:
     """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`;
-    `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it."""
+    `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it. H is the
+    caller's scratch: it holds H − D afterwards when the verdict is `landed`."""
     n = norm(D) if n is None else n
-    error = norm(H - D)
     if n == 0:
         rho = 1.0 if norm(H) <= tolerance else 0.0
     else:
         rho = inner(H, D) / (n * n)
+    error = norm(H.sub_(D))  # ΔŴ − ΔW in ΔŴ's own buffer: H is given back only when needed
     scale = n if n > 0 else 1.0
 
     def result(verdict: str, c: float | None = None) -> Comparison:
@@ -103,7 +104,9 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None 
         resolvable = tolerance <= RESOLVABLE * n * math.sqrt(max(D.numel(), 1))
         if n == 0 or (rho >= VISIBLE and resolvable):
             return result("landed")
+        H.add_(D)
         return result("missing" if not H.any() else "partly")
+    H.add_(D)
     h = norm(H)
     if h <= tolerance + MISSING * n:
         return result("missing")
