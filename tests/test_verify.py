@@ -318,3 +318,66 @@ def test_dora_embedding_saved_tensor_sharded(tmp_path):
     assert run_cli("merge", base, plain, "-o", made_without, "-q").exit_code == 0
     code, report = verify(base, adapter, made_without)
     assert code == DID_NOT_LAND and verdicts(report)["lm_head.weight"] != "landed"
+
+
+def _matrix_cases():
+    """PEFT's LoRA test matrix (tests/test_peft_matrix.py) where merge equals PEFT: every layer kind,
+    layout and option merge supports."""
+    from test_peft_matrix import _params
+
+    for param in _params():
+        case = param.values[0]
+        if case.expect == "merge" and not case.forward_input and not case.option:
+            yield param
+
+
+@pytest.fixture(scope="module")
+def matrix_bases(tmp_path_factory):
+    from peft_matrix import Bases
+
+    return Bases(tmp_path_factory.mktemp("matrix-bases"))
+
+
+@pytest.mark.parametrize("case", list(_matrix_cases()))
+def test_every_merge_of_the_peft_matrix_verifies(case, matrix_bases, tmp_path):
+    from peft_matrix import make_peft
+
+    bases = matrix_bases
+    adapters, _, _ = make_peft(bases, case, tmp_path / "adapter")
+    base = bases.get(case.model, case.dtype, case.config_json)
+    out = tmp_path / "out"
+    assert run_cli("--quiet", "merge", base, *adapters, "-o", out).exit_code == 0
+    result = run_cli("verify", base, *adapters, out, "--json")
+    assert result.exit_code == LANDED, (result.exit_code, result.stdout[-3000:], result.stderr)
+
+
+@pytest.mark.parametrize("case", list(_matrix_cases()))
+def test_every_peft_merge_of_the_matrix_verifies(case, matrix_bases, tmp_path):
+    """PEFT's own merge_and_unload of each case, saved under the base's tensor names as
+    save_pretrained does, lands within the tolerance (in fp16/bf16 PEFT rounds ΔW before adding it:
+    the tolerance allows that second rounding) — except where a LoRA touches a tied embedding:
+    PEFT's merge writes it into the shared tensor, or the reference unties it under a config that
+    still ties, and verify must say so."""
+    from peft_matrix import make_peft
+    from safetensors import safe_open
+
+    adapters, _, expected = make_peft(matrix_bases, case, tmp_path / "adapter")
+    base = matrix_bases.get(case.model, case.dtype, case.config_json)
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        stored = set(f.keys())
+    if not set(expected) & stored >= {k for k in stored if ".experts." in k}:
+        pytest.skip(
+            "the base stores its experts split and PEFT's state dict fuses them (verify reads "
+            "an artifact under the base's own tensor layout only)"
+        )
+    out = tmp_path / "peft"
+    shutil.copytree(base, out)
+    tensors = {k: v.contiguous() for k, v in expected.items() if k in stored}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("verify", base, *adapters, out, "--json")
+    if "tied" in case.id and "trainable-tokens" not in case.id:  # token rows keep the tie
+        assert result.exit_code == DID_NOT_LAND, result.stdout[-3000:]
+        report = json.loads(result.stdout)
+        assert report["config"] or "wrong side of a tie" in verdicts(report).values(), report
+        return
+    assert result.exit_code == LANDED, (result.exit_code, result.stdout[-3000:], result.stderr)
