@@ -355,7 +355,7 @@ def extract(
     rank policy. The report gives each module's true error after the cast to the output dtype.
     """
     from lorasurgery import render
-    from lorasurgery.commands.extract.extract import extract_adapter, write_report
+    from lorasurgery.commands.extract.extract import ExtractRequest, extract_adapter, write_report
 
     if calibrate != bool(text):
         raise click.UsageError("--calibrate and --text FILE go together")
@@ -363,24 +363,26 @@ def extract(
     quiet = settings_of(ctx).quiet
     with render.progress_bar("extract", quiet) as progress:
         result = extract_adapter(
-            base,
-            finetuned,
-            output,
-            policy=policy,
-            max_rank=max_rank,
-            include=include,
-            exclude=exclude,
-            embeddings=embeddings,
-            save_1d=save_1d,
-            dtype=dtype,
-            svd=svd,
-            device=device,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            calibrate=text if calibrate else None,
-            calibrate_tokens=tokens,
+            ExtractRequest(
+                base,
+                finetuned,
+                output,
+                policy=policy,
+                max_rank=max_rank,
+                include=include,
+                exclude=exclude,
+                embeddings=embeddings,
+                save_1d=save_1d,
+                dtype=dtype,
+                svd=svd,
+                device=device,
+                force=force,
+                allow_nonfinite=allow_nonfinite,
+                calibrate=text if calibrate else None,
+                calibrate_tokens=tokens,
+                config_file=config_file,
+            ),
             progress=progress,
-            config_file=config_file,
         )
     if report:
         write_report(result, report)

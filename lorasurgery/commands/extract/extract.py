@@ -137,6 +137,8 @@ class _Run:
     allow_nonfinite: bool
     early: Prefetch | None = None  # _early_reads
     calibration: dict | None = None  # module -> calibrate.Whitening (--calibrate)
+    factored: dict = field(default_factory=dict)  # target name -> _Factored, as workers finish
+    measured: list = field(default_factory=list)  # _MeasuredResult, as workers finish
 
     def whitening(self, target: Target):
         """L of the module's input Gram with --calibrate (commands.extract.calibrate), else None."""
@@ -450,51 +452,60 @@ def _run_all(items: list, work: Callable, workers: int, size_of: Callable, on_do
 # ------------------------------------------------------------------------------------ extract
 
 
-def extract_adapter(
-    base: str | os.PathLike,
-    finetuned: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    policy: Policy,
-    max_rank: int | None = None,
-    include: str | None = None,
-    exclude: str | None = None,
-    embeddings: str = "skip",
-    save_1d: bool = False,
-    dtype: str = "auto",
-    svd: str = "auto",
-    device: str = "cpu",
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    calibrate: str | os.PathLike | None = None,
-    calibrate_tokens: int | None = None,
-    calibrate_ridge: float | None = None,
-    calibrate_scaled_budget: bool = True,
-    progress: ProgressCallback | None = None,
-    config_file: str | os.PathLike | None = None,
-) -> ExtractReport:
-    """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report.
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What `extract` is asked: the pair, the output, the rank policy and every option (the CLI's)."""
 
-    Layer kinds, layouts and ties come from the checkpoints' config.json, or `config_file`."""
+    base: str | os.PathLike
+    finetuned: str | os.PathLike
+    out: str | os.PathLike
+    policy: Policy
+    max_rank: int | None = None
+    include: str | None = None  # regex of the modules to factor (default: the transformer blocks)
+    exclude: str | None = None
+    embeddings: str = "skip"  # skip | lora | full
+    save_1d: bool = False
+    dtype: str = "auto"
+    svd: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+    allow_nonfinite: bool = False
+    calibrate: str | os.PathLike | None = None  # the --text of --calibrate
+    calibrate_tokens: int | None = None
+    calibrate_ridge: float | None = None
+    calibrate_scaled_budget: bool = True
+    config_file: str | os.PathLike | None = None  # layer kinds, layouts and ties when no config.json
+
+    def validate(self) -> None:
+        self.policy.validate()
+        if self.max_rank is not None and self.max_rank < 1:
+            raise OptionError(f"--max-rank must be at least 1, got {self.max_rank}")
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise OptionError(f"--embeddings must be skip, lora or full, got {self.embeddings!r}")
+        if self.dtype not in ("auto", *OUTPUT_DTYPES):
+            raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.svd not in SVD_CHOICES:
+            raise OptionError(f"--svd must be exact, randomized or auto, got {self.svd!r}")
+
+
+def extract_adapter(request: ExtractRequest, progress: ProgressCallback | None = None) -> ExtractReport:
+    """Write a PEFT adapter approximating FINETUNED − BASE to `request.out`; return the error report.
+
+    The steps: the pair opened and planned (no torch yet), every target's SVD (with a --budget, a
+    spectra pass, the allocation, then the factors), the adapter assembled and written atomically."""
     started = time.perf_counter()
     progress = progress or no_progress
     tune_allocator()  # streamed tensor pairs must not pile up in glibc's heaps
-    policy.validate()
-    if max_rank is not None and max_rank < 1:
-        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
-    if embeddings not in EMBEDDING_CHOICES:
-        raise OptionError(f"--embeddings must be skip, lora or full, got {embeddings!r}")
-    if dtype not in ("auto", *OUTPUT_DTYPES):
-        raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    if svd not in SVD_CHOICES:
-        raise OptionError(f"--svd must be exact, randomized or auto, got {svd!r}")
-    include_re, exclude_re = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
+    request.validate()
+    base, finetuned, policy = request.base, request.finetuned, request.policy
     # Refuse an unusable OUT now, not after minutes of SVDs (atomic_output_dir checks again).
-    check_output_path(out, [base, finetuned], force)
+    check_output_path(request.out, [base, finetuned], request.force)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
     check_architectures(base_ckpt, ft_ckpt)
+    include_re = compile_regex(request.include, "--include")
+    exclude_re = compile_regex(request.exclude, "--exclude")
     plan = build_plan(
-        base_ckpt, ft_ckpt, include_re, exclude_re, embeddings, save_1d, config_file
+        base_ckpt, ft_ckpt, include_re, exclude_re, request.embeddings, request.save_1d, request.config_file
     )  # no torch yet
     if not plan.targets and not any(m.save for m in plan.measured):
         raise LoraSurgeryError(f"{finetuned}: no module to extract (check --include/--exclude)")
@@ -507,6 +518,20 @@ def extract_adapter(
 
     # Largest first: a vocabulary-sized item started last would leave the other workers idle.
     order = sorted([*plan.targets, *plan.measured], key=size_of, reverse=True)
+    run = _start_run(request, base_ckpt, ft_ckpt, order)
+    report = ExtractReport(str(base), str(finetuned), str(request.out), policy.describe())
+    if request.calibrate is not None:
+        _calibrate(run, request, plan, report, progress)
+    _factor_all(run, request, plan, order, size_of, report, progress)
+    tensors, config = _assemble(plan, run.factored, run.measured, report, base_ckpt, ft_ckpt, base)
+    with atomic_output_dir(request.out, inputs=[base, finetuned], force=request.force) as folder:
+        write_adapter_folder(folder, tensors, config)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _start_run(request: ExtractRequest, base_ckpt, ft_ckpt, order) -> _Run:
+    """The shared state of the workers, torch imported while the first tensors are read."""
     reads = [
         (checkpoint, name)
         for item in order
@@ -519,30 +544,45 @@ def extract_adapter(
     with _early_reads(reads, min(EARLY_READ_BYTES, EARLY_READ_TENSORS * largest)) as early:
         import torch  # noqa: F401  (1–2 s, while the early reader reads the first tensors)
 
-        device = resolve_device(device)
-    run = _Run(base_ckpt, ft_ckpt, device, policy, max_rank, svd, dtype, allow_nonfinite, early)
+        device = resolve_device(request.device)
+    return _Run(
+        base_ckpt,
+        ft_ckpt,
+        device,
+        request.policy,
+        request.max_rank,
+        request.svd,
+        request.dtype,
+        request.allow_nonfinite,
+        early,
+    )
+
+
+def _calibrate(run: _Run, request: ExtractRequest, plan: Plan, report: ExtractReport, progress) -> None:
+    """--calibrate: each linear target's input Gram on the text (commands.extract.calibrate)."""
+    from lorasurgery.commands.extract.calibrate import RIDGE, collect_input_grams
+
+    linear = [t.module for t in plan.targets if t.kind == "linear"]
+    ridge = RIDGE if request.calibrate_ridge is None else request.calibrate_ridge
+    run.calibration = collect_input_grams(
+        request.finetuned, linear, request.calibrate, request.calibrate_tokens, run.device, progress, ridge
+    )
+    tokens = max((w.tokens for w in run.calibration.values()), default=0)
+    report.policy += ", calibrated"
+    report.notes.append(
+        f"calibrated on {tokens} tokens of {request.calibrate}: {len(run.calibration)} modules minimise the "
+        f"error on their inputs ‖(ΔW − BA)X‖ (data_relative_error); embeddings stay plain"
+    )
+
+
+def _factor_all(run: _Run, request: ExtractRequest, plan: Plan, order, size_of, report, progress) -> None:
+    """Every work item through the workers into run.factored / run.measured: at the policy's rank
+    in one pass, or (--budget) spectra first, the budget allocated, then the factors."""
+    policy = run.policy
     workers = _worker_count(run)
-    report = ExtractReport(str(base), str(finetuned), str(out), policy.describe())
-    if calibrate is not None:
-        from lorasurgery.commands.extract.calibrate import RIDGE, collect_input_grams
-
-        linear = [t.module for t in plan.targets if t.kind == "linear"]
-        ridge = RIDGE if calibrate_ridge is None else calibrate_ridge
-        run.calibration = collect_input_grams(
-            finetuned, linear, calibrate, calibrate_tokens, device, progress, ridge
-        )
-        tokens = max((w.tokens for w in run.calibration.values()), default=0)
-        report.policy += ", calibrated"
-        report.notes.append(
-            f"calibrated on {tokens} tokens of {calibrate}: {len(run.calibration)} modules minimise the error "
-            f"on their inputs ‖(ΔW − BA)X‖ (data_relative_error); embeddings stay plain"
-        )
-
     passes = 2 if policy.budget is not None else 1
     total = passes * len(plan.targets) + len(plan.measured)
     done = 0
-    factored: dict[str, _Factored] = {}
-    measured: list[_MeasuredResult] = []
 
     def collect(stage: str):
         def on_done(result) -> None:
@@ -550,10 +590,10 @@ def extract_adapter(
             if result is None:
                 return
             if isinstance(result, _MeasuredResult):
-                measured.append(result)
+                run.measured.append(result)
                 item = result.item.module
             else:
-                factored[result.target.name] = result
+                run.factored[result.target.name] = result
                 item = result.target.module
             done += 1
             progress(Progress(stage, done, total, item))
@@ -569,33 +609,20 @@ def extract_adapter(
         return _factor(run, target, k, spectrum)
 
     _run_all(order, work, workers, size_of, collect("extract: spectra" if policy.budget else "extract"))
-
-    if policy.budget is not None:
-        ranks = _allocate(
-            plan,
-            factored,
-            measured,
-            policy.budget,
-            max_rank,
-            report,
-            calibrate_scaled_budget and calibrate is not None,
-        )
-        second = [
-            (t, ranks[t.name], factored[t.name].spectrum)
-            for t in order
-            if isinstance(t, Target) and ranks.get(t.name, 0) > 0
-        ]
-        for target in plan.targets:
-            if ranks.get(target.name, 0) == 0:  # nothing kept: the spectrum pass said all there is
-                factored[target.name].err_sq = factored[target.name].delta_sq
-                done += 1
-        _run_all(second, work, workers, size_of, collect("extract"))
-
-    tensors, config = _assemble(plan, factored, measured, report, base_ckpt, ft_ckpt, base)
-    with atomic_output_dir(out, inputs=[base, finetuned], force=force) as folder:
-        write_adapter_folder(folder, tensors, config)
-    report.seconds = time.perf_counter() - started
-    return report
+    if policy.budget is None:
+        return
+    scaled = request.calibrate_scaled_budget and request.calibrate is not None
+    ranks = _allocate(plan, run.factored, run.measured, policy.budget, run.max_rank, report, scaled)
+    second = [
+        (t, ranks[t.name], run.factored[t.name].spectrum)
+        for t in order
+        if isinstance(t, Target) and ranks.get(t.name, 0) > 0
+    ]
+    for target in plan.targets:
+        if ranks.get(target.name, 0) == 0:  # nothing kept: the spectrum pass said all there is
+            run.factored[target.name].err_sq = run.factored[target.name].delta_sq
+            done += 1
+    _run_all(second, work, workers, size_of, collect("extract"))
 
 
 def _allocate(
