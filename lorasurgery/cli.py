@@ -355,7 +355,7 @@ def extract(
     rank policy. The report gives each module's true error after the cast to the output dtype.
     """
     from lorasurgery import render
-    from lorasurgery.commands.extract.extract import ExtractRequest, extract_adapter, write_report
+    from lorasurgery.commands.extract.extract import ExtractRequest, extract_adapter, write_extract_report
 
     if calibrate != bool(text):
         raise click.UsageError("--calibrate and --text FILE go together")
@@ -385,7 +385,7 @@ def extract(
             progress=progress,
         )
     if report:
-        write_report(result, report)
+        write_extract_report(result, report)
     render.extract_report(result, as_json=as_json, quiet=quiet)
 
 
@@ -558,7 +558,7 @@ def resize(
     """
     from lorasurgery import render
     from lorasurgery.commands.surgery.resize import resize_adapter
-    from lorasurgery.commands.surgery.surgery import write_report
+    from lorasurgery.commands.surgery.surgery import write_surgery_report
 
     policy = make_policy(rank, energy, ratio, auto, budget)
     quiet = settings_of(ctx).quiet
@@ -575,7 +575,7 @@ def resize(
             progress=progress,
         )
     if report:
-        write_report(result, report)
+        write_surgery_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)
 
 
@@ -617,7 +617,7 @@ def combine(
     """
     from lorasurgery import render
     from lorasurgery.commands.surgery.combine import combine_adapters
-    from lorasurgery.commands.surgery.surgery import write_report
+    from lorasurgery.commands.surgery.surgery import write_surgery_report
 
     policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
     quiet = settings_of(ctx).quiet
@@ -636,7 +636,7 @@ def combine(
             progress=progress,
         )
     if report:
-        write_report(result, report)
+        write_surgery_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)
 
 

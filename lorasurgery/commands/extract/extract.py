@@ -36,10 +36,10 @@ from lorasurgery.commands.extract.plan import (
     Measured,
     Plan,
     Target,
-    adapter_config,
     build_plan,
     check_architectures,
     compile_regex,
+    extracted_adapter_config,
     module_of,
 )
 from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_threads
@@ -68,7 +68,7 @@ RANDOMIZED_NITER = 4
 
 
 @dataclass
-class ModuleResult:
+class ExtractedModule:
     name: str
     shape: list[int]  # as stored in the checkpoint
     rank: int
@@ -80,7 +80,7 @@ class ModuleResult:
 
 
 @dataclass
-class Skipped:
+class LeftOut:
     name: str
     reason: str
     relative_norm: float  # ‖ΔW‖_F / ‖W‖_F
@@ -92,8 +92,8 @@ class ExtractReport:
     finetuned: str
     output: str
     policy: str
-    modules: list[ModuleResult] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
+    modules: list[ExtractedModule] = field(default_factory=list)
+    skipped: list[LeftOut] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)  # modules saved whole (modules_to_save, biases)
     totals: dict = field(default_factory=dict)  # params, bytes, relative_error
     notes: list[str] = field(default_factory=list)
@@ -681,12 +681,12 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
         error_sq += f.err_sq
         total_sq += f.delta_sq
         if f.rank == 0:
-            report.skipped.append(Skipped(target.module, f"rank 0 under {report.policy}", relative_norm))
+            report.skipped.append(LeftOut(target.module, f"rank 0 under {report.policy}", relative_norm))
             continue
         keys = lora_keys(target.module, target.kind)
         tensors[keys.A], tensors[keys.B] = f.A, f.B
         module_ranks[target.module] = f.rank
-        result = ModuleResult(
+        result = ExtractedModule(
             name=target.module,
             shape=list(target.stored_shape),
             rank=f.rank,
@@ -709,7 +709,7 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
             tensors[out_keys.B] = f.A.T.contiguous()
             module_ranks[plan.tied_output] = f.rank
             report.modules.append(
-                ModuleResult(
+                ExtractedModule(
                     plan.tied_output,
                     list(target.stored_shape),
                     f.rank,
@@ -738,7 +738,7 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
                 modules_to_save.append(m.item.module)
         elif m.delta_sq > 0:
             relative_norm = math.sqrt(m.delta_sq / m.base_sq) if m.base_sq else float("inf")
-            report.skipped.append(Skipped(m.item.module, m.item.reason, relative_norm))
+            report.skipped.append(LeftOut(m.item.module, m.item.reason, relative_norm))
             skipped_sq[m.item.module] = skipped_sq.get(m.item.module, 0.0) + m.delta_sq
     if plan.tied_embedding in modules_to_save:
         # PEFT ties lm_head to the saved embedding (ensure_weight_tying) but still loads it from its
@@ -767,7 +767,9 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
     if unchanged:
         report.notes.append(f"{unchanged} selected modules are unchanged by the fine-tune and were left out")
     all_modules = {module_of(n) for n in base_ckpt.tensors} | set(module_ranks)
-    config = adapter_config(base_path, plan, module_ranks, modules_to_save, saved_biases, all_modules)
+    config = extracted_adapter_config(
+        base_path, plan, module_ranks, modules_to_save, saved_biases, all_modules
+    )
     return tensors, config
 
 
@@ -789,6 +791,6 @@ def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq
     )
 
 
-def write_report(report: ExtractReport, path: str | os.PathLike) -> None:
+def write_extract_report(report: ExtractReport, path: str | os.PathLike) -> None:
     """Write the docs/design.md §4 JSON report to `path`, atomically."""
     write_text_atomically(path, json.dumps(report.to_json(), indent=2) + "\n")

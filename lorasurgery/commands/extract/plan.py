@@ -255,7 +255,7 @@ class _Planner:
                 self.measured.append(Measured(module, names, reason, save=True, adapter_keys=keys))
 
 
-def adapter_config(
+def extracted_adapter_config(
     base_path: str,
     plan: Plan,
     module_ranks: dict[str, int],
