@@ -661,116 +661,135 @@ def _allocate(
     return dict(zip(names, chosen))
 
 
+@dataclass
+class _Assembly:
+    """The adapter being assembled from the finished work, and the sums its report needs."""
+
+    tensors: dict = field(default_factory=dict)
+    module_ranks: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    saved_biases: bool = False
+    error_sq: float = 0.0  # Σ‖ΔW − BA‖² over the factored modules
+    total_sq: float = 0.0  # Σ‖ΔW‖² over them
+    data_error_sq: float = 0.0  # --calibrate: Σ over the calibrated modules
+    data_total_sq: float = 0.0
+    unchanged: int = 0
+    change_sq: dict[str, float] = field(default_factory=dict)  # every module's ‖ΔW‖², for the note
+    skipped_sq: dict[str, float] = field(default_factory=dict)  # the changed modules left out
+
+
 def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, ft_ckpt, base_path):
     """The adapter's tensors and config from the finished work; fills the report."""
-    tensors: dict = {}
-    module_ranks: dict[str, int] = {}
-    error_sq = total_sq = 0.0
-    data_error_sq = data_total_sq = 0.0  # --calibrate: Σ over the calibrated modules
-    unchanged = 0
-    change_sq: dict[str, float] = {}  # every measured module's ‖ΔW‖², for the skipped-share note
+    out = _Assembly()
     for target in sorted(plan.targets, key=lambda t: natural_key(t.module)):
-        f = factored[target.name]
-        change_sq[target.module] = f.delta_sq
-        if f.nonfinite:
-            report.notes.append(f"{target.module}: {f.nonfinite} NaN/Inf entries of ΔW were treated as 0")
-        if f.delta_sq == 0:
-            unchanged += 1
-            continue
-        relative_norm = math.sqrt(f.delta_sq / f.base_sq) if f.base_sq else float("inf")
-        error_sq += f.err_sq
-        total_sq += f.delta_sq
-        if f.rank == 0:
-            report.skipped.append(LeftOut(target.module, f"rank 0 under {report.policy}", relative_norm))
-            continue
-        keys = lora_keys(target.module, target.kind)
-        tensors[keys.A], tensors[keys.B] = f.A, f.B
-        module_ranks[target.module] = f.rank
-        result = ExtractedModule(
-            name=target.module,
-            shape=list(target.stored_shape),
-            rank=f.rank,
-            retained_energy=max(0.0, 1.0 - f.err_sq / f.delta_sq),
-            relative_error=math.sqrt(f.err_sq / f.delta_sq),
-            kind=target.kind,
-            params=f.A.numel() + f.B.numel(),
-            data_relative_error=math.sqrt(f.data_err_sq / f.data_sq) if f.data_sq else None,
-        )
-        if f.data_sq:
-            data_error_sq += f.data_err_sq
-            data_total_sq += f.data_sq
-        report.modules.append(result)
-        if target.module == plan.tied_input and plan.tied_output:
-            # PEFT applies an embedding LoRA to the input side only; the tied lm_head (vocab, dim)
-            # needs ΔE = (B_e A_e)ᵀ = A_eᵀ B_eᵀ too: its Linear LoRA is B = A_eᵀ, A = B_eᵀ — the same
-            # numbers PEFT's ensure_weight_tying shares. Counted once in the overall error.
-            out_keys = lora_keys(plan.tied_output)
-            tensors[out_keys.A] = f.B.T.contiguous()
-            tensors[out_keys.B] = f.A.T.contiguous()
-            module_ranks[plan.tied_output] = f.rank
-            report.modules.append(
-                ExtractedModule(
-                    plan.tied_output,
-                    list(target.stored_shape),
-                    f.rank,
-                    result.retained_energy,
-                    result.relative_error,
-                    kind="tied",
-                    params=result.params,
-                )
-            )
-            report.notes.append(
-                f"{plan.tied_output} is tied to {target.module}: it gets the same factors "
-                f"(PEFT applies an embedding LoRA to the input side only)"
-            )
-
-    modules_to_save: list[str] = []
-    saved_biases = False
-    skipped_sq: dict[str, float] = {}
+        _add_factored(out, plan, target, factored[target.name], report)
     for m in sorted(measured, key=lambda r: natural_key(r.item.module)):
-        change_sq[m.item.module] = change_sq.get(m.item.module, 0.0) + m.delta_sq
-        if m.tensors:
-            tensors.update(m.tensors)
-            report.saved.append(m.item.module)
-            if m.item.as_bias:
-                saved_biases = True
-            elif m.item.module not in modules_to_save:
-                modules_to_save.append(m.item.module)
-        elif m.delta_sq > 0:
-            relative_norm = math.sqrt(m.delta_sq / m.base_sq) if m.base_sq else float("inf")
-            report.skipped.append(LeftOut(m.item.module, m.item.reason, relative_norm))
-            skipped_sq[m.item.module] = skipped_sq.get(m.item.module, 0.0) + m.delta_sq
-    if plan.tied_embedding in modules_to_save:
+        _add_measured(out, m, report)
+    if plan.tied_embedding in out.modules_to_save:
         # PEFT ties lm_head to the saved embedding (ensure_weight_tying) but still loads it from its
         # own key, and fails without it; its own save_pretrained writes both. So the matrix is
         # written twice here too — the one place PEFT's format needs a tied matrix twice.
-        embedding = tensors[saved_key(f"{plan.tied_embedding}.weight")]
-        tensors[saved_key(f"{plan.tied_head}.weight")] = embedding
+        embedding = out.tensors[saved_key(f"{plan.tied_embedding}.weight")]
+        out.tensors[saved_key(f"{plan.tied_head}.weight")] = embedding
         report.notes.append(
             f"{plan.tied_head} is tied to {plan.tied_embedding}: PEFT loads a saved tied embedding only "
             f"with a copy under {plan.tied_head}, so the file holds it twice (--embeddings lora does not)"
         )
-    if not module_ranks:  # PEFT refuses a LoRA config that wraps no module (modules_to_save alone)
+    if not out.module_ranks:  # PEFT refuses a LoRA config that wraps no module (modules_to_save alone)
         raise LoraSurgeryError(
             f"{report.finetuned}: no selected module changed enough to keep (all unchanged or rank 0); "
             f"nothing to write"
         )
-
     report.totals = {
-        "params": sum(t.numel() for t in tensors.values()),
-        "bytes": sum(byte_size(dtype_code_of(t.dtype), tuple(t.shape)) for t in tensors.values()),
-        "relative_error": math.sqrt(error_sq / total_sq) if total_sq else 0.0,
+        "params": sum(t.numel() for t in out.tensors.values()),
+        "bytes": sum(byte_size(dtype_code_of(t.dtype), tuple(t.shape)) for t in out.tensors.values()),
+        "relative_error": math.sqrt(out.error_sq / out.total_sq) if out.total_sq else 0.0,
     }
-    if data_total_sq:
-        report.totals["data_relative_error"] = math.sqrt(data_error_sq / data_total_sq)
-    _skipped_note(report, skipped_sq, change_sq)
-    if unchanged:
-        report.notes.append(f"{unchanged} selected modules are unchanged by the fine-tune and were left out")
-    all_modules = {module_of(n) for n in base_ckpt.tensors} | set(module_ranks)
+    if out.data_total_sq:
+        report.totals["data_relative_error"] = math.sqrt(out.data_error_sq / out.data_total_sq)
+    _skipped_note(report, out.skipped_sq, out.change_sq)
+    if out.unchanged:
+        report.notes.append(
+            f"{out.unchanged} selected modules are unchanged by the fine-tune and were left out"
+        )
+    all_modules = {module_of(n) for n in base_ckpt.tensors} | set(out.module_ranks)
     config = extracted_adapter_config(
-        base_path, plan, module_ranks, modules_to_save, saved_biases, all_modules
+        base_path, plan, out.module_ranks, out.modules_to_save, out.saved_biases, all_modules
     )
-    return tensors, config
+    return out.tensors, config
+
+
+def _add_factored(out: _Assembly, plan: Plan, target: Target, f, report: ExtractReport) -> None:
+    """One target's factors (and a tied lm_head's) into the adapter, its row into the report."""
+    out.change_sq[target.module] = f.delta_sq
+    if f.nonfinite:
+        report.notes.append(f"{target.module}: {f.nonfinite} NaN/Inf entries of ΔW were treated as 0")
+    if f.delta_sq == 0:
+        out.unchanged += 1
+        return
+    relative_norm = math.sqrt(f.delta_sq / f.base_sq) if f.base_sq else float("inf")
+    out.error_sq += f.err_sq
+    out.total_sq += f.delta_sq
+    if f.rank == 0:
+        report.skipped.append(LeftOut(target.module, f"rank 0 under {report.policy}", relative_norm))
+        return
+    keys = lora_keys(target.module, target.kind)
+    out.tensors[keys.A], out.tensors[keys.B] = f.A, f.B
+    out.module_ranks[target.module] = f.rank
+    result = ExtractedModule(
+        name=target.module,
+        shape=list(target.stored_shape),
+        rank=f.rank,
+        retained_energy=max(0.0, 1.0 - f.err_sq / f.delta_sq),
+        relative_error=math.sqrt(f.err_sq / f.delta_sq),
+        kind=target.kind,
+        params=f.A.numel() + f.B.numel(),
+        data_relative_error=math.sqrt(f.data_err_sq / f.data_sq) if f.data_sq else None,
+    )
+    if f.data_sq:
+        out.data_error_sq += f.data_err_sq
+        out.data_total_sq += f.data_sq
+    report.modules.append(result)
+    if target.module == plan.tied_input and plan.tied_output:
+        # PEFT applies an embedding LoRA to the input side only; the tied lm_head (vocab, dim)
+        # needs ΔE = (B_e A_e)ᵀ = A_eᵀ B_eᵀ too: its Linear LoRA is B = A_eᵀ, A = B_eᵀ — the same
+        # numbers PEFT's ensure_weight_tying shares. Counted once in the overall error.
+        out_keys = lora_keys(plan.tied_output)
+        out.tensors[out_keys.A] = f.B.T.contiguous()
+        out.tensors[out_keys.B] = f.A.T.contiguous()
+        out.module_ranks[plan.tied_output] = f.rank
+        report.modules.append(
+            ExtractedModule(
+                plan.tied_output,
+                list(target.stored_shape),
+                f.rank,
+                result.retained_energy,
+                result.relative_error,
+                kind="tied",
+                params=result.params,
+            )
+        )
+        report.notes.append(
+            f"{plan.tied_output} is tied to {target.module}: it gets the same factors "
+            f"(PEFT applies an embedding LoRA to the input side only)"
+        )
+
+
+def _add_measured(out: _Assembly, m, report: ExtractReport) -> None:
+    """A measured module: saved whole (modules_to_save, or a bias), or reported as left out."""
+    module = m.item.module
+    out.change_sq[module] = out.change_sq.get(module, 0.0) + m.delta_sq
+    if m.tensors:
+        out.tensors.update(m.tensors)
+        report.saved.append(module)
+        if m.item.as_bias:
+            out.saved_biases = True
+        elif module not in out.modules_to_save:
+            out.modules_to_save.append(module)
+    elif m.delta_sq > 0:
+        relative_norm = math.sqrt(m.delta_sq / m.base_sq) if m.base_sq else float("inf")
+        report.skipped.append(LeftOut(module, m.item.reason, relative_norm))
+        out.skipped_sq[module] = out.skipped_sq.get(module, 0.0) + m.delta_sq
 
 
 def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq: dict[str, float]) -> None:
