@@ -106,7 +106,7 @@ def add_module_column(table: Table, modules) -> None:
 
 
 def _module_type(name: str, kind: str) -> str:
-    from lorasurgery.architecture import leaf
+    from lorasurgery.model import leaf
 
     if kind in ("replaced", "tokens"):  # a saved tensor: keep its parameter name (lm_head.weight)
         return ".".join(p for p in name.split(".")[-2:] if not p.isdigit())

@@ -20,7 +20,7 @@ LAYERS = (
     ("errors", "units", "progress", "devices", "memory", "concurrency", "textdata"),
     ("io",),
     ("adapter",),
-    ("architecture", "naming"),
+    ("model", "naming"),
     ("binding",),
     ("linalg",),
     ("factored", "causal_lm"),

@@ -140,7 +140,7 @@ def inspect_adapter(
 ) -> InspectReport:
     """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖.
 
-    With a base, each module is laid out as the base's structure says (lorasurgery.architecture;
+    With a base, each module is laid out as the base's structure says (lorasurgery.model;
     `config_file` and `fan_in_fan_out` as for merge)."""
     adapter = load_adapter(path)
     bound = None

@@ -29,7 +29,6 @@ from lorasurgery.adapter import load_adapter
 from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.names import find_prefix_rule
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.architecture import structure_of
 from lorasurgery.binding import bind, saved_fan_in_fan_out
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
 from lorasurgery.commands.export.rules import (
@@ -52,6 +51,7 @@ from lorasurgery.io import (
     torch_dtype_of,
 )
 from lorasurgery.linalg.lowrank import LowRankSVD, concatenated_factors, lowrank_fro_norm
+from lorasurgery.model import structure_of
 from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
@@ -124,7 +124,7 @@ def _base_parts(base) -> tuple[dict | None, object | None]:
 
 
 def base_structure(base, base_config, base_ckpt):
-    """The base's architecture.Structure (kinds, ties), from its weights' names when it has weights."""
+    """The base's model.Structure (kinds, ties), from its weights' names when it has weights."""
     if base_config is None:
         return None
     if base_ckpt is not None:

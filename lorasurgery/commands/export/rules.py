@@ -100,7 +100,7 @@ def check_rules(
     structure=None,
 ) -> list[Rule]:
     """Every rule of `target` checked against `adapter` (an Adapter). `base_config` is the base's
-    config.json (llama.cpp needs it, with `structure`, the base's architecture.Structure, for its
+    config.json (llama.cpp needs it, with `structure`, the base's model.Structure, for its
     ties); `have_base_weights` says whether DoRA can be converted."""
     rules = [_scale_rule(adapter, target)]
     if target == "sglang":
@@ -270,7 +270,7 @@ def _llamacpp_rules(adapter, base_config: dict | None, structure) -> list[Rule]:
             "" if known else "merge into the base and convert the merged model with convert_hf_to_gguf.py",
         )
     )
-    # Ties and which module is the output projection: from the model's structure (architecture.py).
+    # Ties and which module is the output projection: from the model's structure (lorasurgery/model/).
     tied = structure is not None and structure.word_embeddings_tied()
     heads = [m for m in adapter.modules if structure is not None and structure.is_output_embedding(m)]
     rules.append(

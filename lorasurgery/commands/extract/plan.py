@@ -5,7 +5,7 @@ be the same architecture with the same tensor names and shapes (a resized vocabu
 `--embeddings full`), and the output path must be usable. The plan then says, per tensor:
 
 - a `Target`: a 2-D weight factored as ΔW ≈ B·A, in PEFT's layout for its module kind, which the
-  model's structure gives (lorasurgery.architecture): Linear: ΔW is (out, in); GPT-2's Conv1D stores
+  model's structure gives (lorasurgery.model): Linear: ΔW is (out, in); GPT-2's Conv1D stores
   (in, out), so its SVD runs on the transpose and the adapter says `fan_in_fan_out`; an embedding's
   LoRA is ΔEᵀ (dim, vocab) = B·A;
 - a `Measured` group: tensors read only to report how much the fine-tune changed them (skipped
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from lorasurgery.adapter.model import base_layer_key, saved_key
 from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields
-from lorasurgery.architecture import in_block, structure_of
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.io.safetensors_format import torch_dtype_of
+from lorasurgery.model import in_block, structure_of
 from lorasurgery.naming import natural_key
 
 

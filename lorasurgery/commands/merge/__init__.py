@@ -5,7 +5,7 @@ W' = W + Σᵢ wᵢ·ΔWᵢ for every targeted weight (kernels: linalg/delta.py)
 byte for byte. The package is split by concern:
 
     plan.py    every output tensor's recipe, resolved and checked before the output folder exists
-               (layouts and ties from lorasurgery.architecture; the tie rule is ties.py)
+               (layouts and ties from lorasurgery.model; the tie rule is ties.py)
     write.py   the plan executed through lorasurgery.concurrency's pipeline into the shard writer
     verify.py  --verify: PEFT's adapted model against the merged one, on the same tokens
 
@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import prefetch, read_config
 from lorasurgery.commands.merge.plan import (
     AdapterSummary,
     Item,
@@ -36,6 +35,7 @@ from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
 from lorasurgery.io.quantization import declares_unreadable_quantization
 from lorasurgery.memory import tune_allocator
+from lorasurgery.model import prefetch, read_config
 from lorasurgery.progress import ProgressCallback, no_progress
 
 __all__ = [

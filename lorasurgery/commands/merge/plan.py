@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import Layout, Structure, model_tensors, structure_of
 from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.commands.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
 from lorasurgery.errors import (
@@ -25,6 +24,7 @@ from lorasurgery.errors import (
 )
 from lorasurgery.io import TensorSpec, open_checkpoint
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
+from lorasurgery.model import Layout, Structure, model_tensors, structure_of
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _LISTED = 8  # how many names an error lists

@@ -130,7 +130,7 @@ def rank_report(
     fan_in_fan_out: str | None = None,
 ) -> RankReport:
     """The rank report of `target` (see the module docstring). With a base, layouts and embeddings
-    come from its structure (lorasurgery.architecture; `config_file`/`fan_in_fan_out` as for merge)."""
+    come from its structure (lorasurgery.model; `config_file`/`fan_in_fan_out` as for merge)."""
     target = Path(target)
     if not target.exists():
         raise LoraSurgeryError(f"{target}: no such file or folder")
