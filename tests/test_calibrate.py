@@ -11,7 +11,7 @@ import pytest
 import torch
 from clihelp import run_cli
 
-from lorasurgery import render
+from lorasurgery.cli import render
 from lorasurgery.commands.extract.calibrate import collect_input_grams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"

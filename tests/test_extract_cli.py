@@ -56,7 +56,7 @@ def test_report_json_has_the_spec_schema_and_matches_stdout(pair, tmp_path):
 
 
 def test_table_on_stdout_and_notes_on_stderr(pair, tmp_path, monkeypatch):
-    from lorasurgery import render
+    from lorasurgery.cli import render
 
     monkeypatch.setattr(render.stdout, "width", 80)  # module names must survive a narrow terminal
     base, ft = pair

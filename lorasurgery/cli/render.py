@@ -414,7 +414,7 @@ def rank_report(report, show_all=False, json_path=None, csv_path=None, plot_dir=
     if csv_path:
         write_text_atomically(csv_path, rank_report_csv(report))
     if plot_dir:
-        from lorasurgery.plots import write_plots
+        from lorasurgery.cli.plots import write_plots
 
         for path in write_plots(report, plot_dir):
             note(f"plot: {path}", quiet)
