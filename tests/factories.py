@@ -219,26 +219,107 @@ def load_base(base_path, model_kind: str = "llama", dtype="auto"):
     return model.eval()
 
 
-def randomize_adapter(model, seed: int = 0, std: float = 0.05) -> None:
-    """Make a fresh PEFT model's adapter non-trivial, deterministically (in `named_parameters` order).
+def randomize_adapter(
+    model,
+    seed: int = 0,
+    std: float = 0.05,
+    *,
+    a_std: float | None = None,
+    magnitude: float = 0.03,
+    other: float = 0.02,
+) -> None:
+    """Make a fresh PEFT model's adapter non-trivial, deterministically (in `named_parameters` order):
+    the tests' one randomiser.
 
     - every ``lora_B`` weight/bias and ``lora_embedding_A``/``lora_embedding_B``: N(0, std²)
-      (PEFT zero-initialises lora_B, lora_B.bias and lora_embedding_A);
-    - ``lora_magnitude_vector`` (DoRA): scaled by 1 + N(0, 0.03²) per feature;
-    - every other trainable non-LoRA parameter (modules_to_save copies, biases of bias="all" /
-      "lora_only"): plus N(0, 0.02²).
+      (PEFT zero-initialises lora_B, lora_B.bias and lora_embedding_A); with `a_std`, every LoRA
+      factor (lora_A too) is drawn anew from N(0, a_std²) instead;
+    - ``lora_magnitude_vector`` (DoRA): scaled by 1 + N(0, magnitude²) per feature;
+    - every other trainable non-LoRA parameter (modules_to_save copies — an inactive adapter's too —,
+      trainable-token rows, biases of bias="all" / "lora_only"): plus N(0, other²).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
             noise = noise.to(parameter.dtype)
-            if ".lora_B." in name or "lora_embedding_B" in name or "lora_embedding_A" in name:
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + magnitude * noise)
+            elif a_std is not None and "lora_" in name:
+                parameter.copy_(a_std * noise)
+            elif ".lora_B." in name or "lora_embedding_B" in name or "lora_embedding_A" in name:
                 parameter.copy_(std * noise)
-            elif "lora_magnitude_vector" in name:
-                parameter.mul_(1 + 0.03 * noise)
-            elif parameter.requires_grad and "lora_" not in name:
-                parameter.add_(0.02 * noise)
+            elif "lora_" not in name and (
+                parameter.requires_grad or ".modules_to_save." in name or "trainable_tokens_delta" in name
+            ):
+                parameter.add_(other * noise)
+
+
+# ------------------------------------------------------------------------------- in-memory models
+# Tiny real transformers models built in memory (seeded, < 1 s each), and PEFT-made fine-tunes and
+# adapters of them, for tests that need a model object rather than a folder.
+
+
+def tiny_llama(tie: bool = False, vocab: int = 64, hidden: int = 32, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_bert(head: bool = False, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertForSequenceClassification(config) if head else transformers.BertModel(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" in name:  # not all ones/zeros: merges must be checked on real values
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def peft_finetune(model, seed: int = 1, **lora):
+    """A fine-tune whose ΔW is exactly low rank: a randomized PEFT adapter, merged by PEFT."""
+    import peft
+
+    torch.manual_seed(seed)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    randomize_adapter(wrapped, seed=seed, std=0.1)
+    return wrapped.merge_and_unload()
+
+
+def peft_adapter(model, out, seed: int = 1, **lora):
+    """A real PEFT adapter of an in-memory model saved to `out`, every zero-initialised factor randomized."""
+    import peft
+
+    torch.manual_seed(seed)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    randomize_adapter(wrapped, seed=seed, std=0.1)
+    wrapped.save_pretrained(out)
+    return wrapped
 
 
 def make_adapter(
