@@ -347,7 +347,7 @@ def _unquantized_output(checkpoint, out_code: str | None, config, changes: dict,
 def _check_requantizable(checkpoint) -> None:
     quantization = checkpoint.quantization
     if quantization is None:
-        raise OptionError(
+        raise UnsupportedError(
             f"{checkpoint.path}: --requantize writes the merge in the base's quantized format, but the "
             f"base is not quantized; merge without --requantize"
         )
