@@ -213,6 +213,8 @@ def merge_progress(quiet: bool = False) -> Iterator[ProgressCallback]:
             task = bar.add_task(event.stage, total=event.bytes_total or None, tensors="", item="")
         bar.update(
             task,
+            description=event.stage,  # --min-retention measures ("retention") before it merges
+            total=event.bytes_total or None,
             completed=event.bytes_done,
             tensors=f"{event.done}/{event.total}",
             item=event.item[-48:],

@@ -137,7 +137,9 @@ def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfin
     else:
         start = base.clone()  # merge_weight may write W′ over its input
     merged = produce(plan, as_float32, start, device, precise, allow_nonfinite)
-    return requantize(info, base, merged, lambda part: stored.read(part.name, base.device.type))
+    if str(device) != "cpu":  # quantize, decode and measure on the merge's device too
+        base, merged = base.to(device), merged.to(device)
+    return requantize(info, base, merged, lambda part: stored.read(part.name, str(device)))
 
 
 def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progress) -> dict:
