@@ -322,3 +322,47 @@ def test_requantize_on_a_plain_base_is_refused(models, tmp_path):
         inputs=[models["plain"], models["adapter"]],
         output=out,
     )
+
+
+def test_static_activation_scales_are_copied_or_dropped_with_their_weight(models, tmp_path):
+    """A static activation scale decodes nothing of W: copied byte for byte beside its requantized
+    weight, dropped with the scales when the weight is written unquantized."""
+    import shutil
+
+    Q = tmp_path / "static"
+    shutil.copytree(models["fp8"]["block"], Q)
+    stored = load_file(Q / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.activation_scale"
+    stored[name] = torch.tensor(0.0123, dtype=torch.float32)
+    save_file(stored, Q / "model.safetensors", metadata={"format": "pt"})
+
+    summary = merge_json(Q, models["adapter"], "-o", tmp_path / "kept", "--requantize")
+    assert summary["tensors_requantized"] == 8
+    assert same_bytes(load_file(tmp_path / "kept" / "model.safetensors")[name], stored[name])
+
+    out = tmp_path / "plain"
+    summary = merge_json(Q, models["adapter"], "-o", out, "--requantize", "--min-retention", "2")
+    written = load_file(out / "model.safetensors")
+    assert name not in written and "model.layers.0.self_attn.q_proj.weight_scale_inv" not in written
+    listed = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert sorted(listed) == sorted(row["module"] for row in summary["retention"]) and len(listed) == 8
+    assert summary["tensors_requantized"] == 0 and summary["tensors_merged"] == 8
+
+
+def test_a_reader_without_a_quantizer_is_refused_by_name(monkeypatch):
+    """The interface is per format: a reader that only decodes makes --requantize an UnsupportedError
+    naming its format (the formats being added read first, write later)."""
+    import types
+    from dataclasses import replace
+
+    from lorasurgery.errors import UnsupportedError
+    from lorasurgery.io import readers
+
+    decoder_only = types.SimpleNamespace(logical_index=None, dequantize=None)
+    monkeypatch.setitem(readers.READERS, "compressed-tensors", decoder_only)
+    assert readers.can_quantize("fp8") and not readers.can_quantize("compressed-tensors")
+    info = replace(_info((8, 8), None, torch.float32, False), format="compressed-tensors")
+    with pytest.raises(
+        UnsupportedError, match="compressed-tensors checkpoints but cannot write them requantized"
+    ):
+        readers.quantize(info, torch.zeros(8, 8), None)
