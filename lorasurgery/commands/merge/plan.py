@@ -403,6 +403,11 @@ def unquantize(plan: MergePlan, names) -> None:
     plan.items = items
     modules = [n[: -len(".weight")] if n.endswith(".weight") else n for n in sorted(chosen, key=_order(plan))]
     quantization = plan.checkpoint.quantization
+    written_as = dtype_name_of(next(i.spec.dtype for i in items if i.name in chosen))
+    plan.notes.append(
+        f"--min-retention: {len(modules)} of the merged modules keep too little of their update when "
+        f"requantized and are written unquantized as {written_as}, without scales"
+    )
     if plan.config is not None and quantization.source in plan.config:
         settings = readers.exclude(quantization, plan.config[quantization.source], modules)
         plan.config[quantization.source] = settings
