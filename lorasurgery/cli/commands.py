@@ -106,6 +106,17 @@ def inspect(
 @config_option(
     "The base's config.json (file or folder), when BASE has none: gives each layer's kind and the ties."
 )
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized BASE: keep its format (merged tensors requantized, retention reported) instead of writing it unquantized.",
+)
+@click.option(
+    "--min-retention",
+    type=float,
+    metavar="R",
+    help="With --requantize: write modules whose retention is below R unquantized (and list them in the config).",
+)
 @fan_in_fan_out_option(
     "Modules stored (in, out) like GPT-2's Conv1D, when no config.json can tell (others: (out, in))."
 )
@@ -127,6 +138,8 @@ def merge(
     allow_nonfinite: bool,
     as_json: bool,
     config_file: str | None,
+    requantize: bool,
+    min_retention: float | None,
     fan_in_fan_out: str | None,
 ) -> None:
     """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT.
@@ -157,6 +170,8 @@ def merge(
             config_file=config_file,
             fan_in_fan_out=fan_in_fan_out,
             progress=progress,
+            requantize=requantize,
+            min_retention=min_retention,
         )
     render.merge_summary(summary, as_json=as_json, quiet=quiet)
 
