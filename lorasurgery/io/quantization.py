@@ -47,9 +47,12 @@ SUB_BYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 INTEGER = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 CODES = FLOAT8 | SCALE_ONLY | SUB_BYTE
 
-# Formats that have a dequantizing reader (io.fp8); every other quantized checkpoint is refused.
-READABLE: frozenset[str] = frozenset({"fp8"})
-READ_FORMATS = "transformers' fine-grained FP8 (float8 codes with weight_scale_inv)"  # as messages say it
+# Formats that have a dequantizing reader (io.fp8, io.mxfp4); every other quantized checkpoint is refused.
+READABLE: frozenset[str] = frozenset({"fp8", "mxfp4"})
+READ_FORMATS = (  # as messages say it
+    "transformers' fine-grained FP8 (float8 codes with weight_scale_inv) and gpt-oss's MXFP4 experts "
+    "(uint8 _blocks with _scales)"
+)  # as messages say it
 
 # Format -> the name messages give it; a quant_method not listed here is shown as it is.
 FORMAT_NAMES = {

@@ -22,10 +22,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import lorasurgery.io.fp8 as fp8
+import lorasurgery.io.mxfp4 as mxfp4
 from lorasurgery.io.quantization import DequantizedInfo, Quantization
 from lorasurgery.io.safetensors_format import TensorInfo
 
-READERS = {"fp8": fp8}
+READERS = {"fp8": fp8, "mxfp4": mxfp4}
 
 
 def logical_index(
