@@ -26,7 +26,7 @@ import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_gpt_oss, peft_merged_state_dict, quantize_mxfp4
 from safetensors.torch import load_file, save_file
-from test_quantized_fp8 import _json, _same
+from test_quantized_fp8 import TEXT, _json, _same, _same_folders
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
 
 from lorasurgery.io import open_checkpoint
@@ -302,6 +302,37 @@ def test_inspect_and_rank_report_read_mxfp4_as_its_dequantized_copy(models):
     experts = [m for m in ours["modules"] if m["kind"] == "weight" and "experts" in m["name"]]
     assert len(experts) == 8 and {tuple(m["shape"]) for m in experts} == {(128, 64), (64, 64)}
     assert all(m["metrics"]["stable_rank"] > 1 for m in experts)
+
+
+def test_extract_resize_combine_export_with_an_mxfp4_base_equal_the_dequantized_copy(models, tmp_path):
+    Q, D, A = models["Q"], models["D"], models["adapter"]
+    fine_tune = models["root"] / "merged"  # test_merge_writes… made it; extract ΔW against Q
+    if not fine_tune.exists():
+        assert run_cli("merge", Q, A, "-o", fine_tune).exit_code == 0
+    commands = {
+        "extract": ["extract", "{B}", fine_tune, "-o", "{out}", "--rank", "4"],
+        "resize": ["resize", A, "--rank", "2", "--base", "{B}", "-o", "{out}"],
+        "combine": ["combine", A, A, "--exact", "--base", "{B}", "-o", "{out}"],
+    }
+    for command, args in commands.items():
+        outputs = []
+        for base in (Q, D):
+            out = tmp_path / f"{command}-{base.name}"
+            result = run_cli(*[str(a).format(B=base, out=out) for a in args])
+            assert result.exit_code == 0, (command, result.stderr)
+            outputs.append(out)
+        _same_folders(*outputs)
+
+
+def test_the_probe_loads_the_mxfp4_model_dequantized(models):
+    """The probe loads the model with its experts dequantized (a LoRA on expert parameters is not
+    probed yet, so the model TARGET)."""
+    Q, D = models["Q"], models["D"]
+    for folder in (Q, D):  # the tiny model has no tokenizer: its tokens are bytes
+        (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
+    args = ["--probe", "--text", TEXT, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
+    ours, theirs = _json("rank-report", Q, *args), _json("rank-report", D, *args)
+    _same(ours, theirs, (str(Q), str(D)))
 
 
 # ------------------------------------------------------------------------------------- bad input
