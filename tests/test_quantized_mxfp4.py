@@ -186,9 +186,7 @@ def test_the_test_quantizer_is_mxfp4_as_transformers_decodes_it():
     """factories.quantize_mxfp4 against transformers' decoder: each value within half an e2m1 step
     of its decoding, the scale the smallest power of two that holds the block's amax in ±6, and a
     decoded tensor quantizes back to the same values."""
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(3, 96, 40, generator=g) * torch.logspace(-3, 2, 40)  # (E, in, out), scales apart
-    W[0, :32, 0] = 0.0  # an all-zero block
+    W = _wide_range()
     blocks, scales = quantize_mxfp4(W)
     assert (blocks.shape, scales.shape) == ((3, 40, 3, 16), (3, 40, 3))
     decoded = oracle(blocks, scales)
@@ -208,7 +206,54 @@ def test_the_test_quantizer_is_mxfp4_as_transformers_decodes_it():
     assert torch.equal(oracle(*quantize_mxfp4(decoded)), decoded)  # MXFP4 values quantize to themselves
 
 
-# ----------------------------------------------------------------------------------------- merge
+# ------------------------------------------------------------------------------- requantizing
+
+
+def _wide_range(seed=3):
+    """(E, in, out) values over five decades, with an all-zero block, a block of tiny values, one
+    of tiny negatives beside a 1 (codes −0), and exact e2m1 ties (0.25, 2.5, 5 · a power of two)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(3, 96, 40, generator=g) * torch.logspace(-3, 2, 40)
+    W[0, :32, 0] = 0.0
+    W[1, :32, 1] = -1e-9
+    W[0, 32:64, 0] = -1e-9
+    W[0, 32, 0] = 1.0
+    W[2, :32, 2] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 4) * torch.tensor([1, -1] * 16)
+    return W
+
+
+def test_quantize_computes_the_blocks_and_scales_the_format_quantizer_does(models):
+    from lorasurgery.errors import NonFiniteError
+    from lorasurgery.io.mxfp4 import quantize
+
+    checkpoint = open_checkpoint(models["Q"])
+    raw = checkpoint.raw
+    for name in (GATE_UP, DOWN):
+        info = checkpoint.tensors[name]
+        W = checkpoint.read(name)
+        # the stored codes, decoded and quantized again, decode to the same parameter
+        again = quantize(info, W, raw.read)
+        assert torch.equal(W, checkpoint.read(name))  # W itself untouched
+        assert set(again) == {f"{name}_blocks", f"{name}_scales"}
+        assert all(again[k].dtype == torch.uint8 and again[k].shape == raw.read(k).shape for k in again)
+        assert torch.equal(oracle(again[f"{name}_blocks"], again[f"{name}_scales"]), W)
+        # a changed W: as the test quantizer (validated against transformers' decoder above) stores
+        # it, and within half a code step
+        W2 = W + 0.01 * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
+        blocks, scales = quantize(info, W2, raw.read).values()
+        expected = quantize_mxfp4(W2)
+        assert torch.equal(blocks, expected[0]) and torch.equal(scales, expected[1]), name
+        step = torch.exp2(scales.float() - 127).repeat_interleave(32, -1).transpose(-1, -2)  # (E, in, out)
+        assert torch.all((oracle(blocks, scales) - W2).abs() <= step + 1e-12)  # ≤ half of 2 steps at 4–6
+    info = checkpoint.tensors[DOWN]
+    W = _wide_range().repeat(2, 1, 2)[:4, :64, :64]  # the wide range in DOWN's (4, 64, 64)
+    blocks, scales = quantize(info, W).values()
+    expected = quantize_mxfp4(W)
+    assert torch.equal(blocks, expected[0]) and torch.equal(scales, expected[1])
+    assert blocks[0, 0, 1, 0] == 0x86 and bool((blocks[0, 0, 1, 1:] == 0x88).all())  # 4·¼, then −0s
+    W[2, 7, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=f"{DOWN}: expert 2 holds NaN"):
+        quantize(info, W)
 
 
 def _truth(D: Path, adapter: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,14 @@ up the odd ones, split by the model's forward) is in the rows and so in the para
 nothing reorders it. The logical tensor is that parameter: name <p>, shape (experts, columns,
 rows), float32 by the same 16-entry table and `ldexp` transformers uses, bit for bit.
 
+`quantize` is the way back, for `merge --requantize`: a float32 parameter to new blocks and scales
+under the stored names, as triton_kernels' `downcast_to_mxfp_torch` (the quantizer transformers'
+`quantize_to_mxfp4` calls, default ROUND_UP) computes them: per block of 32 inputs of one output,
+the scale 2^e the float32 amax/6 rounded *up* to a power of two (so every value fits ±6·2^e; an
+all-zero block gets byte 0), each value/2^e rounded to the nearest e2m1, ties away from zero, the
+sign kept (a negative value that rounds to 0 is −0, code 8). Straight from float32: transformers
+casts to bf16 first, which would round deq(W) + ΔW twice.
+
 `logical_index` checks the layout on headers when the checkpoint is opened (blocks and scales in
 pairs, their dtypes and shapes) and returns the index commands see: each <p> a DequantizedInfo at
 its blocks' place, the scales hidden. `dequantize` checks the scales (no 0xFF) and decodes one
@@ -29,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from lorasurgery.errors import CheckpointError
+from lorasurgery.errors import CheckpointError, NonFiniteError
 from lorasurgery.io.fp8 import _model_dtype, _unravel
 from lorasurgery.io.quantization import INTEGER, SCALE_ONLY, DequantizedInfo, Quantization, _evidence
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
@@ -120,6 +128,60 @@ def dequantize(info: DequantizedInfo, read):
         torch.ldexp(expert, exponents[e], out=expert)  # what transformers computes, so bit for bit
         W[e].copy_(expert.reshape(rows, groups * BLOCK).T)
     return W
+
+
+def quantize(info: DequantizedInfo, W, read=None) -> dict:
+    """{blocks name: uint8 (experts, out, in/32, 16), scales name: uint8 (experts, out, in/32)} of
+    the float32 parameter W (experts, in, out) of `info`'s layout, on W's device, one expert at a
+    time; NonFiniteError naming the tensor when W holds NaN or ±inf, or a block too large for
+    E8M0 (amax/6 above 2^127). `read` (unused) is the readers' common signature."""
+    import torch
+
+    experts, inputs, rows = W.shape
+    if (experts, inputs, rows) != tuple(info.shape):
+        raise ValueError(f"{info.name}: W of shape {list(W.shape)}, not {list(info.shape)}")
+    groups = inputs // BLOCK
+    blocks = torch.empty((experts, rows, groups, BYTES), dtype=torch.uint8, device=W.device)
+    scales = torch.empty((experts, rows, groups), dtype=torch.uint8, device=W.device)
+    for e in range(experts):
+        # a copy of its own (W is the caller's), (out, in/32, 32)
+        x = W[e].T.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        x = x.reshape(rows, groups, BLOCK)
+        amax = x.abs().amax(-1, keepdim=True)
+        # amax/6 rounded up to a power of two on its float32 bits: add all-ones to the mantissa
+        # and keep the exponent (exact; the ROUND_UP of triton_kernels).
+        bits = ((amax / 6.0).view(torch.int32) + 0x007FFFFF) & 0x7F800000
+        if not bool(torch.isfinite(amax).all()) or bool((bits == 0x7F800000).any()):
+            raise NonFiniteError(
+                f"{info.name}: expert {e} holds NaN, ±inf or values beyond MXFP4's range "
+                f"(6·2^127); it cannot be requantized"
+            )
+        scale = bits.view(torch.float32)
+        x.mul_(torch.where(scale == 0, 0.0, 1.0 / scale))  # 1/2^e: exact
+        codes = _e2m1(x)
+        blocks[e] = codes[..., 0::2] | (codes[..., 1::2] << 4)  # the first of a pair in the low nibble
+        scales[e] = (bits >> 23).squeeze(-1).to(torch.uint8)
+    return {info.codes.name: blocks, info.part("scales").name: scales}
+
+
+def _e2m1(x):
+    """The e2m1 code (uint8, 0–15) nearest each x in [−6, 6], ties away from zero.
+
+    On x's float32 bits: the biased exponent and the top mantissa bits give e2m1's exponent and
+    mantissa bit plus one guard bit; adding the guard rounds half away from zero. Below 1 (e2m1's
+    subnormal 0.5 and zero) the implicit one is shifted into the mantissa first."""
+    import torch
+
+    bits = x.view(torch.int32)
+    sign = ((bits >> 28) & 0x8).to(torch.uint8)
+    exponent = (bits >> 23) & 0xFF
+    mantissa = bits & 0x7FFFFF
+    below_one = exponent < 127
+    shift = (126 - exponent).clamp(0, 31)
+    mantissa = torch.where(below_one, (0x400000 | (mantissa >> 1)) >> shift, mantissa)
+    exponent = exponent.clamp(min=126) - 126
+    code = (((exponent << 2) | (mantissa >> 21)) + 1) >> 1
+    return code.clamp(max=7).to(torch.uint8) | sign
 
 
 def _check_pair(blocks: TensorInfo, scales: TensorInfo) -> None:
