@@ -203,6 +203,9 @@ def test_the_test_quantizer_is_mxfp4_as_transformers_decodes_it():
     below = torch.where(index > 0, step[(index - 1).clamp(0, 6)], 0.0)
     above = torch.where(index < 7, step[index.clamp(0, 6)], 0.0)
     assert torch.all((x - got).abs() <= torch.maximum(below, above) / 2 + 1e-6)
+    # ties away from zero (triton_kernels adds a guard bit): 0.25 → ½, 0.75 → 1 … 5 → 6, signs kept
+    ties = torch.tensor([6.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0] * 4) * torch.tensor([1, -1] * 16)
+    assert torch.equal(decoded[2, :32, 2], ties)
     assert torch.equal(oracle(*quantize_mxfp4(decoded)), decoded)  # MXFP4 values quantize to themselves
 
 

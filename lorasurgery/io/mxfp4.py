@@ -48,6 +48,7 @@ BIAS = 127  # E8M0: 2^(byte − 127)
 NAN = 0xFF  # E8M0's one special value
 # e2m1 by its 4 bits (sign, 2 exponent, 1 mantissa), the order transformers' FP4_VALUES lists them
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between neighbouring magnitudes
 
 
 def logical_index(
@@ -165,23 +166,17 @@ def quantize(info: DequantizedInfo, W, read=None) -> dict:
 
 
 def _e2m1(x):
-    """The e2m1 code (uint8, 0–15) nearest each x in [−6, 6], ties away from zero.
-
-    On x's float32 bits: the biased exponent and the top mantissa bits give e2m1's exponent and
-    mantissa bit plus one guard bit; adding the guard rounds half away from zero. Below 1 (e2m1's
-    subnormal 0.5 and zero) the implicit one is shifted into the mantissa first."""
+    """The e2m1 code (uint8, 0–15) nearest each x in [−6, 6], ties away from zero, the sign in bit 3:
+    the magnitude's code is the number of midpoints between e2m1 values that |x| reaches (exact:
+    the midpoints are float32 numbers). triton_kernels computes the same on the float bits (a guard
+    bit added, then shifted out); 7 comparisons are 3–4× faster on the CPU than that bit arithmetic."""
     import torch
 
-    bits = x.view(torch.int32)
-    sign = ((bits >> 28) & 0x8).to(torch.uint8)
-    exponent = (bits >> 23) & 0xFF
-    mantissa = bits & 0x7FFFFF
-    below_one = exponent < 127
-    shift = (126 - exponent).clamp(0, 31)
-    mantissa = torch.where(below_one, (0x400000 | (mantissa >> 1)) >> shift, mantissa)
-    exponent = exponent.clamp(min=126) - 126
-    code = (((exponent << 2) | (mantissa >> 21)) + 1) >> 1
-    return code.clamp(max=7).to(torch.uint8) | sign
+    magnitude = x.abs()
+    code = torch.signbit(x).to(torch.uint8) << 3
+    for midpoint in MIDPOINTS:
+        code += magnitude >= midpoint
+    return code
 
 
 def _check_pair(blocks: TensorInfo, scales: TensorInfo) -> None:
