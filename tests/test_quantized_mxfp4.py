@@ -34,6 +34,7 @@ from lorasurgery.io import open_checkpoint
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 DOWN = "model.layers.0.mlp.experts.down_proj"
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 QCONFIG = {  # as openai/gpt-oss-20b's config.json declares it
     "quant_method": "mxfp4",
     "modules_to_not_convert": [
@@ -436,6 +437,16 @@ BAD = {
     "int8 blocks": (
         lambda t: t.update({f"{DOWN}_blocks": t[f"{DOWN}_blocks"].view(torch.int8)}),
         f"tensor {DOWN}_blocks: blocks of dtype int8; MXFP4 blocks are uint8 bytes of two e2m1 codes",
+    ),
+    "FP8 mixed in": (
+        lambda t: t.update(
+            {
+                Q_PROJ: t[Q_PROJ].to(torch.float8_e4m3fn),
+                f"{Q_PROJ}_scale_inv": torch.ones(1, 1),
+            }
+        ),
+        f"tensor {Q_PROJ} (float8_e4m3fn codes with weight_scale_inv) contradicts the checkpoint's "
+        f'MXFP4 (quantization_config quant_method "mxfp4")',
     ),
     "NaN scale": (
         _nan_scale,
