@@ -475,6 +475,24 @@ def test_bad_mxfp4_checkpoints_are_refused_naming_file_and_tensor(models, tmp_pa
         assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
 
 
+def test_blocks_without_scales_and_without_a_config_are_refused(models, tmp_path):
+    """No quantization_config and no scales: the uint8 blocks are still codes, never a weight."""
+    folder = shutil.copytree(models["no-config"], tmp_path / "broken")
+    tensors = load_file(folder / "model.safetensors")
+    for name in (GATE_UP, DOWN):
+        del tensors[f"{name}_scales"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", folder, models["adapter"], "-o", out],
+        f"{folder / 'model.safetensors'}: tensor {DOWN}_blocks holds MXFP4 blocks of {DOWN} with no "
+        f"{DOWN}_scales beside them: its scales tensor is missing",
+        inputs=[folder],
+        output=out,
+    )
+    assert_refused(["rank-report", folder], "its scales tensor is missing", inputs=[folder])
+
+
 def test_a_broken_read_leaves_no_output_and_inputs_untouched(models, tmp_path):
     folder = _broken(models, tmp_path, _nan_scale)
     before = tree_digest(folder)

@@ -65,6 +65,8 @@ def logical_index(
                 f"{info.file}: tensor {t.logical} ({_evidence(t, tensors)}) contradicts the checkpoint's "
                 f"MXFP4 ({declaration}): MXFP4 codes are uint8 <name>_blocks with <name>_scales beside them"
             )
+        if t.part("scales") is None:
+            raise _missing_scales(tensors[t.codes], t.logical)
         blocks, scales = tensors[t.codes], tensors[t.part("scales")]
         _check_pair(blocks, scales)
         pairs.append((t, blocks, scales))
@@ -209,10 +211,7 @@ def _check_orphans(tensors: Mapping[str, TensorInfo], claimed: frozenset[str]) -
             if stem + "_scales" not in tensors:
                 if info.dtype not in INTEGER:
                     continue  # a float parameter that happens to be called so
-                raise CheckpointError(
-                    f"{info.file}: tensor {name} holds MXFP4 blocks of {stem} with no {stem}_scales "
-                    f"beside them: its scales tensor is missing"
-                )
+                raise _missing_scales(info, stem)
             raise CheckpointError(
                 f"{info.file}: tensor {name}: blocks of dtype {dtype_name_of(info.dtype)}; MXFP4 blocks "
                 f"are uint8 bytes of two e2m1 codes"
@@ -223,3 +222,10 @@ def _check_orphans(tensors: Mapping[str, TensorInfo], claimed: frozenset[str]) -
                 f"{info.file}: tensor {name} is the MXFP4 scales of {stem}, but the checkpoint has no "
                 f"{stem}_blocks"
             )
+
+
+def _missing_scales(blocks: TensorInfo, stem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{blocks.file}: tensor {blocks.name} holds MXFP4 blocks of {stem} with no {stem}_scales "
+        f"beside them: its scales tensor is missing"
+    )

@@ -27,7 +27,7 @@ compressed-tensors and bitsandbytes save):
   integer <m>.weight + <m>.weight_scale(s) / .scales  integer codes (compressed-tensors int-quantized,
                                                     EETQ, MLX …)
   any other float8 / sub-byte / E8M0 tensor,        codes without a scale beside them: no
-    any other integer <…>.weight                    ordinary model stores weights so
+    any other integer <…>.weight, uint8 <x>_blocks  ordinary model stores weights so
 
 A float payload never counts, whatever its name (LayerScale's `…scale`, a norm's weight).
 """
@@ -393,6 +393,8 @@ def _unscaled(tensors, claimed: set[str]):
             yield QuantizedTensor(name, "float8" if info.dtype in FLOAT8 else "codes", name, (), "unscaled")
         elif info.dtype in INTEGER and name.endswith(".weight"):
             yield QuantizedTensor(name, "int", name, (), "unscaled")
+        elif info.dtype == "U8" and name.endswith("_blocks"):  # MXFP4 blocks whose scales are missing
+            yield QuantizedTensor(_module(name, "_blocks"), "mxfp4", name, (), "unscaled")
 
 
 def quantized_tensors(tensors: Mapping[str, TensorInfo]) -> tuple[QuantizedTensor, ...]:
