@@ -475,3 +475,24 @@ def quantize_fp8(W: torch.Tensor, block, scale_dtype=torch.float32, ue8m0=False)
     codes = (blocks / scale.float()[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
     codes = codes.reshape(padded.shape)[:out, :inner].to(torch.float8_e4m3fn)
     return codes, scale
+
+
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between 0, ½, 1, 1½, 2, 3, 4, 6
+
+
+def quantize_mxfp4(W: torch.Tensor):
+    """(blocks, scales) of an expert parameter W (experts, in, out) as gpt-oss stores it: per output,
+    blocks of 32 inputs; the scale byte e of a block is 2^(e − 127) = amax/6 rounded up to a power
+    of two (triton_kernels' downcast_to_mxfp_torch, ROUND_UP, which transformers' quantize_to_mxfp4
+    calls); each value / scale rounded to the nearest e2m1 (ties away from zero), sign in bit 3;
+    two codes a byte, the first in the low nibble. blocks (E, out, in/32, 16) uint8, scales
+    (E, out, in/32) uint8."""
+    groups = W.float().transpose(-1, -2).reshape(*W.shape[:-2], W.shape[-1], -1, 32)
+    dequant = groups.abs().amax(-1, keepdim=True) / 6.0
+    bits = (dequant.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # round the float up to 2^k
+    scale = bits.view(torch.float32)
+    scaled = groups * torch.where(scale == 0, 0.0, 1.0 / scale)
+    magnitude = torch.bucketize(scaled.abs().contiguous(), torch.tensor(E2M1_MIDPOINTS), right=True)
+    codes = (magnitude | (torch.signbit(scaled).to(torch.int64) << 3)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (bits >> 23).squeeze(-1).to(torch.uint8)
