@@ -44,7 +44,7 @@ from pathlib import Path
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.fp8 import _model_dtype
 from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
-from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
+from lorasurgery.io.safetensors_format import TensorInfo, dtype_code_of, dtype_name_of
 
 # The formats read here; every other compressed-tensors format is refused by name.
 NAIVE = ("float-quantized", "int-quantized", "naive-quantized")
@@ -234,19 +234,20 @@ def _strategy(scheme) -> str:
 def _check(fmt: str, scheme, codes: TensorInfo, parts: dict, group: str, tensors) -> tuple[int, ...]:
     """The logical shape, after the codes' dtype and each scale's shape are checked against the scheme."""
     args = scheme.weights
-    expected = {
-        "float-quantized": "F8_E4M3",
-        "int-quantized": "I8",
-        "pack-quantized": "I32",
-        "nvfp4-pack-quantized": "U8",
-    }.get(fmt)
-    if fmt == "naive-quantized":
-        expected = "F8_E4M3" if args.type == "float" else "I8"
+    expected = {"pack-quantized": "I32", "nvfp4-pack-quantized": "U8"}.get(fmt)
+    if fmt in NAIVE:  # the codes the package's quantize writes: the scheme's own dtype
+        expected = dtype_code_of(args.pytorch_dtype())
     if codes.dtype != expected or len(codes.shape) != 2:
         raise CheckpointError(
             f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} codes of shape "
             f'{list(codes.shape)}, but config_groups.{group} ("{fmt}", {args.num_bits}-bit {args.type}) '
             f"stores {dtype_name_of(expected)} codes in a matrix"
+        )
+    kind = {"float-quantized": "float", "int-quantized": "int", "pack-quantized": "int"}.get(fmt)
+    if kind is not None and args.type != kind or fmt == "nvfp4-pack-quantized" and args.num_bits != 4:
+        raise CheckpointError(
+            f"{codes.file}: tensor {codes.name}: config_groups.{group} declares {args.num_bits}-bit "
+            f'{args.type} weights but format "{fmt}", which stores other codes; the config contradicts itself'
         )
     rows, cols = codes.shape
     if fmt == "pack-quantized":
@@ -364,7 +365,8 @@ def dequantize(info: DequantizedInfo, read):
         state["weight"] = packed
     compressor = BaseCompressor.get_value_from_registry(fmt)
     W = compressor.decompress(state, scheme)["weight"]
-    return W if W.dtype == torch.float32 else W.to(torch.float32)
+    # A block scheme with partial edge blocks decodes a padded tensor and returns a slice of it.
+    return W.to(torch.float32).contiguous()
 
 
 def _checked(value, stored: TensorInfo, info: DequantizedInfo):
