@@ -44,7 +44,7 @@ from pathlib import Path
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.fp8 import _model_dtype
 from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
-from lorasurgery.io.safetensors_format import TensorInfo, dtype_code_of, dtype_name_of
+from lorasurgery.io.safetensors_format import TensorInfo, dtype_code_of, dtype_name_of, torch_dtype_of
 
 # The formats read here; every other compressed-tensors format is refused by name.
 NAIVE = ("float-quantized", "int-quantized", "naive-quantized")
@@ -385,3 +385,75 @@ def _checked(value, stored: TensorInfo, info: DequantizedInfo):
             f"{info.name} cannot be decoded"
         )
     return s
+
+
+def quantize(info: DequantizedInfo, W, read) -> dict:
+    """{stored name: tensor}: `W` (float32, the logical tensor's shape) stored as `info` stores its
+    weight — new codes, scales, zero points, global scale under their stored names, in their stored
+    dtypes and shapes — for `merge --requantize` (docs/design.md §13).
+
+    As llm-compressor would quantize the merged model saved in its dtype: W rounded once to the
+    model's dtype (`plain_dtype`), the range each scale covers reduced to its min and max (a min-max
+    observer's view of a weight: per tensor, row, group of columns or block), the qparams computed by
+    the package's `calculate_qparams` (NVFP4's global scale by its `generate_gparam`) and held in the
+    dtypes the package's `initialize_qparams` gives them, and the codes written by the format's own
+    compressor (`compress`). `read` is not needed: every parameter is recomputed. Static activation
+    scales are not returned: they do not depend on W."""
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    scheme = _scheme(info.scheme.scheme_json)
+    fmt, args = info.scheme.format, scheme.weights
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    names = compressor.compression_param_names(scheme)
+    W = W.to(torch_dtype_of(info.plain_dtype))
+    state = {"weight": W}
+    global_scale = None
+    if "weight_global_scale" in names:
+        global_scale = generate_gparam(W.amin(), W.amax())
+        state["weight_global_scale"] = global_scale
+    with torch.no_grad():
+        scale, zero_point = calculate_qparams(*_ranges(W, args), args, global_scale=global_scale)
+    state["weight_scale"] = scale.to(W.dtype)  # initialize_qparams: the scale in the weight's dtype
+    if "weight_zero_point" in names:
+        state["weight_zero_point"] = zero_point.to(args.zp_dtype)
+    compressed = compressor.compress(state, scheme)
+    module = info.codes.name.rpartition(".")[0]
+    stored = {info.codes.name: info.codes} | {
+        i.name: i for role, i in info.parts if role.startswith("weight_")
+    }
+    out = {}
+    for param, tensor in compressed.items():
+        name = f"{module}.{param}"
+        if name not in stored:
+            continue
+        want = stored[name]
+        tensor = tensor.reshape(want.shape) if tensor.numel() == want.numel else tensor
+        if dtype_code_of(tensor.dtype) != want.dtype or tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{want.file}: tensor {name}: requantized as {dtype_name_of(dtype_code_of(tensor.dtype))} "
+                f"{list(tensor.shape)}, but the checkpoint stores {dtype_name_of(want.dtype)} "
+                f"{list(want.shape)}; lorasurgery cannot requantize {info.name} in the checkpoint's layout"
+            )
+        out[name] = tensor.contiguous()
+    return out
+
+
+def _ranges(W, args):
+    """(min, max) of W over the reach of each scale, in the scale grid's shape (zero padding at the
+    edge blocks changes nothing: calculate_qparams widens every range to hold 0)."""
+    import torch
+
+    strategy = getattr(args.strategy, "value", args.strategy)
+    if strategy == "tensor":
+        return W.amin().reshape(1), W.amax().reshape(1)
+    if strategy == "channel":
+        return W.amin(1, keepdim=True), W.amax(1, keepdim=True)
+    if strategy in ("group", "tensor_group"):
+        groups = W.unflatten(-1, (-1, args.group_size))
+        return groups.amin(-1), groups.amax(-1)
+    rows, cols = args.block_structure
+    padded = torch.nn.functional.pad(W, (0, -W.shape[1] % cols, 0, -W.shape[0] % rows))
+    blocks = padded.unflatten(0, (-1, rows)).unflatten(-1, (-1, cols))
+    return blocks.amin((1, 3)), blocks.amax((1, 3))
