@@ -416,10 +416,14 @@ def _weight_ranges(W: torch.Tensor, args):
     raise ValueError(f"no ranges for strategy {strategy!r}")
 
 
-def quantize_compressed(plain, folder, weights: dict, input_activations: dict | None = None) -> Path:
+def quantize_compressed(
+    plain, folder, weights: dict | None = None, input_activations: dict | None = None, groups=None
+) -> Path:
     """`plain` quantized by compressed-tensors' own tools and saved as llm-compressor saves it.
 
-    One config group targets every Linear but lm_head (`apply_quantization_config`); each weight's
+    One config group targets every Linear but lm_head (`apply_quantization_config`), or `groups`
+    ({name: {"targets": […], "weights": {…}, "input_activations": {…}}}, a format per group: what
+    the package saves as "mixed-precision"); each weight's
     scale (and zero point, global scale) comes from the package's `calculate_qparams` /
     `generate_gparam` over the weight's min and max; `ModelCompressor.compress_model` writes the
     codes in the format the package infers (float-, int-, pack-, nvfp4-pack-quantized) and
@@ -434,14 +438,24 @@ def quantize_compressed(plain, folder, weights: dict, input_activations: dict | 
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
     model = load_base(plain)
-    activations = None if input_activations is None else QuantizationArgs(**input_activations)
-    scheme = QuantizationScheme(
-        targets=["Linear"], weights=QuantizationArgs(**weights), input_activations=activations
-    )
-    with _quiet():
-        apply_quantization_config(
-            model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    if groups is None:
+        groups = {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": input_activations}
+        }
+    schemes = {
+        name: QuantizationScheme(
+            targets=group["targets"],
+            weights=QuantizationArgs(**group["weights"]),
+            input_activations=(
+                None
+                if group.get("input_activations") is None
+                else QuantizationArgs(**group["input_activations"])
+            ),
         )
+        for name, group in groups.items()
+    }
+    with _quiet():
+        apply_quantization_config(model, QuantizationConfig(config_groups=schemes, ignore=["lm_head"]))
     with torch.no_grad():
         for module in model.modules():
             scheme = getattr(module, "quantization_scheme", None)

@@ -198,6 +198,36 @@ def test_dequantization_equals_the_package_and_transformers_bit_for_bit(models, 
         assert torch.equal(checkpoint.read(name), raw[name]), name
 
 
+def test_a_mixed_precision_checkpoint_decodes_each_module_in_its_group(models, tmp_path):
+    """Attention in FP8 blocks, the MLP in W4A16 (llm-compressor's "mixed-precision"): each module's
+    scheme is its group's, matched by the package's own `re:` targets."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    fp8_block = {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [32, 32]}
+    int4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "symmetric": False}
+    groups = {
+        "attention": {"targets": ["re:.*self_attn.*"], "weights": fp8_block, "input_activations": FP8_TOKEN},
+        "mlp": {"targets": ["re:.*mlp.*"], "weights": int4},
+    }
+    Q = quantize_compressed(models["plain"], tmp_path / "mixed", groups=groups)
+    config = json.loads((Q / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mixed-precision"
+    parsed = {  # the package names the groups it saves itself: found by their targets
+        "attention" if group.targets == ["re:.*self_attn.*"] else "mlp": group
+        for group in QuantizationConfig.model_validate(config).config_groups.values()
+    }
+    raw = load_file(Q / "model.safetensors")
+    checkpoint = open_checkpoint(Q)
+    formats = set()
+    for name, info in checkpoint.tensors.items():
+        if info.dequantized:
+            group = parsed["attention" if "self_attn" in name else "mlp"]
+            formats.add(group.format)
+            expected = package_float32(raw, name.removesuffix(".weight"), group.format, group)
+            assert torch.equal(checkpoint.read(name), expected), name
+    assert formats == {"float-quantized", "pack-quantized"}
+
+
 def test_recognition_names_codes_and_qparams(models):
     q = open_checkpoint(models["Q"]["w4a16-group-asym"], raw=True).quantization
     t = next(t for t in q.tensors if t.logical == "model.layers.0.self_attn.k_proj.weight")
@@ -416,6 +446,22 @@ BAD = {
         True,
         'config_groups.group_0 declares 8-bit int weights but format "float-quantized"',
     ),
+    "float weight where codes belong": (
+        "fp8-channel",
+        lambda t: t.update({f"{MODULE}.weight": t[f"{MODULE}.weight"].to(torch.bfloat16)}),
+        None,
+        True,
+        f"tensor {MODULE}.weight holds bfloat16 values, but quantization_config quantizes {MODULE} and "
+        f"{MODULE}.weight_scale beside it says they are codes",
+    ),
+    "scale without codes": (
+        "fp8-channel",
+        lambda t: t.update({"model.layers.1.mlp.extra.weight_scale": torch.ones(1, dtype=torch.bfloat16)}),
+        None,
+        True,
+        "tensor model.layers.1.mlp.extra.weight_scale is the scale of model.layers.1.mlp.extra.weight, which "
+        "the checkpoint does not have",
+    ),
     "unknown format": (
         "fp8-channel",
         None,
@@ -509,7 +555,7 @@ def test_bad_compressed_checkpoints_are_refused_naming_file_and_tensor(models, t
     assert tree_digest(folder) == before
 
 
-def test_without_the_package_the_reader_says_how_to_install_it(models, monkeypatch):
+def test_without_the_package_the_reader_says_how_to_install_it(models, monkeypatch, tmp_path):
     import builtins
 
     real = builtins.__import__
@@ -520,10 +566,15 @@ def test_without_the_package_the_reader_says_how_to_install_it(models, monkeypat
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", missing)
-    from lorasurgery.errors import UnsupportedError
-
-    with pytest.raises(UnsupportedError, match="pip install compressed-tensors"):
-        open_checkpoint(models["Q"]["fp8-channel"])
+    Q, out = models["Q"]["fp8-channel"], tmp_path / "out"
+    result = assert_refused(
+        ["merge", Q, models["adapter"], "-o", out],
+        "reading a compressed-tensors checkpoint needs the compressed-tensors package, the format's own "
+        "implementation: pip install compressed-tensors (or lorasurgery[quantized])",
+        inputs=[Q, models["adapter"]],
+        output=out,
+    )
+    assert "Traceback" not in result.stderr
 
 
 # ----------------------------------------------------------------------------------- requantize

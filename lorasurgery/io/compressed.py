@@ -60,7 +60,6 @@ class Scheme:
 
     format: str
     scheme_json: str
-    columns: int  # the logical tensor's columns (weight_shape's, checked again at read)
 
 
 def _package():
@@ -96,42 +95,13 @@ def logical_index(
             f"llm-compressor saves beside them — restore it (docs/design.md §13)"
         )
     _package()
-    import pydantic
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.config import CompressionFormat
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationMetadata
+    from compressed_tensors.quantization import QuantizationMetadata
     from compressed_tensors.utils.match import match_quantizable_tensors
 
-    try:
-        qconfig = QuantizationConfig.model_validate(
-            {k: v for k, v in (quantization.config or {}).items() if k not in ("sparsity_config",)}
-        )
-    except pydantic.ValidationError as error:
-        first = error.errors()[0]
-        raise CheckpointError(
-            f"{where}: is not a compressed-tensors quantization config: {'.'.join(map(str, first['loc']))}: "
-            f"{first['msg']}"
-        ) from None
+    qconfig = _parse_config(quantization.config, where)
     top = quantization.config.get("format")
-    known = {f.value for f in CompressionFormat}
-    for name, fmt in [(None, top)] + [(g, s.format) for g, s in qconfig.config_groups.items()]:
-        label = "format" if name is None else f"config_groups.{name}.format"
-        if fmt is None or fmt == "mixed-precision" and name is None:
-            continue
-        fmt = getattr(fmt, "value", fmt)
-        if fmt not in known:
-            raise CheckpointError(
-                f"{where}: {label} {fmt!r} is not a compressed-tensors format (the package knows "
-                f"{', '.join(sorted(known))})"
-            )
-        if fmt not in FORMATS and fmt != "dense":
-            raise UnsupportedError(
-                f"{where}: {label} {fmt!r}: lorasurgery reads the compressed-tensors formats "
-                f"{', '.join(FORMATS)} but not this one yet, and never reads codes as weights — "
-                f"dequantize the model first (docs/design.md §13)"
-            )
-
     qparams = set(QuantizationMetadata.all_qparam_names())
     model_dtype = _model_dtype(config)
     logical: dict[str, TensorInfo] = {}
@@ -190,7 +160,7 @@ def logical_index(
                 f'"group"), which compressed-tensors no longer decodes; lorasurgery reads them only '
                 f"through it — dequantize the model first (docs/design.md §13)"
             )
-        shape = _check(fmt, scheme, codes, parts, group, tensors)
+        shape = _check(fmt, scheme, codes, parts, group)
         extra = tuple(
             (p, tensors[f"{module}.{p}"])
             for p in sorted(qparams)
@@ -208,8 +178,9 @@ def logical_index(
             codes=codes,
             parts=tuple(parts.items()) + extra,
             model_dtype=model_dtype,
-            scheme=Scheme(fmt, scheme.model_dump_json(), shape[-1]),
+            scheme=Scheme(fmt, scheme.model_dump_json()),
         )
+    _check_orphans(tensors, hidden, qconfig, match_quantizable_tensors)
     # Each logical tensor at its codes' place, under its own name (<m>.weight, not <m>.weight_packed).
     index: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
@@ -218,6 +189,67 @@ def logical_index(
         elif name not in hidden:
             index[name] = info
     return index
+
+
+def _parse_config(settings: Mapping, where: str):
+    """The package's QuantizationConfig of `settings`, after its formats are checked: CheckpointError
+    for a config it cannot parse or a format it does not know, UnsupportedError for one not read here."""
+    import pydantic
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationConfig
+
+    try:
+        qconfig = QuantizationConfig.model_validate(dict(settings))
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise CheckpointError(
+            f"{where}: is not a compressed-tensors quantization config: {'.'.join(map(str, first['loc']))}: "
+            f"{first['msg']}"
+        ) from None
+    top = settings.get("format")
+    known = {f.value for f in CompressionFormat}
+    for name, fmt in [(None, top), *((g, s.format) for g, s in qconfig.config_groups.items())]:
+        label = "format" if name is None else f"config_groups.{name}.format"
+        if fmt is None or (fmt == "mixed-precision" and name is None):  # a format per group
+            continue
+        fmt = getattr(fmt, "value", fmt)
+        if fmt not in known:
+            raise CheckpointError(
+                f"{where}: {label} {fmt!r} is not a compressed-tensors format (the package knows "
+                f"{', '.join(sorted(known))})"
+            )
+        if fmt not in FORMATS and fmt != "dense":
+            raise UnsupportedError(
+                f"{where}: {label} {fmt!r}: lorasurgery reads the compressed-tensors formats "
+                f"{', '.join(FORMATS)} but not this one yet, and never reads codes as weights — "
+                f"dequantize the model first (docs/design.md §13)"
+            )
+    return qconfig
+
+
+def _check_orphans(tensors: Mapping[str, TensorInfo], claimed: set[str], qconfig, match) -> None:
+    """A `<m>.weight_scale` that decodes nothing: its module has no codes, or stores its weight as
+    plain floats although a config group quantizes it (the codes replaced by a float weight)."""
+    for name, info in tensors.items():
+        if not name.endswith(".weight_scale") or name in claimed:
+            continue
+        module = name[: -len(".weight_scale")]
+        weight = tensors.get(f"{module}.weight")
+        if weight is None:
+            raise CheckpointError(
+                f"{info.file}: tensor {name} is the scale of {module}.weight, which the checkpoint does "
+                f"not have (neither {module}.weight nor {module}.weight_packed)"
+            )
+        targeted = any(
+            s.weights is not None
+            and next(match({weight.name: None}, qconfig.ignore, s.targets, ["re:.*"]), None)
+            for s in qconfig.config_groups.values()
+        )
+        if targeted:
+            raise CheckpointError(
+                f"{weight.file}: tensor {weight.name} holds {dtype_name_of(weight.dtype)} values, but "
+                f"quantization_config quantizes {module} and {name} beside it says they are codes"
+            )
 
 
 def _linear():
@@ -231,7 +263,7 @@ def _strategy(scheme) -> str:
     return getattr(strategy, "value", strategy)
 
 
-def _check(fmt: str, scheme, codes: TensorInfo, parts: dict, group: str, tensors) -> tuple[int, ...]:
+def _check(fmt: str, scheme, codes: TensorInfo, parts: dict, group: str) -> tuple[int, ...]:
     """The logical shape, after the codes' dtype and each scale's shape are checked against the scheme."""
     args = scheme.weights
     expected = {"pack-quantized": "I32", "nvfp4-pack-quantized": "U8"}.get(fmt)
