@@ -348,7 +348,8 @@ def _hqq(tensors):
 
 def _fp8(tensors):
     # `_scale_inv` is transformers' fine-grained FP8 (READABLE); `_scale` the naming of the formats
-    # that store the same product under another convention, kept apart so that it stays refused.
+    # that store the same product under another convention, kept apart: read only where a
+    # compressed-tensors quantization_config says how (io.compressed), refused without one.
     for name, info in tensors.items():
         if info.dtype not in FLOAT8:
             continue
