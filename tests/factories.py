@@ -496,3 +496,85 @@ def quantize_mxfp4(W: torch.Tensor):
     codes = (magnitude | (torch.signbit(scaled).to(torch.int64) << 3)).to(torch.uint8)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return blocks.contiguous(), (bits >> 23).squeeze(-1).to(torch.uint8)
+
+
+def _weight_ranges(W: torch.Tensor, args):
+    """(min, max) of W over each scale's reach, as llm-compressor's min-max observer sees a weight."""
+    from compressed_tensors.quantization.utils.helpers import maybe_pad_tensor_for_block_quant
+
+    strategy = getattr(args.strategy, "value", args.strategy)
+    if strategy == "tensor":
+        return W.amin().reshape(1), W.amax().reshape(1)
+    if strategy == "channel":
+        return W.amin(1, keepdim=True), W.amax(1, keepdim=True)
+    if strategy in ("group", "tensor_group"):
+        groups = W.unflatten(-1, (-1, args.group_size))
+        return groups.amin(-1), groups.amax(-1)
+    if strategy == "block":  # padded with zeros, as the package pads, so edge blocks count 0 too
+        rows, cols = args.block_structure
+        blocks = maybe_pad_tensor_for_block_quant(W, args.block_structure)
+        blocks = blocks.unflatten(0, (-1, rows)).unflatten(-1, (-1, cols))
+        return blocks.amin((1, 3)), blocks.amax((1, 3))
+    raise ValueError(f"no ranges for strategy {strategy!r}")
+
+
+def quantize_compressed(
+    plain, folder, weights: dict | None = None, input_activations: dict | None = None, groups=None
+) -> Path:
+    """`plain` quantized by compressed-tensors' own tools and saved as llm-compressor saves it.
+
+    One config group targets every Linear but lm_head (`apply_quantization_config`), or `groups`
+    ({name: {"targets": […], "weights": {…}, "input_activations": {…}}}, a format per group: what
+    the package saves as "mixed-precision"); each weight's
+    scale (and zero point, global scale) comes from the package's `calculate_qparams` /
+    `generate_gparam` over the weight's min and max; `ModelCompressor.compress_model` writes the
+    codes in the format the package infers (float-, int-, pack-, nvfp4-pack-quantized) and
+    `update_config` the quantization_config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    model = load_base(plain)
+    if groups is None:
+        groups = {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": input_activations}
+        }
+    schemes = {
+        name: QuantizationScheme(
+            targets=group["targets"],
+            weights=QuantizationArgs(**group["weights"]),
+            input_activations=(
+                None
+                if group.get("input_activations") is None
+                else QuantizationArgs(**group["input_activations"])
+            ),
+        )
+        for name, group in groups.items()
+    }
+    with _quiet():
+        apply_quantization_config(model, QuantizationConfig(config_groups=schemes, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None:
+                continue
+            W, args = module.weight.detach(), scheme.weights
+            global_scale = None
+            if hasattr(module, "weight_global_scale"):  # NVFP4: one float32 scale over the group scales
+                global_scale = generate_gparam(W.amin(), W.amax())
+                module.weight_global_scale.copy_(global_scale)
+            scale, zero_point = calculate_qparams(*_weight_ranges(W, args), args, global_scale=global_scale)
+            module.weight_scale.copy_(scale)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.copy_(zero_point)
+        compressor = ModelCompressor.from_pretrained_model(model)
+        with _quiet():
+            compressor.compress_model(model)
+            model.save_pretrained(folder)
+        compressor.update_config(folder)
+    return Path(folder)
