@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import lorasurgery.io.bnb as bnb
 import lorasurgery.io.fp8 as fp8
 from lorasurgery.io.quantization import DequantizedInfo, Quantization
 from lorasurgery.io.safetensors_format import TensorInfo
 
-READERS = {"fp8": fp8}
+READERS = {"fp8": fp8, **dict.fromkeys(sorted(bnb.FORMATS), bnb)}
 
 
 def logical_index(
