@@ -508,3 +508,82 @@ def test_bad_bnb_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path
         assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
     else:  # found when the checkpoint is opened
         assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
+
+
+# ---------------------------------------------------------------------------------- requantizing
+
+
+def _requantized(info, W, raw):
+    from lorasurgery.io.bnb import quantize
+
+    return quantize(info, W, lambda stored: raw.read(stored.name))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize(("shape", "blocksize"), [((300, 200), 64), ((40, 50), 128), ((1, 7), 32)])
+@pytest.mark.parametrize("double", [False, True], ids=["single", "double"])
+def test_requantizing_equals_bitsandbytes_quantize_4bit(tmp_path, quant_type, shape, blocksize, double):
+    torch.manual_seed(1)
+    folder, _ = _pack(
+        tmp_path,
+        torch.randn(shape).to(torch.bfloat16),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        compress_statistics=double,
+    )
+    checkpoint = open_checkpoint(folder)
+    W = torch.randn(shape) * 0.03  # the merged weight, float32
+    ours = _requantized(checkpoint.tensors["layer.weight"], W, checkpoint.raw)
+    codes, state = F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=double)
+    theirs = {
+        "layer.weight": codes,
+        **{f"layer.weight.{k}": v for k, v in state.as_dict(packed=True).items()},
+    }
+    assert sorted(ours) == sorted(theirs)
+    assert torch.equal(ours["layer.weight"], codes)  # every code, bit for bit
+    ours_state = json.loads(bytes(ours.pop(next(k for k in ours if ".quant_state." in k)).tolist()))
+    theirs_state = json.loads(bytes(theirs.pop(next(k for k in theirs if ".quant_state." in k)).tolist()))
+    assert ours_state == {**theirs_state, "dtype": "bfloat16"}  # the checkpoint's dtype kept
+    if not double:
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        return
+    if shape == (1, 7):  # one block: absmax − mean(absmax) is 0, and 0/0 decides nothing either way
+        return
+    assert torch.equal(ours["layer.weight.nested_absmax"], theirs["layer.weight.nested_absmax"])
+    # absmax's 8-bit codes: bitsandbytes' CPU library picks the farther of two dynamic-map codes for a
+    # value within ~1% of their midpoint (its binary search); ours, its pure-torch kernel's nearest
+    differ = ours["layer.weight.absmax"] != theirs["layer.weight.absmax"]
+    assert int(differ.sum()) <= max(1, differ.numel() // 50)
+    assert torch.equal(ours["layer.weight.nested_quant_map"], theirs["layer.weight.nested_quant_map"])
+
+
+def test_requantizing_int8_equals_bitsandbytes_int8_quantizer(models):
+    checkpoint = open_checkpoint(models["Q"]["int8"])
+    info = checkpoint.tensors[NAME]
+    W = checkpoint.read(NAME) + 0.01 * torch.randn(info.shape)
+    ours = _requantized(info, W, checkpoint.raw)
+    codes, scb, _ = F.int8_vectorwise_quant(W.to(torch.float16))  # what Int8Params does
+    assert torch.equal(ours[NAME], codes) and torch.equal(ours[f"{MODULE}.SCB"], scb)
+    assert torch.equal(ours[f"{MODULE}.weight_format"], torch.tensor(0, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("variant", ["nf4", "fp4"])
+def test_requantizing_equals_peft_merging_into_a_bnb_linear4bit(models, variant):
+    """PEFT's merge_and_unload on a 4-bit model dequantizes each Linear4bit, adds ΔW and quantizes
+    again (bitsandbytes' Params4bit); given the same merged weight, ours writes the same bytes."""
+    import peft
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    Q = models["Q"][variant]
+    model = peft.PeftModel.from_pretrained(load_base(Q, dtype=torch.bfloat16), str(models["adapter"]))
+    layer = dict(model.named_modules())[f"base_model.model.{MODULE}"]
+    weight = layer.get_base_layer().weight
+    merged_input = dequantize_bnb_weight(weight, state=weight.quant_state) + layer.get_delta_weight("default")
+    merged = model.merge_and_unload()
+    after = dict(merged.named_modules())[MODULE].weight
+    checkpoint = open_checkpoint(Q)
+    ours = _requantized(checkpoint.tensors[NAME], merged_input, checkpoint.raw)
+    assert torch.equal(ours[NAME], after.data)
+    assert torch.equal(ours[f"{NAME}.absmax"], after.quant_state.absmax)
+    changed = float((ours[NAME] != load_file(Q / "model.safetensors")[NAME]).float().mean())
+    assert 0 < changed < 1  # the update moved some codes, not all
