@@ -379,10 +379,11 @@ class _SmallReads:
         import torch
 
         if self._pickle is None or self._pickle[0] != info.file:
-            self._pickle = (
-                info.file,
-                torch.load(info.file, map_location="cpu", weights_only=True, mmap=True),
-            )
+            try:
+                state = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+                state = torch.load(info.file, map_location="cpu", weights_only=True)
+            self._pickle = (info.file, state)
         return self._pickle[1][info.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
