@@ -11,7 +11,7 @@ Two adapters replacing one tensor must agree. Tie groups are then settled by the
 The tie rule.
 
 A tie group is a set of tensor names that are one parameter of the model (lm_head ↔ embed_tokens),
-known from the model's structure (lorasurgery.architecture), never from equal shapes. Each member's
+known from the model's structure (lorasurgery.model), never from equal shapes. Each member's
 output is a recipe: where its value starts, and the LoRA updates added to it.
 
 - start: the member's own saved copy (modules_to_save, a saved `<m>.weight`) if an adapter has one;
@@ -35,9 +35,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lorasurgery.architecture import model_tensors
 from lorasurgery.binding import BoundAdapter
 from lorasurgery.errors import MismatchError
+from lorasurgery.model import model_tensors
 
 BASE = None  # a recipe's start when it is the base's own tensor
 

@@ -20,22 +20,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import prefetch, read_config
 from lorasurgery.commands.merge.plan import (
     AdapterSummary,
     Item,
     MergePlan,
     check_options,
+    check_requantize_options,
     plan_merge,
+    unquantize,
 )
 from lorasurgery.commands.merge.verify import require_verification_libraries, verify_merge
-from lorasurgery.commands.merge.write import write_all, write_side_files
+from lorasurgery.commands.merge.write import measure_retention, write_all, write_side_files
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
 from lorasurgery.io.quantization import declares_unreadable_quantization
 from lorasurgery.memory import tune_allocator
+from lorasurgery.model import prefetch, read_config
 from lorasurgery.progress import ProgressCallback, no_progress
 
 __all__ = [
@@ -73,6 +75,11 @@ class MergeSummary:
     assumptions: list = field(default_factory=list)
     verified: bool = False
     max_logit_difference: float | None = None
+    # --requantize (docs/design.md §13): per merged quantized tensor its retention, codes changed, how written
+    requantize: bool = False
+    min_retention: float | None = None
+    tensors_requantized: int = 0
+    retention: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -98,11 +105,15 @@ def merge_checkpoint(
     config_file=None,
     fan_in_fan_out: str | None = None,
     progress: ProgressCallback | None = None,
+    requantize: bool = False,
+    min_retention: float | None = None,
 ) -> MergeSummary:
     """Merge `adapters` into the checkpoint `base` and write a plain checkpoint to `out`.
 
     `config_file` describes the base's structure when it has no config.json (or overrides it);
     `fan_in_fan_out` (a regex on module names) says which layers store (in, out) when nothing else can.
+    `requantize` keeps a quantized base's format; `min_retention` writes the modules whose retention
+    falls below it unquantized (docs/design.md §13).
     Raises a LoraSurgeryError (nothing written) for bad input, and VerificationError when `verify`
     finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
     """
@@ -115,6 +126,7 @@ def merge_checkpoint(
     progress = progress or no_progress
     adapters = [Path(a) for a in adapters]
     weights = check_options(adapters, weights, subtract, dtype, max_shard_bytes)
+    check_requantize_options(requantize, min_retention, verify)
     device = resolve_device(device)
     check_output_path(out, [base, *adapters], force)  # fail fast; checked again when writing
     if verify:
@@ -130,6 +142,12 @@ def merge_checkpoint(
             allow_nonfinite=allow_nonfinite,
             config_file=config_file,
             fan_in_fan_out=fan_in_fan_out,
+            requantize=requantize,
+        )
+    if min_retention is not None:  # which modules stay quantized fixes the layout: measured first
+        measured = measure_retention(plan, device, precise, allow_nonfinite, progress)
+        unquantize(
+            plan, [n for n, r in measured.items() if r.retention is not None and r.retention < min_retention]
         )
     summary = MergeSummary(
         base=str(base),
@@ -142,11 +160,13 @@ def merge_checkpoint(
         config_changes=plan.config_changes,
         notes=plan.notes,
         assumptions=plan.assumptions,
+        requantize=requantize,
+        min_retention=min_retention,
     )
     shards = (
         plan_shards(plan.specs, max_shard_bytes=max_shard_bytes)
         if max_shard_bytes
-        else plan_shards(plan.specs, groups=plan.checkpoint.shard_groups())
+        else plan_shards(plan.specs, groups=plan.shard_groups())
     )
     with atomic_output_dir(out, inputs=[base, *adapters], force=force) as folder:
         with torch_threads(1), SafetensorsWriter(folder, shards) as writer:

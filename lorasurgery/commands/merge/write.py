@@ -3,6 +3,12 @@
 A reader thread, two merging threads (torch on one thread each) and a writer overlap disk reads,
 arithmetic and disk writes; the writer puts each tensor at its planned offset, so the order of
 completion does not matter. A byte budget of twice the largest in-flight tensor bounds memory.
+
+A requantizing item (--requantize, docs/design.md §13) is merged in float32, requantized by its
+format's reader (linalg.requantize) and written as its codes and scales; its retention is recorded
+in plan.measured. With --min-retention, `measure_retention` runs the same computation over those
+items first (nothing written, one tensor at a time), since whether a module is written quantized
+fixes the output's layout before the first byte.
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from lorasurgery.commands.merge.plan import Item, MergePlan
 from lorasurgery.concurrency import Pipeline
-from lorasurgery.io import copy_side_files
-from lorasurgery.io.safetensors_format import torch_dtype_of
+from lorasurgery.io import TensorSpec, copy_side_files
+from lorasurgery.io.safetensors_format import dtype_name_of, torch_dtype_of
 from lorasurgery.progress import Progress
 
 # Files beside the weights that a loader needs; copied unchanged (config.json is rewritten).
@@ -51,9 +58,13 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     costs = {item.name: memory_cost(plan, item) for item in order}
     total_bytes = sum(s.nbytes for s in plan.specs)
 
+    stored = checkpoint.raw
+
     def read(item: Item):
         if copies_raw(item):
             return None  # the writer copies the bytes itself
+        if item.requantize:
+            return checkpoint.read(item.source.name)  # deq(W): the start of W′ and of its retention
         if item.recipe.start is not None:
             index, tensor_name = item.recipe.start
             return plan.adapters[index].adapter.read(tensor_name)
@@ -62,6 +73,10 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     def compute(item: Item, tensor):
         if tensor is None:
             return None
+        if item.requantize:
+            result = requantized(plan, item, tensor, device, precise, allow_nonfinite, stored)
+            plan.measured[item.source.name] = replace(result, tensors={})
+            return result.tensors
         return produce(plan, item, tensor, device, precise, allow_nonfinite)
 
     flusher = _Writeback(writer)
@@ -69,6 +84,11 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     def write(item: Item, tensor) -> None:
         if tensor is None:
             writer.copy_raw(item.name, item.source)
+        elif isinstance(tensor, dict):  # a requantized tensor: its codes and scales
+            for name, value in tensor.items():
+                writer.write(name, value.cpu())
+                flusher.start(name)
+            return
         else:
             writer.write(item.name, tensor)
         flusher.start(item.name)
@@ -88,14 +108,89 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
         for done, item in enumerate(pipeline, 1):
             if copies_raw(item):
                 summary.tensors_copied += 1
+            elif item.requantize:
+                summary.tensors_requantized += 1
             elif item.recipe.start is not None:
                 summary.tensors_replaced += 1
             elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
                 summary.tensors_merged += 1
             else:
                 summary.tensors_converted += 1
-            done_bytes += item.spec.nbytes
+            done_bytes += item.spec.nbytes + sum(p.nbytes for p in item.parts)
             progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+    if plan.requantize:
+        summary.retention = retention_rows(plan)
+
+
+def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfinite, stored):
+    """W′ of a requantizing item: deq(W) (`base`, float32) merged in float32, then requantized by its
+    format (linalg.requantize), with its retention; `stored` is the base's stored layer."""
+    from lorasurgery.linalg.requantize import requantize
+
+    info = item.source
+    as_float32 = replace(
+        item, spec=TensorSpec(item.name, "F32", tuple(info.shape)), parts=(), requantize=False
+    )
+    if item.recipe.start is not None:
+        index, tensor_name = item.recipe.start
+        start = plan.adapters[index].adapter.read(tensor_name)
+    else:
+        start = base.clone()  # merge_weight may write W′ over its input
+    merged = produce(plan, as_float32, start, device, precise, allow_nonfinite)
+    if str(device) != "cpu":  # quantize, decode and measure on the merge's device too
+        base, merged = base.to(device), merged.to(device)
+    return requantize(info, base, merged, lambda part: stored.read(part.name, str(device)))
+
+
+def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progress) -> dict:
+    """{logical name: Requantized (its tensors dropped)} of every requantizing item, nothing written:
+    the same computation as the write, through the same pipeline and byte budget."""
+    checkpoint, stored = plan.checkpoint, plan.checkpoint.raw
+    items = [i for i in plan.items if i.requantize]
+    costs = {item.name: memory_cost(plan, item) for item in items}
+
+    def compute(item: Item, base):
+        result = requantized(plan, item, base, device, precise, allow_nonfinite, stored)
+        return replace(result, tensors={})
+
+    pipeline = Pipeline(
+        items,
+        lambda item: checkpoint.read(item.source.name),
+        compute,
+        workers=2,
+        cost=lambda item: costs[item.name],
+        limit=2 * max(costs.values(), default=0),
+        name="retention",
+    )
+    with pipeline:
+        for done, (item, result) in enumerate(pipeline, 1):
+            plan.measured[item.source.name] = result
+            progress(Progress("retention", done, len(items), item.source.name))
+    return plan.measured
+
+
+def retention_rows(plan: MergePlan) -> list[dict]:
+    """One row per merged quantized tensor, in output order: its retention, the share of its codes
+    that changed, and how it was written."""
+    rows = []
+    for item in plan.items:
+        written_whole = item.source is not None and item.source.dequantized and item.name == item.source.name
+        if not (item.requantize or written_whole) or item.source.name not in plan.measured:
+            continue
+        result = plan.measured[item.source.name]
+        name = item.source.name
+        rows.append(
+            {
+                "module": name[: -len(".weight")] if name.endswith(".weight") else name,
+                "tensor": name,
+                "retention": result.retention,
+                "codes_changed": result.codes_changed / result.codes if result.codes else 0.0,
+                "written": plan.checkpoint.quantization.name
+                if item.requantize
+                else dtype_name_of(item.spec.dtype),
+            }
+        )
+    return rows
 
 
 class _Writeback:
@@ -145,6 +240,8 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
     """Bytes an item holds while in flight: what is read, plus the output when it is a new buffer."""
     if copies_raw(item):
         return 0
+    if item.requantize:  # deq(W), W′ in float32 and deq(W′), and the new and old codes and scales
+        return 3 * item.source.nbytes + 2 * (item.spec.nbytes + sum(p.nbytes for p in item.parts))
     if item.recipe.start is not None:
         index, tensor_name = item.recipe.start
         shape = tuple(plan.adapters[index].adapter.tensors[tensor_name].shape)

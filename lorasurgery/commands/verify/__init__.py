@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.adapter import load_adapter
-from lorasurgery.architecture import structure_of
 from lorasurgery.binding import bind
 from lorasurgery.commands.verify.config import check_config
 from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
@@ -31,6 +30,7 @@ from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.io import open_checkpoint
+from lorasurgery.model import structure_of
 from lorasurgery.recipes import plan_recipes
 
 __all__ = ["VerifyReport", "verify_artifact", "DID_NOT_LAND"]
