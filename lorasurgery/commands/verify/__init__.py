@@ -35,7 +35,7 @@ from lorasurgery.recipes import plan_recipes
 
 __all__ = ["VerifyReport", "verify_artifact", "DID_NOT_LAND"]
 
-DID_NOT_LAND = 3  # the exit code of a completed check that found a failure (1 stays: could not check)
+DID_NOT_LAND = 1  # the exit code of a completed check that found a failure, as docs/design.md §14 says
 
 
 @dataclass
