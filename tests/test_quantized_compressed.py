@@ -515,17 +515,23 @@ BAD = {
         _set_scale(float("nan")),
         None,
         False,
-        f"tensor {MODULE}.weight_scale: 1 of 4 scales are NaN, infinite or zero (the first, at flat index "
-        f"3: nan); {MODULE}.weight cannot be decoded",
+        f"tensor {MODULE}.weight_scale: 1 of 4 scales are NaN, infinite or zero (the first at [1, 1]: "
+        f"nan); {MODULE}.weight cannot be decoded",
     ),
     "infinite scale": (
         "int8-channel",
         _set_scale(float("inf")),
         None,
         False,
-        "(the first, at flat index 3: inf)",
+        "scales are NaN, infinite or zero (the first at [3, 0]: inf)",
     ),
-    "zero scale": ("w4a16-group-asym", _set_scale(0.0), None, False, "(the first, at flat index 3: 0.0)"),
+    "zero scale": (
+        "w4a16-group-asym",
+        _set_scale(0.0),
+        None,
+        False,
+        "scales are NaN, infinite or zero (the first at [1, 0]: 0.0)",
+    ),
     "NaN global scale": (
         "nvfp4",
         lambda t: t[f"{MODULE}.weight_global_scale"].fill_(float("nan")),

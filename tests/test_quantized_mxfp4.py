@@ -457,7 +457,7 @@ BAD = {
     ),
     "NaN scale": (
         _nan_scale,
-        f"tensor {DOWN}_scales: 1 of 512 scales are 0xFF, E8M0's NaN (the first at [2, 5, 1]); {DOWN} "
+        f"tensor {DOWN}_scales: 1 of 512 scales are 0xFF, E8M0's NaN (the first at [2, 5, 1]: 255); {DOWN} "
         f"cannot be decoded",
     ),
 }

@@ -60,6 +60,7 @@ from lorasurgery.io.quantization import (
     DequantizedInfo,
     Quantization,
     _evidence,
+    check_scales,
     model_dtype,
 )
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
@@ -526,15 +527,7 @@ def _absmax(info: DequantizedInfo, read):
 def _finite(info: DequantizedInfo, stored: TensorInfo, values, how: str = ""):
     import torch
 
-    good = torch.isfinite(values)
-    if not bool(good.all()):
-        flat = good.reshape(-1)
-        first = int((~flat).nonzero()[0, 0])
-        raise CheckpointError(
-            f"{stored.file}: tensor {stored.name}: {int((~flat).sum())} of {flat.numel()} scales are NaN "
-            f"or infinite{how} (the first at [{first}]: {float(values.reshape(-1)[first])!r}); "
-            f"{info.name} cannot be decoded"
-        )
+    check_scales(info, stored, values, torch.isfinite(values), f"NaN or infinite{how}")
     return values
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
+from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence, check_scales
 from lorasurgery.io.quantization import model_dtype as _model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_code_of, dtype_name_of, torch_dtype_of
 
@@ -407,15 +407,7 @@ def _checked(value, stored: TensorInfo, info: DequantizedInfo):
     import torch
 
     s = value.to(torch.float32)
-    good = torch.isfinite(s) & (s != 0)
-    if not bool(good.all()):
-        flat = good.reshape(-1)
-        first = int((~flat).nonzero()[0, 0])
-        raise CheckpointError(
-            f"{stored.file}: tensor {stored.name}: {int((~flat).sum())} of {flat.numel()} scales are "
-            f"NaN, infinite or zero (the first, at flat index {first}: {float(s.reshape(-1)[first])!r}); "
-            f"{info.name} cannot be decoded"
-        )
+    check_scales(info, stored, s, torch.isfinite(s) & (s != 0), "NaN, infinite or zero")
     return s
 
 

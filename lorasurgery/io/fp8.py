@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence, model_dtype
+from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence, check_scales, model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of, torch_dtype_of
 
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config when weight_block_size is absent
@@ -305,27 +305,11 @@ def _scales(info: DequantizedInfo, scale):
     good = torch.isfinite(s) & (s > 0)
     if info.scale_fmt == "ue8m0" and stored.dtype not in ("F8_E8M0", "U8"):
         good &= torch.frexp(s).mantissa.abs() == 0.5
-    if not bool(good.all()):
-        flat = good.reshape(-1)
-        first = int((~flat).nonzero()[0, 0])
-        index = list(_unravel(first, tuple(s.shape)))
-        value = float(s.reshape(-1)[first])
-        what = "NaN, infinite, zero or negative"
-        if info.scale_fmt == "ue8m0":
-            what += ', or not a power of two as quantization_config scale_fmt "ue8m0" declares'
-        raise CheckpointError(
-            f"{stored.file}: tensor {stored.name}: {int((~flat).sum())} of {flat.numel()} scales are "
-            f"{what} (the first at {index}: {value!r}); {info.name} cannot be decoded"
-        )
+    what = "NaN, infinite, zero or negative"
+    if info.scale_fmt == "ue8m0":
+        what += ', or not a power of two as quantization_config scale_fmt "ue8m0" declares'
+    check_scales(info, stored, s, good, what)
     return s
-
-
-def _unravel(index: int, shape: tuple[int, ...]):
-    out = []
-    for size in reversed(shape):
-        index, rest = divmod(index, size)
-        out.append(rest)
-    return reversed(out)
 
 
 def _declared_block(settings: Mapping, where: str):

@@ -38,9 +38,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, NonFiniteError
-from lorasurgery.io.fp8 import _unravel
 from lorasurgery.io.fp8 import exclude as _exclude
-from lorasurgery.io.quantization import INTEGER, SCALE_ONLY, DequantizedInfo, Quantization, _evidence
+from lorasurgery.io.quantization import (
+    INTEGER,
+    SCALE_ONLY,
+    DequantizedInfo,
+    Quantization,
+    _evidence,
+    check_scales,
+)
 from lorasurgery.io.quantization import model_dtype as _model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
 
@@ -111,14 +117,7 @@ def dequantize(info: DequantizedInfo, read):
 
     stored = info.part("scales")
     scales = read(stored)
-    bad = scales == NAN
-    if bool(bad.any()):
-        first = int(bad.reshape(-1).nonzero()[0, 0])
-        raise CheckpointError(
-            f"{stored.file}: tensor {stored.name}: {int(bad.sum())} of {bad.numel()} scales are 0xFF, "
-            f"E8M0's NaN (the first at {list(_unravel(first, tuple(scales.shape)))}); {info.name} "
-            f"cannot be decoded"
-        )
+    check_scales(info, stored, scales, scales != NAN, "0xFF, E8M0's NaN")
     blocks = read(info.codes)
     device = blocks.device
     experts, rows, groups, _ = blocks.shape

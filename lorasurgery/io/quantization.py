@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.errors import UnsupportedError
+from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
 
 FLOAT8 = frozenset({"F8_E4M3", "F8_E5M2"})
@@ -515,3 +515,32 @@ def refusal(
         f"{subject} {what} ({because}); lorasurgery reads {READ_FORMATS} but not this format yet, "
         f"and never reads codes as weights — dequantize the model first ({DESIGN})"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Scale checks, shared by the readers
+
+
+def check_scales(info, stored: TensorInfo, values, good, what: str) -> None:
+    """CheckpointError naming the scale tensor `stored` when `good` (a bool tensor shaped like
+    `values`, the scales as read) is not all true: how many scales are `what`, the first's index and
+    value, and the logical tensor `info` that cannot be decoded."""
+    if bool(good.all()):
+        return
+    flat = good.reshape(-1)
+    first = int((~flat).nonzero()[0, 0])
+    index = list(unravel(first, tuple(good.shape)))
+    value = values.reshape(-1)[first].item()
+    raise CheckpointError(
+        f"{stored.file}: tensor {stored.name}: {int((~flat).sum())} of {flat.numel()} scales are {what} "
+        f"(the first at {index}: {value!r}); {info.name} cannot be decoded"
+    )
+
+
+def unravel(index: int, shape: tuple[int, ...]) -> list[int]:
+    """The multi-index of flat `index` in a row-major tensor of `shape`."""
+    out = []
+    for size in reversed(shape):
+        index, rest = divmod(index, size)
+        out.append(rest)
+    return out[::-1]
