@@ -42,12 +42,19 @@ class LoraSurgeryGroup(click.Group):
 
 
 def describe_error(error: BaseException) -> str:
+    kept = getattr(error, "kept_work", None)  # --resume keeps an unfinished output (io/output.py)
     if isinstance(error, KeyboardInterrupt):
+        if kept is not None:
+            return f"interrupted; the unfinished output is kept in {kept}: run again with --resume to continue it"
         return "interrupted; nothing was written"
     if isinstance(error, OSError) and not isinstance(error, LoraSurgeryError):
         where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror or error}{where}"
-    return str(error)
+        message = f"{error.strerror or error}{where}"
+    else:
+        message = str(error)
+    if kept is not None and not isinstance(error, OptionError):
+        message += f" (the unfinished output stays in {kept} for --resume)"
+    return message
 
 
 def settings_of(ctx: click.Context) -> Settings:
@@ -232,6 +239,11 @@ def inspect(
 @click.option("--precise", is_flag=True, help="Compute ΔW and W + ΔW in float64.")
 @force_option
 @click.option("--verify", is_flag=True, help="Compare logits of base+adapter and merged model.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse the checked, finished shards of a killed run with the same arguments; keep this run's if interrupted.",
+)
 @allow_nonfinite_option("inputs or results")
 @json_option
 @config_option(
@@ -255,6 +267,7 @@ def merge(
     precise: bool,
     force: bool,
     verify: bool,
+    resume: bool,
     allow_nonfinite: bool,
     as_json: bool,
     config_file: str | None,
@@ -287,6 +300,7 @@ def merge(
             verify=verify,
             config_file=config_file,
             fan_in_fan_out=fan_in_fan_out,
+            resume=resume,
             progress=progress,
         )
     render.merge_summary(summary, as_json=as_json, quiet=quiet)

@@ -41,12 +41,21 @@ SIDE_FILES = (
 )
 
 
-def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite, progress) -> None:
-    """Read, merge and write every output tensor of `plan` into `writer`, counting into `summary`."""
+def write_all(
+    plan: MergePlan, writer, summary, device, precise, allow_nonfinite, progress, reused=frozenset()
+) -> None:
+    """Read, merge and write every output tensor of `plan` into `writer`, counting into `summary`.
+
+    Tensors named in `reused` lie in shards a resumed run keeps (io/journal.py): counted as what
+    they are, never read nor computed."""
     checkpoint = plan.checkpoint
     files = {f: i for i, f in enumerate(checkpoint.files)}
+    for item in plan.items:
+        if item.name in reused:
+            _count(item, summary)
     order = sorted(
-        plan.items, key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0)
+        (item for item in plan.items if item.name not in reused),
+        key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0),
     )
     costs = {item.name: memory_cost(plan, item) for item in order}
     total_bytes = sum(s.nbytes for s in plan.specs)
@@ -86,16 +95,20 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     done_bytes = 0
     with flusher, pipeline:
         for done, item in enumerate(pipeline, 1):
-            if copies_raw(item):
-                summary.tensors_copied += 1
-            elif item.recipe.start is not None:
-                summary.tensors_replaced += 1
-            elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
-                summary.tensors_merged += 1
-            else:
-                summary.tensors_converted += 1
+            _count(item, summary)
             done_bytes += item.spec.nbytes
             progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+
+
+def _count(item: Item, summary) -> None:
+    if copies_raw(item):
+        summary.tensors_copied += 1
+    elif item.recipe.start is not None:
+        summary.tensors_replaced += 1
+    elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
+        summary.tensors_merged += 1
+    else:
+        summary.tensors_converted += 1
 
 
 class _Writeback:
