@@ -51,13 +51,11 @@ def run_identity(
     """Everything that decides a run's output bytes, as plain JSON-able data (compared part by part)."""
     import torch
 
-    from lorasurgery import __version__
-
     headers = hashlib.sha256()
     for layout in layouts:
         headers.update(layout.name.encode() + b"\0" + layout.header)
     return {
-        "lorasurgery": __version__,
+        "lorasurgery": _version(),
         "torch": torch.__version__,
         "inputs": file_fingerprints(inputs),
         "options": json.loads(json.dumps(options, default=str)),  # paths and tuples as JSON has them
@@ -203,6 +201,16 @@ def resume_work(folder: Path, identity: dict, layouts: Sequence[ShardLayout], *,
     journal.shards = {name: journal.shards[name] for name in kept if name in journal.shards}
     journal.save()
     return Resumed(journal, frozenset(complete), rejected, found)
+
+
+def _version() -> str:
+    """The installed lorasurgery's version (the package's own attribute is a layer above io)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorasurgery")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _remove_tree(path: Path) -> None:
