@@ -52,7 +52,7 @@ def describe_error(error: BaseException) -> str:
         message = f"{error.strerror or error}{where}"
     else:
         message = str(error)
-    if kept is not None and not isinstance(error, OptionError):
+    if kept is not None and kept.name not in message:
         message += f" (the unfinished output stays in {kept} for --resume)"
     return message
 

@@ -269,7 +269,7 @@ def test_a_resume_with_other_options_or_inputs_is_refused_and_mixes_nothing(plai
     base_before = tree_digest(base)
 
     refusals = [
-        (("--weight", "0.5"), "--weight was None, is now [0.5]"),
+        (("--weight", "0.5"), "--weight was not given, is now [0.5]"),
         (("--dtype", "bf16"), "--dtype was 'auto', is now 'bf16'"),
         (("--max-shard-size", "20KB"), "--max-shard-size was"),
     ]

@@ -73,7 +73,7 @@ def differences(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old_options) | set(new_options)):
         if old_options.get(key) != new_options.get(key):
             option = "--" + key.replace("_", "-")
-            said.append(f"{option} was {old_options.get(key)!r}, is now {new_options.get(key)!r}")
+            said.append(f"{option} was {_shown(old_options.get(key))}, is now {_shown(new_options.get(key))}")
     old_inputs, new_inputs = old.get("inputs", {}), new.get("inputs", {})
     for path in sorted(set(old_inputs) | set(new_inputs)):
         if path not in new_inputs:
@@ -85,6 +85,10 @@ def differences(old: dict, new: dict) -> list[str]:
     if not said and old.get("shards") != new.get("shards"):
         said.append("the planned output shards differ")
     return said or ["the journal is of another run"]
+
+
+def _shown(value) -> str:
+    return "not given" if value is None else repr(value)
 
 
 def shard_digest(path: Path, layout: ShardLayout) -> str | None:
