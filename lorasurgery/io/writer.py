@@ -147,6 +147,14 @@ class WriteSummary:
     bytes: int = 0  # tensor bytes written (as index.json's total_size)
 
 
+def _raw_bytes(tensor) -> memoryview:
+    """A tensor's bytes as written: on the CPU, contiguous, flat (a view when it already is)."""
+    import torch
+
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(data.view(torch.uint8).numpy())
+
+
 class SafetensorsWriter:
     """Writes planned shards into `folder`; use as a context manager, or call close()/abort()."""
 
@@ -207,8 +215,17 @@ class SafetensorsWriter:
             raise OutputError(f"internal error: tensor {name!r} written twice")
         return slot
 
-    def write(self, name: str, tensor) -> None:
-        """Write `tensor` (any device; its dtype and shape must match the plan)."""
+    def digest(self, tensor) -> bytes | None:
+        """The sha256 of the bytes `write` stores for `tensor` (a CPU tensor), or None when this
+        writer reports no shards. Callers compute it in their own threads (merge: the merging
+        threads), so that the one writing thread only writes."""
+        if self._on_shard is None:
+            return None
+        return hashlib.sha256(_raw_bytes(tensor)).digest()
+
+    def write(self, name: str, tensor, digest: bytes | None = None) -> None:
+        """Write `tensor` (any device; its dtype and shape must match the plan); `digest`, from
+        `digest(tensor)`, saves hashing it here."""
         slot = self._slot(name)
         spec = slot.spec
         if dtype_code_of(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
@@ -216,16 +233,13 @@ class SafetensorsWriter:
                 f"internal error: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                 f"planned {spec.dtype} {spec.shape}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            import torch
-
-            raw = data.view(torch.uint8).numpy()  # a view: no copy of the tensor
+        raw = _raw_bytes(tensor)
+        if len(raw):
             handle = self._files[slot.file_index]
             handle.seek(slot.offset)
-            handle.write(memoryview(raw))
-            if self._on_shard is not None:
-                self._digests[name] = hashlib.sha256(memoryview(raw)).digest()
+            handle.write(raw)
+        if self._on_shard is not None:
+            self._digests[name] = digest or hashlib.sha256(raw).digest()
         self._written(slot)
 
     def copy_raw(self, name: str, source: TensorInfo) -> None:

@@ -58,7 +58,7 @@ def write_all(
         key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0),
     )
     costs = {item.name: memory_cost(plan, item) for item in order}
-    total_bytes = sum(s.nbytes for s in plan.specs)
+    total_bytes = sum(item.spec.nbytes for item in order)  # what is left to do, when resumed
 
     def read(item: Item):
         if copies_raw(item):
@@ -71,15 +71,16 @@ def write_all(
     def compute(item: Item, tensor):
         if tensor is None:
             return None
-        return produce(plan, item, tensor, device, precise, allow_nonfinite)
+        merged = produce(plan, item, tensor, device, precise, allow_nonfinite).to("cpu")
+        return merged, writer.digest(merged)  # the journal's hash, here in a merging thread
 
     flusher = _Writeback(writer)
 
-    def write(item: Item, tensor) -> None:
-        if tensor is None:
+    def write(item: Item, result) -> None:
+        if result is None:
             writer.copy_raw(item.name, item.source)
         else:
-            writer.write(item.name, tensor)
+            writer.write(item.name, *result)
         flusher.start(item.name)
 
     pipeline = Pipeline(
