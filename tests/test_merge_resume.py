@@ -211,6 +211,20 @@ def test_a_damaged_shard_is_written_again(plain, tmp_path):
     assert digests_by_name(out) == digests_by_name(reference)
 
 
+def test_an_unreadable_journal_means_starting_over(plain, tmp_path):
+    base, adapter = plain
+    reference = tmp_path / "reference"
+    merged(base, adapter, "-o", reference, "--max-shard-size", SHARD)
+    out = tmp_path / "merged"
+    merge_killed(base, adapter, "-o", out, "--max-shard-size", SHARD, after=2)
+    (the_work_folder(out) / JOURNAL_NAME).write_text('{"format": 1, "identity": ')  # cut short
+
+    summary = merged(base, adapter, "-o", out, "--max-shard-size", SHARD, "--resume")
+    assert summary["shards_reused"] == 0
+    assert any("no unfinished merge" in note for note in summary["notes"])
+    assert digests_by_name(out) == digests_by_name(reference) and not work_folders(out)
+
+
 def test_an_interrupted_resumable_merge_keeps_its_work(plain, tmp_path):
     """Ctrl-C or SIGTERM: without --resume the unfinished output is removed (tests/test_hardening.py);
     with it, it stays for the next --resume, and the message says where and how to continue."""

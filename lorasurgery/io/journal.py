@@ -126,9 +126,10 @@ class Journal:
         """The journal in `folder`, or None when there is none or it is unreadable (then: start over)."""
         try:
             data = json.loads((folder / JOURNAL_NAME).read_text(encoding="utf-8"))
-            if data.get("format") != _FORMAT:
+            identity, shards = data["identity"], data["shards"]
+            if data.get("format") != _FORMAT or not isinstance(identity, dict):
                 return None
-            return cls(folder, data["identity"], dict(data["shards"]))
+            return cls(folder, identity, {k: v for k, v in shards.items() if isinstance(v, dict)})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
