@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorasurgery.commands.extract.extract import Policy, extract_adapter
+    from lorasurgery.commands.extract.extract import ExtractRequest, Policy, extract_adapter
     from lorasurgery.units import parse_count
 
     base = smollm2_checkpoint()
@@ -62,15 +62,17 @@ def main() -> None:
         out = WORK / f"calibrate-bench-{label.replace(' ', '-').replace('λ=', '')}-{args.tokens}-{policy_tag}"
         started = time.perf_counter()
         report = extract_adapter(
-            base,
-            finetuned,
-            out,
-            policy=Policy(rank=args.rank) if args.rank else Policy(budget=budget),
-            calibrate=calibrate,
-            calibrate_tokens=args.tokens,
-            calibrate_ridge=ridge,
-            calibrate_scaled_budget=args.scaled,
-            force=True,
+            ExtractRequest(
+                base,
+                finetuned,
+                out,
+                policy=Policy(rank=args.rank) if args.rank else Policy(budget=budget),
+                calibrate=calibrate,
+                calibrate_tokens=args.tokens,
+                calibrate_ridge=ridge,
+                calibrate_scaled_budget=args.scaled,
+                force=True,
+            ),
         )
         reports[label] = report.totals | {"seconds": time.perf_counter() - started}
         adapters[label] = out

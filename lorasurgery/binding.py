@@ -6,10 +6,10 @@ command that has a base asks here (merge, inspect, rank-report, resize, combine,
 1. LoRA on nn.Parameters (target_parameters): which parameter each wrapper targets, with its rank
    and layout (adapter/parameters.py), from the stored shapes and the model's structure;
 2. the prefix rule mapping the adapter's module paths onto the checkpoint's names (adapter/names.py);
-3. the model's structure (architecture.py): a tied member stored once is read from the stored one; a
+3. the model's structure (lorasurgery/model/): a tied member stored once is read from the stored one; a
    fused expert parameter that the checkpoint stores split is merged as one piece per stored tensor;
 4. the layout of every linear target, decided for all adapters together, since a square weight's
-   layout compares their flags (architecture.linear_layouts: the structure, else --fan-in-fan-out,
+   layout compares their flags (model.layouts.linear_layouts: the structure, else --fan-in-fan-out,
    else the stored shape, else the adapter's flag);
 5. with `check_shapes`, every module's ΔW against its base tensor (merge checks against the tensor
    each module will really meet, a saved and resized one included, and passes False).
@@ -20,7 +20,7 @@ square weight of a base without config.json) is an `Assumption`: each BoundAdapt
 naming the modules, what was assumed and how to be sure, for every command to report.
 
 Reading adapter_config.json's fan_in_fan_out, and the rule that turns a layout into a transpose
-(`stored_transposed`), belong to this layer and lorasurgery.architecture only.
+(`stored_transposed`), belong to this layer and lorasurgery.model only.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from lorasurgery.adapter.parameters import (
     split_pieces,
     with_split_parameters,
 )
-from lorasurgery.architecture import (
+from lorasurgery.errors import MismatchError
+from lorasurgery.model import (
     Layout,
     LinearTarget,
     Structure,
@@ -50,7 +51,6 @@ from lorasurgery.architecture import (
     model_tensors,
     structure_of,
 )
-from lorasurgery.errors import MismatchError
 
 _LISTED = 8  # how many modules a message names
 
@@ -274,7 +274,7 @@ def _map_modules(adapter: Adapter, checkpoint, structure: Structure, tensors: di
 
 
 def _assumptions(adapter: Adapter, structure: Structure, layouts: dict[str, Layout], remedy: str):
-    """One Assumption per layout assumed from the adapter's flag (architecture.linear_layouts)."""
+    """One Assumption per layout assumed from the adapter's flag (model.layouts.linear_layouts)."""
     by_flag: dict[bool, list[str]] = {}
     for key, layout in layouts.items():
         if layout.reason == "assumed":

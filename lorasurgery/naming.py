@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from lorasurgery.architecture import leaf
+from lorasurgery.model import leaf
 
 
 def natural_key(name: str):

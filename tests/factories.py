@@ -219,26 +219,107 @@ def load_base(base_path, model_kind: str = "llama", dtype="auto"):
     return model.eval()
 
 
-def randomize_adapter(model, seed: int = 0, std: float = 0.05) -> None:
-    """Make a fresh PEFT model's adapter non-trivial, deterministically (in `named_parameters` order).
+def randomize_adapter(
+    model,
+    seed: int = 0,
+    std: float = 0.05,
+    *,
+    a_std: float | None = None,
+    magnitude: float = 0.03,
+    other: float = 0.02,
+) -> None:
+    """Make a fresh PEFT model's adapter non-trivial, deterministically (in `named_parameters` order):
+    the tests' one randomiser.
 
     - every ``lora_B`` weight/bias and ``lora_embedding_A``/``lora_embedding_B``: N(0, std²)
-      (PEFT zero-initialises lora_B, lora_B.bias and lora_embedding_A);
-    - ``lora_magnitude_vector`` (DoRA): scaled by 1 + N(0, 0.03²) per feature;
-    - every other trainable non-LoRA parameter (modules_to_save copies, biases of bias="all" /
-      "lora_only"): plus N(0, 0.02²).
+      (PEFT zero-initialises lora_B, lora_B.bias and lora_embedding_A); with `a_std`, every LoRA
+      factor (lora_A too) is drawn anew from N(0, a_std²) instead;
+    - ``lora_magnitude_vector`` (DoRA): scaled by 1 + N(0, magnitude²) per feature;
+    - every other trainable non-LoRA parameter (modules_to_save copies — an inactive adapter's too —,
+      trainable-token rows, biases of bias="all" / "lora_only"): plus N(0, other²).
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
             noise = noise.to(parameter.dtype)
-            if ".lora_B." in name or "lora_embedding_B" in name or "lora_embedding_A" in name:
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + magnitude * noise)
+            elif a_std is not None and "lora_" in name:
+                parameter.copy_(a_std * noise)
+            elif ".lora_B." in name or "lora_embedding_B" in name or "lora_embedding_A" in name:
                 parameter.copy_(std * noise)
-            elif "lora_magnitude_vector" in name:
-                parameter.mul_(1 + 0.03 * noise)
-            elif parameter.requires_grad and "lora_" not in name:
-                parameter.add_(0.02 * noise)
+            elif "lora_" not in name and (
+                parameter.requires_grad or ".modules_to_save." in name or "trainable_tokens_delta" in name
+            ):
+                parameter.add_(other * noise)
+
+
+# ------------------------------------------------------------------------------- in-memory models
+# Tiny real transformers models built in memory (seeded, < 1 s each), and PEFT-made fine-tunes and
+# adapters of them, for tests that need a model object rather than a folder.
+
+
+def tiny_llama(tie: bool = False, vocab: int = 64, hidden: int = 32, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def tiny_bert(head: bool = False, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertForSequenceClassification(config) if head else transformers.BertModel(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" in name:  # not all ones/zeros: merges must be checked on real values
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def peft_finetune(model, seed: int = 1, **lora):
+    """A fine-tune whose ΔW is exactly low rank: a randomized PEFT adapter, merged by PEFT."""
+    import peft
+
+    torch.manual_seed(seed)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    randomize_adapter(wrapped, seed=seed, std=0.1)
+    return wrapped.merge_and_unload()
+
+
+def peft_adapter(model, out, seed: int = 1, **lora):
+    """A real PEFT adapter of an in-memory model saved to `out`, every zero-initialised factor randomized."""
+    import peft
+
+    torch.manual_seed(seed)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**lora))
+    randomize_adapter(wrapped, seed=seed, std=0.1)
+    wrapped.save_pretrained(out)
+    return wrapped
 
 
 def make_adapter(
@@ -394,3 +475,106 @@ def quantize_fp8(W: torch.Tensor, block, scale_dtype=torch.float32, ue8m0=False)
     codes = (blocks / scale.float()[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
     codes = codes.reshape(padded.shape)[:out, :inner].to(torch.float8_e4m3fn)
     return codes, scale
+
+
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)  # between 0, ½, 1, 1½, 2, 3, 4, 6
+
+
+def quantize_mxfp4(W: torch.Tensor):
+    """(blocks, scales) of an expert parameter W (experts, in, out) as gpt-oss stores it: per output,
+    blocks of 32 inputs; the scale byte e of a block is 2^(e − 127) = amax/6 rounded up to a power
+    of two (triton_kernels' downcast_to_mxfp_torch, ROUND_UP, which transformers' quantize_to_mxfp4
+    calls); each value / scale rounded to the nearest e2m1 (ties away from zero), sign in bit 3;
+    two codes a byte, the first in the low nibble. blocks (E, out, in/32, 16) uint8, scales
+    (E, out, in/32) uint8."""
+    groups = W.float().transpose(-1, -2).reshape(*W.shape[:-2], W.shape[-1], -1, 32)
+    dequant = groups.abs().amax(-1, keepdim=True) / 6.0
+    bits = (dequant.view(torch.int32) + 0x007FFFFF) & 0x7F800000  # round the float up to 2^k
+    scale = bits.view(torch.float32)
+    scaled = groups * torch.where(scale == 0, 0.0, 1.0 / scale)
+    magnitude = torch.bucketize(scaled.abs().contiguous(), torch.tensor(E2M1_MIDPOINTS), right=True)
+    codes = (magnitude | (torch.signbit(scaled).to(torch.int64) << 3)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (bits >> 23).squeeze(-1).to(torch.uint8)
+
+
+def _weight_ranges(W: torch.Tensor, args):
+    """(min, max) of W over each scale's reach, as llm-compressor's min-max observer sees a weight."""
+    from compressed_tensors.quantization.utils.helpers import maybe_pad_tensor_for_block_quant
+
+    strategy = getattr(args.strategy, "value", args.strategy)
+    if strategy == "tensor":
+        return W.amin().reshape(1), W.amax().reshape(1)
+    if strategy == "channel":
+        return W.amin(1, keepdim=True), W.amax(1, keepdim=True)
+    if strategy in ("group", "tensor_group"):
+        groups = W.unflatten(-1, (-1, args.group_size))
+        return groups.amin(-1), groups.amax(-1)
+    if strategy == "block":  # padded with zeros, as the package pads, so edge blocks count 0 too
+        rows, cols = args.block_structure
+        blocks = maybe_pad_tensor_for_block_quant(W, args.block_structure)
+        blocks = blocks.unflatten(0, (-1, rows)).unflatten(-1, (-1, cols))
+        return blocks.amin((1, 3)), blocks.amax((1, 3))
+    raise ValueError(f"no ranges for strategy {strategy!r}")
+
+
+def quantize_compressed(
+    plain, folder, weights: dict | None = None, input_activations: dict | None = None, groups=None
+) -> Path:
+    """`plain` quantized by compressed-tensors' own tools and saved as llm-compressor saves it.
+
+    One config group targets every Linear but lm_head (`apply_quantization_config`), or `groups`
+    ({name: {"targets": […], "weights": {…}, "input_activations": {…}}}, a format per group: what
+    the package saves as "mixed-precision"); each weight's
+    scale (and zero point, global scale) comes from the package's `calculate_qparams` /
+    `generate_gparam` over the weight's min and max; `ModelCompressor.compress_model` writes the
+    codes in the format the package infers (float-, int-, pack-, nvfp4-pack-quantized) and
+    `update_config` the quantization_config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    model = load_base(plain)
+    if groups is None:
+        groups = {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": input_activations}
+        }
+    schemes = {
+        name: QuantizationScheme(
+            targets=group["targets"],
+            weights=QuantizationArgs(**group["weights"]),
+            input_activations=(
+                None
+                if group.get("input_activations") is None
+                else QuantizationArgs(**group["input_activations"])
+            ),
+        )
+        for name, group in groups.items()
+    }
+    with _quiet():
+        apply_quantization_config(model, QuantizationConfig(config_groups=schemes, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            scheme = getattr(module, "quantization_scheme", None)
+            if scheme is None:
+                continue
+            W, args = module.weight.detach(), scheme.weights
+            global_scale = None
+            if hasattr(module, "weight_global_scale"):  # NVFP4: one float32 scale over the group scales
+                global_scale = generate_gparam(W.amin(), W.amax())
+                module.weight_global_scale.copy_(global_scale)
+            scale, zero_point = calculate_qparams(*_weight_ranges(W, args), args, global_scale=global_scale)
+            module.weight_scale.copy_(scale)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.copy_(zero_point)
+        compressor = ModelCompressor.from_pretrained_model(model)
+        with _quiet():
+            compressor.compress_model(model)
+            model.save_pretrained(folder)
+        compressor.update_config(folder)
+    return Path(folder)

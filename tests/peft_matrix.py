@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from factories import relative_error  # noqa: F401 (also test_peft_matrix's)
+from factories import randomize_adapter, relative_error  # noqa: F401 (relative_error: test_peft_matrix's too)
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -386,21 +386,6 @@ def lora_config(kwargs: dict):
     return peft.LoraConfig(**kwargs)
 
 
-def randomize(model: nn.Module, seed: int = 0) -> None:
-    """Every adapter parameter random: lora_A/B (and biases), embeddings, DoRA magnitudes (×(1+ε)),
-    trainable-token rows, modules_to_save copies and trained biases (+ noise)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            noise = torch.randn(parameter.shape, generator=generator).to(parameter.dtype)
-            if "lora_magnitude_vector" in name:
-                parameter.mul_(1 + 0.05 * noise)
-            elif "lora_" in name:
-                parameter.copy_(0.2 * noise)
-            elif "trainable_tokens_delta" in name or ".modules_to_save." in name or parameter.requires_grad:
-                parameter.add_(0.1 * noise)
-
-
 def make_peft(bases: Bases, case: Case, out: Path, *, seed: int = 0):
     """PEFT's model for `case` (randomised, saved to `out`) and its merge_and_unload() state dict.
 
@@ -417,7 +402,8 @@ def make_peft(bases: Bases, case: Case, out: Path, *, seed: int = 0):
         wrapped = peft.get_peft_model(model, lora_config(case.lora))
         if case.second is not None:
             wrapped.add_adapter("other", lora_config(case.second))
-    randomize(wrapped, seed)
+    # every factor drawn anew (lora_A too), larger than make_adapter's: the matrix's settings
+    randomize_adapter(wrapped, seed, std=0.2, a_std=0.2, magnitude=0.05, other=0.1)
     with _quiet():
         wrapped.save_pretrained(out)
     folders = [out] + ([out / "other"] if case.second is not None else [])

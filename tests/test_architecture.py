@@ -1,4 +1,4 @@
-"""lorasurgery.architecture: module kinds, layouts and ties from a meta-device skeleton, and the layout
+"""lorasurgery.model: module kinds, layouts and ties from a meta-device skeleton, and the layout
 rules for bases without a config.json."""
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ import time
 
 import pytest
 
-from lorasurgery import architecture
-from lorasurgery.architecture import LinearTarget, linear_layouts, structure_of
 from lorasurgery.errors import CheckpointError, MismatchError, UnsupportedError
 from lorasurgery.io import open_checkpoint
+from lorasurgery.model import Layout, LinearTarget, Structure, linear_layouts, skeleton, structure_of
 
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORASURGERY_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(architecture, "_MEMORY", {})
+    monkeypatch.setattr(skeleton, "_MEMORY", {})
 
 
 def test_llama_kinds_and_the_tie_from_the_config(llama_base_tied):
@@ -58,8 +57,8 @@ def test_bert_ties_the_decoder_bias_too(tmp_path):
     )
     config.architectures = ["BertForMaskedLM"]
     config.save_pretrained(tmp_path / "cfg")
-    skeleton = architecture.skeleton_of(json.loads((tmp_path / "cfg" / "config.json").read_text()))
-    groups = [tuple(g) for g in skeleton["tied"]]
+    summary = skeleton.skeleton_of(json.loads((tmp_path / "cfg" / "config.json").read_text()))
+    groups = [tuple(g) for g in summary["tied"]]
     assert ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight") in groups
     assert ("cls.predictions.bias", "cls.predictions.decoder.bias") in groups
 
@@ -107,11 +106,11 @@ def test_the_skeleton_is_cached_in_memory_and_on_disk(llama_base, monkeypatch, t
     def no_build(config):
         raise AssertionError("built again")
 
-    monkeypatch.setattr(architecture, "_build", no_build)
+    monkeypatch.setattr(skeleton, "_build", no_build)
     started = time.perf_counter()
     again = structure_of(checkpoint)
     assert time.perf_counter() - started < 0.05  # the in-memory cache
-    monkeypatch.setattr(architecture, "_MEMORY", {})
+    monkeypatch.setattr(skeleton, "_MEMORY", {})
     from_disk = structure_of(checkpoint)
     assert again == first and from_disk == first
 
@@ -124,7 +123,7 @@ def target(module, stored, features, hint=False, adapter="ad", weight=None):
     return LinearTarget(adapter, module, weight or f"{module}.weight", stored, features, hint)
 
 
-UNKNOWN = architecture.Structure(known=False, source="base has no config.json")
+UNKNOWN = Structure(known=False, source="base has no config.json")
 
 
 def test_shapes_decide_non_square_weights_whatever_the_flag():
@@ -139,7 +138,7 @@ def test_a_square_weight_follows_a_flag_nothing_contradicts():
     layouts = linear_layouts(
         UNKNOWN, [target("a", (8, 8), (8, 8), hint=True), target("b", (8, 5), (5, 8), hint=True)]
     )
-    assert layouts[("ad", "a")] == architecture.Layout(True, "assumed")
+    assert layouts[("ad", "a")] == Layout(True, "assumed")
 
 
 def test_without_a_structure_a_false_flag_is_assumed_for_square_weights_of_any_name():
@@ -148,7 +147,7 @@ def test_without_a_structure_a_false_flag_is_assumed_for_square_weights_of_any_n
     that targets of several names are all Conv1D, and is refused."""
     linear = [target("layers.0.lin0", (8, 8), (8, 8)), target("layers.0.lin1", (8, 8), (8, 8))]
     layouts = linear_layouts(UNKNOWN, linear)
-    assert set(layouts.values()) == {architecture.Layout(False, "assumed")}
+    assert set(layouts.values()) == {Layout(False, "assumed")}
     conv1d = [
         target("h.0.attn.c_proj", (8, 8), (8, 8), hint=True),
         target("h.0.mlp.up", (8, 8), (8, 8), hint=True),
@@ -180,8 +179,8 @@ def test_adapters_disagreeing_on_a_square_weight_are_refused():
 def test_the_option_decides_where_the_structure_does_not_know():
     targets = [target("h.0.attn.c_proj", (8, 8), (8, 8)), target("h.0.mlp.up", (8, 8), (8, 8), hint=True)]
     layouts = linear_layouts(UNKNOWN, targets, fan_in_fan_out="c_proj")
-    assert layouts[("ad", "h.0.attn.c_proj")] == architecture.Layout(True, "option")
-    assert layouts[("ad", "h.0.mlp.up")] == architecture.Layout(False, "option")
+    assert layouts[("ad", "h.0.attn.c_proj")] == Layout(True, "option")
+    assert layouts[("ad", "h.0.mlp.up")] == Layout(False, "option")
     with pytest.raises(UnsupportedError, match="not a regular expression"):
         linear_layouts(UNKNOWN, targets, fan_in_fan_out="(")
 
@@ -189,8 +188,6 @@ def test_the_option_decides_where_the_structure_does_not_know():
 def test_the_structure_beats_the_flag_and_refuses_a_contradicting_option(gpt2_base):
     structure = structure_of(open_checkpoint(gpt2_base))
     c_proj = target("transformer.h.0.attn.c_proj", (32, 32), (32, 32), hint=False)
-    assert linear_layouts(structure, [c_proj])[("ad", c_proj.module)] == architecture.Layout(
-        True, "structure"
-    )
+    assert linear_layouts(structure, [c_proj])[("ad", c_proj.module)] == Layout(True, "structure")
     with pytest.raises(MismatchError, match="makes transformer.h.0.attn.c_proj.weight a Conv1D"):
         linear_layouts(structure, [c_proj], fan_in_fan_out="c_attn")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from clihelp import run_cli
 
-from lorasurgery import render
+from lorasurgery.cli import render
 from lorasurgery.commands.extract.calibrate import collect_input_grams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
@@ -60,19 +60,23 @@ def test_calibrated_extraction_reaches_the_data_space_optimum_plain_truncation_m
     with L from the layer's real inputs (computed here in float64): its data error is
     √(Σ_{i>k} σᵢ²(ΔW·L) / Σ σᵢ²(ΔW·L)). Plain truncation misses it, clearly on some module."""
     from lorasurgery.adapter import load_adapter
-    from lorasurgery.commands.extract.extract import Policy, extract_adapter
+    from lorasurgery.commands.extract.extract import ExtractRequest, Policy, extract_adapter
     from lorasurgery.io import open_checkpoint
 
     k, tokens = 4, 512
     report = extract_adapter(
-        SAMPLES / "base",
-        SAMPLES / "finetuned",
-        tmp_path / "cal",
-        policy=Policy(rank=k),
-        calibrate=TEXT,
-        calibrate_tokens=tokens,
+        ExtractRequest(
+            SAMPLES / "base",
+            SAMPLES / "finetuned",
+            tmp_path / "cal",
+            policy=Policy(rank=k),
+            calibrate=TEXT,
+            calibrate_tokens=tokens,
+        ),
     )
-    extract_adapter(SAMPLES / "base", SAMPLES / "finetuned", tmp_path / "plain", policy=Policy(rank=k))
+    extract_adapter(
+        ExtractRequest(SAMPLES / "base", SAMPLES / "finetuned", tmp_path / "plain", policy=Policy(rank=k))
+    )
     names = [m.name for m in report.modules]
     whitening_of = reference_whitening(SAMPLES / "finetuned", names, tokens)
     base, ft = open_checkpoint(SAMPLES / "base"), open_checkpoint(SAMPLES / "finetuned")
@@ -179,17 +183,19 @@ def test_cli_calibrated_extraction_beats_plain_in_data_space(tmp_path, monkeypat
 
 
 def test_budget_on_whitened_spectra_scaled_or_not_stays_within_the_budget(tmp_path):
-    from lorasurgery.commands.extract.extract import Policy, extract_adapter
+    from lorasurgery.commands.extract.extract import ExtractRequest, Policy, extract_adapter
 
     for scaled in (False, True):
         report = extract_adapter(
-            SAMPLES / "base",
-            SAMPLES / "finetuned",
-            tmp_path / f"out{scaled}",
-            policy=Policy(budget=20000),
-            calibrate=TEXT,
-            calibrate_tokens=256,
-            calibrate_scaled_budget=scaled,
+            ExtractRequest(
+                SAMPLES / "base",
+                SAMPLES / "finetuned",
+                tmp_path / f"out{scaled}",
+                policy=Policy(budget=20000),
+                calibrate=TEXT,
+                calibrate_tokens=256,
+                calibrate_scaled_budget=scaled,
+            ),
         )
         assert report.totals["params"] <= 20000 and "data_relative_error" in report.totals
         assert all(m.data_relative_error is not None for m in report.modules)

@@ -24,7 +24,7 @@ from factories import (
 from safetensors.torch import load_file, save_file
 from surgery_reference import load_with_peft
 
-from lorasurgery.commands.extract.extract import Policy, extract_adapter
+from lorasurgery.commands.extract.extract import ExtractRequest, Policy, extract_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -94,7 +94,7 @@ def llama_merge(llama_base, tmp_path_factory):
 
 def test_extracting_a_peft_merge_recovers_the_adapters_delta(llama_base, llama_merge, tmp_path):
     adapter, ft = llama_merge
-    report = extract_adapter(llama_base, ft, tmp_path / "out", policy=Policy(auto=True))
+    report = extract_adapter(ExtractRequest(llama_base, ft, tmp_path / "out", policy=Policy(auto=True)))
     ranks = {m.name: m.rank for m in report.modules}
     expected_deltas, _ = peft_delta_weights(llama_base, adapter)
     assert ranks == {name: (2 if "v_proj" in name else 4) for name in expected_deltas}  # the planted ranks
@@ -120,7 +120,7 @@ def test_extracting_a_peft_merge_recovers_the_adapters_delta(llama_base, llama_m
 
 def test_round_trip_on_llama_reproduces_the_finetune(llama_base, llama_merge, tmp_path):
     _, ft = llama_merge
-    extract_adapter(llama_base, ft, tmp_path / "out", policy=Policy(rank=4), svd="exact")
+    extract_adapter(ExtractRequest(llama_base, ft, tmp_path / "out", policy=Policy(rank=4), svd="exact"))
     assert_same_logits(llama_base, tmp_path / "out", ft)
 
 
@@ -129,7 +129,9 @@ def test_gpt2_conv1d_round_trip_uses_fan_in_fan_out(gpt2_base, tmp_path):
         gpt2_base, tmp_path / "adapter", model_kind="gpt2", target_modules=["c_attn", "c_fc"], r=3
     )
     ft = finetune_from_adapter(gpt2_base, adapter, tmp_path / "ft", kind="gpt2")
-    report = extract_adapter(gpt2_base, ft, tmp_path / "out", policy=Policy(rank=3), include=r"c_attn|c_fc")
+    report = extract_adapter(
+        ExtractRequest(gpt2_base, ft, tmp_path / "out", policy=Policy(rank=3), include=r"c_attn|c_fc")
+    )
     assert {m.rank for m in report.modules} == {3} and report.totals["relative_error"] < 1e-5
     config, tensors = adapter_files(tmp_path / "out")
     assert config["fan_in_fan_out"] is True and config["task_type"] == "CAUSAL_LM"
@@ -147,7 +149,9 @@ def test_report_errors_are_the_true_errors_of_the_written_adapter(llama_base, tm
     ft = finetune_with(
         llama_base, tmp_path / "ft", lambda n, t: t + 0.01 * torch.randn_like(t) if t.dim() == 2 else t
     )
-    report = extract_adapter(llama_base, ft, tmp_path / "out", policy=Policy(rank=3), dtype="bf16")
+    report = extract_adapter(
+        ExtractRequest(llama_base, ft, tmp_path / "out", policy=Policy(rank=3), dtype="bf16")
+    )
     _, written = adapter_files(tmp_path / "out")
     base_t, ft_t = load_file(llama_base / "model.safetensors"), load_file(ft / "model.safetensors")
     total_err = total = 0.0
@@ -186,7 +190,7 @@ def test_every_module_is_within_one_percent_of_the_optimum(tmp_path, svd):
         save_file(tensors, tmp_path / folder / "model.safetensors")
         (tmp_path / folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     report = extract_adapter(
-        tmp_path / "base", tmp_path / "ft", tmp_path / "out", policy=Policy(rank=24), svd=svd
+        ExtractRequest(tmp_path / "base", tmp_path / "ft", tmp_path / "out", policy=Policy(rank=24), svd=svd)
     )
     for module in report.modules:
         delta = (ft[module.name + ".weight"] - base[module.name + ".weight"]).double()
@@ -207,10 +211,12 @@ def test_untied_embeddings_as_lora(llama_base, tmp_path):
         return t + low_rank(*t.shape, 2, seed=3) if name.endswith("q_proj.weight") else t
 
     ft = finetune_with(llama_base, tmp_path / "ft", change)
-    skipped = extract_adapter(llama_base, ft, tmp_path / "skip", policy=Policy(auto=True))
+    skipped = extract_adapter(ExtractRequest(llama_base, ft, tmp_path / "skip", policy=Policy(auto=True)))
     assert {s.name for s in skipped.skipped} == {"model.embed_tokens", "lm_head"}
     assert any("--embeddings lora" in note for note in skipped.notes)
-    report = extract_adapter(llama_base, ft, tmp_path / "out", policy=Policy(auto=True), embeddings="lora")
+    report = extract_adapter(
+        ExtractRequest(llama_base, ft, tmp_path / "out", policy=Policy(auto=True), embeddings="lora")
+    )
     ranks = {m.name: m.rank for m in report.modules}
     assert ranks["model.embed_tokens"] == 3 and ranks["lm_head"] == 2 and not report.skipped
     config, tensors = adapter_files(tmp_path / "out")
@@ -227,7 +233,9 @@ def test_tied_embeddings_as_lora_give_lm_head_the_same_factors(llama_base_tied, 
         tmp_path / "ft",
         lambda n, t: t + low_rank(128, 32, 3, seed=4) if n == "model.embed_tokens.weight" else t,
     )
-    report = extract_adapter(llama_base_tied, ft, tmp_path / "out", policy=Policy(rank=3), embeddings="lora")
+    report = extract_adapter(
+        ExtractRequest(llama_base_tied, ft, tmp_path / "out", policy=Policy(rank=3), embeddings="lora")
+    )
     config, tensors = adapter_files(tmp_path / "out")
     A_emb = tensors[f"{PREFIX}model.embed_tokens.lora_embedding_A"]
     B_emb = tensors[f"{PREFIX}model.embed_tokens.lora_embedding_B"]
@@ -257,7 +265,9 @@ def test_embeddings_full_untied_saves_modules_to_save(llama_base, tmp_path):
         embeddings_and_q_proj,
     )
     report = extract_adapter(
-        llama_base, ft, tmp_path / "out", policy=Policy(rank=2), embeddings="full", include="q_proj"
+        ExtractRequest(
+            llama_base, ft, tmp_path / "out", policy=Policy(rank=2), embeddings="full", include="q_proj"
+        )
     )
     config, tensors = adapter_files(tmp_path / "out")
     assert config["modules_to_save"] == ["lm_head", "model.embed_tokens"]
@@ -276,7 +286,9 @@ def test_embeddings_full_tied_ties_lm_head_to_the_saved_matrix(llama_base_tied, 
         embeddings_and_q_proj,
     )
     extract_adapter(
-        llama_base_tied, ft, tmp_path / "out", policy=Policy(rank=2), embeddings="full", include="q_proj"
+        ExtractRequest(
+            llama_base_tied, ft, tmp_path / "out", policy=Policy(rank=2), embeddings="full", include="q_proj"
+        )
     )
     config, tensors = adapter_files(tmp_path / "out")
     assert config["modules_to_save"] == ["model.embed_tokens"] and config["ensure_weight_tying"] is True
@@ -292,7 +304,9 @@ def test_embeddings_full_tied_ties_lm_head_to_the_saved_matrix(llama_base_tied, 
 def test_resized_vocabulary_with_embeddings_full_is_saved_whole(tmp_path):
     base = make_llama(tmp_path / "base")
     ft = make_llama(tmp_path / "ft", vocab_size=136)  # different weights, 8 new tokens
-    report = extract_adapter(base, ft, tmp_path / "out", policy=Policy(rank=2), embeddings="full")
+    report = extract_adapter(
+        ExtractRequest(base, ft, tmp_path / "out", policy=Policy(rank=2), embeddings="full")
+    )
     config, tensors = adapter_files(tmp_path / "out")
     assert tensors[f"{PREFIX}model.embed_tokens.weight"].shape == (136, 32)
     assert tensors[f"{PREFIX}lm_head.weight"].shape == (136, 32)
@@ -310,13 +324,15 @@ def test_save_1d_on_llama_puts_changed_norms_into_modules_to_save(llama_base, tm
         return t + low_rank(*t.shape, 2, seed=5) if name.endswith("o_proj.weight") else t
 
     ft = finetune_with(llama_base, tmp_path / "ft", change)
-    plain = extract_adapter(llama_base, ft, tmp_path / "plain", policy=Policy(rank=2))
+    plain = extract_adapter(ExtractRequest(llama_base, ft, tmp_path / "plain", policy=Policy(rank=2)))
     assert {s.name for s in plain.skipped} == {
         "model.layers.1.input_layernorm",
         "model.layers.1.post_attention_layernorm",
     }
     assert all("--save-1d" in s.reason for s in plain.skipped)
-    report = extract_adapter(llama_base, ft, tmp_path / "out", policy=Policy(rank=2), save_1d=True)
+    report = extract_adapter(
+        ExtractRequest(llama_base, ft, tmp_path / "out", policy=Policy(rank=2), save_1d=True)
+    )
     config, tensors = adapter_files(tmp_path / "out")
     assert config["modules_to_save"] == [
         "model.layers.1.input_layernorm",
@@ -340,7 +356,7 @@ def test_save_1d_on_gpt2_saves_lora_layer_biases_as_peft_does(gpt2_base, tmp_pat
 
     ft = finetune_with(gpt2_base, tmp_path / "ft", change)
     report = extract_adapter(
-        gpt2_base, ft, tmp_path / "out", policy=Policy(rank=2), include="c_attn", save_1d=True
+        ExtractRequest(gpt2_base, ft, tmp_path / "out", policy=Policy(rank=2), include="c_attn", save_1d=True)
     )
     config, tensors = adapter_files(tmp_path / "out")
     assert config["bias"] == "lora_only"
@@ -361,10 +377,12 @@ def test_save_1d_on_gpt2_saves_lora_layer_biases_as_peft_does(gpt2_base, tmp_pat
 
 def test_budget_is_respected_and_finds_the_planted_ranks(llama_base, llama_merge, tmp_path):
     _, ft = llama_merge
-    tight = extract_adapter(llama_base, ft, tmp_path / "tight", policy=Policy(budget=700))
+    tight = extract_adapter(ExtractRequest(llama_base, ft, tmp_path / "tight", policy=Policy(budget=700)))
     assert tight.totals["params"] <= 700
     assert sum(m.params for m in tight.modules) == tight.totals["params"]
-    generous = extract_adapter(llama_base, ft, tmp_path / "generous", policy=Policy(budget=100_000))
+    generous = extract_adapter(
+        ExtractRequest(llama_base, ft, tmp_path / "generous", policy=Policy(budget=100_000))
+    )
     assert {m.name: m.rank for m in generous.modules} == {
         f"model.layers.{i}.{m}": (2 if m == "self_attn.v_proj" else 4)
         for i in (0, 1)
@@ -385,7 +403,9 @@ def test_budget_pays_for_the_tied_lm_head_copy(llama_base_tied, tmp_path):
     )
     for budget in (300, 700, 1500):
         report = extract_adapter(
-            llama_base_tied, ft, tmp_path / f"b{budget}", policy=Policy(budget=budget), embeddings="lora"
+            ExtractRequest(
+                llama_base_tied, ft, tmp_path / f"b{budget}", policy=Policy(budget=budget), embeddings="lora"
+            )
         )
         assert report.totals["params"] <= budget, (budget, report.totals["params"])
     load_with_peft(llama_base_tied, tmp_path / "b1500")

@@ -14,7 +14,7 @@ from clihelp import assert_refused, run_cli
 from factories import make_gpt2, make_llama
 from safetensors.torch import load_file, save_file
 
-from lorasurgery.commands.extract.extract import Policy, extract_adapter
+from lorasurgery.commands.extract.extract import ExtractRequest, Policy, extract_adapter
 from lorasurgery.progress import Progress
 
 
@@ -56,7 +56,7 @@ def test_report_json_has_the_spec_schema_and_matches_stdout(pair, tmp_path):
 
 
 def test_table_on_stdout_and_notes_on_stderr(pair, tmp_path, monkeypatch):
-    from lorasurgery import render
+    from lorasurgery.cli import render
 
     monkeypatch.setattr(render.stdout, "width", 80)  # module names must survive a narrow terminal
     base, ft = pair
@@ -211,7 +211,9 @@ def test_nothing_selected_is_an_error(pair, tmp_path):
 def test_progress_reports_every_module(pair, tmp_path):
     base, ft = pair
     events: list[Progress] = []
-    report = extract_adapter(base, ft, tmp_path / "out", policy=Policy(budget=2000), progress=events.append)
+    report = extract_adapter(
+        ExtractRequest(base, ft, tmp_path / "out", policy=Policy(budget=2000)), progress=events.append
+    )
     stages = {e.stage for e in events}
     assert stages == {"extract: spectra", "extract"}
     assert [e.done for e in events] == list(range(1, len(events) + 1)) and events[-1].done == events[-1].total

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorasurgery.commands.extract.extract import Policy, extract_adapter
+from lorasurgery.commands.extract.extract import ExtractRequest, Policy, extract_adapter
 
 
 def planted(d: int, n: int, sigmas, seed: int) -> torch.Tensor:
@@ -62,7 +62,7 @@ def clean_pair(tmp_path_factory):
 )
 def test_each_policy_picks_the_planted_rank(clean_pair, tmp_path, policy, expected):
     base, ft = clean_pair
-    report = extract_adapter(base, ft, tmp_path / "out", policy=policy)
+    report = extract_adapter(ExtractRequest(base, ft, tmp_path / "out", policy=policy))
     assert [m.rank for m in report.modules] == [expected, expected]
     tail = sum(s * s for s in SIGMAS[expected:]) / sum(s * s for s in SIGMAS)
     for module in report.modules:  # Eckart–Young, to float32 precision
@@ -74,7 +74,7 @@ def test_each_policy_picks_the_planted_rank(clean_pair, tmp_path, policy, expect
 )
 def test_max_rank_caps_every_policy(clean_pair, tmp_path, policy):
     base, ft = clean_pair
-    report = extract_adapter(base, ft, tmp_path / "out", policy=policy, max_rank=2)
+    report = extract_adapter(ExtractRequest(base, ft, tmp_path / "out", policy=policy, max_rank=2))
     assert [m.rank for m in report.modules] == [2, 2]
 
 
@@ -86,11 +86,11 @@ def test_auto_recovers_a_planted_rank_under_noise_where_energy_counts_noise(tmp_
         signal = planted(d, n, [3.0, 2.5, 2.0, 1.5, 1.2], seed=10 + i)
         deltas[f"model.layers.{i}.mlp.down_proj.weight"] = signal + 0.01 * torch.randn(d, n, generator=g)
     base, ft = write_pair(tmp_path, deltas)
-    auto = extract_adapter(base, ft, tmp_path / "auto", policy=Policy(auto=True))
+    auto = extract_adapter(ExtractRequest(base, ft, tmp_path / "auto", policy=Policy(auto=True)))
     assert [m.rank for m in auto.modules] == [rank, rank]
-    energy = extract_adapter(base, ft, tmp_path / "energy", policy=Policy(energy=0.999))
+    energy = extract_adapter(ExtractRequest(base, ft, tmp_path / "energy", policy=Policy(energy=0.999)))
     assert all(m.rank > 3 * rank for m in energy.modules)  # the noise holds > 0.1 % of the energy
-    ratio = extract_adapter(base, ft, tmp_path / "ratio", policy=Policy(ratio=0.3))
+    ratio = extract_adapter(ExtractRequest(base, ft, tmp_path / "ratio", policy=Policy(ratio=0.3)))
     assert [m.rank for m in ratio.modules] == [rank, rank]
 
 
@@ -126,7 +126,9 @@ def test_budget_allocation_matches_brute_force(tmp_path):
         include = "|".join(names[i].removesuffix(".weight").replace(".", r"\.") + "$" for i in subset)
         out = tmp_path / f"out-{budget}-{len(subset)}"
         try:
-            report = extract_adapter(base, ft, out, policy=Policy(budget=budget), include=include)
+            report = extract_adapter(
+                ExtractRequest(base, ft, out, policy=Policy(budget=budget), include=include)
+            )
         except Exception as error:  # every module got rank 0: nothing to write
             assert "nothing to write" in str(error)
             return 0.0, {}

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from clihelp import assert_refused, run_cli
-from tiny import peft_adapter, tiny_bert, tiny_gpt2, tiny_llama
+from factories import peft_adapter, tiny_bert, tiny_gpt2, tiny_llama
 
 from lorasurgery.commands.inspect import inspect_adapter
 

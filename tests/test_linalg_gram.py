@@ -52,7 +52,7 @@ def test_large_matrices_are_accumulated_in_blocks(monkeypatch):
 
 
 def test_rank_report_of_w_never_imports_torch(tmp_path):
-    from tiny import tiny_llama
+    from factories import tiny_llama
 
     tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "model")
     script = (

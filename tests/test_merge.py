@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorasurgery.architecture import structure_of
 from lorasurgery.commands.merge import merge_checkpoint
 from lorasurgery.errors import MismatchError, NonFiniteError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
 from lorasurgery.linalg.delta import Update, merge_weight
+from lorasurgery.model import structure_of
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,7 +90,14 @@ def merged(*args) -> dict:
     return json.loads(result.stdout)
 
 
-COUNTS = ("tensors", "tensors_merged", "tensors_replaced", "tensors_copied", "tensors_converted")
+COUNTS = (
+    "tensors",
+    "tensors_merged",
+    "tensors_replaced",
+    "tensors_copied",
+    "tensors_converted",
+    "tensors_requantized",
+)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -118,14 +126,16 @@ def fp8(tmp_path_factory) -> tuple[Path, Path]:
     return base, adapter
 
 
-@pytest.fixture(params=["plain", "fp8"])
-def inputs(request, tmp_path) -> tuple[Path, Path, Path, dict]:
-    """(base, adapter, reference output, its summary): the merge run once, undisturbed."""
-    base, adapter = request.getfixturevalue(request.param)
+@pytest.fixture(params=["plain", "fp8", "fp8-requantize"])
+def inputs(request, tmp_path) -> tuple[Path, Path, Path, dict, tuple]:
+    """(base, adapter, reference output, its summary, the options): the merge run once, undisturbed.
+    With --requantize a merged weight is written as codes and scales, which may fall in two shards."""
+    base, adapter = request.getfixturevalue(request.param.removesuffix("-requantize"))
+    options = ("--max-shard-size", SHARD, *(("--requantize",) if "requantize" in request.param else ()))
     reference = tmp_path / "reference"
-    summary = merged(base, adapter, "-o", reference, "--max-shard-size", SHARD)
+    summary = merged(base, adapter, "-o", reference, *options)
     assert len(summary["files"]) >= 8, summary["files"]
-    return base, adapter, reference, summary
+    return base, adapter, reference, summary, options
 
 
 # -------------------------------------------------------------------------------------------------
@@ -133,10 +143,10 @@ def inputs(request, tmp_path) -> tuple[Path, Path, Path, dict]:
 
 
 def test_a_killed_merge_resumed_writes_the_same_bytes_without_recomputing_finished_shards(inputs, tmp_path):
-    base, adapter, reference, expected = inputs
+    base, adapter, reference, expected, options = inputs
     before = tree_digest(base, adapter)
     out = tmp_path / "merged"
-    killed = merge_killed(base, adapter, "-o", out, "--max-shard-size", SHARD, after=3)
+    killed = merge_killed(base, adapter, "-o", out, *options, after=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()
     work = the_work_folder(out)
@@ -144,7 +154,7 @@ def test_a_killed_merge_resumed_writes_the_same_bytes_without_recomputing_finish
     assert len(finished) == 3 and len(finished) < len(expected["files"])
     kept = file_stats(work, finished)
 
-    summary = merged(base, adapter, "-o", out, "--max-shard-size", SHARD, "--resume")
+    summary = merged(base, adapter, "-o", out, *options, "--resume")
     assert summary["shards_reused"] == 3
     assert any("3 of" in note and "reused" in note for note in summary["notes"])
     assert digests_by_name(out) == digests_by_name(reference)
@@ -324,3 +334,42 @@ def test_resume_with_nothing_to_resume_just_merges(plain, tmp_path):
     assert any("no unfinished merge" in note for note in summary["notes"])
     assert digests_by_name(out) == digests_by_name(reference)
     assert not work_folders(out) and not (out / JOURNAL_NAME).exists()
+
+
+def test_a_requantized_weight_split_across_a_kept_shard_and_another(fp8, tmp_path):
+    """Shards of one tensor each put a requantized weight's codes and its scales in two files: when
+    only one of them was finished, the weight is computed again and only the other file written."""
+    base, adapter = fp8
+    options = ("--max-shard-size", "1KB", "--requantize")
+    reference = tmp_path / "reference"
+    merged(base, adapter, "-o", reference, *options)
+    weight_map = json.loads((reference / "model.safetensors.index.json").read_text())["weight_map"]
+    out = tmp_path / "merged"
+    number = {name: int(file.split("-")[1]) for name, file in weight_map.items()}  # model-000NN-of-…
+    halves = [  # merged weights (codes and scales computed together) whose halves are in two files
+        min(number[name], number[name.removesuffix("_scale_inv")])
+        for name in weight_map
+        if name.endswith("_scale_inv") and ("q_proj" in name or "gate_proj" in name)
+    ]
+    # shards finish about in order: killed after the first half's shard, one half is likely kept
+    for after in sorted(set(halves))[:4]:
+        merge_killed(base, adapter, "-o", out, *options, after=after)
+        work = the_work_folder(out)
+        finished = set(journaled(work))
+        split = [
+            name
+            for name in weight_map
+            if name.endswith("_scale_inv")
+            and ("q_proj" in name or "gate_proj" in name)  # merged: codes and scales computed together
+            and (weight_map[name] in finished) != (weight_map[name.removesuffix("_scale_inv")] in finished)
+        ]
+        if split:
+            break
+        shutil.rmtree(work)
+    assert split, "no kill left a requantized weight half in a finished shard"
+    kept = file_stats(work, finished)
+
+    summary = merged(base, adapter, "-o", out, *options, "--resume")
+    assert summary["shards_reused"] == len(finished)
+    assert digests_by_name(out) == digests_by_name(reference)
+    assert file_stats(out, finished) == kept

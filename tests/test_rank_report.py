@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 from clihelp import assert_refused, run_cli
+from factories import peft_adapter, peft_finetune, tiny_llama
 from spectra_reference import assert_close, reference_metrics
-from tiny import peft_adapter, peft_finetune, tiny_llama
 
 from lorasurgery.commands.rank_report.rank_report import rank_report
 from lorasurgery.io import open_checkpoint

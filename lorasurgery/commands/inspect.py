@@ -2,7 +2,9 @@
 
 ‖ΔW‖_F = |s|·‖B@A‖_F comes from two r × r Gram matrices (linalg.lowrank), never the d × k product.
 With a base, every target must exist there with the right shape, and ‖ΔW‖_F / ‖W‖_F is reported,
-reading W one tensor at a time.
+reading W one tensor at a time. A quantized base whose format can be written adds, per module, the
+retention ρ its update would have under `merge --requantize` and the share of codes that would
+change — computed as the merge computes them (linalg.requantize), nothing written (docs/design.md §13).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class ModuleInfo:
     nonfinite: int
     relative_norm: float | None = None  # only with a base
     tokens: list[int] | None = None  # trainable tokens: the rows overwritten
+    retention: float | None = None  # quantized base: ρ under merge --requantize (None: ΔW = 0)
+    codes_changed: float | None = None  # quantized base: share of its codes that would change
 
 
 @dataclass
@@ -50,11 +54,15 @@ class InspectReport:
     warnings: list[str] = field(default_factory=list)
     base: str | None = None
     format: str = "peft"
+    requantizable: bool = False  # the base is quantized in a format merge --requantize writes
 
     def to_json(self) -> dict:
         modules = []
         for module in self.modules:
             entry = asdict(module)
+            if not self.requantizable:
+                entry.pop("retention")
+                entry.pop("codes_changed")
             if self.base is None:
                 entry.pop("relative_norm")
             if module.kind != "tokens":  # only trainable tokens list their rows
@@ -140,7 +148,7 @@ def inspect_adapter(
 ) -> InspectReport:
     """Describe the adapter at `path`; with `base`, check it fits and compare ‖ΔW‖ with ‖W‖.
 
-    With a base, each module is laid out as the base's structure says (lorasurgery.architecture;
+    With a base, each module is laid out as the base's structure says (lorasurgery.model;
     `config_file` and `fan_in_fan_out` as for merge)."""
     adapter = load_adapter(path)
     bound = None
@@ -162,9 +170,11 @@ def inspect_adapter(
         progress(Progress("inspect", len(infos), total, name))
 
     warnings: list[str] = []
+    requantizable = False
     if bound is not None:
         warnings += [a.message() for a in bound.assumptions]
         warnings += _compare_with_base(bound, infos)
+        requantizable = _would_be_retention(bound, infos, progress)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()
     return InspectReport(
@@ -179,6 +189,7 @@ def inspect_adapter(
         },
         warnings=warnings,
         base=None if base is None else str(base),
+        requantizable=requantizable,
     )
 
 
@@ -219,6 +230,46 @@ def _compare_with_base(bound: BoundAdapter, infos: list[ModuleInfo]) -> list[str
     if bound.saved and not adapter.modules and all(saved.name is None for saved in bound.saved):
         raise MismatchError(f"{adapter.path}: none of its saved tensors is in the base {checkpoint.path}")
     return notes
+
+
+def _would_be_retention(bound: BoundAdapter, infos: list[ModuleInfo], progress) -> bool:
+    """Per module on a quantized tensor: its retention under merge --requantize (this adapter alone,
+    weight 1), one base tensor at a time; False when the base is not quantized in a format that
+    merge can write."""
+    from lorasurgery.io import readers
+    from lorasurgery.linalg.delta import merge_weight
+    from lorasurgery.linalg.requantize import requantize, retention
+    from lorasurgery.linalg.update import kernel_update
+
+    checkpoint = bound.checkpoint
+    quantization = checkpoint.quantization
+    if quantization is None or not readers.can_quantize(quantization.format):
+        return False
+    stored = checkpoint.raw
+    by_tensor: dict[str, list[str]] = {}
+    for key, target in bound.targets.items():
+        info = checkpoint.tensors.get(target.tensor)
+        if info is not None and info.dequantized:
+            by_tensor.setdefault(target.tensor, []).append(key)
+    sums: dict[str, list[float]] = {}  # module label -> [kept, update, changed, codes]
+    for done, (name, keys) in enumerate(by_tensor.items(), 1):
+        info = checkpoint.tensors[name]
+        W = checkpoint.read(name)
+        updates = [kernel_update(bound.adapter, bound.targets[key].lora) for key in keys]
+        merged = merge_weight(W.clone(), updates, out_dtype=torch.float32, name=name)
+        result = requantize(info, W, merged, lambda part: stored.read(part.name))
+        del W, merged
+        for key in dict.fromkeys(key.split("[", 1)[0] for key in keys):
+            total = sums.setdefault(bound.modules[key].lora.label, [0.0, 0.0, 0, 0])
+            for i, value in enumerate((result.kept, result.update, result.codes_changed, result.codes)):
+                total[i] += value
+        progress(Progress("retention", done, len(by_tensor), name))
+    for info in infos:
+        if info.name in sums:
+            kept, update, changed, codes = sums[info.name]
+            info.retention = retention(kept, update)
+            info.codes_changed = changed / codes if codes else 0.0
+    return True
 
 
 def _warn_about_updates(

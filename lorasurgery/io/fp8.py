@@ -22,6 +22,14 @@ DequantizedInfo (F32, no byte range of its own), its scales hidden, plain tensor
 and decodes it vectorised — the scales expanded over rows only, the columns broadcast through a
 view of the codes — on whatever device the codes were read to.
 
+`quantize` is the inverse (`merge --requantize`): scale = amax/max_code per block (448 for e4m3),
+partial edge blocks over what they hold, one for the tensor when there is one scale; a block of
+zeros gets 1 (transformers' choice: any positive scale decodes zeros, and 1 is exact in every scale
+dtype); under ue8m0 the power of two at or above it; rounded to the stored scale dtype; codes =
+W / scale (the scale as stored) saturated to ±max_code and rounded to nearest-even by torch's float8
+cast — compressed-tensors' and DeepSeek's arithmetic (transformers' Fp8Quantize multiplies by
+448/amax instead, one float32 rounding apart). `exclude` lists modules in modules_to_not_convert.
+
 Without a config the block size comes from the shapes: every grid must give the same [bn, bk]
 (⌈out/bn⌉ scale rows, ⌈in/bk⌉ columns). Where more than one size fits a grid of two or more blocks
 (576 rows in 5 blocks: any of 116–143), the rows each scale covers are not known and the
@@ -36,7 +44,7 @@ from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
-from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
+from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of, torch_dtype_of
 
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config when weight_block_size is absent
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # and U8 (E8M0 bytes) under scale_fmt "ue8m0"
@@ -149,6 +157,114 @@ def dequantize(info: DequantizedInfo, read):
     if rest:
         W[..., full * block_cols :].mul_(s[..., full:])
     return W
+
+
+def quantize(info: DequantizedInfo, W, read) -> dict:
+    """{codes name: float8 codes, scale_inv name: scales} of the float32 tensor `W` (on any device),
+    as the stored ones: same names, dtypes and shapes (docs/design.md §13). Vectorised over rows in
+    chunks of whole row blocks, so that no float32 temporary of W's size is made."""
+    import torch
+
+    stored = info.part("scale_inv")
+    codes_dtype = torch_dtype_of(info.codes.dtype)
+    top = torch.finfo(codes_dtype).max
+    shape = tuple(W.shape)
+    if info.block is None:
+        flat = W.reshape(1, 1, -1)
+        amax = torch.stack([_amax(flat[..., a:b]) for a, b in _spans(flat.shape[-1], 1, 1)]).amax()
+    else:
+        amax = torch.cat([_block_amax(m, info.block) for m in _matrices(W)]).reshape(
+            _grid_shape(shape, info.block)
+        )
+    scale, scale_f32 = _stored_scale(amax.to(torch.float32) / top, amax > 0, stored, info.scale_fmt)
+    codes = torch.empty(shape, dtype=codes_dtype, device=W.device)
+    if info.block is None:
+        out, src = codes.reshape(-1), W.reshape(-1)
+        for a, b in _spans(src.numel(), 1, 1):
+            out[a:b] = src[a:b].div(scale_f32.reshape(())).clamp_(-top, top).to(codes_dtype)
+        return {info.codes.name: codes, stored.name: scale.reshape(stored.shape)}
+    block_rows, block_cols = info.block
+    grids = scale_f32.reshape(-1, *scale_f32.shape[-2:])
+    for matrix, out, grid in zip(_matrices(W), _matrices(codes), grids):
+        rows, cols = matrix.shape
+        full, rest = divmod(cols, block_cols)
+        for a, b in _spans(rows, cols, block_rows):
+            s = grid[a // block_rows : -(-b // block_rows)].repeat_interleave(block_rows, dim=0)[: b - a]
+            x = matrix[a:b].to(torch.float32, copy=True)
+            x[:, : full * block_cols].unflatten(-1, (full, block_cols)).div_(s[:, :full, None])
+            if rest:
+                x[:, full * block_cols :].div_(s[:, full:])
+            out[a:b] = x.clamp_(-top, top).to(codes_dtype)
+    return {info.codes.name: codes, stored.name: scale}
+
+
+def exclude(settings, modules) -> dict:
+    """quantization_config with `modules` in modules_to_not_convert: transformers' FP8 loader then
+    builds plain nn.Linear layers for them and reads their `weight` as stored."""
+    settings = dict(settings)
+    listed = list(settings.get("modules_to_not_convert") or [])
+    settings["modules_to_not_convert"] = listed + [m for m in modules if m not in listed]
+    return settings
+
+
+def _matrices(W):
+    """W as its (rows, columns) matrices (one, or one per leading index: experts)."""
+    return W.reshape(-1, *W.shape[-2:]).unbind(0)
+
+
+def _spans(rows: int, cols: int, multiple: int):
+    """(start, stop) row ranges of about _CHUNK elements, starts on multiples of `multiple`."""
+    step = multiple * max(1, _CHUNK // max(1, multiple * cols))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+
+
+def _amax(x):
+    import torch
+
+    return x.abs().amax() if x.numel() else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _block_amax(matrix, block):
+    """(⌈rows/bn⌉, ⌈cols/bk⌉) largest |value| per block: columns reduced per chunk of row blocks,
+    then the rows (a partial edge block over the rows it has)."""
+    import torch
+
+    block_rows, block_cols = block
+    rows, cols = matrix.shape
+    full, rest = divmod(cols, block_cols)
+    grid = torch.zeros(
+        -(-rows // block_rows), -(-cols // block_cols), dtype=torch.float32, device=matrix.device
+    )
+    for a, b in _spans(rows, cols, block_rows):
+        x = matrix[a:b].abs()
+        per_row = [x[:, : full * block_cols].unflatten(-1, (full, block_cols)).amax(-1)] if full else []
+        if rest:
+            per_row.append(x[:, full * block_cols :].amax(-1, keepdim=True))
+        per_row = torch.cat(per_row, dim=-1).float()
+        padded = torch.zeros(-(-(b - a) // block_rows) * block_rows, per_row.shape[-1], device=matrix.device)
+        padded[: b - a] = per_row
+        grid[a // block_rows : a // block_rows + padded.shape[0] // block_rows] = padded.unflatten(
+            0, (-1, block_rows)
+        ).amax(1)
+    return grid.unsqueeze(0)
+
+
+def _stored_scale(scale, nonzero, stored: TensorInfo, scale_fmt):
+    """(the scales as stored, their float32 value): zero blocks 1, powers of two (rounded up) under
+    ue8m0, rounded to the stored dtype (never to 0 or ∞: clamped into its positive range)."""
+    import torch
+
+    scale = torch.where(nonzero, scale, torch.ones_like(scale))
+    if scale_fmt == "ue8m0" or stored.dtype in ("F8_E8M0", "U8"):
+        mantissa, exponent = torch.frexp(scale)  # scale = m·2^e, m in [0.5, 1): 2^e, or 2^(e−1) when exact
+        scale = torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
+    if stored.dtype in ("F8_E8M0", "U8"):
+        value = scale.to(torch.float8_e8m0fnu)
+        return (value.view(torch.uint8) if stored.dtype == "U8" else value), value.to(torch.float32)
+    dtype = torch_dtype_of(stored.dtype)
+    info = torch.finfo(dtype)
+    value = scale.clamp(info.tiny, info.max).to(dtype)
+    return value, value.to(torch.float32)
 
 
 def _float32_codes(codes):

@@ -7,7 +7,7 @@ opening a checkpoint already has — tensor names, dtypes, shapes, config.json's
 (or an old GPTQ/AWQ repo's `quantize_config.json` / `quant_config.json`) — and says which format it
 is and, per logical weight, which stored tensors hold its codes and which decode them. A format with
 a dequantizing reader is listed in READABLE (its reader turns the index into logical tensors: io.fp8
-for transformers' fine-grained FP8); every other one is refused by `refusal`, naming the file, the
+for transformers' fine-grained FP8, io.compressed for compressed-tensors); every other one is refused by `refusal`, naming the file, the
 format and a tensor that shows it.
 
 Signals read from the tensors alone (<x> a stored tensor, <m> a module; the names transformers,
@@ -27,7 +27,7 @@ compressed-tensors and bitsandbytes save):
   integer <m>.weight + <m>.weight_scale(s) / .scales  integer codes (compressed-tensors int-quantized,
                                                     EETQ, MLX …)
   any other float8 / sub-byte / E8M0 tensor,        codes without a scale beside them: no
-    any other integer <…>.weight                    ordinary model stores weights so
+    any other integer <…>.weight, uint8 <x>_blocks  ordinary model stores weights so
 
 A float payload never counts, whatever its name (LayerScale's `…scale`, a norm's weight).
 """
@@ -47,9 +47,13 @@ SUB_BYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 INTEGER = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 CODES = FLOAT8 | SCALE_ONLY | SUB_BYTE
 
-# Formats that have a dequantizing reader (io.fp8); every other quantized checkpoint is refused.
-READABLE: frozenset[str] = frozenset({"fp8"})
-READ_FORMATS = "transformers' fine-grained FP8 (float8 codes with weight_scale_inv)"  # as messages say it
+# Formats that have a dequantizing reader (io.readers: io.fp8, io.mxfp4, io.compressed); every other is refused.
+READABLE: frozenset[str] = frozenset({"fp8", "mxfp4", "compressed-tensors"})
+READ_FORMATS = (  # as messages say it
+    "transformers' fine-grained FP8 (float8 codes with weight_scale_inv), gpt-oss's MXFP4 experts "
+    "(uint8 _blocks with _scales) and compressed-tensors (float-, int-, pack- and nvfp4-pack-quantized, "
+    "with their quantization_config)"
+)
 
 # Format -> the name messages give it; a quant_method not listed here is shown as it is.
 FORMAT_NAMES = {
@@ -345,7 +349,8 @@ def _hqq(tensors):
 
 def _fp8(tensors):
     # `_scale_inv` is transformers' fine-grained FP8 (READABLE); `_scale` the naming of the formats
-    # that store the same product under another convention, kept apart so that it stays refused.
+    # that store the same product under another convention, kept apart: read only where a
+    # compressed-tensors quantization_config says how (io.compressed), refused without one.
     for name, info in tensors.items():
         if info.dtype not in FLOAT8:
             continue
@@ -390,6 +395,8 @@ def _unscaled(tensors, claimed: set[str]):
             yield QuantizedTensor(name, "float8" if info.dtype in FLOAT8 else "codes", name, (), "unscaled")
         elif info.dtype in INTEGER and name.endswith(".weight"):
             yield QuantizedTensor(name, "int", name, (), "unscaled")
+        elif info.dtype == "U8" and name.endswith("_blocks"):  # MXFP4 blocks whose scales are missing
+            yield QuantizedTensor(_module(name, "_blocks"), "mxfp4", name, (), "unscaled")
 
 
 def quantized_tensors(tensors: Mapping[str, TensorInfo]) -> tuple[QuantizedTensor, ...]:

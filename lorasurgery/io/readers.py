@@ -10,6 +10,14 @@ A reader module presents a quantized checkpoint as the model sees it and decodes
   dequantize(info, read) -> float32 tensor
       `read(stored TensorInfo)` reads one stored tensor (codes, a scale …) on the caller's device;
       the reader decodes vectorised, on that device, bit for bit as the format's own library does.
+  quantize(info, W, read) -> {stored name: tensor}          (optional: `merge --requantize`)
+      the float32 logical tensor W (on any device) encoded as the format's own quantizer encodes it:
+      the codes and every part that decodes them, under their stored names, with the stored dtypes
+      and shapes (scales recomputed from W); parts whose role is in STATIC_ROLES (activation
+      scales: nothing of W) are not returned, they are copied as they are.
+  exclude(settings, modules) -> settings                    (optional, beside quantize)
+      the quantization_config with `modules` (names without ".weight") listed as stored unquantized,
+      so that the format's loaders read their plain `weight` (`merge --min-retention`).
 
 `READERS` maps a Quantization.format to its module; io.quantization.READABLE lists the same keys
 (tests/test_quantized_refusal.py checks that they agree), and every format not here is refused by
@@ -21,11 +29,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import lorasurgery.io.compressed as compressed
 import lorasurgery.io.fp8 as fp8
-from lorasurgery.io.quantization import DequantizedInfo, Quantization
+import lorasurgery.io.mxfp4 as mxfp4
+from lorasurgery.errors import UnsupportedError
+from lorasurgery.io.quantization import FORMAT_NAMES, DequantizedInfo, Quantization
 from lorasurgery.io.safetensors_format import TensorInfo
 
-READERS = {"fp8": fp8}
+READERS = {"fp8": fp8, "mxfp4": mxfp4, "compressed-tensors": compressed}
+# Parts that ride along with a quantized weight but decode nothing of it (static activation scales):
+# a requantized weight keeps them byte for byte.
+STATIC_ROLES = frozenset({"activation_scale", "input_scale"})
 
 
 def logical_index(
@@ -38,3 +52,32 @@ def logical_index(
 def dequantize(info: DequantizedInfo, read: Callable[[TensorInfo], object]):
     """The float32 tensor `info`, decoded by its format's reader from what `read` returns."""
     return READERS[info.format].dequantize(info, read)
+
+
+def can_quantize(format: str) -> bool:
+    """Whether the reader of `format` can also write it (`merge --requantize`)."""
+    module = READERS.get(format)
+    return module is not None and hasattr(module, "quantize") and hasattr(module, "exclude")
+
+
+def _writer_of(format: str):
+    if not can_quantize(format):
+        raise UnsupportedError(
+            f"lorasurgery reads {FORMAT_NAMES.get(format, format)} checkpoints but cannot write them "
+            f"requantized yet; merge without --requantize writes the merge unquantized (docs/design.md §13)"
+        )
+    return READERS[format]
+
+
+def quantize(info: DequantizedInfo, W, read: Callable[[TensorInfo], object]) -> dict:
+    """{stored name: tensor} of `W` (float32, the logical tensor `info`) encoded in its format as
+    its own quantizer does: the codes and the parts that decode them, stored names, dtypes and
+    shapes; `read` as for dequantize (what the stored tensors hold now). UnsupportedError naming the
+    format when its reader cannot write."""
+    return _writer_of(info.format).quantize(info, W, read)
+
+
+def exclude(quantization: Quantization, settings: Mapping, modules) -> dict:
+    """The quantization_config `settings` with `modules` (names, without ".weight") declared as
+    stored unquantized in `quantization`'s format."""
+    return _writer_of(quantization.format).exclude(settings, modules)

@@ -29,7 +29,6 @@ from lorasurgery.adapter import load_adapter
 from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.names import find_prefix_rule
 from lorasurgery.adapter.writer import write_adapter_folder
-from lorasurgery.architecture import structure_of
 from lorasurgery.binding import bind, saved_fan_in_fan_out
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
 from lorasurgery.commands.export.rules import (
@@ -52,6 +51,7 @@ from lorasurgery.io import (
     torch_dtype_of,
 )
 from lorasurgery.linalg.lowrank import LowRankSVD, concatenated_factors, lowrank_fro_norm
+from lorasurgery.model import structure_of
 from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
@@ -124,7 +124,7 @@ def _base_parts(base) -> tuple[dict | None, object | None]:
 
 
 def base_structure(base, base_config, base_ckpt):
-    """The base's architecture.Structure (kinds, ties), from its weights' names when it has weights."""
+    """The base's model.Structure (kinds, ties), from its weights' names when it has weights."""
     if base_config is None:
         return None
     if base_ckpt is not None:
@@ -211,7 +211,11 @@ def export_adapter(
     force: bool = False,
     progress: ProgressCallback = no_progress,
 ) -> ExportReport:
-    """Write ADAPTER for `target` at `output` (a folder; a .gguf file for llama.cpp), or refuse."""
+    """Write ADAPTER for `target` at `output` (a folder; a .gguf file for llama.cpp), or refuse.
+
+    The steps: the rules checked (a refusal names every impossible one), the ranks and the target's
+    multipliers chosen, each module's factors for the target, the saved tensors left out or dropped,
+    then the folder or GGUF file written atomically."""
     if target not in TARGETS:
         raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
@@ -233,105 +237,123 @@ def export_adapter(
     )
     if any(r.status == IMPOSSIBLE for r in rules):
         raise UnsupportedError(refusal(adapter_path, target, rules))
-    if target == "peft" and any(lo.dora for lo in adapter.modules.values()) and max_rank is not None:
-        if any(lo.dora and lo.r > max_rank for lo in adapter.modules.values()):
-            raise UnsupportedError(
-                f"{adapter_path}: --max-rank below a DoRA module's rank needs the DoRA → LoRA conversion; "
-                f"export it --for vllm (or resize --base) instead; nothing was written"
-            )
+    _check_dora_rank(adapter, adapter_path, target, max_rank)
+
     report = ExportReport(str(adapter_path), target, str(output), rules)
     modules = sorted(adapter.modules.values(), key=lambda lo: natural_key(lo.name))
-    keep_dora = target == "peft"
-
-    # Ranks out, and which modules keep their stored factors (up to a fold).
-    def rank_out(lo) -> int:
-        if lo.dora and not keep_dora:  # W' − W is full rank: --max-rank is the rank it is written at
-            return min(max_rank or lo.r, min(lo.shape[0], math.prod(lo.shape[1:])))
-        return min(lo.r, max_rank) if max_rank is not None else lo.r
-
-    def via_svd(lo) -> bool:
-        return (lo.dora and not keep_dora) or rank_out(lo) < lo.r
-
-    plain = [lo for lo in modules if not via_svd(lo)]
-    ranks = {lo.name: rank_out(lo) for lo in modules}
-    if target == "sglang":
-        common = max(ranks.values())
-        ranks = {name: common for name in ranks}
-    R = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
-    R = max(ranks.values()) if target in ("vllm", "sglang") else R
-
-    # The target's multiplier t_m, chosen so that as many modules as possible are copied unchanged.
+    shape = _shape_of(modules, target, max_rank)
     if target == "llama.cpp":
-        alpha = _most_common([lo.scale * lo.r for lo in plain], float(R))
-        multiplier = {lo.name: alpha / ranks[lo.name] for lo in modules}
-        report.config = {"adapter.lora.alpha": alpha}
-    else:
-        g = _most_common([lo.scale for lo in plain], 1.0)
-        multiplier = {lo.name: g for lo in modules}
-
-    bound = adapter
-    if base_ckpt is not None and any(lo.dora and not keep_dora for lo in modules):
-        # DoRA's W and its layout, for the DoRA → LoRA conversion
-        (bound,) = bind([adapter], base_ckpt, config_option=False)
-        report.notes += [a.message() for a in bound.assumptions]
-    factors: dict[str, _Factors] = {}
-    for i, lo in enumerate(modules):
-        t = multiplier[lo.name]
-        if lo.dora and not keep_dora:
-            f = _svd_factors(bound, lo, t, rank_out(lo), "dora→lora")
-        elif rank_out(lo) < lo.r:  # above --max-rank
-            f = _svd_factors(adapter, lo, t, rank_out(lo), "truncated")
-        else:
-            f = _plain_factors(adapter, lo, t)
-        factors[lo.name] = _pad(f, ranks[lo.name]) if target == "sglang" else f
-        report.modules.append(
-            ModuleExport(
-                lo.name,
-                lo.kind,
-                lo.r,
-                factors[lo.name].A.shape[0],
-                lo.scale,
-                t,
-                factors[lo.name].method,
-                factors[lo.name].error,
-            )
-        )
-        progress(Progress("export", i + 1, len(modules), lo.name))
-
+        report.config = {"adapter.lora.alpha": shape.alpha}
+    factors = _target_factors(adapter, base_ckpt, modules, shape, report, progress)
     copies = embedding_copies(adapter) if target != "peft" else set()
     _check_copies(adapter, copies, base_ckpt, report)
     if drop_saved and target != "peft":
-        for name, key in sorted(adapter.replacements.items()):
-            if name in copies:
-                continue
-            report.dropped[name] = float(torch.linalg.vector_norm(adapter.read(key).double()))
-        if report.dropped:
-            report.notes.append(
-                f"dropped {len(report.dropped)} saved tensors (--drop-saved); the exported adapter is a "
-                f"different model from the input by exactly these tensors"
-            )
+        _report_dropped(adapter, copies, report)
 
     if target == "llama.cpp":
-        write_gguf(
-            adapter,
-            modules,
-            factors,
-            alpha,
-            base_config,
-            output,
-            force=force,
-            inputs=inputs,
-        )
+        write_gguf(adapter, modules, factors, shape.alpha, base_config, output, force=force, inputs=inputs)
         return report
-
-    config = _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora)
+    config = _folder_config(adapter, target, modules, shape.ranks, shape.R, shape.multiplier, shape.keep_dora)
     report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
-    tensors = _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora)
+    tensors = _folder_tensors(adapter, target, modules, factors, shape.multiplier, shape.keep_dora)
     with atomic_output_dir(output, inputs=inputs, force=force) as folder:
         write_adapter_folder(folder, tensors, config)
         if Path(adapter_path).is_dir():
             copy_side_files(Path(adapter_path), folder, SIDE_FILES)
     return report
+
+
+def _check_dora_rank(adapter, adapter_path, target: str, max_rank: int | None) -> None:
+    """--for peft keeps DoRA as DoRA, which no truncation can follow below a module's rank."""
+    if target != "peft" or max_rank is None:
+        return
+    if any(lo.dora and lo.r > max_rank for lo in adapter.modules.values()):
+        raise UnsupportedError(
+            f"{adapter_path}: --max-rank below a DoRA module's rank needs the DoRA → LoRA conversion; "
+            f"export it --for vllm (or resize --base) instead; nothing was written"
+        )
+
+
+@dataclass
+class _Shape:
+    """The exported adapter's ranks and the target's multiplier t_m per module."""
+
+    keep_dora: bool  # --for peft writes DoRA as DoRA; every other target as a plain LoRA of W' − W
+    rank_out: dict[str, int]  # the rank each module's factors are computed at
+    ranks: dict[str, int]  # the rank each module is written at (SGLang: padded to one)
+    R: int  # the config's r
+    multiplier: dict[str, float]  # the scale the target applies to module m
+    alpha: float | None = None  # llama.cpp's one adapter.lora.alpha
+
+    def via_svd(self, lo) -> bool:
+        return (lo.dora and not self.keep_dora) or self.rank_out[lo.name] < lo.r
+
+
+def _shape_of(modules, target: str, max_rank: int | None) -> _Shape:
+    keep_dora = target == "peft"
+
+    def rank_out(lo) -> int:
+        if lo.dora and not keep_dora:  # W' − W is full rank: --max-rank is the rank it is written at
+            return min(max_rank or lo.r, min(lo.shape[0], math.prod(lo.shape[1:])))
+        return min(lo.r, max_rank) if max_rank is not None else lo.r
+
+    out = {lo.name: rank_out(lo) for lo in modules}
+    ranks = dict(out)
+    if target == "sglang":
+        common = max(ranks.values())
+        ranks = {name: common for name in ranks}
+    R = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    R = max(ranks.values()) if target in ("vllm", "sglang") else R
+    shape = _Shape(keep_dora, out, ranks, R, {})
+
+    # The target's multiplier t_m, chosen so that as many modules as possible are copied unchanged.
+    plain = [lo for lo in modules if not shape.via_svd(lo)]
+    if target == "llama.cpp":
+        shape.alpha = _most_common([lo.scale * lo.r for lo in plain], float(R))
+        shape.multiplier = {lo.name: shape.alpha / ranks[lo.name] for lo in modules}
+    else:
+        g = _most_common([lo.scale for lo in plain], 1.0)
+        shape.multiplier = {lo.name: g for lo in modules}
+    return shape
+
+
+def _target_factors(adapter, base_ckpt, modules, shape: _Shape, report: ExportReport, progress):
+    """{module: _Factors} as the target loads them: stored factors refolded, or an SVD (DoRA → LoRA,
+    above --max-rank), SGLang's padded to one rank; a ModuleExport row for each."""
+    bound = adapter
+    if base_ckpt is not None and any(lo.dora and not shape.keep_dora for lo in modules):
+        # DoRA's W and its layout, for the DoRA → LoRA conversion
+        (bound,) = bind([adapter], base_ckpt, config_option=False)
+        report.notes += [a.message() for a in bound.assumptions]
+    sglang = report.target == "sglang"
+    factors: dict[str, _Factors] = {}
+    for i, lo in enumerate(modules):
+        t, k = shape.multiplier[lo.name], shape.rank_out[lo.name]
+        if lo.dora and not shape.keep_dora:
+            f = _svd_factors(bound, lo, t, k, "dora→lora")
+        elif k < lo.r:  # above --max-rank
+            f = _svd_factors(adapter, lo, t, k, "truncated")
+        else:
+            f = _plain_factors(adapter, lo, t)
+        f = factors[lo.name] = _pad(f, shape.ranks[lo.name]) if sglang else f
+        report.modules.append(
+            ModuleExport(lo.name, lo.kind, lo.r, f.A.shape[0], lo.scale, t, f.method, f.error)
+        )
+        progress(Progress("export", i + 1, len(modules), lo.name))
+    return factors
+
+
+def _report_dropped(adapter, copies: set[str], report: ExportReport) -> None:
+    """--drop-saved: the norm of each saved tensor left out, so the difference is said."""
+    for name, key in sorted(adapter.replacements.items()):
+        if name in copies:
+            continue
+        report.dropped[name] = float(torch.linalg.vector_norm(adapter.read(key).double()))
+    if report.dropped:
+        report.notes.append(
+            f"dropped {len(report.dropped)} saved tensors (--drop-saved); the exported adapter is a "
+            f"different model from the input by exactly these tensors"
+        )
 
 
 def _check_copies(adapter, copies: set[str], base_ckpt, report: ExportReport) -> None:

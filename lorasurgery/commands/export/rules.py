@@ -60,6 +60,35 @@ def _listed(names: list[str]) -> list[str]:
     return sorted(names)
 
 
+# What each target's loader does, per rule (read from its source; docs/export.md "Rules").
+_SCALE_RULE = {
+    "vllm": "vLLM applies one scale lora_alpha/r (lora_alpha/√r with use_rslora) to every module "
+    "(releases before per-module patterns ignore rank_pattern/alpha_pattern)",
+    "sglang": "SGLang applies one scale lora_alpha/r to every module; use_rslora is not read",
+    "llama.cpp": "llama.cpp applies adapter.lora.alpha / rank(lora_b) to each tensor pair; "
+    "convert_lora_to_gguf.py writes lora_alpha as it is (no rsLoRA, no alpha_pattern)",
+    "peft": "PEFT applies α_m/r_m (α_m/√r_m with rsLoRA) with rank_pattern/alpha_pattern",
+}
+_TARGET_MODULES_RULE = {
+    "vllm": "target_modules as a list (vLLM's is_regex_target_modules reads only a trailing (a|b)$ group)",
+    "sglang": "target_modules as a list of names (get_normalized_target_modules keeps leaf names; "
+    "a string becomes {'all'})",
+    "llama.cpp": "no regex: convert_lora_to_gguf.py maps each tensor by name (regex unused)",
+    "peft": "an explicit target list that names exactly the modules the file holds",
+}
+_DORA_RULE = {
+    "vllm": "vLLM refuses use_dora (peft_helper.py)",
+    "sglang": "SGLang has no DoRA kernel",
+    "llama.cpp": "llama.cpp has no DoRA magnitude; convert_lora_to_gguf.py exits on lora_magnitude_vector",
+}
+_SAVED_RULE = {
+    "vllm": "vLLM refuses modules_to_save (except classifier/score) and bias != 'none'",
+    "sglang": "SGLang loads only lora_A/lora_B weights",
+    "llama.cpp": "convert_lora_to_gguf.py exits on any tensor that is not lora_A/lora_B or a norm",
+}
+_MERGE_INSTEAD = "merge the adapter into the base (`lorasurgery merge`)"
+
+
 def check_rules(
     adapter,
     target: str,
@@ -71,18 +100,28 @@ def check_rules(
     structure=None,
 ) -> list[Rule]:
     """Every rule of `target` checked against `adapter` (an Adapter). `base_config` is the base's
-    config.json (llama.cpp needs it, with `structure`, the base's architecture.Structure, for its
+    config.json (llama.cpp needs it, with `structure`, the base's model.Structure, for its
     ties); `have_base_weights` says whether DoRA can be converted."""
-    config = adapter.config
-    modules = adapter.modules
-    rules: list[Rule] = []
-    serving = target != "peft"
+    rules = [_scale_rule(adapter, target)]
+    if target == "sglang":
+        rules.append(_uniform_rank_rule(adapter))
+    if max_rank is not None:
+        rules.append(_max_rank_rule(adapter, max_rank))
+    rules.append(_target_modules_rule(adapter, target))
+    if target != "peft":  # what only a serving stack cannot carry
+        rules.append(_dora_rule(adapter, target, have_base_weights))
+        rules.extend(_saved_rules(adapter, target, drop_saved))
+    if target == "llama.cpp":
+        rules.extend(_llamacpp_rules(adapter, base_config, structure))
+    return rules
 
-    # Scale: does the target's formula give each module's true scale?
+
+def _scale_rule(adapter, target: str) -> Rule:
+    """Does the target's formula give each module's true scale?"""
+    config, modules = adapter.config, adapter.modules
     if target == "peft":
         folded = config.rank_pattern or config.alpha_pattern or config.use_rslora
         wrong = list(modules) if folded else []
-        requirement = "PEFT applies α_m/r_m (α_m/√r_m with rsLoRA) with rank_pattern/alpha_pattern"
         action = "scales folded into lora_B, lora_alpha = r, no rsLoRA or patterns left to interpret"
     else:
         wrong = [
@@ -90,93 +129,71 @@ def check_rules(
             for m, lo in modules.items()
             if not math.isclose(target_scale(target, config, lo.r), lo.scale, rel_tol=1e-12)
         ]
-        requirement = {
-            "vllm": "vLLM applies one scale lora_alpha/r (lora_alpha/√r with use_rslora) to every module "
-            "(releases before per-module patterns ignore rank_pattern/alpha_pattern)",
-            "sglang": "SGLang applies one scale lora_alpha/r to every module; use_rslora is not read",
-            "llama.cpp": "llama.cpp applies adapter.lora.alpha / rank(lora_b) to each tensor pair; "
-            "convert_lora_to_gguf.py writes lora_alpha as it is (no rsLoRA, no alpha_pattern)",
-        }[target]
         action = "each module's true scale folded into lora_B so the target's formula is exact"
-    rules.append(
-        Rule("scale", requirement, FIXED if wrong else PASS, _listed(wrong), action if wrong else "")
+    return Rule(
+        "scale", _SCALE_RULE[target], FIXED if wrong else PASS, _listed(wrong), action if wrong else ""
     )
 
+
+def _uniform_rank_rule(adapter) -> Rule:
+    modules = adapter.modules
     ranks = {lo.r for lo in modules.values()}
-    if target == "sglang":
-        mixed = len(ranks) > 1
-        rules.append(
-            Rule(
-                "uniform_rank",
-                "SGLang stacks q/k/v and gate/up lora_A into one buffer of rank r (lora.py, initialize_weights)",
-                FIXED if mixed else PASS,
-                _listed([m for m, lo in modules.items() if lo.r != max(ranks)]) if mixed else [],
-                f"zero rows/columns pad every module to rank {max(ranks)} (exact)" if mixed else "",
-            )
-        )
-
-    # Rank limit.
-    if max_rank is not None:
-        over = [m for m, lo in modules.items() if lo.r > max_rank]
-        rules.append(
-            Rule(
-                "max_rank",
-                f"every module's rank ≤ {max_rank} (vLLM --max-lora-rank, the pool's rank)",
-                FIXED if over else PASS,
-                _listed(over),
-                f"truncated to rank {max_rank} by SVD (optimal; the error is reported)" if over else "",
-            )
-        )
-
-    # target_modules as a regex string.
-    regex = isinstance(config.target_modules, str) and target != "llama.cpp"
-    rules.append(
-        Rule(
-            "target_modules",
-            {
-                "vllm": "target_modules as a list (vLLM's is_regex_target_modules reads only a trailing (a|b)$ group)",
-                "sglang": "target_modules as a list of names (get_normalized_target_modules keeps leaf names; "
-                "a string becomes {'all'})",
-                "llama.cpp": "no regex: convert_lora_to_gguf.py maps each tensor by name (regex unused)",
-                "peft": "an explicit target list that names exactly the modules the file holds",
-            }[target],
-            FIXED if regex else PASS,
-            [config.target_modules] if regex else [],
-            "expanded to the explicit list of modules the adapter holds" if regex else "",
-        )
+    mixed = len(ranks) > 1
+    return Rule(
+        "uniform_rank",
+        "SGLang stacks q/k/v and gate/up lora_A into one buffer of rank r (lora.py, initialize_weights)",
+        FIXED if mixed else PASS,
+        _listed([m for m, lo in modules.items() if lo.r != max(ranks)]) if mixed else [],
+        f"zero rows/columns pad every module to rank {max(ranks)} (exact)" if mixed else "",
     )
 
-    # DoRA.
-    dora = [m for m, lo in modules.items() if lo.dora]
-    if serving:
-        status = PASS if not dora else FIXED if have_base_weights else IMPOSSIBLE
-        action = ""
-        if dora:
-            action = (
-                "converted to a plain LoRA of the effective update W' − W at the adapter's rank or --max-rank "
-                "(error reported)"
-                if have_base_weights
-                else "pass --base BASE to convert it to a plain LoRA of the effective update (error reported)"
-            )
-        rules.append(
-            Rule(
-                "dora",
-                {
-                    "vllm": "vLLM refuses use_dora (peft_helper.py)",
-                    "sglang": "SGLang has no DoRA kernel",
-                    "llama.cpp": "llama.cpp has no DoRA magnitude; convert_lora_to_gguf.py exits on lora_magnitude_vector",
-                }[target],
-                status,
-                _listed(dora),
-                action,
-            )
-        )
 
-    # Saved tensors (modules_to_save, biases) and lora_bias. PEFT also saves the base weight of a
-    # LoRA-targeted embedding or lm_head (save_embedding_layers); those copies are not the update.
+def _max_rank_rule(adapter, max_rank: int) -> Rule:
+    over = [m for m, lo in adapter.modules.items() if lo.r > max_rank]
+    return Rule(
+        "max_rank",
+        f"every module's rank ≤ {max_rank} (vLLM --max-lora-rank, the pool's rank)",
+        FIXED if over else PASS,
+        _listed(over),
+        f"truncated to rank {max_rank} by SVD (optimal; the error is reported)" if over else "",
+    )
+
+
+def _target_modules_rule(adapter, target: str) -> Rule:
+    target_modules = adapter.config.target_modules
+    regex = isinstance(target_modules, str) and target != "llama.cpp"
+    return Rule(
+        "target_modules",
+        _TARGET_MODULES_RULE[target],
+        FIXED if regex else PASS,
+        [target_modules] if regex else [],
+        "expanded to the explicit list of modules the adapter holds" if regex else "",
+    )
+
+
+def _dora_rule(adapter, target: str, have_base_weights: bool) -> Rule:
+    dora = [m for m, lo in adapter.modules.items() if lo.dora]
+    action = ""
+    if dora and have_base_weights:
+        action = (
+            "converted to a plain LoRA of the effective update W' − W at the adapter's rank or --max-rank "
+            "(error reported)"
+        )
+    elif dora:
+        action = "pass --base BASE to convert it to a plain LoRA of the effective update (error reported)"
+    status = PASS if not dora else FIXED if have_base_weights else IMPOSSIBLE
+    return Rule("dora", _DORA_RULE[target], status, _listed(dora), action)
+
+
+def _saved_rules(adapter, target: str, drop_saved: bool) -> list[Rule]:
+    """Saved tensors (modules_to_save, biases), lora_bias and layer kinds a serving stack refuses.
+
+    PEFT also saves the base weight of a LoRA-targeted embedding or lm_head (save_embedding_layers);
+    those copies are not the update, and are left out rather than refused."""
     copies = embedding_copies(adapter)
     saved = sorted(n for n in adapter.replacements if n not in copies)
-    if serving and copies:
+    rules = []
+    if copies:
         rules.append(
             Rule(
                 "embedding_copies",
@@ -187,47 +204,45 @@ def check_rules(
                 "left out (it is the base's own weight; checked equal to the base when --base has weights)",
             )
         )
-    if serving:
-        rules.append(
-            Rule(
-                "saved_tensors",
-                {
-                    "vllm": "vLLM refuses modules_to_save (except classifier/score) and bias != 'none'",
-                    "sglang": "SGLang loads only lora_A/lora_B weights",
-                    "llama.cpp": "convert_lora_to_gguf.py exits on any tensor that is not lora_A/lora_B or a norm",
-                }[target],
-                PASS if not saved else FIXED if drop_saved else IMPOSSIBLE,
-                saved,
-                ""
-                if not saved
-                else "dropped (--drop-saved); the norm of what is dropped is reported"
-                if drop_saved
-                else "merge them into the base (`lorasurgery merge BASE ADAPTER -o MERGED`) and serve the "
-                "merged model, or pass --drop-saved to export without them (a different model, its size reported)",
-            )
+    if not saved:
+        action = ""
+    elif drop_saved:
+        action = "dropped (--drop-saved); the norm of what is dropped is reported"
+    else:
+        action = (
+            "merge them into the base (`lorasurgery merge BASE ADAPTER -o MERGED`) and serve the merged "
+            "model, or pass --drop-saved to export without them (a different model, its size reported)"
         )
-        biased = [m for m, lo in modules.items() if lo.lora_bias]
-        rules.append(
-            Rule(
-                "lora_bias",
-                "no lora_B bias (vLLM refuses lora_bias; SGLang and llama.cpp ignore it)",
-                IMPOSSIBLE if biased else PASS,
-                _listed(biased),
-                "merge the adapter into the base (`lorasurgery merge`)" if biased else "",
-            )
+    rules.append(
+        Rule(
+            "saved_tensors",
+            _SAVED_RULE[target],
+            PASS if not saved else FIXED if drop_saved else IMPOSSIBLE,
+            saved,
+            action,
         )
-        conv = [m for m, lo in modules.items() if lo.kind == "conv"]
-        rules.append(
-            Rule(
-                "layer_kinds",
-                "LoRA on Linear and Embedding layers only",
-                IMPOSSIBLE if conv else PASS,
-                _listed(conv),
-                "merge the adapter into the base (`lorasurgery merge`)" if conv else "",
-            )
+    )
+    modules = adapter.modules
+    biased = [m for m, lo in modules.items() if lo.lora_bias]
+    rules.append(
+        Rule(
+            "lora_bias",
+            "no lora_B bias (vLLM refuses lora_bias; SGLang and llama.cpp ignore it)",
+            IMPOSSIBLE if biased else PASS,
+            _listed(biased),
+            _MERGE_INSTEAD if biased else "",
         )
-    if target == "llama.cpp":
-        rules.extend(_llamacpp_rules(adapter, base_config, structure))
+    )
+    conv = [m for m, lo in modules.items() if lo.kind == "conv"]
+    rules.append(
+        Rule(
+            "layer_kinds",
+            "LoRA on Linear and Embedding layers only",
+            IMPOSSIBLE if conv else PASS,
+            _listed(conv),
+            _MERGE_INSTEAD if conv else "",
+        )
+    )
     return rules
 
 
@@ -255,7 +270,7 @@ def _llamacpp_rules(adapter, base_config: dict | None, structure) -> list[Rule]:
             "" if known else "merge into the base and convert the merged model with convert_hf_to_gguf.py",
         )
     )
-    # Ties and which module is the output projection: from the model's structure (architecture.py).
+    # Ties and which module is the output projection: from the model's structure (lorasurgery/model/).
     tied = structure is not None and structure.word_embeddings_tied()
     heads = [m for m in adapter.modules if structure is not None and structure.is_output_embedding(m)]
     rules.append(

@@ -36,10 +36,10 @@ from lorasurgery.commands.extract.plan import (
     Measured,
     Plan,
     Target,
-    adapter_config,
     build_plan,
     check_architectures,
     compile_regex,
+    extracted_adapter_config,
     module_of,
 )
 from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_threads
@@ -68,7 +68,7 @@ RANDOMIZED_NITER = 4
 
 
 @dataclass
-class ModuleResult:
+class ExtractedModule:
     name: str
     shape: list[int]  # as stored in the checkpoint
     rank: int
@@ -80,7 +80,7 @@ class ModuleResult:
 
 
 @dataclass
-class Skipped:
+class LeftOut:
     name: str
     reason: str
     relative_norm: float  # ‖ΔW‖_F / ‖W‖_F
@@ -92,8 +92,8 @@ class ExtractReport:
     finetuned: str
     output: str
     policy: str
-    modules: list[ModuleResult] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
+    modules: list[ExtractedModule] = field(default_factory=list)
+    skipped: list[LeftOut] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)  # modules saved whole (modules_to_save, biases)
     totals: dict = field(default_factory=dict)  # params, bytes, relative_error
     notes: list[str] = field(default_factory=list)
@@ -137,6 +137,8 @@ class _Run:
     allow_nonfinite: bool
     early: Prefetch | None = None  # _early_reads
     calibration: dict | None = None  # module -> calibrate.Whitening (--calibrate)
+    factored: dict = field(default_factory=dict)  # target name -> _Factored, as workers finish
+    measured: list = field(default_factory=list)  # _MeasuredResult, as workers finish
 
     def whitening(self, target: Target):
         """L of the module's input Gram with --calibrate (commands.extract.calibrate), else None."""
@@ -450,51 +452,60 @@ def _run_all(items: list, work: Callable, workers: int, size_of: Callable, on_do
 # ------------------------------------------------------------------------------------ extract
 
 
-def extract_adapter(
-    base: str | os.PathLike,
-    finetuned: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    policy: Policy,
-    max_rank: int | None = None,
-    include: str | None = None,
-    exclude: str | None = None,
-    embeddings: str = "skip",
-    save_1d: bool = False,
-    dtype: str = "auto",
-    svd: str = "auto",
-    device: str = "cpu",
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    calibrate: str | os.PathLike | None = None,
-    calibrate_tokens: int | None = None,
-    calibrate_ridge: float | None = None,
-    calibrate_scaled_budget: bool = True,
-    progress: ProgressCallback | None = None,
-    config_file: str | os.PathLike | None = None,
-) -> ExtractReport:
-    """Write a PEFT adapter approximating FINETUNED − BASE to `out`; return the error report.
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What `extract` is asked: the pair, the output, the rank policy and every option (the CLI's)."""
 
-    Layer kinds, layouts and ties come from the checkpoints' config.json, or `config_file`."""
+    base: str | os.PathLike
+    finetuned: str | os.PathLike
+    out: str | os.PathLike
+    policy: Policy
+    max_rank: int | None = None
+    include: str | None = None  # regex of the modules to factor (default: the transformer blocks)
+    exclude: str | None = None
+    embeddings: str = "skip"  # skip | lora | full
+    save_1d: bool = False
+    dtype: str = "auto"
+    svd: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+    allow_nonfinite: bool = False
+    calibrate: str | os.PathLike | None = None  # the --text of --calibrate
+    calibrate_tokens: int | None = None
+    calibrate_ridge: float | None = None
+    calibrate_scaled_budget: bool = True
+    config_file: str | os.PathLike | None = None  # layer kinds, layouts and ties when no config.json
+
+    def validate(self) -> None:
+        self.policy.validate()
+        if self.max_rank is not None and self.max_rank < 1:
+            raise OptionError(f"--max-rank must be at least 1, got {self.max_rank}")
+        if self.embeddings not in EMBEDDING_CHOICES:
+            raise OptionError(f"--embeddings must be skip, lora or full, got {self.embeddings!r}")
+        if self.dtype not in ("auto", *OUTPUT_DTYPES):
+            raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.svd not in SVD_CHOICES:
+            raise OptionError(f"--svd must be exact, randomized or auto, got {self.svd!r}")
+
+
+def extract_adapter(request: ExtractRequest, progress: ProgressCallback | None = None) -> ExtractReport:
+    """Write a PEFT adapter approximating FINETUNED − BASE to `request.out`; return the error report.
+
+    The steps: the pair opened and planned (no torch yet), every target's SVD (with a --budget, a
+    spectra pass, the allocation, then the factors), the adapter assembled and written atomically."""
     started = time.perf_counter()
     progress = progress or no_progress
     tune_allocator()  # streamed tensor pairs must not pile up in glibc's heaps
-    policy.validate()
-    if max_rank is not None and max_rank < 1:
-        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
-    if embeddings not in EMBEDDING_CHOICES:
-        raise OptionError(f"--embeddings must be skip, lora or full, got {embeddings!r}")
-    if dtype not in ("auto", *OUTPUT_DTYPES):
-        raise OptionError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    if svd not in SVD_CHOICES:
-        raise OptionError(f"--svd must be exact, randomized or auto, got {svd!r}")
-    include_re, exclude_re = compile_regex(include, "--include"), compile_regex(exclude, "--exclude")
+    request.validate()
+    base, finetuned, policy = request.base, request.finetuned, request.policy
     # Refuse an unusable OUT now, not after minutes of SVDs (atomic_output_dir checks again).
-    check_output_path(out, [base, finetuned], force)
+    check_output_path(request.out, [base, finetuned], request.force)
     base_ckpt, ft_ckpt = open_checkpoint(base), open_checkpoint(finetuned)
     check_architectures(base_ckpt, ft_ckpt)
+    include_re = compile_regex(request.include, "--include")
+    exclude_re = compile_regex(request.exclude, "--exclude")
     plan = build_plan(
-        base_ckpt, ft_ckpt, include_re, exclude_re, embeddings, save_1d, config_file
+        base_ckpt, ft_ckpt, include_re, exclude_re, request.embeddings, request.save_1d, request.config_file
     )  # no torch yet
     if not plan.targets and not any(m.save for m in plan.measured):
         raise LoraSurgeryError(f"{finetuned}: no module to extract (check --include/--exclude)")
@@ -507,6 +518,20 @@ def extract_adapter(
 
     # Largest first: a vocabulary-sized item started last would leave the other workers idle.
     order = sorted([*plan.targets, *plan.measured], key=size_of, reverse=True)
+    run = _start_run(request, base_ckpt, ft_ckpt, order)
+    report = ExtractReport(str(base), str(finetuned), str(request.out), policy.describe())
+    if request.calibrate is not None:
+        _calibrate(run, request, plan, report, progress)
+    _factor_all(run, request, plan, order, size_of, report, progress)
+    tensors, config = _assemble(plan, run.factored, run.measured, report, base_ckpt, ft_ckpt, base)
+    with atomic_output_dir(request.out, inputs=[base, finetuned], force=request.force) as folder:
+        write_adapter_folder(folder, tensors, config)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _start_run(request: ExtractRequest, base_ckpt, ft_ckpt, order) -> _Run:
+    """The shared state of the workers, torch imported while the first tensors are read."""
     reads = [
         (checkpoint, name)
         for item in order
@@ -519,30 +544,45 @@ def extract_adapter(
     with _early_reads(reads, min(EARLY_READ_BYTES, EARLY_READ_TENSORS * largest)) as early:
         import torch  # noqa: F401  (1–2 s, while the early reader reads the first tensors)
 
-        device = resolve_device(device)
-    run = _Run(base_ckpt, ft_ckpt, device, policy, max_rank, svd, dtype, allow_nonfinite, early)
+        device = resolve_device(request.device)
+    return _Run(
+        base_ckpt,
+        ft_ckpt,
+        device,
+        request.policy,
+        request.max_rank,
+        request.svd,
+        request.dtype,
+        request.allow_nonfinite,
+        early,
+    )
+
+
+def _calibrate(run: _Run, request: ExtractRequest, plan: Plan, report: ExtractReport, progress) -> None:
+    """--calibrate: each linear target's input Gram on the text (commands.extract.calibrate)."""
+    from lorasurgery.commands.extract.calibrate import RIDGE, collect_input_grams
+
+    linear = [t.module for t in plan.targets if t.kind == "linear"]
+    ridge = RIDGE if request.calibrate_ridge is None else request.calibrate_ridge
+    run.calibration = collect_input_grams(
+        request.finetuned, linear, request.calibrate, request.calibrate_tokens, run.device, progress, ridge
+    )
+    tokens = max((w.tokens for w in run.calibration.values()), default=0)
+    report.policy += ", calibrated"
+    report.notes.append(
+        f"calibrated on {tokens} tokens of {request.calibrate}: {len(run.calibration)} modules minimise the "
+        f"error on their inputs ‖(ΔW − BA)X‖ (data_relative_error); embeddings stay plain"
+    )
+
+
+def _factor_all(run: _Run, request: ExtractRequest, plan: Plan, order, size_of, report, progress) -> None:
+    """Every work item through the workers into run.factored / run.measured: at the policy's rank
+    in one pass, or (--budget) spectra first, the budget allocated, then the factors."""
+    policy = run.policy
     workers = _worker_count(run)
-    report = ExtractReport(str(base), str(finetuned), str(out), policy.describe())
-    if calibrate is not None:
-        from lorasurgery.commands.extract.calibrate import RIDGE, collect_input_grams
-
-        linear = [t.module for t in plan.targets if t.kind == "linear"]
-        ridge = RIDGE if calibrate_ridge is None else calibrate_ridge
-        run.calibration = collect_input_grams(
-            finetuned, linear, calibrate, calibrate_tokens, device, progress, ridge
-        )
-        tokens = max((w.tokens for w in run.calibration.values()), default=0)
-        report.policy += ", calibrated"
-        report.notes.append(
-            f"calibrated on {tokens} tokens of {calibrate}: {len(run.calibration)} modules minimise the error "
-            f"on their inputs ‖(ΔW − BA)X‖ (data_relative_error); embeddings stay plain"
-        )
-
     passes = 2 if policy.budget is not None else 1
     total = passes * len(plan.targets) + len(plan.measured)
     done = 0
-    factored: dict[str, _Factored] = {}
-    measured: list[_MeasuredResult] = []
 
     def collect(stage: str):
         def on_done(result) -> None:
@@ -550,10 +590,10 @@ def extract_adapter(
             if result is None:
                 return
             if isinstance(result, _MeasuredResult):
-                measured.append(result)
+                run.measured.append(result)
                 item = result.item.module
             else:
-                factored[result.target.name] = result
+                run.factored[result.target.name] = result
                 item = result.target.module
             done += 1
             progress(Progress(stage, done, total, item))
@@ -569,33 +609,20 @@ def extract_adapter(
         return _factor(run, target, k, spectrum)
 
     _run_all(order, work, workers, size_of, collect("extract: spectra" if policy.budget else "extract"))
-
-    if policy.budget is not None:
-        ranks = _allocate(
-            plan,
-            factored,
-            measured,
-            policy.budget,
-            max_rank,
-            report,
-            calibrate_scaled_budget and calibrate is not None,
-        )
-        second = [
-            (t, ranks[t.name], factored[t.name].spectrum)
-            for t in order
-            if isinstance(t, Target) and ranks.get(t.name, 0) > 0
-        ]
-        for target in plan.targets:
-            if ranks.get(target.name, 0) == 0:  # nothing kept: the spectrum pass said all there is
-                factored[target.name].err_sq = factored[target.name].delta_sq
-                done += 1
-        _run_all(second, work, workers, size_of, collect("extract"))
-
-    tensors, config = _assemble(plan, factored, measured, report, base_ckpt, ft_ckpt, base)
-    with atomic_output_dir(out, inputs=[base, finetuned], force=force) as folder:
-        write_adapter_folder(folder, tensors, config)
-    report.seconds = time.perf_counter() - started
-    return report
+    if policy.budget is None:
+        return
+    scaled = request.calibrate_scaled_budget and request.calibrate is not None
+    ranks = _allocate(plan, run.factored, run.measured, policy.budget, run.max_rank, report, scaled)
+    second = [
+        (t, ranks[t.name], run.factored[t.name].spectrum)
+        for t in order
+        if isinstance(t, Target) and ranks.get(t.name, 0) > 0
+    ]
+    for target in plan.targets:
+        if ranks.get(target.name, 0) == 0:  # nothing kept: the spectrum pass said all there is
+            run.factored[target.name].err_sq = run.factored[target.name].delta_sq
+            done += 1
+    _run_all(second, work, workers, size_of, collect("extract"))
 
 
 def _allocate(
@@ -634,114 +661,135 @@ def _allocate(
     return dict(zip(names, chosen))
 
 
+@dataclass
+class _Assembly:
+    """The adapter being assembled from the finished work, and the sums its report needs."""
+
+    tensors: dict = field(default_factory=dict)
+    module_ranks: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+    saved_biases: bool = False
+    error_sq: float = 0.0  # Σ‖ΔW − BA‖² over the factored modules
+    total_sq: float = 0.0  # Σ‖ΔW‖² over them
+    data_error_sq: float = 0.0  # --calibrate: Σ over the calibrated modules
+    data_total_sq: float = 0.0
+    unchanged: int = 0
+    change_sq: dict[str, float] = field(default_factory=dict)  # every module's ‖ΔW‖², for the note
+    skipped_sq: dict[str, float] = field(default_factory=dict)  # the changed modules left out
+
+
 def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, ft_ckpt, base_path):
     """The adapter's tensors and config from the finished work; fills the report."""
-    tensors: dict = {}
-    module_ranks: dict[str, int] = {}
-    error_sq = total_sq = 0.0
-    data_error_sq = data_total_sq = 0.0  # --calibrate: Σ over the calibrated modules
-    unchanged = 0
-    change_sq: dict[str, float] = {}  # every measured module's ‖ΔW‖², for the skipped-share note
+    out = _Assembly()
     for target in sorted(plan.targets, key=lambda t: natural_key(t.module)):
-        f = factored[target.name]
-        change_sq[target.module] = f.delta_sq
-        if f.nonfinite:
-            report.notes.append(f"{target.module}: {f.nonfinite} NaN/Inf entries of ΔW were treated as 0")
-        if f.delta_sq == 0:
-            unchanged += 1
-            continue
-        relative_norm = math.sqrt(f.delta_sq / f.base_sq) if f.base_sq else float("inf")
-        error_sq += f.err_sq
-        total_sq += f.delta_sq
-        if f.rank == 0:
-            report.skipped.append(Skipped(target.module, f"rank 0 under {report.policy}", relative_norm))
-            continue
-        keys = lora_keys(target.module, target.kind)
-        tensors[keys.A], tensors[keys.B] = f.A, f.B
-        module_ranks[target.module] = f.rank
-        result = ModuleResult(
-            name=target.module,
-            shape=list(target.stored_shape),
-            rank=f.rank,
-            retained_energy=max(0.0, 1.0 - f.err_sq / f.delta_sq),
-            relative_error=math.sqrt(f.err_sq / f.delta_sq),
-            kind=target.kind,
-            params=f.A.numel() + f.B.numel(),
-            data_relative_error=math.sqrt(f.data_err_sq / f.data_sq) if f.data_sq else None,
-        )
-        if f.data_sq:
-            data_error_sq += f.data_err_sq
-            data_total_sq += f.data_sq
-        report.modules.append(result)
-        if target.module == plan.tied_input and plan.tied_output:
-            # PEFT applies an embedding LoRA to the input side only; the tied lm_head (vocab, dim)
-            # needs ΔE = (B_e A_e)ᵀ = A_eᵀ B_eᵀ too: its Linear LoRA is B = A_eᵀ, A = B_eᵀ — the same
-            # numbers PEFT's ensure_weight_tying shares. Counted once in the overall error.
-            out_keys = lora_keys(plan.tied_output)
-            tensors[out_keys.A] = f.B.T.contiguous()
-            tensors[out_keys.B] = f.A.T.contiguous()
-            module_ranks[plan.tied_output] = f.rank
-            report.modules.append(
-                ModuleResult(
-                    plan.tied_output,
-                    list(target.stored_shape),
-                    f.rank,
-                    result.retained_energy,
-                    result.relative_error,
-                    kind="tied",
-                    params=result.params,
-                )
-            )
-            report.notes.append(
-                f"{plan.tied_output} is tied to {target.module}: it gets the same factors "
-                f"(PEFT applies an embedding LoRA to the input side only)"
-            )
-
-    modules_to_save: list[str] = []
-    saved_biases = False
-    skipped_sq: dict[str, float] = {}
+        _add_factored(out, plan, target, factored[target.name], report)
     for m in sorted(measured, key=lambda r: natural_key(r.item.module)):
-        change_sq[m.item.module] = change_sq.get(m.item.module, 0.0) + m.delta_sq
-        if m.tensors:
-            tensors.update(m.tensors)
-            report.saved.append(m.item.module)
-            if m.item.as_bias:
-                saved_biases = True
-            elif m.item.module not in modules_to_save:
-                modules_to_save.append(m.item.module)
-        elif m.delta_sq > 0:
-            relative_norm = math.sqrt(m.delta_sq / m.base_sq) if m.base_sq else float("inf")
-            report.skipped.append(Skipped(m.item.module, m.item.reason, relative_norm))
-            skipped_sq[m.item.module] = skipped_sq.get(m.item.module, 0.0) + m.delta_sq
-    if plan.tied_embedding in modules_to_save:
+        _add_measured(out, m, report)
+    if plan.tied_embedding in out.modules_to_save:
         # PEFT ties lm_head to the saved embedding (ensure_weight_tying) but still loads it from its
         # own key, and fails without it; its own save_pretrained writes both. So the matrix is
         # written twice here too — the one place PEFT's format needs a tied matrix twice.
-        embedding = tensors[saved_key(f"{plan.tied_embedding}.weight")]
-        tensors[saved_key(f"{plan.tied_head}.weight")] = embedding
+        embedding = out.tensors[saved_key(f"{plan.tied_embedding}.weight")]
+        out.tensors[saved_key(f"{plan.tied_head}.weight")] = embedding
         report.notes.append(
             f"{plan.tied_head} is tied to {plan.tied_embedding}: PEFT loads a saved tied embedding only "
             f"with a copy under {plan.tied_head}, so the file holds it twice (--embeddings lora does not)"
         )
-    if not module_ranks:  # PEFT refuses a LoRA config that wraps no module (modules_to_save alone)
+    if not out.module_ranks:  # PEFT refuses a LoRA config that wraps no module (modules_to_save alone)
         raise LoraSurgeryError(
             f"{report.finetuned}: no selected module changed enough to keep (all unchanged or rank 0); "
             f"nothing to write"
         )
-
     report.totals = {
-        "params": sum(t.numel() for t in tensors.values()),
-        "bytes": sum(byte_size(dtype_code_of(t.dtype), tuple(t.shape)) for t in tensors.values()),
-        "relative_error": math.sqrt(error_sq / total_sq) if total_sq else 0.0,
+        "params": sum(t.numel() for t in out.tensors.values()),
+        "bytes": sum(byte_size(dtype_code_of(t.dtype), tuple(t.shape)) for t in out.tensors.values()),
+        "relative_error": math.sqrt(out.error_sq / out.total_sq) if out.total_sq else 0.0,
     }
-    if data_total_sq:
-        report.totals["data_relative_error"] = math.sqrt(data_error_sq / data_total_sq)
-    _skipped_note(report, skipped_sq, change_sq)
-    if unchanged:
-        report.notes.append(f"{unchanged} selected modules are unchanged by the fine-tune and were left out")
-    all_modules = {module_of(n) for n in base_ckpt.tensors} | set(module_ranks)
-    config = adapter_config(base_path, plan, module_ranks, modules_to_save, saved_biases, all_modules)
-    return tensors, config
+    if out.data_total_sq:
+        report.totals["data_relative_error"] = math.sqrt(out.data_error_sq / out.data_total_sq)
+    _skipped_note(report, out.skipped_sq, out.change_sq)
+    if out.unchanged:
+        report.notes.append(
+            f"{out.unchanged} selected modules are unchanged by the fine-tune and were left out"
+        )
+    all_modules = {module_of(n) for n in base_ckpt.tensors} | set(out.module_ranks)
+    config = extracted_adapter_config(
+        base_path, plan, out.module_ranks, out.modules_to_save, out.saved_biases, all_modules
+    )
+    return out.tensors, config
+
+
+def _add_factored(out: _Assembly, plan: Plan, target: Target, f, report: ExtractReport) -> None:
+    """One target's factors (and a tied lm_head's) into the adapter, its row into the report."""
+    out.change_sq[target.module] = f.delta_sq
+    if f.nonfinite:
+        report.notes.append(f"{target.module}: {f.nonfinite} NaN/Inf entries of ΔW were treated as 0")
+    if f.delta_sq == 0:
+        out.unchanged += 1
+        return
+    relative_norm = math.sqrt(f.delta_sq / f.base_sq) if f.base_sq else float("inf")
+    out.error_sq += f.err_sq
+    out.total_sq += f.delta_sq
+    if f.rank == 0:
+        report.skipped.append(LeftOut(target.module, f"rank 0 under {report.policy}", relative_norm))
+        return
+    keys = lora_keys(target.module, target.kind)
+    out.tensors[keys.A], out.tensors[keys.B] = f.A, f.B
+    out.module_ranks[target.module] = f.rank
+    result = ExtractedModule(
+        name=target.module,
+        shape=list(target.stored_shape),
+        rank=f.rank,
+        retained_energy=max(0.0, 1.0 - f.err_sq / f.delta_sq),
+        relative_error=math.sqrt(f.err_sq / f.delta_sq),
+        kind=target.kind,
+        params=f.A.numel() + f.B.numel(),
+        data_relative_error=math.sqrt(f.data_err_sq / f.data_sq) if f.data_sq else None,
+    )
+    if f.data_sq:
+        out.data_error_sq += f.data_err_sq
+        out.data_total_sq += f.data_sq
+    report.modules.append(result)
+    if target.module == plan.tied_input and plan.tied_output:
+        # PEFT applies an embedding LoRA to the input side only; the tied lm_head (vocab, dim)
+        # needs ΔE = (B_e A_e)ᵀ = A_eᵀ B_eᵀ too: its Linear LoRA is B = A_eᵀ, A = B_eᵀ — the same
+        # numbers PEFT's ensure_weight_tying shares. Counted once in the overall error.
+        out_keys = lora_keys(plan.tied_output)
+        out.tensors[out_keys.A] = f.B.T.contiguous()
+        out.tensors[out_keys.B] = f.A.T.contiguous()
+        out.module_ranks[plan.tied_output] = f.rank
+        report.modules.append(
+            ExtractedModule(
+                plan.tied_output,
+                list(target.stored_shape),
+                f.rank,
+                result.retained_energy,
+                result.relative_error,
+                kind="tied",
+                params=result.params,
+            )
+        )
+        report.notes.append(
+            f"{plan.tied_output} is tied to {target.module}: it gets the same factors "
+            f"(PEFT applies an embedding LoRA to the input side only)"
+        )
+
+
+def _add_measured(out: _Assembly, m, report: ExtractReport) -> None:
+    """A measured module: saved whole (modules_to_save, or a bias), or reported as left out."""
+    module = m.item.module
+    out.change_sq[module] = out.change_sq.get(module, 0.0) + m.delta_sq
+    if m.tensors:
+        out.tensors.update(m.tensors)
+        report.saved.append(module)
+        if m.item.as_bias:
+            out.saved_biases = True
+        elif module not in out.modules_to_save:
+            out.modules_to_save.append(module)
+    elif m.delta_sq > 0:
+        relative_norm = math.sqrt(m.delta_sq / m.base_sq) if m.base_sq else float("inf")
+        report.skipped.append(LeftOut(module, m.item.reason, relative_norm))
+        out.skipped_sq[module] = out.skipped_sq.get(module, 0.0) + m.delta_sq
 
 
 def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq: dict[str, float]) -> None:
@@ -762,6 +810,6 @@ def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq
     )
 
 
-def write_report(report: ExtractReport, path: str | os.PathLike) -> None:
+def write_extract_report(report: ExtractReport, path: str | os.PathLike) -> None:
     """Write the docs/design.md §4 JSON report to `path`, atomically."""
     write_text_atomically(path, json.dumps(report.to_json(), indent=2) + "\n")

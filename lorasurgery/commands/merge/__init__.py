@@ -5,7 +5,7 @@ W' = W + Σᵢ wᵢ·ΔWᵢ for every targeted weight (kernels: linalg/delta.py)
 byte for byte. The package is split by concern:
 
     plan.py    every output tensor's recipe, resolved and checked before the output folder exists
-               (layouts and ties from lorasurgery.architecture; the tie rule is ties.py)
+               (layouts and ties from lorasurgery.model; the tie rule is ties.py)
     write.py   the plan executed through lorasurgery.concurrency's pipeline into the shard writer
     verify.py  --verify: PEFT's adapted model against the merged one, on the same tokens
 
@@ -22,16 +22,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import prefetch, read_config
 from lorasurgery.commands.merge.plan import (
     AdapterSummary,
     Item,
     MergePlan,
     check_options,
+    check_requantize_options,
     plan_merge,
+    unquantize,
 )
 from lorasurgery.commands.merge.verify import require_verification_libraries, verify_merge
-from lorasurgery.commands.merge.write import write_all, write_side_files
+from lorasurgery.commands.merge.write import measure_retention, write_all, write_side_files
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError
@@ -40,6 +41,7 @@ from lorasurgery.io.journal import Journal, resume_work, run_identity
 from lorasurgery.io.quantization import declares_unreadable_quantization
 from lorasurgery.io.writer import shard_layouts
 from lorasurgery.memory import tune_allocator
+from lorasurgery.model import prefetch, read_config
 from lorasurgery.progress import ProgressCallback, no_progress
 
 __all__ = [
@@ -78,6 +80,11 @@ class MergeSummary:
     assumptions: list = field(default_factory=list)
     verified: bool = False
     max_logit_difference: float | None = None
+    # --requantize (docs/design.md §13): per merged quantized tensor its retention, codes changed, how written
+    requantize: bool = False
+    min_retention: float | None = None
+    tensors_requantized: int = 0
+    retention: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -104,11 +111,15 @@ def merge_checkpoint(
     fan_in_fan_out: str | None = None,
     resume: bool = False,
     progress: ProgressCallback | None = None,
+    requantize: bool = False,
+    min_retention: float | None = None,
 ) -> MergeSummary:
     """Merge `adapters` into the checkpoint `base` and write a plain checkpoint to `out`.
 
     `config_file` describes the base's structure when it has no config.json (or overrides it);
     `fan_in_fan_out` (a regex on module names) says which layers store (in, out) when nothing else can.
+    `requantize` keeps a quantized base's format; `min_retention` writes the modules whose retention
+    falls below it unquantized (docs/design.md §13).
     Raises a LoraSurgeryError (nothing written) for bad input, and VerificationError when `verify`
     finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
     `resume` continues the unfinished output of a killed run with the same inputs and options, and
@@ -126,6 +137,7 @@ def merge_checkpoint(
     progress = progress or no_progress
     adapters = [Path(a) for a in adapters]
     weights = check_options(adapters, weights, subtract, dtype, max_shard_bytes)
+    check_requantize_options(requantize, min_retention, verify)
     device = options["device"] = resolve_device(device)
     if config_file:  # as the same file, however it was spelt
         options["config"] = str(Path(config_file).resolve())
@@ -143,6 +155,12 @@ def merge_checkpoint(
             allow_nonfinite=allow_nonfinite,
             config_file=config_file,
             fan_in_fan_out=fan_in_fan_out,
+            requantize=requantize,
+        )
+    if min_retention is not None:  # which modules stay quantized fixes the layout: measured first
+        measured = measure_retention(plan, device, precise, allow_nonfinite, progress)
+        unquantize(
+            plan, [n for n, r in measured.items() if r.retention is not None and r.retention < min_retention]
         )
     summary = MergeSummary(
         base=str(base),
@@ -155,11 +173,13 @@ def merge_checkpoint(
         config_changes=plan.config_changes,
         notes=plan.notes,
         assumptions=plan.assumptions,
+        requantize=requantize,
+        min_retention=min_retention,
     )
     shards = (
         plan_shards(plan.specs, max_shard_bytes=max_shard_bytes)
         if max_shard_bytes
-        else plan_shards(plan.specs, groups=plan.checkpoint.shard_groups())
+        else plan_shards(plan.specs, groups=plan.shard_groups())
     )
     layouts = shard_layouts(shards)
     inputs = [base, *adapters, *([config_file] if config_file else [])]

@@ -5,6 +5,12 @@ names, layouts, ties, split expert parameters), applies the tie rule (ties.py) a
 finiteness, options and conflicts. The result,
 `MergePlan`, is plain data: one `Item` per output tensor (start, updates, bias terms), the config
 changes and the notes; write.py executes it.
+
+With `requantize` (docs/design.md §13) a quantized base keeps its format: its items are its stored
+tensors — an untouched quantized tensor's codes and scales copied byte for byte, a touched one
+written by one requantizing Item (its codes, with its recomputed scales as `parts`) and its static
+activation scales copied. `unquantize` turns requantizing items back into plain weights once their
+retention is known (`--min-retention`), and lists them in the config's ignore list.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasurgery.architecture import Layout, Structure, model_tensors, structure_of
 from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.commands.merge.ties import BASE, Recipe, TieOutcome, decide_tie, tied_recipes
 from lorasurgery.errors import (
@@ -23,8 +28,9 @@ from lorasurgery.errors import (
     OptionError,
     UnsupportedError,
 )
-from lorasurgery.io import TensorSpec, open_checkpoint
+from lorasurgery.io import TensorSpec, open_checkpoint, readers
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
+from lorasurgery.model import Layout, Structure, model_tensors, structure_of
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _LISTED = 8  # how many names an error lists
@@ -48,6 +54,9 @@ class Item:
     spec: TensorSpec
     source: TensorInfo | None  # base tensor read when nothing replaces it (a tied one: the stored member)
     recipe: Recipe = field(default_factory=Recipe)  # recipe.start: (adapter index, tensor) replacing it
+    # --requantize: the stored tensors written beside the codes (`name`) of the requantized `source`
+    parts: tuple[TensorSpec, ...] = ()
+    requantize: bool = False
 
     @property
     def untouched(self) -> bool:
@@ -69,10 +78,18 @@ class MergePlan:
     layouts: dict[tuple[int, str], Layout] = field(default_factory=dict)  # (adapter, module) -> layout
     ties: list[TieOutcome] = field(default_factory=list)
     assumptions: list = field(default_factory=list)  # binding.Assumption: layouts resting on a flag
+    requantize: bool = False
+    # --requantize: logical tensor name -> linalg.requantize.Requantized (its tensors dropped), as
+    # measured before writing (--min-retention) or while writing
+    measured: dict = field(default_factory=dict)
 
     @property
     def specs(self) -> list[TensorSpec]:
-        return [i.spec for i in self.items]
+        return [spec for i in self.items for spec in (i.spec, *i.parts)]
+
+    def shard_groups(self) -> list[list[str]]:
+        """The base's files, by the names the output has (stored ones when it keeps the format)."""
+        return (self.checkpoint.raw if self.requantize else self.checkpoint).shard_groups()
 
     def item(self, name: str) -> Item | None:
         return next((i for i in self.items if i.name == name), None)
@@ -99,6 +116,21 @@ def check_options(adapters, weights, subtract, dtype, max_shard_bytes) -> list[f
     return [-w for w in weights] if subtract else weights
 
 
+def check_requantize_options(requantize: bool, min_retention: float | None, verify: bool) -> None:
+    if min_retention is not None and not requantize:
+        raise OptionError(
+            "--min-retention R chooses which requantized modules are written unquantized; it needs "
+            "--requantize (without it every quantized tensor is written unquantized already)"
+        )
+    if min_retention is not None and not math.isfinite(min_retention):
+        raise OptionError(f"--min-retention {min_retention} is not a finite number")
+    if requantize and verify:
+        raise OptionError(
+            "--verify compares the merged model with base + adapters exactly; a requantized merge "
+            "differs from it by its rounding by design (its retention is reported instead): drop --verify"
+        )
+
+
 def plan_merge(
     base,
     adapter_paths,
@@ -109,12 +141,15 @@ def plan_merge(
     allow_nonfinite: bool = False,
     config_file=None,
     fan_in_fan_out: str | None = None,
+    requantize: bool = False,
 ) -> MergePlan:
     """Everything a merge will do, checked; raises a LoraSurgeryError naming the input that is wrong."""
     from lorasurgery.adapter import load_adapter
 
     adapter_paths = [Path(p) for p in adapter_paths]
     checkpoint = open_checkpoint(base)
+    if requantize:
+        _check_requantizable(checkpoint)
     structure = structure_of(checkpoint, config_file)
     adapters = [load_adapter(p) for p in adapter_paths]
     if subtract:
@@ -245,7 +280,7 @@ def plan_merge(
                 changes[key] = dtype_name_of(out_code)
         if "torch_dtype" not in config and "dtype" not in config:
             changes["torch_dtype"] = dtype_name_of(out_code)
-    if checkpoint.quantization is not None:
+    if checkpoint.quantization is not None and not requantize:
         _unquantized_output(checkpoint, out_code, config, changes, notes)
     if config is not None:
         config.update(changes)
@@ -262,6 +297,8 @@ def plan_merge(
         items.get(name) or Item(name, _spec(name, info, out_code), info) for name, info in tensors.items()
     ]
     ordered = [i for i in ordered if i.name in written]
+    if requantize:
+        ordered = _stored_items(checkpoint, ordered, notes)
     return MergePlan(
         checkpoint=checkpoint,
         structure=structure,
@@ -276,6 +313,7 @@ def plan_merge(
         layouts=layouts,
         ties=outcomes,
         assumptions=[a for b in bound for a in b.assumptions],
+        requantize=requantize,
     )
 
 
@@ -304,6 +342,86 @@ def _unquantized_output(checkpoint, out_code: str | None, config, changes: dict,
             f"after ΔW is added in float32), without their scales, and config.json without "
             f"quantization_config"
         )
+
+
+def _check_requantizable(checkpoint) -> None:
+    quantization = checkpoint.quantization
+    if quantization is None:
+        raise UnsupportedError(
+            f"{checkpoint.path}: --requantize writes the merge in the base's quantized format, but the "
+            f"base is not quantized; merge without --requantize"
+        )
+    if not readers.can_quantize(quantization.format):
+        raise UnsupportedError(
+            f"{checkpoint.path}: --requantize: lorasurgery reads {quantization.name}-quantized "
+            f"checkpoints but cannot write them requantized yet; merge without --requantize writes "
+            f"the merge unquantized (docs/design.md §13)"
+        )
+
+
+def _stored_items(checkpoint, items: list[Item], notes: list) -> list[Item]:
+    """The output as the base stores it: each quantized (logical) item becomes its stored tensors."""
+    out: list[Item] = []
+    touched = 0
+    for item in items:
+        info = item.source
+        if info is None or not info.dequantized or item.name != info.name:
+            out.append(item)
+            continue
+        static = [(role, part) for role, part in info.parts if role in readers.STATIC_ROLES]
+        if item.untouched:
+            out += [Item(t.name, TensorSpec.like(t), t) for t in (info.codes, *(p for _, p in info.parts))]
+            continue
+        touched += 1
+        parts = tuple(TensorSpec.like(p) for role, p in info.parts if role not in readers.STATIC_ROLES)
+        out.append(Item(info.codes.name, TensorSpec.like(info.codes), info, item.recipe, parts, True))
+        out += [Item(p.name, TensorSpec.like(p), p) for _, p in static]
+    notes.append(
+        f"--requantize: the base stays {checkpoint.quantization.name}-quantized; its {touched} merged "
+        f"quantized tensors are requantized (deq(W) + ΔW, scales recomputed), every other tensor is "
+        f"copied as stored"
+    )
+    return out
+
+
+def unquantize(plan: MergePlan, names) -> None:
+    """Write the requantizing items of `names` (logical tensor names) as plain weights in the
+    output dtype instead (--min-retention), their activation scales dropped, and list their modules
+    in the config's ignore list (docs/design.md §13)."""
+    names = set(names)
+    if not names:
+        return
+    chosen = {i.source.name: i for i in plan.items if i.requantize and i.source.name in names}
+    dropped = {p.name for i in chosen.values() for _, p in i.source.parts}
+    items = []
+    for item in plan.items:
+        if item.requantize and item.source.name in chosen:
+            info = item.source
+            items.append(Item(info.name, _spec(info.name, info, plan.output_dtype_code), info, item.recipe))
+        elif item.name not in dropped:
+            items.append(item)
+    plan.items = items
+    modules = [n[: -len(".weight")] if n.endswith(".weight") else n for n in sorted(chosen, key=_order(plan))]
+    quantization = plan.checkpoint.quantization
+    written_as = dtype_name_of(next(i.spec.dtype for i in items if i.name in chosen))
+    plan.notes.append(
+        f"--min-retention: {len(modules)} of the merged modules keep too little of their update when "
+        f"requantized and are written unquantized as {written_as}, without scales"
+    )
+    if plan.config is not None and quantization.source in plan.config:
+        settings = readers.exclude(quantization, plan.config[quantization.source], modules)
+        plan.config[quantization.source] = settings
+        plan.config_changes[quantization.source] = settings
+    else:
+        plan.notes.append(
+            f"the base declares no quantization_config: the {len(modules)} modules written unquantized "
+            f"({', '.join(modules[:_LISTED])}{' …' if len(modules) > _LISTED else ''}) are listed nowhere"
+        )
+
+
+def _order(plan: MergePlan):
+    position = {i.source.name if i.source is not None else i.name: n for n, i in enumerate(plan.items)}
+    return lambda name: position.get(name, 0)
 
 
 def _same_tensor(adapter_a, name_a, adapter_b, name_b) -> bool:

@@ -1,7 +1,7 @@
 """Tied tensors in a merge, in one rule.
 
 A tie group is a set of tensor names that are one parameter of the model (lm_head ↔ embed_tokens),
-known from the model's structure (lorasurgery.architecture), never from equal shapes. Each member's
+known from the model's structure (lorasurgery.model), never from equal shapes. Each member's
 output is a recipe: where its value starts, and the LoRA updates added to it.
 
 - start: the member's own saved copy (modules_to_save, a saved `<m>.weight`) if an adapter has one;

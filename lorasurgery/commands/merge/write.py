@@ -3,6 +3,12 @@
 A reader thread, two merging threads (torch on one thread each) and a writer overlap disk reads,
 arithmetic and disk writes; the writer puts each tensor at its planned offset, so the order of
 completion does not matter. A byte budget of twice the largest in-flight tensor bounds memory.
+
+A requantizing item (--requantize, docs/design.md §13) is merged in float32, requantized by its
+format's reader (linalg.requantize) and written as its codes and scales; its retention is recorded
+in plan.measured. With --min-retention, `measure_retention` runs the same computation over those
+items first (nothing written, one tensor at a time), since whether a module is written quantized
+fixes the output's layout before the first byte.
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from lorasurgery.commands.merge.plan import Item, MergePlan
 from lorasurgery.concurrency import Pipeline
-from lorasurgery.io import copy_side_files
-from lorasurgery.io.safetensors_format import torch_dtype_of
+from lorasurgery.io import TensorSpec, copy_side_files
+from lorasurgery.io.safetensors_format import dtype_name_of, torch_dtype_of
 from lorasurgery.progress import Progress
 
 # Files beside the weights that a loader needs; copied unchanged (config.json is rewritten).
@@ -46,23 +53,31 @@ def write_all(
 ) -> None:
     """Read, merge and write every output tensor of `plan` into `writer`, counting into `summary`.
 
-    Tensors named in `reused` lie in shards a resumed run keeps (io/journal.py): counted as what
-    they are, never read nor computed."""
+    Tensors named in `reused` lie in shards a resumed run keeps (io/journal.py): an item all of whose
+    tensors are there (a requantized one: its codes and scales) is counted as what it is, never read
+    nor computed; one split across a kept shard and another is computed, and only its tensors
+    outside the kept shard are written."""
     checkpoint = plan.checkpoint
     files = {f: i for i, f in enumerate(checkpoint.files)}
-    for item in plan.items:
-        if item.name in reused:
-            _count(item, summary)
+    kept = [item for item in plan.items if {item.name, *(p.name for p in item.parts)} <= reused]
+    for item in kept:
+        _count(item, summary)
+    kept_names = {item.name for item in kept}
     order = sorted(
-        (item for item in plan.items if item.name not in reused),
+        (item for item in plan.items if item.name not in kept_names),
         key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0),
     )
     costs = {item.name: memory_cost(plan, item) for item in order}
-    total_bytes = sum(item.spec.nbytes for item in order)  # what is left to do, when resumed
+    # what is left to do, when resumed
+    total_bytes = sum(item.spec.nbytes + sum(p.nbytes for p in item.parts) for item in order)
+
+    stored = checkpoint.raw
 
     def read(item: Item):
         if copies_raw(item):
             return None  # the writer copies the bytes itself
+        if item.requantize:
+            return checkpoint.read(item.source.name)  # deq(W): the start of W′ and of its retention
         if item.recipe.start is not None:
             index, tensor_name = item.recipe.start
             return plan.adapters[index].adapter.read(tensor_name)
@@ -71,6 +86,10 @@ def write_all(
     def compute(item: Item, tensor):
         if tensor is None:
             return None
+        if item.requantize:
+            result = requantized(plan, item, tensor, device, precise, allow_nonfinite, stored)
+            plan.measured[item.source.name] = replace(result, tensors={})
+            return {name: value.cpu() for name, value in result.tensors.items()}
         merged = produce(plan, item, tensor, device, precise, allow_nonfinite).to("cpu")
         return merged, writer.digest(merged)  # the journal's hash, here in a merging thread
 
@@ -79,6 +98,12 @@ def write_all(
     def write(item: Item, result) -> None:
         if result is None:
             writer.copy_raw(item.name, item.source)
+        elif isinstance(result, dict):  # a requantized tensor: its codes and scales
+            for name, value in result.items():
+                if name not in reused:  # a part already in a shard a resumed run keeps: the same bytes
+                    writer.write(name, value)
+                    flusher.start(name)
+            return
         else:
             writer.write(item.name, *result)
         flusher.start(item.name)
@@ -97,13 +122,88 @@ def write_all(
     with flusher, pipeline:
         for done, item in enumerate(pipeline, 1):
             _count(item, summary)
-            done_bytes += item.spec.nbytes
+            done_bytes += item.spec.nbytes + sum(p.nbytes for p in item.parts)
             progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+    if plan.requantize:
+        summary.retention = retention_rows(plan)
+
+
+def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfinite, stored):
+    """W′ of a requantizing item: deq(W) (`base`, float32) merged in float32, then requantized by its
+    format (linalg.requantize), with its retention; `stored` is the base's stored layer."""
+    from lorasurgery.linalg.requantize import requantize
+
+    info = item.source
+    as_float32 = replace(
+        item, spec=TensorSpec(item.name, "F32", tuple(info.shape)), parts=(), requantize=False
+    )
+    if item.recipe.start is not None:
+        index, tensor_name = item.recipe.start
+        start = plan.adapters[index].adapter.read(tensor_name)
+    else:
+        start = base.clone()  # merge_weight may write W′ over its input
+    merged = produce(plan, as_float32, start, device, precise, allow_nonfinite)
+    if str(device) != "cpu":  # quantize, decode and measure on the merge's device too
+        base, merged = base.to(device), merged.to(device)
+    return requantize(info, base, merged, lambda part: stored.read(part.name, str(device)))
+
+
+def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progress) -> dict:
+    """{logical name: Requantized (its tensors dropped)} of every requantizing item, nothing written:
+    the same computation as the write, through the same pipeline and byte budget."""
+    checkpoint, stored = plan.checkpoint, plan.checkpoint.raw
+    items = [i for i in plan.items if i.requantize]
+    costs = {item.name: memory_cost(plan, item) for item in items}
+
+    def compute(item: Item, base):
+        result = requantized(plan, item, base, device, precise, allow_nonfinite, stored)
+        return replace(result, tensors={})
+
+    pipeline = Pipeline(
+        items,
+        lambda item: checkpoint.read(item.source.name),
+        compute,
+        workers=2,
+        cost=lambda item: costs[item.name],
+        limit=2 * max(costs.values(), default=0),
+        name="retention",
+    )
+    with pipeline:
+        for done, (item, result) in enumerate(pipeline, 1):
+            plan.measured[item.source.name] = result
+            progress(Progress("retention", done, len(items), item.source.name))
+    return plan.measured
+
+
+def retention_rows(plan: MergePlan) -> list[dict]:
+    """One row per merged quantized tensor, in output order: its retention, the share of its codes
+    that changed, and how it was written."""
+    rows = []
+    for item in plan.items:
+        written_whole = item.source is not None and item.source.dequantized and item.name == item.source.name
+        if not (item.requantize or written_whole) or item.source.name not in plan.measured:
+            continue
+        result = plan.measured[item.source.name]
+        name = item.source.name
+        rows.append(
+            {
+                "module": name[: -len(".weight")] if name.endswith(".weight") else name,
+                "tensor": name,
+                "retention": result.retention,
+                "codes_changed": result.codes_changed / result.codes if result.codes else 0.0,
+                "written": plan.checkpoint.quantization.name
+                if item.requantize
+                else dtype_name_of(item.spec.dtype),
+            }
+        )
+    return rows
 
 
 def _count(item: Item, summary) -> None:
     if copies_raw(item):
         summary.tensors_copied += 1
+    elif item.requantize:
+        summary.tensors_requantized += 1
     elif item.recipe.start is not None:
         summary.tensors_replaced += 1
     elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
@@ -159,6 +259,8 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
     """Bytes an item holds while in flight: what is read, plus the output when it is a new buffer."""
     if copies_raw(item):
         return 0
+    if item.requantize:  # deq(W), W′ in float32 and deq(W′), and the new and old codes and scales
+        return 3 * item.source.nbytes + 2 * (item.spec.nbytes + sum(p.nbytes for p in item.parts))
     if item.recipe.start is not None:
         index, tensor_name = item.recipe.start
         shape = tuple(plan.adapters[index].adapter.tensors[tensor_name].shape)

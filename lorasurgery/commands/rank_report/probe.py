@@ -269,6 +269,21 @@ def run_probe(
 # the three rank-report modes
 
 
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What `rank-report --probe` was asked: TARGET (a model, or an adapter), --text, --base …"""
+
+    target: Path
+    text: str | os.PathLike
+    base: Path | None = None
+    tokens: int | None = None
+    fractions: tuple = DEFAULT_FRACTIONS
+    tolerance: float = DEFAULT_TOLERANCE
+    include: object = None
+    device: str = "cpu"
+    exhaustive: bool = False
+
+
 def functional_rank(
     target: str | os.PathLike,
     *,
@@ -284,22 +299,28 @@ def functional_rank(
 ) -> ProbeResult:
     """The probe of `rank-report --probe`: TARGET a model (alone, or with --base) or an adapter (with --base)."""
     started = time.perf_counter()
+    request = ProbeRequest(
+        Path(target),
+        text,
+        None if base is None else Path(base),
+        tokens,
+        tuple(fractions),
+        tolerance,
+        include,
+        device,
+        exhaustive,
+    )
     # One window per core instead of torch's threads splitting each matmul (Forward).
     with torch_threads(1 if device == "cpu" else None):
-        return _functional_rank(
-            target, text, base, tokens, fractions, tolerance, include, device, exhaustive, progress, started
-        )
+        return _functional_rank(request, progress, started)
 
 
-def _functional_rank(
-    target, text, base, tokens, fractions, tolerance, include, device, exhaustive, progress, started
-):
-
-    target = Path(target)
+def _functional_rank(request: ProbeRequest, progress, started) -> ProbeResult:
+    target, base, device = request.target, request.base, request.device
     adapter_mode = is_adapter(target)
     if adapter_mode and base is None:
         raise LoraSurgeryError(f"{target}: --probe of an adapter needs --base (the model it applies to)")
-    model_folder = Path(base) if adapter_mode else target
+    model_folder = base if adapter_mode else target
     if not (model_folder / "config.json").is_file():
         raise LoraSurgeryError(
             f"{model_folder}: --probe needs a transformers model folder (config.json and weights)"
@@ -308,64 +329,23 @@ def _functional_rank(
     # quantized or malformed checkpoint is refused by name first (docs/design.md §13).
     for model_path in ([] if adapter_mode else [target]) + ([] if base is None else [base]):
         open_checkpoint(model_path)
-    ids = token_ids(Path(base) if base is not None else target, text, tokens or DEFAULT_TOKENS)
+    ids = token_ids(base if base is not None else target, request.text, request.tokens or DEFAULT_TOKENS)
     model = load_causal_lm(model_folder, device)
     windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))
     forward = Forward(model, windows, device)
     notes: list[str] = []
-    ft_log_probs = None
 
-    def parameter(name: str, where: Path):
-        try:
-            return model.get_parameter(name)
-        except AttributeError:
-            raise LoraSurgeryError(
-                f"{where}: tensor {name!r} is not a parameter of the loaded model"
-            ) from None
-
-    def dense_source(parameter_, offset_fn):
-        def source():
-            M = parameter_.detach().to(torch.float32)
-            M = M.reshape(M.shape[0], -1) - offset_fn()
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            return M, U, S, Vh
-
-        return source
-
-    groups: dict[str, list[_Matrix]] = {}
     if base is None:  # W itself
-        checkpoint = open_checkpoint(target)
-        for name in selected_weights(checkpoint, include):
-            p = parameter(name, target)
-            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, lambda: 0.0))
-            groups.setdefault(type_of(name[: -len(".weight")]), []).append(matrix)
-        reference = {"loss": forward.loss()}
+        groups = _weight_groups(request, model)
+        reference, ft_log_probs, mode = {"loss": forward.loss()}, None, "weight"
         progress(Progress("probe", forward.passes, 0, "intact model"))
-        mode = "weight"
     elif not adapter_mode:  # ΔW = W_target − W_base, dense
-        checkpoint, base_ckpt = open_checkpoint(target), open_checkpoint(base)
-        for name in selected_weights(checkpoint, include):
-            if name not in base_ckpt.tensors:
-                continue
-            p = parameter(name, target)
-
-            def base_weight(name=name, p=p):
-                return base_ckpt.read(name, device).to(torch.float32).reshape(p.shape[0], -1)
-
-            matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, dense_source(p, base_weight))
-            groups.setdefault(type_of(name[: -len(".weight")]), []).append(matrix)
-        ft_log_probs = forward.log_probs()
-        loss_ft = _loss_from(ft_log_probs, windows)
-        base_forward = Forward(load_causal_lm(base, device), windows, device)
-        kl = base_forward.kl_from(ft_log_probs)
-        loss_base = base_forward.loss()
-        forward.passes += base_forward.passes
-        del base_forward
-        reference = {"loss_finetuned": loss_ft, "loss_base": loss_base, "kl_finetuned_base": kl}
+        groups = _delta_groups(request, model)
+        ft_log_probs, reference = _fine_tune_references(forward, base, windows, device)
         mode = "delta"
     else:  # adapter: W + s·B@A applied here, so that the fine-tune is base + exactly the adapter's ΔW
         groups, ft_log_probs, reference = _adapter_groups(
-            target, base, include, model, forward, device, notes
+            target, base, request.include, model, forward, device, notes
         )
         mode = "delta"
     if not groups:
@@ -380,17 +360,76 @@ def _functional_rank(
         forward,
         groups,
         mode=mode,
-        text=str(text),
-        fractions=fractions,
-        tolerance=tolerance,
+        text=str(request.text),
+        fractions=list(request.fractions),
+        tolerance=request.tolerance,
         reference=reference,
-        ft_log_probs=ft_log_probs if mode == "delta" else None,
+        ft_log_probs=ft_log_probs,
         progress=progress,
         started=started,
-        exhaustive=exhaustive,
+        exhaustive=request.exhaustive,
     )
     result.notes = notes
     return result
+
+
+def _parameter(model, name: str, where: Path):
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise LoraSurgeryError(f"{where}: tensor {name!r} is not a parameter of the loaded model") from None
+
+
+def _dense_source(parameter, offset):
+    """The SVD source of a dense matrix: the parameter (2-D view) less `offset()` (0, or W_base)."""
+
+    def source():
+        M = parameter.detach().to(torch.float32)
+        M = M.reshape(M.shape[0], -1) - offset()
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return M, U, S, Vh
+
+    return source
+
+
+def _weight_groups(request: ProbeRequest, model) -> dict[str, list[_Matrix]]:
+    """The selected weights W of the target model, by module type."""
+    groups: dict[str, list[_Matrix]] = {}
+    checkpoint = open_checkpoint(request.target)
+    for name in selected_weights(checkpoint, request.include):
+        p = _parameter(model, name, request.target)
+        matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, _dense_source(p, lambda: 0.0))
+        groups.setdefault(type_of(name[: -len(".weight")]), []).append(matrix)
+    return groups
+
+
+def _delta_groups(request: ProbeRequest, model) -> dict[str, list[_Matrix]]:
+    """ΔW = W_target − W_base of every selected weight the base also has, by module type."""
+    groups: dict[str, list[_Matrix]] = {}
+    checkpoint, base_ckpt = open_checkpoint(request.target), open_checkpoint(request.base)
+    for name in selected_weights(checkpoint, request.include):
+        if name not in base_ckpt.tensors:
+            continue
+        p = _parameter(model, name, request.target)
+
+        def base_weight(name=name, p=p):
+            return base_ckpt.read(name, request.device).to(torch.float32).reshape(p.shape[0], -1)
+
+        matrix = _Matrix(name, p, min(p.shape[0], p[0].numel()), None, _dense_source(p, base_weight))
+        groups.setdefault(type_of(name[: -len(".weight")]), []).append(matrix)
+    return groups
+
+
+def _fine_tune_references(forward: Forward, base: Path, windows, device: str):
+    """The fine-tune's log-probs, and its loss, the base's loss and their KL: what truncating keeps."""
+    ft_log_probs = forward.log_probs()
+    loss_ft = _loss_from(ft_log_probs, windows)
+    base_forward = Forward(load_causal_lm(base, device), windows, device)
+    kl = base_forward.kl_from(ft_log_probs)
+    loss_base = base_forward.loss()
+    forward.passes += base_forward.passes
+    del base_forward
+    return ft_log_probs, {"loss_finetuned": loss_ft, "loss_base": loss_base, "kl_finetuned_base": kl}
 
 
 def _loss_from(log_probs: list, windows: list) -> float:

@@ -130,7 +130,7 @@ def rank_report(
     fan_in_fan_out: str | None = None,
 ) -> RankReport:
     """The rank report of `target` (see the module docstring). With a base, layouts and embeddings
-    come from its structure (lorasurgery.architecture; `config_file`/`fan_in_fan_out` as for merge)."""
+    come from its structure (lorasurgery.model; `config_file`/`fan_in_fan_out` as for merge)."""
     target = Path(target)
     if not target.exists():
         raise LoraSurgeryError(f"{target}: no such file or folder")
@@ -193,112 +193,135 @@ def rank_report(
 
 
 def _adapter_report(request: _Request) -> RankReport:
-    import torch
-
-    from lorasurgery.linalg.analyses import amplification, right_singular_rows, subspace_similarity
-    from lorasurgery.linalg.lowrank import lowrank_svd
-    from lorasurgery.linalg.svd import singular_values, truncated_svd
-    from lorasurgery.linalg.update import dora_delta, factors, from_stored
-
-    target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
-    include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
-    config_file, fan_in_fan_out, intruders = request.config_file, request.fan_in_fan_out, request.intruders
-
-    adapter = load_adapter(target)
-    report = RankReport(str(target), None if base is None else str(base), "adapter")
+    """The spectra of each module's ΔW (and, with --base, of its W), module by module."""
+    adapter = load_adapter(request.target)
+    report = RankReport(str(request.target), None if request.base is None else str(request.base), "adapter")
     bound = None
-    if base is not None:  # each module laid out as the base stores its weight
+    if request.base is not None:  # each module laid out as the base stores its weight
         (bound,) = bind(
-            [adapter], open_checkpoint(base), config_file=config_file, fan_in_fan_out=fan_in_fan_out
+            [adapter],
+            open_checkpoint(request.base),
+            config_file=request.config_file,
+            fan_in_fan_out=request.fan_in_fan_out,
         )
         report.assumptions = list(bound.assumptions)
         report.notes += [a.message() for a in bound.assumptions]
+    compare = request.compare
     other = load_adapter(compare) if compare is not None and is_adapter(Path(compare)) else None
     if compare is not None and other is None:
         raise LoraSurgeryError(f"{compare}: --compare with an adapter TARGET needs another adapter folder")
+    modules = _selected_modules(request, adapter, bound)
+    if any(m.dora for m in modules):
+        report.notes.append("DoRA modules: ΔW is the effective update W' − W of the merged weight (dense)")
+    for done, module in enumerate(modules, start=1):
+        if adapter.expert_factors(module) is not None:  # a 3-D expert parameter: one entry per expert
+            W3 = bound.read_base(module.key, request.device) if bound is not None else None
+            report.modules += _expert_entries(
+                adapter, module, W3, request.amp_rank, request.mle, request.device
+            )
+        else:
+            report.modules += _module_entries(request, adapter, bound, other, module)
+        request.progress(Progress("rank-report", done, len(modules), module.name))
+    return report
+
+
+def _selected_modules(request: _Request, adapter, bound) -> list:
+    """The modules --include selects (every one without it); DoRA ones need the base."""
     loras = bound.loras if bound is not None else adapter.modules
+    include_re = request.include_re
     modules = [m for m in loras.values() if include_re is None or include_re.search(m.label)]
     if not modules:
         raise LoraSurgeryError(
-            f"{target}: no module matches --include {include_re.pattern!r}"
+            f"{request.target}: no module matches --include {include_re.pattern!r}"
             if include_re
-            else f"{target}: no LoRA modules"
+            else f"{request.target}: no LoRA modules"
         )
     dora = [m.name for m in modules if m.dora]
     if dora and bound is None:
         raise LoraSurgeryError(
-            f"{target}: module {dora[0]} is DoRA, whose effective ΔW = W' − W depends on W; pass --base"
+            f"{request.target}: module {dora[0]} is DoRA, whose effective ΔW = W' − W depends on W; pass --base"
         )
-    if dora:
-        report.notes.append("DoRA modules: ΔW is the effective update W' − W of the merged weight (dense)")
+    return modules
 
-    for done, module in enumerate(modules, start=1):
-        if adapter.expert_factors(module) is not None:  # a 3-D expert parameter: one entry per expert
-            W3 = bound.read_base(module.key, device) if bound is not None else None
-            report.modules += _expert_entries(adapter, module, W3, amp_rank, mle, device)
-            progress(Progress("rank-report", done, len(modules), module.name))
-            continue
-        f = factors(adapter, module, device)
-        A2, B2 = f.A, f.B  # (r, in), (out, r)
-        shape = [B2.shape[0], A2.shape[1]]  # ΔW as (out, in)
-        source_dtype = A2.dtype
-        W = stored = None
-        if bound is not None:
-            stored = bound.read_base(module.key, device)
-            W = from_stored(module, stored).to(torch.float32)  # (out, in), like PEFT's ΔW = s·B@A
-        # r of the amplification factor: the adapter's rank, or --amp-rank when smaller.
-        r = min(module.r, amp_rank or module.r, *shape)
-        if module.dora:
-            delta = dora_delta(bound, module.key, stored, device).to(torch.float32)
-            S = singular_values(delta, source_dtype=source_dtype)
-            delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-            # W' − W is dense (the magnitude rescales W's rows too): its top-r vectors by SVD.
-            U, _, Vh = truncated_svd(delta, r, spectrum=S, dtype=torch.float64) if delta_fro else (None,) * 3
-        else:
-            svd = lowrank_svd(A2, B2, module.scale)
-            S, U, Vh = svd.S, svd.U[:, :r], svd.Vh[:r]
-            delta_fro = float(torch.linalg.vector_norm(S))
-        metrics = _metrics(S, shape, source_dtype)
-        if mle:
-            metrics["mle_dimension"] = _mle(B2 @ A2 * module.scale if not module.dora else delta)
-        if W is not None:
-            w_dtype = bound.base_dtype(module.key)
-            S_W = singular_values(W, source_dtype=w_dtype)
-            w_fro = float(torch.linalg.vector_norm(S_W))
-            metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
-            if U is not None:
-                metrics.update(amplification(U, Vh, delta_fro, W.to(torch.float64), S_W))
-            w_metrics = _metrics(S_W, shape, w_dtype)
-            # Intruders of W' = W + ΔW: a low-rank Gram update for LoRA, W' itself for DoRA.
-            update = (
-                {"tuned": _cpu(W + delta)} if module.dora else {"factors": (_cpu(A2), _cpu(B2), module.scale)}
-            )
-            metrics.update(_intruders(_cpu(W), update, intruders))
-            if mle:
-                w_metrics["mle_dimension"] = _mle(W)
-        if other is not None and module.key in other.modules:
-            # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
-            other_module = other.modules[module.key]
-            f_o = factors(other, other_module, device)
-            A_o, B_o = f_o.A, f_o.B
-            if A_o.shape[1] != shape[1] or B_o.shape[0] != shape[0]:
-                raise MismatchError(
-                    f"{compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
-                    f"the target's {shape}"
-                )
-            # The paper's φ: right singular vectors of A₁ and A₂ themselves (what §7.2 and its
-            # Fig. 3/4 compute); φ_delta: those of ΔW₁ = s₁B₁A₁ and ΔW₂, which the B/A gauge
-            # (A → GA, B → BG⁻¹) leaves unchanged. They differ for i, j < r.
-            metrics.update(subspace_similarity(right_singular_rows(A2), right_singular_rows(A_o)))
-            other_svd = lowrank_svd(A_o, B_o, other_module.scale)
-            Vh_self = lowrank_svd(A2, B2, module.scale).Vh if module.dora else svd.Vh
-            metrics.update(subspace_similarity(Vh_self, other_svd.Vh, name="subspace_similarity_delta"))
-        label = module.label
-        report.modules.append(ModuleEntry(label, "delta", shape, metrics, S.tolist()))
-        if W is not None:
-            report.modules.append(ModuleEntry(label, "weight", shape, w_metrics, S_W.tolist()))
-        progress(Progress("rank-report", done, len(modules), module.name))
-    return report
+
+def _module_entries(request: _Request, adapter, bound, other, module) -> list[ModuleEntry]:
+    """ΔW's entry of one 2-D module, and W's with a base: spectra, amplification, intruders, φ."""
+    import torch
+
+    from lorasurgery.linalg.analyses import amplification
+    from lorasurgery.linalg.lowrank import lowrank_svd
+    from lorasurgery.linalg.svd import singular_values, truncated_svd
+    from lorasurgery.linalg.update import dora_delta, factors, from_stored
+
+    device = request.device
+    f = factors(adapter, module, device)
+    A2, B2 = f.A, f.B  # (r, in), (out, r)
+    shape = [B2.shape[0], A2.shape[1]]  # ΔW as (out, in)
+    source_dtype = A2.dtype
+    W = stored = None
+    if bound is not None:
+        stored = bound.read_base(module.key, device)
+        W = from_stored(module, stored).to(torch.float32)  # (out, in), like PEFT's ΔW = s·B@A
+    # r of the amplification factor: the adapter's rank, or --amp-rank when smaller.
+    r = min(module.r, request.amp_rank or module.r, *shape)
+    if module.dora:
+        delta = dora_delta(bound, module.key, stored, device).to(torch.float32)
+        S = singular_values(delta, source_dtype=source_dtype)
+        delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        # W' − W is dense (the magnitude rescales W's rows too): its top-r vectors by SVD.
+        U, _, Vh = truncated_svd(delta, r, spectrum=S, dtype=torch.float64) if delta_fro else (None,) * 3
+    else:
+        delta = None
+        svd = lowrank_svd(A2, B2, module.scale)
+        S, U, Vh = svd.S, svd.U[:, :r], svd.Vh[:r]
+        delta_fro = float(torch.linalg.vector_norm(S))
+    metrics = _metrics(S, shape, source_dtype)
+    if request.mle:
+        metrics["mle_dimension"] = _mle(B2 @ A2 * module.scale if not module.dora else delta)
+    entries = [ModuleEntry(module.label, "delta", shape, metrics, S.tolist())]
+    if W is not None:
+        w_dtype = bound.base_dtype(module.key)
+        S_W = singular_values(W, source_dtype=w_dtype)
+        w_fro = float(torch.linalg.vector_norm(S_W))
+        metrics["relative_norm"] = delta_fro / w_fro if w_fro else None
+        if U is not None:
+            metrics.update(amplification(U, Vh, delta_fro, W.to(torch.float64), S_W))
+        w_metrics = _metrics(S_W, shape, w_dtype)
+        # Intruders of W' = W + ΔW: a low-rank Gram update for LoRA, W' itself for DoRA.
+        update = (
+            {"tuned": _cpu(W + delta)} if module.dora else {"factors": (_cpu(A2), _cpu(B2), module.scale)}
+        )
+        metrics.update(_intruders(_cpu(W), update, request.intruders))
+        if request.mle:
+            w_metrics["mle_dimension"] = _mle(W)
+        entries.append(ModuleEntry(module.label, "weight", shape, w_metrics, S_W.tolist()))
+    if other is not None and module.key in other.modules:
+        metrics.update(_compare_metrics(request, module, A2, B2, other, other.modules[module.key], shape))
+    return entries
+
+
+def _compare_metrics(request: _Request, module, A2, B2, other, other_module, shape) -> dict:
+    """φ and φ_delta of --compare: this module's subspaces against the other adapter's."""
+    from lorasurgery.linalg.analyses import right_singular_rows, subspace_similarity
+    from lorasurgery.linalg.lowrank import lowrank_svd
+    from lorasurgery.linalg.update import factors
+
+    # A DoRA module's direction part is B@A too: its φ uses A and s·B@A like LoRA's.
+    f_o = factors(other, other_module, request.device)
+    A_o, B_o = f_o.A, f_o.B
+    if A_o.shape[1] != shape[1] or B_o.shape[0] != shape[0]:
+        raise MismatchError(
+            f"{request.compare}: module {module.name}: ΔW shape {[B_o.shape[0], A_o.shape[1]]} differs from "
+            f"the target's {shape}"
+        )
+    # The paper's φ: right singular vectors of A₁ and A₂ themselves (what §7.2 and its Fig. 3/4
+    # compute); φ_delta: those of ΔW₁ = s₁B₁A₁ and ΔW₂, which the B/A gauge (A → GA, B → BG⁻¹)
+    # leaves unchanged. They differ for i, j < r.
+    metrics = subspace_similarity(right_singular_rows(A2), right_singular_rows(A_o))
+    Vh_self = lowrank_svd(A2, B2, module.scale).Vh
+    Vh_other = lowrank_svd(A_o, B_o, other_module.scale).Vh
+    metrics.update(subspace_similarity(Vh_self, Vh_other, name="subspace_similarity_delta"))
+    return metrics
 
 
 def _cpu(tensor):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasurgery.architecture import in_block, structure_of
+from lorasurgery.model import in_block, structure_of
 
 
 def is_adapter(path: Path) -> bool:

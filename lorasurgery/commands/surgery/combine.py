@@ -21,11 +21,11 @@ from lorasurgery.binding import decided_fan_in_fan_out, saved_fan_in_fan_out
 from lorasurgery.commands.surgery.surgery import (
     ModuleUpdate,
     SurgeryReport,
-    adapter_config,
     build_output,
     check_finite,
     choose_ranks,
     preload,
+    rewritten_adapter_config,
     write_output,
 )
 from lorasurgery.concurrency import torch_threads
@@ -275,7 +275,7 @@ def combine_adapters(
         )
     if any(m.dora for a in loaded for m in a.modules.values()):
         report.notes.append(f"DoRA inputs entered as their effective update W' − W on {base}")
-    config = adapter_config(
+    config = rewritten_adapter_config(
         loaded[0].config.raw,
         output.module_ranks,
         output.lora_bias,

@@ -22,11 +22,11 @@ from lorasurgery.binding import decided_fan_in_fan_out
 from lorasurgery.commands.surgery.surgery import (
     ModuleUpdate,
     SurgeryReport,
-    adapter_config,
     build_output,
     check_finite,
     choose_ranks,
     preload,
+    rewritten_adapter_config,
     write_output,
 )
 from lorasurgery.concurrency import torch_threads
@@ -141,5 +141,5 @@ def resize_adapter(
     # the flag is PEFT's hint: say the truth when the base decided it
     fan_in_fan_out = decided_fan_in_fan_out([source]) if base is not None else None
     overrides = {} if fan_in_fan_out is None else {"fan_in_fan_out": fan_in_fan_out}
-    config = adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias, **overrides)
+    config = rewritten_adapter_config(loaded.config.raw, output.module_ranks, output.lora_bias, **overrides)
     return write_output(report, out, inputs, force, output, saved, config, started)

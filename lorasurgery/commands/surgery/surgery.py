@@ -62,7 +62,7 @@ class ModuleUpdate:
 
 
 @dataclass
-class ModuleResult:
+class SurgeryModule:
     name: str
     kind: str
     shape: list[int]
@@ -74,7 +74,7 @@ class ModuleResult:
 
 
 @dataclass
-class Skipped:
+class DroppedModule:
     name: str
     reason: str
     fro_norm: float  # ‖ΔW‖_F of what was left out
@@ -87,8 +87,8 @@ class SurgeryReport:
     output: str
     policy: str
     weights: list[float] = field(default_factory=list)
-    modules: list[ModuleResult] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
+    modules: list[SurgeryModule] = field(default_factory=list)
+    skipped: list[DroppedModule] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)  # tensors copied unchanged
     totals: dict = field(default_factory=dict)  # params, bytes, relative_error
     notes: list[str] = field(default_factory=list)
@@ -200,7 +200,7 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
                 report.notes.append(f"{u.name}: rank 1 kept (the policy kept none) to carry its lora_B bias")
             if k == 0:
                 reason = "ΔW = 0" if u_sq == 0 else f"rank 0 under {report.policy}"
-                report.skipped.append(Skipped(u.name, reason, math.sqrt(u_sq)))
+                report.skipped.append(DroppedModule(u.name, reason, math.sqrt(u_sq)))
                 err_sq += u_sq
                 total_sq += u_sq
                 continue
@@ -218,7 +218,7 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
             tensors[keys.bias] = bias.to(u.out_dtype)
         module_ranks[u.name] = k
         report.modules.append(
-            ModuleResult(
+            SurgeryModule(
                 name=u.name,
                 kind=u.kind,
                 shape=list(u.shape),
@@ -233,7 +233,7 @@ def build_output(updates: list[ModuleUpdate], ranks: dict[str, int] | None, repo
     return Output(tensors, module_ranks, any_bias)
 
 
-def adapter_config(raw: dict, module_ranks: dict[str, int], lora_bias: bool, **overrides) -> dict:
+def rewritten_adapter_config(raw: dict, module_ranks: dict[str, int], lora_bias: bool, **overrides) -> dict:
     """The input's adapter_config.json with every LoRA field rewritten for α = r per module."""
     config = {k: v for k, v in raw.items() if k not in ("rank_pattern", "alpha_pattern")}
     config.update(lora_rank_fields(module_ranks, natural_key))
@@ -266,7 +266,7 @@ def write_output(
     return report
 
 
-def write_report(report: SurgeryReport, path: str | os.PathLike) -> None:
+def write_surgery_report(report: SurgeryReport, path: str | os.PathLike) -> None:
     """The JSON report to `path`, atomically."""
     write_text_atomically(path, json.dumps(report.to_json(), indent=2) + "\n")
 

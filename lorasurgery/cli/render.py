@@ -106,7 +106,7 @@ def add_module_column(table: Table, modules) -> None:
 
 
 def _module_type(name: str, kind: str) -> str:
-    from lorasurgery.architecture import leaf
+    from lorasurgery.model import leaf
 
     if kind in ("replaced", "tokens"):  # a saved tensor: keep its parameter name (lm_head.weight)
         return ".".join(p for p in name.split(".")[-2:] if not p.isdigit())
@@ -140,6 +140,9 @@ def inspect_report(report, as_json: bool = False, show_all: bool = False, quiet:
     table.add_column("‖ΔW‖_F", justify="right", no_wrap=True)
     if with_base:
         table.add_column("‖ΔW‖/‖W‖", justify="right", no_wrap=True)
+    if report.requantizable:  # a quantized base: what merge --requantize would keep (docs/design.md §13)
+        table.add_column("retention ρ", justify="right", no_wrap=True)
+        table.add_column("codes changed", justify="right", no_wrap=True)
 
     if show_all:
         groups = [(m.name, [m]) for m in report.modules]
@@ -163,6 +166,10 @@ def inspect_report(report, as_json: bool = False, show_all: bool = False, quiet:
         ]
         if with_base:
             row.append(spread([m.relative_norm for m in members if m.relative_norm is not None]))
+        if report.requantizable:
+            row.append(spread([m.retention for m in members if m.retention is not None]))
+            changed = [100 * m.codes_changed for m in members if m.codes_changed is not None]
+            row.append(f"{spread(changed)}%" if changed else "")
         table.add_row(*row)
     stdout.print(table)
     totals = report.totals
@@ -206,6 +213,8 @@ def merge_progress(quiet: bool = False) -> Iterator[ProgressCallback]:
             task = bar.add_task(event.stage, total=event.bytes_total or None, tensors="", item="")
         bar.update(
             task,
+            description=event.stage,  # --min-retention measures ("retention") before it merges
+            total=event.bytes_total or None,
             completed=event.bytes_done,
             tensors=f"{event.done}/{event.total}",
             item=event.item[-48:],
@@ -240,11 +249,21 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
             format_number(adapter.tensors_replaced),
         )
     stdout.print(table)
+    if summary.requantize:
+        stdout.print(
+            retention_table(
+                summary.retention,
+                f"requantized (min retention {summary.min_retention:g})"
+                if summary.min_retention is not None
+                else "requantized",
+            )
+        )
+    requantized = f"{summary.tensors_requantized:,} requantized, " if summary.requantize else ""
     stdout.print(
-        f"{summary.tensors:,} tensors: {summary.tensors_merged:,} merged, {summary.tensors_replaced:,} "
-        f"replaced, {summary.tensors_copied:,} copied byte for byte, {summary.tensors_converted:,} "
-        f"converted; {format_bytes(summary.bytes_written)} in {len(summary.files)} file(s), "
-        f"{summary.seconds:.1f} s"
+        f"{summary.tensors:,} tensors: {summary.tensors_merged:,} merged, {requantized}"
+        f"{summary.tensors_replaced:,} replaced, {summary.tensors_copied:,} copied byte for byte, "
+        f"{summary.tensors_converted:,} converted; {format_bytes(summary.bytes_written)} in "
+        f"{len(summary.files)} file(s), {summary.seconds:.1f} s"
     )
     if summary.shards_reused:
         stdout.print(
@@ -260,6 +279,25 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
         stdout.print(f"assumed: {assumption.message()}", markup=False, soft_wrap=True)
     if summary.verified:
         stdout.print(f"verified: largest logit difference {summary.max_logit_difference:.3g}")
+
+
+def retention_table(rows: list[dict], title: str) -> Table:
+    """Per merged quantized module: the share of its update the requantized codes keep (ρ, docs/design.md
+    §13), the share of codes that changed, and how it is (or would be) written."""
+    table = new_table(title)
+    for column in ("module", "retention ρ", "codes changed", "written as"):
+        table.add_column(
+            column, justify="left" if column in ("module", "written as") else "right", no_wrap=True
+        )
+    for row in rows:
+        rho = row["retention"]
+        table.add_row(
+            row["module"],
+            "—" if rho is None else f"{rho:.4f}",
+            f"{100 * row['codes_changed']:.1f}%",
+            row.get("written", ""),
+        )
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +456,7 @@ def rank_report(report, show_all=False, json_path=None, csv_path=None, plot_dir=
     if csv_path:
         write_text_atomically(csv_path, rank_report_csv(report))
     if plot_dir:
-        from lorasurgery.plots import write_plots
+        from lorasurgery.cli.plots import write_plots
 
         for path in write_plots(report, plot_dir):
             note(f"plot: {path}", quiet)

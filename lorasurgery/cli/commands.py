@@ -1,171 +1,33 @@
-"""The `lorasurgery` command line: parse options, call the library core, render the result.
+"""The `lorasurgery` commands: parse options, call the library core, render the result.
 
-This is the only place that turns library errors into `Error: …` on stderr with exit code 1
-(click's own usage errors, and the library's OptionError, exit with 2). torch and the commands are
-imported inside the commands so that `lorasurgery --help` stays fast. Options that several commands
-share are defined once, as decorators, below.
+torch and the commands are imported inside each command so that `lorasurgery --help` stays fast
+(docs/architecture.md, "Lazy imports"); errors become `Error: …` in one place (cli/group.py);
+shared options come from cli/options.py.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
-from dataclasses import dataclass
 
 import click
 
 from lorasurgery import __version__
-from lorasurgery.errors import LoraSurgeryError, OptionError
-from lorasurgery.io.safetensors_format import OUTPUT_DTYPES
-
-
-@dataclass
-class Settings:
-    quiet: bool = False
-    debug: bool = False
-
-
-class LoraSurgeryGroup(click.Group):
-    """A click group that maps library errors to `Error: …` and exit code 1, in one place."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except OptionError as error:
-            raise click.UsageError(str(error)) from None
-        except (LoraSurgeryError, OSError, KeyboardInterrupt) as error:
-            settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
-            if settings.debug:
-                raise
-            click.echo(f"Error: {describe_error(error)}", err=True)
-            ctx.exit(130 if isinstance(error, KeyboardInterrupt) else 1)
-
-
-def describe_error(error: BaseException) -> str:
-    kept = getattr(error, "kept_work", None)  # --resume keeps an unfinished output (io/output.py)
-    if isinstance(error, KeyboardInterrupt):
-        if kept is not None:
-            return f"interrupted; the unfinished output is kept in {kept}: run again with --resume to continue it"
-        return "interrupted; nothing was written"
-    if isinstance(error, OSError) and not isinstance(error, LoraSurgeryError):
-        where = f": {error.filename}" if error.filename else ""
-        message = f"{error.strerror or error}{where}"
-    else:
-        message = str(error)
-    if kept is not None and kept.name not in message:
-        message += f" (the unfinished output stays in {kept} for --resume)"
-    return message
-
-
-def settings_of(ctx: click.Context) -> Settings:
-    return ctx.find_object(Settings) or Settings()
-
-
-# --------------------------------------------------------------------------------------------------
-# Options shared by several commands
-
-
-def _set_global(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if value:  # given after the command name: the same Settings object the group made
-        setattr(ctx.ensure_object(Settings), param.name, True)
-
-
-def global_options(command):
-    """--quiet and --debug after the command name too (`lorasurgery merge … --quiet`)."""
-    command = click.option(
-        "--debug",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_global,
-        help="Show the full traceback on errors.",
-    )(command)
-    return click.option(
-        "--quiet",
-        "-q",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_global,
-        help="No progress bars or log lines on stderr.",
-    )(command)
-
-
-def _flag(*names: str, help: str):
-    return click.option(*names, is_flag=True, help=help)
-
-
-device_option = click.option(
-    "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True
+from lorasurgery.cli.group import LoraSurgeryGroup, Settings, settings_of
+from lorasurgery.cli.options import (
+    allow_nonfinite_option,
+    config_option,
+    device_option,
+    dtype_option,
+    fan_in_fan_out_option,
+    force_option,
+    global_options,
+    json_option,
+    make_policy,
+    policy_options,
+    text_option,
+    tokens_option,
 )
-force_option = _flag("--force", help="Replace an existing output folder.")
-json_option = _flag("--json", "as_json", help="Print JSON on stdout instead of a table.")
-
-
-def dtype_option(what: str):
-    return click.option(
-        "--dtype",
-        type=click.Choice(["auto", *OUTPUT_DTYPES]),
-        default="auto",
-        show_default=True,
-        help=what,
-    )
-
-
-def allow_nonfinite_option(what: str):
-    return _flag("--allow-nonfinite", help=f"Go on when {what} hold NaN/Inf.")
-
-
-def text_option(what: str):
-    return click.option("--text", "text", type=click.Path(), help=what)
-
-
-tokens_option = click.option(
-    "--tokens", type=click.IntRange(min=2), default=2048, show_default=True, help="Tokens of --text used."
-)
-
-
-def config_option(what: str):
-    return click.option("--config", "config_file", type=click.Path(), help=what)
-
-
-def fan_in_fan_out_option(what: str):
-    return click.option("--fan-in-fan-out", "fan_in_fan_out", metavar="REGEX", help=what)
-
-
-def policy_options(command):
-    """Exactly one rank policy (--rank, --energy, --ratio, --auto, --budget) and --max-rank."""
-    for option in reversed(
-        (
-            click.option("--rank", type=int, help="Fixed rank (≥ 1) for every module."),
-            click.option("--energy", type=float, help="Keep this share of Σσ² per module, in (0, 1]."),
-            click.option("--ratio", type=float, help="Keep σᵢ ≥ ratio·σ₁, ratio in (0, 1]."),
-            _flag("--auto", help="Gavish–Donoho optimal hard threshold."),
-            click.option("--budget", help="Total parameter budget over all modules (e.g. 20M)."),
-            click.option("--max-rank", type=int, help="Cap (≥ 1) on every module's rank."),
-        )
-    ):
-        command = option(command)
-    return command
-
-
-def make_policy(rank, energy, ratio, auto, budget, *, optional: bool = False):
-    """The Policy the policy options describe, validated by the library (None when none is given
-    and that is allowed: combine --exact; the library refuses --exact beside a policy)."""
-    from lorasurgery.linalg.policies import Policy
-    from lorasurgery.units import parse_count
-
-    if optional and not auto and all(v is None for v in (rank, energy, ratio, budget)):
-        return None
-    try:
-        count = parse_count(budget) if budget is not None else None
-    except LoraSurgeryError as error:
-        raise click.BadParameter(str(error), param_hint="--budget") from None
-    policy = Policy(rank=rank, energy=energy, ratio=ratio, auto=auto, budget=count)
-    policy.validate()
-    return policy
-
-
-# --------------------------------------------------------------------------------------------------
-# Commands
 
 
 @click.group(cls=LoraSurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -210,7 +72,7 @@ def inspect(
     target: str | None,
 ) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
-    from lorasurgery import render
+    import lorasurgery.cli.render as render
     from lorasurgery.commands.inspect import inspect_adapter
 
     quiet = settings_of(ctx).quiet
@@ -249,6 +111,17 @@ def inspect(
 @config_option(
     "The base's config.json (file or folder), when BASE has none: gives each layer's kind and the ties."
 )
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized BASE: keep its format (merged tensors requantized, retention reported) instead of writing it unquantized.",
+)
+@click.option(
+    "--min-retention",
+    type=float,
+    metavar="R",
+    help="With --requantize: write modules whose retention is below R unquantized (and list them in the config).",
+)
 @fan_in_fan_out_option(
     "Modules stored (in, out) like GPT-2's Conv1D, when no config.json can tell (others: (out, in))."
 )
@@ -271,6 +144,8 @@ def merge(
     allow_nonfinite: bool,
     as_json: bool,
     config_file: str | None,
+    requantize: bool,
+    min_retention: float | None,
     fan_in_fan_out: str | None,
 ) -> None:
     """Fold one or more ADAPTERS into BASE and write a plain checkpoint to OUTPUT.
@@ -279,7 +154,7 @@ def merge(
     fan_in_fan_out, embeddings, DoRA, lora_bias, saved modules), in float32 with one rounding,
     one tensor at a time. Untouched tensors are copied byte for byte.
     """
-    from lorasurgery import render
+    import lorasurgery.cli.render as render
     from lorasurgery.commands.merge import merge_checkpoint
     from lorasurgery.units import parse_bytes
 
@@ -302,6 +177,8 @@ def merge(
             fan_in_fan_out=fan_in_fan_out,
             resume=resume,
             progress=progress,
+            requantize=requantize,
+            min_retention=min_retention,
         )
     render.merge_summary(summary, as_json=as_json, quiet=quiet)
 
@@ -368,8 +245,8 @@ def extract(
     ΔW = W_ft − W_base per module, factored as B = U√S, A = √S Vᵀ with scale 1. Choose exactly one
     rank policy. The report gives each module's true error after the cast to the output dtype.
     """
-    from lorasurgery import render
-    from lorasurgery.commands.extract.extract import extract_adapter, write_report
+    import lorasurgery.cli.render as render
+    from lorasurgery.commands.extract.extract import ExtractRequest, extract_adapter, write_extract_report
 
     if calibrate != bool(text):
         raise click.UsageError("--calibrate and --text FILE go together")
@@ -377,27 +254,29 @@ def extract(
     quiet = settings_of(ctx).quiet
     with render.progress_bar("extract", quiet) as progress:
         result = extract_adapter(
-            base,
-            finetuned,
-            output,
-            policy=policy,
-            max_rank=max_rank,
-            include=include,
-            exclude=exclude,
-            embeddings=embeddings,
-            save_1d=save_1d,
-            dtype=dtype,
-            svd=svd,
-            device=device,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            calibrate=text if calibrate else None,
-            calibrate_tokens=tokens,
+            ExtractRequest(
+                base,
+                finetuned,
+                output,
+                policy=policy,
+                max_rank=max_rank,
+                include=include,
+                exclude=exclude,
+                embeddings=embeddings,
+                save_1d=save_1d,
+                dtype=dtype,
+                svd=svd,
+                device=device,
+                force=force,
+                allow_nonfinite=allow_nonfinite,
+                calibrate=text if calibrate else None,
+                calibrate_tokens=tokens,
+                config_file=config_file,
+            ),
             progress=progress,
-            config_file=config_file,
         )
     if report:
-        write_report(result, report)
+        write_extract_report(result, report)
     render.extract_report(result, as_json=as_json, quiet=quiet)
 
 
@@ -478,7 +357,7 @@ def rank_report(
     TARGET − BASE; alone, W's own spectra. Adds the LoRA paper's amplification factor and the
     intruder dimensions of W + ΔW (with a base), and subspace similarity φ(i, j) against --compare.
     """
-    from lorasurgery import render
+    import lorasurgery.cli.render as render
     from lorasurgery.commands.rank_report.rank_report import rank_report as run_rank_report
 
     if probe and not text:
@@ -568,9 +447,9 @@ def resize(
     chooses all ranks jointly. The report gives each module's true error after the cast. A DoRA
     adapter needs --base and becomes a plain LoRA of its effective update.
     """
-    from lorasurgery import render
+    import lorasurgery.cli.render as render
     from lorasurgery.commands.surgery.resize import resize_adapter
-    from lorasurgery.commands.surgery.surgery import write_report
+    from lorasurgery.commands.surgery.surgery import write_surgery_report
 
     policy = make_policy(rank, energy, ratio, auto, budget)
     quiet = settings_of(ctx).quiet
@@ -587,7 +466,7 @@ def resize(
             progress=progress,
         )
     if report:
-        write_report(result, report)
+        write_surgery_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)
 
 
@@ -627,9 +506,9 @@ def combine(
     policy keeps the best rank-k approximation of the sum (QR of the concatenations, never d×k).
     Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
     """
-    from lorasurgery import render
+    import lorasurgery.cli.render as render
     from lorasurgery.commands.surgery.combine import combine_adapters
-    from lorasurgery.commands.surgery.surgery import write_report
+    from lorasurgery.commands.surgery.surgery import write_surgery_report
 
     policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
     quiet = settings_of(ctx).quiet
@@ -648,7 +527,7 @@ def combine(
             progress=progress,
         )
     if report:
-        write_report(result, report)
+        write_surgery_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)
 
 
@@ -706,7 +585,7 @@ def export(
     formula is exact; regex targets become lists; DoRA becomes a plain LoRA of its effective update
     (needs --base, error reported). llama.cpp gets a GGUF LoRA file (needs --base for config.json).
     """
-    from lorasurgery import render
+    import lorasurgery.cli.render as render
     from lorasurgery.commands.export.export import export_adapter
 
     quiet = settings_of(ctx).quiet
