@@ -578,3 +578,20 @@ def quantize_compressed(
             model.save_pretrained(folder)
         compressor.update_config(folder)
     return Path(folder)
+
+
+def quantize_bnb(base_path, out_path, **bnb_config) -> Path:
+    """The model at `base_path` loaded by transformers with ``BitsAndBytesConfig(**bnb_config)`` on the
+    CPU (bitsandbytes quantizes it as it loads) and saved with ``save_pretrained``: the real
+    serialized bitsandbytes layout, quantization_config included. ``load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True`` is a QLoRA "bnb-4bit" base;
+    ``load_in_8bit=True`` LLM.int8()."""
+    import transformers
+
+    config = transformers.BitsAndBytesConfig(**bnb_config)
+    with _quiet():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            Path(base_path), quantization_config=config, device_map="cpu", dtype="auto"
+        )
+        model.save_pretrained(Path(out_path))
+    return Path(out_path)

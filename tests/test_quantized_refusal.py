@@ -3,14 +3,15 @@ by name; no command reads codes as weights (docs/design.md §13).
 
 A tiny real Llama (and a tiny gpt-oss for MXFP4, which only its experts use) is stored in each
 layout with the names, dtypes and shapes its producer writes (transformers' fine-grained FP8,
-compressed-tensors, gpt-oss MXFP4, bitsandbytes, GPTQ/AWQ, HQQ, GGUF), with and without the config
+compressed-tensors, gpt-oss MXFP4, GPTQ/AWQ, HQQ, GGUF), with and without the config
 that declares it. Block FP8 — the case that silently lost the adapter — is quantized for real; the
 other payloads are codes of the right shape, since nothing may read them. Every command that reads
 base or fine-tune weights must exit 1 on each unread layout with `Error:` naming the file, the
-format and a tensor, no traceback, no output, inputs unchanged. Fine-grained FP8, gpt-oss MXFP4 and
-compressed-tensors checkpoints with their quantization_config are read now (tests/test_quantized_fp8.py,
-tests/test_quantized_mxfp4.py, tests/test_quantized_compressed.py); here FP8 and MXFP4 are only
-recognised, and compressed-tensors' float and int payloads without a config stay refused.
+format and a tensor, no traceback, no output, inputs unchanged. Fine-grained FP8, gpt-oss MXFP4,
+compressed-tensors checkpoints with their quantization_config and bitsandbytes NF4/FP4/int8 are read now
+(tests/test_quantized_fp8.py, test_quantized_mxfp4.py, test_quantized_compressed.py,
+test_quantized_bnb.py); here FP8 and MXFP4 are only recognised, and compressed-tensors' float and int
+payloads without a config stay refused.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ TEXT = SAMPLES / "corpus" / "Apache-2.0"
 LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
 TAIL = (
     "lorasurgery reads transformers' fine-grained FP8 (float8 codes with weight_scale_inv), gpt-oss's "
-    "MXFP4 experts (uint8 _blocks with _scales) and compressed-tensors (float-, int-, pack- and "
-    "nvfp4-pack-quantized, with their quantization_config) but not this format yet, and never reads "
-    "codes as weights"
+    "MXFP4 experts (uint8 _blocks with _scales), compressed-tensors (float-, int-, pack- and "
+    "nvfp4-pack-quantized, with their quantization_config) and bitsandbytes NF4, FP4 and int8 as "
+    "transformers saves them but not this format yet, and never reads codes as weights"
 )
 
 # ---------------------------------------------------------------------------------- the layouts
@@ -104,35 +105,6 @@ def ct_int(tensors):  # compressed-tensors int-quantized (W8A8), per-channel wei
     return _linears(tensors, convert)
 
 
-def bnb_4bit(tensors, kind="nf4"):  # bitsandbytes Params4bit, double quantisation, as saved packed
-    def convert(name, W):
-        n = W.numel()
-        state = json.dumps({"quant_type": kind, "blocksize": 64, "dtype": "float32", "shape": list(W.shape)})
-        return {
-            name: _codes((n // 2, 1), torch.uint8),
-            f"{name}.absmax": _codes((n // 64,), torch.uint8),
-            f"{name}.quant_map": torch.linspace(-1, 1, 16),
-            f"{name}.nested_absmax": torch.rand(1),
-            f"{name}.nested_quant_map": torch.linspace(-1, 1, 256),
-            f"{name}.quant_state.bitsandbytes__{kind}": torch.tensor(list(state.encode()), dtype=torch.uint8),
-        }
-
-    return _linears(tensors, convert)
-
-
-def bnb_int8(tensors):  # bitsandbytes Int8Params: int8 rows, SCB row absmax, weight_format
-    def convert(name, W):
-        m = name[: -len(".weight")]
-        SCB = W.abs().amax(dim=1)
-        return {
-            name: (W / SCB[:, None] * 127).round().to(torch.int8),
-            f"{m}.SCB": SCB,
-            f"{m}.weight_format": torch.tensor(0, dtype=torch.uint8),
-        }
-
-    return _linears(tensors, convert)
-
-
 def gptq(tensors, g_idx=True):  # AutoGPTQ / GPTQModel 4-bit, group 16 (AWQ: the same names, no g_idx)
     def convert(name, W):
         m, (out, inner) = name[: -len(".weight")], W.shape
@@ -180,13 +152,6 @@ FP8_CONFIG = {
 }
 
 
-BNB4 = {
-    "quant_method": "bitsandbytes",
-    "load_in_4bit": True,
-    "bnb_4bit_quant_type": "nf4",
-    "bnb_4bit_use_double_quant": True,
-}
-
 # name: (model, convert, quantization_config or None, side files, what the error must say, None for
 # the layouts lorasurgery reads: transformers' fine-grained FP8 (tests/test_quantized_fp8.py) and
 # gpt-oss's MXFP4 (tests/test_quantized_mxfp4.py))
@@ -232,34 +197,6 @@ LAYOUTS = {
         None,
         {},
         None,
-    ),
-    "bnb-nf4": (
-        "llama",
-        bnb_4bit,
-        BNB4,
-        {},
-        r'is bitsandbytes NF4-quantized \(uint8 codes with weight\.absmax, weight\.quant_map, weight\.nested_absmax, weight\.nested_quant_map, weight\.quant_state\.bitsandbytes__nf4; quantization_config quant_method "bitsandbytes"\)',
-    ),
-    "bnb-fp4-no-config": (
-        "llama",
-        lambda t: bnb_4bit(t, "fp4"),
-        None,
-        {},
-        r"is bitsandbytes FP4-quantized \(uint8 codes with weight\.absmax",
-    ),
-    "bnb-int8": (
-        "llama",
-        bnb_int8,
-        {"quant_method": "bitsandbytes", "load_in_8bit": True},
-        {},
-        r"is bitsandbytes int8-quantized \(int8 codes with SCB, weight_format;",
-    ),
-    "bnb-int8-no-config": (
-        "llama",
-        bnb_int8,
-        None,
-        {},
-        r"is bitsandbytes int8-quantized \(int8 codes with SCB, weight_format\)",
     ),
     "gptq": (
         "llama",
@@ -459,22 +396,6 @@ def test_recognition_describes_block_fp8_for_a_reader(layouts):
             "model.layers.0.mlp.experts.down_proj_blocks",
             ["scales"],
             "e2m1",
-        ),
-        (
-            "bnb-nf4",
-            "bitsandbytes-nf4",
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            ["absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state"],
-            "nf4",
-        ),
-        (
-            "bnb-int8",
-            "bitsandbytes-int8",
-            "model.layers.0.self_attn.q_proj.weight",
-            "model.layers.0.self_attn.q_proj.weight",
-            ["SCB", "weight_format"],
-            "int8",
         ),
         (
             "gptq",

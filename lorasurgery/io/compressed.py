@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.io.fp8 import _model_dtype
 from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
+from lorasurgery.io.quantization import model_dtype as _model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_code_of, dtype_name_of, torch_dtype_of
 
 # The formats read here; every other compressed-tensors format is refused by name.

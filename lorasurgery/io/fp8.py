@@ -43,13 +43,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence
+from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence, model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of, torch_dtype_of
 
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config when weight_block_size is absent
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # and U8 (E8M0 bytes) under scale_fmt "ue8m0"
 CODE_DTYPES = {"e4m3": "F8_E4M3", "e5m2": "F8_E5M2"}  # quantization_config `fmt`
-PLAIN_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _NOT_DECLARED = object()
 _CHUNK = 1 << 18  # codes converted per step on the CPU: 0.5 MB int16 buffers
 
@@ -117,7 +116,7 @@ def logical_index(
 
     if not pairs:
         return tensors  # declared, but nothing stored quantized: the tensors are what they are
-    model_dtype = _model_dtype(config)
+    plain_dtype = model_dtype(config)
     logical = {}
     for t, codes, scale in pairs:
         logical[codes.name] = DequantizedInfo(
@@ -132,7 +131,7 @@ def logical_index(
             parts=tuple((role, tensors[stored]) for role, stored in t.parts),
             block=None if _one_scale(codes, scale, block) else block,
             scale_fmt=scale_fmt,
-            model_dtype=model_dtype,
+            model_dtype=plain_dtype,
         )
     hidden = quantization.stored_names - set(logical)
     return {name: logical.get(name, info) for name, info in tensors.items() if name not in hidden}
@@ -344,15 +343,6 @@ def _declared_block(settings: Mapping, where: str):
             f"{where}: weight_block_size must be [rows, columns] of positive integers or null, got {size!r}"
         )
     return tuple(size)
-
-
-def _model_dtype(config: Mapping | None) -> str:
-    """The dtype the model declares (torch_dtype, or transformers 5's dtype), else bf16."""
-    for key in ("torch_dtype", "dtype"):
-        value = (config or {}).get(key)
-        if isinstance(value, str) and value.removeprefix("torch.") in PLAIN_DTYPES:
-            return PLAIN_DTYPES[value.removeprefix("torch.")]
-    return "BF16"
 
 
 def _one_scale(codes: TensorInfo, scale: TensorInfo, block) -> bool:

@@ -38,9 +38,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, NonFiniteError
-from lorasurgery.io.fp8 import _model_dtype, _unravel
+from lorasurgery.io.fp8 import _unravel
 from lorasurgery.io.fp8 import exclude as _exclude
 from lorasurgery.io.quantization import INTEGER, SCALE_ONLY, DequantizedInfo, Quantization, _evidence
+from lorasurgery.io.quantization import model_dtype as _model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
 
 BLOCK = 32  # values a scale covers

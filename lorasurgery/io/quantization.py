@@ -7,7 +7,7 @@ opening a checkpoint already has — tensor names, dtypes, shapes, config.json's
 (or an old GPTQ/AWQ repo's `quantize_config.json` / `quant_config.json`) — and says which format it
 is and, per logical weight, which stored tensors hold its codes and which decode them. A format with
 a dequantizing reader is listed in READABLE (its reader turns the index into logical tensors: io.fp8
-for transformers' fine-grained FP8, io.compressed for compressed-tensors); every other one is refused by `refusal`, naming the file, the
+for transformers' fine-grained FP8, io.mxfp4, io.compressed, io.bnb for the others); every other one is refused by `refusal`, naming the file, the
 format and a tensor that shows it.
 
 Signals read from the tensors alone (<x> a stored tensor, <m> a module; the names transformers,
@@ -47,12 +47,23 @@ SUB_BYTE = frozenset({"F4", "F6_E2M3", "F6_E3M2"})
 INTEGER = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 CODES = FLOAT8 | SCALE_ONLY | SUB_BYTE
 
-# Formats that have a dequantizing reader (io.readers: io.fp8, io.mxfp4, io.compressed); every other is refused.
-READABLE: frozenset[str] = frozenset({"fp8", "mxfp4", "compressed-tensors"})
+# Formats that have a dequantizing reader (io.readers: io.fp8, io.mxfp4, io.compressed, io.bnb); every
+# other one is refused. bitsandbytes-4bit: NF4 or FP4 as each tensor's quant_state says.
+READABLE: frozenset[str] = frozenset(
+    {
+        "fp8",
+        "mxfp4",
+        "compressed-tensors",
+        "bitsandbytes-nf4",
+        "bitsandbytes-fp4",
+        "bitsandbytes-4bit",
+        "bitsandbytes-int8",
+    }
+)
 READ_FORMATS = (  # as messages say it
     "transformers' fine-grained FP8 (float8 codes with weight_scale_inv), gpt-oss's MXFP4 experts "
-    "(uint8 _blocks with _scales) and compressed-tensors (float-, int-, pack- and nvfp4-pack-quantized, "
-    "with their quantization_config)"
+    "(uint8 _blocks with _scales), compressed-tensors (float-, int-, pack- and nvfp4-pack-quantized, "
+    "with their quantization_config) and bitsandbytes NF4, FP4 and int8 as transformers saves them"
 )
 
 # Format -> the name messages give it; a quant_method not listed here is shown as it is.
@@ -76,6 +87,9 @@ FORMAT_NAMES = {
     "float8": "float8",
     "codes": "sub-byte or E8M0",
 }
+
+# torch dtype names (config.json's torch_dtype/dtype, a bitsandbytes quant_state) -> safetensors codes
+PLAIN_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 # Side files old GPTQ / AutoAWQ repos ship instead of a quantization_config, and their format.
 SIDE_CONFIGS = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
@@ -181,6 +195,16 @@ class DequantizedInfo(TensorInfo):
     def part(self, role: str) -> TensorInfo | None:
         """The stored tensor of part `role`, or None."""
         return next((info for r, info in self.parts if r == role), None)
+
+
+def model_dtype(config: Mapping | None, default: str = "BF16") -> str:
+    """The dtype the model declares (config.json's torch_dtype, or transformers 5's dtype), else
+    `default`: what an unquantized checkpoint of it stores (DequantizedInfo.model_dtype)."""
+    for key in ("torch_dtype", "dtype"):
+        value = (config or {}).get(key)
+        if isinstance(value, str) and value.removeprefix("torch.") in PLAIN_DTYPES:
+            return PLAIN_DTYPES[value.removeprefix("torch.")]
+    return default
 
 
 def declared(config: Mapping | None, side_configs: Mapping[str, Mapping] | None = None):

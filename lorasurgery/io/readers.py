@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import lorasurgery.io.bnb as bnb
 import lorasurgery.io.compressed as compressed
 import lorasurgery.io.fp8 as fp8
 import lorasurgery.io.mxfp4 as mxfp4
@@ -36,7 +37,12 @@ from lorasurgery.errors import UnsupportedError
 from lorasurgery.io.quantization import FORMAT_NAMES, DequantizedInfo, Quantization
 from lorasurgery.io.safetensors_format import TensorInfo
 
-READERS = {"fp8": fp8, "mxfp4": mxfp4, "compressed-tensors": compressed}
+READERS = {
+    "fp8": fp8,
+    "mxfp4": mxfp4,
+    "compressed-tensors": compressed,
+    **dict.fromkeys(sorted(bnb.FORMATS), bnb),
+}
 # Parts that ride along with a quantized weight but decode nothing of it (static activation scales):
 # a requantized weight keeps them byte for byte.
 STATIC_ROLES = frozenset({"activation_scale", "input_scale"})
