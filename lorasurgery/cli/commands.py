@@ -101,6 +101,11 @@ def inspect(
 @click.option("--precise", is_flag=True, help="Compute ΔW and W + ΔW in float64.")
 @force_option
 @click.option("--verify", is_flag=True, help="Compare logits of base+adapter and merged model.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse the checked, finished shards of a killed run with the same arguments; keep this run's if interrupted.",
+)
 @allow_nonfinite_option("inputs or results")
 @json_option
 @config_option(
@@ -135,6 +140,7 @@ def merge(
     precise: bool,
     force: bool,
     verify: bool,
+    resume: bool,
     allow_nonfinite: bool,
     as_json: bool,
     config_file: str | None,
@@ -169,6 +175,7 @@ def merge(
             verify=verify,
             config_file=config_file,
             fan_in_fan_out=fan_in_fan_out,
+            resume=resume,
             progress=progress,
             requantize=requantize,
             min_retention=min_retention,

@@ -36,12 +36,19 @@ class LoraSurgeryGroup(click.Group):
 
 
 def describe_error(error: BaseException) -> str:
+    kept = getattr(error, "kept_work", None)  # --resume keeps an unfinished output (io/output.py)
     if isinstance(error, KeyboardInterrupt):
+        if kept is not None:
+            return f"interrupted; the unfinished output is kept in {kept}: run again with --resume to continue it"
         return "interrupted; nothing was written"
     if isinstance(error, OSError) and not isinstance(error, LoraSurgeryError):
         where = f": {error.filename}" if error.filename else ""
-        return f"{error.strerror or error}{where}"
-    return str(error)
+        message = f"{error.strerror or error}{where}"
+    else:
+        message = str(error)
+    if kept is not None and kept.name not in message:
+        message += f" (the unfinished output stays in {kept} for --resume)"
+    return message
 
 
 def settings_of(ctx: click.Context) -> Settings:

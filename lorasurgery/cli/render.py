@@ -265,6 +265,10 @@ def merge_summary(summary, as_json: bool = False, quiet: bool = False) -> None:
         f"{summary.tensors_converted:,} converted; {format_bytes(summary.bytes_written)} in "
         f"{len(summary.files)} file(s), {summary.seconds:.1f} s"
     )
+    if summary.shards_reused:
+        stdout.print(
+            f"resumed: {summary.shards_reused} of {len(summary.files)} file(s) reused, not recomputed"
+        )
     if summary.config_changes:
         changes = ", ".join(  # None: the key is removed (a quantized base's quantization_config)
             f"{k}: {json.dumps(v)}" if v is not None else f"{k} removed"

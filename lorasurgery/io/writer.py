@@ -6,10 +6,15 @@ order, and then dropped. Untouched tensors can be copied byte for byte from thei
 Shards are named as Hugging Face names them, with `<stem>.safetensors.index.json` when there are
 several. The writer writes into a folder it is given; `output.atomic_output_dir` makes that folder
 appear at OUT only when everything is written.
+
+For resumable runs (docs/design.md §7, io/journal.py) the writer can report each shard the moment
+its last tensor is written and fsynced, with a digest made of each part's sha256 as it was written
+(no re-read), and can start with some shards already complete: those files are not touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -82,6 +87,51 @@ def shard_file_names(count: int, stem: str = "model") -> list[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file as planned: its name, header bytes, and its tensors in file order."""
+
+    name: str
+    header: bytes
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(spec.nbytes for spec in self.specs)
+
+
+def shard_layouts(
+    shards: list[list[TensorSpec]], stem: str = "model", metadata: dict[str, str] | None = None
+) -> list[ShardLayout]:
+    """Every planned file's name and exact header: the bytes the writer will produce, less the data."""
+    metadata = {"format": "pt", **(metadata or {})}
+    layouts = []
+    for file_name, shard in zip(shard_file_names(len(shards), stem), shards):
+        entries, position = {}, 0
+        for spec in shard:
+            if spec.dtype not in DTYPE_BITS:
+                raise OutputError(f"cannot write tensor {spec.name!r}: unknown dtype {spec.dtype}")
+            entries[spec.name] = {
+                "dtype": spec.dtype,
+                "shape": list(spec.shape),
+                "data_offsets": [position, position + spec.nbytes],
+            }
+            position += spec.nbytes
+        layouts.append(ShardLayout(file_name, encode_header(entries, metadata), tuple(shard)))
+    return layouts
+
+
+def combine_digests(header: bytes, tensor_digests: Sequence[bytes]) -> str:
+    """A shard's digest: sha256 over the sha256 of its header and of each tensor's bytes, in file
+    order. It covers every byte of the file, and the writer can compute it while tensors arrive in
+    any order; io/journal.py recomputes it from the file to check a shard."""
+    combined = hashlib.sha256(b"lorasurgery-shard-digest-1\n")
+    combined.update(hashlib.sha256(header).digest())
+    for digest in tensor_digests:
+        combined.update(digest)
+    return combined.hexdigest()
+
+
 @dataclass
 class _Slot:
     spec: TensorSpec
@@ -97,6 +147,14 @@ class WriteSummary:
     bytes: int = 0  # tensor bytes written (as index.json's total_size)
 
 
+def _raw_bytes(tensor) -> memoryview:
+    """A tensor's bytes as written: on the CPU, contiguous, flat (a view when it already is)."""
+    import torch
+
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(data.view(torch.uint8).numpy())
+
+
 class SafetensorsWriter:
     """Writes planned shards into `folder`; use as a context manager, or call close()/abort()."""
 
@@ -107,33 +165,35 @@ class SafetensorsWriter:
         *,
         stem: str = "model",
         metadata: dict[str, str] | None = None,
+        complete: frozenset[int] = frozenset(),
+        on_shard=None,
     ):
+        """`complete`: indices of shards already whole in `folder` (a resumed run): left untouched,
+        their tensors count as written. `on_shard(index, name, size, digest)` is called once a shard's
+        last tensor is written and the file fsynced; the writer then hashes every tensor it writes."""
         self.folder = Path(folder)
         self.stem = stem
-        self.names = shard_file_names(len(shards), stem)
+        self.layouts = shard_layouts(shards, stem, metadata)
+        self.names = [layout.name for layout in self.layouts]
         self.slots: dict[str, _Slot] = {}
         self._files = []
-        metadata = {"format": "pt", **(metadata or {})}
+        self._on_shard = on_shard
+        self._remaining = [len(layout.specs) for layout in self.layouts]
+        self._digests: dict[str, bytes] = {}
         try:
-            for file_index, (file_name, shard) in enumerate(zip(self.names, shards)):
-                entries, position = {}, 0
-                for spec in shard:
-                    if spec.dtype not in DTYPE_BITS:
-                        raise OutputError(f"cannot write tensor {spec.name!r}: unknown dtype {spec.dtype}")
-                    entries[spec.name] = {
-                        "dtype": spec.dtype,
-                        "shape": list(spec.shape),
-                        "data_offsets": [position, position + spec.nbytes],
-                    }
-                    position += spec.nbytes
-                header = encode_header(entries, metadata)
-                handle = open(self.folder / file_name, "wb")
+            for file_index, layout in enumerate(self.layouts):
+                reused = file_index in complete
+                handle = None if reused else open(self.folder / layout.name, "wb")
                 self._files.append(handle)
-                handle.write(header)
-                handle.truncate(len(header) + position)  # fix the size now; data fills it in
-                for spec in shard:
-                    offset = len(header) + entries[spec.name]["data_offsets"][0]
-                    self.slots[spec.name] = _Slot(spec, file_index, offset)
+                if handle is not None:
+                    handle.write(layout.header)
+                    handle.truncate(layout.size)  # fix the size now; data fills it in
+                offset = len(layout.header)
+                for spec in layout.specs:
+                    self.slots[spec.name] = _Slot(spec, file_index, offset, written=reused)
+                    offset += spec.nbytes
+                if reused:
+                    self._remaining[file_index] = 0
         except BaseException:
             self.abort()
             raise
@@ -155,8 +215,17 @@ class SafetensorsWriter:
             raise OutputError(f"internal error: tensor {name!r} written twice")
         return slot
 
-    def write(self, name: str, tensor) -> None:
-        """Write `tensor` (any device; its dtype and shape must match the plan)."""
+    def digest(self, tensor) -> bytes | None:
+        """The sha256 of the bytes `write` stores for `tensor` (a CPU tensor), or None when this
+        writer reports no shards. Callers compute it in their own threads (merge: the merging
+        threads), so that the one writing thread only writes."""
+        if self._on_shard is None:
+            return None
+        return hashlib.sha256(_raw_bytes(tensor)).digest()
+
+    def write(self, name: str, tensor, digest: bytes | None = None) -> None:
+        """Write `tensor` (any device; its dtype and shape must match the plan); `digest`, from
+        `digest(tensor)`, saves hashing it here."""
         slot = self._slot(name)
         spec = slot.spec
         if dtype_code_of(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
@@ -164,15 +233,14 @@ class SafetensorsWriter:
                 f"internal error: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                 f"planned {spec.dtype} {spec.shape}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            import torch
-
-            raw = data.view(torch.uint8).numpy()  # a view: no copy of the tensor
+        raw = _raw_bytes(tensor)
+        if len(raw):
             handle = self._files[slot.file_index]
             handle.seek(slot.offset)
-            handle.write(memoryview(raw))
-        slot.written = True
+            handle.write(raw)
+        if self._on_shard is not None:
+            self._digests[name] = digest or hashlib.sha256(raw).digest()
+        self._written(slot)
 
     def copy_raw(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes unchanged from a safetensors source (byte-identical output)."""
@@ -182,6 +250,7 @@ class SafetensorsWriter:
         handle = self._files[slot.file_index]
         handle.seek(slot.offset)
         remaining, position = source.nbytes, source.start
+        digest = hashlib.sha256() if self._on_shard is not None else None
         with open(source.file, "rb", buffering=0) as src:
             src.seek(position)
             while remaining:
@@ -189,8 +258,28 @@ class SafetensorsWriter:
                 if not chunk:
                     raise OutputError(f"{source.file}: file ended early while copying {name!r}")
                 handle.write(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 remaining -= len(chunk)
+        if digest is not None:
+            self._digests[name] = digest.digest()
+        self._written(slot)
+
+    def _written(self, slot: _Slot) -> None:
         slot.written = True
+        index = slot.file_index
+        self._remaining[index] -= 1
+        if self._remaining[index] == 0 and self._on_shard is not None:
+            self._finish_shard(index)
+
+    def _finish_shard(self, index: int) -> None:
+        """The shard is whole: make it durable, then report it (a journal records it only now)."""
+        handle, layout = self._files[index], self.layouts[index]
+        handle.flush()
+        os.fsync(handle.fileno())
+        empty = hashlib.sha256().digest()
+        digests = [self._digests.pop(spec.name, empty) for spec in layout.specs]
+        self._on_shard(index, layout.name, layout.size, combine_digests(layout.header, digests))
 
     def close(self) -> WriteSummary:
         """Finish: every planned tensor must have been written. Writes the index when sharded."""
@@ -201,9 +290,10 @@ class SafetensorsWriter:
                 f"internal error: {len(missing)} tensors were never written, e.g. {missing[0]!r}"
             )
         for handle in self._files:
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
         files = [self.folder / n for n in self.names]
         total = sum(slot.spec.nbytes for slot in self.slots.values())
         if len(files) > 1:
@@ -219,7 +309,8 @@ class SafetensorsWriter:
         """Close files without finishing; the caller's temporary folder is then removed."""
         for handle in self._files:
             try:
-                handle.close()
+                if handle is not None:
+                    handle.close()
             except OSError:
                 pass
         self._files = []

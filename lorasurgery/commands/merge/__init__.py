@@ -10,7 +10,9 @@ byte for byte. The package is split by concern:
     verify.py  --verify: PEFT's adapted model against the merged one, on the same tokens
 
 The output is written into a temporary folder that becomes OUT only when complete (and, with verify,
-only when the merged model matches base + adapters). The semantics are in docs/merge.md.
+only when the merged model matches base + adapters). A journal there records each finished shard, so
+that --resume can reuse them after a kill (lorasurgery.io.journal, docs/design.md §7). The semantics
+are in docs/merge.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError
 from lorasurgery.io import SafetensorsWriter, atomic_output_dir, check_output_path, plan_shards
+from lorasurgery.io.journal import Journal, resume_work, run_identity
 from lorasurgery.io.quantization import declares_unreadable_quantization
+from lorasurgery.io.writer import shard_layouts
 from lorasurgery.memory import tune_allocator
 from lorasurgery.model import prefetch, read_config
 from lorasurgery.progress import ProgressCallback, no_progress
@@ -64,6 +68,7 @@ class MergeSummary:
     tensors_copied: int = 0  # byte-identical copies of the base
     tensors_converted: int = 0  # untouched but cast to the output dtype
     bytes_written: int = 0
+    shards_reused: int = 0  # --resume: complete shards of an interrupted run kept, not recomputed
     files: list[str] = field(default_factory=list)
     dtype: str = "auto"
     device: str = "cpu"
@@ -104,6 +109,7 @@ def merge_checkpoint(
     verify: bool = False,
     config_file=None,
     fan_in_fan_out: str | None = None,
+    resume: bool = False,
     progress: ProgressCallback | None = None,
     requantize: bool = False,
     min_retention: float | None = None,
@@ -116,7 +122,12 @@ def merge_checkpoint(
     falls below it unquantized (docs/design.md §13).
     Raises a LoraSurgeryError (nothing written) for bad input, and VerificationError when `verify`
     finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
+    `resume` continues the unfinished output of a killed run with the same inputs and options, and
+    keeps this run's unfinished output if it fails or is interrupted.
     """
+    # Every argument identifies a resumable run unless it cannot change the output bytes: an option
+    # added later counts by default, so changing it refuses a resume rather than mix two runs.
+    options = {_OPTION_NAMES.get(k, k): v for k, v in locals().items() if k not in _NOT_IDENTITY}
     started = time.perf_counter()
     with contextlib.suppress(LoraSurgeryError):  # a bad --config is reported by the plan
         config = read_config(base, config_file)[0]
@@ -127,7 +138,9 @@ def merge_checkpoint(
     adapters = [Path(a) for a in adapters]
     weights = check_options(adapters, weights, subtract, dtype, max_shard_bytes)
     check_requantize_options(requantize, min_retention, verify)
-    device = resolve_device(device)
+    device = options["device"] = resolve_device(device)
+    if config_file:  # as the same file, however it was spelt
+        options["config"] = str(Path(config_file).resolve())
     check_output_path(out, [base, *adapters], force)  # fail fast; checked again when writing
     if verify:
         require_verification_libraries()
@@ -168,9 +181,17 @@ def merge_checkpoint(
         if max_shard_bytes
         else plan_shards(plan.specs, groups=plan.shard_groups())
     )
-    with atomic_output_dir(out, inputs=[base, *adapters], force=force) as folder:
-        with torch_threads(1), SafetensorsWriter(folder, shards) as writer:
-            write_all(plan, writer, summary, device, precise, allow_nonfinite, progress)
+    layouts = shard_layouts(shards)
+    inputs = [base, *adapters, *([config_file] if config_file else [])]
+    identity = run_identity(inputs=inputs, options=options, layouts=layouts)
+    with atomic_output_dir(out, inputs=[base, *adapters], force=force, resume=resume) as folder:
+        journal, complete = _start_journal(folder, identity, layouts, resume, Path(out), summary)
+        reused = {spec.name for index in complete for spec in shards[index]}
+        with (
+            torch_threads(1),
+            SafetensorsWriter(folder, shards, complete=complete, on_shard=journal.on_shard) as writer,
+        ):
+            write_all(plan, writer, summary, device, precise, allow_nonfinite, progress, reused)
             written = writer.close()
         write_side_files(plan, folder)
         summary.files = [f.name for f in written.files]
@@ -181,5 +202,32 @@ def merge_checkpoint(
                 base, adapters, folder, weights=weights, merged_dtype=plan.output_dtype_code
             )
             summary.verified = True
+        journal.remove()  # no part of the output
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+# merge_checkpoint's arguments that do not decide the output bytes (the rest identify a resumable run)
+_NOT_IDENTITY = {"base", "adapters", "out", "force", "verify", "resume", "progress"}
+_OPTION_NAMES = {"weights": "weight", "max_shard_bytes": "max_shard_size", "config_file": "config"}
+
+
+def _start_journal(folder, identity, layouts, resume, out, summary):
+    """The run's journal and the shards it can keep: a fresh one, or what --resume found."""
+    if not resume:
+        journal = Journal(folder, identity)
+        journal.save()
+        return journal, frozenset()
+    found = resume_work(folder, identity, layouts, out=out)
+    summary.shards_reused = len(found.complete)
+    total = len(layouts)
+    if not found.found:
+        summary.notes.append("--resume: no unfinished merge of this output was found; merged from the start")
+    else:
+        summary.notes.append(
+            f"--resume: {len(found.complete)} of {total} shards reused from the unfinished merge "
+            f"(each checked by size and sha256), {total - len(found.complete)} written now"
+        )
+    for name in found.rejected:
+        summary.notes.append(f"--resume: {name} failed its size or sha256 check and was written again")
+    return found.journal, found.complete

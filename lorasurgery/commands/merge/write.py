@@ -48,15 +48,28 @@ SIDE_FILES = (
 )
 
 
-def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite, progress) -> None:
-    """Read, merge and write every output tensor of `plan` into `writer`, counting into `summary`."""
+def write_all(
+    plan: MergePlan, writer, summary, device, precise, allow_nonfinite, progress, reused=frozenset()
+) -> None:
+    """Read, merge and write every output tensor of `plan` into `writer`, counting into `summary`.
+
+    Tensors named in `reused` lie in shards a resumed run keeps (io/journal.py): an item all of whose
+    tensors are there (a requantized one: its codes and scales) is counted as what it is, never read
+    nor computed; one split across a kept shard and another is computed, and only its tensors
+    outside the kept shard are written."""
     checkpoint = plan.checkpoint
     files = {f: i for i, f in enumerate(checkpoint.files)}
+    kept = [item for item in plan.items if {item.name, *(p.name for p in item.parts)} <= reused]
+    for item in kept:
+        _count(item, summary)
+    kept_names = {item.name for item in kept}
     order = sorted(
-        plan.items, key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0)
+        (item for item in plan.items if item.name not in kept_names),
+        key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0),
     )
     costs = {item.name: memory_cost(plan, item) for item in order}
-    total_bytes = sum(s.nbytes for s in plan.specs)
+    # what is left to do, when resumed
+    total_bytes = sum(item.spec.nbytes + sum(p.nbytes for p in item.parts) for item in order)
 
     stored = checkpoint.raw
 
@@ -76,21 +89,23 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
         if item.requantize:
             result = requantized(plan, item, tensor, device, precise, allow_nonfinite, stored)
             plan.measured[item.source.name] = replace(result, tensors={})
-            return result.tensors
-        return produce(plan, item, tensor, device, precise, allow_nonfinite)
+            return {name: value.cpu() for name, value in result.tensors.items()}
+        merged = produce(plan, item, tensor, device, precise, allow_nonfinite).to("cpu")
+        return merged, writer.digest(merged)  # the journal's hash, here in a merging thread
 
     flusher = _Writeback(writer)
 
-    def write(item: Item, tensor) -> None:
-        if tensor is None:
+    def write(item: Item, result) -> None:
+        if result is None:
             writer.copy_raw(item.name, item.source)
-        elif isinstance(tensor, dict):  # a requantized tensor: its codes and scales
-            for name, value in tensor.items():
-                writer.write(name, value.cpu())
-                flusher.start(name)
+        elif isinstance(result, dict):  # a requantized tensor: its codes and scales
+            for name, value in result.items():
+                if name not in reused:  # a part already in a shard a resumed run keeps: the same bytes
+                    writer.write(name, value)
+                    flusher.start(name)
             return
         else:
-            writer.write(item.name, tensor)
+            writer.write(item.name, *result)
         flusher.start(item.name)
 
     pipeline = Pipeline(
@@ -106,16 +121,7 @@ def write_all(plan: MergePlan, writer, summary, device, precise, allow_nonfinite
     done_bytes = 0
     with flusher, pipeline:
         for done, item in enumerate(pipeline, 1):
-            if copies_raw(item):
-                summary.tensors_copied += 1
-            elif item.requantize:
-                summary.tensors_requantized += 1
-            elif item.recipe.start is not None:
-                summary.tensors_replaced += 1
-            elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
-                summary.tensors_merged += 1
-            else:
-                summary.tensors_converted += 1
+            _count(item, summary)
             done_bytes += item.spec.nbytes + sum(p.nbytes for p in item.parts)
             progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
     if plan.requantize:
@@ -191,6 +197,19 @@ def retention_rows(plan: MergePlan) -> list[dict]:
             }
         )
     return rows
+
+
+def _count(item: Item, summary) -> None:
+    if copies_raw(item):
+        summary.tensors_copied += 1
+    elif item.requantize:
+        summary.tensors_requantized += 1
+    elif item.recipe.start is not None:
+        summary.tensors_replaced += 1
+    elif item.recipe.updates or item.recipe.bias_terms or item.recipe.token_rows:
+        summary.tensors_merged += 1
+    else:
+        summary.tensors_converted += 1
 
 
 class _Writeback:
