@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorasurgery.errors import OutputError
-from lorasurgery.io.writer import ShardLayout, combine_digests
+from lorasurgery.io.writer import ShardLayout, combine_digests, tensor_digest
 
 JOURNAL_NAME = ".lorasurgery-journal.json"
 _FORMAT = 1
@@ -98,14 +98,14 @@ def shard_digest(path: Path, layout: ShardLayout) -> str | None:
             return None
         digests = []
         for spec in layout.specs:
-            digest, remaining = hashlib.sha256(), spec.nbytes
+            digest, remaining = 0, spec.nbytes
             while remaining:
                 chunk = f.read(min(_READ_CHUNK, remaining))
                 if not chunk:
                     return None
-                digest.update(chunk)
+                digest = tensor_digest(chunk, digest)
                 remaining -= len(chunk)
-            digests.append(digest.digest())
+            digests.append(digest)
     return combine_digests(layout.header, digests)
 
 
@@ -115,7 +115,7 @@ class Journal:
 
     folder: Path
     identity: dict
-    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"size": …, "sha256": …}
+    shards: dict[str, dict] = field(default_factory=dict)  # name -> {"size": …, "digest": …}
 
     @property
     def path(self) -> Path:
@@ -133,13 +133,13 @@ class Journal:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def record(self, name: str, size: int, sha256: str) -> None:
-        self.shards[name] = {"size": size, "sha256": sha256}
+    def record(self, name: str, size: int, digest: str) -> None:
+        self.shards[name] = {"size": size, "digest": digest}
         self.save()
 
-    def on_shard(self, index: int, name: str, size: int, sha256: str) -> None:
+    def on_shard(self, index: int, name: str, size: int, digest: str) -> None:
         """The writer's callback for a shard written whole and fsynced."""
-        self.record(name, size, sha256)
+        self.record(name, size, digest)
 
     def save(self) -> None:
         """Write the journal beside its final name, fsync it, rename it into place, fsync the folder."""
@@ -192,7 +192,7 @@ def resume_work(folder: Path, identity: dict, layouts: Sequence[ShardLayout], *,
             path.is_file()
             and not path.is_symlink()
             and path.stat().st_size == entry.get("size") == layout.size
-            and shard_digest(path, layout) == entry.get("sha256")
+            and shard_digest(path, layout) == entry.get("digest")
         )
         if ok:
             complete.add(index)

@@ -226,8 +226,8 @@ def _start_journal(folder, identity, layouts, resume, out, summary):
     else:
         summary.notes.append(
             f"--resume: {len(found.complete)} of {total} shards reused from the unfinished merge "
-            f"(each checked by size and sha256), {total - len(found.complete)} written now"
+            f"(each checked by size and digest), {total - len(found.complete)} written now"
         )
     for name in found.rejected:
-        summary.notes.append(f"--resume: {name} failed its size or sha256 check and was written again")
+        summary.notes.append(f"--resume: {name} failed its size or digest check and was written again")
     return found.journal, found.complete
