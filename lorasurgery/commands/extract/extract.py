@@ -298,7 +298,14 @@ def _policy_rank(run: _Run, target: Target, S, result: _Factored | None = None) 
 
 def _quantized_pair(run: _Run, target: Target, result: _Factored) -> None:
     """Both sides quantized: the share of identical codes (same format and layout) and, for --auto,
-    the quantisation noise of ΔW = the base's rounding variance + the fine-tune's (independent)."""
+    the quantisation noise of ΔW (docs/extract.md, "Quantized pairs", measures the choices):
+
+    σ² = min((1 − identical share)·(v_base + v_ft), ‖ΔW‖²/(d·n)), v the readers' step²/12 per
+    element. A code both sides share (same scale) has no rounding noise of its own in ΔW — its error
+    is the part of the change it lost, shaped like ΔW, not white — so only the changed codes carry
+    the two independent roundings; sides stored differently count every code as changed. And
+    rounding from a uniform position in the cell is unbiased, so the noise is at most ΔW's own
+    mean square."""
     a, b = run.base.tensors[target.name], run.ft.tensors[target.name]
     if not (a.dequantized and b.dequantized):
         return
@@ -316,10 +323,8 @@ def _quantized_pair(run: _Run, target: Target, result: _Factored) -> None:
             readers.noise_variance(b, reader(run.ft_raw)),
         ]
         if None not in variances:
-            # Capped by ΔW's own mean square: rounding from a uniform position in the cell is
-            # unbiased, so E[noise²] ≤ E[ΔW²]; where most codes are identical, the codes' noise is
-            # correlated and far below step²/6 (docs/extract.md, "Quantized pairs").
-            result.noise_sq = min(sum(variances), result.delta_sq / target.numel)
+            changed = 1.0 - result.codes.share if result.codes is not None else 1.0
+            result.noise_sq = min(changed * sum(variances), result.delta_sq / target.numel)
 
 
 def _cap(k: int, target: Target, max_rank: int | None) -> int:
