@@ -215,25 +215,69 @@ def test_noise_variance_matches_the_rounding_the_quantizer_made(models, nf4, fmt
     assert 0.8 < min(ratios) and max(ratios) < 1.35, ratios
 
 
-def test_auto_noise_floor_stops_the_over_count_of_a_small_fine_tune(models, tmp_path):
-    """A fine-tune whose rank-4 change is near the FP8 step: plain --auto (the dequantized copies)
-    keeps rounding directions beyond the planted rank, the floored one never does."""
+WEAK = ("v_proj", "gate_proj")  # changed by less than the FP8 step in the mixed fine-tune
+
+
+def _truth_error(adapter: Path, base: Path, ft: Path, modules) -> float:
+    """‖B·A − ΔW_true‖_F / ‖ΔW_true‖_F over `modules`, ΔW_true from the unquantized checkpoints (a
+    module missing from the adapter counts as B·A = 0)."""
+    products = {k.removeprefix("base_model.model."): v for k, v in _products(adapter).items()}
+    W0, W1 = load_file(base / "model.safetensors"), load_file(ft / "model.safetensors")
+    num = den = 0.0
+    for module in modules:
+        true = W1[f"{module}.weight"].double() - W0[f"{module}.weight"].double()
+        num += float((products.get(module, torch.zeros_like(true)) - true).square().sum())
+        den += float(true.square().sum())
+    return math.sqrt(num / den)
+
+
+def test_auto_noise_floor_drops_what_is_below_the_codes_noise(models, tmp_path):
+    """A fine-tune with rank-4 changes, two module kinds changed by less than an FP8 step (PEFT's
+    alpha_pattern): plain --auto on the dequantized copies keeps rounding directions there beyond
+    the planted rank; with the floor those modules are left out, the others keep the planted rank,
+    and the adapter is closer to the true (unquantized) fine-tune."""
+    root = models["root"]
+    adapter = make_adapter(
+        models["plain"],
+        root / "lora-mixed",
+        target_modules=TARGETS,
+        r=PLANTED,
+        alpha_pattern=dict.fromkeys(WEAK, 0.03),
+    )
+    ft = merged_checkpoint(models["plain"], adapter, root / "ft-mixed")
+    Qf = store_fp8(ft, root / "fp8-ft-mixed", BLOCK, qconfig=fp8_config(BLOCK))
+    Df = dequantized_copy(Qf, root / "fp8-ft-mixed-dq", BLOCK)
+    plain = _json("extract", models["Db"], Df, "-o", tmp_path / "plain", "--auto", "--json")
+    floored = _json("extract", models["Qb"], Qf, "-o", tmp_path / "floored", "--auto", "--json")
+
+    def weak(name: str) -> bool:
+        return name.endswith(WEAK)
+
+    plain_ranks = {m["name"]: m["rank"] for m in plain["modules"]}
+    assert max(r for name, r in plain_ranks.items() if weak(name)) > PLANTED  # the over-count
+    assert all(not weak(m["name"]) and m["rank"] == PLANTED for m in floored["modules"])
+    left_out = {s["name"] for s in floored["skipped"] if "below the quantisation noise" in s["reason"]}
+    assert left_out == {name for name in plain_ranks if weak(name)}
+    changed = sorted(plain_ranks)
+    ours = _truth_error(tmp_path / "floored", models["plain"], ft, changed)
+    theirs = _truth_error(tmp_path / "plain", models["plain"], ft, changed)
+    assert ours < theirs
+    weak_modules = [name for name in changed if weak(name)]
+    assert _truth_error(tmp_path / "plain", models["plain"], ft, weak_modules) > 1  # worse than nothing
+
+
+def test_auto_noise_floor_refuses_a_fine_tune_entirely_below_it(models, tmp_path):
     root = models["root"]
     adapter = make_adapter(
         models["plain"], root / "lora-small", target_modules=TARGETS, r=PLANTED, lora_alpha=0.03
     )
     ft = merged_checkpoint(models["plain"], adapter, root / "ft-small")
     Qf = store_fp8(ft, root / "fp8-ft-small", BLOCK, qconfig=fp8_config(BLOCK))
-    Df = dequantized_copy(Qf, root / "fp8-ft-small-dq", BLOCK)
-    plain = _json("extract", models["Db"], Df, "-o", tmp_path / "plain", "--auto", "--json")
-    result = run_cli("extract", models["Qb"], Qf, "-o", tmp_path / "floored", "--auto", "--json")
-    assert result.exit_code == 0, result.stderr
-    floored = json.loads(result.stdout)
-    plain_ranks = {m["name"]: m["rank"] for m in plain["modules"]}
-    floored_ranks = {m["name"]: m["rank"] for m in floored["modules"]}
-    assert max(plain_ranks.values()) > PLANTED
-    assert floored_ranks and max(floored_ranks.values()) <= PLANTED
-    assert set(floored_ranks) <= set(plain_ranks)
+    out = tmp_path / "out"
+    result = run_cli("extract", models["Qb"], Qf, "-o", out, "--auto")
+    assert result.exit_code == 1 and not out.exists()
+    assert "below the quantisation noise of the codes in 8 modules" in " ".join(result.stderr.split())
+    assert run_cli("extract", models["Qb"], Qf, "-o", out, "--rank", "4").exit_code == 0  # as it says
 
 
 def test_auto_noise_floor_keeps_a_clear_fine_tune_at_its_planted_rank(models, tmp_path):

@@ -298,14 +298,10 @@ def _policy_rank(run: _Run, target: Target, S, result: _Factored | None = None) 
 
 def _quantized_pair(run: _Run, target: Target, result: _Factored) -> None:
     """Both sides quantized: the share of identical codes (same format and layout) and, for --auto,
-    the quantisation noise of ΔW (docs/extract.md, "Quantized pairs", measures the choices):
-
-    σ² = min((1 − identical share)·(v_base + v_ft), ‖ΔW‖²/(d·n)), v the readers' step²/12 per
-    element. A code both sides share (same scale) has no rounding noise of its own in ΔW — its error
-    is the part of the change it lost, shaped like ΔW, not white — so only the changed codes carry
-    the two independent roundings; sides stored differently count every code as changed. And
-    rounding from a uniform position in the cell is unbiased, so the noise is at most ΔW's own
-    mean square."""
+    the quantisation noise of ΔW: σ² = v_base + v_ft per entry, each side's rounding (the readers'
+    step²/12, averaged over the tensor) counted as independent. That overstates the noise where
+    most codes are shared, and is still the choice closest to the true fine-tune: docs/extract.md,
+    "Quantized pairs", measures it against the alternatives."""
     a, b = run.base.tensors[target.name], run.ft.tensors[target.name]
     if not (a.dequantized and b.dequantized):
         return
@@ -323,8 +319,7 @@ def _quantized_pair(run: _Run, target: Target, result: _Factored) -> None:
             readers.noise_variance(b, reader(run.ft_raw)),
         ]
         if None not in variances:
-            changed = 1.0 - result.codes.share if result.codes is not None else 1.0
-            result.noise_sq = min(changed * sum(variances), result.delta_sq / target.numel)
+            result.noise_sq = sum(variances)
 
 
 def _cap(k: int, target: Target, max_rank: int | None) -> int:
@@ -764,9 +759,15 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
             f"with a copy under {plan.tied_head}, so the file holds it twice (--embeddings lora does not)"
         )
     if not out.module_ranks:  # PEFT refuses a LoRA config that wraps no module (modules_to_save alone)
+        floored = (
+            f"; --auto found every change below the quantisation noise of the codes in {out.floored} modules "
+            f'(docs/extract.md, "Quantized pairs"): choose --rank to extract it anyway'
+            if out.floored
+            else ""
+        )
         raise LoraSurgeryError(
             f"{report.finetuned}: no selected module changed enough to keep (all unchanged or rank 0); "
-            f"nothing to write"
+            f"nothing to write{floored}"
         )
     report.totals = {
         "params": sum(t.numel() for t in out.tensors.values()),
@@ -810,7 +811,10 @@ def _add_factored(out: _Assembly, plan: Plan, target: Target, f, report: Extract
     out.error_sq += f.err_sq
     out.total_sq += f.delta_sq
     if f.rank == 0:
-        report.skipped.append(LeftOut(target.module, f"rank 0 under {report.policy}", relative_norm))
+        reason = f"rank 0 under {report.policy}"
+        if f.plain_rank:  # the quantisation noise floor took every direction
+            reason += ": ΔW is below the quantisation noise of the codes"
+        report.skipped.append(LeftOut(target.module, reason, relative_norm))
         return
     keys = lora_keys(target.module, target.kind)
     out.tensors[keys.A], out.tensors[keys.B] = f.A, f.B
@@ -899,8 +903,8 @@ def _quantized_notes(report: ExtractReport, out: _Assembly, base_ckpt, ft_ckpt, 
         report.totals["bit_for_bit_modules"] = out.bit_for_bit
         report.notes.append(
             f"base and fine-tune are both stored as {base_q.name}: {100 * share:.2f}% of the codes of "
-            f"the {out.compared} compared modules are identical; scales changed in {out.scales_changed}, "
-            f"{out.bit_for_bit} modules are unchanged bit for bit (codes and scales)"
+            f"the {out.compared} compared modules are identical; scales changed in {out.scales_changed} "
+            f"modules; {out.bit_for_bit} modules are unchanged bit for bit (codes and scales)"
         )
     if out.floored:
         lowered = ", ".join(f"{m} {a}→{b}" for m, a, b in out.lowered[:4])
