@@ -337,8 +337,16 @@ def _balanced_factors(run: _Run, matrix, k: int, spectrum):
     # when there is one (linalg.svd); an explicit --svd randomized is torch.svd_lowrank.
     niter = RANDOMIZED_NITER if run.svd == "randomized" else 2
     U, S, Vh = truncated_svd(matrix, k, method=run.svd, niter=niter, spectrum=spectrum)  # (d,k) (k,) (k,n)
+    U, Vh = U[:, :k].to(torch.float32), Vh[:k].to(torch.float32)
+    # Each singular pair's sign is LAPACK's choice, and it changes with the BLAS threads of the
+    # thread that runs it: the entry of largest magnitude of every column of U is made positive, so
+    # the same ΔW gives the same factors whichever worker (or route) computed them.
+    sign = torch.sign(U.gather(0, U.abs().argmax(dim=0, keepdim=True)))  # (1, k)
+    sign[sign == 0] = 1
+    U.mul_(sign)
+    Vh.mul_(sign.T)
     root = torch.sqrt(S[:k].to(torch.float32).clamp_min(0))
-    return U[:, :k].to(torch.float32) * root, root[:, None] * Vh[:k].to(torch.float32)
+    return U * root, root[:, None] * Vh
 
 
 def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -> _Factored:
