@@ -1,15 +1,17 @@
 """`extract` from quantized pairs: a fine-tune stored quantized against its base stored quantized
-(docs/design.md §13 "Quantized pairs", docs/extract.md).
+(docs/design.md §13, "Extracting from quantized pairs", docs/extract.md).
 
 A tiny real Llama (bf16, hidden 64) and its fine-tune — a real PEFT LoRA of rank 4, every factor
 randomised, merged by PEFT and saved by transformers — are both quantized: to transformers'
-fine-grained FP8 (32×32 blocks, as tests/test_quantized_fp8.py stores it) and by bitsandbytes to
-NF4 with double quantisation (loaded with a real BitsAndBytesConfig and saved).
+fine-grained FP8 (32×32 blocks, as tests/test_quantized_fp8.py stores it), by bitsandbytes to
+NF4 with double quantisation (loaded with a real BitsAndBytesConfig and saved) and by
+compressed-tensors to W4A16 (int4 groups of 16, packed in int32 words).
 
 The references: extract on the copies dequantized by transformers' and bitsandbytes' own
 functions (the adapter's B·A to 1e-5), the stored codes and scales counted directly from the
-safetensors files, the rounding error the quantizers really made (for the noise model), and the
-planted rank of the PEFT adapter.
+safetensors files (packed codes unpacked by hand or by the package), the rounding error the
+quantizers really made (for the noise model), the planted rank of the PEFT adapter and the true
+change (the unquantized fine-tune minus its base).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import run_cli
-from factories import make_adapter, make_llama, merged_checkpoint, quantize_bnb, relative_error
+from factories import (
+    make_adapter,
+    make_llama,
+    merged_checkpoint,
+    quantize_bnb,
+    quantize_compressed,
+    relative_error,
+)
 from safetensors.torch import load_file
 from test_quantized_bnb import dequantized_copy as bnb_dequantized_copy
 from test_quantized_fp8 import _json, dequantized_copy, fp8_config, store_fp8
@@ -51,6 +60,20 @@ def models(tmp_path_factory):
         "Qf": Qf,
         "Db": dequantized_copy(Qb, root / "fp8-base-dq", BLOCK),
         "Df": dequantized_copy(Qf, root / "fp8-ft-dq", BLOCK),
+    }
+
+
+W4A16 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "symmetric": False}
+
+
+@pytest.fixture(scope="module")
+def w4a16(models):
+    """The pair quantized by compressed-tensors to W4A16 (int4 per group of 16, asymmetric, packed in
+    int32 words) as llm-compressor saves it."""
+    root = models["root"]
+    return {
+        "Qb": quantize_compressed(models["plain"], root / "w4-base", W4A16),
+        "Qf": quantize_compressed(models["ft"], root / "w4-ft", W4A16),
     }
 
 
@@ -114,6 +137,23 @@ def _direct_nf4_counts(Qb: Path, Qf: Path) -> dict[str, tuple[int, int, bool]]:
     return counts
 
 
+def _direct_w4a16_counts(Qb: Path, Qf: Path) -> dict[str, tuple[int, int, bool]]:
+    """The same for compressed-tensors' pack-quantized codes, unpacked by the package itself; the
+    scales are weight_scale and weight_zero_point."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    base, ft = load_file(Qb / "model.safetensors"), load_file(Qf / "model.safetensors")
+    counts = {}
+    for name in base:
+        if name.endswith(".weight_packed") and BLOCK_LINEAR.search(name.replace("_packed", "")):
+            module = name.removesuffix(".weight_packed")
+            shape = torch.Size(base[f"{module}.weight_shape"].tolist())
+            same = unpack_from_int32(base[name], 4, shape) == unpack_from_int32(ft[name], 4, shape)
+            parts = [f"{module}.weight_scale", f"{module}.weight_zero_point"]
+            counts[module] = (int(same.sum()), same.numel(), all(torch.equal(base[p], ft[p]) for p in parts))
+    return counts
+
+
 def _check_shares(report: dict, counts: dict) -> None:
     """Every listed module's share and scale flag, and the total over all compared modules."""
     assert report["modules"]
@@ -173,6 +213,12 @@ def test_nf4_identical_code_share_counts_packed_codes(nf4, tmp_path):
     _check_shares(report, counts)
 
 
+def test_w4a16_identical_code_share_counts_int32_packed_codes(w4a16, tmp_path):
+    counts = _direct_w4a16_counts(w4a16["Qb"], w4a16["Qf"])
+    report = _json("extract", w4a16["Qb"], w4a16["Qf"], "-o", tmp_path / "out", "--rank", "4", "--json")
+    _check_shares(report, counts)
+
+
 def test_one_side_plain_has_a_note_and_no_share(models, tmp_path):
     for base, ft, side in (
         (models["Qb"], models["ft"], "base"),
@@ -199,10 +245,10 @@ def test_fp8_against_nf4_compares_no_codes(models, nf4, tmp_path):
 # ------------------------------------------------------------------------------ the noise floor
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "nf4"])
-def test_noise_variance_matches_the_rounding_the_quantizer_made(models, nf4, fmt):
+@pytest.mark.parametrize("fmt", ["fp8", "nf4", "w4a16"])
+def test_noise_variance_matches_the_rounding_the_quantizer_made(models, nf4, w4a16, fmt):
     """step²/12 against mean((dequantized − W)²) of the weights the quantizer was given."""
-    Q = models["Qb"] if fmt == "fp8" else nf4["Qb"]
+    Q = {"fp8": models["Qb"], "nf4": nf4["Qb"], "w4a16": w4a16["Qb"]}[fmt]
     plain = load_file(models["plain"] / "model.safetensors")
     checkpoint = open_checkpoint(Q)
     raw = checkpoint.raw

@@ -462,7 +462,7 @@ def dequantize(info: DequantizedInfo, read):
 
 def noise_variance(info: DequantizedInfo, read) -> float:
     """The mean, over the tensor, of the variance of the rounding its codes stand for: uniform
-    rounding, step²/12 per element (docs/design.md §13, "Quantized pairs"). int8: the step is
+    rounding, step²/12 per element (docs/design.md §13, "Extracting from quantized pairs"). int8: the step is
     SCB/127 per row. NF4/FP4: bitsandbytes rounds x/absmax to the nearest of its 16 values, so a
     code stands for the cell between the midpoints to its neighbours (up to ±1 at the ends): the
     step is that cell's width — the local code spacing, per code — times its block's absmax."""

@@ -2,9 +2,9 @@
 
 `extract` from a quantized pair (an FP8 fine-tune against its FP8 base) reports, per module, the
 share of codes the fine-tune left identical and whether the scales changed (docs/design.md §13,
-"Quantized pairs"). Both sides must be stored in the same format and layout (`layout_difference`):
-then a code means the same thing on both sides once the scales are the same, and a module whose
-codes and scales are all identical is unchanged bit for bit.
+"Extracting from quantized pairs"). Both sides must be stored in the same format and layout
+(`layout_difference`): then a code means the same thing on both sides once the scales are the
+same, and a module whose codes and scales are all identical is unchanged bit for bit.
 
 Codes are compared as stored bytes, read through `Checkpoint.raw`: one XOR in place in the base's
 codes buffer (no copy beyond the two codes tensors), counted in chunks. A code is one stored

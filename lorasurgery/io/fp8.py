@@ -154,7 +154,7 @@ def noise_variance(info: DequantizedInfo, read) -> float:
     """The mean, over the tensor, of the variance of the rounding its codes stand for: uniform
     rounding, step²/12 per element, the step derived per element — the float8 spacing at the code's
     own value (2^(e − mantissa bits), e its exponent, the subnormal spacing below the smallest
-    normal) times its block's scale (docs/design.md §13, "Quantized pairs"). A value at a power of
+    normal) times its block's scale (docs/design.md §13, "Extracting from quantized pairs"). A value at a power of
     two has the finer spacing below it; the spacing above is taken, an overestimate by at most 4/3
     in variance for those codes."""
     import torch

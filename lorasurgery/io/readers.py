@@ -65,7 +65,7 @@ def dequantize(info: DequantizedInfo, read: Callable[[TensorInfo], object]):
 
 def noise_variance(info: DequantizedInfo, read: Callable[[TensorInfo], object]) -> float | None:
     """The mean per-element variance of the rounding behind `info`'s codes (uniform rounding,
-    step²/12, docs/design.md §13 "Quantized pairs"), or None when its reader does not derive it."""
+    step²/12, docs/design.md §13, "Extracting from quantized pairs"), or None when its reader does not derive it."""
     function = getattr(READERS[info.format], "noise_variance", None)
     return None if function is None else function(info, read)
 
