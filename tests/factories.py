@@ -393,6 +393,16 @@ def peft_merged_state_dict(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def merged_checkpoint(base_path, adapter_path, out_path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A full fine-tune as users store it: the base at `base_path` with the adapter merged by PEFT
+    (``peft_merged_state_dict``), saved by transformers' ``save_pretrained`` in `dtype`."""
+    model = load_base(base_path)
+    model.load_state_dict(peft_merged_state_dict(base_path, adapter_path))
+    with _quiet():
+        model.to(dtype).save_pretrained(Path(out_path))
+    return Path(out_path)
+
+
 def peft_delta_weights(
     base_path, adapter_path, *, model_kind: str = "llama"
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -369,13 +369,22 @@ def extract_report(report, as_json: bool = False, quiet: bool = False) -> None:
     add_module_column(table, report.modules)
     table.add_column("shape", no_wrap=True)
     calibrated = any(m.data_relative_error is not None for m in report.modules)
-    for column in ("rank", "retained energy", "relative error") + (("data error",) if calibrated else ()):
+    coded = any(m.identical_codes is not None for m in report.modules)  # a quantized pair
+    columns = ("rank", "retained energy", "relative error") + (("data error",) if calibrated else ())
+    for column in columns + (("same codes", "scales") if coded else ()):
         # headers wrap at spaces, never inside a word (80 columns fit them all)
         table.add_column(column, justify="right", min_width=max(map(len, column.split())))
     for m in report.modules:
         shape = "×".join(map(str, m.shape))
         row = [m.name, shape, str(m.rank), f"{m.retained_energy:.4f}", format_number(m.relative_error)]
-        table.add_row(*row, *((format_number(m.data_relative_error),) if calibrated else ()))
+        row += [format_number(m.data_relative_error)] if calibrated else []
+        if coded:
+            row += (
+                ["—", "—"]
+                if m.identical_codes is None
+                else [f"{100 * m.identical_codes:.1f}%", "changed" if m.scales_changed else "same"]
+            )
+        table.add_row(*row)
     stdout.print(table)
     if report.skipped:
         # Norms and biases come one per layer: one line for all of them keeps the table readable

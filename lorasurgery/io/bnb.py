@@ -61,6 +61,7 @@ from lorasurgery.io.quantization import (
     Quantization,
     _evidence,
     check_scales,
+    mean_square,
     model_dtype,
 )
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
@@ -458,6 +459,27 @@ def dequantize(info: DequantizedInfo, read):
     table = _table(info, read(info.part("quant_map")))
     absmax = _absmax(info, read)
     return decode_4bit(codes, table, absmax, scheme.blocksize, info.shape)
+
+
+def noise_variance(info: DequantizedInfo, read) -> float:
+    """The mean, over the tensor, of the variance of the rounding its codes stand for: uniform
+    rounding, step²/12 per element (docs/design.md §13, "Extracting from quantized pairs"). int8: the step is
+    SCB/127 per row. NF4/FP4: bitsandbytes rounds x/absmax to the nearest of its 16 values, so a
+    code stands for the cell between the midpoints to its neighbours (up to ±1 at the ends): the
+    step is that cell's width — the local code spacing, per code — times its block's absmax."""
+    import torch
+
+    if info.format == INT8:
+        scb = _finite(info, info.part("SCB"), read(info.part("SCB")))
+        return mean_square(scb.float() * INV_127) / 12  # every row has as many elements: their mean
+    scheme: FourBit = info.scheme
+    table = _table(info, read(info.part("quant_map")))
+    values = torch.unique(table)  # sorted; FP4's ±0 count once
+    edges = torch.cat((values[:1], (values[1:] + values[:-1]) / 2, values[-1:]))
+    widths = edges[1:] - edges[:-1]  # the cell of each distinct value
+    cell = widths[torch.searchsorted(values, table)]  # the cell of each of the 16 codes
+    absmax = _absmax(info, read)
+    return mean_square(decode_4bit(read(info.codes), cell, absmax, scheme.blocksize, info.shape)) / 12
 
 
 def table_of(quant_type: str, device=None):

@@ -401,6 +401,30 @@ def dequantize(info: DequantizedInfo, read):
     return W.to(torch.float32).contiguous()
 
 
+def noise_variance(info: DequantizedInfo, read) -> float | None:
+    """The mean, over the tensor, of the variance of the rounding its integer codes stand for:
+    uniform rounding, step²/12 per element, the step being the scale of the element's tensor,
+    channel, group or block (a zero point shifts the grid, not its spacing) — each scale weighted by
+    the elements it covers, partial edge blocks included (docs/design.md §13, "Extracting from quantized pairs").
+    None for float and NVFP4 codes (no noise model yet)."""
+    import torch
+
+    scheme = _scheme(info.scheme.scheme_json)
+    args = scheme.weights
+    if getattr(args.type, "value", args.type) != "int" or info.scheme.format == "nvfp4-pack-quantized":
+        return None
+    stored = info.part("weight_scale")
+    s = _checked(read(stored), stored, info).double().square()
+    rows, cols = info.shape[-2], info.shape[-1]
+    if _strategy(scheme) == "block":  # (⌈rows/br⌉, ⌈cols/bc⌉), the edge blocks partial
+        br, bc = args.block_structure
+        r = torch.full((s.shape[0],), float(br), dtype=torch.float64, device=s.device)
+        c = torch.full((s.shape[1],), float(bc), dtype=torch.float64, device=s.device)
+        r[-1], c[-1] = rows - br * (s.shape[0] - 1), cols - bc * (s.shape[1] - 1)
+        return float((s * r[:, None] * c[None, :]).sum()) / (rows * cols) / 12
+    return float(s.mean()) / 12  # tensor, channel, group: every scale covers as many elements
+
+
 def _checked(value, stored: TensorInfo, info: DequantizedInfo):
     """`value` in float32 (the product's precision) after checking that every scale is finite and
     nonzero: a zero scale would decode its block to zeros, a NaN or infinity the whole tensor."""

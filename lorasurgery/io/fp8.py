@@ -43,7 +43,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.io.quantization import DequantizedInfo, Quantization, _evidence, check_scales, model_dtype
+from lorasurgery.io.quantization import (
+    DequantizedInfo,
+    Quantization,
+    _evidence,
+    check_scales,
+    mean_square,
+    model_dtype,
+)
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of, torch_dtype_of
 
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config when weight_block_size is absent
@@ -143,7 +150,34 @@ def dequantize(info: DequantizedInfo, read):
     finite number (or not a power of two under scale_fmt "ue8m0")."""
 
     s = _scales(info, read(info.part("scale_inv")))
-    W = _float32_codes(read(info.codes))
+    return _times_scales(_float32_codes(read(info.codes)), s, info)
+
+
+# e4m3fn / e5m2: mantissa bits and the smallest normal exponent (below it the spacing is constant)
+_SPACING = {"F8_E4M3": (3, -6), "F8_E5M2": (2, -14)}
+
+
+def noise_variance(info: DequantizedInfo, read) -> float:
+    """The mean, over the tensor, of the variance of the rounding its codes stand for: uniform
+    rounding, step²/12 per element, the step derived per element — the float8 spacing at the code's
+    own value (2^(e − mantissa bits), e its exponent, the subnormal spacing below the smallest
+    normal) times its block's scale (docs/design.md §13, "Extracting from quantized pairs"). A value at a power of
+    two has the finer spacing below it; the spacing above is taken, an overestimate by at most 4/3
+    in variance for those codes."""
+    import torch
+
+    mantissa, min_exponent = _SPACING.get(info.codes.dtype, _SPACING["F8_E4M3"])
+    s = _scales(info, read(info.part("scale_inv")))
+    step = _float32_codes(read(info.codes))
+    # 2^e of each |code| (its exponent bits alone, the mantissa cleared), in place, then × 2^-mantissa
+    step.abs_().clamp_min_(2.0**min_exponent)
+    step.view(torch.int32).bitwise_and_(0x7F800000)
+    step.mul_(2.0**-mantissa)
+    return mean_square(_times_scales(step, s, info)) / 12
+
+
+def _times_scales(W, s, info: DequantizedInfo):
+    """W (float32 codes, or anything of their shape) times each block's scale, in place."""
     if info.block is None:
         return W.mul_(s.reshape(()))
     rows, cols = W.shape[-2:]

@@ -517,6 +517,14 @@ def refusal(
     )
 
 
+def mean_square(x) -> float:
+    """mean(x²) of a float32 tensor, x squared in place, its rows summed in float32 then in float64."""
+    if x.numel() == 0:
+        return 0.0
+    x = x.square_().reshape(x.shape[0] if x.dim() else 1, -1)
+    return float(x.sum(dim=1).double().sum()) / x.numel()
+
+
 # ------------------------------------------------------------------------------------------------
 # Scale checks, shared by the readers
 

@@ -10,6 +10,9 @@ A reader module presents a quantized checkpoint as the model sees it and decodes
   dequantize(info, read) -> float32 tensor
       `read(stored TensorInfo)` reads one stored tensor (codes, a scale …) on the caller's device;
       the reader decodes vectorised, on that device, bit for bit as the format's own library does.
+  noise_variance(info, read) -> float                      (optional: `extract --auto`'s floor)
+      the mean over the tensor of the variance of the rounding its codes stand for, step²/12 per
+      element with the format's step at each code (its local code spacing times its scale).
   quantize(info, W, read) -> {stored name: tensor}          (optional: `merge --requantize`)
       the float32 logical tensor W (on any device) encoded as the format's own quantizer encodes it:
       the codes and every part that decodes them, under their stored names, with the stored dtypes
@@ -58,6 +61,13 @@ def logical_index(
 def dequantize(info: DequantizedInfo, read: Callable[[TensorInfo], object]):
     """The float32 tensor `info`, decoded by its format's reader from what `read` returns."""
     return READERS[info.format].dequantize(info, read)
+
+
+def noise_variance(info: DequantizedInfo, read: Callable[[TensorInfo], object]) -> float | None:
+    """The mean per-element variance of the rounding behind `info`'s codes (uniform rounding,
+    step²/12, docs/design.md §13, "Extracting from quantized pairs"), or None when its reader does not derive it."""
+    function = getattr(READERS[info.format], "noise_variance", None)
+    return None if function is None else function(info, read)
 
 
 def can_quantize(format: str) -> bool:

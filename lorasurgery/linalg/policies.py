@@ -115,6 +115,18 @@ def gavish_donoho_threshold(S, shape: tuple[int, int]) -> float:
     return gavish_donoho_omega(beta) * float(np.median(S))
 
 
+def gavish_donoho_known_threshold(shape: tuple[int, int], sigma: float) -> float:
+    """Hard threshold λ*(β)·√n·σ for a d × n matrix with white noise of known standard deviation σ
+    per entry (Gavish & Donoho 2014, eq. 11; n = max(d, n), β = min/max):
+    λ*(β) = √(2(β+1) + 8β / ((β+1) + √(β² + 14β + 1))), 4/√3 for a square matrix."""
+    d, n = shape
+    if min(d, n) == 0 or sigma <= 0:
+        return 0.0
+    beta = min(d, n) / max(d, n)
+    lam = np.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + np.sqrt(beta**2 + 14 * beta + 1)))
+    return float(lam * np.sqrt(max(d, n)) * sigma)
+
+
 def rank_gavish_donoho(S, shape: tuple[int, int], max_rank: int | None = None, floor: float = 0.0) -> int:
     """`--auto`: the number of σᵢ > ω(β)·median(σ) (full spectrum required, see the threshold).
 

@@ -46,6 +46,7 @@ from lorasurgery.concurrency import Pipeline, Prefetch, one_blas_thread, torch_t
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.io import atomic_output_dir, open_checkpoint
+from lorasurgery.io.codes import CodeComparison
 from lorasurgery.io.output import check_output_path, write_text_atomically
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, byte_size, dtype_code_of, output_dtype
 from lorasurgery.linalg.policies import Policy
@@ -77,6 +78,8 @@ class ExtractedModule:
     kind: str = "linear"  # linear | embedding | tied (lm_head carrying the embedding's factors)
     params: int = 0
     data_relative_error: float | None = None  # ‖(ΔW − BA)L‖_F / ‖ΔW·L‖_F with --calibrate
+    identical_codes: float | None = None  # share of codes equal in base and fine-tune (same format)
+    scales_changed: bool | None = None  # whether any scale differs (with identical_codes)
 
 
 @dataclass
@@ -111,6 +114,11 @@ class ExtractReport:
                     "relative_error": m.relative_error,
                 }
                 | ({} if m.data_relative_error is None else {"data_relative_error": m.data_relative_error})
+                | (
+                    {}
+                    if m.identical_codes is None
+                    else {"identical_codes": m.identical_codes, "scales_changed": m.scales_changed}
+                )
                 for m in self.modules
             ],
             "skipped": [
@@ -136,6 +144,8 @@ class _Run:
     dtype: str
     allow_nonfinite: bool
     early: Prefetch | None = None  # _early_reads
+    base_raw: object = None  # the stored layers (codes and scales) of a quantized pair: Checkpoint.raw
+    ft_raw: object = None
     calibration: dict | None = None  # module -> calibrate.Whitening (--calibrate)
     factored: dict = field(default_factory=dict)  # target name -> _Factored, as workers finish
     measured: list = field(default_factory=list)  # _MeasuredResult, as workers finish
@@ -172,6 +182,9 @@ class _Factored:
     B: object = None  # (d, r)
     data_err_sq: float | None = None  # ‖(ΔW − BA)L‖²_F and ‖ΔW·L‖²_F with --calibrate
     data_sq: float | None = None
+    codes: CodeComparison | None = None  # both sides stored in the same quantized layout
+    noise_sq: float | None = None  # --auto on a quantized pair: the quantisation noise's σ² per entry
+    plain_rank: int | None = None  # the rank --auto would keep without the quantisation noise floor
 
 
 @dataclass
@@ -267,10 +280,46 @@ def _noise_floor(S, target: Target) -> float:
     return float(S[0]) * numerical_rank_tolerance(target.shape, target.source_dtype) if len(S) else 0.0
 
 
-def _policy_rank(run: _Run, target: Target, S) -> int:
+def _policy_rank(run: _Run, target: Target, S, result: _Factored | None = None) -> int:
     # Rounding noise in an exactly low-rank ΔW is not white: the floor caps --auto at the numerical
     # rank, and τ = 1 keeps every numerically nonzero σ, not rounding noise.
-    return _cap(run.policy.module_rank(S, target.shape, floor=_noise_floor(S, target)), target, run.max_rank)
+    floor = _noise_floor(S, target)
+    rank = _cap(run.policy.module_rank(S, target.shape, floor=floor), target, run.max_rank)
+    if result is None or result.noise_sq is None:
+        return rank
+    # Both sides quantized: --auto knows the noise the codes carry; σ below Gavish–Donoho's
+    # known-noise threshold for it are quantisation, not fine-tuning (docs/design.md §13).
+    from lorasurgery.linalg.policies import gavish_donoho_known_threshold
+
+    quantized = gavish_donoho_known_threshold(target.shape, math.sqrt(result.noise_sq))
+    result.plain_rank = rank
+    return _cap(run.policy.module_rank(S, target.shape, floor=max(floor, quantized)), target, run.max_rank)
+
+
+def _quantized_pair(run: _Run, target: Target, result: _Factored) -> None:
+    """Both sides quantized: the share of identical codes (same format and layout) and, for --auto,
+    the quantisation noise of ΔW: σ² = v_base + v_ft per entry, each side's rounding (the readers'
+    step²/12, averaged over the tensor) counted as independent. That overstates the noise where
+    most codes are shared, and is still the choice closest to the true fine-tune: docs/extract.md,
+    "Quantized pairs", measures it against the alternatives."""
+    a, b = run.base.tensors[target.name], run.ft.tensors[target.name]
+    if not (a.dequantized and b.dequantized):
+        return
+    from lorasurgery.io import readers
+    from lorasurgery.io.codes import compare_codes, layout_difference
+
+    def reader(raw):
+        return lambda stored: raw.read(stored.name, run.device)
+
+    if layout_difference(a, b) is None:
+        result.codes = compare_codes(a, b, reader(run.base_raw), reader(run.ft_raw))
+    if run.policy.auto and run.calibration is None and result.delta_sq > 0:
+        variances = [
+            readers.noise_variance(a, reader(run.base_raw)),
+            readers.noise_variance(b, reader(run.ft_raw)),
+        ]
+        if None not in variances:
+            result.noise_sq = sum(variances)
 
 
 def _cap(k: int, target: Target, max_rank: int | None) -> int:
@@ -288,8 +337,16 @@ def _balanced_factors(run: _Run, matrix, k: int, spectrum):
     # when there is one (linalg.svd); an explicit --svd randomized is torch.svd_lowrank.
     niter = RANDOMIZED_NITER if run.svd == "randomized" else 2
     U, S, Vh = truncated_svd(matrix, k, method=run.svd, niter=niter, spectrum=spectrum)  # (d,k) (k,) (k,n)
+    U, Vh = U[:, :k].to(torch.float32), Vh[:k].to(torch.float32)
+    # Each singular pair's sign is LAPACK's choice, and it changes with the BLAS threads of the
+    # thread that runs it: the entry of largest magnitude of every column of U is made positive, so
+    # the same ΔW gives the same factors whichever worker (or route) computed them.
+    sign = torch.sign(U.gather(0, U.abs().argmax(dim=0, keepdim=True)))  # (1, k)
+    sign[sign == 0] = 1
+    U.mul_(sign)
+    Vh.mul_(sign.T)
     root = torch.sqrt(S[:k].to(torch.float32).clamp_min(0))
-    return U[:, :k].to(torch.float32) * root, root[:, None] * Vh[:k].to(torch.float32)
+    return U * root, root[:, None] * Vh
 
 
 def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -> _Factored:
@@ -298,13 +355,17 @@ def _factor(run: _Run, target: Target, rank: int | None = None, spectrum=None) -
 
     delta = _read_delta(run, target)
     result = _Factored(target, delta.delta_sq, delta.base_sq, delta.nonfinite)
+    if rank is None:  # the first (or only) pass over this target
+        _quantized_pair(run, target, result)
+    else:  # --budget's second pass: the first compared the codes
+        result.codes = run.factored[target.name].codes
     if delta.delta_sq == 0:
         return result  # unchanged: nothing to extract, nothing lost
     M = delta.matrix  # (d, n)
     if rank is None:
         if run.policy.per_module_spectrum:
             spectrum = _spectrum(run, target, M)
-            rank = _policy_rank(run, target, spectrum)
+            rank = _policy_rank(run, target, spectrum, result)
         else:
             rank = _cap(run.policy.rank, target, run.max_rank)
     result.rank, result.spectrum = rank, spectrum
@@ -340,6 +401,7 @@ def _spectrum_only(run: _Run, target: Target) -> _Factored:
     """Budget pass 1: ‖ΔW‖, ‖W‖ and all singular values; no factors."""
     delta = _read_delta(run, target)
     result = _Factored(target, delta.delta_sq, delta.base_sq, delta.nonfinite)
+    _quantized_pair(run, target, result)
     if delta.delta_sq > 0:
         result.spectrum = _spectrum(run, target, delta.matrix)
     return result
@@ -555,6 +617,8 @@ def _start_run(request: ExtractRequest, base_ckpt, ft_ckpt, order) -> _Run:
         request.dtype,
         request.allow_nonfinite,
         early,
+        base_ckpt.raw,
+        ft_ckpt.raw,
     )
 
 
@@ -674,6 +738,13 @@ class _Assembly:
     data_error_sq: float = 0.0  # --calibrate: Σ over the calibrated modules
     data_total_sq: float = 0.0
     unchanged: int = 0
+    codes_identical: int = 0  # quantized pairs: Σ identical codes over the compared targets
+    codes_total: int = 0
+    compared: int = 0  # targets whose codes were compared
+    bit_for_bit: int = 0  # … of which codes and scales are all identical
+    scales_changed: int = 0
+    floored: int = 0  # --auto targets with the quantisation noise floor
+    lowered: list = field(default_factory=list)  # (module, rank without the floor, rank with it)
     change_sq: dict[str, float] = field(default_factory=dict)  # every module's ‖ΔW‖², for the note
     skipped_sq: dict[str, float] = field(default_factory=dict)  # the changed modules left out
 
@@ -696,9 +767,15 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
             f"with a copy under {plan.tied_head}, so the file holds it twice (--embeddings lora does not)"
         )
     if not out.module_ranks:  # PEFT refuses a LoRA config that wraps no module (modules_to_save alone)
+        floored = (
+            f"; --auto found every change below the quantisation noise of the codes in {out.floored} modules "
+            f'(docs/extract.md, "Quantized pairs"): choose --rank to extract it anyway'
+            if out.floored
+            else ""
+        )
         raise LoraSurgeryError(
             f"{report.finetuned}: no selected module changed enough to keep (all unchanged or rank 0); "
-            f"nothing to write"
+            f"nothing to write{floored}"
         )
     report.totals = {
         "params": sum(t.numel() for t in out.tensors.values()),
@@ -708,6 +785,7 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
     if out.data_total_sq:
         report.totals["data_relative_error"] = math.sqrt(out.data_error_sq / out.data_total_sq)
     _skipped_note(report, out.skipped_sq, out.change_sq)
+    _quantized_notes(report, out, base_ckpt, ft_ckpt, plan)
     if out.unchanged:
         report.notes.append(
             f"{out.unchanged} selected modules are unchanged by the fine-tune and were left out"
@@ -722,6 +800,16 @@ def _assemble(plan: Plan, factored, measured, report: ExtractReport, base_ckpt, 
 def _add_factored(out: _Assembly, plan: Plan, target: Target, f, report: ExtractReport) -> None:
     """One target's factors (and a tied lm_head's) into the adapter, its row into the report."""
     out.change_sq[target.module] = f.delta_sq
+    if f.codes is not None:
+        out.compared += 1
+        out.codes_identical += f.codes.identical
+        out.codes_total += f.codes.total
+        out.bit_for_bit += f.codes.bit_for_bit
+        out.scales_changed += not f.codes.scales_identical
+    if f.plain_rank is not None:
+        out.floored += 1
+        if f.plain_rank != f.rank:
+            out.lowered.append((target.module, f.plain_rank, f.rank))
     if f.nonfinite:
         report.notes.append(f"{target.module}: {f.nonfinite} NaN/Inf entries of ΔW were treated as 0")
     if f.delta_sq == 0:
@@ -731,7 +819,10 @@ def _add_factored(out: _Assembly, plan: Plan, target: Target, f, report: Extract
     out.error_sq += f.err_sq
     out.total_sq += f.delta_sq
     if f.rank == 0:
-        report.skipped.append(LeftOut(target.module, f"rank 0 under {report.policy}", relative_norm))
+        reason = f"rank 0 under {report.policy}"
+        if f.plain_rank:  # the quantisation noise floor took every direction
+            reason += ": ΔW is below the quantisation noise of the codes"
+        report.skipped.append(LeftOut(target.module, reason, relative_norm))
         return
     keys = lora_keys(target.module, target.kind)
     out.tensors[keys.A], out.tensors[keys.B] = f.A, f.B
@@ -745,6 +836,8 @@ def _add_factored(out: _Assembly, plan: Plan, target: Target, f, report: Extract
         kind=target.kind,
         params=f.A.numel() + f.B.numel(),
         data_relative_error=math.sqrt(f.data_err_sq / f.data_sq) if f.data_sq else None,
+        identical_codes=None if f.codes is None else f.codes.share,
+        scales_changed=None if f.codes is None else not f.codes.scales_identical,
     )
     if f.data_sq:
         out.data_error_sq += f.data_err_sq
@@ -790,6 +883,45 @@ def _add_measured(out: _Assembly, m, report: ExtractReport) -> None:
         relative_norm = math.sqrt(m.delta_sq / m.base_sq) if m.base_sq else float("inf")
         report.skipped.append(LeftOut(module, m.item.reason, relative_norm))
         out.skipped_sq[module] = out.skipped_sq.get(module, 0.0) + m.delta_sq
+
+
+def _quantized_notes(report: ExtractReport, out: _Assembly, base_ckpt, ft_ckpt, plan: Plan) -> None:
+    """What a quantized side means for the report: the identical-code share (both sides in the
+    same layout), why there is none, and what --auto's quantisation noise floor did."""
+    base_q, ft_q = base_ckpt.quantization, ft_ckpt.quantization
+    if base_q is None and ft_q is None:
+        return
+    if base_q is None or ft_q is None:
+        side, q = ("base", base_q) if ft_q is None else ("fine-tune", ft_q)
+        report.notes.append(
+            f"only the {side} is stored quantized ({q.name}): ΔW is taken against its dequantized "
+            f"weights; no share of identical codes (that needs both sides quantized alike)"
+        )
+        return
+    quantized = [t for t in plan.targets if base_ckpt.tensors[t.name].dequantized]
+    if out.compared < len(quantized):
+        report.notes.append(
+            f"{len(quantized) - out.compared} of the {len(quantized)} quantized modules are stored in "
+            f"different formats or layouts in base ({base_q.name}) and fine-tune ({ft_q.name}): "
+            f"no share of identical codes for them"
+        )
+    if out.compared:
+        share = out.codes_identical / out.codes_total if out.codes_total else 1.0
+        report.totals["identical_codes"] = share
+        report.totals["bit_for_bit_modules"] = out.bit_for_bit
+        report.notes.append(
+            f"base and fine-tune are both stored as {base_q.name}: {100 * share:.2f}% of the codes of "
+            f"the {out.compared} compared modules are identical; scales changed in {out.scales_changed} "
+            f"modules; {out.bit_for_bit} modules are unchanged bit for bit (codes and scales)"
+        )
+    if out.floored:
+        lowered = ", ".join(f"{m} {a}→{b}" for m, a, b in out.lowered[:4])
+        more = f" and {len(out.lowered) - 4} more" if len(out.lowered) > 4 else ""
+        report.notes.append(
+            f"--auto: the quantisation noise of both sides (uniform rounding, step²/12 per code) is the "
+            f"noise floor of {out.floored} modules; it lowered {len(out.lowered)} ranks"
+            + (f" ({lowered}{more})" if lowered else "")
+        )
 
 
 def _skipped_note(report: ExtractReport, skipped_sq: dict[str, float], change_sq: dict[str, float]) -> None:
