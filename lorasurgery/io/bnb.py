@@ -629,3 +629,14 @@ def _nearest(scaled, table):
     order = torch.argsort(table)
     bounds = (table[order[:-1]] + table[order[1:]]) / 2
     return order[torch.bucketize(scaled, bounds, out_int32=True)]
+
+
+def exclude(settings, modules, plain=()) -> dict:
+    """quantization_config with `modules` in llm_int8_skip_modules, the list transformers'
+    bitsandbytes loaders (4-bit and int8) read: they build plain nn.Linear layers for them and read
+    their `weight` as stored. Once set, that list replaces transformers' default skips (lm_head,
+    tied weights: `get_keys_to_not_convert`), so a base without it gets the `plain` modules listed
+    first, every 2-D weight the checkpoint stores unquantized (docs/design.md §13)."""
+    from lorasurgery.io.fp8 import extend
+
+    return extend(settings, "llm_int8_skip_modules", modules, plain)

@@ -491,9 +491,11 @@ def _ranges(W, args):
     return blocks.amin((1, 3)), blocks.amax((1, 3))
 
 
-def exclude(settings, modules) -> dict:
+def exclude(settings, modules, plain=()) -> dict:
     """quantization_config with `modules` in its `ignore` list: compressed-tensors (and so vLLM and
-    transformers) then leave those Linear layers unquantized and read their `weight` as stored."""
+    transformers) then leave those Linear layers unquantized and read their `weight` as stored.
+    `plain` is not needed: the config groups' targets, not a default skip list, say what is
+    quantized, and `ignore` only takes modules out of them."""
     settings = dict(settings)
     listed = list(settings.get("ignore") or [])
     settings["ignore"] = listed + [m for m in modules if m not in listed]
