@@ -238,8 +238,13 @@ def test_min_retention_writes_the_low_modules_unquantized_and_transformers_loads
     config = json.loads((out / "config.json").read_text())
     # the base declared no list, so transformers skipped its defaults (lm_head); a list replaces
     # them, so the one written names every 2-D weight stored plain first, then the low modules
-    assert json.loads((Q / "config.json").read_text())["quantization_config"].get("modules_to_not_convert") is None
-    plain = [n.removesuffix(".weight") for n, t in written.items() if t.dim() == 2 and t.dtype == torch.bfloat16]
+    assert (
+        json.loads((Q / "config.json").read_text())["quantization_config"].get("modules_to_not_convert")
+        is None
+    )
+    plain = [
+        n.removesuffix(".weight") for n, t in written.items() if t.dim() == 2 and t.dtype == torch.bfloat16
+    ]
     plain = [m for m in plain if m not in low]
     assert "lm_head" in plain
     assert config["quantization_config"]["modules_to_not_convert"] == plain + low
