@@ -467,10 +467,23 @@ def test_bnb_min_retention_lists_every_plain_module_in_the_skip_list(bq, tmp_pat
     _bnb_weights_equal_ours(model, out)
 
 
-def test_bnb_int8_requantized_merge_loads_in_transformers(bq, tmp_path):
+def test_bnb_int8_requantized_merge_equals_peft_on_the_8bit_model_and_loads(bq, tmp_path):
+    """PEFT's merge_and_unload on the 8-bit model (Linear8bitLt: dequantize, add ΔW, Int8Params
+    again) writes the same int8 codes and SCB byte for byte: Int8Params rounds the merged weight to
+    float16 first, which absorbs PEFT's bfloat16 decode."""
+    import peft
+
     out = tmp_path / "out"
     summary = merge_json(bq["int8"], bq["adapter"], "-o", out, "--requantize")
     assert summary["tensors_requantized"] == 8
     for row in summary["retention"]:
         assert 0.9 < row["retention"] < 1.1 and row["written"] == "bitsandbytes int8", row
+    written = load_file(out / "model.safetensors")
+    model = peft.PeftModel.from_pretrained(_bnb_load(bq["int8"]), str(bq["adapter"])).merge_and_unload()
+    modules = dict(model.named_modules())
+    for row in summary["retention"]:
+        module = row["module"]
+        weight = modules[module].weight
+        assert same_bytes(written[f"{module}.weight"], weight.data), module
+        assert torch.equal(written[f"{module}.SCB"], weight.SCB), module
     _bnb_weights_equal_ours(_bnb_load(out), out)
