@@ -442,6 +442,8 @@ def unquantize(plan: MergePlan, names) -> None:
 def _plain(plan: MergePlan) -> list[str]:
     """The modules whose 2-D weight the base stores unquantized, tied members included (the loader's
     default skip list covers them: readers.exclude)."""
+    from lorasurgery.model import model_tensors
+
     return [
         name[: -len(".weight")]
         for name, info in model_tensors(plan.checkpoint, plan.structure).items()
