@@ -80,7 +80,13 @@ SCHEMES = {
     ),
     "w4a16-channel": ({"num_bits": 4, "type": "int", "strategy": "channel"}, None, "pack-quantized", 0.25),
     "nvfp4": (
-        {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16},
+        {
+            "num_bits": 4,
+            "type": "float",
+            "strategy": "tensor_group",
+            "group_size": 16,
+            "scale_dtype": torch.float8_e4m3fn,
+        },
         None,
         "nvfp4-pack-quantized",
         0.2,

@@ -236,18 +236,34 @@ def test_min_retention_writes_the_low_modules_unquantized_and_transformers_loads
         assert written[f"{module}.weight"].dtype == torch.bfloat16
         assert f"{module}.weight_scale_inv" not in written
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["modules_to_not_convert"] == low
-    assert summary["config_changes"]["quantization_config"]["modules_to_not_convert"] == low
+    # the base declared no list, so transformers skipped its defaults (lm_head); a list replaces
+    # them, so the one written names every 2-D weight stored plain first, then the low modules
+    assert (
+        json.loads((Q / "config.json").read_text())["quantization_config"].get("modules_to_not_convert")
+        is None
+    )
+    plain = [
+        n.removesuffix(".weight") for n, t in written.items() if t.dim() == 2 and t.dtype == torch.bfloat16
+    ]
+    plain = [m for m in plain if m not in low]
+    assert "lm_head" in plain
+    assert config["quantization_config"]["modules_to_not_convert"] == plain + low
+    assert summary["config_changes"]["quantization_config"]["modules_to_not_convert"] == plain + low
 
-    # transformers' FP8 quantizer builds plain Linear layers exactly for the listed modules
+    # transformers' FP8 quantizer builds plain Linear layers exactly for the low modules and lm_head,
+    # as it did for the base (lm_head by its default skip list)
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    quantizer = AutoHfQuantizer.from_config(config["quantization_config"], pre_quantized=True)
-    with torch.device("meta"):
-        skeleton = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(out))
-    quantizer._process_model_before_weight_loading(skeleton)
-    kinds = {n: type(m).__name__ for n, m in skeleton.named_modules() if n.endswith("_proj")}
-    assert {n for n, kind in kinds.items() if kind == "Linear"} == set(low)
+    def plain_linears(folder):
+        settings = json.loads((folder / "config.json").read_text())["quantization_config"]
+        quantizer = AutoHfQuantizer.from_config(settings, pre_quantized=True)
+        with torch.device("meta"):
+            skeleton = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(folder))
+        quantizer._process_model_before_weight_loading(skeleton)
+        return {n for n, m in skeleton.named_modules() if type(m) is torch.nn.Linear}
+
+    assert plain_linears(Q) == {"lm_head"}
+    assert plain_linears(out) == {"lm_head", *low}
 
     # its dequantizing load reads what we read
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -345,7 +361,8 @@ def test_static_activation_scales_are_copied_or_dropped_with_their_weight(models
     written = load_file(out / "model.safetensors")
     assert name not in written and "model.layers.0.self_attn.q_proj.weight_scale_inv" not in written
     listed = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
-    assert sorted(listed) == sorted(row["module"] for row in summary["retention"]) and len(listed) == 8
+    assert sorted(listed[-8:]) == sorted(row["module"] for row in summary["retention"])
+    assert sorted(listed[:-8]) == ["lm_head", "model.embed_tokens"]  # stored plain: the default skips, named
     assert summary["tensors_requantized"] == 0 and summary["tensors_merged"] == 8
 
 

@@ -542,7 +542,11 @@ def _absmax(info: DequantizedInfo, read):
     absmax[: full * size].view(full, size).mul_(nested_absmax[:full, None])
     if rest:
         absmax[full * size :].mul_(nested_absmax[full])
-    absmax.add_(torch.tensor(scheme.nested_offset, dtype=torch.float32, device=absmax.device))
+    # the offset of the quant_state `read` gives, not the one read at open: a requantized weight
+    # (linalg.requantize) is decoded with its new quant_state before it is written
+    state = read(info.part("quant_state"))
+    offset = json.loads(bytes(state.cpu().tolist()).decode("utf-8"))["nested_offset"]
+    absmax.add_(torch.tensor(offset, dtype=torch.float32, device=absmax.device))
     return _finite(info, info.part("absmax"), absmax, " once decoded through nested_quant_map")
 
 
@@ -609,8 +613,36 @@ def quantize(info: DequantizedInfo, W, read) -> dict:
         out[info.part("nested_absmax").name] = nested_absmax
         out[info.part("nested_quant_map").name] = nested_map
         state["nested_offset"] = offset.item()
-    out[state_info.name] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8, device=W.device)
+    text = _state_json(state, state_info)
+    out[state_info.name] = torch.tensor(list(text.encode()), dtype=torch.uint8, device=W.device)
     return out
+
+
+def _state_json(state: dict, stored: TensorInfo) -> str:
+    """The quant_state JSON in exactly the stored tensor's length (the output's layout is planned
+    before the new offset is known): as bitsandbytes writes it when it fits, padded with spaces
+    (JSON whitespace); when the new nested_offset's digits make it longer, written without the
+    spaces after separators and with the offset as the shortest decimal of the same float32
+    (bitsandbytes reads it into a float32 tensor: the same value)."""
+    import torch
+
+    size = int(stored.shape[0]) if stored.shape else 1
+    text = json.dumps(state)
+    if len(text) > size and "nested_offset" in state:
+        offset = state["nested_offset"]
+        as_float32 = torch.tensor(offset, dtype=torch.float32)
+        short = next(
+            value
+            for value in (float(f"{offset:.{digits}g}") for digits in range(1, 18))
+            if torch.equal(torch.tensor(value, dtype=torch.float32), as_float32)
+        )
+        text = json.dumps({**state, "nested_offset": short}, separators=(",", ":"))
+    if len(text) > size:
+        raise CheckpointError(
+            f"{stored.file}: tensor {stored.name}: the requantized quant_state takes {len(text)} bytes "
+            f"where the checkpoint stores {size}; merge without --requantize writes it unquantized"
+        )
+    return text.ljust(size)
 
 
 def _storage_dtype(info: TensorInfo):
@@ -644,3 +676,14 @@ def _nearest(scaled, table):
     order = torch.argsort(table)
     bounds = (table[order[:-1]] + table[order[1:]]) / 2
     return order[torch.bucketize(scaled, bounds, out_int32=True)]
+
+
+def exclude(settings, modules, plain=()) -> dict:
+    """quantization_config with `modules` in llm_int8_skip_modules, the list transformers'
+    bitsandbytes loaders (4-bit and int8) read: they build plain nn.Linear layers for them and read
+    their `weight` as stored. Once set, that list replaces transformers' default skips (lm_head,
+    tied weights: `get_keys_to_not_convert`), so a base without it gets the `plain` modules listed
+    first, every 2-D weight the checkpoint stores unquantized (docs/design.md §13)."""
+    from lorasurgery.io.fp8 import extend
+
+    return extend(settings, "llm_int8_skip_modules", modules, plain)

@@ -463,7 +463,12 @@ def quantize(info: DequantizedInfo, W, read) -> dict:
         state["weight_global_scale"] = global_scale
     with torch.no_grad():
         scale, zero_point = calculate_qparams(*_ranges(W, args), args, global_scale=global_scale)
-    state["weight_scale"] = scale.to(W.dtype)  # initialize_qparams: the scale in the weight's dtype
+    # The codes are computed with the scale that will decode them: rounded to the dtype it is stored
+    # in first (NVFP4's float8_e4m3fn, which a config without `scale_dtype` leaves calculate_qparams
+    # unrounded; llm-compressor's fp8 weight_scale parameter rounds it as it is set), then held in
+    # the weight's dtype as initialize_qparams holds it.
+    stored_scale = torch_dtype_of(info.part("weight_scale").dtype)
+    state["weight_scale"] = scale.to(stored_scale).to(W.dtype)
     if "weight_zero_point" in names:
         state["weight_zero_point"] = zero_point.to(args.zp_dtype)
     compressed = compressor.compress(state, scheme)
@@ -507,9 +512,11 @@ def _ranges(W, args):
     return blocks.amin((1, 3)), blocks.amax((1, 3))
 
 
-def exclude(settings, modules) -> dict:
+def exclude(settings, modules, plain=()) -> dict:
     """quantization_config with `modules` in its `ignore` list: compressed-tensors (and so vLLM and
-    transformers) then leave those Linear layers unquantized and read their `weight` as stored."""
+    transformers) then leave those Linear layers unquantized and read their `weight` as stored.
+    `plain` is not needed: the config groups' targets, not a default skip list, say what is
+    quantized, and `ignore` only takes modules out of them."""
     settings = dict(settings)
     listed = list(settings.get("ignore") or [])
     settings["ignore"] = listed + [m for m in modules if m not in listed]

@@ -231,12 +231,21 @@ def quantize(info: DequantizedInfo, W, read) -> dict:
     return {info.codes.name: codes, stored.name: scale}
 
 
-def exclude(settings, modules) -> dict:
+def exclude(settings, modules, plain=()) -> dict:
     """quantization_config with `modules` in modules_to_not_convert: transformers' FP8 loader then
-    builds plain nn.Linear layers for them and reads their `weight` as stored."""
+    builds plain nn.Linear layers for them and reads their `weight` as stored. A base without the
+    list had transformers' default skips (lm_head, tied weights), which a list, once set, replaces:
+    then the `plain` modules are listed first (docs/design.md §13)."""
+    return extend(settings, "modules_to_not_convert", modules, plain)
+
+
+def extend(settings, key: str, modules, plain=()) -> dict:
+    """`settings` with `modules` appended to its list `key`; when the base has no such list (None or
+    absent), the list starts with `plain`, what the loader's default skip list covered."""
     settings = dict(settings)
-    listed = list(settings.get("modules_to_not_convert") or [])
-    settings["modules_to_not_convert"] = listed + [m for m in modules if m not in listed]
+    declared = settings.get(key)
+    listed = list(declared) if declared is not None else list(dict.fromkeys(plain))
+    settings[key] = listed + [m for m in modules if m not in listed]
     return settings
 
 

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, NonFiniteError
-from lorasurgery.io.fp8 import exclude as _exclude
+from lorasurgery.io.fp8 import extend as _extend
 from lorasurgery.io.quantization import (
     INTEGER,
     SCALE_ONLY,
@@ -232,5 +232,15 @@ def _missing_scales(blocks: TensorInfo, stem: str) -> CheckpointError:
     )
 
 
-# transformers' MXFP4 loader reads the same ignore list as its FP8 one: modules_to_not_convert.
-exclude = _exclude
+def unit(name: str) -> str:
+    """The experts module of expert parameter `name`: transformers' MXFP4 loader replaces a whole
+    GptOssMLP's experts or none (`should_convert_module(f"{mlp}.experts", modules_to_not_convert)`),
+    so gate_up_proj and down_proj are written quantized, or plain, together."""
+    return name.rpartition(".")[0]
+
+
+def exclude(settings, modules, plain=()) -> dict:
+    """quantization_config with the experts `modules` in modules_to_not_convert, the list
+    transformers' MXFP4 loader reads as its FP8 one does. `plain` is not needed: that loader converts
+    only the experts, whatever its default skip list says."""
+    return _extend(settings, "modules_to_not_convert", modules)

@@ -18,9 +18,16 @@ A reader module presents a quantized checkpoint as the model sees it and decodes
       the codes and every part that decodes them, under their stored names, with the stored dtypes
       and shapes (scales recomputed from W); parts whose role is in STATIC_ROLES (activation
       scales: nothing of W) are not returned, they are copied as they are.
-  exclude(settings, modules) -> settings                    (optional, beside quantize)
-      the quantization_config with `modules` (names without ".weight") listed as stored unquantized,
-      so that the format's loaders read their plain `weight` (`merge --min-retention`).
+  exclude(settings, modules, plain) -> settings             (optional, beside quantize)
+      the quantization_config with `modules` (units, see below) listed as stored unquantized, so
+      that the format's loaders read their plain `weight` (`merge --min-retention`). `plain` names
+      every module whose 2-D `weight` the checkpoint stores (or ties) unquantized: a loader whose
+      list, once set, replaces its default skip list (transformers' FP8 and bitsandbytes loaders:
+      lm_head, tied weights) needs them listed too when the base declared no list.
+  unit(name) -> module                                      (optional)
+      the module a loader converts or leaves plain as a whole, of logical tensor `name`: by default
+      `name` without ".weight"; MXFP4's two expert parameters share their experts module, so both
+      are written plain when either is (docs/design.md §13).
 
 `READERS` maps a Quantization.format to its module; io.quantization.READABLE lists the same keys
 (tests/test_quantized_refusal.py checks that they agree), and every format not here is refused by
@@ -93,7 +100,16 @@ def quantize(info: DequantizedInfo, W, read: Callable[[TensorInfo], object]) -> 
     return _writer_of(info.format).quantize(info, W, read)
 
 
-def exclude(quantization: Quantization, settings: Mapping, modules) -> dict:
-    """The quantization_config `settings` with `modules` (names, without ".weight") declared as
-    stored unquantized in `quantization`'s format."""
-    return _writer_of(quantization.format).exclude(settings, modules)
+def exclude(quantization: Quantization, settings: Mapping, modules, plain=()) -> dict:
+    """The quantization_config `settings` with `modules` (units: see `unit`) declared as stored
+    unquantized in `quantization`'s format; `plain` the modules the checkpoint stores plain (2-D
+    weights, tied members included), listed too where the format's loader needs them."""
+    return _writer_of(quantization.format).exclude(settings, list(modules), list(plain))
+
+
+def unit(format: str, name: str) -> str:
+    """The module that `format`'s loaders quantize or leave plain as a whole, of logical tensor `name`."""
+    module = READERS.get(format)
+    if module is not None and hasattr(module, "unit"):
+        return module.unit(name)
+    return name[: -len(".weight")] if name.endswith(".weight") else name

@@ -337,29 +337,49 @@ def _stored_items(checkpoint, items: list[Item], notes: list) -> list[Item]:
 def unquantize(plan: MergePlan, names) -> None:
     """Write the requantizing items of `names` (logical tensor names) as plain weights in the
     output dtype instead (--min-retention), their activation scales dropped, and list their modules
-    in the config's ignore list (docs/design.md §13)."""
+    in the config's ignore list (docs/design.md §13). A format whose loader converts a module as a
+    whole (readers.unit: MXFP4's experts) gets every quantized tensor of that module written plain,
+    an untouched one dequantized as it is."""
     names = set(names)
     if not names:
         return
-    chosen = {i.source.name: i for i in plan.items if i.requantize and i.source.name in names}
-    dropped = {p.name for i in chosen.values() for _, p in i.source.parts}
-    items = []
+    quantization = plan.checkpoint.quantization
+    fmt = quantization.format
+    units = {readers.unit(fmt, n) for n in names}
+    whole = {
+        info.name: info
+        for info in plan.checkpoint.tensors.values()
+        if info.dequantized and readers.unit(fmt, info.name) in units
+    }
+    by_codes = {info.codes.name: info for info in whole.values()}
+    dropped = {p.name for info in whole.values() for _, p in info.parts}
+    items, chosen, siblings = [], [], []
     for item in plan.items:
-        if item.requantize and item.source.name in chosen:
+        if item.requantize and item.source.name in whole:
             info = item.source
             items.append(Item(info.name, _spec(info.name, info, plan.output_dtype_code), info, item.recipe))
+            chosen.append(info.name)
+        elif not item.requantize and item.name in by_codes:  # an untouched tensor of a chosen unit
+            info = by_codes[item.name]
+            items.append(Item(info.name, _spec(info.name, info, plan.output_dtype_code), info))
+            siblings.append(info.name)
         elif item.name not in dropped:
             items.append(item)
     plan.items = items
-    modules = [n[: -len(".weight")] if n.endswith(".weight") else n for n in sorted(chosen, key=_order(plan))]
-    quantization = plan.checkpoint.quantization
-    written_as = dtype_name_of(next(i.spec.dtype for i in items if i.name in chosen))
+    modules = list(dict.fromkeys(readers.unit(fmt, n) for n in sorted(chosen, key=_order(plan))))
+    written_as = dtype_name_of(next(i.spec.dtype for i in items if i.name in whole))
     plan.notes.append(
-        f"--min-retention: {len(modules)} of the merged modules keep too little of their update when "
+        f"--min-retention: {len(chosen)} of the merged tensors keep too little of their update when "
         f"requantized and are written unquantized as {written_as}, without scales"
+        + (
+            f"; so are the untouched {', '.join(siblings)}, which {quantization.name}'s loader "
+            f"converts with them as one module"
+            if siblings
+            else ""
+        )
     )
     if plan.config is not None and quantization.source in plan.config:
-        settings = readers.exclude(quantization, plan.config[quantization.source], modules)
+        settings = readers.exclude(quantization, plan.config[quantization.source], modules, _plain(plan))
         plan.config[quantization.source] = settings
         plan.config_changes[quantization.source] = settings
     else:
@@ -367,6 +387,18 @@ def unquantize(plan: MergePlan, names) -> None:
             f"the base declares no quantization_config: the {len(modules)} modules written unquantized "
             f"({', '.join(modules[:_LISTED])}{' …' if len(modules) > _LISTED else ''}) are listed nowhere"
         )
+
+
+def _plain(plan: MergePlan) -> list[str]:
+    """The modules whose 2-D weight the base stores unquantized, tied members included (the loader's
+    default skip list covers them: readers.exclude)."""
+    from lorasurgery.model import model_tensors
+
+    return [
+        name[: -len(".weight")]
+        for name, info in model_tensors(plan.checkpoint, plan.structure).items()
+        if name.endswith(".weight") and not info.dequantized and len(info.shape) == 2
+    ]
 
 
 def _order(plan: MergePlan):
