@@ -86,8 +86,9 @@ def make_adapter(base: Path, out: Path, *, on_meta: bool) -> Path:
     return out
 
 
-def make_synthetic(out: Path) -> Path:
-    """A ~1.1B Llama in bf16, 2GB shards, random weights written one tensor at a time."""
+def make_synthetic(out: Path, layers: int = SYNTHETIC["num_hidden_layers"]) -> Path:
+    """A ~1.1B Llama in bf16, 2GB shards, random weights written one tensor at a time (`layers`:
+    fewer for a smoke run of a benchmark that reuses this builder, e.g. merge_quantized.py)."""
     import torch
     from transformers import LlamaConfig
 
@@ -95,7 +96,7 @@ def make_synthetic(out: Path) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    config = LlamaConfig(**SYNTHETIC)
+    config = LlamaConfig(**{**SYNTHETIC, "num_hidden_layers": layers})
     with torch.device("meta"):
         from transformers import LlamaForCausalLM
 
