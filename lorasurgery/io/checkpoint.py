@@ -149,6 +149,20 @@ class Checkpoint:
             return readers.dequantize(info, lambda stored: self._read_stored(stored, device))
         return self._read_stored(info, device)
 
+    def read_encoded(self, name: str) -> Encoded | object:
+        """Tensor `name` read but, if it is a quantized checkpoint's logical tensor, not yet decoded:
+        an Encoded holding its codes and scales (whose `decode()` gives what `read` gives), else the
+        tensor as `read` returns it. A pipeline reads with this in its reader thread and decodes in
+        its compute threads, so that decoding runs on every core instead of the reader's one."""
+        info = self.tensors.get(name)
+        if not isinstance(info, DequantizedInfo):
+            return self.read(name)
+        stored = {info.codes.name: self._read_stored(info.codes, "cpu")}
+        for role, part in info.parts:
+            if role not in readers.STATIC_ROLES:
+                stored[part.name] = self._read_stored(part, "cpu")
+        return Encoded(self, info, stored)
+
     def _read_stored(self, info: TensorInfo, device: str):
         import torch
 
@@ -172,6 +186,24 @@ class Checkpoint:
             self._pickle_cache = None  # drop the previous shard before loading the next
             self._pickle_cache = (info.file, load_pickle_state_dict(info.file))
         return self._pickle_cache[1][info.name]
+
+
+class Encoded:
+    """A quantized checkpoint's logical tensor as stored (codes and scales in memory), to be decoded."""
+
+    def __init__(self, checkpoint: Checkpoint, info: DequantizedInfo, stored: dict):
+        self.checkpoint, self.info, self.stored = checkpoint, info, stored
+
+    def decode(self, device: str = "cpu"):
+        """The float32 tensor Checkpoint.read(name, device) returns."""
+
+        def read(part: TensorInfo):
+            tensor = self.stored.get(part.name)
+            if tensor is None:  # a part this format reads only sometimes
+                return self.checkpoint._read_stored(part, device)
+            return tensor if device == "cpu" else tensor.to(device)
+
+        return readers.dequantize(self.info, read)
 
 
 def read_range(path: Path, start: int, out) -> None:

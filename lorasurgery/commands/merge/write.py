@@ -22,6 +22,7 @@ from pathlib import Path
 from lorasurgery.commands.merge.plan import Item, MergePlan
 from lorasurgery.concurrency import Pipeline
 from lorasurgery.io import TensorSpec, copy_side_files
+from lorasurgery.io.checkpoint import Encoded
 from lorasurgery.io.safetensors_format import dtype_name_of, torch_dtype_of
 from lorasurgery.progress import Progress
 
@@ -77,15 +78,17 @@ def write_all(
         if copies_raw(item):
             return None  # the writer copies the bytes itself
         if item.requantize:
-            return checkpoint.read(item.source.name)  # deq(W): the start of W′ and of its retention
+            return checkpoint.read_encoded(item.source.name)  # deq(W): the start of W′ and of its retention
         if item.recipe.start is not None:
             index, tensor_name = item.recipe.start
             return plan.adapters[index].adapter.read(tensor_name)
-        return checkpoint.read(item.source.name)
+        return checkpoint.read_encoded(item.source.name)  # a quantized base's: decoded in compute
 
     def compute(item: Item, tensor):
         if tensor is None:
             return None
+        if isinstance(tensor, Encoded):  # decoded here, by the merging threads, not by the reader
+            tensor = tensor.decode()
         if item.requantize:
             result = requantized(plan, item, tensor, device, precise, allow_nonfinite, stored)
             plan.measured[item.source.name] = replace(result, tensors={})
@@ -156,12 +159,14 @@ def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progres
     costs = {item.name: memory_cost(plan, item) for item in items}
 
     def compute(item: Item, base):
+        if isinstance(base, Encoded):
+            base = base.decode()
         result = requantized(plan, item, base, device, precise, allow_nonfinite, stored)
         return replace(result, tensors={})
 
     pipeline = Pipeline(
         items,
-        lambda item: checkpoint.read(item.source.name),
+        lambda item: checkpoint.read_encoded(item.source.name),
         compute,
         workers=2,
         cost=lambda item: costs[item.name],
