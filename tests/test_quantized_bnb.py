@@ -26,8 +26,8 @@ import pytest
 import torch
 from clihelp import assert_refused, run_cli
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_bnb
+from quantized_checks import broken_copy, cli_json, same_json
 from safetensors.torch import load_file, save_file
-from test_quantized_fp8 import _json, _same
 
 from lorasurgery.io import open_checkpoint
 
@@ -289,19 +289,21 @@ def test_merge_dtype_fp32_equals_peft_to_float32_rounding(models, tmp_path):
 def test_inspect_and_rank_report_read_bnb_as_its_dequantized_copy(models, variant):
     Q, D, A = models["Q"][variant], copy_of(models, variant), models["adapter"]
     swap = (str(Q), str(D))
-    inspected = _json("inspect", A, "--base", Q, "--json")
+    inspected = cli_json("inspect", A, "--base", Q, "--json")
     for module in inspected[
         "modules"
     ]:  # what merge --requantize would keep (test_quantized_requantize_formats.py)
         assert module.pop("retention") is not None and module.pop("codes_changed") >= 0
-    _same(inspected, _json("inspect", A, "--base", D, "--json"), swap)
-    _same(_json("rank-report", Q, "--json", "-"), _json("rank-report", D, "--json", "-"), swap)
-    _same(
-        _json("rank-report", A, "--base", Q, "--json", "-"),
-        _json("rank-report", A, "--base", D, "--json", "-"),
+    same_json(inspected, cli_json("inspect", A, "--base", D, "--json"), swap)
+    same_json(cli_json("rank-report", Q, "--json", "-"), cli_json("rank-report", D, "--json", "-"), swap)
+    same_json(
+        cli_json("rank-report", A, "--base", Q, "--json", "-"),
+        cli_json("rank-report", A, "--base", D, "--json", "-"),
         swap,
     )
-    weights = [m for m in _json("rank-report", Q, "--json", "-")["modules"] if m["name"].endswith("q_proj")]
+    weights = [
+        m for m in cli_json("rank-report", Q, "--json", "-")["modules"] if m["name"].endswith("q_proj")
+    ]
     assert weights and all(m["metrics"]["stable_rank"] > 1 for m in weights)  # spectra of W, not of codes
 
 
@@ -309,10 +311,10 @@ def test_extract_from_a_bnb_base_equals_the_dequantized_copy(models, tmp_path):
     Q, D = models["Q"]["nf4-double"], copy_of(models, "nf4-double")
     ft = tmp_path / "ft"
     assert run_cli("merge", D, models["adapter"], "-o", ft, "--dtype", "fp32").exit_code == 0
-    a = _json("extract", Q, ft, "-o", tmp_path / "ours", "--rank", "4", "--json")
-    b = _json("extract", D, ft, "-o", tmp_path / "theirs", "--rank", "4", "--json")
+    a = cli_json("extract", Q, ft, "-o", tmp_path / "ours", "--rank", "4", "--json")
+    b = cli_json("extract", D, ft, "-o", tmp_path / "theirs", "--rank", "4", "--json")
     for key in ("modules", "totals"):
-        _same(a[key], b[key], (str(Q), str(D)), key)
+        same_json(a[key], b[key], (str(Q), str(D)), key)
     q = [m for m in a["modules"] if m["name"].endswith("layers.0.self_attn.q_proj")]
     assert q and q[0]["relative_error"] < 1e-3  # the adapter's update, taken against the dequantized W
 
@@ -324,16 +326,8 @@ MODULE = NAME.removesuffix(".weight")
 
 
 def _broken(models, tmp_path, variant, change_tensors=None, change_config=None) -> Path:
-    folder = shutil.copytree(models["Q"][variant], tmp_path / "broken")
-    if change_tensors is not None:
-        tensors = load_file(folder / "model.safetensors")
-        change_tensors(tensors)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    if change_config is not None:
-        config = json.loads((folder / "config.json").read_text())
-        change_config(config["quantization_config"])
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    config = change_config and (lambda c: change_config(c["quantization_config"]))
+    return broken_copy(models["Q"][variant], tmp_path / "broken", change_tensors, config)
 
 
 def _state(change):

@@ -20,9 +20,7 @@ checkpoint saved as plain float32 safetensors.
 from __future__ import annotations
 
 import json
-import math
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import make_adapter, make_llama, peft_merged_state_dict, quantize_compressed
+from quantized_checks import broken_copy, cli_json, same_json
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -303,49 +302,24 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
 # --------------------------------------------- every other command: as on a dequantized copy
 
 
-def _same(a, b, swap: tuple[str, str], where="") -> None:
-    """JSON values equal to 1e-5 relative, strings equal once the quantized path reads as the copy's."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            if not key.endswith("seconds"):  # timings
-                _same(a[key], b[key], swap, f"{where}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, swap, f"{where}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), where
-    elif isinstance(a, str):
-        assert a.replace(*swap) == b, where
-    else:
-        assert a == b, where
-
-
-def _json(*args) -> dict:
-    result = run_cli(*args)
-    assert result.exit_code == 0, (args, result.stderr)
-    return json.loads(result.stdout)
-
-
 @pytest.mark.parametrize("scheme", COMPARED)
 def test_inspect_rank_report_and_extract_read_it_as_its_dequantized_copy(models, scheme, tmp_path):
     Q, A, plain = models["Q"][scheme], models["adapter"], models["plain"]
     D = copy_of(models, scheme)
     swap = (str(Q), str(D))
-    inspected = _json("inspect", A, "--base", Q, "--json")
+    inspected = cli_json("inspect", A, "--base", Q, "--json")
     for module in inspected["modules"]:  # what merge --requantize would keep (test_quantized_requantize.py)
         assert module.pop("retention") is not None and module.pop("codes_changed") >= 0
-    _same(inspected, _json("inspect", A, "--base", D, "--json"), swap)
-    report = _json("rank-report", Q, "--json", "-")
-    _same(report, _json("rank-report", D, "--json", "-"), swap)
+    same_json(inspected, cli_json("inspect", A, "--base", D, "--json"), swap)
+    report = cli_json("rank-report", Q, "--json", "-")
+    same_json(report, cli_json("rank-report", D, "--json", "-"), swap)
     weights = [m for m in report["modules"] if m["name"].endswith("q_proj")]
     assert weights and all(m["metrics"]["stable_rank"] > 1 for m in weights)  # spectra of W, not of codes
     ours, theirs = tmp_path / "from-quantized", tmp_path / "from-copy"
-    a = _json("extract", Q, plain, "-o", ours, "--rank", "4", "--json")
-    b = _json("extract", D, plain, "-o", theirs, "--rank", "4", "--json")
+    a = cli_json("extract", Q, plain, "-o", ours, "--rank", "4", "--json")
+    b = cli_json("extract", D, plain, "-o", theirs, "--rank", "4", "--json")
     for key in ("modules", "totals"):
-        _same(a[key], b[key], swap, key)
+        same_json(a[key], b[key], swap, key)
     x, y = load_file(ours / "adapter_model.safetensors"), load_file(theirs / "adapter_model.safetensors")
     assert sorted(x) == sorted(y)
     for key in x:
@@ -359,16 +333,7 @@ FIRST = "model.layers.0.mlp.down_proj"  # the first quantized weight in file ord
 
 
 def _broken(models, tmp_path, scheme, change_tensors=None, change_config=None) -> Path:
-    folder = shutil.copytree(models["Q"][scheme], tmp_path / "broken")
-    if change_tensors is not None:
-        tensors = load_file(folder / "model.safetensors")
-        change_tensors(tensors)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    if change_config is not None:
-        config = json.loads((folder / "config.json").read_text())
-        change_config(config)
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return broken_copy(models["Q"][scheme], tmp_path / "broken", change_tensors, change_config)
 
 
 def _set_scale(value):

@@ -32,9 +32,10 @@ from factories import (
     quantize_compressed,
     relative_error,
 )
+from quantized_checks import cli_json
 from safetensors.torch import load_file
 from test_quantized_bnb import dequantized_copy as bnb_dequantized_copy
-from test_quantized_fp8 import _json, dequantized_copy, fp8_config, store_fp8
+from test_quantized_fp8 import dequantized_copy, fp8_config, store_fp8
 
 from lorasurgery.io import open_checkpoint, readers
 
@@ -171,8 +172,10 @@ def _check_shares(report: dict, counts: dict) -> None:
 
 
 def test_fp8_pair_extracts_the_adapter_of_its_dequantized_copies(models, tmp_path):
-    ours = _json("extract", models["Qb"], models["Qf"], "-o", tmp_path / "ours", "--rank", "4", "--json")
-    theirs = _json("extract", models["Db"], models["Df"], "-o", tmp_path / "theirs", "--rank", "4", "--json")
+    ours = cli_json("extract", models["Qb"], models["Qf"], "-o", tmp_path / "ours", "--rank", "4", "--json")
+    theirs = cli_json(
+        "extract", models["Db"], models["Df"], "-o", tmp_path / "theirs", "--rank", "4", "--json"
+    )
     _assert_same_adapter(tmp_path / "ours", tmp_path / "theirs")
     assert [m["rank"] for m in ours["modules"]] == [m["rank"] for m in theirs["modules"]]
     assert ours["totals"]["relative_error"] == pytest.approx(theirs["totals"]["relative_error"], rel=1e-5)
@@ -180,8 +183,8 @@ def test_fp8_pair_extracts_the_adapter_of_its_dequantized_copies(models, tmp_pat
 
 def test_nf4_pair_extracts_the_adapter_of_its_dequantized_copies(nf4, tmp_path):
     run = ("--rank", "4", "--json")
-    _json("extract", nf4["Qb"], nf4["Qf"], "-o", tmp_path / "ours", *run)
-    _json("extract", nf4["Db"], nf4["Df"], "-o", tmp_path / "theirs", *run)
+    cli_json("extract", nf4["Qb"], nf4["Qf"], "-o", tmp_path / "ours", *run)
+    cli_json("extract", nf4["Db"], nf4["Df"], "-o", tmp_path / "theirs", *run)
     _assert_same_adapter(tmp_path / "ours", tmp_path / "theirs")
 
 
@@ -192,7 +195,7 @@ def test_fp8_identical_code_share_equals_a_direct_count(models, tmp_path):
     counts = _direct_fp8_counts(models["Qb"], models["Qf"])
     report_file = tmp_path / "report.json"
     out = tmp_path / "out"
-    report = _json("extract", models["Qb"], models["Qf"], "-o", out, "--rank", "4", "--json")
+    report = cli_json("extract", models["Qb"], models["Qf"], "-o", out, "--rank", "4", "--json")
     _check_shares(report, counts)
     assert any(0 < c[0] < c[1] for c in counts.values())  # a share strictly between 0 and 1 is checked
     # the --report file says the same, and the table shows the columns
@@ -204,19 +207,21 @@ def test_fp8_identical_code_share_equals_a_direct_count(models, tmp_path):
     header = result.stdout.split("━")[0]  # a narrow console wraps the header: "same" over "codes"
     assert "same" in header and "codes" in header and "identical" in result.stderr + result.stdout
     # --budget reads each pair twice (spectra, then factors): the share is the first pass's
-    budget = _json("extract", models["Qb"], models["Qf"], "-o", out, "--budget", "3000", "--force", "--json")
+    budget = cli_json(
+        "extract", models["Qb"], models["Qf"], "-o", out, "--budget", "3000", "--force", "--json"
+    )
     _check_shares(budget, counts)
 
 
 def test_nf4_identical_code_share_counts_packed_codes(nf4, tmp_path):
     counts = _direct_nf4_counts(nf4["Qb"], nf4["Qf"])
-    report = _json("extract", nf4["Qb"], nf4["Qf"], "-o", tmp_path / "out", "--rank", "4", "--json")
+    report = cli_json("extract", nf4["Qb"], nf4["Qf"], "-o", tmp_path / "out", "--rank", "4", "--json")
     _check_shares(report, counts)
 
 
 def test_w4a16_identical_code_share_counts_int32_packed_codes(w4a16, tmp_path):
     counts = _direct_w4a16_counts(w4a16["Qb"], w4a16["Qf"])
-    report = _json("extract", w4a16["Qb"], w4a16["Qf"], "-o", tmp_path / "out", "--rank", "4", "--json")
+    report = cli_json("extract", w4a16["Qb"], w4a16["Qf"], "-o", tmp_path / "out", "--rank", "4", "--json")
     _check_shares(report, counts)
 
 
@@ -231,7 +236,7 @@ def test_one_side_plain_has_a_note_and_no_share(models, tmp_path):
         assert f"only the {side} is stored quantized (FP8)" in " ".join(
             (result.stdout + result.stderr).split()
         )
-        report = _json("extract", base, ft, "-o", out, "--rank", "4", "--json", "--force")
+        report = cli_json("extract", base, ft, "-o", out, "--rank", "4", "--json", "--force")
         assert "identical_codes" not in report["totals"]
         assert all("identical_codes" not in m for m in report["modules"])
 
@@ -297,8 +302,8 @@ def test_auto_noise_floor_drops_what_is_below_the_codes_noise(models, tmp_path):
     ft = merged_checkpoint(models["plain"], adapter, root / "ft-mixed")
     Qf = store_fp8(ft, root / "fp8-ft-mixed", BLOCK, qconfig=fp8_config(BLOCK))
     Df = dequantized_copy(Qf, root / "fp8-ft-mixed-dq", BLOCK)
-    plain = _json("extract", models["Db"], Df, "-o", tmp_path / "plain", "--auto", "--json")
-    floored = _json("extract", models["Qb"], Qf, "-o", tmp_path / "floored", "--auto", "--json")
+    plain = cli_json("extract", models["Db"], Df, "-o", tmp_path / "plain", "--auto", "--json")
+    floored = cli_json("extract", models["Qb"], Qf, "-o", tmp_path / "floored", "--auto", "--json")
 
     def weak(name: str) -> bool:
         return name.endswith(WEAK)
@@ -335,7 +340,7 @@ def test_auto_noise_floor_keeps_a_clear_fine_tune_at_its_planted_rank(models, tm
     assert result.exit_code == 0, result.stderr
     text = " ".join((result.stdout + result.stderr).split())
     assert "is the noise floor of 8 modules; it lowered 0 ranks" in text
-    report = _json(
+    report = cli_json(
         "extract", models["Qb"], models["Qf"], "-o", tmp_path / "out", "--auto", "--json", "--force"
     )
     assert {m["rank"] for m in report["modules"]} == {PLANTED}

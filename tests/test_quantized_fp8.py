@@ -16,7 +16,6 @@ on a dequantized copy of the checkpoint saved as plain float32 safetensors.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_fp8
+from quantized_checks import broken_copy, cli_json, same_adapter_folders, same_json
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -289,44 +289,12 @@ def test_merge_without_quantization_config_deduces_the_blocks(models, tmp_path):
 # --------------------------------------------- every other command: as on a dequantized copy
 
 
-def _same(a, b, swap: tuple[str, str], where="") -> None:
-    """JSON values equal to 1e-5 relative, strings equal once the FP8 path reads as the copy's."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            if not key.endswith("seconds"):  # timings
-                _same(a[key], b[key], swap, f"{where}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, swap, f"{where}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), where
-    elif isinstance(a, str):
-        assert a.replace(*swap) == b, where
-    else:
-        assert a == b, where
-
-
 def _without_codes(report):
     """An extract report's modules or totals without what only a quantized pair has (the copies' lack it)."""
     drop = {"identical_codes", "scales_changed", "bit_for_bit_modules"}
     if isinstance(report, list):
         return [_without_codes(m) for m in report]
     return {k: v for k, v in report.items() if k not in drop}
-
-
-def _json(*args) -> dict:
-    result = run_cli(*args)
-    assert result.exit_code == 0, (args, result.stderr)
-    return json.loads(result.stdout)
-
-
-def _same_folders(a: Path, b: Path) -> None:
-    ours, theirs = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(theirs)
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -342,25 +310,27 @@ def test_inspect_and_rank_report_read_fp8_as_its_dequantized_copy(models, pairs)
     Q, D, A = models["Q"], models["D"], models["adapter"]
     _, Q2, D2 = pairs
     swap = (str(Q), str(D))
-    inspected = _json("inspect", A, "--base", Q, "--json")
+    inspected = cli_json("inspect", A, "--base", Q, "--json")
     for module in inspected[
         "modules"
     ]:  # what merge --requantize would keep: tests/test_quantized_requantize.py
         assert module.pop("retention") is not None and module.pop("codes_changed") > 0
-    _same(inspected, _json("inspect", A, "--base", D, "--json"), swap)
-    _same(_json("rank-report", Q, "--json", "-"), _json("rank-report", D, "--json", "-"), swap)
-    _same(
-        _json("rank-report", A, "--base", Q, "--json", "-"),
-        _json("rank-report", A, "--base", D, "--json", "-"),
+    same_json(inspected, cli_json("inspect", A, "--base", D, "--json"), swap)
+    same_json(cli_json("rank-report", Q, "--json", "-"), cli_json("rank-report", D, "--json", "-"), swap)
+    same_json(
+        cli_json("rank-report", A, "--base", Q, "--json", "-"),
+        cli_json("rank-report", A, "--base", D, "--json", "-"),
         swap,
     )
-    fp8_pair = _json("rank-report", Q2, "--base", Q, "--json", "-")
-    _same(
+    fp8_pair = cli_json("rank-report", Q2, "--base", Q, "--json", "-")
+    same_json(
         json.loads(json.dumps(fp8_pair).replace(str(Q2), str(D2))),
-        _json("rank-report", D2, "--base", D, "--json", "-"),
+        cli_json("rank-report", D2, "--base", D, "--json", "-"),
         swap,
     )
-    weights = [m for m in _json("rank-report", Q, "--json", "-")["modules"] if m["name"].endswith("q_proj")]
+    weights = [
+        m for m in cli_json("rank-report", Q, "--json", "-")["modules"] if m["name"].endswith("q_proj")
+    ]
     assert weights and all(m["metrics"]["stable_rank"] > 1 for m in weights)  # spectra of W, not of codes
 
 
@@ -372,13 +342,13 @@ def test_extract_from_fp8_pairs_and_mixed_equals_the_dequantized_copies(models, 
         "fp8-pair": (Q, Q2, D, D2),
     }.items():
         ours, theirs = tmp_path / f"{name}-fp8", tmp_path / f"{name}-copy"
-        a = _json("extract", base, ft, "-o", ours, "--rank", "4", "--json")
-        b = _json("extract", base_copy, ft_copy, "-o", theirs, "--rank", "4", "--json")
+        a = cli_json("extract", base, ft, "-o", ours, "--rank", "4", "--json")
+        b = cli_json("extract", base_copy, ft_copy, "-o", theirs, "--rank", "4", "--json")
         for key in ("modules", "totals"):  # the identical-code share needs the codes: not in the copies
-            _same(_without_codes(a[key]), b[key], (str(Q), str(D)), key)
-        _same_folders(ours, theirs)
+            same_json(_without_codes(a[key]), b[key], (str(Q), str(D)), key)
+        same_adapter_folders(ours, theirs)
     # the mixed extraction recovers the adapter's update: ΔW is taken against the dequantized base
-    report = _json("extract", Q, plain_ft, "-o", tmp_path / "again", "--rank", "4", "--json")
+    report = cli_json("extract", Q, plain_ft, "-o", tmp_path / "again", "--rank", "4", "--json")
     q = [m for m in report["modules"] if m["name"].endswith("layers.0.self_attn.q_proj")]
     assert q and q[0]["relative_error"] < 0.05
 
@@ -400,7 +370,7 @@ def test_resize_combine_export_with_an_fp8_base(models, command, tmp_path):
         result = run_cli(*args)
         assert result.exit_code == 0, result.stderr
         outputs.append(out)
-    _same_folders(*outputs)
+    same_adapter_folders(*outputs)
 
 
 def test_the_probe_loads_the_fp8_model_dequantized(models):
@@ -408,24 +378,18 @@ def test_the_probe_loads_the_fp8_model_dequantized(models):
     for folder in (Q, D):  # the tiny model has no tokenizer: its tokens are bytes
         (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
     args = ["--probe", "--text", TEXT, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
-    ours, theirs = _json("rank-report", Q, *args), _json("rank-report", D, *args)
-    _same(ours, theirs, (str(Q), str(D)))
+    ours, theirs = cli_json("rank-report", Q, *args), cli_json("rank-report", D, *args)
+    same_json(ours, theirs, (str(Q), str(D)))
 
 
 # ------------------------------------------------------------------------------------- bad input
 
 
 def _broken(models, tmp_path, change_tensors=None, change_config=None) -> Path:
-    folder = shutil.copytree(models["Q"], tmp_path / "broken")
-    if change_tensors is not None:
-        tensors = load_file(folder / "model.safetensors")
-        change_tensors(tensors)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    if change_config is not None:
-        config = json.loads((folder / "config.json").read_text())
-        change_config(config["quantization_config"] if "quantization_config" in config else config)
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    def config(c):  # quantization_config when the base declares one
+        change_config(c["quantization_config"] if "quantization_config" in c else c)
+
+    return broken_copy(models["Q"], tmp_path / "broken", change_tensors, change_config and config)
 
 
 NAME = "model.layers.1.self_attn.q_proj.weight"

@@ -25,8 +25,9 @@ import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_gpt_oss, peft_merged_state_dict, quantize_mxfp4
+from quantized_checks import broken_copy, cli_json, same_adapter_folders, same_json
 from safetensors.torch import load_file, save_file
-from test_quantized_fp8 import TEXT, _json, _same, _same_folders
+from test_quantized_fp8 import TEXT
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
 
 from lorasurgery.io import open_checkpoint
@@ -330,7 +331,7 @@ def test_merge_dtype_fp32_and_verify_equal_peft_exactly_enough(models, tmp_path)
 
 def test_merge_without_quantization_config(models, merged, tmp_path):
     out = tmp_path / "merged"
-    summary = _json("merge", models["no-config"], models["adapter"], "-o", out, "--json")
+    summary = cli_json("merge", models["no-config"], models["adapter"], "-o", out, "--json")
     assert (summary["tensors_merged"], summary["tensors_converted"]) == (4, 0)
     theirs = load_file(merged[0] / "model.safetensors")
     ours = load_file(out / "model.safetensors")
@@ -343,17 +344,17 @@ def test_merge_without_quantization_config(models, merged, tmp_path):
 def test_inspect_and_rank_report_read_mxfp4_as_its_dequantized_copy(models):
     Q, D, A = models["Q"], models["D"], models["adapter"]
     swap = (str(Q), str(D))
-    inspected = _json("inspect", A, "--base", Q, "--json")
+    inspected = cli_json("inspect", A, "--base", Q, "--json")
     for module in inspected["modules"]:  # what merge --requantize would keep, for the MXFP4 experts only
         retention, changed = module.pop("retention"), module.pop("codes_changed")
         quantized = "experts" in module["name"]
         assert (
             (retention is not None and changed > 0) if quantized else (retention is None and changed is None)
         )
-    _same(inspected, _json("inspect", A, "--base", D, "--json"), swap)
-    _same(_json("rank-report", Q, "--json", "-"), _json("rank-report", D, "--json", "-"), swap)
-    ours = _json("rank-report", A, "--base", Q, "--json", "-")
-    _same(ours, _json("rank-report", A, "--base", D, "--json", "-"), swap)
+    same_json(inspected, cli_json("inspect", A, "--base", D, "--json"), swap)
+    same_json(cli_json("rank-report", Q, "--json", "-"), cli_json("rank-report", D, "--json", "-"), swap)
+    ours = cli_json("rank-report", A, "--base", Q, "--json", "-")
+    same_json(ours, cli_json("rank-report", A, "--base", D, "--json", "-"), swap)
     # the experts' W, one matrix (out, in) an expert: spectra of the dequantized parameter, not codes
     experts = [m for m in ours["modules"] if m["kind"] == "weight" and "experts" in m["name"]]
     assert len(experts) == 8 and {tuple(m["shape"]) for m in experts} == {(128, 64), (64, 64)}
@@ -377,7 +378,7 @@ def test_extract_resize_combine_export_with_an_mxfp4_base_equal_the_dequantized_
             result = run_cli(*[str(a).format(B=base, out=out) for a in args])
             assert result.exit_code == 0, (command, result.stderr)
             outputs.append(out)
-        _same_folders(*outputs)
+        same_adapter_folders(*outputs)
 
 
 def test_the_probe_loads_the_mxfp4_model_dequantized(models):
@@ -387,24 +388,15 @@ def test_the_probe_loads_the_mxfp4_model_dequantized(models):
     for folder in (Q, D):  # the tiny model has no tokenizer: its tokens are bytes
         (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
     args = ["--probe", "--text", TEXT, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
-    ours, theirs = _json("rank-report", Q, *args), _json("rank-report", D, *args)
-    _same(ours, theirs, (str(Q), str(D)))
+    ours, theirs = cli_json("rank-report", Q, *args), cli_json("rank-report", D, *args)
+    same_json(ours, theirs, (str(Q), str(D)))
 
 
 # ------------------------------------------------------------------------------------- bad input
 
 
 def _broken(models, tmp_path, change_tensors=None, change_config=None) -> Path:
-    folder = shutil.copytree(models["Q"], tmp_path / "broken")
-    if change_tensors is not None:
-        tensors = load_file(folder / "model.safetensors")
-        change_tensors(tensors)
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    if change_config is not None:
-        config = json.loads((folder / "config.json").read_text())
-        change_config(config)
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return broken_copy(models["Q"], tmp_path / "broken", change_tensors, change_config)
 
 
 def _nan_scale(tensors):

@@ -1,0 +1,63 @@
+"""Checks the quantized-format tests share: a command's JSON through the CLI, two JSON reports equal
+up to the checkpoint paths, two adapter folders equal, and a broken copy of a quantized checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from clihelp import run_cli
+from safetensors.torch import load_file, save_file
+
+
+def cli_json(*args) -> dict:
+    """The JSON a command prints (it must succeed)."""
+    result = run_cli(*args)
+    assert result.exit_code == 0, (args, result.stderr)
+    return json.loads(result.stdout)
+
+
+def same_json(a, b, swap: tuple[str, str], where="") -> None:
+    """JSON values equal to 1e-5 relative, strings equal once the quantized path reads as the copy's
+    (`swap`: (quantized path, copy's path)); timings are not compared."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            if not key.endswith("seconds"):
+                same_json(a[key], b[key], swap, f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_json(x, y, swap, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), where
+    elif isinstance(a, str):
+        assert a.replace(*swap) == b, where
+    else:
+        assert a == b, where
+
+
+def same_adapter_folders(a: Path, b: Path) -> None:
+    """Two adapter folders hold the same tensors (1e-5 relative)."""
+    ours, theirs = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
+
+
+def broken_copy(source: Path, folder: Path, change_tensors=None, change_config=None) -> Path:
+    """A copy of the single-file checkpoint `source` at `folder`, its tensors ({name: tensor}) and
+    config.json (the whole dict) changed in place by the given functions."""
+    folder = shutil.copytree(source, folder)
+    if change_tensors is not None:
+        tensors = load_file(folder / "model.safetensors")
+        change_tensors(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    if change_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        change_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
