@@ -61,3 +61,26 @@ def broken_copy(source: Path, folder: Path, change_tensors=None, change_config=N
         change_config(config)
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def assert_loads_unquantized(out: Path, ours: dict) -> None:
+    """The merged folder loads with AutoModelForCausalLM as a plain model (no key missing,
+    unexpected or mismatched, no quantization_config), holding exactly the tensors we wrote."""
+    import transformers
+
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert getattr(model.config, "quantization_config", None) is None
+    state = model.state_dict()
+    assert all(torch.equal(state[name], ours[name]) for name in ours)
+
+
+def save_dequantized_copy(plain: dict, source: Path, folder: Path) -> Path:
+    """The float tensors `plain` saved at `folder` as the unquantized copy of the checkpoint `source`:
+    its config.json without quantization_config, dtype float32."""
+    save_file(plain, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -26,7 +26,7 @@ import pytest
 import torch
 from clihelp import assert_refused, run_cli
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_bnb
-from quantized_checks import broken_copy, cli_json, same_json
+from quantized_checks import assert_loads_unquantized, broken_copy, cli_json, same_json, save_dequantized_copy
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -83,12 +83,7 @@ def dequantized_copy(Q: Path, folder: Path) -> Path:
             plain[name] = oracle(stored, name)
         elif tensor.is_floating_point() and not re.search(r"\.(absmax|quant_map|nested_\w+|SCB)$", name):
             plain[name] = tensor.float()
-    save_file(plain, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((Q / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+    return save_dequantized_copy(plain, Q, folder)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +225,6 @@ def test_recognition_names_codes_and_parts(models, variant, roles, scheme):
 def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized_base(
     models, variant, tmp_path
 ):
-    import transformers
 
     Q, D, adapter = models["Q"][variant], copy_of(models, variant), models["adapter"]
     out = tmp_path / "merged"
@@ -263,11 +257,7 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
         else:  # untouched plain: byte for byte
             assert torch.equal(tensor.view(torch.uint8), stored[name].view(torch.uint8)), name
 
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert getattr(model.config, "quantization_config", None) is None
-    state = model.state_dict()
-    assert all(torch.equal(state[name], ours[name]) for name in ours)
+    assert_loads_unquantized(out, ours)
 
 
 def test_merge_dtype_fp32_equals_peft_to_float32_rounding(models, tmp_path):

@@ -29,7 +29,7 @@ import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import make_adapter, make_llama, peft_merged_state_dict, quantize_compressed
-from quantized_checks import broken_copy, cli_json, same_json
+from quantized_checks import assert_loads_unquantized, broken_copy, cli_json, same_json
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -292,11 +292,7 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
             assert torch.equal(tensor.view(torch.uint8), stored[name].view(torch.uint8)), name
     assert merged == 8  # q, v, gate, down in two layers
 
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert getattr(model.config, "quantization_config", None) is None
-    state = model.state_dict()
-    assert all(torch.equal(state[name], ours[name]) for name in ours)
+    assert_loads_unquantized(out, ours)
 
 
 # --------------------------------------------- every other command: as on a dequantized copy

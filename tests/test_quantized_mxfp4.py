@@ -25,7 +25,14 @@ import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_gpt_oss, peft_merged_state_dict, quantize_mxfp4
-from quantized_checks import broken_copy, cli_json, same_adapter_folders, same_json
+from quantized_checks import (
+    assert_loads_unquantized,
+    broken_copy,
+    cli_json,
+    same_adapter_folders,
+    same_json,
+    save_dequantized_copy,
+)
 from safetensors.torch import load_file, save_file
 from test_quantized_fp8 import TEXT
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
@@ -83,12 +90,7 @@ def dequantized_copy(mxfp4: Path, folder: Path) -> Path:
             plain[stem] = oracle(tensor, stored[f"{stem}_scales"])
         else:
             plain[name] = tensor
-    save_file(plain, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((mxfp4 / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+    return save_dequantized_copy(plain, mxfp4, folder)
 
 
 @pytest.fixture(scope="module")
@@ -301,11 +303,7 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
         else:  # untouched plain: byte for byte
             assert torch.equal(tensor.view(torch.uint8), stored[name].view(torch.uint8)), name
 
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
-    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert getattr(model.config, "quantization_config", None) is None
-    state = model.state_dict()
-    assert all(torch.equal(state[name], ours[name]) for name in ours)
+    assert_loads_unquantized(out, ours)
 
 
 def test_merge_dtype_fp32_and_verify_equal_peft_exactly_enough(models, tmp_path):
