@@ -30,6 +30,7 @@ from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.names import find_prefix_rule
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import bind, saved_fan_in_fan_out
+from lorasurgery.commands.export import moe
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
 from lorasurgery.commands.export.rules import (
     FIXED,
@@ -225,7 +226,7 @@ def export_adapter(
     else:
         check_output_path(output, inputs, force)
     base_config, base_ckpt = _base_parts(base)
-    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
+    structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
         adapter,
         target,
@@ -238,9 +239,14 @@ def export_adapter(
     if any(r.status == IMPOSSIBLE for r in rules):
         raise UnsupportedError(refusal(adapter_path, target, rules))
     _check_dora_rank(adapter, adapter_path, target, max_rank)
+    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank)
 
     report = ExportReport(str(adapter_path), target, str(output), rules)
-    modules = sorted(adapter.modules.values(), key=lambda lo: natural_key(lo.name))
+    in_groups = {id(lo) for group in groups.values() for lo in group.sources}
+    modules = sorted(
+        (lo for lo in adapter.modules.values() if id(lo) not in in_groups),
+        key=lambda lo: natural_key(lo.name),
+    )
     shape = _shape_of(modules, target, max_rank)
     if target == "llama.cpp":
         report.config = {"adapter.lora.alpha": shape.alpha}
@@ -254,13 +260,100 @@ def export_adapter(
         write_gguf(adapter, modules, factors, shape.alpha, base_config, output, force=force, inputs=inputs)
         return report
     config = _folder_config(adapter, target, modules, shape.ranks, shape.R, shape.multiplier, shape.keep_dora)
+    experts = _fused_experts(adapter, groups, modules, shape, structure, config, report)
     report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
-    tensors = _folder_tensors(adapter, target, modules, factors, shape.multiplier, shape.keep_dora)
+    tensors = _folder_tensors(adapter, target, modules, factors, shape.multiplier, shape.keep_dora, experts)
     with atomic_output_dir(output, inputs=inputs, force=force) as folder:
         write_adapter_folder(folder, tensors, config)
         if Path(adapter_path).is_dir():
             copy_side_files(Path(adapter_path), folder, SIDE_FILES)
     return report
+
+
+def _expert_groups(adapter, adapter_path, target: str, structure, max_rank: int | None) -> dict:
+    """The adapter's expert LoRA per fused parameter (commands/export/moe.py), or a refusal: only
+    `--for peft` writes expert LoRA (in the base's current transformers layout, the fused parameters)."""
+    fused_alone = sorted(
+        lo.name for lo in adapter.modules.values() if lo.kind == "parameter" and lo.experts > 1
+    )
+    if structure is None and fused_alone:
+        raise UnsupportedError(
+            f"{adapter_path}: module {fused_alone[0]}: a LoRA on fused expert parameters (target_parameters) "
+            f"needs the base's structure to be exported: pass --base BASE (a folder with its config.json); "
+            f"nothing was written"
+        )
+    groups = moe.expert_groups(adapter, structure)
+    if not groups:
+        return groups
+    some = ", ".join(sorted(groups)[:3]) + (f" and {len(groups) - 3} more" if len(groups) > 3 else "")
+    if target != "peft":
+        raise UnsupportedError(
+            f"{adapter_path}: cannot export for {target}: the adapter has LoRA on MoE experts ({some}); "
+            f"{moe.STACK_RULES.get(target, 'this target has no expert LoRA')}; export does not write that "
+            f"layout yet: merge the adapter (`lorasurgery merge`) and serve the merged model, or "
+            f"`export --for peft` for transformers; nothing was written"
+        )
+    if max_rank is not None:
+        raise UnsupportedError(
+            f"{adapter_path}: --max-rank with LoRA on MoE experts ({some}) is not supported by export yet; "
+            f"export without it (exact) and `lorasurgery resize` the result; nothing was written"
+        )
+    return groups
+
+
+def _fused_experts(adapter, groups: dict, modules, shape, structure, config: dict, report) -> dict:
+    """`--for peft`: every expert group as PEFT's target_parameters on the fused parameter (transformers
+    5's layout), scales folded to the config's one scale, the keys nested as PEFT nests them, and the
+    config's target_parameters / patterns; a report row per fused parameter."""
+    if not groups:
+        return {}
+    fused = {name: moe.fused_factors(adapter, group) for name, group in sorted(groups.items())}
+    if modules:
+        g = next(iter(shape.multiplier.values()))
+    else:  # only experts: their most common scale, so that nothing needs folding where it can be avoided
+        g = _most_common([f.scale for f in fused.values()], 1.0)
+        R = Counter(f.rank for f in fused.values()).most_common(1)[0][0]
+        config.update(r=R, lora_alpha=_number(g * R))
+    R = config["r"]
+    tensors = {}
+    by_module: dict[str, list[str]] = {}
+    for name in fused:
+        by_module.setdefault(groups[name].module, []).append(groups[name].leaf)
+    for module, leaves in by_module.items():
+        registered = list(structure.module(module).parameters)
+        keys = moe.fused_keys(module, leaves, registered)
+        for leaf in leaves:
+            name = f"{module}.{leaf}"
+            group, written = groups[name], moe.refolded(fused[name], g)
+            exact = moe.fused_factors(adapter, group, float64=True)
+            error = moe.relative_error(written, exact)
+            tensors[keys[leaf][0]] = written.A.contiguous()
+            tensors[keys[leaf][1]] = written.B.contiguous()
+            if written.rank != R:
+                config["rank_pattern"][re.escape(name)] = written.rank
+                config["alpha_pattern"][re.escape(name)] = _number(g * written.rank)
+            sources = group.sources
+            report.modules.append(
+                ModuleExport(
+                    name,
+                    "parameter",
+                    max(lo.r for lo in sources),
+                    written.rank,
+                    _most_common([lo.scale for lo in sources], g),
+                    g,
+                    written.method,
+                    error,
+                )
+            )
+    config["target_parameters"] = sorted(fused)
+    stacked = [name for name in fused if "stacked" in fused[name].notes]
+    if stacked:
+        report.notes.append(
+            f"gate and up of {len(stacked)} fused parameters had different lora_A, so their fused LoRA "
+            f"stacks both: rank r_gate + r_up per expert ({', '.join(stacked[:3])}"
+            f"{' …' if len(stacked) > 3 else ''}); exact"
+        )
+    return tensors
 
 
 def _check_dora_rank(adapter, adapter_path, target: str, max_rank: int | None) -> None:
@@ -415,8 +508,8 @@ def _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora) ->
     return config
 
 
-def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora) -> dict:
-    tensors = {}
+def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora, experts: dict) -> dict:
+    tensors = dict(experts)
     for lo in modules:
         f = factors[lo.name]
         keys = lora_keys(lo.name, lo.kind)

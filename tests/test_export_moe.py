@@ -1,0 +1,286 @@
+"""`export --for peft` of MoE expert LoRA on tiny real Qwen3-MoE, Mixtral and gpt-oss (docs/export.md,
+"MoE experts"): per-expert adapters (made by PEFT on the transformers-4.x-style twin, every factor
+randomised) become target_parameters on the fused parameters that PEFT loads on the transformers-5
+model without a missing or unexpected key, and whose forward equals PEFT's per-expert adapter on the
+twin; round trips are bit-identical; what a target cannot carry is refused through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from clihelp import assert_refused, run_cli
+from factories import MOE_KINDS, MOE_NAMES, per_expert_twin, randomize_adapter, relative_error, tiny_moe
+from safetensors.torch import load_file
+
+from lorasurgery.adapter.experts import FusedFactors, PartFactors, fuse, split
+
+TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def _save_base(model, folder):
+    model.save_pretrained(folder)
+    return folder
+
+
+def _per_expert_adapter(kind, twin, folder, seed=1, **lora):
+    """A PEFT adapter of the per-expert twin on attention and every expert projection, all factors drawn."""
+    torch.manual_seed(seed)
+    targets = ["q_proj", "v_proj", *MOE_NAMES[kind]]
+    config = peft.LoraConfig(target_modules=targets, **{"r": 4, "lora_alpha": 8, **lora})
+    wrapped = peft.get_peft_model(twin, config)
+    randomize_adapter(wrapped, seed=seed, a_std=0.2)
+    wrapped.save_pretrained(folder)
+    return wrapped.eval()
+
+
+def _fused_adapter(model, folder, seed=2):
+    """A PEFT target_parameters adapter of the transformers-5 model on both fused parameters."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        r=3,
+        lora_alpha=6,
+    )
+    wrapped = peft.get_peft_model(model, config)
+    randomize_adapter(wrapped, seed=seed, a_std=0.2)
+    wrapped.save_pretrained(folder)
+    return wrapped.eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _load_exported(kind, folder):
+    """The export loaded by PEFT on a fresh transformers-5 model: (PeftModel, missing, unexpected)."""
+    model = tiny_moe(kind)
+    config = peft.LoraConfig.from_pretrained(folder)
+    wrapped = peft.get_peft_model(model, config)
+    result = peft.set_peft_model_state_dict(wrapped, load_file(folder / "adapter_model.safetensors"))
+    lora = {k for k, _ in wrapped.named_parameters() if "lora_" in k}
+    missing = sorted(k for k in result.missing_keys if k in lora)
+    return wrapped.eval(), missing, sorted(result.unexpected_keys)
+
+
+@pytest.fixture(scope="module", params=MOE_KINDS)
+def case(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    model = tiny_moe(kind)
+    base = _save_base(model, root / "base")
+    twin = per_expert_twin(model, kind)
+    reference = _per_expert_adapter(kind, twin, root / "per-expert")
+    return {"kind": kind, "root": root, "base": base, "adapter": root / "per-expert", "reference": reference}
+
+
+def test_per_expert_to_fused_loads_in_peft_and_computes_the_same(case, tmp_path):
+    out = tmp_path / "fused"
+    result = run_cli("export", case["adapter"], "--for", "peft", "--base", case["base"], "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.experts.gate_up_proj",
+    ]
+    rows = {m["name"]: m for m in report["modules"]}
+    # gate and up were trained with different lora_A: the fused rank is r_gate + r_up, said
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"]["rank_out"] == 8
+    assert rows["model.layers.0.mlp.experts.down_proj"]["rank_out"] == 4
+    assert any("r_gate + r_up" in note for note in report["notes"])
+    assert report["max_relative_error"] == 0.0  # stacked and copied, nothing rounded
+    exported, missing, unexpected = _load_exported(case["kind"], out)
+    assert missing == [] and unexpected == []
+    expected, base = _logits(case["reference"]), _logits(tiny_moe(case["kind"]))
+    got = _logits(exported)
+    assert relative_error(got - base, expected - base) < 1e-5
+    assert relative_error(expected, base) > 1e-3  # the adapter does something
+
+
+def test_round_trip_per_expert_fused_per_expert_is_bit_identical(case, tmp_path):
+    out = tmp_path / "fused"
+    assert (
+        run_cli("export", case["adapter"], "--for", "peft", "--base", case["base"], "-o", out).exit_code == 0
+    )
+    source, fused = (
+        load_file(case["adapter"] / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
+    gate, up, down = MOE_NAMES[case["kind"]]
+    interleaved = case["kind"] == "gpt-oss"
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    E = sum(1 for k in source if k.endswith(f".{down}.lora_A.weight"))
+
+    def parts_of(name):
+        return [
+            (source[f"{prefix}.{e}.{name}.lora_A.weight"], source[f"{prefix}.{e}.{name}.lora_B.weight"])
+            for e in range(E)
+        ]
+
+    for keys, names in ((f"{prefix}.base_layer", (gate, up)), (prefix, (down,))):
+        A, B = fused[f"{keys}.lora_A.weight"], fused[f"{keys}.lora_B.weight"]
+        back = split(FusedFactors(A, B, A.shape[0] // E, E, 2.0), len(names), interleaved)
+        for name, part in zip(names, back):
+            for (a, b), a2, b2 in zip(parts_of(name), part.A, part.B):
+                assert torch.equal(a, a2) and torch.equal(b, b2)
+    # the attention modules are copied byte for byte
+    for key, tensor in source.items():
+        if "self_attn" in key:
+            assert torch.equal(fused[key], tensor)
+
+
+def test_round_trip_fused_per_expert_fused_is_bit_identical(case, tmp_path):
+    kind = case["kind"]
+    _fused_adapter(tiny_moe(kind), tmp_path / "fused")
+    tensors = load_file(tmp_path / "fused" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.mlp.experts"
+    for keys, parts in ((f"{prefix}.base_layer", 2), (prefix, 1)):
+        A, B = tensors[f"{keys}.lora_A.weight"], tensors[f"{keys}.lora_B.weight"]
+        E = 4 if kind != "mixtral" else 3
+        fused = FusedFactors(A, B, A.shape[0] // E, E, 2.0)
+        pieces = split(fused, parts, kind == "gpt-oss")
+        assert all(a.shape[0] == fused.rank for p in pieces for a in p.A)  # shared A: each half keeps r
+        again = fuse(pieces, kind == "gpt-oss")
+        assert torch.equal(again.A, A) and torch.equal(again.B, B) and again.method == "copied"
+
+
+def test_fused_adapter_exports_with_peft_keys_and_same_forward(case, tmp_path):
+    kind = case["kind"]
+    reference = _fused_adapter(tiny_moe(kind), tmp_path / "fused")
+    out = tmp_path / "out"
+    result = run_cli("export", tmp_path / "fused", "--for", "peft", "--base", case["base"], "-o", out)
+    assert result.exit_code == 0, result.stderr
+    source, written = (
+        load_file(tmp_path / "fused" / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
+    assert sorted(source) == sorted(written)
+    assert all(torch.equal(source[k], written[k]) for k in source)
+    exported, missing, unexpected = _load_exported(kind, out)
+    assert missing == [] and unexpected == []
+    torch.testing.assert_close(_logits(exported), _logits(reference), rtol=0, atol=1e-6)
+
+
+def test_experts_of_different_scales_are_folded_and_reported(tmp_path):
+    kind = "qwen3-moe"
+    model = tiny_moe(kind)
+    base = _save_base(model, tmp_path / "base")
+    twin = per_expert_twin(model, kind)
+    pattern = {r"model.layers.0.mlp.experts.1.down_proj": 2}
+    reference = _per_expert_adapter(
+        kind, twin, tmp_path / "a", rank_pattern=pattern, alpha_pattern={"experts.2.down_proj": 3}
+    )
+    out = tmp_path / "out"
+    result = run_cli("export", tmp_path / "a", "--for", "peft", "--base", base, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = {m["name"]: m for m in json.loads(result.stdout)["modules"]}
+    down = rows["model.layers.0.mlp.experts.down_proj"]
+    assert "folded" in down["method"] and "padded" in down["method"] and down["rank_out"] == 4
+    assert 0 < down["relative_error"] < 1e-6
+    exported, missing, unexpected = _load_exported(kind, out)
+    assert missing == [] and unexpected == []
+    expected, plain = _logits(reference), _logits(tiny_moe(kind))
+    assert relative_error(_logits(exported) - plain, expected - plain) < 1e-5
+
+
+def test_experts_the_adapter_leaves_out_get_zero_factors(tmp_path):
+    """An adapter on some experts only (expert-specialised fine-tuning): the others get ΔW = 0."""
+    kind = "mixtral"
+    model = tiny_moe(kind)
+    base = _save_base(model, tmp_path / "base")
+    twin = per_expert_twin(model, kind)
+    torch.manual_seed(3)
+    targets = [f"model.layers.0.mlp.experts.0.{n}" for n in MOE_NAMES[kind]]
+    wrapped = peft.get_peft_model(twin, peft.LoraConfig(target_modules=targets, r=2, lora_alpha=4))
+    randomize_adapter(wrapped, seed=3, a_std=0.2)
+    wrapped.save_pretrained(tmp_path / "a")
+    out = tmp_path / "out"
+    result = run_cli("export", tmp_path / "a", "--for", "peft", "--base", base, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert all("zero-filled" in m["method"] for m in json.loads(result.stdout)["modules"])
+    exported, missing, unexpected = _load_exported(kind, out)
+    assert missing == [] and unexpected == []
+    expected, plain = _logits(wrapped.eval()), _logits(tiny_moe(kind))
+    assert relative_error(_logits(exported) - plain, expected - plain) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["vllm", "sglang"])
+def test_serving_targets_refuse_expert_lora_by_name(case, target, tmp_path):
+    out = tmp_path / "out"
+    result = assert_refused(
+        ["export", case["adapter"], "--for", target, "--base", case["base"], "-o", out],
+        "model.layers.0.mlp.experts.gate_up_proj",
+        inputs=[case["adapter"], case["base"]],
+        output=out,
+    )
+    assert str(case["adapter"]) in result.stderr and "lorasurgery merge" in result.stderr
+
+
+def test_fused_adapter_without_base_is_refused(tmp_path):
+    _fused_adapter(tiny_moe("qwen3-moe"), tmp_path / "fused")
+    out = tmp_path / "out"
+    assert_refused(
+        ["export", tmp_path / "fused", "--for", "peft", "-o", out],
+        "pass --base BASE",
+        inputs=[tmp_path / "fused"],
+        output=out,
+    )
+
+
+def test_a_projection_left_out_of_every_expert_is_refused(tmp_path):
+    kind = "qwen3-moe"
+    model = tiny_moe(kind)
+    base = _save_base(model, tmp_path / "base")
+    torch.manual_seed(4)
+    wrapped = peft.get_peft_model(
+        per_expert_twin(model, kind), peft.LoraConfig(target_modules=["gate_proj"], r=2)
+    )
+    randomize_adapter(wrapped, seed=4, a_std=0.2)
+    wrapped.save_pretrained(tmp_path / "a")
+    out = tmp_path / "out"
+    assert_refused(
+        ["export", tmp_path / "a", "--for", "peft", "--base", base, "-o", out],
+        "model.layers.0.mlp.experts.gate_up_proj",
+        inputs=[tmp_path / "a", base],
+        output=out,
+    )
+
+
+def test_fuse_of_parts_with_one_lora_a_keeps_rank_r():
+    """PEFT's fused gate_up LoRA shares one lora_A: splitting and joining keeps it at rank r."""
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(3, 5, generator=g) for _ in range(2)]
+    gate = PartFactors(A, [torch.randn(4, 3, generator=g) for _ in range(2)], [2.0, 2.0])
+    up = PartFactors([a.clone() for a in A], [torch.randn(4, 3, generator=g) for _ in range(2)], [2.0, 2.0])
+    fused = fuse([gate, up], interleaved=True)
+    assert fused.rank == 3 and fused.method == "copied"
+    for e in range(2):
+        delta = fused.B.reshape(8, 3, 2)[:, :, e] @ fused.A.reshape(2, 3, 5)[e]
+        assert torch.equal(delta[0::2], gate.B[e] @ A[e]) and torch.equal(delta[1::2], up.B[e] @ A[e])
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+def test_fused_tensors_equal_peft_own_conversion_bit_for_bit(kind, tmp_path):
+    """PEFT converts a transformers-4.x per-expert adapter while loading it on a transformers-5 model
+    (peft/utils/transformers_weight_conversion.py: block-diagonal gate/up); export writes the same."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = tiny_moe(kind)
+    base = _save_base(model, tmp_path / "base")
+    _per_expert_adapter(kind, per_expert_twin(model, kind), tmp_path / "a")
+    out = tmp_path / "out"
+    assert run_cli("export", tmp_path / "a", "--for", "peft", "--base", base, "-o", out).exit_code == 0
+    converted = peft.PeftModel.from_pretrained(tiny_moe(kind), tmp_path / "a")
+    theirs = {
+        f"base_model.model.{k.removeprefix('base_model.model.')}": v
+        for k, v in get_peft_model_state_dict(converted).items()
+    }
+    ours = load_file(out / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
