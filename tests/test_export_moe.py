@@ -209,16 +209,107 @@ def test_experts_the_adapter_leaves_out_get_zero_factors(tmp_path):
     assert relative_error(_logits(exported) - plain, expected - plain) < 1e-5
 
 
+ROLES = ("gate", "up", "down")
+
+
+def _reference_deltas(kind, wrapped) -> dict:
+    """{(expert, role): PEFT's ΔW (out, in)} of a per-expert adapter on the twin or a target_parameters
+    one on the transformers-5 model, as the model's forward splits gate_up_proj (Qwen3-MoE, Mixtral:
+    chunk(2) of the out axis; gpt-oss: even/odd columns of (E, in, 2I))."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, LoraLayer) or "experts" not in name or "default" not in module.lora_A:
+            continue
+        with torch.no_grad():
+            delta = module.get_delta_weight("default").float()
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in MOE_NAMES[kind] and name.split(".")[-2].isdigit():  # per-expert nn.Linear
+            deltas[(int(name.split(".")[-2]), ROLES[MOE_NAMES[kind].index(leaf)])] = delta
+            continue
+        parameter = module.parameter_name
+        for e in range(delta.shape[0]):
+            d = delta[e].T if kind == "gpt-oss" else delta[e]  # (out, in)
+            if parameter == "down_proj":
+                deltas[(e, "down")] = d
+            elif kind == "gpt-oss":
+                deltas[(e, "gate")], deltas[(e, "up")] = d[0::2], d[1::2]
+            else:
+                deltas[(e, "gate")], deltas[(e, "up")] = d.chunk(2, dim=0)
+    return deltas
+
+
+def _served_deltas(kind, folder, target) -> dict:
+    """{(expert, role): ΔW} the target computes from the export, by its own rules (docs/export.md):
+    one global scale lora_alpha / r; per-expert modules by name, or vLLM's fused layout
+    (`experts.base_layer` = gate_up_proj, `experts` = down_proj; lora_A (E·r, in), lora_B (out, r·E))."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(folder / "adapter_model.safetensors")
+    deltas = {}
+    for key, A in tensors.items():
+        if "experts" not in key or ".lora_A." not in key:
+            continue
+        B = tensors[key.replace(".lora_A.", ".lora_B.")]
+        module = key.removesuffix(".lora_A.weight")
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in MOE_NAMES[kind]:
+            deltas[(int(module.split(".")[-2]), ROLES[MOE_NAMES[kind].index(leaf)])] = scale * B @ A
+            continue
+        E = 4 if kind != "mixtral" else 3
+        A3 = A.reshape(E, -1, A.shape[1])
+        B3 = B.reshape(B.shape[0], -1, E).permute(2, 0, 1)
+        for e in range(E):
+            d = scale * B3[e] @ A3[e]
+            if leaf == "base_layer":  # gate_up_proj, gpt-oss's gate/up interleaved
+                deltas[(e, "gate")], deltas[(e, "up")] = d[0::2], d[1::2]
+            else:
+                deltas[(e, "down")] = d
+    return deltas
+
+
+def _assert_served_like_peft(kind, out, target, wrapped):
+    served, reference = _served_deltas(kind, out, target), _reference_deltas(kind, wrapped)
+    assert sorted(served) == sorted(reference)
+    for key in reference:
+        assert relative_error(served[key], reference[key]) < 1e-6, key
+
+
 @pytest.mark.parametrize("target", ["vllm", "sglang"])
-def test_serving_targets_refuse_expert_lora_by_name(case, target, tmp_path):
+def test_serving_exports_of_a_per_expert_adapter_compute_peft_delta(case, target, tmp_path):
     out = tmp_path / "out"
-    result = assert_refused(
-        ["export", case["adapter"], "--for", target, "--base", case["base"], "-o", out],
-        "model.layers.0.mlp.experts.gate_up_proj",
-        inputs=[case["adapter"], case["base"]],
-        output=out,
-    )
-    assert str(case["adapter"]) in result.stderr and "lorasurgery merge" in result.stderr
+    args = ["export", case["adapter"], "--for", target, "--base", case["base"], "-o", out, "--json"]
+    if case["kind"] == "gpt-oss" and target == "sglang":
+        assert_refused(args, "interleaved", inputs=[case["adapter"], case["base"]], output=out)
+        return
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    tensors = load_file(out / "adapter_model.safetensors")
+    if case["kind"] == "gpt-oss":  # vLLM loads gpt-oss's expert LoRA fused (is_3d_moe_weight)
+        assert config["target_parameters"] and any(".experts.base_layer.lora_A" in k for k in tensors)
+    else:  # one module per expert under the checkpoint's names (Mixtral: block_sparse_moe.experts.{e}.w1)
+        stored = load_file(case["base"] / "model.safetensors")
+        modules = {
+            k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors if "experts" in k
+        }
+        assert modules and all(f"{m}.weight" in stored for m in modules)
+    if target == "sglang":  # one rank for every module
+        assert {t.shape[0] for k, t in tensors.items() if ".lora_A." in k} == {config["r"]}
+    _assert_served_like_peft(case["kind"], out, target, case["reference"])
+
+
+@pytest.mark.parametrize("target", ["vllm", "sglang"])
+def test_serving_exports_of_a_fused_adapter_compute_peft_delta(case, target, tmp_path):
+    kind = case["kind"]
+    if kind == "gpt-oss" and target == "sglang":
+        pytest.skip("refused (test above)")
+    wrapped = _fused_adapter(tiny_moe(kind), tmp_path / "fused")
+    out = tmp_path / "out"
+    result = run_cli("export", tmp_path / "fused", "--for", target, "--base", case["base"], "-o", out)
+    assert result.exit_code == 0, result.stderr
+    _assert_served_like_peft(kind, out, target, wrapped)
 
 
 def test_fused_adapter_without_base_is_refused(tmp_path):

@@ -160,3 +160,16 @@ def _own_columns(pieces: list[torch.Tensor]) -> list[torch.Tensor] | None:
     if any(not bool((u == u[0]).all()) or not bool(u[0].any()) for u in used):
         return None
     return [u[0].nonzero().flatten() for u in used]
+
+
+def padded(fused: FusedFactors, rank: int) -> FusedFactors:
+    """The same LoRA at a larger rank per expert: zero rows of A and columns of B (exact)."""
+    if rank <= fused.rank:
+        return fused
+    E, r = fused.experts, fused.rank
+    A = fused.A.reshape(E, r, -1)
+    A = torch.cat([A, A.new_zeros((E, rank - r, A.shape[2]))], dim=1)
+    B = fused.B.reshape(fused.B.shape[0], r, E)
+    B = torch.cat([B, B.new_zeros((B.shape[0], rank - r, E))], dim=1)
+    notes = fused.notes + ([] if "padded" in fused.notes else ["padded"])
+    return FusedFactors(A.reshape(E * rank, -1), B.reshape(B.shape[0], rank * E), rank, E, fused.scale, notes)

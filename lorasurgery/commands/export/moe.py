@@ -22,15 +22,43 @@ from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import torch_dtype_of
 from lorasurgery.model.experts import expert_slices
 
-# How each serving stack loads expert LoRA, read from its source (docs/export.md, "MoE experts").
-STACK_RULES = {
-    "vllm": "vLLM (vllm/lora/model_manager.py at 01533aa, lora_model.py at 0306474) loads expert LoRA one "
-    "module per expert and projection (FusedMoEWithLoRA, the checkpoint's expert names) or, on models it "
-    "marks is_3d_moe_weight (gpt-oss), PEFT's fused layout with both gate_up_proj and down_proj adapted",
-    "sglang": "SGLang (python/sglang/srt/lora/lora.py, 2026) loads expert LoRA one module per expert and "
-    "projection (Mixtral's w1/w3/w2 renamed gate/up/down), gate and up stacked at one rank",
-    "llama.cpp": "llama.cpp's GGUF export covers dense Llama only",
+# How each target loads expert LoRA, read from its source (docs/export.md, "MoE experts"): FUSED is
+# PEFT's target_parameters on the fused parameters, PER_EXPERT one 2-D module per expert and projection
+# under the checkpoint's expert names.
+FUSED, PER_EXPERT = "fused", "per-expert"
+# vLLM's models with `is_3d_moe_weight = True` (their expert LoRA is loaded fused, FusedMoE3DWithLoRA):
+# vllm/model_executor/models/{gpt_oss,qwen3_5,qwen3_vl_moe,glm4_moe_lite,interns1_pro}.py
+VLLM_3D_MOE = {
+    "GptOssForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+    "Glm4MoeLiteForCausalLM",
+    "InternS1ProForConditionalGeneration",
 }
+VLLM_SOURCE = "vllm/lora/model_manager.py at 01533aa (_create_lora_modules, _stack_moe_lora_weights)"
+SGLANG_SOURCE = "python/sglang/srt/lora/lora.py (2026: _rename_expert_w_to_proj, normalize_gate_up_proj)"
+
+
+def layout_for(target: str, architecture: str | None) -> str:
+    """The expert layout `target` loads on a base of `architecture`."""
+    if target == "peft":  # the base's current transformers model: transformers 5 fuses the experts
+        return FUSED
+    if target == "vllm":
+        return FUSED if architecture in VLLM_3D_MOE else PER_EXPERT
+    return PER_EXPERT
+
+
+def refusal(target: str, groups: dict) -> str | None:
+    """Why `target` cannot carry these expert groups, or None."""
+    if target == "llama.cpp":
+        return "llama.cpp's GGUF export covers dense Llama only"
+    interleaved = sorted(name for name, group in groups.items() if group.interleaved)
+    if target == "sglang" and interleaved:
+        return (
+            f"SGLang ({SGLANG_SOURCE}) stacks an expert's gate and up LoRA as concatenated halves; it has no "
+            f"path for gate/up interleaved as in {interleaved[0]}"
+        )
+    return None
 
 
 @dataclass
@@ -83,6 +111,12 @@ def expert_groups(adapter, structure) -> dict[str, ExpertGroup]:
             parameter = f"{lo.name}.{_parameter_of(adapter, lo, structure)}"
             group = groups.setdefault(parameter, ExpertGroup(parameter, lo.experts))
             group.fused = lo
+    for name, group in groups.items():
+        if group.fused is not None and not group.per_expert:  # how it splits, should a target need that
+            family = [f for f in slices.values() if f.parameter == name]
+            split_in = max(family, key=lambda f: f.parts, default=None)
+            if split_in is not None:
+                group.parts, group.interleaved = split_in.parts, split_in.interleaved
     for group in groups.values():
         if group.fused is not None and group.per_expert:
             some = next(iter(group.per_expert.values())).name
@@ -196,3 +230,28 @@ def fused_keys(module: str, parameters: list[str], registered: list[str]) -> dic
         prefix = PEFT_PREFIX + module + ".base_layer" * (len(ordered) - 1 - i)
         keys[parameter] = (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight")
     return keys
+
+
+def zero_fused(structure, parameter: str, rank: int, dtype) -> FusedFactors:
+    """A LoRA of ΔW = 0 on `parameter` (vLLM's fused path needs both gate_up_proj and down_proj)."""
+    module, _, leaf = parameter.rpartition(".")
+    found = structure.module(module)
+    experts, d1, d2 = found.parameters[leaf]
+    inp, out = (d1, d2) if found.transposed else (d2, d1)
+    zeros = torch.zeros((rank * experts, inp), dtype=dtype)
+    return FusedFactors(zeros, torch.zeros((out, rank * experts), dtype=dtype), rank, experts, 1.0, ["zero"])
+
+
+def per_expert_names(structure, group: ExpertGroup, tensors) -> dict[tuple[int, int], str]:
+    """{(expert, part): module name} of the group's per-expert modules as the base's checkpoint names
+    them (a name its weights hold; else the checkpoint's original spelling, the last one)."""
+    candidates: dict[tuple[int, int], list[str]] = {}
+    parts = 2 if group.leaf == "gate_up_proj" else 1
+    for name, found in expert_slices(structure).items():
+        if found.parameter == group.parameter and found.parts == parts:
+            candidates.setdefault((found.expert, found.part), []).append(name)
+    names = {}
+    for key, spellings in candidates.items():
+        chosen = next((n for n in spellings if n in tensors), spellings[-1])
+        names[key] = chosen.removesuffix(".weight")
+    return names
