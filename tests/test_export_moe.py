@@ -375,3 +375,24 @@ def test_fused_tensors_equal_peft_own_conversion_bit_for_bit(kind, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_inspect_for_says_what_export_does_with_the_experts(case):
+    kind, adapter, base = case["kind"], case["adapter"], case["base"]
+
+    def inspect(target, folder=adapter):
+        result = run_cli("inspect", folder, "--for", target, "--base", base, "--json")
+        rule = next(r for r in json.loads(result.stdout)["rules"] if r["id"] == "experts")
+        return result.exit_code, rule
+
+    code, rule = inspect("peft")  # per-expert: export fuses it (transformers 5)
+    assert (
+        code == 3
+        and rule["status"] == "fixed"
+        and "model.layers.0.mlp.experts.gate_up_proj" in rule["modules"]
+    )
+    code, rule = inspect("sglang")
+    if kind == "gpt-oss":
+        assert code == 4 and rule["status"] == "impossible" and "lorasurgery merge" in rule["action"]
+    else:  # the twin names Mixtral's experts mlp.experts.{e}.w1, the checkpoint block_sparse_moe…
+        assert rule["status"] == ("pass" if kind == "qwen3-moe" else "fixed")

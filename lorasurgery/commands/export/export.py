@@ -237,10 +237,14 @@ def export_adapter(
         drop_saved=drop_saved,
         structure=structure,
     )
+    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank)
+    experts_rule = moe.experts_rule(
+        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
+    )
+    rules += [experts_rule] if experts_rule is not None else []
     if any(r.status == IMPOSSIBLE for r in rules):
         raise UnsupportedError(refusal(adapter_path, target, rules))
     _check_dora_rank(adapter, adapter_path, target, max_rank)
-    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank)
 
     report = ExportReport(str(adapter_path), target, str(output), rules)
     in_groups = {id(lo) for group in groups.values() for lo in group.sources}
@@ -649,8 +653,12 @@ def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
         raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
-    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
+    structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
         adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
     )
-    return ServingCheck(str(adapter_path), target, rules)
+    groups = moe.expert_groups(adapter, structure)
+    experts_rule = moe.experts_rule(
+        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
+    )
+    return ServingCheck(str(adapter_path), target, rules + ([experts_rule] if experts_rule else []))

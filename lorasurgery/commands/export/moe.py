@@ -18,6 +18,7 @@ import torch
 
 from lorasurgery.adapter.experts import FusedFactors, PartFactors, fuse
 from lorasurgery.adapter.model import PEFT_PREFIX
+from lorasurgery.commands.export.rules import FIXED, IMPOSSIBLE, PASS, Rule
 from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import torch_dtype_of
 from lorasurgery.model.experts import expert_slices
@@ -255,3 +256,67 @@ def per_expert_names(structure, group: ExpertGroup, tensors) -> dict[tuple[int, 
         chosen = next((n for n in spellings if n in tensors), spellings[-1])
         names[key] = chosen.removesuffix(".weight")
     return names
+
+
+def experts_rule(adapter, target: str, groups: dict, structure, tensors=()) -> Rule | None:
+    """`inspect --for` / export's rule for expert LoRA: loadable as is, rewritten by export into the
+    layout the target loads (exact), or impossible (what to do instead)."""
+    fused_alone = sorted(
+        lo.name for lo in adapter.modules.values() if lo.kind == "parameter" and lo.experts > 1
+    )
+    requirement = {
+        "peft": "PEFT loads expert LoRA in the base's current transformers layout (transformers 5: "
+        "target_parameters on the fused gate_up_proj / down_proj)",
+        "vllm": f"vLLM ({VLLM_SOURCE}) loads expert LoRA fused on its is_3d_moe_weight models (gpt-oss), "
+        f"else one module per expert and projection",
+        "sglang": f"SGLang ({SGLANG_SOURCE}) loads expert LoRA one module per expert and projection, "
+        f"gate and up at one rank",
+        "llama.cpp": "llama.cpp's GGUF export covers dense Llama only",
+    }[target]
+    if not groups:
+        if not fused_alone or structure is not None:
+            return None
+        return Rule(
+            "experts",
+            requirement,
+            FIXED,
+            fused_alone,
+            "pass --base BASE (its config.json): export rewrites the experts' LoRA by the base's structure",
+        )
+    names = sorted(groups)
+    why = refusal(target, groups)
+    if why is not None:
+        return Rule(
+            "experts", requirement, IMPOSSIBLE, names, f"{why}: merge the adapter (`lorasurgery merge`)"
+        )
+    layout = layout_for(target, structure.architecture)
+    source = FUSED if all(g.fused is not None for g in groups.values()) else PER_EXPERT
+    if source == layout and _as_loaded(target, layout, groups, structure, tensors):
+        return Rule("experts", requirement, PASS, names)
+    return Rule(
+        "experts",
+        requirement,
+        FIXED,
+        names,
+        f"export writes the experts' LoRA {'fused (target_parameters)' if layout == FUSED else 'per expert'} "
+        f"(exact; the fused rank is said)",
+    )
+
+
+def _as_loaded(target: str, layout: str, groups: dict, structure, tensors) -> bool:
+    """Whether the adapter's expert LoRA already is what the target loads: PEFT's fused layout; or
+    one module per expert under the checkpoint's names at one scale (and, SGLang, one rank)."""
+    if target == "peft":
+        return True
+    if layout == FUSED:  # vLLM's fused path: both parameters of every experts module, one rank
+        modules = {g.module for g in groups.values()}
+        ranks = {g.fused.r for g in groups.values()}
+        return len(groups) == 2 * len(modules) and len(ranks) == 1
+    for group in groups.values():
+        names = per_expert_names(structure, group, tensors)
+        if any(names.get(key) != lo.name for key, lo in group.per_expert.items()):
+            return False
+        if len(group.per_expert) != group.experts * group.parts:
+            return False
+    los = [lo for g in groups.values() for lo in g.per_expert.values()]
+    return len({lo.scale for lo in los}) == 1 and (target != "sglang" or len({lo.r for lo in los}) == 1)
