@@ -211,8 +211,8 @@ def relative_error(written: FusedFactors, exact: FusedFactors) -> float:
     formed elementwise in float64: no cancellation, exactly 0 when nothing was rounded."""
     E, r = exact.experts, exact.rank
     A = exact.A.double().reshape(E, r, -1)
-    Bw = written.B.double().reshape(-1, r, E).permute(2, 0, 1) * written.scale
-    Bx = exact.B.double().reshape(-1, r, E).permute(2, 0, 1) * exact.scale
+    Bw = (written.B.double().reshape(-1, r, E).permute(2, 0, 1) * written.scale).contiguous()
+    Bx = (exact.B.double().reshape(-1, r, E).permute(2, 0, 1) * exact.scale).contiguous()
     AA = A @ A.transpose(1, 2)
 
     def norm2(B):  # Σ_e ‖B_e A_e‖² = Σ_e tr((B_eᵀB_e)(A_eA_eᵀ))
