@@ -615,6 +615,7 @@ def quantize_bnb(base_path, out_path, **bnb_config) -> Path:
 MOE_KINDS = ("qwen3-moe", "mixtral", "gpt-oss")
 # per-expert projection names of each kind's 4.x-style experts: (gate, up, down)
 MOE_NAMES = {
+    "qwen2-moe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3-moe": ("gate_proj", "up_proj", "down_proj"),
     "mixtral": ("w1", "w3", "w2"),
     "gpt-oss": ("gate_proj", "up_proj", "down_proj"),
@@ -637,7 +638,17 @@ def tiny_moe(kind: str, seed: int = 0):
         bos_token_id=None,
         eos_token_id=None,
     )
-    if kind == "qwen3-moe":
+    if kind == "qwen2-moe":  # routed experts fused, plus a shared expert (a plain MLP) beside them
+        config = transformers.Qwen2MoeConfig(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
+        model = transformers.Qwen2MoeForCausalLM(config)
+    elif kind == "qwen3-moe":
         config = transformers.Qwen3MoeConfig(
             intermediate_size=32, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, **common
         )

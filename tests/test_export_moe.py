@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from lorasurgery.adapter.experts import FusedFactors, PartFactors, fuse, split
 
+EXPERTS = {"qwen2-moe": 4, "qwen3-moe": 4, "mixtral": 3, "gpt-oss": 4}  # tiny_moe's expert counts
 TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
@@ -141,7 +142,7 @@ def test_round_trip_fused_per_expert_fused_is_bit_identical(case, tmp_path):
     prefix = "base_model.model.model.layers.0.mlp.experts"
     for keys, parts in ((f"{prefix}.base_layer", 2), (prefix, 1)):
         A, B = tensors[f"{keys}.lora_A.weight"], tensors[f"{keys}.lora_B.weight"]
-        E = 4 if kind != "mixtral" else 3
+        E = EXPERTS[kind]
         fused = FusedFactors(A, B, A.shape[0] // E, E, 2.0)
         pieces = split(fused, parts, kind == "gpt-oss")
         assert all(a.shape[0] == fused.rank for p in pieces for a in p.A)  # shared A: each half keeps r
@@ -257,7 +258,7 @@ def _served_deltas(kind, folder, target) -> dict:
         if leaf in MOE_NAMES[kind]:
             deltas[(int(module.split(".")[-2]), ROLES[MOE_NAMES[kind].index(leaf)])] = scale * B @ A
             continue
-        E = 4 if kind != "mixtral" else 3
+        E = EXPERTS[kind]
         A3 = A.reshape(E, -1, A.shape[1])
         B3 = B.reshape(B.shape[0], -1, E).permute(2, 0, 1)
         for e in range(E):
@@ -396,3 +397,46 @@ def test_inspect_for_says_what_export_does_with_the_experts(case):
         assert code == 4 and rule["status"] == "impossible" and "lorasurgery merge" in rule["action"]
     else:  # the twin names Mixtral's experts mlp.experts.{e}.w1, the checkpoint block_sparse_moe…
         assert rule["status"] == ("pass" if kind == "qwen3-moe" else "fixed")
+
+
+def test_shared_experts_stay_apart_from_routed_ones(tmp_path):
+    """Qwen2-MoE: a shared expert (a plain MLP: shared_expert.gate_proj …) beside the routed experts. Its
+    LoRA stays three 2-D modules; only the routed experts' become target_parameters. (PEFT 0.21.2's
+    own loading of this 4.x adapter on transformers 5 leaves the routed experts' LoRA out.)"""
+    kind = "qwen2-moe"
+    model = tiny_moe(kind)
+    base = _save_base(model, tmp_path / "base")
+    reference = _per_expert_adapter(kind, per_expert_twin(model, kind), tmp_path / "a")
+    out = tmp_path / "out"
+    assert run_cli("export", tmp_path / "a", "--for", "peft", "--base", base, "-o", out).exit_code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    shared = [f"model.layers.0.mlp.shared_expert.{n}" for n in ("down_proj", "gate_proj", "up_proj")]
+    assert set(shared) <= set(config["target_modules"])
+    assert config["target_parameters"] == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.experts.gate_up_proj",
+    ]
+    source, written = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
+    for key, tensor in source.items():
+        if "shared_expert" in key:
+            assert torch.equal(written[key], tensor)
+    exported, missing, unexpected = _load_exported(kind, out)
+    assert missing == [] and unexpected == []
+    expected, plain = _logits(reference), _logits(tiny_moe(kind))
+    assert relative_error(_logits(exported) - plain, expected - plain) < 1e-5
+    out = tmp_path / "vllm"
+    assert run_cli("export", tmp_path / "a", "--for", "vllm", "--base", base, "-o", out).exit_code == 0
+    written = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(written[k], t) for k, t in source.items() if "shared_expert" in k)
+
+
+def test_without_base_per_expert_names_get_a_hint_not_a_guess(case, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("export", case["adapter"], "--for", "peft", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert any("pass --base BASE" in note for note in json.loads(result.stdout)["notes"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "target_parameters" not in config  # nothing fused on a guess

@@ -237,7 +237,8 @@ def export_adapter(
         drop_saved=drop_saved,
         structure=structure,
     )
-    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank)
+    hints: list[str] = []
+    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank, hints)
     experts_rule = moe.experts_rule(
         adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
     )
@@ -246,7 +247,7 @@ def export_adapter(
         raise UnsupportedError(refusal(adapter_path, target, rules))
     _check_dora_rank(adapter, adapter_path, target, max_rank)
 
-    report = ExportReport(str(adapter_path), target, str(output), rules)
+    report = ExportReport(str(adapter_path), target, str(output), rules, notes=hints)
     in_groups = {id(lo) for group in groups.values() for lo in group.sources}
     modules = sorted(
         (lo for lo in adapter.modules.values() if id(lo) not in in_groups),
@@ -288,7 +289,12 @@ def export_adapter(
     return report
 
 
-def _expert_groups(adapter, adapter_path, target: str, structure, max_rank: int | None) -> dict:
+_EXPERT_NAME = re.compile(r"\.experts\.\d+\.")
+
+
+def _expert_groups(
+    adapter, adapter_path, target: str, structure, max_rank: int | None, warnings: list
+) -> dict:
     """The adapter's expert LoRA per fused parameter (commands/export/moe.py), or a refusal naming
     what the target cannot carry."""
     fused_alone = sorted(
@@ -301,6 +307,12 @@ def _expert_groups(adapter, adapter_path, target: str, structure, max_rank: int 
             f"nothing was written"
         )
     groups = moe.expert_groups(adapter, structure)
+    if structure is None and any(_EXPERT_NAME.search(name) for name in adapter.modules):
+        # a hint, never a decision: without the base's structure nothing says these are experts
+        warnings.append(
+            "module names look like per-expert MoE modules (…experts.{e}.…); pass --base BASE so that "
+            "export writes them in the layout the target loads (transformers 5 fuses experts)"
+        )
     if not groups:
         return groups
     some = ", ".join(sorted(groups)[:3]) + (f" and {len(groups) - 3} more" if len(groups) > 3 else "")
