@@ -440,3 +440,35 @@ def test_without_base_per_expert_names_get_a_hint_not_a_guess(case, tmp_path):
     assert any("pass --base BASE" in note for note in json.loads(result.stdout)["notes"])
     config = json.loads((out / "adapter_config.json").read_text())
     assert "target_parameters" not in config  # nothing fused on a guess
+
+
+def test_a_parameter_adapted_both_ways_is_refused(tmp_path):
+    """target_parameters on gate_up_proj and per-expert gate/up modules in one adapter: PEFT would apply
+    both, no single layout holds them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    kind = "qwen3-moe"
+    model = tiny_moe(kind)
+    base = _save_base(model, tmp_path / "base")
+    _fused_adapter(tiny_moe(kind), tmp_path / "fused")
+    _per_expert_adapter(kind, per_expert_twin(model, kind), tmp_path / "per-expert")
+    both = shutil.copytree(tmp_path / "fused", tmp_path / "both")
+    tensors = load_file(both / "adapter_model.safetensors")
+    extra = load_file(tmp_path / "per-expert" / "adapter_model.safetensors")
+    tensors.update(
+        {k: v for k, v in extra.items() if ".experts." in k and ("gate_proj" in k or "up_proj" in k)}
+    )
+    save_file(tensors, both / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((both / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(set(config["target_modules"]) | {"gate_proj", "up_proj"})
+    config["rank_pattern"] = {r"experts\.\d+\.(gate|up)_proj": 4}
+    (both / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_refused(
+        ["export", both, "--for", "peft", "--base", base, "-o", out],
+        "model.layers.0.mlp.experts.gate_up_proj is adapted twice",
+        inputs=[both, base],
+        output=out,
+    )
