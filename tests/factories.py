@@ -605,3 +605,144 @@ def quantize_bnb(base_path, out_path, **bnb_config) -> Path:
         )
         model.save_pretrained(Path(out_path))
     return Path(out_path)
+
+
+# ------------------------------------------------------------------------------------------ MoE
+# Tiny transformers-5 MoE models (fused 3-D expert parameters) and their transformers-4.x-style twins
+# (one nn.Linear per expert and projection, holding the same weights): the oracle a per-expert adapter
+# runs on in PEFT.
+
+MOE_KINDS = ("qwen3-moe", "mixtral", "gpt-oss")
+# per-expert projection names of each kind's 4.x-style experts: (gate, up, down)
+MOE_NAMES = {
+    "qwen2-moe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3-moe": ("gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("w1", "w3", "w2"),
+    "gpt-oss": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def tiny_moe(kind: str, seed: int = 0):
+    """A tiny transformers MoE causal LM (1 layer) of `kind` (MOE_KINDS), seeded."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if kind == "qwen2-moe":  # routed experts fused, plus a shared expert (a plain MLP) beside them
+        config = transformers.Qwen2MoeConfig(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
+        model = transformers.Qwen2MoeForCausalLM(config)
+    elif kind == "qwen3-moe":
+        config = transformers.Qwen3MoeConfig(
+            intermediate_size=32, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2, **common
+        )
+        model = transformers.Qwen3MoeForCausalLM(config)
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(
+            intermediate_size=8, num_local_experts=3, num_experts_per_tok=2, **common
+        )
+        model = transformers.MixtralForCausalLM(config)
+    elif kind == "gpt-oss":
+        config = transformers.GptOssConfig(
+            intermediate_size=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **common,
+        )
+        model = transformers.GptOssForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm", "bias"])
+    return model.eval()
+
+
+class _Expert(torch.nn.Module):
+    def __init__(self, names, gate, up, down, gpt_oss=None):
+        super().__init__()
+        self.names, self.gpt_oss = names, gpt_oss
+        for name, linear in zip(names, (gate, up, down)):
+            self.add_module(name, linear)
+
+    def forward(self, x):
+        gate, up, down = (getattr(self, n) for n in self.names)
+        if self.gpt_oss is None:
+            act = self.act
+            return down(act(gate(x)) * up(x))
+        alpha, limit = self.gpt_oss  # GptOssExperts._apply_gate
+        g, u = gate(x).clamp(max=limit), up(x).clamp(min=-limit, max=limit)
+        return down((u + 1) * (g * torch.sigmoid(g * alpha)))
+
+
+class PerExpertExperts(torch.nn.ModuleList):
+    """A transformers-5 experts module as transformers 4.x built it: `{e}.<gate/up/down>` nn.Linear
+    per expert with the fused parameters' weights (gpt-oss: gate the even, up the odd outputs of
+    gate_up_proj (E, in, 2I), biases kept), routed like the original's forward."""
+
+    def __init__(self, fused, kind: str):
+        gpt_oss = kind == "gpt-oss"
+        names = MOE_NAMES[kind]
+        experts = []
+        for e in range(fused.gate_up_proj.shape[0]):
+            W, D = fused.gate_up_proj[e].detach(), fused.down_proj[e].detach()
+            if gpt_oss:
+                b, db = fused.gate_up_proj_bias[e].detach(), fused.down_proj_bias[e].detach()
+                parts = [(W[:, 0::2].T, b[0::2]), (W[:, 1::2].T, b[1::2]), (D.T, db)]
+            else:
+                inner = W.shape[0] // 2
+                parts = [(W[:inner], None), (W[inner:], None), (D, None)]
+            linears = []
+            for weight, bias in parts:
+                linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if bias is not None:
+                        linear.bias.copy_(bias)
+                linears.append(linear)
+            expert = _Expert(names, *linears, gpt_oss=(fused.alpha, fused.limit) if gpt_oss else None)
+            if not gpt_oss:
+                expert.act = fused.act_fn
+            experts.append(expert)
+        super().__init__(experts)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token, position = torch.where(top_k_index == e)
+            if token.numel():
+                y = expert(hidden_states[token]) * top_k_weights[token, position, None]
+                out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def per_expert_twin(model, kind: str):
+    """A copy of transformers-5 MoE `model` whose every experts module is a PerExpertExperts. Its
+    config's model_type is renamed so that PEFT does not convert a LoRA of its per-expert modules into
+    the fused layout while creating it (peft/utils/transformers_weight_conversion.py does that for
+    the model types transformers 5 fused)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin.config.model_type = f"{model.config.model_type}-per-expert"
+    for name, module in list(twin.named_modules()):
+        if name.endswith("mlp.experts"):
+            parent = twin.get_submodule(name.rpartition(".")[0])
+            parent.experts = PerExpertExperts(module, kind)
+    return twin.eval()

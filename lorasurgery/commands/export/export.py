@@ -26,10 +26,12 @@ from types import SimpleNamespace
 import torch
 
 from lorasurgery.adapter import load_adapter
+from lorasurgery.adapter.experts import padded, split
 from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.names import find_prefix_rule
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import bind, saved_fan_in_fan_out
+from lorasurgery.commands.export import moe
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
 from lorasurgery.commands.export.rules import (
     FIXED,
@@ -225,7 +227,7 @@ def export_adapter(
     else:
         check_output_path(output, inputs, force)
     base_config, base_ckpt = _base_parts(base)
-    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
+    structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
         adapter,
         target,
@@ -235,13 +237,24 @@ def export_adapter(
         drop_saved=drop_saved,
         structure=structure,
     )
+    hints: list[str] = []
+    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank, hints)
+    experts_rule = moe.experts_rule(
+        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
+    )
+    rules += [experts_rule] if experts_rule is not None else []
     if any(r.status == IMPOSSIBLE for r in rules):
         raise UnsupportedError(refusal(adapter_path, target, rules))
     _check_dora_rank(adapter, adapter_path, target, max_rank)
 
-    report = ExportReport(str(adapter_path), target, str(output), rules)
-    modules = sorted(adapter.modules.values(), key=lambda lo: natural_key(lo.name))
-    shape = _shape_of(modules, target, max_rank)
+    report = ExportReport(str(adapter_path), target, str(output), rules, notes=hints)
+    in_groups = {id(lo) for group in groups.values() for lo in group.sources}
+    modules = sorted(
+        (lo for lo in adapter.modules.values() if id(lo) not in in_groups),
+        key=lambda lo: natural_key(lo.name),
+    )
+    experts = _expert_layout(adapter, groups, target, structure)
+    shape = _shape_of(modules, target, max_rank, experts)
     if target == "llama.cpp":
         report.config = {"adapter.lora.alpha": shape.alpha}
     factors = _target_factors(adapter, base_ckpt, modules, shape, report, progress)
@@ -254,13 +267,192 @@ def export_adapter(
         write_gguf(adapter, modules, factors, shape.alpha, base_config, output, force=force, inputs=inputs)
         return report
     config = _folder_config(adapter, target, modules, shape.ranks, shape.R, shape.multiplier, shape.keep_dora)
+    expert_tensors = _expert_tensors(
+        adapter,
+        groups,
+        experts,
+        modules,
+        shape,
+        structure,
+        config,
+        report,
+        base_ckpt.tensors if base_ckpt else {},
+    )
     report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
-    tensors = _folder_tensors(adapter, target, modules, factors, shape.multiplier, shape.keep_dora)
+    tensors = _folder_tensors(
+        adapter, target, modules, factors, shape.multiplier, shape.keep_dora, expert_tensors
+    )
     with atomic_output_dir(output, inputs=inputs, force=force) as folder:
         write_adapter_folder(folder, tensors, config)
         if Path(adapter_path).is_dir():
             copy_side_files(Path(adapter_path), folder, SIDE_FILES)
     return report
+
+
+_EXPERT_NAME = re.compile(r"\.experts\.\d+\.")
+
+
+def _expert_groups(
+    adapter, adapter_path, target: str, structure, max_rank: int | None, warnings: list
+) -> dict:
+    """The adapter's expert LoRA per fused parameter (commands/export/moe.py), or a refusal naming
+    what the target cannot carry."""
+    fused_alone = sorted(
+        lo.name for lo in adapter.modules.values() if lo.kind == "parameter" and lo.experts > 1
+    )
+    if structure is None and fused_alone:
+        raise UnsupportedError(
+            f"{adapter_path}: module {fused_alone[0]}: a LoRA on fused expert parameters (target_parameters) "
+            f"needs the base's structure to be exported: pass --base BASE (a folder with its config.json); "
+            f"nothing was written"
+        )
+    groups = moe.expert_groups(adapter, structure)
+    if structure is None and any(_EXPERT_NAME.search(name) for name in adapter.modules):
+        # a hint, never a decision: without the base's structure nothing says these are experts
+        warnings.append(
+            "module names look like per-expert MoE modules (…experts.{e}.…); pass --base BASE so that "
+            "export writes them in the layout the target loads (transformers 5 fuses experts)"
+        )
+    if not groups:
+        return groups
+    some = ", ".join(sorted(groups)[:3]) + (f" and {len(groups) - 3} more" if len(groups) > 3 else "")
+    why = moe.refusal(target, groups)
+    if why is not None:
+        raise UnsupportedError(
+            f"{adapter_path}: cannot export for {target}: the adapter has LoRA on MoE experts ({some}); "
+            f"{why}: merge the adapter (`lorasurgery merge`) and serve the merged model; nothing was written"
+        )
+    if max_rank is not None:
+        raise UnsupportedError(
+            f"{adapter_path}: --max-rank with LoRA on MoE experts ({some}) is not supported by export yet; "
+            f"export without it (exact) and `lorasurgery resize` the result; nothing was written"
+        )
+    return groups
+
+
+def _expert_layout(adapter, groups: dict, target: str, structure) -> tuple:
+    """(layout, {parameter: FusedFactors}, their common scale, the ranks of the modules written) of
+    the expert groups for `target`."""
+    layout = moe.layout_for(target, structure.architecture if structure is not None else None)
+    fused = {name: moe.fused_factors(adapter, group) for name, group in sorted(groups.items())}
+    scale = _most_common([f.scale for f in fused.values()], 1.0) if fused else None
+    if layout == moe.FUSED:
+        ranks = [f.rank for f in fused.values()]
+    else:  # a stacked gate/up splits back into its own ranks
+        ranks = [
+            part.A[0].shape[0]
+            for name, f in fused.items()
+            for part in split(f, groups[name].parts, groups[name].interleaved)
+        ]
+    return layout, fused, scale, ranks
+
+
+def _expert_tensors(
+    adapter, groups: dict, experts, modules, shape, structure, config: dict, report, base_tensors
+) -> dict:
+    """Every expert group in the layout the target loads (moe.layout_for): PEFT's target_parameters on
+    the fused parameter (PEFT's nested keys; vLLM's fused path also needs both of a module's parameters,
+    the missing one given ΔW = 0), or one 2-D module per expert and projection under the checkpoint's
+    names (split exactly, moe.py); scales folded to the target's one scale g, the config's patterns and
+    targets extended; a report row per fused parameter."""
+    layout, fused = experts[0], experts[1]
+    if not fused:
+        return {}
+    g = next(iter(shape.multiplier.values())) if modules else experts[2]
+    target = report.target
+    if not modules:  # only experts: the config's r is their most common rank (vLLM, SGLang: shape.R)
+        R = Counter(f.rank for f in fused.values()).most_common(1)[0][0]
+        R = shape.R if target in ("vllm", "sglang") else R
+        config.update(r=R, lora_alpha=_number(g * R))
+    R = config["r"]
+    written = {name: moe.refolded(f, g) for name, f in fused.items()}
+    if target == "vllm" and layout == moe.FUSED:
+        for name in list(written):
+            for leaf in ("gate_up_proj", "down_proj"):
+                sibling = f"{groups[name].module}.{leaf}"
+                if sibling not in written:
+                    zero = moe.zero_fused(structure, sibling, written[name].rank, written[name].A.dtype)
+                    written[sibling] = moe.refolded(zero, g)
+        # one rank per experts module: vLLM stacks its gate_up and down LoRA in buffers of one rank
+        for name in written:
+            module = groups[name].module if name in groups else name.rpartition(".")[0]
+            rank = max(f.rank for n, f in written.items() if n.rpartition(".")[0] == module)
+            written[name] = padded(written[name], rank)
+    tensors: dict = {}
+
+    def pattern(name: str, rank: int) -> None:
+        if rank != R:
+            config["rank_pattern"][re.escape(name)] = rank
+            config["alpha_pattern"][re.escape(name)] = _number(g * rank)
+
+    if layout == moe.FUSED:
+        by_module: dict[str, list[str]] = {}
+        for name in written:
+            module, _, leaf = name.rpartition(".")
+            by_module.setdefault(module, []).append(leaf)
+        for module, leaves in by_module.items():
+            keys = moe.fused_keys(module, leaves, list(structure.module(module).parameters))
+            for leaf in leaves:
+                name = f"{module}.{leaf}"
+                tensors[keys[leaf][0]] = written[name].A.contiguous()
+                tensors[keys[leaf][1]] = written[name].B.contiguous()
+                pattern(name, written[name].rank)
+        config["target_parameters"] = sorted(written)
+    else:
+        names_written, split_ranks = [], {}
+        for name, f in written.items():
+            group = groups[name]
+            names = moe.per_expert_names(structure, group, base_tensors)
+            for k, part in enumerate(split(f, group.parts, group.interleaved)):
+                for e, (A, B) in enumerate(zip(part.A, part.B)):
+                    module = names[(e, k)]
+                    if target == "sglang":  # one rank for every module (SGLang stacks gate with up)
+                        f_padded = _pad(_Factors(A, B, "", 0.0), shape.R)
+                        A, B = f_padded.A, f_padded.B
+                    keys = lora_keys(module)
+                    tensors[keys.A], tensors[keys.B] = A.contiguous(), B.contiguous()
+                    pattern(module, A.shape[0])
+                    names_written.append(module)
+                    split_ranks[name] = max(split_ranks.get(name, 0), A.shape[0])
+        if target == "sglang":
+            leaves = {n.rsplit(".", 1)[-1] for n in names_written}
+            config["target_modules"] = sorted(set(config["target_modules"]) | leaves)
+        else:
+            config["target_modules"] = sorted(config["target_modules"] + names_written, key=natural_key)
+    for name, group in sorted(groups.items()):
+        # only folding rounds (copying, stacking, padding, zero-filling and splitting are exact)
+        error = 0.0
+        if "folded" in written[name].notes:
+            exact = padded(moe.fused_factors(adapter, group, float64=True), written[name].rank)
+            error = moe.relative_error(written[name], exact)
+        method = written[name].method + ("+split" if layout == moe.PER_EXPERT else "")
+        sources = group.sources
+        report.modules.append(
+            ModuleExport(
+                name,
+                "parameter",
+                max(lo.r for lo in sources),
+                written[name].rank if layout == moe.FUSED else split_ranks[name],
+                _most_common([lo.scale for lo in sources], g),
+                g,
+                method,
+                error,
+            )
+        )
+    zeros = sorted(set(written) - set(groups))
+    if zeros:
+        report.notes.append(
+            f"vLLM's fused expert LoRA needs both gate_up_proj and down_proj: {', '.join(zeros[:3])}"
+            f"{' …' if len(zeros) > 3 else ''} written with ΔW = 0 (exact)"
+        )
+    stacked = [name for name in fused if "stacked" in fused[name].notes]
+    if stacked and layout == moe.FUSED:
+        report.notes.append(
+            f"gate and up of {len(stacked)} fused parameters had different lora_A, so their fused LoRA "
+            f"stacks both: rank r_gate + r_up per expert ({', '.join(stacked[:3])}"
+            f"{' …' if len(stacked) > 3 else ''}); exact"
+        )
+    return tensors
 
 
 def _check_dora_rank(adapter, adapter_path, target: str, max_rank: int | None) -> None:
@@ -289,7 +481,9 @@ class _Shape:
         return (lo.dora and not self.keep_dora) or self.rank_out[lo.name] < lo.r
 
 
-def _shape_of(modules, target: str, max_rank: int | None) -> _Shape:
+def _shape_of(modules, target: str, max_rank: int | None, experts=None) -> _Shape:
+    """`experts`: _expert_layout's (layout, fused factors, scale), whose ranks SGLang's one rank covers
+    and whose scale is the target's when the adapter has no other module."""
     keep_dora = target == "peft"
 
     def rank_out(lo) -> int:
@@ -299,11 +493,12 @@ def _shape_of(modules, target: str, max_rank: int | None) -> _Shape:
 
     out = {lo.name: rank_out(lo) for lo in modules}
     ranks = dict(out)
+    expert_ranks = experts[3] if experts else []
     if target == "sglang":
-        common = max(ranks.values())
+        common = max([*ranks.values(), *expert_ranks])
         ranks = {name: common for name in ranks}
     R = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
-    R = max(ranks.values()) if target in ("vllm", "sglang") else R
+    R = max([*ranks.values(), *expert_ranks] or [1]) if target in ("vllm", "sglang") else R
     shape = _Shape(keep_dora, out, ranks, R, {})
 
     # The target's multiplier t_m, chosen so that as many modules as possible are copied unchanged.
@@ -415,8 +610,8 @@ def _folder_config(adapter, target, modules, ranks, R, multiplier, keep_dora) ->
     return config
 
 
-def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora) -> dict:
-    tensors = {}
+def _folder_tensors(adapter, target, modules, factors, multiplier, keep_dora, experts: dict) -> dict:
+    tensors = dict(experts)
     for lo in modules:
         f = factors[lo.name]
         keys = lora_keys(lo.name, lo.kind)
@@ -474,8 +669,12 @@ def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
         raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
-    structure = base_structure(base, base_config, base_ckpt) if target == "llama.cpp" else None
+    structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
         adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
     )
-    return ServingCheck(str(adapter_path), target, rules)
+    groups = moe.expert_groups(adapter, structure)
+    experts_rule = moe.experts_rule(
+        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
+    )
+    return ServingCheck(str(adapter_path), target, rules + ([experts_rule] if experts_rule else []))
