@@ -6,6 +6,9 @@ and checks the artifact against them, one tensor pair at a time. The package is 
 of artifact, so that the ones to come (an adapter exported for a runtime, GGUF, `--text`) are a
 module each beside the first:
 
+    adapter.py  an adapter (a PEFT folder for peft / vllm / sglang, a llama.cpp GGUF LoRA): the
+                update each target computes from it by its own rules (lorasurgery.targets), in
+                factored form where both sides are plain LoRA
     merged.py   a merged checkpoint (safetensors file or folder, sharded, or quantized: read
                 dequantized by the checkpoint layer): ΔŴ = W_artifact − W_base per tensor, every
                 untouched tensor unchanged
@@ -24,6 +27,13 @@ from pathlib import Path
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
+from lorasurgery.commands.verify.adapter import (
+    check_adapter_artifact,
+    choose_target,
+    is_adapter,
+    is_gguf,
+    read_adapter_artifact,
+)
 from lorasurgery.commands.verify.config import check_config
 from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
 from lorasurgery.concurrency import torch_threads
@@ -44,7 +54,7 @@ class VerifyReport:
 
     base: str
     artifact: str
-    artifact_kind: str  # "merged checkpoint" (adapters and GGUF to come)
+    artifact_kind: str  # "merged checkpoint" | "adapter for <target>"
     adapters: list[str]
     weights: list[float]
     checks: list[TensorCheck] = field(default_factory=list)  # every touched tensor
@@ -53,6 +63,8 @@ class VerifyReport:
     extra: list[str] = field(default_factory=list)  # artifact tensors the base does not have
     tensors_checked: int = 0
     seconds: float = 0.0
+    target: str | None = None  # an adapter artifact: the target whose rules were applied
+    target_rule: str = ""  # and why that target (--target, or what the artifact is)
 
     @property
     def landed(self) -> bool:
@@ -68,6 +80,8 @@ class VerifyReport:
             "base": self.base,
             "artifact": self.artifact,
             "artifact_kind": self.artifact_kind,
+            "target": self.target,
+            "target_rule": self.target_rule,
             "adapters": self.adapters,
             "weights": self.weights,
             "landed": self.landed,
@@ -81,7 +95,15 @@ class VerifyReport:
 
 
 def verify_artifact(
-    base, adapters, artifact, *, weights=None, device: str = "cpu", config_file=None, progress=None
+    base,
+    adapters,
+    artifact,
+    *,
+    weights=None,
+    device: str = "cpu",
+    config_file=None,
+    target: str | None = None,
+    progress=None,
 ) -> VerifyReport:
     """Check `artifact` against `base` + `adapters` (each with its weight); raises a LoraSurgeryError
     naming the input when something cannot be checked."""
@@ -96,7 +118,13 @@ def verify_artifact(
         )
     device = resolve_device(device)
     artifact_path = Path(artifact)
-    _refuse_adapter_artifact(artifact_path)
+    if is_adapter(artifact_path) or is_gguf(artifact_path):
+        return _verify_adapter(base, adapters, artifact_path, weights, device, config_file, target, started)
+    if target is not None:
+        raise UnsupportedError(
+            f"{artifact_path}: --target applies to an adapter artifact (a PEFT folder or a GGUF LoRA); "
+            f"this is a merged checkpoint: leave --target out"
+        )
     checkpoint = open_checkpoint(base)
     target = open_checkpoint(artifact_path)
     structure = structure_of(checkpoint, config_file)
@@ -122,10 +150,27 @@ def verify_artifact(
     return report
 
 
-def _refuse_adapter_artifact(path: Path) -> None:
-    """An adapter folder or file as ARTIFACT is the next kind verify learns (SPEC §14): say so by name."""
-    if (path / "adapter_config.json").is_file() or path.name == "adapter_model.safetensors":
-        raise UnsupportedError(
-            f"{path}: is an adapter; verify checks merged checkpoints for now (checking an adapter "
-            f"exported for a runtime is to come) — merge it first, or pass the merged model"
-        )
+def _verify_adapter(
+    base, adapters, artifact: Path, weights, device, config_file, target, started
+) -> VerifyReport:
+    """An adapter artifact: what its target computes from it against PEFT's ΔW (adapter.py)."""
+    target, rule = choose_target(artifact, target)
+    checkpoint = open_checkpoint(base)
+    structure = structure_of(checkpoint, config_file)
+    loaded = [load_adapter(p) for p in adapters]
+    bound = bind(loaded, checkpoint, structure=structure)
+    recipes = plan_recipes(bound)
+    found = read_adapter_artifact(artifact, target, rule, checkpoint, structure, device)
+    report = VerifyReport(
+        str(base), str(artifact), f"adapter for {target}", [str(a) for a in adapters], weights, target=target
+    )
+    report.target_rule = rule
+    with torch_threads(1):
+        report.checks, report.changed = check_adapter_artifact(found, bound, weights, recipes, device)
+    order = {name: i for i, name in enumerate(recipes.tensors)}
+    report.checks.sort(key=lambda c: order.get(c.name, 0))
+    report.extra = found.extra
+    report.config = found.problems
+    report.tensors_checked = len(report.checks) + len(report.changed)
+    report.seconds = time.perf_counter() - started
+    return report
