@@ -9,6 +9,8 @@ module each beside the first:
     adapter.py  an adapter (a PEFT folder for peft / vllm / sglang, a llama.cpp GGUF LoRA): the
                 update each target computes from it by its own rules (lorasurgery.targets), in
                 factored form where both sides are plain LoRA
+    gguf_model.py  a merged GGUF model (convert_hf_to_gguf.py, llama-export-lora), read under the
+                base's names for merged.py
     merged.py   a merged checkpoint (safetensors file or folder, sharded, or quantized: read
                 dequantized by the checkpoint layer): ΔŴ = W_artifact − W_base per tensor, every
                 untouched tensor unchanged
@@ -30,11 +32,13 @@ from lorasurgery.binding import bind
 from lorasurgery.commands.verify.adapter import (
     check_adapter_artifact,
     choose_target,
+    gguf_kind,
     is_adapter,
     is_gguf,
     read_adapter_artifact,
 )
 from lorasurgery.commands.verify.config import check_config
+from lorasurgery.commands.verify.gguf_model import GgufModel
 from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
@@ -54,7 +58,7 @@ class VerifyReport:
 
     base: str
     artifact: str
-    artifact_kind: str  # "merged checkpoint" | "adapter for <target>"
+    artifact_kind: str  # "merged checkpoint" | "merged GGUF" | "adapter for <target>"
     adapters: list[str]
     weights: list[float]
     checks: list[TensorCheck] = field(default_factory=list)  # every touched tensor
@@ -118,7 +122,8 @@ def verify_artifact(
         )
     device = resolve_device(device)
     artifact_path = Path(artifact)
-    if is_adapter(artifact_path) or is_gguf(artifact_path):
+    merged_gguf = is_gguf(artifact_path) and gguf_kind(artifact_path) != "adapter"
+    if is_adapter(artifact_path) or (is_gguf(artifact_path) and not merged_gguf):
         return _verify_adapter(base, adapters, artifact_path, weights, device, config_file, target, started)
     if target is not None:
         raise UnsupportedError(
@@ -126,13 +131,18 @@ def verify_artifact(
             f"this is a merged checkpoint: leave --target out"
         )
     checkpoint = open_checkpoint(base)
-    target = open_checkpoint(artifact_path)
     structure = structure_of(checkpoint, config_file)
-    artifact_structure = structure_of(target, config_file if target.config is None else None)
     loaded = [load_adapter(p) for p in adapters]
     bound = bind(loaded, checkpoint, structure=structure)
     recipes = plan_recipes(bound)
-    report = VerifyReport(str(base), str(artifact), "merged checkpoint", [str(a) for a in adapters], weights)
+    if merged_gguf:
+        target = GgufModel(artifact_path, checkpoint.config or {}, recipes.tensors)
+        artifact_structure = target.tied_structure(structure)
+    else:
+        target = open_checkpoint(artifact_path)
+        artifact_structure = structure_of(target, config_file if target.config is None else None)
+    kind = "merged GGUF" if merged_gguf else "merged checkpoint"
+    report = VerifyReport(str(base), str(artifact), kind, [str(a) for a in adapters], weights)
     check = MergedCheck(bound, weights, recipes, target, artifact_structure, device)
     work = units(recipes, checkpoint, target)
     with torch_threads(1):  # two workers, one thread each: the work is memory-bound
@@ -144,7 +154,10 @@ def verify_artifact(
     report.changed.sort(key=lambda c: order.get(c.name, 0))
     model = set(recipes.tensors)
     report.extra = [n for n in target.tensors if n not in model and n not in checkpoint.tensors]
-    report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
+    if merged_gguf:
+        report.extra += target.extra
+    else:
+        report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
     report.tensors_checked = sum(len(u.names) for u in work)
     report.seconds = time.perf_counter() - started
     return report

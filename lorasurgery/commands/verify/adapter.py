@@ -32,9 +32,10 @@ import torch
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
+from lorasurgery.commands.verify.gguf_model import gguf_field, open_gguf
 from lorasurgery.commands.verify.merged import F32_NOISE, Changed, MergedCheck, TensorCheck
 from lorasurgery.commands.verify.verdict import MANTISSA_BITS, compare, compare_factored, factored_norm, norm
-from lorasurgery.errors import CheckpointError, OptionError, UnsupportedError
+from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.linalg.update import factors, to_stored
 from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_unpermute, permuted_heads
 from lorasurgery.recipes import BASE, Recipes, plan_recipes
@@ -55,6 +56,13 @@ def is_gguf(path: Path) -> bool:
         return False
     with open(path, "rb") as handle:
         return handle.read(4) == GGUF_MAGIC
+
+
+def gguf_kind(path: Path) -> str:
+    """A GGUF file's general.type: 'adapter' (a LoRA) or 'model' (the default when unset)."""
+    import gguf
+
+    return gguf_field(open_gguf(path), gguf.Keys.General.TYPE) or "model"
 
 
 def is_adapter(path: Path) -> bool:
@@ -194,35 +202,23 @@ def _read_gguf_lora(path: Path, rule: str, checkpoint, structure) -> AdapterArti
     """A llama.cpp GGUF LoRA, as llama-adapter.cpp loads it (docs/verify.md, "Adapter artifacts")."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as error:  # the gguf package raises bare ValueError / struct errors
-        raise CheckpointError(
-            f"{path}: not a readable GGUF file ({error}); pass the .gguf llama.cpp loads"
-        ) from error
-    kind = _field(reader, gguf.Keys.General.TYPE)
-    if kind != "adapter":
-        raise UnsupportedError(
-            f"{path}: a GGUF {kind or 'model'} file (general.type); verify reads GGUF LoRA adapters "
-            f"(general.type = adapter); a merged GGUF model is not checked yet: convert it to safetensors "
-            f"or verify the merged safetensors it was converted from"
-        )
+    reader = open_gguf(path)
     found = AdapterArtifact("llama.cpp", rule)
-    if _field(reader, gguf.Keys.Adapter.TYPE) != "lora":
+    if gguf_field(reader, gguf.Keys.Adapter.TYPE) != "lora":
         found.problems.append(
-            f"adapter.type is {_field(reader, gguf.Keys.Adapter.TYPE)!r}: llama.cpp loads 'lora'"
+            f"adapter.type is {gguf_field(reader, gguf.Keys.Adapter.TYPE)!r}: llama.cpp loads 'lora'"
         )
     config = checkpoint.config or {}
     try:
         _, arch = gguf_architecture(config)
     except UnsupportedError as error:
         raise UnsupportedError(f"{path}: {error}; verify maps GGUF names only for these") from error
-    if _field(reader, gguf.Keys.General.ARCHITECTURE) != arch:
+    if gguf_field(reader, gguf.Keys.General.ARCHITECTURE) != arch:
         found.problems.append(
-            f"general.architecture is {_field(reader, gguf.Keys.General.ARCHITECTURE)!r}, the base's is "
+            f"general.architecture is {gguf_field(reader, gguf.Keys.General.ARCHITECTURE)!r}, the base's is "
             f"{arch!r}: llama.cpp refuses the adapter ('model arch and LoRA arch mismatch')"
         )
-    alpha = float(_field(reader, gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
+    alpha = float(gguf_field(reader, gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
     names = gguf_names(checkpoint.tensors, config)
     pairs: dict[str, dict[str, object]] = {}
     for tensor in reader.tensors:
@@ -280,11 +276,6 @@ def _gguf_array(tensor) -> torch.Tensor:
 
 def _gguf_grid(tensor) -> tuple[str, float]:
     return GGUF_GRID.get(tensor.tensor_type.name, COARSE)
-
-
-def _field(reader, key: str):
-    found = reader.get_field(key)
-    return None if found is None else found.contents()
 
 
 # ------------------------------------------------------------------------------------ the check
