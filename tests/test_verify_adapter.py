@@ -265,3 +265,39 @@ def test_bad_input(llama, gguf_lora, tmp_path):
     broken.write_bytes(b"GGUF" + b"\0" * 8)
     assert_refused(["verify", base, adapter, broken], "broken.gguf", inputs=[broken])
     shutil.rmtree(merged)
+
+
+# ------------------------------------------------------------------------------------------- --text
+
+
+@pytest.fixture(scope="module")
+def text(llama):
+    root, base, _, _ = llama
+    (base / "byte_tokens.json").write_text('{"byte_tokens": true}')  # the tiny Llama's tokens: ASCII bytes
+    path = root / "text.txt"
+    path.write_text("a surgeon folds the low-rank update into the weights, and the model speaks " * 2)
+    return path
+
+
+def test_text_logits_of_correct_and_broken_artifacts(llama, text, tmp_path):
+    """A merge and a vLLM export compute PEFT's logits within float32's tolerance; the adapter as
+    trained, served by an old vLLM (patterns ignored), does not; GGUF is skipped with its reason."""
+    root, base, adapter, _ = llama
+    merged = tmp_path / "merged"
+    assert run_cli("merge", base, adapter, "-o", merged, "-q").exit_code == 0
+    vllm = export(adapter, "vllm", tmp_path / "vllm", base)
+    for artifact, args in ((merged, []), (vllm, ["--target", "vllm"])):
+        code, report = verify(base, adapter, artifact, "--text", text, *args)
+        assert code == LANDED and report["text"]["passed"], report["text"]
+        assert report["text"]["tokens"] == len(text.read_bytes()) and report["text"]["dtype"] == "F32"
+        assert report["text"]["max_difference"] < 1e-5
+    code, report = verify(base, adapter, adapter, "--text", text, "--target", "vllm")
+    assert code == DID_NOT_LAND and not report["text"]["passed"]
+    assert report["text"]["max_difference"] > report["text"]["tolerance"]
+    code, report = verify(
+        base, adapter, export(adapter, "llama.cpp", tmp_path / "a.gguf", base), "--text", text
+    )
+    assert code == LANDED and "GGUF" in report["text"]["skipped"], report["text"]
+    assert_refused(
+        ["verify", base, adapter, merged, "--text", tmp_path / "none.txt"], "none.txt", inputs=[merged]
+    )

@@ -198,6 +198,8 @@ def merge(
     help="An adapter ARTIFACT: check it by this runtime's rules (default: llama.cpp for a GGUF file, "
     "else peft).",
 )
+@text_option("Also compare the artifact's logits on this text with base + adapters through PEFT.")
+@tokens_option
 @device_option
 @json_option
 @config_option("The base's config.json (file or folder), when BASE has none.")
@@ -209,6 +211,8 @@ def verify(
     paths: tuple[str, ...],
     weights: tuple[float, ...],
     target: str | None,
+    text: str | None,
+    tokens: int,
     device: str,
     as_json: bool,
     config_file: str | None,
@@ -236,6 +240,8 @@ def verify(
         device=device,
         config_file=config_file,
         target=target,
+        text=text,
+        tokens=tokens,
     )
     render.verify_report(report, as_json=as_json, quiet=quiet)
     ctx.exit(0 if report.landed else DID_NOT_LAND)

@@ -11,6 +11,7 @@ module each beside the first:
                 factored form where both sides are plain LoRA
     gguf_model.py  a merged GGUF model (convert_hf_to_gguf.py, llama-export-lora), read under the
                 base's names for merged.py
+    text.py     --text: the artifact's logits on a text against base + adapters through PEFT
     merged.py   a merged checkpoint (safetensors file or folder, sharded, or quantized: read
                 dequantized by the checkpoint layer): ΔŴ = W_artifact − W_base per tensor, every
                 untouched tensor unchanged
@@ -40,6 +41,7 @@ from lorasurgery.commands.verify.adapter import (
 from lorasurgery.commands.verify.config import check_config
 from lorasurgery.commands.verify.gguf_model import GgufModel
 from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
+from lorasurgery.commands.verify.text import TextCheck, artifact_dtype, check_text
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import OptionError, UnsupportedError
@@ -69,6 +71,7 @@ class VerifyReport:
     seconds: float = 0.0
     target: str | None = None  # an adapter artifact: the target whose rules were applied
     target_rule: str = ""  # and why that target (--target, or what the artifact is)
+    text: TextCheck | None = None  # --text: the logits comparison
 
     @property
     def landed(self) -> bool:
@@ -77,6 +80,7 @@ class VerifyReport:
             and not self.changed
             and not self.config
             and not self.extra
+            and (self.text is None or self.text.passed or bool(self.text.skipped))
         )
 
     def to_dict(self) -> dict:
@@ -94,6 +98,7 @@ class VerifyReport:
             "changed": [c.to_dict() for c in self.changed],
             "config": self.config,
             "extra": self.extra,
+            "text": self.text.to_dict() if self.text is not None else None,
             "seconds": self.seconds,
         }
 
@@ -107,6 +112,8 @@ def verify_artifact(
     device: str = "cpu",
     config_file=None,
     target: str | None = None,
+    text=None,
+    tokens: int = 2048,
     progress=None,
 ) -> VerifyReport:
     """Check `artifact` against `base` + `adapters` (each with its weight); raises a LoraSurgeryError
@@ -124,7 +131,24 @@ def verify_artifact(
     artifact_path = Path(artifact)
     merged_gguf = is_gguf(artifact_path) and gguf_kind(artifact_path) != "adapter"
     if is_adapter(artifact_path) or (is_gguf(artifact_path) and not merged_gguf):
-        return _verify_adapter(base, adapters, artifact_path, weights, device, config_file, target, started)
+        report = _verify_adapter(base, adapters, artifact_path, weights, device, config_file, target, started)
+        if text is not None:
+            report.text = check_text(
+                base,
+                adapters,
+                weights,
+                artifact_path,
+                text,
+                tokens,
+                kind="adapter",
+                target=report.target,
+                device=device,
+                dtype=artifact_dtype(load_adapter(artifact_path).checkpoint)
+                if report.target != "llama.cpp"
+                else "F32",
+            )
+            report.seconds = time.perf_counter() - started
+        return report
     if target is not None:
         raise UnsupportedError(
             f"{artifact_path}: --target applies to an adapter artifact (a PEFT folder or a GGUF LoRA); "
@@ -159,6 +183,19 @@ def verify_artifact(
     else:
         report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
     report.tensors_checked = sum(len(u.names) for u in work)
+    if text is not None:
+        report.text = check_text(
+            base,
+            adapters,
+            weights,
+            artifact_path,
+            text,
+            tokens,
+            kind=kind,
+            target=None,
+            device=device,
+            dtype="F32" if merged_gguf else artifact_dtype(target),
+        )
     report.seconds = time.perf_counter() - started
     return report
 
