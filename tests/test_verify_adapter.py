@@ -254,13 +254,13 @@ def test_bad_input(llama, gguf_lora, tmp_path):
     import gguf
 
     model = tmp_path / "model.gguf"
-    writer = gguf.GGUFWriter(model, arch="llama")
+    writer = gguf.GGUFWriter(model, arch="gpt2")  # a merged GGUF of another model
     writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert_refused(["verify", base, adapter, model], "general.type", inputs=[model])
+    assert_refused(["verify", base, adapter, model], "general.architecture is 'gpt2'", inputs=[model])
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 8)
     assert_refused(["verify", base, adapter, broken], "broken.gguf", inputs=[broken])

@@ -38,7 +38,7 @@ from lorasurgery.commands.verify.verdict import MANTISSA_BITS, compare, compare_
 from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.linalg.update import factors, to_stored
 from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_unpermute, permuted_heads
-from lorasurgery.recipes import BASE, Recipes, plan_recipes
+from lorasurgery.recipes import Recipes, plan_recipes
 from lorasurgery.targets import PASS, TARGETS, check_rules, target_scale
 
 GGUF_MAGIC = b"GGUF"
@@ -153,7 +153,7 @@ def _read_peft(path, target, rule, checkpoint, structure, device) -> AdapterArti
         if recipe.untouched:
             continue
         landed = Landed(rounding=0.0)
-        plain = _plain(recipe, [bound])
+        plain = found.check.plain(recipe)
         for _, key in recipe.updates:
             lora = bound.targets[key].lora
             f = factors(adapter, lora, device)
@@ -179,17 +179,6 @@ def _rescaled(bound, scale_of):
         modules={k: fix(m) for k, m in bound.modules.items()},
         targets={k: fix(m) for k, m in bound.targets.items()},
     )
-
-
-def _plain(recipe, bound) -> bool:
-    """A recipe that is a sum of plain 2-D LoRA products on the base's own tensor."""
-    if recipe.start is not BASE or recipe.bias_terms or recipe.token_rows:
-        return False
-    for index, key in recipe.updates:
-        lora = bound[index].targets[key].lora
-        if lora.dora or lora.kind not in ("linear", "embedding") or lora.experts:
-            return False
-    return True
 
 
 def _factor_rounding(B: torch.Tensor, A: torch.Tensor, bits: int, factor: float) -> float:
@@ -327,7 +316,7 @@ def _stack(terms: list[Term], rows: int, cols: int, dtype=torch.float64):
 def _compare(
     name, recipe, kind, modules, landed: Landed, found, expected, bound, weights, device
 ) -> TensorCheck:
-    plain = _plain(recipe, bound) and not landed.dense
+    plain = expected.plain(recipe) and not landed.dense
     if plain:
         Db, Da = _stack(_expected_terms(recipe, bound, weights, device), 0, 0)
         Hb, Ha = _stack(landed.terms, Db.shape[0], Da.shape[1])

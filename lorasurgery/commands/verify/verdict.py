@@ -33,16 +33,20 @@ RESOLVABLE = 0.25  # largest rounding noise of ρ (τ/(‖ΔW‖·√N)) under w
 SCALE_SLACK = 1e-3  # relative residual allowed when fitting ΔŴ ≈ c·ΔW or ΔWᵀ
 
 
-def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0) -> float:
+def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0, *, in_place: bool = False) -> float:
     """‖½ ulp(x)‖ over the float32 `values` as the dtype `code` rounds them, times `factor`.
 
     The power of two below |x| is x's float32 bits with the mantissa and sign cleared (0 stays 0),
-    so this costs one integer pass and no exponent arithmetic."""
+    so this costs one integer pass and no exponent arithmetic. `in_place`: `values` (float32,
+    contiguous) is overwritten by those powers instead of a new buffer (the caller refills it)."""
     bits = MANTISSA_BITS.get(code)
     if bits is None:  # integer tensors are exact
         return 0.0
-    values = values.detach().to(torch.float32).contiguous()
-    powers = (values.view(torch.int32) & 0x7F800000).view(torch.float32)
+    if in_place:
+        powers = values.view(torch.int32).bitwise_and_(0x7F800000).view(torch.float32)
+    else:
+        values = values.detach().to(torch.float32).contiguous()
+        powers = (values.view(torch.int32) & 0x7F800000).view(torch.float32)
     return factor * math.ldexp(norm(powers), -(bits + 1))
 
 
