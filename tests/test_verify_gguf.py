@@ -4,7 +4,8 @@ The merged GGUF is made by llama.cpp's own convert_hf_to_gguf.py (LLAMA_CPP_DIR:
 e.g. llama-cpp-python's vendor/llama.cpp; the tests skip without it) from a tiny real Llama merged
 with a real PEFT adapter by PEFT (merge_and_unload + save_pretrained), in f32, f16 and Q8_0: each
 lands, q_proj / k_proj included (the converter permutes their rows; verify undoes it). The base
-converted alone is `missing`, the adapter merged twice `applied twice`.
+converted alone is `missing`, the adapter merged twice `applied twice`. And the GGUF LoRA llama.cpp's
+convert_lora_to_gguf.py writes (another tool's conversion) lands by llama.cpp's rules.
 """
 
 from __future__ import annotations
@@ -85,3 +86,31 @@ def test_converted_base_is_missing_and_double_merge_twice(llama, tmp_path):
     shutil.copy(merged / "config.json", twice / "config.json")
     code, report = verify(base, adapter, to_gguf(twice, tmp_path / "twice.gguf", "f32"))
     assert code == DID_NOT_LAND and {c["verdict"] for c in report["checks"]} == {"applied twice"}, report
+
+
+def test_llamacpp_converted_lora_lands(llama, tmp_path):
+    """The GGUF LoRA llama.cpp's own convert_lora_to_gguf.py writes (q/k permuted by its converter)
+    lands by llama.cpp's rules; the same file checked against another adapter does not."""
+    root, base, adapter, _ = llama
+    out = tmp_path / "theirs.gguf"
+    subprocess.run(
+        [
+            sys.executable,
+            str(converter().with_name("convert_lora_to_gguf.py")),
+            str(adapter),
+            "--base",
+            str(base),
+            "--outfile",
+            str(out),
+            "--outtype",
+            "f32",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    code, report = verify(base, adapter, out)
+    assert code == LANDED and report["target"] == "llama.cpp", report
+    assert {c["tensor"].split(".")[-2] for c in report["checks"]} == set(TARGETS)
+    other = make_adapter(base, tmp_path / "other", seed=9, target_modules=TARGETS)
+    code, report = verify(base, other, out)
+    assert code == DID_NOT_LAND and "landed" not in {c["verdict"] for c in report["checks"]}
