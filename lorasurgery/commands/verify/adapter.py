@@ -363,5 +363,5 @@ def _landed_norm(name, landed: Landed, found: AdapterArtifact, expected: MergedC
     if landed.terms and not landed.dense:
         Hb, Ha = _stack(landed.terms, 0, 0)
         return factored_norm(Hb, Ha)
-    W = expected.base.read(expected.recipes.tensors[name].name, "cpu")
+    W = expected.base.read(expected.recipes.tensors[name].name, expected.device)
     return norm(_dense_landed(name, landed, found, W))
