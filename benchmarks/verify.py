@@ -1,7 +1,7 @@
 """`lorasurgery verify` against the floor it is measured by: reading the base and the artifact once.
 
 docs/design.md §8: verify ≤ 1.2× the time of reading the base and the artifact once (it is
-disk-bound). The model is merge_fp8.py's Llama with SmolLM2-135M's shapes (random bf16 weights,
+disk-bound). The model is merge_quantized.py's Llama with SmolLM2-135M's shapes (random bf16 weights,
 tied embeddings) and its all-linear r=16 adapter; the artifact is our own bf16 merge of it. The
 floor is a process of its own that opens both checkpoints and reads every tensor through
 `Checkpoint.read`, the reader verify uses; verify runs as the whole command (`--json`, exit 0).
@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from common import WORK, lorasurgery, median, run_measured  # noqa: E402
-from merge_fp8 import build  # noqa: E402
+from merge_quantized import build_smollm2  # noqa: E402
 
 READ_CHILD = r"""
 import sys
@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    plain, _, adapter = build(576)
+    plain, _, adapter = build_smollm2(576, 30)  # SmolLM2-135M's shapes
     merged = WORK / "verify-bench-merged"
     if not (merged / "config.json").is_file():
         subprocess.run(lorasurgery("merge", plain, adapter, "-o", merged, "--force"), check=True)

@@ -87,6 +87,30 @@ def make_llama(
     return _save(model, path, dtype, max_shard_size)
 
 
+def save_tiny_tokenizer(path, vocab_size: int = 128) -> Path:
+    """A Llama-style byte-fallback BPE tokenizer of `vocab_size` tokens (<unk>, <s>, </s>, then byte
+    tokens) saved beside a tiny model at `path`, built in memory: llama.cpp's convert_hf_to_gguf.py
+    needs a tokenizer to convert a model (its LlamaHfVocab branch)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"<0x{i:02X}>"] = len(vocab)
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(Path(path))
+    return Path(path)
+
+
 def make_gpt2(
     path,
     *,

@@ -29,7 +29,7 @@ LAYERS = (
     ("model", "naming"),
     ("binding",),
     ("linalg",),
-    ("factored", "causal_lm", "recipes"),
+    ("factored", "causal_lm", "recipes", "targets", "llamacpp"),
     ("commands",),
     ("cli", "__main__", ""),
 )

@@ -191,6 +191,15 @@ def merge(
 @click.option(
     "--weight", "weights", multiple=True, type=float, help="Weight of each adapter (default 1), as merge's."
 )
+@click.option(
+    "--target",
+    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
+    default=None,
+    help="An adapter ARTIFACT: check it by this runtime's rules (default: llama.cpp for a GGUF file, "
+    "else peft).",
+)
+@text_option("Also compare the artifact's logits on this text with base + adapters through PEFT.")
+@tokens_option
 @device_option
 @json_option
 @config_option("The base's config.json (file or folder), when BASE has none.")
@@ -201,16 +210,21 @@ def verify(
     base: str,
     paths: tuple[str, ...],
     weights: tuple[float, ...],
+    target: str | None,
+    text: str | None,
+    tokens: int,
     device: str,
     as_json: bool,
     config_file: str | None,
 ) -> None:
-    """Check that ADAPTERs landed in ARTIFACT, a merged checkpoint made by any tool.
+    """Check that ADAPTERs landed in ARTIFACT: a merged checkpoint made by any tool, or an adapter
+    exported for a runtime (a PEFT folder, a llama.cpp GGUF LoRA).
 
-    Per tensor, the landed update ΔŴ = W_artifact − W_base against PEFT's ΔW: relative error,
-    retention ρ and a verdict (landed, partly, missing, transposed, scaled by c, applied twice,
-    wrong side of a tie); every other tensor must be unchanged, config.json consistent. Exit 0 when
-    everything landed, 3 when the check found a failure, 1 when it could not check.
+    Per tensor, the landed update ΔŴ (W_artifact − W_base, or what the runtime computes from the
+    adapter by its own rules) against PEFT's ΔW: relative error, retention ρ and a verdict (landed,
+    partly, missing, transposed, scaled by c, applied twice, wrong side of a tie, refused); every
+    other tensor must be unchanged, config.json consistent. Exit 0 when everything landed, 1 when
+    the check found a failure (--json's "landed": false) or could not check.
     """
     import lorasurgery.cli.render as render
     from lorasurgery.commands.verify import DID_NOT_LAND, verify_artifact
@@ -225,6 +239,9 @@ def verify(
         weights=list(weights) or None,
         device=device,
         config_file=config_file,
+        target=target,
+        text=text,
+        tokens=tokens,
     )
     render.verify_report(report, as_json=as_json, quiet=quiet)
     ctx.exit(0 if report.landed else DID_NOT_LAND)

@@ -347,7 +347,21 @@ def verify_report(report, as_json: bool = False, quiet: bool = False) -> None:
     for name in report.extra:
         stdout.print(f"extra: {name} is in the artifact but not in the base", markup=False, soft_wrap=True)
     for issue in report.config:
-        stdout.print(f"config: {issue}", markup=False, soft_wrap=True)
+        label = "target" if report.target else "config"
+        stdout.print(f"{label}: {issue}", markup=False, soft_wrap=True)
+    if report.target:
+        stdout.print(f"read by {report.target}'s rules ({report.target_rule})", markup=False, soft_wrap=True)
+    text = report.text
+    if text is not None and text.skipped:
+        stdout.print(f"logits: skipped: {text.skipped}", markup=False, soft_wrap=True)
+    elif text is not None:
+        verdict = "within" if text.passed else "BEYOND"
+        stdout.print(
+            f"logits on {text.text} ({text.tokens} tokens): max |Δ| {format_number(text.max_difference)} {verdict} "
+            f"the {text.dtype} tolerance {format_number(text.tolerance)}",
+            markup=False,
+            soft_wrap=True,
+        )
     landed = sum(c.verdict == "landed" for c in report.checks)
     outcome = "everything landed" if report.landed else "did NOT land"
     stdout.print(

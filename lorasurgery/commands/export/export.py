@@ -33,15 +33,6 @@ from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import bind, saved_fan_in_fan_out
 from lorasurgery.commands.export import moe
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
-from lorasurgery.commands.export.rules import (
-    FIXED,
-    IMPOSSIBLE,
-    PASS,
-    TARGETS,
-    check_rules,
-    embedding_copies,
-    verdict,
-)
 from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
 from lorasurgery.factored import adapter_of, module_svd, truncated_factors
 from lorasurgery.io import (
@@ -56,6 +47,15 @@ from lorasurgery.linalg.lowrank import LowRankSVD, concatenated_factors, lowrank
 from lorasurgery.model import structure_of
 from lorasurgery.naming import natural_key
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
+from lorasurgery.targets import (
+    FIXED,
+    IMPOSSIBLE,
+    PASS,
+    TARGETS,
+    check_rules,
+    embedding_copies,
+    verdict,
+)
 
 SIDE_FILES = (
     "tokenizer.json",

@@ -22,43 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorasurgery.commands.export.rules import LLAMACPP_ARCHITECTURES
-from lorasurgery.errors import OutputError, UnsupportedError
-
-
-def llama_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
-    """The converter's LlamaModel.permute on the rows of a (out, …) tensor: within each head the
-    rotary pairs (i, i + d/2) are interleaved to (2i, 2i + 1)."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    out = rows.shape[0]
-    return rows.reshape(n_head, 2, out // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
-def gguf_architecture(base_config: dict) -> tuple[str, str]:
-    """(HF class, gguf arch name) of a base config.json export supports."""
-    for name in base_config.get("architectures") or []:
-        if name in LLAMACPP_ARCHITECTURES:
-            return name, LLAMACPP_ARCHITECTURES[name]
-    raise UnsupportedError(
-        f"base architecture {base_config.get('architectures')} is not supported by export --for llama.cpp"
-    )
-
-
-def tensor_names(modules, base_config: dict) -> dict[str, str]:
-    """{module: llama.cpp tensor name} through gguf's name map for the base's architecture."""
-    import gguf
-
-    _, arch = gguf_architecture(base_config)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    name_map = gguf.get_tensor_name_map(arch_id, int(base_config["num_hidden_layers"]))
-    names = {}
-    for lo in modules:
-        mapped = name_map.get_name(f"{lo.name}.weight", try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise UnsupportedError(f"module {lo.name} has no llama.cpp tensor for architecture {arch}")
-        names[lo.name] = mapped
-    return names
+from lorasurgery.errors import OutputError
+from lorasurgery.llamacpp import gguf_architecture, llama_permute, tensor_names
 
 
 def gguf_tensors(modules, factors, base_config: dict) -> list[tuple[str, np.ndarray]]:

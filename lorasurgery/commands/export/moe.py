@@ -18,7 +18,7 @@ import torch
 
 from lorasurgery.adapter.experts import FusedFactors, PartFactors, fuse
 from lorasurgery.adapter.model import PEFT_PREFIX
-from lorasurgery.commands.export.rules import FIXED, IMPOSSIBLE, PASS, Rule
+from lorasurgery.targets import FIXED, IMPOSSIBLE, PASS, Rule
 from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import torch_dtype_of
 from lorasurgery.model.experts import expert_slices

@@ -9,13 +9,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from lorasurgery.causal_lm import LOGIT_TOLERANCE, with_adapters
 from lorasurgery.errors import VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.io.safetensors_format import torch_dtype_of
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-VERIFY_TOLERANCE = {"F32": 1e-4, "F16": 2e-2, "BF16": 6e-2}  # × (1 + max |logit|)
 
 
 def require_verification_libraries() -> None:
@@ -50,7 +49,7 @@ def verify_merge(
         vocab = int(getattr(config, "vocab_size", 0) or 0) or 100
         generator = torch.Generator().manual_seed(0)
         inputs = [torch.randint(0, vocab, (2, 16), generator=generator) for _ in range(batches)]
-        peft_model = _apply_adapters(reference_model, adapters, weights)
+        peft_model = with_adapters(reference_model, adapters, weights)
         reference = _run(peft_model, inputs)
         del peft_model, reference_model
         merged_model = _load_model(merged)
@@ -58,7 +57,7 @@ def verify_merge(
         del merged_model
     difference = max(float((a - b).abs().max()) for a, b in zip(reference, outputs))
     scale = max(float(a.abs().max()) for a in reference)
-    tolerance = VERIFY_TOLERANCE.get(code, 1e-4) * (1.0 + scale)
+    tolerance = LOGIT_TOLERANCE.get(code, 1e-4) * (1.0 + scale)
     if not difference <= tolerance:
         raise VerificationError(
             f"verification failed: the merged model's logits differ from base + adapters by up to "
@@ -108,25 +107,6 @@ def _load_model(path):
     except Exception as error:  # transformers raises many kinds; report which model failed
         raise VerificationError(f"--verify: transformers cannot load {folder}: {error}") from None
     return model.eval()
-
-
-def _apply_adapters(model, adapters, weights):
-    from peft import PeftModel
-
-    names = [f"adapter{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=names[0])
-    for name, path in zip(names[1:], adapters[1:]):
-        peft_model.load_adapter(str(path), adapter_name=name)
-    peft_model.base_model.set_adapter(names)
-    # A weight w scales s: exactly w·ΔW for plain LoRA (and lora_bias), and DoRA's w·s as merged.
-    for module in peft_model.modules():
-        scaling = getattr(module, "scaling", None)
-        if not isinstance(scaling, dict):
-            continue
-        for name, weight in zip(names, weights):
-            if name in scaling and weight != 1.0:
-                scaling[name] *= weight
-    return peft_model.eval()
 
 
 def _run(model, inputs):

@@ -6,6 +6,12 @@ and checks the artifact against them, one tensor pair at a time. The package is 
 of artifact, so that the ones to come (an adapter exported for a runtime, GGUF, `--text`) are a
 module each beside the first:
 
+    adapter.py  an adapter (a PEFT folder for peft / vllm / sglang, a llama.cpp GGUF LoRA): the
+                update each target computes from it by its own rules (lorasurgery.targets), in
+                factored form where both sides are plain LoRA
+    gguf_model.py  a merged GGUF model (convert_hf_to_gguf.py, llama-export-lora), read under the
+                base's names for merged.py
+    text.py     --text: the artifact's logits on a text against base + adapters through PEFT
     merged.py   a merged checkpoint (safetensors file or folder, sharded, or quantized: read
                 dequantized by the checkpoint layer): ΔŴ = W_artifact − W_base per tensor, every
                 untouched tensor unchanged
@@ -24,8 +30,18 @@ from pathlib import Path
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
+from lorasurgery.commands.verify.adapter import (
+    check_adapter_artifact,
+    choose_target,
+    gguf_kind,
+    is_adapter,
+    is_gguf,
+    read_adapter_artifact,
+)
 from lorasurgery.commands.verify.config import check_config
+from lorasurgery.commands.verify.gguf_model import GgufModel
 from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
+from lorasurgery.commands.verify.text import TextCheck, artifact_dtype, check_text
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import OptionError, UnsupportedError
@@ -44,7 +60,7 @@ class VerifyReport:
 
     base: str
     artifact: str
-    artifact_kind: str  # "merged checkpoint" (adapters and GGUF to come)
+    artifact_kind: str  # "merged checkpoint" | "merged GGUF" | "adapter for <target>"
     adapters: list[str]
     weights: list[float]
     checks: list[TensorCheck] = field(default_factory=list)  # every touched tensor
@@ -53,6 +69,9 @@ class VerifyReport:
     extra: list[str] = field(default_factory=list)  # artifact tensors the base does not have
     tensors_checked: int = 0
     seconds: float = 0.0
+    target: str | None = None  # an adapter artifact: the target whose rules were applied
+    target_rule: str = ""  # and why that target (--target, or what the artifact is)
+    text: TextCheck | None = None  # --text: the logits comparison
 
     @property
     def landed(self) -> bool:
@@ -61,6 +80,7 @@ class VerifyReport:
             and not self.changed
             and not self.config
             and not self.extra
+            and (self.text is None or self.text.passed or bool(self.text.skipped))
         )
 
     def to_dict(self) -> dict:
@@ -68,6 +88,8 @@ class VerifyReport:
             "base": self.base,
             "artifact": self.artifact,
             "artifact_kind": self.artifact_kind,
+            "target": self.target,
+            "target_rule": self.target_rule,
             "adapters": self.adapters,
             "weights": self.weights,
             "landed": self.landed,
@@ -76,12 +98,23 @@ class VerifyReport:
             "changed": [c.to_dict() for c in self.changed],
             "config": self.config,
             "extra": self.extra,
+            "text": self.text.to_dict() if self.text is not None else None,
             "seconds": self.seconds,
         }
 
 
 def verify_artifact(
-    base, adapters, artifact, *, weights=None, device: str = "cpu", config_file=None, progress=None
+    base,
+    adapters,
+    artifact,
+    *,
+    weights=None,
+    device: str = "cpu",
+    config_file=None,
+    target: str | None = None,
+    text=None,
+    tokens: int = 2048,
+    progress=None,
 ) -> VerifyReport:
     """Check `artifact` against `base` + `adapters` (each with its weight); raises a LoraSurgeryError
     naming the input when something cannot be checked."""
@@ -96,15 +129,44 @@ def verify_artifact(
         )
     device = resolve_device(device)
     artifact_path = Path(artifact)
-    _refuse_adapter_artifact(artifact_path)
+    merged_gguf = is_gguf(artifact_path) and gguf_kind(artifact_path) != "adapter"
+    if is_adapter(artifact_path) or (is_gguf(artifact_path) and not merged_gguf):
+        report = _verify_adapter(base, adapters, artifact_path, weights, device, config_file, target, started)
+        if text is not None:
+            report.text = check_text(
+                base,
+                adapters,
+                weights,
+                artifact_path,
+                text,
+                tokens,
+                kind="adapter",
+                target=report.target,
+                device=device,
+                dtype=artifact_dtype(load_adapter(artifact_path).checkpoint)
+                if report.target != "llama.cpp"
+                else "F32",
+            )
+            report.seconds = time.perf_counter() - started
+        return report
+    if target is not None:
+        raise UnsupportedError(
+            f"{artifact_path}: --target applies to an adapter artifact (a PEFT folder or a GGUF LoRA); "
+            f"this is a merged checkpoint: leave --target out"
+        )
     checkpoint = open_checkpoint(base)
-    target = open_checkpoint(artifact_path)
     structure = structure_of(checkpoint, config_file)
-    artifact_structure = structure_of(target, config_file if target.config is None else None)
     loaded = [load_adapter(p) for p in adapters]
     bound = bind(loaded, checkpoint, structure=structure)
     recipes = plan_recipes(bound)
-    report = VerifyReport(str(base), str(artifact), "merged checkpoint", [str(a) for a in adapters], weights)
+    if merged_gguf:
+        target = GgufModel(artifact_path, checkpoint.config or {}, recipes.tensors)
+        artifact_structure = target.tied_structure(structure)
+    else:
+        target = open_checkpoint(artifact_path)
+        artifact_structure = structure_of(target, config_file if target.config is None else None)
+    kind = "merged GGUF" if merged_gguf else "merged checkpoint"
+    report = VerifyReport(str(base), str(artifact), kind, [str(a) for a in adapters], weights)
     check = MergedCheck(bound, weights, recipes, target, artifact_structure, device)
     work = units(recipes, checkpoint, target)
     with torch_threads(1):  # two workers, one thread each: the work is memory-bound
@@ -116,16 +178,49 @@ def verify_artifact(
     report.changed.sort(key=lambda c: order.get(c.name, 0))
     model = set(recipes.tensors)
     report.extra = [n for n in target.tensors if n not in model and n not in checkpoint.tensors]
-    report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
+    if merged_gguf:
+        report.extra += target.extra
+    else:
+        report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
     report.tensors_checked = sum(len(u.names) for u in work)
+    if text is not None:
+        report.text = check_text(
+            base,
+            adapters,
+            weights,
+            artifact_path,
+            text,
+            tokens,
+            kind=kind,
+            target=None,
+            device=device,
+            dtype="F32" if merged_gguf else artifact_dtype(target),
+        )
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _refuse_adapter_artifact(path: Path) -> None:
-    """An adapter folder or file as ARTIFACT is the next kind verify learns (SPEC §14): say so by name."""
-    if (path / "adapter_config.json").is_file() or path.name == "adapter_model.safetensors":
-        raise UnsupportedError(
-            f"{path}: is an adapter; verify checks merged checkpoints for now (checking an adapter "
-            f"exported for a runtime is to come) — merge it first, or pass the merged model"
-        )
+def _verify_adapter(
+    base, adapters, artifact: Path, weights, device, config_file, target, started
+) -> VerifyReport:
+    """An adapter artifact: what its target computes from it against PEFT's ΔW (adapter.py)."""
+    target, rule = choose_target(artifact, target)
+    checkpoint = open_checkpoint(base)
+    structure = structure_of(checkpoint, config_file)
+    loaded = [load_adapter(p) for p in adapters]
+    bound = bind(loaded, checkpoint, structure=structure)
+    recipes = plan_recipes(bound)
+    found = read_adapter_artifact(artifact, target, rule, checkpoint, structure, device)
+    report = VerifyReport(
+        str(base), str(artifact), f"adapter for {target}", [str(a) for a in adapters], weights, target=target
+    )
+    report.target_rule = rule
+    with torch_threads(1):
+        report.checks, report.changed = check_adapter_artifact(found, bound, weights, recipes, device)
+    order = {name: i for i, name in enumerate(recipes.tensors)}
+    report.checks.sort(key=lambda c: order.get(c.name, 0))
+    report.extra = found.extra
+    report.config = found.problems
+    report.tensors_checked = len(report.checks) + len(report.changed)
+    report.seconds = time.perf_counter() - started
+    return report

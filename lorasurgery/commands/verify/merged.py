@@ -9,6 +9,12 @@ artifact's config keeps tied read from the member it keeps (the input embedding)
 
 Each unit of work — an untouched tensor, a touched one, a touched tie group — is read (base and
 artifact), compared and dropped through concurrency.Pipeline, so memory holds a few tensor pairs.
+
+A tensor updated by plain 2-D LoRA only (the usual case) is checked fused, without a ΔW buffer:
+ΔŴ is formed in the artifact's float32 copy, ⟨ΔŴ, ΔW⟩ = Σ (ΔŴ·Aᵀ) ∘ sB (a d × r product), ‖ΔW‖
+from r × r QR cores (verdict.factored_norm), and ΔŴ − ΔW by subtracting s·B@A from ΔŴ in place
+(addmm): every d × k buffer a tensor costs is a fresh mapping, paid in page faults (memory.py), so
+the fewer the faster (docs/verify.md "Performance").
 """
 
 from __future__ import annotations
@@ -17,10 +23,18 @@ from dataclasses import dataclass
 
 import torch
 
-from lorasurgery.commands.verify.verdict import Comparison, compare, half_ulp_bound, half_ulp_norm, norm
+from lorasurgery.commands.verify.verdict import (
+    Comparison,
+    compare,
+    factored_norm,
+    half_ulp_bound,
+    half_ulp_norm,
+    judge,
+    norm,
+)
 from lorasurgery.concurrency import Pipeline
 from lorasurgery.linalg.delta import delta_weight, merge_bias, merge_weight, overwrite_rows
-from lorasurgery.linalg.update import kernel_update
+from lorasurgery.linalg.update import factors, from_stored, kernel_update
 from lorasurgery.recipes import BASE, Recipe, Recipes
 
 F32_NOISE = 1e-5  # relative: float32 summation order between two tools computing the same ΔW
@@ -125,6 +139,11 @@ class MergedCheck:
             return [], _untouched(
                 name, base[name], artifact[name], self.recipes.tensors[name], self._info(name)
             )
+        if len(unit.names) == 1:
+            name = unit.names[0]
+            recipe = self.recipes.recipes.get(name)
+            if recipe is not None and self.plain(recipe):
+                return [self._check_fused(name, recipe, base[name], artifact[name])], []
         checks, changed, surplus = [], [], {}
         expected = {n: self.expected(n, base[n]) for n in unit.names}
         for name in unit.names:
@@ -168,6 +187,73 @@ class MergedCheck:
             )
         size = norm(delta)
         comparison = compare(H, delta, self.tolerance(name, delta, size), size)
+        return TensorCheck(name, kind, modules, comparison, comparison.label)
+
+    def plain(self, recipe: Recipe) -> bool:
+        """A recipe that is a sum of plain 2-D LoRA products s·B@A on the base's own tensor."""
+        if recipe.start is not BASE or recipe.bias_terms or recipe.token_rows or not recipe.updates:
+            return False
+        for index, key in recipe.updates:
+            lora = self.bound[index].targets[key].lora
+            if lora.dora or lora.kind not in ("linear", "embedding") or lora.experts:
+                return False
+        return True
+
+    def terms(self, recipe: Recipe) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(w·s·B (out, r), A (r, in))] of a plain recipe, float32, ΔW's (out, in) orientation."""
+        found = []
+        for index, key in recipe.updates:
+            f = factors(self.bound[index].adapter, self.bound[index].targets[key].lora, self.device)
+            found.append(((f.B.float() * (f.scale * self.weights[index])), f.A.float()))
+        return found
+
+    def _check_fused(self, name, recipe: Recipe, W, A) -> TensorCheck:
+        """`_check_one` of a plain-LoRA tensor without forming ΔW (see the module docstring)."""
+        kind, modules = self.describe(recipe)
+        if A is None:
+            return TensorCheck(name, kind, modules, None, "absent", "the artifact has no such tensor")
+        if tuple(A.shape) != tuple(W.shape):
+            return TensorCheck(
+                name, kind, modules, None, "differs", f"shape {list(A.shape)}, expected {list(W.shape)}"
+            )
+        lora = self.bound[recipe.updates[0][0]].targets[recipe.updates[0][1]].lora
+        H = A.to(torch.float32, copy=True).contiguous()
+        code, factor = self._grid(name)
+        self.rounding[name] = half_ulp_norm(H, code, factor, in_place=True)  # H holds powers of two now
+        H.copy_(A).sub_(W)  # refilled: no second d × k buffer
+        M = from_stored(lora, H)  # ΔŴ as (out, in): H itself or its transposed view
+        terms = self.terms(recipe)
+        Bs = torch.cat([B for B, _ in terms], dim=1)
+        As = torch.cat([a for _, a in terms], dim=0)
+        n = factored_norm(Bs.double(), As.double())
+        tolerance = self.tolerance(name, None, n)
+        if n:
+            rho = float(((M @ As.T).double() * Bs.double()).sum()) / (n * n)
+        else:
+            rho = 1.0 if norm(H) <= tolerance else 0.0
+        M.addmm_(Bs, As, alpha=-1.0)  # ΔŴ − ΔW in ΔŴ's own buffer
+        error = norm(H)
+        restored = []
+
+        def landed_value() -> torch.Tensor:
+            if not restored:
+                M.addmm_(Bs, As)
+                restored.append(True)
+            return H
+
+        square = M.shape[0] == M.shape[1]
+        comparison = judge(
+            n,
+            rho,
+            error,
+            tolerance,
+            H.numel(),
+            h=lambda: norm(landed_value()),
+            transposed_error=(lambda: norm(landed_value() - from_stored(lora, (Bs @ As).T)))
+            if square
+            else None,
+            is_zero=lambda: not landed_value().any(),
+        )
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
     def artifact_rounding(self, name: str, values: torch.Tensor) -> float:

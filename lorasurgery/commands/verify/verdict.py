@@ -33,16 +33,20 @@ RESOLVABLE = 0.25  # largest rounding noise of ρ (τ/(‖ΔW‖·√N)) under w
 SCALE_SLACK = 1e-3  # relative residual allowed when fitting ΔŴ ≈ c·ΔW or ΔWᵀ
 
 
-def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0) -> float:
+def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0, *, in_place: bool = False) -> float:
     """‖½ ulp(x)‖ over the float32 `values` as the dtype `code` rounds them, times `factor`.
 
     The power of two below |x| is x's float32 bits with the mantissa and sign cleared (0 stays 0),
-    so this costs one integer pass and no exponent arithmetic."""
+    so this costs one integer pass and no exponent arithmetic. `in_place`: `values` (float32,
+    contiguous) is overwritten by those powers instead of a new buffer (the caller refills it)."""
     bits = MANTISSA_BITS.get(code)
     if bits is None:  # integer tensors are exact
         return 0.0
-    values = values.detach().to(torch.float32).contiguous()
-    powers = (values.view(torch.int32) & 0x7F800000).view(torch.float32)
+    if in_place:
+        powers = values.view(torch.int32).bitwise_and_(0x7F800000).view(torch.float32)
+    else:
+        values = values.detach().to(torch.float32).contiguous()
+        powers = (values.view(torch.int32) & 0x7F800000).view(torch.float32)
     return factor * math.ldexp(norm(powers), -(bits + 1))
 
 
@@ -94,6 +98,32 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None 
     else:
         rho = inner(H, D) / (n * n)
     error = norm(H.sub_(D))  # ΔŴ − ΔW in ΔŴ's own buffer: H is given back only when needed
+    restored = []
+
+    def landed_value() -> torch.Tensor:
+        if not restored:
+            H.add_(D)
+            restored.append(True)
+        return H
+
+    square = D.dim() >= 2 and D.shape[-1] == D.shape[-2]
+    return judge(
+        n,
+        rho,
+        error,
+        tolerance,
+        D.numel(),
+        h=lambda: norm(landed_value()),
+        transposed_error=(lambda: norm(landed_value() - D.transpose(-1, -2))) if square else None,
+        is_zero=lambda: not landed_value().any(),
+    )
+
+
+def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> Comparison:
+    """The verdict from ‖ΔW‖ = `n`, ρ, ‖ΔŴ − ΔW‖ = `error` and the tolerance, for a tensor of
+    `numel` elements; `h()` gives ‖ΔŴ‖, `transposed_error()` ‖ΔŴ − ΔWᵀ‖ (None: not square) and
+    `is_zero()` whether ΔŴ = 0, each called only when the verdict needs it. Dense (`compare`) and
+    factored (`compare_factored`) comparisons share it, so both name failures alike."""
     scale = n if n > 0 else 1.0
 
     def result(verdict: str, c: float | None = None) -> Comparison:
@@ -101,21 +131,60 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None 
 
     if error <= tolerance:
         # ρ's noise from rounding is about τ / (‖ΔW‖·√N): above RESOLVABLE the dtype cannot show ΔW
-        resolvable = tolerance <= RESOLVABLE * n * math.sqrt(max(D.numel(), 1))
+        resolvable = tolerance <= RESOLVABLE * n * math.sqrt(max(numel, 1))
         if n == 0 or (rho >= VISIBLE and resolvable):
             return result("landed")
-        H.add_(D)
-        return result("missing" if not H.any() else "partly")
-    H.add_(D)
-    h = norm(H)
-    if h <= tolerance + MISSING * n:
+        return result("missing" if is_zero() else "partly")
+    size = h()
+    if size <= tolerance + MISSING * n:
         return result("missing")
-    if D.dim() >= 2 and D.shape[-1] == D.shape[-2]:
-        if norm(H - D.transpose(-1, -2)) <= 2 * tolerance + SCALE_SLACK * n:
-            return result("transposed")
-    residual = math.sqrt(max(h * h - rho * rho * n * n, 0.0))  # ‖H − ρD‖, ρ the least-squares c
+    if transposed_error is not None and transposed_error() <= 2 * tolerance + SCALE_SLACK * n:
+        return result("transposed")
+    residual = math.sqrt(max(size * size - rho * rho * n * n, 0.0))  # ‖H − ρD‖, ρ the least-squares c
     if residual <= 2 * tolerance * max(1.0, abs(rho)) + SCALE_SLACK * abs(rho) * n:
         return result("scaled", rho)
     if 0 < rho < 1:
         return result("partly")
     return result("differs")
+
+
+# ------------------------------------------------------------------------------ factored form
+# Both sides low rank, ΔŴ = Bh·Ah and ΔW = Bd·Ad (scales folded into B, float64): nothing d × k is
+# formed. A norm ‖B·A‖ is ‖R_B·R_Aᵀ‖ from the thin QR factors of B and Aᵀ (Q has orthonormal columns),
+# a (r × r) product with no cancellation: ‖ΔŴ − ΔW‖ is the norm of the stacked pair [Bh, −Bd]·[Ah; Ad],
+# exact where ‖ΔŴ‖² − 2⟨ΔŴ, ΔW⟩ + ‖ΔW‖² would lose every digit of a landed update.
+
+
+def factored_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B·A‖_F for B (d, r), A (r, k), through r × r triangular factors."""
+    if B.shape[1] == 0:
+        return 0.0
+    R_b = torch.linalg.qr(B, mode="r").R
+    R_a = torch.linalg.qr(A.T, mode="r").R
+    return float(torch.linalg.matrix_norm(R_b @ R_a.T))
+
+
+def compare_factored(Hb, Ha, Db, Da, tolerance: float) -> Comparison:
+    """`compare` for ΔŴ = Hb·Ah and ΔW = Db·Ad (float64, same (d, k)), through r × r matrices only:
+    ⟨ΔŴ, ΔW⟩ = Σ (Hbᵀ Db) ∘ (Ha Adᵀ), norms by `factored_norm`."""
+    d, k = Db.shape[0], Da.shape[1]
+    n = factored_norm(Db, Da)
+    sizes: list[float] = []
+
+    def h() -> float:
+        if not sizes:
+            sizes.append(factored_norm(Hb, Ha))
+        return sizes[0]
+
+    if n == 0:
+        rho = 1.0 if h() <= tolerance else 0.0
+    else:
+        rho = float(((Hb.T @ Db) * (Ha @ Da.T)).sum()) / (n * n)
+    error = factored_norm(torch.cat([Hb, -Db], dim=1), torch.cat([Ha, Da], dim=0))
+    transposed = None
+    if d == k:
+
+        def transposed() -> float:
+            return factored_norm(torch.cat([Hb, -Da.T], dim=1), torch.cat([Ha, Db.T], dim=0))
+
+    return judge(n, rho, error, tolerance, d * k, h=h, transposed_error=transposed, is_zero=lambda: h() == 0)

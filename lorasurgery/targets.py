@@ -1,4 +1,5 @@
-"""What each serving stack can load, as rules checked against an adapter (`inspect --for`, `export`).
+"""What each serving stack can load, as rules checked against an adapter (`inspect --for`, `export`,
+`verify` of an adapter artifact: the scale each target applies).
 
 Every rule states one requirement of a target's loader, read from its source (cited in docs/export.md,
 "Rules"), and is checked per module: `pass` (loadable as is), `fixed` (export rewrites the adapter so

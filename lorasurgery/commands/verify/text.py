@@ -1,0 +1,121 @@
+"""verify --text FILE: the artifact's function, its logits on the text against base + adapters by PEFT.
+
+The reference is the base loaded by transformers (float32) with the adapters applied by PEFT, each
+with its --weight (causal_lm.with_adapters). The artifact is loaded as its user would:
+- a merged checkpoint folder: transformers' from_pretrained (a quantized one dequantized, §13);
+- an adapter folder: the base + the artifact by PEFT, every module's scaling set to what the target
+  applies (vLLM / SGLang: their one global scale, lorasurgery.targets.target_scale);
+- a GGUF file, or a checkpoint file without its folder's config.json: transformers cannot load it as
+  the runtime does, so the check is skipped with that reason (llama.cpp runs GGUF files).
+Both run on the same token windows of FILE (tokenised by the base folder's tokenizer, textdata);
+the largest |Δlogit| must stay within the artifact dtype's tolerance × (1 + max |logit|)
+(causal_lm.LOGIT_TOLERANCE; a quantized artifact's codes are coarser than BF16, so it gets its own).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorasurgery.causal_lm import LOGIT_TOLERANCE, load_causal_lm, with_adapters
+from lorasurgery.targets import target_scale
+from lorasurgery.textdata import token_ids, token_windows
+
+QUANTIZED_TOLERANCE = 0.25  # a quantized artifact (FP8 / 4-bit codes): its rounding, not the merge, dominates
+
+
+@dataclass
+class TextCheck:
+    """The logits comparison of `--text`."""
+
+    text: str
+    tokens: int = 0
+    max_difference: float | None = None  # max |logits(artifact) − logits(reference)|
+    tolerance: float | None = None  # absolute
+    dtype: str = ""  # the dtype whose tolerance applies
+    skipped: str = ""  # why it did not run
+
+    @property
+    def passed(self) -> bool:
+        return not self.skipped and self.max_difference is not None and self.max_difference <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "tokens": self.tokens,
+            "max_difference": self.max_difference,
+            "tolerance": self.tolerance,
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "skipped": self.skipped,
+        }
+
+
+def check_text(
+    base, adapters, weights, artifact: Path, text, tokens: int, *, kind: str, target, device, dtype: str
+) -> TextCheck:
+    """Run the comparison, or say why it cannot run (`kind`: merged checkpoint | merged GGUF | adapter)."""
+    check = TextCheck(str(text))
+    if kind == "merged GGUF" or (target == "llama.cpp"):
+        check.skipped = (
+            "a GGUF file: transformers does not run it as llama.cpp does (run llama.cpp on the text instead)"
+        )
+        return check
+    if kind == "merged checkpoint" and not (artifact.is_dir() and (artifact / "config.json").is_file()):
+        check.skipped = f"{artifact} is not a folder with config.json: transformers cannot load it as a model"
+        return check
+    base_folder = Path(base) if Path(base).is_dir() else Path(base).parent
+    ids = token_ids(base_folder, text, tokens)
+    check.tokens = len(ids)
+    check.dtype = dtype
+    with warnings.catch_warnings():  # PEFT's and transformers' notes are not verify's output
+        warnings.simplefilter("ignore")
+        reference_model = with_adapters(load_causal_lm(base_folder, device), adapters, weights)
+        windows = token_windows(ids, getattr(reference_model.config, "max_position_embeddings", None))
+        reference = _logits(reference_model, windows, device)
+        del reference_model
+        if kind == "merged checkpoint":
+            model = load_causal_lm(artifact, device)
+        else:
+            model = _served(load_causal_lm(base_folder, device), artifact, target)
+        landed = _logits(model, windows, device)
+        del model
+    check.max_difference = max(float((a - b).abs().max()) for a, b in zip(reference, landed))
+    scale = max(float(a.abs().max()) for a in reference)
+    check.tolerance = LOGIT_TOLERANCE.get(dtype, QUANTIZED_TOLERANCE) * (1.0 + scale)
+    return check
+
+
+def artifact_dtype(checkpoint) -> str:
+    """The artifact's most common float dtype (a quantized artifact: its codes')."""
+    codes = Counter(
+        (info.codes.dtype if getattr(info, "dequantized", False) and info.codes is not None else info.dtype)
+        for info in checkpoint.tensors.values()
+        if (getattr(info, "codes", None) is not None) or info.dtype in LOGIT_TOLERANCE
+    )
+    return codes.most_common(1)[0][0] if codes else "F32"
+
+
+def _served(model, artifact: Path, target: str):
+    """The base with the adapter artifact applied by PEFT, each module scaled as `target` scales it."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from lorasurgery.adapter import load_adapter
+
+    wrapped = PeftModel.from_pretrained(model, str(artifact), adapter_name="artifact")
+    if target in ("vllm", "sglang"):
+        config = load_adapter(artifact).config
+        for module in wrapped.modules():
+            if isinstance(module, LoraLayer) and "artifact" in module.scaling:
+                module.scaling["artifact"] = target_scale(target, config, module.r["artifact"])
+    return wrapped.eval()
+
+
+def _logits(model, windows, device):
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=w.to(device)).logits.float() for w in windows]
