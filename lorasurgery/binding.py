@@ -8,6 +8,10 @@ command that has a base asks here (merge, inspect, rank-report, resize, combine,
 2. the prefix rule mapping the adapter's module paths onto the checkpoint's names (adapter/names.py);
 3. the model's structure (lorasurgery/model/): a tied member stored once is read from the stored one; a
    fused expert parameter that the checkpoint stores split is merged as one piece per stored tensor;
+   a per-expert module (`…experts.3.gate_proj`, transformers 4.x's and trainers' layout) of a fused
+   parameter the checkpoint stores whole is bound to its slice (model/experts.py: expert e, and for
+   gate_up_proj the gate or up part, concatenated or gpt-oss's interleaved columns), which its
+   LoraModule carries as `slot`; a checkpoint that stores it split has it as a tensor of its own;
 4. the layout of every linear target, decided for all adapters together, since a square weight's
    layout compares their flags (model.layouts.linear_layouts: the structure, else --fan-in-fan-out,
    else the stored shape, else the adapter's flag);
@@ -25,6 +29,7 @@ Reading adapter_config.json's fan_in_fan_out, and the rule that turns a layout i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -51,6 +56,7 @@ from lorasurgery.model import (
     model_tensors,
     structure_of,
 )
+from lorasurgery.model.experts import TRAINER_NAMES as EXPERT_CLASSES
 
 _LISTED = 8  # how many modules a message names
 
@@ -169,8 +175,11 @@ class BoundAdapter:
         return {key: bound.lora for key, bound in self.modules.items()}
 
     def read_base(self, key: str, device: str = "cpu"):
-        """The base tensor module `key` updates, in its stored layout (a split expert parameter put together)."""
-        return read_parameter(self.checkpoint, self.structure, self.modules[key].tensor, device)
+        """The base tensor module `key` updates, in its stored layout (a split expert parameter put
+        together; a per-expert module's slice of its fused parameter)."""
+        module = self.modules[key]
+        W = read_parameter(self.checkpoint, self.structure, module.tensor, device)
+        return W if module.lora.slot is None else module.lora.slot.view(W).clone()
 
     def base_dtype(self, key: str):
         """The stored torch dtype of module `key`'s base tensor (its first piece when stored split)."""
@@ -199,6 +208,7 @@ def bind(
         structure = structure_of(base, config_file)
     model = model_tensors(base, structure)  # every name the model has, tied members stored once included
     tensors = with_split_parameters(model, base, structure)  # and fused parameters stored split
+    tensors = _with_expert_slices(tensors, structure)  # and the per-expert slices of fused ones
     found = [_map_modules(adapter, base, structure, tensors) for adapter in adapters]
 
     targets, where = [], {}
@@ -325,12 +335,18 @@ def _bound(
         if layout is not None:
             lora = lora.laid_out(layout.fan_in_fan_out)
         name = names[key]
+        slot = structure.expert_slice(name) if lora.kind == "linear" and name not in model else None
+        if slot is not None:  # updates its slice of the fused parameter (model/experts.py)
+            lora = dataclasses.replace(lora, slot=slot)
+            name = slot.parameter
         bound[key] = BoundModule(key, lora, name, tensors[name].name, layout)
     if check_shapes:
         wrong = [
-            f"{key} (adapter expects {list(m.lora.shape)}, base has {list(tensors[m.name].shape)})"
+            f"{key} (adapter expects {list(m.lora.shape)}, base has {list(tensors[names[key]].shape)}"
+            + (f", {m.lora.slot.label}" if m.lora.slot is not None else "")
+            + ")"
             for key, m in bound.items()
-            if tuple(tensors[m.name].shape) != tuple(m.lora.shape)
+            if tuple(tensors[names[key]].shape) != tuple(m.lora.shape)
         ]
         if wrong:
             raise shape_mismatch_error(adapter.path, wrong, checkpoint.path)
@@ -363,6 +379,24 @@ def _targets(adapter, checkpoint, structure, modules: dict[str, BoundModule]) ->
         for piece_key, piece in split_pieces(where, key, lora, pieces, checkpoint.tensors).items():
             targets[piece_key] = BoundModule(piece_key, piece, piece.base_weight_name, piece.base_weight_name)
     return targets
+
+
+def _with_expert_slices(tensors: dict, structure: Structure) -> dict:
+    """`tensors` plus every per-expert weight name of a fused expert parameter the checkpoint stores
+    whole (model/experts.py), under the fused tensor's stored name with the slice's shape."""
+    from types import SimpleNamespace
+
+    if (
+        not structure.known
+        or not structure.stored
+        and not any(m.cls in EXPERT_CLASSES for m in structure.modules.values())
+    ):
+        return tensors
+    tensors = dict(tensors)
+    for name, slot in structure.expert_slices().items():
+        if name not in tensors and slot.parameter in tensors:
+            tensors[name] = SimpleNamespace(name=tensors[slot.parameter].name, shape=slot.shape)
+    return tensors
 
 
 def _saved(adapter: Adapter, rule: PrefixRule, model: dict):

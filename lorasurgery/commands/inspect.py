@@ -237,9 +237,8 @@ def _would_be_retention(bound: BoundAdapter, infos: list[ModuleInfo], progress) 
     weight 1), one base tensor at a time; False when the base is not quantized in a format that
     merge can write."""
     from lorasurgery.io import readers
-    from lorasurgery.linalg.delta import merge_weight
     from lorasurgery.linalg.requantize import requantize, retention
-    from lorasurgery.linalg.update import kernel_update
+    from lorasurgery.linalg.update import kernel_update, merge_into
 
     checkpoint = bound.checkpoint
     quantization = checkpoint.quantization
@@ -256,7 +255,7 @@ def _would_be_retention(bound: BoundAdapter, infos: list[ModuleInfo], progress) 
         info = checkpoint.tensors[name]
         W = checkpoint.read(name)
         updates = [kernel_update(bound.adapter, bound.targets[key].lora) for key in keys]
-        merged = merge_weight(W.clone(), updates, out_dtype=torch.float32, name=name)
+        merged = merge_into(W.clone(), updates, out_dtype=torch.float32, name=name)
         result = requantize(info, W, merged, lambda part: stored.read(part.name))
         del W, merged
         for key in dict.fromkeys(key.split("[", 1)[0] for key in keys):
