@@ -1,0 +1,285 @@
+"""Per-expert MoE adapters (transformers 4.x's and most trainers' layout) on transformers-5 bases.
+
+transformers 5 fuses a MoE block's experts into 3-D parameters; an adapter trained on 4.x names one
+LoRA per expert and projection (`…experts.3.gate_proj`, Mixtral's `…block_sparse_moe.experts.3.w1`).
+The oracle is PEFT on the 4.x-style model itself (tests/factories.per_expert_model: one nn.Linear per
+expert holding the transformers-5 checkpoint's weights): its merge_and_unload gives each expert's
+merged weights, fused back independently of lorasurgery (factories.fused_state). lorasurgery's merge
+into the transformers-5 checkpoint — stored per expert as transformers saves Qwen3-MoE and Mixtral, or
+fused as gpt-oss ships (and as a Qwen3-MoE/Mixtral copy written fused) — must equal it and load in
+AutoModelForCausalLM with the same logits. PEFT 0.21.2 converts such adapters itself for Qwen3-MoE
+and Mixtral (peft/utils/transformers_weight_conversion.py): a second oracle; it refuses gpt-oss.
+Bad input goes through the CLI (docs/design.md §7).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from clihelp import assert_refused, run_cli
+from factories import (
+    PER_EXPERT_NAMES,
+    fused_state,
+    make_gpt_oss,
+    per_expert_model,
+    randomize_adapter,
+    relative_error,
+)
+from peft_matrix import Bases, _quiet
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-6  # float32: PEFT adds s·(B@A) after the product, lorasurgery in one addmm
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> Bases:
+    return Bases(tmp_path_factory.mktemp("moe-bases"))
+
+
+def fused_copy(source, folder):
+    """The checkpoint at `source` written with its experts fused, as transformers 5 holds them."""
+    shutil.copytree(source, folder)
+    model = load(source)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def load(folder):
+    with _quiet():
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def per_expert_adapter(kind, base, out, *, seed=1, **lora):
+    """PEFT's adapter of the 4.x-style model of `base` (every factor random), and PEFT's merged
+    per-expert weights fused back into the transformers-5 state dict (the expected merge)."""
+    import peft
+
+    model = load(base)
+    net = per_expert_model(kind, model)
+    lora = {"r": 2, "lora_alpha": 5, "target_modules": list(PER_EXPERT_NAMES[kind][1:]), **lora}
+    with _quiet():
+        wrapped = peft.get_peft_model(net, peft.LoraConfig(**lora))
+    randomize_adapter(wrapped, seed, std=0.2, a_std=0.2, magnitude=0.05)
+    with _quiet():
+        wrapped.save_pretrained(out)
+        merged = wrapped.merge_and_unload()
+    return out, fused_state(kind, model, {k: v.detach() for k, v in merged.state_dict().items()})
+
+
+def logits(model_or_folder, state=None):
+    model = load(model_or_folder) if state is None else model_or_folder
+    if state is not None:
+        model.load_state_dict(state)
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_merged(kind, base, merged, expected):
+    ours = load(merged).state_dict()
+    base_state = load(base).state_dict()
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        if torch.equal(value, base_state[name]):
+            assert torch.equal(ours[name], value), name  # untouched
+        else:
+            assert relative_error(ours[name], value) < TOLERANCE, (name, relative_error(ours[name], value))
+    assert "experts" in " ".join(n for n in expected if not torch.equal(expected[n], base_state[n]))
+    reference = logits(load(base), expected)
+    assert relative_error(logits(merged), reference) < 1e-5
+
+
+CASES = [
+    ("qwen3-moe", "split"),
+    ("qwen3-moe", "fused"),
+    ("mixtral", "split"),
+    ("mixtral", "fused"),
+    ("gpt-oss", "fused"),
+]
+
+
+@pytest.mark.parametrize(("kind", "stored"), CASES)
+def test_merge_equals_peft_on_the_per_expert_model(kind, stored, bases, tmp_path):
+    base = bases.get(kind)
+    if stored == "fused" and kind != "gpt-oss":
+        base = fused_copy(base, tmp_path / "fused")
+    adapter, expected = per_expert_adapter(kind, base, tmp_path / "a")
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert any(".experts.1." in k for k in keys)  # the 4.x layout
+    out = tmp_path / "out"
+    result = run_cli("merge", base, adapter, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert_merged(kind, base, out, expected)
+    # verify finds every slice landed, and a copy of the base missing them
+    assert run_cli("verify", base, adapter, out).exit_code == 0
+    broken = run_cli("verify", base, adapter, base, "--json")
+    assert broken.exit_code != 0
+    assert "experts" in broken.stdout
+
+
+@pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
+def test_peft_conversion_agrees(kind, bases, tmp_path):
+    """PEFT 0.21.2 loads a 4.x per-expert adapter on the transformers-5 model itself (it fuses gate
+    and up with rank 2r and alpha 2α, a block-diagonal lora_B): its merge equals ours."""
+    import peft
+
+    base = bases.get(kind)
+    adapter, _ = per_expert_adapter(kind, base, tmp_path / "a")
+    out = tmp_path / "out"
+    assert run_cli("merge", base, adapter, "-o", out).exit_code == 0
+    with _quiet():
+        wrapped = peft.PeftModel.from_pretrained(load(base), str(adapter))
+    config = wrapped.peft_config["default"]
+    assert "gate_up_proj" in config.target_parameters
+    with _quiet(), torch.no_grad():
+        theirs = wrapped.merge_and_unload().state_dict()
+    ours = load(out).state_dict()
+    for name, value in theirs.items():
+        assert relative_error(ours[name], value) < TOLERANCE, name
+
+
+def test_peft_refuses_gpt_oss_per_expert(bases, tmp_path):
+    """PEFT has no conversion for gpt-oss (its checkpoints were always fused): lorasurgery's merge is
+    the only way such an adapter reaches the model."""
+    import peft
+
+    base = bases.get("gpt-oss")
+    adapter, _ = per_expert_adapter("gpt-oss", base, tmp_path / "a")
+    with _quiet(), pytest.raises(ValueError, match="not found in the base model"):
+        peft.PeftModel.from_pretrained(load(base), str(adapter))
+
+
+def test_shared_expert_stays_apart(bases, tmp_path):
+    """Qwen2-MoE: `gate_proj` names the routed experts' and the shared expert's; each lands on its own."""
+    base = bases.get("qwen2-moe")
+    adapter, expected = per_expert_adapter("qwen2-moe", base, tmp_path / "a")
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert any("shared_expert.gate_proj" in k for k in keys)
+    out = tmp_path / "out"
+    assert run_cli("merge", base, adapter, "-o", out).exit_code == 0
+    assert_merged("qwen2-moe", base, out, expected)
+
+
+def test_partial_experts_merge_what_is_there(bases, tmp_path):
+    """An adapter on some experts' projections only (legal in PEFT on 4.x): those slices change."""
+    base = bases.get("mixtral")
+    adapter, expected = per_expert_adapter(
+        "mixtral", base, tmp_path / "a", target_modules=r".*experts\.[02]\.(w1|w2)"
+    )
+    out = tmp_path / "out"
+    assert run_cli("merge", base, adapter, "-o", out).exit_code == 0
+    assert_merged("mixtral", base, out, expected)
+    base_state, ours = load(base).state_dict(), load(out).state_dict()
+    gate_up = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(ours[gate_up][1], base_state[gate_up][1])  # expert 1 untouched
+    assert torch.equal(ours[gate_up][0][8:], base_state[gate_up][0][8:])  # w3 (up) untouched
+
+
+@pytest.mark.parametrize(
+    ("kind", "stored"), [("qwen3-moe", "fused"), ("gpt-oss", "fused"), ("mixtral", "split")]
+)
+def test_inspect_norms_are_peft_per_expert_deltas(kind, stored, bases, tmp_path):
+    import peft
+
+    base = bases.get(kind)
+    if stored == "fused" and kind != "gpt-oss":
+        base = fused_copy(base, tmp_path / "fused")
+    adapter, _ = per_expert_adapter(kind, base, tmp_path / "a")
+    result = run_cli("inspect", adapter, "--base", base, "--json")
+    assert result.exit_code == 0, result.stderr
+    modules = {m["name"]: m for m in json.loads(result.stdout)["modules"]}
+    net = per_expert_model(kind, load(base))
+    with _quiet():
+        wrapped = peft.PeftModel.from_pretrained(net, str(adapter))
+    checked = 0
+    for name, layer in wrapped.named_modules():
+        if not hasattr(layer, "get_delta_weight") or not hasattr(layer, "base_layer"):
+            continue
+        path = name.removeprefix("base_model.model.")
+        delta = layer.get_delta_weight("default").double()
+        W = layer.get_base_layer().weight.double()
+        entry = modules[path]
+        assert abs(entry["delta_fro_norm"] - float(delta.norm())) < 1e-5 * float(delta.norm())
+        assert abs(entry["relative_norm"] - float(delta.norm() / W.norm())) < 1e-5
+        checked += 1
+    assert checked == len(modules) > 3
+
+
+@pytest.mark.parametrize(("kind", "stored"), [("gpt-oss", "fused"), ("qwen3-moe", "split")])
+def test_rank_report_and_probe_read_each_slice(kind, stored, bases, tmp_path):
+    """rank-report ADAPTER --base analyses each expert's (out, in) slice; the probe's fine-tune (its
+    `tune`) is PEFT's merged model, and --probe runs on it."""
+    from lorasurgery.adapter import load_adapter
+    from lorasurgery.binding import bind
+    from lorasurgery.commands.rank_report.probe import tune
+    from lorasurgery.io import open_checkpoint
+
+    base = make_gpt_oss(tmp_path / "oss") if kind == "gpt-oss" else bases.get(kind)
+    adapter, expected = per_expert_adapter(kind, base, tmp_path / "a")
+    result = run_cli("rank-report", adapter, "--base", base, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    model = load(base)
+    (bound,) = bind([load_adapter(adapter)], open_checkpoint(base))
+    tune(model, bound)
+    for name, value in model.state_dict().items():
+        assert relative_error(value, expected[name]) < TOLERANCE, name
+    if kind == "gpt-oss":  # vocabulary 128: its tokens are bytes of an ASCII text
+        (base / "byte_tokens.json").write_text('{"byte_tokens": true}')
+        text = tmp_path / "text.txt"
+        text.write_text("the quick brown fox jumps over the lazy dog " * 8)
+        args = ["--probe", "--text", text, "--tokens", "32", "--probe-fractions", "0.5"]
+        probe = run_cli("rank-report", adapter, "--base", base, *args)
+        assert probe.exit_code == 0, probe.stderr
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+def _renamed(adapter, folder, rename):
+    folder = shutil.copytree(adapter, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("stored", ["split", "fused"])
+def test_expert_beyond_the_base_is_refused(stored, bases, tmp_path):
+    base = bases.get("mixtral")
+    if stored == "fused":
+        base = fused_copy(base, tmp_path / "fused")
+    adapter, _ = per_expert_adapter("mixtral", base, tmp_path / "a", target_modules=r".*experts\.2\.w1")
+    bad = _renamed(adapter, tmp_path / "bad", lambda k: k.replace(".experts.2.", ".experts.7."))
+    out = tmp_path / "out"
+    assert_refused(
+        ["merge", base, bad, "-o", out],
+        "model.layers.0.block_sparse_moe.experts.7.w1",
+        inputs=[base, bad],
+        output=out,
+    )
+
+
+@pytest.mark.parametrize("kind", ["gpt-oss", "qwen3-moe"])
+def test_expert_shape_mismatch_is_refused(kind, bases, tmp_path):
+    base = bases.get("gpt-oss") if kind == "gpt-oss" else fused_copy(bases.get(kind), tmp_path / "fused")
+    adapter, _ = per_expert_adapter(kind, base, tmp_path / "a")
+    bad = shutil.copytree(adapter, tmp_path / "bad")
+    tensors = load_file(bad / "adapter_model.safetensors")
+    a_key = next(k for k in tensors if ".experts.1.up_proj.lora_A" in k)
+    b_key = a_key.replace("lora_A", "lora_B")
+    tensors[b_key] = torch.zeros(tensors[b_key].shape[0] + 2, tensors[b_key].shape[1])  # 2 more outputs
+    save_file(tensors, bad / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    result = assert_refused(
+        ["merge", base, bad, "-o", out], "experts.1.up_proj", inputs=[base, bad], output=out
+    )
+    assert str(bad) in result.stderr
+    assert_refused(["inspect", bad, "--base", base], "experts.1.up_proj", inputs=[base, bad])
