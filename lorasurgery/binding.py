@@ -30,6 +30,7 @@ Reading adapter_config.json's fan_in_fan_out, and the rule that turns a layout i
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -275,12 +276,33 @@ def _map_modules(adapter: Adapter, checkpoint, structure: Structure, tensors: di
     if names:
         rule, unmatched = find_prefix_rule(names, tensors)
         if unmatched:
-            raise missing_modules_error(adapter.path, unmatched, len(modules), checkpoint.path)
+            error = missing_modules_error(adapter.path, unmatched, len(modules), checkpoint.path)
+            beyond = _experts_beyond(unmatched, rule, structure)
+            raise MismatchError(f"{error}; {beyond}") if beyond else error
     elif adapter.replacements:
         rule, _ = find_prefix_rule(list(adapter.replacements), tensors)
     else:
         rule, _ = find_prefix_rule([rows.base_weight_name for rows in adapter.tokens.values()], tensors)
     return rule, modules, {key: rule.apply(m.base_weight_name) for key, m in modules.items()}
+
+
+_EXPERT = re.compile(r"^(?P<head>.*\.)(?P<expert>\d+)(?P<tail>\..*)$")
+
+
+def _experts_beyond(unmatched: list[str], rule: PrefixRule, structure: Structure) -> str:
+    """Why per-expert modules are missing when their expert index is beyond the base's experts
+    (expert 0 of the same name is a per-expert weight of the model, model/experts.py), else ""."""
+    reasons = []
+    for name in unmatched:
+        match = _EXPERT.match(name)
+        first = match and rule.apply(f"{match['head']}0{match['tail']}")
+        slot = structure.expert_slice(first) if first else None
+        if slot is not None:
+            reasons.append(
+                f"{name.removesuffix('.weight')} names expert {match['expert']} but the base has "
+                f"{slot.experts} experts (0–{slot.experts - 1}) in {slot.parameter}"
+            )
+    return "; ".join(reasons[:_LISTED])
 
 
 def _assumptions(adapter: Adapter, structure: Structure, layouts: dict[str, Layout], remedy: str):
