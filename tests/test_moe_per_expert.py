@@ -301,3 +301,28 @@ def test_dora_per_expert_merges_and_resizes_on_its_slice(kind, bases, tmp_path):
     again = tmp_path / "again"
     assert run_cli("merge", base, resized, "-o", again).exit_code == 0
     assert_merged(kind, base, again, expected, tolerance=1e-5)
+
+
+def test_mxfp4_gpt_oss_per_expert(tmp_path):
+    """gpt-oss as it ships (experts in MXFP4): a per-expert adapter merges into the dequantized experts'
+    slices exactly as into transformers' own decoding of them, and verify finds it landed."""
+    from quantized_checks import dequantized_copy, store_mxfp4
+
+    plain = make_gpt_oss(tmp_path / "plain", hidden_size=64)
+    Q = store_mxfp4(plain, tmp_path / "mxfp4")
+    D = dequantized_copy(Q, tmp_path / "dequantized")
+    adapter, expected = per_expert_adapter("gpt-oss", D, tmp_path / "a")
+    outputs = {}
+    for label, base in (("Q", Q), ("D", D)):
+        outputs[label] = tmp_path / f"out-{label}"
+        result = run_cli("merge", base, adapter, "-o", outputs[label])
+        assert result.exit_code == 0, result.stderr
+    assert_merged("gpt-oss", D, outputs["Q"], expected)
+    ours, theirs = (
+        load_file(outputs["Q"] / "model.safetensors"),
+        load_file(outputs["D"] / "model.safetensors"),
+    )
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert run_cli("verify", Q, adapter, outputs["Q"]).exit_code == 0
