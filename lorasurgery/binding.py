@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from lorasurgery.adapter.model import Adapter, LoraModule, TokenRows, is_base_layer
@@ -165,6 +165,7 @@ class BoundAdapter:
     saved: tuple[SavedTensor, ...]
     tokens: Mapping[str, BoundTokens]  # embedding module -> its overwritten rows
     assumptions: tuple[Assumption, ...] = ()  # layouts that rest on the adapter's flag
+    _last_fused: dict = field(default_factory=dict, repr=False, compare=False)  # read_base's one tensor
 
     @property
     def path(self):
@@ -179,8 +180,16 @@ class BoundAdapter:
         """The base tensor module `key` updates, in its stored layout (a split expert parameter put
         together; a per-expert module's slice of its fused parameter)."""
         module = self.modules[key]
-        W = read_parameter(self.checkpoint, self.structure, module.tensor, device)
-        return W if module.lora.slot is None else module.lora.slot.view(W).clone()
+        if module.lora.slot is None:
+            return read_parameter(self.checkpoint, self.structure, module.tensor, device)
+        # The per-expert modules of one fused parameter read it once when asked in turn: the last
+        # fused tensor read is kept (one tensor, as every read here).
+        last = self._last_fused
+        if last.get("key") != (module.tensor, device):
+            last.clear()
+            last["W"] = read_parameter(self.checkpoint, self.structure, module.tensor, device)
+            last["key"] = (module.tensor, device)
+        return module.lora.slot.view(last["W"]).clone()
 
     def base_dtype(self, key: str):
         """The stored torch dtype of module `key`'s base tensor (its first piece when stored split)."""

@@ -200,18 +200,24 @@ def test_inspect_norms_are_peft_per_expert_deltas(kind, stored, bases, tmp_path)
     net = per_expert_model(kind, load(base))
     with _quiet():
         wrapped = peft.PeftModel.from_pretrained(net, str(adapter))
-    checked = 0
+    groups: dict[str, list] = {}  # `…experts.gate_proj` -> [(expert, ‖ΔW_e‖², ‖W_e‖²)]
     for name, layer in wrapped.named_modules():
         if not hasattr(layer, "get_delta_weight") or not hasattr(layer, "base_layer"):
             continue
         path = name.removeprefix("base_model.model.")
+        head, expert, leaf = path.rsplit(".", 2)
         delta = layer.get_delta_weight("default").double()
         W = layer.get_base_layer().weight.double()
-        entry = modules[path]
-        assert abs(entry["delta_fro_norm"] - float(delta.norm())) < 1e-5 * float(delta.norm())
-        assert abs(entry["relative_norm"] - float(delta.norm() / W.norm())) < 1e-5
-        checked += 1
-    assert checked == len(modules) > 3
+        groups.setdefault(f"{head}.{leaf}", []).append((int(expert), delta.square().sum(), W.square().sum()))
+    assert set(modules) == set(groups) and len(groups) == 3  # one row per projection, E slices each
+    for name, members in groups.items():
+        entry = modules[name]
+        delta_norm = float(sum(d for _, d, _ in members) ** 0.5)
+        assert entry["experts"] == sorted(e for e, _, _ in members)
+        assert entry["shape"][0] == len(members)
+        assert abs(entry["delta_fro_norm"] - delta_norm) < 1e-5 * delta_norm
+        relative = delta_norm / float(sum(w for _, _, w in members) ** 0.5)
+        assert abs(entry["relative_norm"] - relative) < 1e-5 * relative
 
 
 @pytest.mark.parametrize(("kind", "stored"), [("gpt-oss", "fused"), ("qwen3-moe", "split")])
