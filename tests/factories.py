@@ -620,12 +620,17 @@ PER_EXPERT_NAMES = {  # model kind -> (MoE block's name, gate, up, down) as 4.x 
     "qwen2-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
     "gpt-oss": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    # Unsloth's gpt-oss: per expert one Linear (hidden → 2·inner) whose outputs keep gate/up
+    # interleaved (its forward splits gate_up[..., ::2], gate_up[..., 1::2]), and one for down
+    "gpt-oss-unsloth": ("mlp", "gate_up_projs", None, "down_projs"),
 }
 
 
 def _expert_weights(kind: str, experts_module) -> list[dict[str, torch.Tensor]]:
     """[{gate, up, down: (out, in) nn.Linear weights}] per expert of a transformers-5 experts module."""
     gate_up, down = experts_module.gate_up_proj.detach(), experts_module.down_proj.detach()
+    if kind == "gpt-oss-unsloth":
+        return [{"gate": gate_up[e].T, "down": down[e].T} for e in range(gate_up.shape[0])]
     if kind == "gpt-oss":  # (E, hidden, 2·inner) interleaved; down (E, inner, hidden)
         return [
             {"gate": gate_up[e][:, ::2].T, "up": gate_up[e][:, 1::2].T, "down": down[e].T}
@@ -662,6 +667,13 @@ def per_expert_model(kind: str, model) -> torch.nn.Module:
     for name, module in model.named_modules():
         if hasattr(module, "gate_up_proj") and isinstance(module.gate_up_proj, torch.nn.Parameter):
             layer = name.rsplit(".experts", 1)[0].rsplit(".", 1)[0]  # model.layers.{i}
+            if up is None:  # Unsloth's: experts.gate_up_projs.{e}, experts.down_projs.{e}
+                weights = _expert_weights(kind, module)
+                experts = torch.nn.Module()
+                experts.add_module(gate, torch.nn.ModuleList([linear(w["gate"]) for w in weights]))
+                experts.add_module(down, torch.nn.ModuleList([linear(w["down"]) for w in weights]))
+                place(f"{layer}.{block}.experts", experts)
+                continue
             experts = torch.nn.ModuleList()
             for weights in _expert_weights(kind, module):
                 expert = torch.nn.Module()
@@ -685,9 +697,14 @@ def fused_state(kind: str, model, per_expert: dict[str, torch.Tensor]) -> dict[s
         layer = name.rsplit(".experts", 1)[0].rsplit(".", 1)[0]
         gate_up, down_w = state[f"{name}.gate_up_proj"], state[f"{name}.down_proj"]
         for e in range(gate_up.shape[0]):
+            if up is None:
+                prefix = f"{layer}.{block}.experts."
+                gate_up[e] = per_expert[f"{prefix}{gate}.{e}.weight"].T
+                down_w[e] = per_expert[f"{prefix}{down}.{e}.weight"].T
+                continue
             prefix = f"{layer}.{block}.experts.{e}."
             g, u, d = (per_expert[f"{prefix}{p}.weight"] for p in (gate, up, down))
-            if kind == "gpt-oss":
+            if kind.startswith("gpt-oss"):
                 gate_up[e][:, ::2], gate_up[e][:, 1::2], down_w[e] = g.T, u.T, d.T
             else:
                 inner = g.shape[0]
