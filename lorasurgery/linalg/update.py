@@ -26,6 +26,7 @@ import torch
 
 from lorasurgery.binding import stored_transposed
 from lorasurgery.errors import UnsupportedError
+from lorasurgery.linalg import delta as kernels
 from lorasurgery.linalg.delta import Update, compute_dtype_for, delta_weight, merge_weight
 
 
@@ -107,16 +108,19 @@ def merge_into(weight: torch.Tensor, updates: list[Update], *, out_dtype: torch.
     for update in updates:
         slot = getattr(update, "slot", None)
         (sliced.setdefault(slot, []) if slot is not None else whole).append(update)
+    # kernels.merge_weight looked up at each call: the merge's one kernel, which tests replace
     if not sliced:
-        return merge_weight(weight, whole, out_dtype=out_dtype, **options)
+        return kernels.merge_weight(weight, whole, out_dtype=out_dtype, **options)
     dtype = compute_dtype_for(options.get("precise", False))
     work = weight.to(dtype, copy=True)
     name = options.pop("name", "")
     for slot, group in sliced.items():
         view = slot.view(work)
-        view.copy_(merge_weight(view.clone(), group, out_dtype=dtype, name=f"{name} {slot.label}", **options))
+        view.copy_(
+            kernels.merge_weight(view.clone(), group, out_dtype=dtype, name=f"{name} {slot.label}", **options)
+        )
     if whole:
-        return merge_weight(work, whole, out_dtype=out_dtype, name=name, **options)
+        return kernels.merge_weight(work, whole, out_dtype=out_dtype, name=name, **options)
     return work.to(out_dtype)
 
 
