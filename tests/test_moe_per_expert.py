@@ -335,3 +335,38 @@ def test_mxfp4_gpt_oss_per_expert(tmp_path):
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
     assert run_cli("verify", Q, adapter, outputs["Q"]).exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["gpt-oss", "qwen3-moe"])
+def test_rank_report_of_a_model_analyses_each_expert(kind, bases, tmp_path):
+    """rank-report of a model TARGET with fused 3-D experts: one entry per expert, its (out, in)
+    matrix (gpt-oss's stored (in, out), transposed back), W's norms and ΔW's against torch's SVD."""
+    if kind == "gpt-oss":  # hidden 32, inner 32: gate_up_proj (E, 32, 64), so [64, 32] proves the layout
+        base = make_gpt_oss(tmp_path / "oss")
+    else:
+        base = fused_copy(bases.get(kind), tmp_path / "fused")
+    adapter, _ = per_expert_adapter(kind, base, tmp_path / "a")
+    merged = tmp_path / "merged"
+    assert run_cli("merge", base, adapter, "-o", merged).exit_code == 0
+    W0, W1 = load_file(base / "model.safetensors"), load_file(merged / "model.safetensors")
+    transposed = kind == "gpt-oss"
+    for args, mode in (([merged], "weight"), ([merged, "--base", base], "delta")):
+        result = run_cli("rank-report", *args, "--json", "-")
+        assert result.exit_code == 0, result.stderr
+        entries = {(m["name"], m["kind"]): m for m in json.loads(result.stdout)["modules"]}
+        checked = 0
+        for name in W0:
+            if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                continue
+            for e in range(W0[name].shape[0]):
+                M = W1[name][e] if mode == "weight" else W1[name][e].double() - W0[name][e].double()
+                M = (M.T if transposed else M).double()
+                entry = entries[(f"{name}[{e}]", mode)]
+                assert entry["shape"] == list(M.shape)
+                S = torch.linalg.svdvals(M)
+                assert abs(entry["metrics"]["fro_norm"] - float(S.norm())) < 1e-5 * float(S.norm())
+                assert abs(entry["metrics"]["spectral_norm"] - float(S[0])) < 1e-5 * float(S[0])
+                checked += 1
+        assert checked == 2 * W0["model.layers.0.mlp.experts.gate_up_proj"].shape[0]  # both parameters
+    if kind == "gpt-oss":
+        assert entries[("model.layers.0.mlp.experts.gate_up_proj[0]", "delta")]["shape"] == [64, 32]
