@@ -236,10 +236,12 @@ def bind(
                 adapter.config.fan_in_fan_out,
             )
             targets.append(target)
-            where[(target.adapter, key)] = index
+            # an adapter given twice (combine A A) is laid out alike in both places
+            where.setdefault((target.adapter, key), []).append(index)
     layouts: list[dict[str, Layout]] = [{} for _ in adapters]
     for (path, key), layout in linear_layouts(structure, targets, fan_in_fan_out).items():
-        layouts[where[(path, key)]][key] = layout
+        for index in where[(path, key)]:
+            layouts[index][key] = layout
 
     remedy = (
         "pass --config with the base's config.json to be sure"

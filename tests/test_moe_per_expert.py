@@ -298,7 +298,7 @@ def test_expert_shape_mismatch_is_refused(kind, bases, tmp_path):
 def test_dora_per_expert_merges_and_resizes_on_its_slice(kind, bases, tmp_path):
     """DoRA on a per-expert Linear normalises that expert's rows (its slice's, stored (in, out) for
     gpt-oss: per column): merge equals PEFT's; resize --base writes the effective update as a plain
-    LoRA (full rank: exact), which merges to the same weights."""
+    LoRA (full rank: exact), which merges to the same weights; combine --base of it twice, to twice."""
     base = bases.get(kind) if kind == "gpt-oss" else fused_copy(bases.get(kind), tmp_path / "fused")
     adapter, expected = per_expert_adapter(kind, base, tmp_path / "a", use_dora=True)
     out = tmp_path / "out"
@@ -310,6 +310,14 @@ def test_dora_per_expert_merges_and_resizes_on_its_slice(kind, bases, tmp_path):
     again = tmp_path / "again"
     assert run_cli("merge", base, resized, "-o", again).exit_code == 0
     assert_merged(kind, base, again, expected, tolerance=1e-5)
+    combined = tmp_path / "combined"  # twice the effective update, as one plain LoRA
+    result = run_cli("combine", adapter, adapter, "--exact", "--base", base, "-o", combined)
+    assert result.exit_code == 0, result.stderr
+    twice = tmp_path / "twice"
+    assert run_cli("merge", base, combined, "-o", twice).exit_code == 0
+    base_state = load(base).state_dict()
+    doubled = {name: 2 * value - base_state[name] for name, value in expected.items()}
+    assert_merged(kind, base, twice, doubled, tolerance=1e-5)
 
 
 def test_mxfp4_gpt_oss_per_expert(tmp_path):
