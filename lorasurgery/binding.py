@@ -259,7 +259,9 @@ def bind(
 
 def decided_fan_in_fan_out(bound: Sequence[BoundAdapter]) -> bool | None:
     """The fan_in_fan_out every linear module was laid out with on the base, when the base decided it
-    (its structure, --fan-in-fan-out or its shape) alike for all; else None (PEFT decides per layer)."""
+    (its structure, --fan-in-fan-out or its shape) alike for all; else None (PEFT decides per layer).
+    A per-expert module is an nn.Linear in its own model whatever its slice's storage (gpt-oss's is
+    (in, out)): it does not count."""
     flags = {
         module.lora.fan_in_fan_out
         for b in bound
@@ -267,6 +269,8 @@ def decided_fan_in_fan_out(bound: Sequence[BoundAdapter]) -> bool | None:
         if module.kind == "linear"
         and module.layout is not None
         and module.layout.reason not in ("adapter", "assumed")
+        and module.lora.slot is None
+        and b.structure.expert_slice(module.name) is None
     }
     return flags.pop() if len(flags) == 1 else None
 

@@ -307,6 +307,8 @@ def test_dora_per_expert_merges_and_resizes_on_its_slice(kind, bases, tmp_path):
     resized = tmp_path / "resized"
     result = run_cli("resize", adapter, "--base", base, "--rank", "8", "-o", resized)
     assert result.exit_code == 0, result.stderr
+    # the per-expert modules are nn.Linear in their model, whatever gpt-oss's fused storage is
+    assert json.loads((resized / "adapter_config.json").read_text())["fan_in_fan_out"] is False
     again = tmp_path / "again"
     assert run_cli("merge", base, resized, "-o", again).exit_code == 0
     assert_merged(kind, base, again, expected, tolerance=1e-5)
