@@ -8,6 +8,10 @@ command that has a base asks here (merge, inspect, rank-report, resize, combine,
 2. the prefix rule mapping the adapter's module paths onto the checkpoint's names (adapter/names.py);
 3. the model's structure (lorasurgery/model/): a tied member stored once is read from the stored one; a
    fused expert parameter that the checkpoint stores split is merged as one piece per stored tensor;
+   a per-expert module (`…experts.3.gate_proj`, transformers 4.x's and trainers' layout) of a fused
+   parameter the checkpoint stores whole is bound to its slice (model/experts.py: expert e, and for
+   gate_up_proj the gate or up part, concatenated or gpt-oss's interleaved columns), which its
+   LoraModule carries as `slot`; a checkpoint that stores it split has it as a tensor of its own;
 4. the layout of every linear target, decided for all adapters together, since a square weight's
    layout compares their flags (model.layouts.linear_layouts: the structure, else --fan-in-fan-out,
    else the stored shape, else the adapter's flag);
@@ -25,8 +29,10 @@ Reading adapter_config.json's fan_in_fan_out, and the rule that turns a layout i
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from lorasurgery.adapter.model import Adapter, LoraModule, TokenRows, is_base_layer
@@ -51,6 +57,7 @@ from lorasurgery.model import (
     model_tensors,
     structure_of,
 )
+from lorasurgery.model.experts import TRAINER_NAMES as EXPERT_CLASSES
 
 _LISTED = 8  # how many modules a message names
 
@@ -158,6 +165,7 @@ class BoundAdapter:
     saved: tuple[SavedTensor, ...]
     tokens: Mapping[str, BoundTokens]  # embedding module -> its overwritten rows
     assumptions: tuple[Assumption, ...] = ()  # layouts that rest on the adapter's flag
+    _last_fused: dict = field(default_factory=dict, repr=False, compare=False)  # read_base's one tensor
 
     @property
     def path(self):
@@ -169,8 +177,19 @@ class BoundAdapter:
         return {key: bound.lora for key, bound in self.modules.items()}
 
     def read_base(self, key: str, device: str = "cpu"):
-        """The base tensor module `key` updates, in its stored layout (a split expert parameter put together)."""
-        return read_parameter(self.checkpoint, self.structure, self.modules[key].tensor, device)
+        """The base tensor module `key` updates, in its stored layout (a split expert parameter put
+        together; a per-expert module's slice of its fused parameter)."""
+        module = self.modules[key]
+        if module.lora.slot is None:
+            return read_parameter(self.checkpoint, self.structure, module.tensor, device)
+        # The per-expert modules of one fused parameter read it once when asked in turn: the last
+        # fused tensor read is kept (one tensor, as every read here).
+        last = self._last_fused
+        if last.get("key") != (module.tensor, device):
+            last.clear()
+            last["W"] = read_parameter(self.checkpoint, self.structure, module.tensor, device)
+            last["key"] = (module.tensor, device)
+        return module.lora.slot.view(last["W"]).clone()
 
     def base_dtype(self, key: str):
         """The stored torch dtype of module `key`'s base tensor (its first piece when stored split)."""
@@ -199,6 +218,7 @@ def bind(
         structure = structure_of(base, config_file)
     model = model_tensors(base, structure)  # every name the model has, tied members stored once included
     tensors = with_split_parameters(model, base, structure)  # and fused parameters stored split
+    tensors = _with_expert_slices(tensors, structure)  # and the per-expert slices of fused ones
     found = [_map_modules(adapter, base, structure, tensors) for adapter in adapters]
 
     targets, where = [], {}
@@ -216,10 +236,12 @@ def bind(
                 adapter.config.fan_in_fan_out,
             )
             targets.append(target)
-            where[(target.adapter, key)] = index
+            # an adapter given twice (combine A A) is laid out alike in both places
+            where.setdefault((target.adapter, key), []).append(index)
     layouts: list[dict[str, Layout]] = [{} for _ in adapters]
     for (path, key), layout in linear_layouts(structure, targets, fan_in_fan_out).items():
-        layouts[where[(path, key)]][key] = layout
+        for index in where[(path, key)]:
+            layouts[index][key] = layout
 
     remedy = (
         "pass --config with the base's config.json to be sure"
@@ -237,7 +259,9 @@ def bind(
 
 def decided_fan_in_fan_out(bound: Sequence[BoundAdapter]) -> bool | None:
     """The fan_in_fan_out every linear module was laid out with on the base, when the base decided it
-    (its structure, --fan-in-fan-out or its shape) alike for all; else None (PEFT decides per layer)."""
+    (its structure, --fan-in-fan-out or its shape) alike for all; else None (PEFT decides per layer).
+    A per-expert module is an nn.Linear in its own model whatever its slice's storage (gpt-oss's is
+    (in, out)): it does not count."""
     flags = {
         module.lora.fan_in_fan_out
         for b in bound
@@ -245,6 +269,8 @@ def decided_fan_in_fan_out(bound: Sequence[BoundAdapter]) -> bool | None:
         if module.kind == "linear"
         and module.layout is not None
         and module.layout.reason not in ("adapter", "assumed")
+        and module.lora.slot is None
+        and b.structure.expert_slice(module.name) is None
     }
     return flags.pop() if len(flags) == 1 else None
 
@@ -265,12 +291,33 @@ def _map_modules(adapter: Adapter, checkpoint, structure: Structure, tensors: di
     if names:
         rule, unmatched = find_prefix_rule(names, tensors)
         if unmatched:
-            raise missing_modules_error(adapter.path, unmatched, len(modules), checkpoint.path)
+            error = missing_modules_error(adapter.path, unmatched, len(modules), checkpoint.path)
+            beyond = _experts_beyond(unmatched, rule, structure)
+            raise MismatchError(f"{error}; {beyond}") if beyond else error
     elif adapter.replacements:
         rule, _ = find_prefix_rule(list(adapter.replacements), tensors)
     else:
         rule, _ = find_prefix_rule([rows.base_weight_name for rows in adapter.tokens.values()], tensors)
     return rule, modules, {key: rule.apply(m.base_weight_name) for key, m in modules.items()}
+
+
+_EXPERT = re.compile(r"^(?P<head>.*\.)(?P<expert>\d+)(?P<tail>\..*)$")
+
+
+def _experts_beyond(unmatched: list[str], rule: PrefixRule, structure: Structure) -> str:
+    """Why per-expert modules are missing when their expert index is beyond the base's experts
+    (expert 0 of the same name is a per-expert weight of the model, model/experts.py), else ""."""
+    reasons = []
+    for name in unmatched:
+        match = _EXPERT.match(name)
+        first = match and rule.apply(f"{match['head']}0{match['tail']}")
+        slot = structure.expert_slice(first) if first else None
+        if slot is not None:
+            reasons.append(
+                f"{name.removesuffix('.weight')} names expert {match['expert']} but the base has "
+                f"{slot.experts} experts (0–{slot.experts - 1}) in {slot.parameter}"
+            )
+    return "; ".join(reasons[:_LISTED])
 
 
 def _assumptions(adapter: Adapter, structure: Structure, layouts: dict[str, Layout], remedy: str):
@@ -325,12 +372,18 @@ def _bound(
         if layout is not None:
             lora = lora.laid_out(layout.fan_in_fan_out)
         name = names[key]
+        slot = structure.expert_slice(name) if lora.kind == "linear" and name not in model else None
+        if slot is not None:  # updates its slice of the fused parameter (model/experts.py)
+            lora = dataclasses.replace(lora, slot=slot)
+            name = slot.parameter
         bound[key] = BoundModule(key, lora, name, tensors[name].name, layout)
     if check_shapes:
         wrong = [
-            f"{key} (adapter expects {list(m.lora.shape)}, base has {list(tensors[m.name].shape)})"
+            f"{key} (adapter expects {list(m.lora.shape)}, base has {list(tensors[names[key]].shape)}"
+            + (f", {m.lora.slot.label}" if m.lora.slot is not None else "")
+            + ")"
             for key, m in bound.items()
-            if tuple(tensors[m.name].shape) != tuple(m.lora.shape)
+            if tuple(tensors[names[key]].shape) != tuple(m.lora.shape)
         ]
         if wrong:
             raise shape_mismatch_error(adapter.path, wrong, checkpoint.path)
@@ -363,6 +416,24 @@ def _targets(adapter, checkpoint, structure, modules: dict[str, BoundModule]) ->
         for piece_key, piece in split_pieces(where, key, lora, pieces, checkpoint.tensors).items():
             targets[piece_key] = BoundModule(piece_key, piece, piece.base_weight_name, piece.base_weight_name)
     return targets
+
+
+def _with_expert_slices(tensors: dict, structure: Structure) -> dict:
+    """`tensors` plus every per-expert weight name of a fused expert parameter the checkpoint stores
+    whole (model/experts.py), under the fused tensor's stored name with the slice's shape."""
+    from types import SimpleNamespace
+
+    if (
+        not structure.known
+        or not structure.stored
+        and not any(m.cls in EXPERT_CLASSES for m in structure.modules.values())
+    ):
+        return tensors
+    tensors = dict(tensors)
+    for name, slot in structure.expert_slices().items():
+        if name not in tensors and slot.parameter in tensors:
+            tensors[name] = SimpleNamespace(name=tensors[slot.parameter].name, shape=slot.shape)
+    return tensors
 
 
 def _saved(adapter: Adapter, rule: PrefixRule, model: dict):

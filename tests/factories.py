@@ -770,3 +770,111 @@ def per_expert_twin(model, kind: str):
             parent = twin.get_submodule(name.rpartition(".")[0])
             parent.experts = PerExpertExperts(module, kind)
     return twin.eval()
+
+
+# ------------------------------------------------------------------------ per-expert (4.x) MoE models
+# transformers 5 fuses MoE experts into 3-D parameters; transformers 4.x and most trainers keep one
+# nn.Linear per expert and projection, and their LoRA adapters name those. `per_expert_model` builds
+# that 4.x-style model from a transformers-5 model's weights, written here independently of
+# lorasurgery/model/experts.py: Qwen3-MoE and Mixtral concatenate gate (w1) before up (w3) along the
+# output rows of gate_up_proj (E, 2·inner, hidden); gpt-oss stores gate_up_proj (E, hidden, 2·inner)
+# with gate and up interleaved (gate = [..., ::2], up = [..., 1::2], as GptOssExperts' forward).
+
+PER_EXPERT_NAMES = {  # model kind -> (MoE block's name, gate, up, down) as 4.x / trainers name them
+    "qwen3-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "qwen2-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "gpt-oss": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    # Unsloth's gpt-oss: per expert one Linear (hidden → 2·inner) whose outputs keep gate/up
+    # interleaved (its forward splits gate_up[..., ::2], gate_up[..., 1::2]), and one for down
+    "gpt-oss-unsloth": ("mlp", "gate_up_projs", None, "down_projs"),
+}
+
+
+def _expert_weights(kind: str, experts_module) -> list[dict[str, torch.Tensor]]:
+    """[{gate, up, down: (out, in) nn.Linear weights}] per expert of a transformers-5 experts module."""
+    gate_up, down = experts_module.gate_up_proj.detach(), experts_module.down_proj.detach()
+    if kind == "gpt-oss-unsloth":
+        return [{"gate": gate_up[e].T, "down": down[e].T} for e in range(gate_up.shape[0])]
+    if kind == "gpt-oss":  # (E, hidden, 2·inner) interleaved; down (E, inner, hidden)
+        return [
+            {"gate": gate_up[e][:, ::2].T, "up": gate_up[e][:, 1::2].T, "down": down[e].T}
+            for e in range(gate_up.shape[0])
+        ]
+    inner = gate_up.shape[1] // 2  # (E, 2·inner, hidden): gate rows first; down (E, hidden, inner)
+    return [
+        {"gate": gate_up[e][:inner], "up": gate_up[e][inner:], "down": down[e]}
+        for e in range(gate_up.shape[0])
+    ]
+
+
+def per_expert_model(kind: str, model) -> torch.nn.Module:
+    """A module tree holding, under 4.x names (`model.layers.{i}.<block>.experts.{e}.<proj>`), one
+    nn.Linear per expert and projection with the weights of transformers-5 `model`'s fused experts,
+    plus every other nn.Linear of `model` (attention, shared experts) under its own name."""
+    block, gate, up, down = PER_EXPERT_NAMES[kind]
+    root = torch.nn.Module()
+
+    def place(path: str, module: torch.nn.Module) -> None:
+        parent = root
+        *parents, leaf_name = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.ModuleDict() if part.isdigit() else torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf_name, module)
+
+    def linear(weight: torch.Tensor) -> torch.nn.Linear:
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+        layer.weight.data.copy_(weight)
+        return layer
+
+    for name, module in model.named_modules():
+        if hasattr(module, "gate_up_proj") and isinstance(module.gate_up_proj, torch.nn.Parameter):
+            layer = name.rsplit(".experts", 1)[0].rsplit(".", 1)[0]  # model.layers.{i}
+            if up is None:  # Unsloth's: experts.gate_up_projs.{e}, experts.down_projs.{e}
+                weights = _expert_weights(kind, module)
+                experts = torch.nn.Module()
+                experts.add_module(gate, torch.nn.ModuleList([linear(w["gate"]) for w in weights]))
+                experts.add_module(down, torch.nn.ModuleList([linear(w["down"]) for w in weights]))
+                place(f"{layer}.{block}.experts", experts)
+                continue
+            experts = torch.nn.ModuleList()
+            for weights in _expert_weights(kind, module):
+                expert = torch.nn.Module()
+                for leaf_name, which in ((gate, "gate"), (up, "up"), (down, "down")):
+                    expert.add_module(leaf_name, linear(weights[which]))
+                experts.append(expert)
+            place(f"{layer}.{block}.experts", experts)
+        elif isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            place(name, linear(module.weight.detach()))
+    return root
+
+
+def fused_state(kind: str, model, per_expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers-5 `model`'s state dict with its fused experts rebuilt from the per-expert weights
+    `per_expert` (a per_expert_model's state dict, e.g. merged by PEFT), the inverse of _expert_weights."""
+    block, gate, up, down = PER_EXPERT_NAMES[kind]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "gate_up_proj") and isinstance(module.gate_up_proj, torch.nn.Parameter)):
+            continue
+        layer = name.rsplit(".experts", 1)[0].rsplit(".", 1)[0]
+        gate_up, down_w = state[f"{name}.gate_up_proj"], state[f"{name}.down_proj"]
+        for e in range(gate_up.shape[0]):
+            if up is None:
+                prefix = f"{layer}.{block}.experts."
+                gate_up[e] = per_expert[f"{prefix}{gate}.{e}.weight"].T
+                down_w[e] = per_expert[f"{prefix}{down}.{e}.weight"].T
+                continue
+            prefix = f"{layer}.{block}.experts.{e}."
+            g, u, d = (per_expert[f"{prefix}{p}.weight"] for p in (gate, up, down))
+            if kind.startswith("gpt-oss"):
+                gate_up[e][:, ::2], gate_up[e][:, 1::2], down_w[e] = g.T, u.T, d.T
+            else:
+                inner = g.shape[0]
+                gate_up[e][:inner], gate_up[e][inner:], down_w[e] = g, u, d
+    for name, value in per_expert.items():  # the other Linear layers (attention, shared experts)
+        if ".experts." not in name and name in state:
+            state[name] = value.clone()
+    return state

@@ -224,6 +224,21 @@ def _tiny_transformers(kind: str):
             **common,
         )
         return transformers.Qwen3MoeForCausalLM(config)
+    if kind == "qwen2-moe":  # routed experts beside a shared expert (nn.Linear gate/up/down_proj)
+        config = transformers.Qwen2MoeConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            pad_token_id=None,
+            **common,
+        )
+        return transformers.Qwen2MoeForCausalLM(config)
     if kind == "mixtral":
         config = transformers.MixtralConfig(
             hidden_size=16,
@@ -273,7 +288,17 @@ def _tiny_transformers(kind: str):
     raise ValueError(kind)
 
 
-TRANSFORMERS_MODELS = ("llama", "llama-tied", "gpt2", "bert-cls", "qwen3-moe", "mixtral", "llama4", "gpt-oss")
+TRANSFORMERS_MODELS = (
+    "llama",
+    "llama-tied",
+    "gpt2",
+    "bert-cls",
+    "qwen3-moe",
+    "qwen2-moe",
+    "mixtral",
+    "llama4",
+    "gpt-oss",
+)
 
 
 def transformers_class(kind: str):

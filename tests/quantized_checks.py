@@ -1,5 +1,7 @@
 """Checks the quantized-format tests share: a command's JSON through the CLI, two JSON reports equal
-up to the checkpoint paths, two adapter folders equal, and a broken copy of a quantized checkpoint."""
+up to the checkpoint paths, two adapter folders equal, and a broken copy of a quantized checkpoint;
+and gpt-oss's MXFP4 experts stored (`store_mxfp4`) and decoded by transformers (`dequantized_copy`),
+which the MXFP4 and the MoE tests share."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import torch
 from clihelp import run_cli
+from factories import quantize_mxfp4
 from safetensors.torch import load_file, save_file
 
 
@@ -84,3 +87,56 @@ def save_dequantized_copy(plain: dict, source: Path, folder: Path) -> Path:
     config["dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+QCONFIG = {  # as openai/gpt-oss-20b's config.json declares it
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
+def store_mxfp4(plain: Path, folder: Path, qconfig=QCONFIG) -> Path:
+    """`plain` with its experts' fused parameters stored as MXFP4; the rest as it is."""
+    folder.mkdir(parents=True)
+    stored = {}
+    for name, W in load_file(plain / "model.safetensors").items():
+        if name.endswith(EXPERTS):
+            stored[f"{name}_blocks"], stored[f"{name}_scales"] = quantize_mxfp4(W)
+        else:
+            stored[name] = W
+    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def oracle(blocks, scales):
+    """transformers' own dequantization, in float32."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+
+
+def dequantized_copy(mxfp4: Path, folder: Path) -> Path:
+    """The MXFP4 checkpoint with its experts dequantized by transformers' function (float32), the
+    other tensors as stored."""
+    folder.mkdir(parents=True)
+    stored = load_file(mxfp4 / "model.safetensors")
+    plain = {}
+    for name, tensor in stored.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            stem = name.removesuffix("_blocks")
+            plain[stem] = oracle(tensor, stored[f"{stem}_scales"])
+        else:
+            plain[name] = tensor
+    return save_dequantized_copy(plain, mxfp4, folder)

@@ -26,71 +26,26 @@ import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_gpt_oss, peft_merged_state_dict, quantize_mxfp4
 from quantized_checks import (
+    EXPERTS,
+    QCONFIG,
     assert_loads_unquantized,
     broken_copy,
     cli_json,
+    dequantized_copy,
+    oracle,
     same_adapter_folders,
     same_json,
-    save_dequantized_copy,
+    store_mxfp4,
 )
 from safetensors.torch import load_file, save_file
 from test_quantized_fp8 import TEXT
-from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
+from transformers.integrations.mxfp4 import FP4_VALUES
 
 from lorasurgery.io import open_checkpoint
 
-EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 DOWN = "model.layers.0.mlp.experts.down_proj"
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
-QCONFIG = {  # as openai/gpt-oss-20b's config.json declares it
-    "quant_method": "mxfp4",
-    "modules_to_not_convert": [
-        "model.layers.*.self_attn",
-        "model.layers.*.mlp.router",
-        "model.embed_tokens",
-        "lm_head",
-    ],
-}
-
-
-def store_mxfp4(plain: Path, folder: Path, qconfig=QCONFIG) -> Path:
-    """`plain` with its experts' fused parameters stored as MXFP4; the rest as it is."""
-    folder.mkdir(parents=True)
-    stored = {}
-    for name, W in load_file(plain / "model.safetensors").items():
-        if name.endswith(EXPERTS):
-            stored[f"{name}_blocks"], stored[f"{name}_scales"] = quantize_mxfp4(W)
-        else:
-            stored[name] = W
-    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((plain / "config.json").read_text())
-    if qconfig is not None:
-        config["quantization_config"] = qconfig
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def oracle(blocks, scales):
-    """transformers' own dequantization, in float32."""
-    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
-
-
-def dequantized_copy(mxfp4: Path, folder: Path) -> Path:
-    """The MXFP4 checkpoint with its experts dequantized by transformers' function (float32), the
-    other tensors as stored."""
-    folder.mkdir(parents=True)
-    stored = load_file(mxfp4 / "model.safetensors")
-    plain = {}
-    for name, tensor in stored.items():
-        if name.endswith("_scales"):
-            continue
-        if name.endswith("_blocks"):
-            stem = name.removesuffix("_blocks")
-            plain[stem] = oracle(tensor, stored[f"{stem}_scales"])
-        else:
-            plain[name] = tensor
-    return save_dequantized_copy(plain, mxfp4, folder)
 
 
 @pytest.fixture(scope="module")

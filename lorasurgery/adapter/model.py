@@ -107,6 +107,8 @@ class LoraModule:
     depth: int = 0  # how deep PEFT nested this parameter's wrapper (`<m>.base_layer.….lora_A`)
     piece: tuple[int, int, int, int] | None = None  # (expert, of experts, first row, end row): one expert's
     # rows of a fused parameter that the checkpoint stores split (see adapter/parameters.py)
+    slot: object = None  # a per-expert linear module bound to its slice of a fused expert parameter the
+    # checkpoint stores whole: a model.ExpertSlice (lorasurgery.binding sets it; linalg/update.py merges into it)
 
     def laid_out(self, fan_in_fan_out: bool) -> LoraModule:
         """This module with its base weight stored (in, out) when `fan_in_fan_out`, else (out, in)."""

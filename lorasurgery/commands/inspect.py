@@ -20,6 +20,7 @@ from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.errors import MismatchError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg.lowrank import lowrank_fro_norm
+from lorasurgery.model.experts import grouped_label
 from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 DEAD_RELATIVE = 1e-12  # ‖ΔW‖ below this share of ‖W‖ (or exactly 0 without a base) counts as dead
@@ -42,6 +43,7 @@ class ModuleInfo:
     tokens: list[int] | None = None  # trainable tokens: the rows overwritten
     retention: float | None = None  # quantized base: ρ under merge --requantize (None: ΔW = 0)
     codes_changed: float | None = None  # quantized base: share of its codes that would change
+    experts: list[int] | None = None  # per-expert modules of a fused parameter as one: the experts it has
 
 
 @dataclass
@@ -67,6 +69,8 @@ class InspectReport:
                 entry.pop("relative_norm")
             if module.kind != "tokens":  # only trainable tokens list their rows
                 entry.pop("tokens")
+            if module.experts is None:
+                entry.pop("experts")
             modules.append(entry)
         return {
             "path": self.path,
@@ -174,7 +178,8 @@ def inspect_adapter(
     if bound is not None:
         warnings += [a.message() for a in bound.assumptions]
         warnings += _compare_with_base(bound, infos)
-        requantizable = _would_be_retention(bound, infos, progress)
+        infos, groups = _experts_as_one(bound, infos)
+        requantizable = _would_be_retention(bound, infos, progress, groups)
     _warn_about_updates(adapter, infos, warnings, with_base=base is not None)
     tensors = adapter.tensors.values()
     return InspectReport(
@@ -207,7 +212,8 @@ def _compare_with_base(bound: BoundAdapter, infos: list[ModuleInfo]) -> list[str
         )
         w_norm = float(torch.linalg.vector_norm(W))
         info.relative_norm = info.delta_fro_norm / w_norm if w_norm else None
-    for key, module in bound.modules.items():
+    # per tensor, so that the per-expert modules of one fused parameter read it once (read_base)
+    for key, module in sorted(bound.modules.items(), key=lambda item: item[1].tensor):
         info = by_name[module.lora.label]
         w_norm = float(torch.linalg.vector_norm(bound.read_base(key).double()))
         if info.delta_fro_norm is not None:
@@ -232,14 +238,63 @@ def _compare_with_base(bound: BoundAdapter, infos: list[ModuleInfo]) -> list[str
     return notes
 
 
-def _would_be_retention(bound: BoundAdapter, infos: list[ModuleInfo], progress) -> bool:
+def _experts_as_one(bound: BoundAdapter, infos: list[ModuleInfo]):
+    """(infos with the per-expert modules of one fused expert parameter's part — `experts.{e}.gate_proj`
+    for every e — as one module `experts.gate_proj` of shape [E, out, in], {module label: its row's
+    name}). Which modules are per-expert comes from the base's structure (model/experts.py)."""
+    groups: dict[str, str] = {}
+    slots = {}
+    for module in bound.modules.values():
+        lora = module.lora
+        slot = lora.slot or (bound.structure.expert_slice(module.name) if lora.kind == "linear" else None)
+        if slot is not None:
+            groups[lora.label] = grouped_label(lora.name)
+            slots[lora.label] = slot
+    if not groups:
+        return infos, groups
+    merged: dict[str, list[ModuleInfo]] = {}
+    out: list[ModuleInfo] = []
+    for info in infos:
+        name = groups.get(info.name)
+        if name is None:
+            out.append(info)
+            continue
+        if name not in merged:
+            merged[name] = []
+            out.append(ModuleInfo(name, info.kind, [], None, None, None, False, 0, None, 0))
+        merged[name].append(info)
+    for row in out:
+        members = merged.get(row.name)
+        if not members:
+            continue
+        experts = sorted(slots[m.name].expert for m in members)
+
+        def same(values):
+            return values[0] if len(set(values)) == 1 else None
+
+        row.shape = [len(members), *members[0].shape]
+        row.r, row.alpha, row.scale = (
+            same([getattr(m, f) for m in members]) for f in ("r", "alpha", "scale")
+        )
+        row.dora = any(m.dora for m in members)
+        row.params = sum(m.params for m in members)
+        row.nonfinite = sum(m.nonfinite for m in members)
+        row.experts = experts
+        if all(m.delta_fro_norm is not None for m in members):
+            row.delta_fro_norm = sum(m.delta_fro_norm**2 for m in members) ** 0.5
+            if all(m.relative_norm for m in members):  # ‖ΔW‖ over ‖W‖ of the experts' slices together
+                w_squares = sum((m.delta_fro_norm / m.relative_norm) ** 2 for m in members)
+                row.relative_norm = row.delta_fro_norm / w_squares**0.5
+    return out, groups
+
+
+def _would_be_retention(bound: BoundAdapter, infos: list[ModuleInfo], progress, groups=None) -> bool:
     """Per module on a quantized tensor: its retention under merge --requantize (this adapter alone,
     weight 1), one base tensor at a time; False when the base is not quantized in a format that
     merge can write."""
     from lorasurgery.io import readers
-    from lorasurgery.linalg.delta import merge_weight
     from lorasurgery.linalg.requantize import requantize, retention
-    from lorasurgery.linalg.update import kernel_update
+    from lorasurgery.linalg.update import kernel_update, merge_into
 
     checkpoint = bound.checkpoint
     quantization = checkpoint.quantization
@@ -256,11 +311,12 @@ def _would_be_retention(bound: BoundAdapter, infos: list[ModuleInfo], progress) 
         info = checkpoint.tensors[name]
         W = checkpoint.read(name)
         updates = [kernel_update(bound.adapter, bound.targets[key].lora) for key in keys]
-        merged = merge_weight(W.clone(), updates, out_dtype=torch.float32, name=name)
+        merged = merge_into(W.clone(), updates, out_dtype=torch.float32, name=name)
         result = requantize(info, W, merged, lambda part: stored.read(part.name))
         del W, merged
-        for key in dict.fromkeys(key.split("[", 1)[0] for key in keys):
-            total = sums.setdefault(bound.modules[key].lora.label, [0.0, 0.0, 0, 0])
+        labels = (bound.modules[key.split("[", 1)[0]].lora.label for key in keys)
+        for label in dict.fromkeys((groups or {}).get(label, label) for label in labels):
+            total = sums.setdefault(label, [0.0, 0.0, 0, 0])
             for i, value in enumerate((result.kept, result.update, result.codes_changed, result.codes)):
                 total[i] += value
         progress(Progress("retention", done, len(by_tensor), name))

@@ -9,7 +9,10 @@
   (out, in): transposed where binding.stored_transposed says (a Conv1D-like linear, an embedding),
   a conv's kernel flattened, a 3-D expert parameter per expert ((E, in, out) experts transposed);
 - `dora_delta(bound, key)`: DoRA's effective update W' − W (it depends on W: the magnitude rescales
-  each output feature of W + s·B@A), by the merge kernel with PEFT's semantics, in float64 always.
+  each output feature of W + s·B@A), by the merge kernel with PEFT's semantics, in float64 always;
+- `merge_into(W, updates)` / `delta_into(update, shape)`: the merge kernel and ΔW on a whole base
+  tensor where some updates are per-expert modules bound to a slice of a fused expert parameter
+  (`SlicedUpdate`, model/experts.py): each slice merged as the Linear it was, the whole rounded once.
 
 `lora` is a LoraModule: an adapter's own (read alone) or a bound one (lorasurgery.binding), whose
 layout is the base's.
@@ -17,13 +20,14 @@ layout is the base's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from lorasurgery.binding import stored_transposed
 from lorasurgery.errors import UnsupportedError
-from lorasurgery.linalg.delta import Update, merge_weight
+from lorasurgery.linalg import delta as kernels
+from lorasurgery.linalg.delta import Update, compute_dtype_for, delta_weight, merge_weight
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,18 @@ def to_stored(lora, M: torch.Tensor, shape) -> torch.Tensor:
     return (M.T if stored_transposed(lora) else M).reshape(shape)
 
 
+@dataclass
+class SlicedUpdate(Update):
+    """An Update of a per-expert module on its slice of a fused expert parameter (merge_into)."""
+
+    slot: object = None  # a model.ExpertSlice
+
+
 def kernel_update(adapter, lora, *, weight: float = 1.0, device: str = "cpu") -> Update:
     """The merge kernel's Update of `lora` (a bound module: its layout is the base's), with the
-    adapter's --weight."""
+    adapter's --weight; a SlicedUpdate for a per-expert module bound to a slice (its `slot`)."""
     A, B = adapter.read_factors(lora, device)
-    return Update(
+    update = Update(
         module=lora.name if lora.kind != "parameter" else lora.base_weight_name,
         kind=lora.kind,
         A=A,
@@ -83,6 +94,45 @@ def kernel_update(adapter, lora, *, weight: float = 1.0, device: str = "cpu") ->
         source=str(adapter.path),
         experts=lora.experts,
     )
+    if lora.slot is None:
+        return update
+    return SlicedUpdate(**{f.name: getattr(update, f.name) for f in fields(Update)}, slot=lora.slot)
+
+
+def merge_into(weight: torch.Tensor, updates: list[Update], *, out_dtype: torch.dtype, **options):
+    """linalg.delta.merge_weight on the whole base tensor `weight`, where SlicedUpdates merge into their
+    slice as the per-expert Linear they were (its DoRA norm the slice's rows, as the Linear's): the
+    slices in the compute dtype first, then the whole-tensor updates, rounded once to `out_dtype`."""
+    sliced: dict[object, list[Update]] = {}
+    whole = []
+    for update in updates:
+        slot = getattr(update, "slot", None)
+        (sliced.setdefault(slot, []) if slot is not None else whole).append(update)
+    # kernels.merge_weight looked up at each call: the merge's one kernel, which tests replace
+    if not sliced:
+        return kernels.merge_weight(weight, whole, out_dtype=out_dtype, **options)
+    dtype = compute_dtype_for(options.get("precise", False))
+    work = weight.to(dtype, copy=True)
+    name = options.pop("name", "")
+    for slot, group in sliced.items():
+        view = slot.view(work)
+        view.copy_(
+            kernels.merge_weight(view.clone(), group, out_dtype=dtype, name=f"{name} {slot.label}", **options)
+        )
+    if whole:
+        return kernels.merge_weight(work, whole, out_dtype=out_dtype, name=name, **options)
+    return work.to(out_dtype)
+
+
+def delta_into(update: Update, shape, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """linalg.delta.delta_weight in the base tensor's `shape`: a SlicedUpdate's ΔW in its slice, zeros
+    elsewhere."""
+    slot = getattr(update, "slot", None)
+    if slot is None:
+        return delta_weight(update, shape, dtype=dtype)
+    delta = torch.zeros(shape, dtype=dtype)
+    slot.view(delta).copy_(delta_weight(update, slot.shape, dtype=dtype))
+    return delta
 
 
 def dora_delta(bound, key: str, W: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:

@@ -4,8 +4,10 @@ stored, what is tied — from a weightless skeleton of config.json, never guesse
 - structure.py  `structure_of`: a checkpoint's Structure (kinds, layouts, ties, split-stored experts)
 - skeleton.py   the meta-device skeleton, built in a child process and cached
 - layouts.py    `linear_layouts`: each LoRA target's layout, and the assumptions stated where nothing decides
+- experts.py    `ExpertSlice`: which slice of a fused 3-D expert parameter a per-expert module is
 """
 
+from lorasurgery.model.experts import ExpertSlice
 from lorasurgery.model.layouts import Layout, LinearTarget, fan_in_fan_out_matcher, linear_layouts
 from lorasurgery.model.skeleton import prefetch
 from lorasurgery.model.structure import (
@@ -19,6 +21,7 @@ from lorasurgery.model.structure import (
 )
 
 __all__ = [
+    "ExpertSlice",
     "Layout",
     "LinearTarget",
     "Module",

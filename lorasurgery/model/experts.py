@@ -51,6 +51,15 @@ class ExpertSlice:
         part = f", part {self.part + 1} of {self.parts}" if self.parts > 1 else ""
         return f"{self.parameter}[expert {self.expert}{part}]"
 
+    def within(self, shape) -> tuple[int, ...] | None:
+        """The slice's shape inside a fused parameter of stored `shape`; None when it has no expert
+        `expert` or is not 3-D."""
+        if len(shape) != 3 or self.expert >= shape[0]:
+            return None
+        experts, d1, d2 = shape
+        size = (d2 if self.transposed else d1) // self.parts
+        return (d1, size) if self.transposed else (size, d2)
+
     def view(self, W):
         """The slice of `W` (the fused parameter as stored, (E, d1, d2)): a view, in W's layout."""
         w = W[self.expert]

@@ -68,6 +68,10 @@ def linear_layouts(
     for target in targets:
         key = (target.adapter, target.module)
         module = structure.module_of_tensor(target.weight) if structure.known else None
+        slot = structure.expert_slice(target.weight) if structure.known else None
+        if slot is not None:  # a per-expert module of a fused expert parameter (model/experts.py)
+            layouts[key] = Layout(slot.transposed, "structure")
+            continue
         if module is not None and module.kind in ("linear", "conv1d"):
             if matches is not None and matches(target.module) != module.fan_in_fan_out:
                 raise MismatchError(

@@ -104,6 +104,20 @@ class Structure:
     output_embedding: str | None = None  # module path of get_output_embeddings()
     causal_lm: bool = False  # the class is a causal LM (…ForCausalLM, GPT2LMHeadModel …)
     stored: dict[str, StoredAs] = field(default_factory=dict)  # fused parameters the checkpoint splits
+    _slices: dict | None = field(default=None, repr=False, compare=False)  # model/experts.py's, built once
+
+    def expert_slice(self, tensor: str):
+        """The ExpertSlice (model/experts.py) that per-expert weight `tensor` (`…experts.3.gate_proj.weight`)
+        is of a fused expert parameter, or None."""
+        return self.expert_slices().get(tensor)
+
+    def expert_slices(self) -> dict:
+        """{per-expert weight name: its ExpertSlice} of every fused expert parameter (model/experts.py)."""
+        if self._slices is None:
+            from lorasurgery.model.experts import expert_slices
+
+            self._slices = expert_slices(self)
+        return self._slices
 
     def pieces(self, name: str, tensors) -> list[list[str]] | None:
         """The checkpoint tensors a fused parameter is stored as, per expert ([[gate_e, up_e], …]), when

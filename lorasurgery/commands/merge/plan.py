@@ -454,6 +454,16 @@ def _check_vocabulary(structure: Structure, checkpoint, items, tensors, config, 
 def _check_shape(bound: BoundAdapter, key: str, base_name: str, shape: tuple[int, ...]) -> None:
     module = bound.targets[key]
     expected = tuple(module.lora.shape)
+    slot = module.lora.slot
+    if slot is not None:  # a per-expert module on its slice of a fused parameter (model/experts.py)
+        within = slot.within(shape)
+        if within != expected:
+            has = f"no expert {slot.expert}" if within is None else f"slices of shape {list(within)}"
+            raise MismatchError(
+                f"{bound.path}: module {key} expects a weight of shape {list(expected)} but the base's "
+                f"{base_name} of shape {list(shape)} has {has} ({slot.label})"
+            )
+        return
     if tuple(shape) != expected:
         layout = ""
         if module.kind == "linear":

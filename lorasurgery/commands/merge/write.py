@@ -277,7 +277,8 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
 
 def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinite):
     """The output tensor of `item` from its base (or replacement) tensor."""
-    from lorasurgery.linalg.delta import merge_bias, merge_weight
+    from lorasurgery.linalg.delta import merge_bias
+    from lorasurgery.linalg.update import merge_into
 
     out_dtype = torch_dtype_of(item.spec.dtype)
     if item.recipe.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
@@ -300,7 +301,7 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
         return overwrite_rows(start, rows, out_dtype=out_dtype)
     if item.recipe.updates:
         updates = [update_of(plan, index, module) for index, module in item.recipe.updates]
-        return merge_weight(
+        return merge_into(  # per-expert modules into their slices of a fused parameter too
             tensor,
             updates,
             out_dtype=out_dtype,

@@ -513,7 +513,12 @@ def tune(model, bound, include=None, device: str = "cpu"):
             raise LoraSurgeryError(
                 f"{bound.path}: module {key}: --probe does not handle LoRA on expert parameters yet"
             )
-        p = parameter(module.name, own=True)
+        # a per-expert module: its slice of the fused parameter the loaded model has (model/experts.py),
+        # bound to it, or stored as a tensor of its own that transformers fuses when loading
+        slot = lora.slot or bound.structure.expert_slice(module.name)
+        p = parameter(slot.parameter if slot is not None else module.name, own=True)
+        if slot is not None:
+            p = slot.view(p.data)  # a view: writing it writes the model's parameter
         f = factors(adapter, lora, device)
         W = from_stored(lora, p.detach()).to(torch.float32)  # (out, in), like ΔW = s·B@A
         if lora.dora:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
-from lorasurgery.commands.rank_report.targets import is_adapter, selected_weights
+from lorasurgery.commands.rank_report.targets import expert_parameters, is_adapter, selected_weights
 from lorasurgery.concurrency import Pipeline, one_blas_thread, torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import LoraSurgeryError, MismatchError
@@ -393,6 +393,8 @@ def _model_report(request: _Request) -> RankReport:
         raise LoraSurgeryError("--compare with a model TARGET needs --base (φ compares the two ΔW)")
     report = RankReport(str(target), None if base is None else str(base), "delta" if base_ckpt else "weight")
     names = selected_weights(checkpoint, include_re, config_file)
+    experts = expert_parameters(checkpoint, include_re, config_file)  # analysed expert by expert
+    names += list(experts)
     if not names:
         raise LoraSurgeryError(
             f"{target}: no 2-D weight selected"
@@ -418,6 +420,7 @@ def _model_report(request: _Request) -> RankReport:
         base_ckpt is None
         and not mle
         and device == "cpu"
+        and not experts
         and all(_numpy_readable(checkpoint, n) for n in names)
     ):
         # W's metrics need singular values only: numpy alone (linalg.gram), without the 1.5–2 s
@@ -443,6 +446,13 @@ def _model_report(request: _Request) -> RankReport:
             return tensors
 
         def compute(name: str, tensors: dict) -> list[ModuleEntry]:
+            if name in experts:  # each expert's (out, in) matrix, an entry of its own
+                entries = []
+                for e in range(tensors["target"].shape[0]):
+                    matrices = {k: (v[e].T if experts[name] else v[e]) for k, v in tensors.items()}
+                    label = f"{name}[{e}]"
+                    entries += _model_entries(name, matrices, checkpoint, base_ckpt, r, mle, intruders, label)
+                return entries
             return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle, intruders)
 
         workers, one_torch = _worker_count(device), device == "cpu"
@@ -460,7 +470,7 @@ def _model_report(request: _Request) -> RankReport:
         stack.enter_context(pipeline)
         for done, (name, result) in enumerate(pipeline, 1):
             entries[name] = result
-            progress(Progress("rank-report", done, len(names), name[: -len(".weight")]))
+            progress(Progress("rank-report", done, len(names), name.removesuffix(".weight")))
     for name in names:  # the report keeps the checkpoint's order
         report.modules.extend(entries[name])
     return report
@@ -490,17 +500,25 @@ def _weight_entry(name: str, X, info) -> list[ModuleEntry]:
 
 
 def _model_entries(
-    name, tensors, checkpoint, base_ckpt, r, mle, intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS)
+    name,
+    tensors,
+    checkpoint,
+    base_ckpt,
+    r,
+    mle,
+    intruders=(DEFAULT_INTRUDERS_K, DEFAULT_INTRUDERS_EPS),
+    label=None,
 ):
-    """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W."""
+    """The "weight" entry of W, or the "delta" and "weight" entries of ΔW = target − base and W;
+    `label`: an expert's (`<parameter>[e]`, its (out, in) matrix in `tensors`)."""
     import torch
 
     from lorasurgery.linalg.analyses import amplification, subspace_similarity
     from lorasurgery.linalg.svd import singular_values, truncated_svd
 
-    module = name[: -len(".weight")]
+    module = label or name[: -len(".weight")]
     info = checkpoint.tensors[name]
-    shape = list(info.shape)
+    shape = list(tensors["target"].shape)
     if base_ckpt is None:
         W = tensors["target"].to(torch.float32)
         S = singular_values(W, source_dtype=info.torch_dtype)

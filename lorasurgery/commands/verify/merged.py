@@ -33,8 +33,8 @@ from lorasurgery.commands.verify.verdict import (
     norm,
 )
 from lorasurgery.concurrency import Pipeline
-from lorasurgery.linalg.delta import delta_weight, merge_bias, merge_weight, overwrite_rows
-from lorasurgery.linalg.update import factors, from_stored, kernel_update
+from lorasurgery.linalg.delta import merge_bias, overwrite_rows
+from lorasurgery.linalg.update import delta_into, factors, from_stored, kernel_update, merge_into
 from lorasurgery.recipes import BASE, Recipe, Recipes
 
 F32_NOISE = 1e-5  # relative: float32 summation order between two tools computing the same ΔW
@@ -308,16 +308,16 @@ class MergedCheck:
             for i, k in recipe.updates
         ]
         if any(u.magnitude is not None for u in updates):  # DoRA depends on W: the kernel, in float64
-            merged = merge_weight(
+            merged = merge_into(
                 start.double(), updates, out_dtype=torch.float64, precise=True, device=self.device, name=name
             )
             value = merged
         elif updates:
-            delta = delta_weight(updates[0], tuple(start.shape))
+            delta = delta_into(updates[0], tuple(start.shape))
             if updates[0].weight != 1:
                 delta.mul_(updates[0].weight)
             for u in updates[1:]:
-                delta.add_(delta_weight(u, tuple(start.shape)), alpha=u.weight)
+                delta.add_(delta_into(u, tuple(start.shape)), alpha=u.weight)
             if start is W and not recipe.bias_terms and not recipe.token_rows:
                 return recipe, delta  # ΔW itself: W + ΔW − W would cancel digits
             value = start + delta
