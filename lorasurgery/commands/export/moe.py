@@ -18,10 +18,10 @@ import torch
 
 from lorasurgery.adapter.experts import FusedFactors, PartFactors, fuse
 from lorasurgery.adapter.model import PEFT_PREFIX
-from lorasurgery.targets import FIXED, IMPOSSIBLE, PASS, Rule
 from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import torch_dtype_of
 from lorasurgery.model.experts import expert_slices
+from lorasurgery.targets import FIXED, IMPOSSIBLE, PASS, Rule
 
 # How each target loads expert LoRA, read from its source (docs/export.md, "MoE experts"): FUSED is
 # PEFT's target_parameters on the fused parameters, PER_EXPERT one 2-D module per expert and projection
