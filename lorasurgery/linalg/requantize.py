@@ -10,15 +10,21 @@ in float64: 1 when all of the update survived the rounding, 0 when none did (an 
 one code step everywhere), in between when part did; with the share of the stored codes that
 changed. ΔW is what the float32 merge adds: merged − deq(W), as merge computes it. The sums run over
 chunks, so the float64 copies stay small; the tensors stay on the device they came on.
+
+`requantize_blocks` is the same computation fused with the merge (docs/design.md §13, "Decoding in
+bands"): the merge kernel's blocks of W and W′ (linalg.delta.merged_blocks) gathered into spans of
+whole scale blocks, each span quantized, decoded again and summed while it is in cache, by the
+format's band quantizer (io.readers.band_quantizer). Neither W, W′ nor deq(W′) is ever whole in
+float32, and the bytes are those of `requantize` (the same arithmetic per element).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lorasurgery.io import readers
-from lorasurgery.io.quantization import DequantizedInfo
+from lorasurgery.io.quantization import BandQuantizer, DequantizedInfo
 
 _CHUNK = 1 << 16  # elements per float64 step: 0.5 MB buffers stay in cache (5× faster than 8 MB ones)
 
@@ -54,6 +60,64 @@ def requantize(info: DequantizedInfo, base, merged, read: Callable) -> Requantiz
     new_codes, old_codes = stored[info.codes.name], read(info.codes)
     changed = _changed(new_codes, old_codes)
     return Requantized(stored, kept, update, changed, new_codes.numel())
+
+
+def requantize_blocks(
+    info: DequantizedInfo, blocks: Iterable, quantizer: BandQuantizer, old_codes
+) -> Requantized:
+    """`requantize` of the tensor whose merge yields `blocks` ((start, stop, W block, W′ block) in
+    row order, float32, buffers reused after each: linalg.delta.merged_blocks with keep_base),
+    encoded by `quantizer` (readers.band_quantizer of `info`); `old_codes` the base's stored codes.
+
+    The merge's blocks keep their own row counts (the BLAS result depends on them), so a block that
+    does not end on a scale block's edge is staged: its rows wait, copied, until a span of whole
+    scale blocks is complete."""
+
+    rows, multiple = info.shape[0], quantizer.multiple
+    totals = [0.0, 0.0, 0]  # kept, update, codes changed
+    staged: dict = {}  # "W", "M": staging buffers; "after": deq(W′) of one span
+    pending = [0, 0]  # first staged row, staged rows
+
+    def span(start: int, stop: int, W, M) -> None:
+        after = _buffer(staged, "after", M, stop - start)
+        quantizer.band(start, stop, M, after)
+        kept, update = _sums(W, M, after)
+        totals[0] += kept
+        totals[1] += update
+        new = quantizer.stored[quantizer.codes][start:stop]
+        totals[2] += _changed(new, old_codes[start:stop].to(new.device))
+
+    for start, stop, W, M in blocks:
+        first, count = pending
+        if not count and start % multiple == 0 and ((stop - start) % multiple == 0 or stop == rows):
+            span(start, stop, W, M)  # a span of whole scale blocks already: no staging
+            pending[0] = stop
+            continue
+        n = stop - start
+        for key, block in (("W", W), ("M", M)):
+            _buffer(staged, key, block, count + n + multiple)[count : count + n].copy_(block)
+        count += n
+        ready = count if first + count == rows else count // multiple * multiple
+        if ready:
+            span(first, first + ready, staged["W"][:ready], staged["M"][:ready])
+            for key in ("W", "M"):  # the rest (fewer rows than `ready`: no overlap) to the front
+                staged[key][: count - ready].copy_(staged[key][ready:count])
+        pending[:] = [first + ready, count - ready]
+    return Requantized(dict(quantizer.stored), totals[0], totals[1], totals[2], old_codes.numel())
+
+
+def _buffer(buffers: dict, key: str, like, rows: int):
+    """A reusable buffer of at least `rows` rows shaped and typed like the block `like` (what it
+    held kept when it grows)."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape[0] < rows:
+        import torch
+
+        grown = torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        if buffer is not None:
+            grown[: buffer.shape[0]].copy_(buffer)
+        buffer = buffers[key] = grown
+    return buffer[:rows]
 
 
 def _sums(base, merged, after) -> tuple[float, float]:
