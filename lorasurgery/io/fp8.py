@@ -345,7 +345,7 @@ def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
     scratch = {}
 
     def band(start: int, stop: int, merged, after):
-        amax = _block_amax(merged, info.block)[0]
+        amax = _band_amax(torch.abs(merged, out=after), info.block)  # `after` as scratch
         scale, scale_f32 = _stored_scale(amax.to(torch.float32) / top, amax > 0, part, info.scale_fmt)
         if not result.stored:
             result.stored[info.codes.name] = torch.empty(info.shape, dtype=codes_dtype, device=merged.device)
@@ -354,16 +354,38 @@ def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
         result.stored[part.name][start // block_rows : start // block_rows + scale.shape[0]] = scale
         s = scale_f32.repeat_interleave(block_rows, dim=0)[: stop - start]
         full, rest = divmod(merged.shape[-1], block_cols)
-        after.copy_(merged)  # W′/scale, here, then deq(W′)
-        after[:, : full * block_cols].unflatten(-1, (full, block_cols)).div_(s[:, :full, None])
+        # W′/scale into `after`, then deq(W′) over it
+        torch.div(
+            merged[:, : full * block_cols].unflatten(-1, (full, block_cols)),
+            s[:, :full, None],
+            out=after[:, : full * block_cols].unflatten(-1, (full, block_cols)),
+        )
         if rest:
-            after[:, full * block_cols :].div_(s[:, full:])
+            torch.div(merged[:, full * block_cols :], s[:, full:], out=after[:, full * block_cols :])
         codes.copy_(after.clamp_(-top, top))
         _scale_band(after, s, info.block, _codes_into(codes, after, scratch))
         return after
 
     result.band = band
     return result
+
+
+def _band_amax(x, block):
+    """(⌈rows/bn⌉, ⌈cols/bk⌉) largest value per block of x (|W′|, its rows a band of whole row
+    blocks but maybe the last): what _block_amax gives, without its temporaries of x's size."""
+    import torch
+
+    block_rows, block_cols = block
+    rows, cols = x.shape
+    full, rest = divmod(cols, block_cols)
+    per_row = [x[:, : full * block_cols].unflatten(-1, (full, block_cols)).amax(-1)] if full else []
+    if rest:
+        per_row.append(x[:, full * block_cols :].amax(-1, keepdim=True))
+    per_row = torch.cat(per_row, dim=-1).float()
+    short = -rows % block_rows
+    if short:  # a partial last row block: padded with zeros, which change no maximum of |x|
+        per_row = torch.cat([per_row, per_row.new_zeros(short, per_row.shape[-1])])
+    return per_row.unflatten(0, (-1, block_rows)).amax(1)
 
 
 def exclude(settings, modules, plain=()) -> dict:
