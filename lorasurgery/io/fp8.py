@@ -218,7 +218,10 @@ def _codes_into(codes, out, scratch: dict) -> float:
     ):
         out.copy_(codes.to(out.device))
         return 1.0
-    if codes.numel() == 0 or (e4m3 and int(codes.view(torch.uint8).bitwise_and(0x7F).amax()) == 0x7F):
+    # the NaN codes: 0x7F, the only byte that is 127 as int8, and 0xFF, the only one 255 as uint8
+    if codes.numel() == 0 or (
+        e4m3 and (int(codes.view(torch.int8).amax()) == 127 or int(codes.view(torch.uint8).amax()) == 255)
+    ):
         out.copy_(codes)
         return 1.0
     buffer = scratch.get("int16")
