@@ -196,6 +196,15 @@ class Encoded:
 
     def decode(self, device: str = "cpu"):
         """The float32 tensor Checkpoint.read(name, device) returns."""
+        return readers.dequantize(self.info, self.reader(device))
+
+    def rows(self, device: str = "cpu"):
+        """The tensor as io.quantization.Rows (decoded a band of rows at a time by the merge kernel),
+        or None where its format decodes it whole: then `decode()`."""
+        return readers.rows(self.info, self.reader(device))
+
+    def reader(self, device: str = "cpu"):
+        """read(stored TensorInfo) for this tensor's reader: the parts in memory, others from the file."""
 
         def read(part: TensorInfo):
             tensor = self.stored.get(part.name)
@@ -203,7 +212,7 @@ class Encoded:
                 return self.checkpoint._read_stored(part, device)
             return tensor if device == "cpu" else tensor.to(device)
 
-        return readers.dequantize(self.info, read)
+        return read
 
 
 def read_range(path: Path, start: int, out) -> None:

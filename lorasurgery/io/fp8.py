@@ -44,8 +44,10 @@ from pathlib import Path
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.io.quantization import (
+    BandQuantizer,
     DequantizedInfo,
     Quantization,
+    Rows,
     _evidence,
     check_scales,
     mean_square,
@@ -148,9 +150,106 @@ def dequantize(info: DequantizedInfo, read):
     """The float32 tensor `info` from its codes and scale_inv (`read(stored info)` reads one, on the
     device the caller chose); CheckpointError naming the scale tensor when a scale is not a positive
     finite number (or not a power of two under scale_fmt "ue8m0")."""
+    import torch
 
     s = _scales(info, read(info.part("scale_inv")))
-    return _times_scales(_float32_codes(read(info.codes)), s, info)
+    codes = read(info.codes)
+    if codes.dim() < 2:
+        return _times_scales(_float32_codes(codes), s, info)
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    grids = [s] * math.prod(codes.shape[:-2]) if info.block is None else s.reshape(-1, *s.shape[-2:])
+    for matrix, target, grid in zip(_matrices(codes), _matrices(out), grids):
+        fill = _band_decoder(info, matrix, grid)
+        for a, b in _spans(*matrix.shape, 1):
+            fill(a, b, target[a:b])
+    return out
+
+
+def rows(info: DequantizedInfo, read) -> Rows | None:
+    """The 2-D tensor `info` decoded a band of rows at a time (io.quantization.Rows: the merge
+    kernel's input, docs/design.md §13 "Decoding in bands"); its scales checked now, as dequantize
+    checks them. None for other ranks (experts): the caller decodes them whole."""
+    if len(info.shape) != 2:
+        return None
+    s = _scales(info, read(info.part("scale_inv")))
+    codes = read(info.codes)
+    return Rows(tuple(info.shape), _band_decoder(info, codes, s), lambda: dequantize(info, read))
+
+
+def _band_decoder(info: DequantizedInfo, codes, s):
+    """fill(start, stop, out): rows start:stop of the matrix `codes` times their scales (`s`: the
+    matrix's grid, or its one scale), float32, into `out` on any device; bit for bit `dequantize`."""
+    scratch = {}
+
+    def scales(start: int, stop: int, device):
+        if info.block is None:
+            return s.reshape(()).to(device)
+        block_rows = info.block[0]
+        grid = s[start // block_rows : -(-stop // block_rows)]
+        return grid.repeat_interleave(block_rows, dim=0)[start % block_rows :][: stop - start].to(device)
+
+    def fill(start: int, stop: int, out):
+        band = codes[start:stop]
+        factor = _codes_into(band, out, scratch)
+        _scale_band(out, scales(start, stop, out.device), info.block, factor)
+        return out
+
+    return fill
+
+
+def _codes_into(codes, out, scratch: dict) -> float:
+    """out = float32(codes) / f, exactly, returning f (a power of two, folded into the scales: the
+    product code·scale is the same real number, so it rounds to the same float32).
+
+    On the CPU torch converts float8 one element at a time (3× slower than this): the bits of a
+    float16 are built instead, in one int16 buffer. An e5m2 code is the top byte of a float16 (f = 1).
+    An e4m3 code's 7 bits below its sign are a float16's exponent and mantissa shifted right by 7,
+    with the exponent bias 8 smaller (7, not 15): as a float16 it is the code's value / 2⁸, exact for
+    every code, subnormals included (f = 2⁸). The code read as int8 and sign-extended, times 2⁷,
+    has those bits, the sign in bit 15 — and in bit 14, which is cleared. A band holding e4m3fn's
+    NaN code (0x7F, which this would read as 480) is converted by torch instead."""
+    import torch
+
+    e4m3 = codes.dtype == torch.float8_e4m3fn
+    if (
+        codes.device.type != "cpu"
+        or out.device.type != "cpu"
+        or not (e4m3 or codes.dtype == torch.float8_e5m2)
+    ):
+        out.copy_(codes.to(out.device))
+        return 1.0
+    # the NaN codes: 0x7F, the only byte that is 127 as int8, and 0xFF, the only one 255 as uint8
+    if codes.numel() == 0 or (
+        e4m3 and (int(codes.view(torch.int8).amax()) == 127 or int(codes.view(torch.uint8).amax()) == 255)
+    ):
+        out.copy_(codes)
+        return 1.0
+    buffer = scratch.get("int16")
+    if buffer is None or buffer.numel() < codes.numel():
+        buffer = scratch["int16"] = torch.empty(codes.numel(), dtype=torch.int16)
+    bits = buffer[: codes.numel()].view(codes.shape)
+    bits.copy_(codes.view(torch.int8))
+    if e4m3:
+        bits.mul_(128).bitwise_and_(-0x4001)  # 0xBFFF: bit 14 cleared
+    else:
+        bits.mul_(256)
+    out.copy_(bits.view(torch.float16))
+    return 256.0 if e4m3 else 1.0
+
+
+def _scale_band(out, s, block, factor: float = 1.0):
+    """out (rows, cols) times its scales in place: `s` one scale (0-d) or the per-row scales of its
+    column blocks (rows, ⌈cols/bk⌉), each times `factor`; the columns of a block broadcast."""
+    if factor != 1.0:
+        s = s * factor
+    if block is None:
+        return out.mul_(s)
+    cols, block_cols = out.shape[-1], block[1]
+    full, rest = divmod(cols, block_cols)
+    out[:, : full * block_cols].unflatten(-1, (full, block_cols)).mul_(s[:, :full, None])
+    if rest:
+        out[:, full * block_cols :].mul_(s[:, full:])
+    return out
 
 
 # e4m3fn / e5m2: mantissa bits and the smallest normal exponent (below it the spacing is constant)
@@ -229,6 +328,67 @@ def quantize(info: DequantizedInfo, W, read) -> dict:
                 x[:, full * block_cols :].div_(s[:, full:])
             out[a:b] = x.clamp_(-top, top).to(codes_dtype)
     return {info.codes.name: codes, stored.name: scale}
+
+
+def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
+    """`quantize` band by band (io.quantization.BandQuantizer, docs/design.md §13): each band of
+    whole row blocks encoded from the merged float32 band, and decoded again into `after`, so that
+    neither W′ nor deq(W′) is ever whole in float32. The same arithmetic per element as `quantize`
+    and `dequantize`, so the same bytes. None for one scale per tensor (its amax needs every row
+    before the first code) and for experts: the caller quantizes them whole."""
+    import torch
+
+    if len(info.shape) != 2 or info.block is None:
+        return None
+    part = info.part("scale_inv")
+    codes_dtype = torch_dtype_of(info.codes.dtype)
+    top = torch.finfo(codes_dtype).max
+    block_rows, block_cols = info.block
+    result = BandQuantizer(block_rows, None, {}, info.codes.name)
+    scratch = {}
+
+    def band(start: int, stop: int, merged, after):
+        amax = _band_amax(torch.abs(merged, out=after), info.block)  # `after` as scratch
+        scale, scale_f32 = _stored_scale(amax.to(torch.float32) / top, amax > 0, part, info.scale_fmt)
+        if not result.stored:
+            result.stored[info.codes.name] = torch.empty(info.shape, dtype=codes_dtype, device=merged.device)
+            result.stored[part.name] = torch.empty(part.shape, dtype=scale.dtype, device=merged.device)
+        codes = result.stored[info.codes.name][start:stop]
+        result.stored[part.name][start // block_rows : start // block_rows + scale.shape[0]] = scale
+        s = scale_f32.repeat_interleave(block_rows, dim=0)[: stop - start]
+        full, rest = divmod(merged.shape[-1], block_cols)
+        # W′/scale into `after`, then deq(W′) over it
+        torch.div(
+            merged[:, : full * block_cols].unflatten(-1, (full, block_cols)),
+            s[:, :full, None],
+            out=after[:, : full * block_cols].unflatten(-1, (full, block_cols)),
+        )
+        if rest:
+            torch.div(merged[:, full * block_cols :], s[:, full:], out=after[:, full * block_cols :])
+        codes.copy_(after.clamp_(-top, top))
+        _scale_band(after, s, info.block, _codes_into(codes, after, scratch))
+        return after
+
+    result.band = band
+    return result
+
+
+def _band_amax(x, block):
+    """(⌈rows/bn⌉, ⌈cols/bk⌉) largest value per block of x (|W′|, its rows a band of whole row
+    blocks but maybe the last): what _block_amax gives, without its temporaries of x's size."""
+    import torch
+
+    block_rows, block_cols = block
+    rows, cols = x.shape
+    full, rest = divmod(cols, block_cols)
+    per_row = [x[:, : full * block_cols].unflatten(-1, (full, block_cols)).amax(-1)] if full else []
+    if rest:
+        per_row.append(x[:, full * block_cols :].amax(-1, keepdim=True))
+    per_row = torch.cat(per_row, dim=-1).float()
+    short = -rows % block_rows
+    if short:  # a partial last row block: padded with zeros, which change no maximum of |x|
+        per_row = torch.cat([per_row, per_row.new_zeros(short, per_row.shape[-1])])
+    return per_row.unflatten(0, (-1, block_rows)).amax(1)
 
 
 def exclude(settings, modules, plain=()) -> dict:

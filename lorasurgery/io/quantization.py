@@ -34,7 +34,7 @@ A float payload never counts, whatever its name (LayerScale's `…scale`, a norm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +195,33 @@ class DequantizedInfo(TensorInfo):
     def part(self, role: str) -> TensorInfo | None:
         """The stored tensor of part `role`, or None."""
         return next((info for r, info in self.parts if r == role), None)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A 2-D logical tensor decoded a band of rows at a time, so that its float32 copy is never whole
+    (the merge kernel decodes each band into the buffer it merges in: docs/design.md §13, "Decoding
+    in bands"). `fill(start, stop, out)` writes rows start:stop, float32 exactly as the format's
+    `dequantize` gives them, into `out` (float32, (stop − start, columns), on any device) and
+    returns it; `whole()` decodes the tensor at once, for callers that need all of it."""
+
+    shape: tuple[int, int]
+    fill: Callable
+    whole: Callable
+
+
+@dataclass
+class BandQuantizer:
+    """A 2-D logical tensor being requantized band by band (`merge --requantize`, docs/design.md
+    §13): `band(start, stop, merged, after)` encodes rows start:stop of the merged float32 tensor
+    into `stored` (start and stop multiples of `multiple`, the rows a scale covers, or the tensor's
+    end) and writes deq(W′) of those rows into `after` (float32, the same shape); once every band
+    is done, `stored` holds what the format's `quantize` returns and `codes` names its codes."""
+
+    multiple: int
+    band: Callable
+    stored: dict
+    codes: str
 
 
 def model_dtype(config: Mapping | None, default: str = "BF16") -> str:

@@ -10,6 +10,11 @@ A reader module presents a quantized checkpoint as the model sees it and decodes
   dequantize(info, read) -> float32 tensor
       `read(stored TensorInfo)` reads one stored tensor (codes, a scale …) on the caller's device;
       the reader decodes vectorised, on that device, bit for bit as the format's own library does.
+  rows(info, read) -> io.quantization.Rows | None            (optional: the merge kernel's input)
+      the 2-D tensor decoded a band of rows at a time, each band bit for bit what dequantize gives,
+      so that the merge never holds the whole float32 tensor (docs/design.md §13 "Decoding in bands").
+  band_quantizer(info, read) -> io.quantization.BandQuantizer | None   (optional, beside quantize)
+      quantize band by band, each band decoded again at once for its retention; the same bytes.
   noise_variance(info, read) -> float                      (optional: `extract --auto`'s floor)
       the mean over the tensor of the variance of the rounding its codes stand for, step²/12 per
       element with the format's step at each code (its local code spacing times its scale).
@@ -44,7 +49,7 @@ import lorasurgery.io.compressed as compressed
 import lorasurgery.io.fp8 as fp8
 import lorasurgery.io.mxfp4 as mxfp4
 from lorasurgery.errors import UnsupportedError
-from lorasurgery.io.quantization import FORMAT_NAMES, DequantizedInfo, Quantization
+from lorasurgery.io.quantization import FORMAT_NAMES, BandQuantizer, DequantizedInfo, Quantization, Rows
 from lorasurgery.io.safetensors_format import TensorInfo
 
 READERS = {
@@ -68,6 +73,18 @@ def logical_index(
 def dequantize(info: DequantizedInfo, read: Callable[[TensorInfo], object]):
     """The float32 tensor `info`, decoded by its format's reader from what `read` returns."""
     return READERS[info.format].dequantize(info, read)
+
+
+def rows(info: DequantizedInfo, read: Callable[[TensorInfo], object]) -> Rows | None:
+    """`info` decoded band by band (its reader's `rows`), or None where its reader decodes it whole."""
+    function = getattr(READERS[info.format], "rows", None)
+    return None if function is None else function(info, read)
+
+
+def band_quantizer(info: DequantizedInfo, read: Callable[[TensorInfo], object]) -> BandQuantizer | None:
+    """`info`'s format's quantizer band by band, or None where its reader quantizes it whole."""
+    function = getattr(READERS[info.format], "band_quantizer", None)
+    return None if function is None else function(info, read)
 
 
 def noise_variance(info: DequantizedInfo, read: Callable[[TensorInfo], object]) -> float | None:

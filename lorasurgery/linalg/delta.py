@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from lorasurgery.errors import NonFiniteError, UnsupportedError
+from lorasurgery.io.quantization import Rows
 
 BLOCK_ELEMENTS = 1 << 19  # 512K elements: a 2 MB float32 block stays in cache between the passes
 
@@ -175,7 +176,7 @@ class _Prepared:
 
 
 def merge_weight(
-    weight: torch.Tensor,
+    weight,
     updates: list[Update],
     *,
     out_dtype: torch.dtype,
@@ -188,18 +189,64 @@ def merge_weight(
     module docstring), computed blockwise and rounded once.
 
     `weight` is the base tensor as read (CPU, stored layout); it may be overwritten and returned when
-    `out_dtype` equals its dtype.
+    `out_dtype` equals its dtype. It may also be a quantized tensor's io.quantization.Rows: each
+    block is then decoded straight into the block buffer it is merged in, and the float32 tensor is
+    never whole (docs/design.md §13, "Decoding in bands").
     """
+    if isinstance(weight, Rows) and any(u.experts for u in updates):
+        weight = weight.whole()
     if any(u.experts for u in updates):
         return _merge_experts(weight, updates, out_dtype, precise, device, allow_nonfinite, name)
+    shape = tuple(weight.shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    if isinstance(weight, Rows):
+        out = torch.empty((rows, cols), dtype=out_dtype)
+    else:
+        flat = weight.reshape(rows, cols)  # a view: the stored 2-D layout
+        out = flat if out_dtype == weight.dtype and weight.device.type == "cpu" else None
+        if out is None:
+            out = torch.empty((rows, cols), dtype=out_dtype)
+    for start, stop, _, acc in merged_blocks(
+        weight, updates, precise=precise, device=device, allow_nonfinite=allow_nonfinite, name=name
+    ):
+        out[start:stop].copy_(acc)  # the one rounding
+    return out.reshape(shape)
+
+
+def merged_blocks(
+    weight,
+    updates: list[Update],
+    *,
+    precise: bool = False,
+    device: str | torch.device = "cpu",
+    allow_nonfinite: bool = False,
+    name: str = "",
+    keep_base: bool = False,
+):
+    """Yield (start, stop, W block, W′ block) over the rows of the 2-D view of `weight` (a tensor, or
+    float32 io.quantization.Rows), W′ = W + Σ wᵢ·ΔWᵢ in the compute dtype, not yet rounded; both
+    blocks are buffers reused by the next block. The W block is W′'s own buffer unless `keep_base`
+    (or a DoRA update) needs W kept. The blocks are always the same rows, whoever consumes them: the
+    BLAS kernel's result depends on a block's row count (merge --requantize relies on it)."""
     device = torch.device(device)
     dtype = compute_dtype_for(precise)
     shape = tuple(weight.shape)
     rows, cols = shape[0], math.prod(shape[1:])
-    flat = weight.reshape(rows, cols)  # a view: the stored 2-D layout
-    out = flat if out_dtype == weight.dtype and weight.device.type == "cpu" else None
-    if out is None:
-        out = torch.empty((rows, cols), dtype=out_dtype)
+    if isinstance(weight, Rows):
+        decoded: list[torch.Tensor] = []  # float32 blocks, widened after (precise): as read whole
+
+        def read(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+            if out.dtype == torch.float32:
+                return weight.fill(start, stop, out)
+            if not decoded:
+                decoded.append(torch.empty(out.shape, dtype=torch.float32, device=out.device))
+            return out.copy_(weight.fill(start, stop, decoded[0][: stop - start]))
+    else:
+        flat = weight.reshape(rows, cols)
+
+        def read(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+            return out.copy_(flat[start:stop])  # (rows_b, cols) in the compute dtype
+
     prepared = [_Prepared(u, rows, cols, dtype, device) for u in updates]
     step = max(1, min(_block_rows(cols), rows))
     # Block buffers allocated once: a fresh allocation per block costs page faults (and mmap calls
@@ -215,7 +262,7 @@ def merge_weight(
             squares = torch.zeros(cols, dtype=torch.float64, device=device)
             for start in range(0, rows, step):
                 stop = min(start + step, rows)
-                base = block(0, stop - start).copy_(flat[start:stop])
+                base = read(start, stop, block(0, stop - start))
                 v = p.v_block(base, start, stop, block(1, stop - start))
                 squares += torch.linalg.norm(v, dim=0).double().square()
             p.factor = p.magnitude / squares.sqrt().to(dtype)
@@ -225,12 +272,12 @@ def merge_weight(
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         n = stop - start
-        base = block(0, n).copy_(flat[start:stop])  # (rows_b, cols) in the compute dtype
+        base = read(start, stop, block(0, n))
         if only_dora:
             acc = prepared[0].dora_block(base, start, stop, block(1, n))
         else:
-            # accumulate in place unless DoRA still needs W itself
-            acc = block(1, n).copy_(base) if any_dora else base
+            # accumulate in place unless DoRA (or the caller) still needs W itself
+            acc = block(1, n).copy_(base) if any_dora or keep_base else base
             for p in prepared:
                 w = p.update.weight
                 if p.magnitude is None:
@@ -240,8 +287,7 @@ def merge_weight(
                     acc.copy_(p.v_block(acc, start, stop, block(2, n)).mul_(factor))
         if not allow_nonfinite and not all_finite(acc):
             raise NonFiniteError(_nonfinite_message(name, updates))
-        out[start:stop].copy_(acc)  # the one rounding
-    return out.reshape(shape)
+        yield start, stop, base, acc
 
 
 def _merge_experts(weight, updates, out_dtype, precise, device, allow_nonfinite, name) -> torch.Tensor:

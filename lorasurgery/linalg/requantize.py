@@ -6,21 +6,27 @@ reader, and (docs/design.md §13)
 
     retention ρ = ⟨deq(W′) − deq(W), ΔW⟩ / ‖ΔW‖²_F
 
-in float64: 1 when all of the update survived the rounding, 0 when none did (an update smaller than
+(summed as `_sums` says, within 1e-7 of float64 arithmetic): 1 when all of the update survived the rounding, 0 when none did (an update smaller than
 one code step everywhere), in between when part did; with the share of the stored codes that
 changed. ΔW is what the float32 merge adds: merged − deq(W), as merge computes it. The sums run over
-chunks, so the float64 copies stay small; the tensors stay on the device they came on.
+chunks of rows, so the temporaries stay small; the tensors stay on the device they came on.
+
+`requantize_blocks` is the same computation fused with the merge (docs/design.md §13, "Decoding in
+bands"): the merge kernel's blocks of W and W′ (linalg.delta.merged_blocks) gathered into spans of
+whole scale blocks, each span quantized, decoded again and summed while it is in cache, by the
+format's band quantizer (io.readers.band_quantizer). Neither W, W′ nor deq(W′) is ever whole in
+float32, and the bytes are those of `requantize` (the same arithmetic per element).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lorasurgery.io import readers
-from lorasurgery.io.quantization import DequantizedInfo
+from lorasurgery.io.quantization import BandQuantizer, DequantizedInfo
 
-_CHUNK = 1 << 16  # elements per float64 step: 0.5 MB buffers stay in cache (5× faster than 8 MB ones)
+_CHUNK = 1 << 18  # elements per step of the sums: 1 MB float32 temporaries stay in cache
 
 
 @dataclass(frozen=True)
@@ -56,17 +62,90 @@ def requantize(info: DequantizedInfo, base, merged, read: Callable) -> Requantiz
     return Requantized(stored, kept, update, changed, new_codes.numel())
 
 
+def requantize_blocks(
+    info: DequantizedInfo, blocks: Iterable, quantizer: BandQuantizer, old_codes
+) -> Requantized:
+    """`requantize` of the tensor whose merge yields `blocks` ((start, stop, W block, W′ block) in
+    row order, float32, buffers reused after each: linalg.delta.merged_blocks with keep_base),
+    encoded by `quantizer` (readers.band_quantizer of `info`); `old_codes` the base's stored codes.
+
+    The merge's blocks keep their own row counts (the BLAS result depends on them), so a block that
+    does not end on a scale block's edge is staged: its rows wait, copied, until a span of whole
+    scale blocks is complete."""
+
+    rows, multiple = info.shape[0], quantizer.multiple
+    totals = [0.0, 0.0, 0]  # kept, update, codes changed
+    staged: dict = {}  # "W", "M": staging buffers; "after": deq(W′) of one span
+    pending = [0, 0]  # first staged row, staged rows
+
+    def span(start: int, stop: int, W, M) -> None:
+        after = _buffer(staged, "after", M, stop - start, keep=False)
+        quantizer.band(start, stop, M, after)
+        kept, update = _sums(W, M, after)
+        totals[0] += kept
+        totals[1] += update
+        new = quantizer.stored[quantizer.codes][start:stop]
+        totals[2] += _changed(new, old_codes[start:stop].to(new.device))
+
+    for start, stop, W, M in blocks:
+        first, count = pending
+        if not count and start % multiple == 0 and ((stop - start) % multiple == 0 or stop == rows):
+            span(start, stop, W, M)  # a span of whole scale blocks already: no staging
+            pending[0] = stop
+            continue
+        n = stop - start
+        for key, block in (("W", W), ("M", M)):
+            # fewer than `multiple` rows wait between spans: this size never grows
+            _buffer(staged, key, block, n + 2 * multiple)[count : count + n].copy_(block)
+        count += n
+        ready = count if first + count == rows else count // multiple * multiple
+        if ready:
+            span(first, first + ready, staged["W"][:ready], staged["M"][:ready])
+            for key in ("W", "M"):  # the rest (fewer rows than `ready`: no overlap) to the front
+                staged[key][: count - ready].copy_(staged[key][ready:count])
+        pending[:] = [first + ready, count - ready]
+    return Requantized(dict(quantizer.stored), totals[0], totals[1], totals[2], old_codes.numel())
+
+
+def _buffer(buffers: dict, key: str, like, rows: int, keep: bool = True):
+    """A reusable buffer of at least `rows` rows shaped and typed like the block `like` (what it
+    held kept when it grows, if `keep`)."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape[0] < rows:
+        import torch
+
+        grown = torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        if buffer is not None and keep:
+            grown[: buffer.shape[0]].copy_(buffer)
+        buffer = buffers[key] = grown
+    return buffer[:rows]
+
+
 def _sums(base, merged, after) -> tuple[float, float]:
+    """(⟨deq(W′) − deq(W), ΔW⟩, ‖ΔW‖²) over rows of the last dimension, in chunks of rows.
+
+    Each difference of two float32 tensors is rounded once to float32, so it is within 2⁻²⁴ of its
+    own value (however small ΔW is against W); the products are summed per row in float32 (torch's
+    cascade sum) and the rows in float64. A row's sum does not depend on the chunk it is in, so the
+    whole tensor (inspect) and the merge's spans (requantize_blocks) give the same ρ to float64
+    rounding; against a float64 recomputation it is within 1e-7 (docs/design.md §13)."""
     import torch
 
+    if base.numel() == 0:
+        return 0.0, 0.0
+    cols = base.shape[-1] if base.dim() else 1
+    b, m, a = (t.reshape(-1, cols) for t in (base, merged, after))
+    step = max(1, _CHUNK // cols)
     kept = torch.zeros((), dtype=torch.float64, device=base.device)
     update = torch.zeros((), dtype=torch.float64, device=base.device)
-    b, m, a = base.reshape(-1), merged.reshape(-1), after.reshape(-1)
-    for start in range(0, b.numel(), _CHUNK):
-        w = b[start : start + _CHUNK].double()
-        delta = m[start : start + _CHUNK].double().sub_(w)
-        kept += torch.dot(a[start : start + _CHUNK].double().sub_(w), delta)
-        update += torch.dot(delta, delta)
+    # two buffers for the whole loop: a fresh 1 MB temporary per step costs its page faults again
+    delta_buffer, kept_buffer = (torch.empty((min(step, b.shape[0]), cols), device=base.device) for _ in "dk")
+    for start in range(0, b.shape[0], step):
+        w = b[start : start + step]
+        delta = torch.sub(m[start : start + step], w, out=delta_buffer[: w.shape[0]])
+        products = torch.sub(a[start : start + step], w, out=kept_buffer[: w.shape[0]]).mul_(delta)
+        kept += products.sum(dim=1).double().sum()
+        update += delta.mul_(delta).sum(dim=1).double().sum()
     return float(kept), float(update)
 
 
@@ -75,4 +154,4 @@ def _changed(new, old) -> int:
 
     if new.element_size() == 1:  # compare bit patterns: float8 has no == on every device
         new, old = new.view(torch.uint8), old.view(torch.uint8)
-    return int((new != old).sum())
+    return int(torch.count_nonzero(torch.ne(new, old)))

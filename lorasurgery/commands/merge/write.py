@@ -87,12 +87,12 @@ def write_all(
     def compute(item: Item, tensor):
         if tensor is None:
             return None
-        if isinstance(tensor, Encoded):  # decoded here, by the merging threads, not by the reader
-            tensor = tensor.decode()
         if item.requantize:
             result = requantized(plan, item, tensor, device, precise, allow_nonfinite, stored)
             plan.measured[item.source.name] = replace(result, tensors={})
             return {name: value.cpu() for name, value in result.tensors.items()}
+        if isinstance(tensor, Encoded):  # decoded here, by the merging threads, not by the reader
+            tensor = decoded(item, tensor)
         merged = produce(plan, item, tensor, device, precise, allow_nonfinite).to("cpu")
         return merged, writer.digest(merged)  # the journal's hash, here in a merging thread
 
@@ -131,12 +131,31 @@ def write_all(
         summary.retention = retention_rows(plan)
 
 
+def decoded(item: Item, encoded: Encoded):
+    """What the merge kernel reads of a quantized base tensor: its Rows (decoded block by block
+    inside the kernel, docs/design.md §13 "Decoding in bands") when only LoRA updates touch it and
+    its format decodes in bands, else the whole float32 tensor."""
+    recipe = item.recipe
+    if recipe.updates and not recipe.bias_terms and recipe.start is None:
+        rows = encoded.rows()
+        if rows is not None:
+            return rows
+    return encoded.decode()
+
+
 def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfinite, stored):
-    """W′ of a requantizing item: deq(W) (`base`, float32) merged in float32, then requantized by its
-    format (linalg.requantize), with its retention; `stored` is the base's stored layer."""
+    """W′ of a requantizing item: deq(W) (`base`: float32, or the Encoded tensor as read) merged in
+    float32, then requantized by its format (linalg.requantize), with its retention; `stored` is the
+    base's stored layer. Where the format quantizes in bands, the merge, the quantization and the
+    retention run together block by block (linalg.requantize.requantize_blocks): the same bytes."""
     from lorasurgery.linalg.requantize import requantize
 
     info = item.source
+    if isinstance(base, Encoded):
+        fused = _requantized_in_blocks(plan, item, base, device, precise, allow_nonfinite)
+        if fused is not None:
+            return fused
+        base = base.decode()
     as_float32 = replace(
         item, spec=TensorSpec(item.name, "F32", tuple(info.shape)), parts=(), requantize=False
     )
@@ -151,6 +170,30 @@ def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfin
     return requantize(info, base, merged, lambda part: stored.read(part.name, str(device)))
 
 
+def _requantized_in_blocks(plan: MergePlan, item: Item, encoded: Encoded, device, precise, allow_nonfinite):
+    """requantized() fused block by block, or None where it cannot be (a replaced tensor, trainable
+    tokens, a precise merge, a format or layout without band decoding and quantizing)."""
+    from lorasurgery.io import readers
+    from lorasurgery.linalg.delta import merged_blocks
+    from lorasurgery.linalg.requantize import requantize_blocks
+
+    recipe = item.recipe
+    if precise or recipe.start is not None or recipe.token_rows or recipe.bias_terms or not recipe.updates:
+        return None
+    rows = encoded.rows()
+    read = encoded.reader("cpu")
+    quantizer = readers.band_quantizer(item.source, read)
+    if rows is None or quantizer is None:
+        return None
+    updates = [update_of(plan, index, module) for index, module in recipe.updates]
+    if any(u.experts for u in updates):
+        return None
+    blocks = merged_blocks(
+        rows, updates, device=device, allow_nonfinite=allow_nonfinite, name=item.name, keep_base=True
+    )
+    return requantize_blocks(item.source, blocks, quantizer, read(item.source.codes))
+
+
 def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progress) -> dict:
     """{logical name: Requantized (its tensors dropped)} of every requantizing item, nothing written:
     the same computation as the write, through the same pipeline and byte budget."""
@@ -159,8 +202,6 @@ def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progres
     costs = {item.name: memory_cost(plan, item) for item in items}
 
     def compute(item: Item, base):
-        if isinstance(base, Encoded):
-            base = base.decode()
         result = requantized(plan, item, base, device, precise, allow_nonfinite, stored)
         return replace(result, tensors={})
 
