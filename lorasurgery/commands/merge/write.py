@@ -58,21 +58,50 @@ def write_all(
     tensors are there (a requantized one: its codes and scales) is counted as what it is, never read
     nor computed; one split across a kept shard and another is computed, and only its tensors
     outside the kept shard are written."""
-    checkpoint = plan.checkpoint
-    files = {f: i for i, f in enumerate(checkpoint.files)}
+    order = _pending(plan, summary, reused)
+    costs = {item.name: memory_cost(plan, item) for item in order}
+    total_bytes = sum(_item_bytes(item) for item in order)  # what is left to do, when resumed
+    flusher = _Writeback(writer)
+    pipeline = Pipeline(
+        order,
+        _read_step(plan),
+        _compute_step(plan, writer, device, precise, allow_nonfinite),
+        _write_step(writer, flusher, reused),
+        workers=2,
+        cost=lambda item: costs[item.name],
+        limit=2 * max(costs.values(), default=0),
+        name="merge",
+    )
+    done_bytes = 0
+    with flusher, pipeline:
+        for done, item in enumerate(pipeline, 1):
+            _count(item, summary)
+            done_bytes += _item_bytes(item)
+            progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+    if plan.requantize:
+        summary.retention = retention_rows(plan)
+
+
+def _pending(plan: MergePlan, summary, reused) -> list[Item]:
+    """The items left to write, in the base's file order; those wholly in kept shards are counted."""
+    files = {f: i for i, f in enumerate(plan.checkpoint.files)}
     kept = [item for item in plan.items if {item.name, *(p.name for p in item.parts)} <= reused]
     for item in kept:
         _count(item, summary)
     kept_names = {item.name for item in kept}
-    order = sorted(
+    return sorted(
         (item for item in plan.items if item.name not in kept_names),
         key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0),
     )
-    costs = {item.name: memory_cost(plan, item) for item in order}
-    # what is left to do, when resumed
-    total_bytes = sum(item.spec.nbytes + sum(p.nbytes for p in item.parts) for item in order)
 
-    stored = checkpoint.raw
+
+def _item_bytes(item: Item) -> int:
+    return item.spec.nbytes + sum(p.nbytes for p in item.parts)
+
+
+def _read_step(plan: MergePlan):
+    """The pipeline's read: what an item starts from, still encoded for a quantized base."""
+    checkpoint = plan.checkpoint
 
     def read(item: Item):
         if copies_raw(item):
@@ -83,6 +112,13 @@ def write_all(
             index, tensor_name = item.recipe.start
             return plan.adapters[index].adapter.read(tensor_name)
         return checkpoint.read_encoded(item.source.name)  # a quantized base's: decoded in compute
+
+    return read
+
+
+def _compute_step(plan: MergePlan, writer, device, precise, allow_nonfinite):
+    """The merging threads' work: an item's output tensor (and its hash), or its codes and scales."""
+    stored = plan.checkpoint.raw
 
     def compute(item: Item, tensor):
         if tensor is None:
@@ -96,7 +132,11 @@ def write_all(
         merged = produce(plan, item, tensor, device, precise, allow_nonfinite).to("cpu")
         return merged, writer.digest(merged)  # the journal's hash, here in a merging thread
 
-    flusher = _Writeback(writer)
+    return compute
+
+
+def _write_step(writer, flusher: _Writeback, reused):
+    """The writer thread's work: an item's bytes at their planned offset, write-back started."""
 
     def write(item: Item, result) -> None:
         if result is None:
@@ -111,24 +151,7 @@ def write_all(
             writer.write(item.name, *result)
         flusher.start(item.name)
 
-    pipeline = Pipeline(
-        order,
-        read,
-        compute,
-        write,
-        workers=2,
-        cost=lambda item: costs[item.name],
-        limit=2 * max(costs.values(), default=0),
-        name="merge",
-    )
-    done_bytes = 0
-    with flusher, pipeline:
-        for done, item in enumerate(pipeline, 1):
-            _count(item, summary)
-            done_bytes += item.spec.nbytes + sum(p.nbytes for p in item.parts)
-            progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
-    if plan.requantize:
-        summary.retention = retention_rows(plan)
+    return write
 
 
 def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfinite, stored):
