@@ -155,31 +155,31 @@ def merge(
     one tensor at a time. Untouched tensors are copied byte for byte.
     """
     import lorasurgery.cli.render as render
-    from lorasurgery.commands.merge import merge_checkpoint
+    from lorasurgery.commands.merge import MergeRequest, merge_checkpoint
     from lorasurgery.units import parse_bytes
 
+    request = MergeRequest(
+        base,
+        list(adapters),
+        output,
+        weights=list(weights) or None,
+        subtract=subtract,
+        dtype=dtype,
+        max_shard_bytes=parse_bytes(max_shard_size) if max_shard_size else None,
+        device=device,
+        precise=precise,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        verify=verify,
+        config_file=config_file,
+        fan_in_fan_out=fan_in_fan_out,
+        resume=resume,
+        requantize=requantize,
+        min_retention=min_retention,
+    )
     quiet = settings_of(ctx).quiet
     with render.merge_progress(quiet=quiet) as progress:
-        summary = merge_checkpoint(
-            base,
-            list(adapters),
-            output,
-            weights=list(weights) or None,
-            subtract=subtract,
-            dtype=dtype,
-            max_shard_bytes=parse_bytes(max_shard_size) if max_shard_size else None,
-            device=device,
-            precise=precise,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            verify=verify,
-            config_file=config_file,
-            fan_in_fan_out=fan_in_fan_out,
-            resume=resume,
-            progress=progress,
-            requantize=requantize,
-            min_retention=min_retention,
-        )
+        summary = merge_checkpoint(request, progress)
     render.merge_summary(summary, as_json=as_json, quiet=quiet)
 
 
