@@ -31,7 +31,8 @@ from lorasurgery.errors import (
 )
 from lorasurgery.io import TensorSpec, open_checkpoint, readers
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
-from lorasurgery.model import Layout, Structure, structure_of
+from lorasurgery.linalg.delta import all_finite
+from lorasurgery.model import Layout, Structure, model_tensors, structure_of
 from lorasurgery.recipes import BASE, Recipe, TieOutcome, plan_recipes
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -430,8 +431,6 @@ def unquantize(plan: MergePlan, names) -> None:
 def _plain(plan: MergePlan) -> list[str]:
     """The modules whose 2-D weight the base stores unquantized, tied members included (the loader's
     default skip list covers them: readers.exclude)."""
-    from lorasurgery.model import model_tensors
-
     return [
         name[: -len(".weight")]
         for name, info in model_tensors(plan.checkpoint, plan.structure).items()
@@ -505,8 +504,6 @@ def _check_shape(bound: BoundAdapter, key: str, base_name: str, shape: tuple[int
 
 
 def _check_finite(bound: BoundAdapter, path) -> None:
-    from lorasurgery.linalg.delta import all_finite
-
     adapter = bound.adapter
     for key, module in bound.targets.items():
         for label, tensor in _module_tensors(adapter, module.lora):

@@ -24,6 +24,9 @@ from lorasurgery.concurrency import Pipeline
 from lorasurgery.io import TensorSpec, copy_side_files
 from lorasurgery.io.checkpoint import Encoded
 from lorasurgery.io.safetensors_format import dtype_name_of, torch_dtype_of
+from lorasurgery.linalg.delta import merge_bias, merge_weight, overwrite_rows
+from lorasurgery.linalg.requantize import requantize
+from lorasurgery.linalg.update import kernel_update
 from lorasurgery.progress import Progress
 
 # Files beside the weights that a loader needs; copied unchanged (config.json is rewritten).
@@ -157,8 +160,6 @@ def _write_step(writer, flusher: _Writeback, reused):
 def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfinite, stored):
     """W′ of a requantizing item: deq(W) (`base`, float32) merged in float32, then requantized by its
     format (linalg.requantize), with its retention; `stored` is the base's stored layer."""
-    from lorasurgery.linalg.requantize import requantize
-
     info = item.source
     as_float32 = replace(
         item, spec=TensorSpec(item.name, "F32", tuple(info.shape)), parts=(), requantize=False
@@ -300,14 +301,8 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
 
 def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinite):
     """The output tensor of `item` from its base (or replacement) tensor."""
-    from lorasurgery.linalg.delta import merge_bias, merge_weight
-
     out_dtype = torch_dtype_of(item.spec.dtype)
     if item.recipe.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
-        from dataclasses import replace
-
-        from lorasurgery.linalg.delta import overwrite_rows
-
         rows = []
         for index, module in item.recipe.token_rows:
             tokens = plan.adapters[index].tokens[module].rows
@@ -353,8 +348,6 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
 
 def update_of(plan: MergePlan, index: int, module: str):
     """The kernel's Update for one adapter's module, laid out as the binding decided."""
-    from lorasurgery.linalg.update import kernel_update
-
     bound = plan.adapters[index]
     return kernel_update(bound.adapter, bound.targets[module].lora, weight=plan.weights[index])
 
