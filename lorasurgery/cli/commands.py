@@ -405,6 +405,7 @@ def rank_report(
     intruder dimensions of W + ΔW (with a base), and subspace similarity φ(i, j) against --compare.
     """
     import lorasurgery.cli.render as render
+    from lorasurgery.commands.rank_report.rank_report import RankReportRequest
     from lorasurgery.commands.rank_report.rank_report import rank_report as run_rank_report
 
     if probe and not text:
@@ -417,27 +418,27 @@ def rank_report(
         raise click.BadParameter(
             "comma-separated numbers, e.g. 0.1,0.5", param_hint="--probe-fractions"
         ) from None
+    request = RankReportRequest(
+        target,
+        base=base,
+        compare=compare,
+        amp_rank=amp_rank,
+        include=include,
+        mle=mle,
+        device=device,
+        intruders_k=intruders_k,
+        intruders_eps=intruders_eps,
+        probe_text=text if probe else None,
+        probe_tokens=tokens,
+        probe_fractions=fractions,
+        probe_tolerance=probe_tolerance,
+        probe_all=probe_all,
+        config_file=config_file,
+        fan_in_fan_out=fan_in_fan_out,
+    )
     quiet = settings_of(ctx).quiet
     with render.progress_bar("rank-report", quiet) as progress:
-        report = run_rank_report(
-            target,
-            base=base,
-            compare=compare,
-            amp_rank=amp_rank,
-            include=include,
-            mle=mle,
-            device=device,
-            intruders_k=intruders_k,
-            intruders_eps=intruders_eps,
-            probe_text=text if probe else None,
-            probe_tokens=tokens,
-            probe_fractions=fractions,
-            probe_tolerance=probe_tolerance,
-            probe_all=probe_all,
-            progress=progress,
-            config_file=config_file,
-            fan_in_fan_out=fan_in_fan_out,
-        )
+        report = run_rank_report(request, progress)
     render.rank_report(
         report, show_all=show_all, json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, quiet=quiet
     )
