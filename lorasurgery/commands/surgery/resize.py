@@ -24,6 +24,7 @@ from lorasurgery.commands.surgery.surgery import (
     SurgeryReport,
     build_output,
     check_finite,
+    check_output_options,
     choose_ranks,
     preload,
     rewritten_adapter_config,
@@ -34,7 +35,6 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import (
     AdapterError,
     LoraSurgeryError,
-    OptionError,
 )
 from lorasurgery.factored import (
     as_checkpoint,
@@ -47,7 +47,6 @@ from lorasurgery.factored import (
     module_tensor_keys,
     parts,
 )
-from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
 from lorasurgery.linalg.lowrank import LowRankSVD
 from lorasurgery.naming import natural_key
@@ -101,11 +100,8 @@ def resize_adapter(
     started = time.perf_counter()
     progress = progress or no_progress
     policy.validate()
-    if max_rank is not None and max_rank < 1:
-        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
-    output_dtype(dtype, None)  # refuse a bad --dtype before any work
     inputs = [adapter] + ([base] if base is not None else [])
-    check_output_path(out, inputs, force)
+    check_output_options(max_rank, dtype, out, inputs, force)
     loaded = load_adapter(adapter)
     if not loaded.modules:
         raise AdapterError(f"{adapter}: the adapter holds no LoRA modules; nothing to resize")
