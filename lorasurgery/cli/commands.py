@@ -495,27 +495,17 @@ def resize(
     chooses all ranks jointly. The report gives each module's true error after the cast. A DoRA
     adapter needs --base and becomes a plain LoRA of its effective update.
     """
-    import lorasurgery.cli.render as render
     from lorasurgery.commands.surgery.resize import resize_adapter
-    from lorasurgery.commands.surgery.surgery import write_surgery_report
 
     policy = make_policy(rank, energy, ratio, auto, budget)
-    quiet = settings_of(ctx).quiet
-    with render.progress_bar("resize", quiet) as progress:
-        result = resize_adapter(
-            adapter,
-            output,
-            policy=policy,
-            max_rank=max_rank,
-            base=base,
-            dtype=dtype,
-            device=device,
-            force=force,
-            progress=progress,
-        )
-    if report:
-        write_surgery_report(result, report)
-    render.surgery_report(result, as_json=as_json, quiet=quiet)
+    options = dict(max_rank=max_rank, base=base, dtype=dtype, device=device, force=force)
+    _run_surgery(
+        ctx,
+        "resize",
+        lambda progress: resize_adapter(adapter, output, policy=policy, progress=progress, **options),
+        report,
+        as_json,
+    )
 
 
 @cli.command()
@@ -554,26 +544,36 @@ def combine(
     policy keeps the best rank-k approximation of the sum (QR of the concatenations, never d×k).
     Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
     """
-    import lorasurgery.cli.render as render
     from lorasurgery.commands.surgery.combine import combine_adapters
-    from lorasurgery.commands.surgery.surgery import write_surgery_report
 
     policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
-    quiet = settings_of(ctx).quiet
-    with render.progress_bar("combine", quiet) as progress:
-        result = combine_adapters(
+    options = dict(max_rank=max_rank, base=base, dtype=dtype, device=device, force=force)
+    _run_surgery(
+        ctx,
+        "combine",
+        lambda progress: combine_adapters(
             list(adapters),
             output,
             weights=list(weights) or None,
             exact=exact,
             policy=policy,
-            max_rank=max_rank,
-            base=base,
-            dtype=dtype,
-            device=device,
-            force=force,
             progress=progress,
-        )
+            **options,
+        ),
+        report,
+        as_json,
+    )
+
+
+def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_json: bool) -> None:
+    """resize's and combine's run: `run(progress)` under a progress bar, its report written (--report)
+    and rendered."""
+    import lorasurgery.cli.render as render
+    from lorasurgery.commands.surgery.surgery import write_surgery_report
+
+    quiet = settings_of(ctx).quiet
+    with render.progress_bar(stage, quiet) as progress:
+        result = run(progress)
     if report:
         write_surgery_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)
