@@ -1,15 +1,17 @@
 """Checks the quantized-format tests share: a command's JSON through the CLI, two JSON reports equal
-up to the checkpoint paths, two adapter folders equal, and a broken copy of a quantized checkpoint."""
+up to the checkpoint paths, two adapter folders equal, a broken copy of a quantized checkpoint and its
+refusal by the commands."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from clihelp import run_cli
+from clihelp import assert_refused, run_cli
 from safetensors.torch import load_file, save_file
 
 
@@ -61,6 +63,24 @@ def broken_copy(source: Path, folder: Path, change_tensors=None, change_config=N
         change_config(config)
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def assert_broken_base_refused(
+    folder: Path, adapter: Path, out: Path, expected: str, *, at_open: bool, **how
+):
+    """A broken quantized base: merge refuses it (nothing written, the message starting with the file,
+    `how["files"]` a regex of the file names, `how["then"]` of what follows), and so does a second
+    command — inspect when the layout is checked at open, else a reader of the tensor
+    (`how["read"]`: its arguments, rank-report of the base by default)."""
+    result = assert_refused(
+        ["merge", folder, adapter, "-o", out], expected, inputs=[folder, adapter], output=out
+    )
+    files, then = how.get("files", r"model\.safetensors|config\.json"), how.get("then", "")
+    assert re.match(rf"Error: {re.escape(str(folder))}/({files}): {then}", result.stderr), result.stderr
+    if at_open:
+        assert_refused(["inspect", adapter, "--base", folder], expected, inputs=[folder])
+    else:
+        assert_refused(how.get("read", ["rank-report", folder, "--json", "-"]), expected, inputs=[folder])
 
 
 def assert_loads_unquantized(out: Path, ours: dict) -> None:

@@ -24,9 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelp import assert_refused, run_cli
+from clihelp import run_cli
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_bnb
-from quantized_checks import assert_loads_unquantized, broken_copy, cli_json, same_json, save_dequantized_copy
+from quantized_checks import (
+    assert_broken_base_refused,
+    assert_loads_unquantized,
+    broken_copy,
+    cli_json,
+    same_json,
+    save_dequantized_copy,
+)
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -483,20 +490,15 @@ BAD = {
 def test_bad_bnb_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path, case):
     variant, change_tensors, change_config, at_read, expected = BAD[case]
     folder = _broken(models, tmp_path, variant, change_tensors, change_config)
-    out = tmp_path / "out"
-    result = assert_refused(
-        ["merge", folder, models["adapter"], "-o", out],
+    assert_broken_base_refused(
+        folder,
+        models["adapter"],
+        tmp_path / "out",
         expected,
-        inputs=[folder, models["adapter"]],
-        output=out,
+        at_open=not at_read,
+        files=r"model\.safetensors",
+        then="tensor ",
     )
-    assert re.match(rf"Error: {re.escape(str(folder))}/model\.safetensors: tensor ", result.stderr), (
-        result.stderr
-    )
-    if at_read:  # found when the tensor is read: every reader says so
-        assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
-    else:  # found when the checkpoint is opened
-        assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
 
 
 # ---------------------------------------------------------------------------------- requantizing

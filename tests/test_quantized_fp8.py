@@ -26,6 +26,7 @@ import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_fp8
 from quantized_checks import (
+    assert_broken_base_refused,
     assert_loads_unquantized,
     broken_copy,
     cli_json,
@@ -489,20 +490,8 @@ def test_bad_fp8_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path
         (folder / "config.json").write_text(json.dumps(config))
     else:
         folder = _broken(models, tmp_path, change_tensors, change_config)
-    out = tmp_path / "out"
-    result = assert_refused(
-        ["merge", folder, models["adapter"], "-o", out],
-        expected,
-        inputs=[folder, models["adapter"]],
-        output=out,
-    )
-    assert re.match(rf"Error: {re.escape(str(folder))}/(model\.safetensors|config\.json): ", result.stderr), (
-        result.stderr
-    )
-    if case in ("NaN scale", "zero scale"):  # found when the tensor is read: every reader says so
-        assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
-    else:  # found when the checkpoint is opened
-        assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
+    at_read = case in ("NaN scale", "zero scale")  # found when the tensor is read: every reader says so
+    assert_broken_base_refused(folder, models["adapter"], tmp_path / "out", expected, at_open=not at_read)
 
 
 def test_config_less_grids_that_fit_no_one_block_size_are_refused(models, tmp_path):
