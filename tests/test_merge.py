@@ -19,7 +19,6 @@ import torch
 from safetensors import safe_open
 
 from lorasurgery.commands.merge import MergeRequest, merge_checkpoint
-from lorasurgery.commands.merge import write as merge_write
 from lorasurgery.errors import MismatchError, NonFiniteError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
@@ -474,7 +473,7 @@ def test_verify_fails_when_the_merge_is_wrong(bases, tmp_path, monkeypatch):
             update.weight = -update.weight
         return original(weight, updates, **kwargs)
 
-    monkeypatch.setattr(merge_write, "merge_weight", wrong)  # where the merge calls it
+    monkeypatch.setattr(kernels, "merge_weight", wrong)
     with pytest.raises(VerificationError, match="differ from base \\+ adapters by up to"):
         merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out", verify=True))
     assert not (tmp_path / "out").exists()

@@ -24,7 +24,8 @@ from lorasurgery.concurrency import Pipeline
 from lorasurgery.io import TensorSpec, copy_side_files
 from lorasurgery.io.checkpoint import Encoded
 from lorasurgery.io.safetensors_format import dtype_name_of, torch_dtype_of
-from lorasurgery.linalg.delta import merge_bias, merge_weight, overwrite_rows
+from lorasurgery.linalg import delta
+from lorasurgery.linalg.delta import merge_bias, overwrite_rows
 from lorasurgery.linalg.requantize import requantize
 from lorasurgery.linalg.update import kernel_update
 from lorasurgery.progress import Progress
@@ -318,7 +319,7 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
         return overwrite_rows(start, rows, out_dtype=out_dtype)
     if item.recipe.updates:
         updates = [update_of(plan, index, module) for index, module in item.recipe.updates]
-        return merge_weight(
+        return delta.merge_weight(  # through its module: a replaced kernel (tests) is the one used
             tensor,
             updates,
             out_dtype=out_dtype,
