@@ -83,6 +83,18 @@ def assert_broken_base_refused(
         assert_refused(how.get("read", ["rank-report", folder, "--json", "-"]), expected, inputs=[folder])
 
 
+def merge_fp32_verified(base: Path, adapter: Path, out: Path) -> dict:
+    """`merge --dtype fp32 --verify` of a quantized base (it must succeed and say verified): the
+    merged tensors, every one float32."""
+    result = run_cli("merge", base, adapter, "-o", out, "--dtype", "fp32", "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "verified" in result.stdout
+    merged = load_file(out / "model.safetensors")
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float32, name
+    return merged
+
+
 def assert_loads_unquantized(out: Path, ours: dict) -> None:
     """The merged folder loads with AutoModelForCausalLM as a plain model (no key missing,
     unexpected or mismatched, no quantization_config), holding exactly the tensors we wrote."""

@@ -31,6 +31,7 @@ from quantized_checks import (
     assert_loads_unquantized,
     broken_copy,
     cli_json,
+    merge_fp32_verified,
     same_json,
     save_dequantized_copy,
 )
@@ -269,13 +270,9 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
 
 def test_merge_dtype_fp32_equals_peft_to_float32_rounding(models, tmp_path):
     Q, D, adapter = models["Q"]["nf4-double"], copy_of(models, "nf4-double"), models["adapter"]
-    out = tmp_path / "merged32"
-    result = run_cli("merge", Q, adapter, "-o", out, "--dtype", "fp32", "--verify")
-    assert result.exit_code == 0, result.stderr
-    assert "verified" in result.stdout
-    ours, peft32 = load_file(out / "model.safetensors"), peft_merged_state_dict(D, [adapter])
+    ours = merge_fp32_verified(Q, adapter, tmp_path / "merged32")
+    peft32 = peft_merged_state_dict(D, [adapter])
     for name, tensor in ours.items():
-        assert tensor.dtype == torch.float32
         torch.testing.assert_close(tensor, peft32[name], rtol=2e-6, atol=1e-7)
 
 

@@ -29,6 +29,7 @@ from quantized_checks import (
     assert_loads_unquantized,
     broken_copy,
     cli_json,
+    merge_fp32_verified,
     same_adapter_folders,
     same_json,
     save_dequantized_copy,
@@ -308,14 +309,10 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
 
 def test_merge_dtype_fp32_and_verify_equal_peft_exactly_enough(models, tmp_path):
     out = tmp_path / "merged32"
-    result = run_cli("merge", models["Q"], models["adapter"], "-o", out, "--dtype", "fp32", "--verify")
-    assert result.exit_code == 0, result.stderr
-    assert "verified" in result.stdout
-    merged = load_file(out / "model.safetensors")
+    merged = merge_fp32_verified(models["Q"], models["adapter"], out)
     truth = _truth(models["D"], models["adapter"])
     assert {GATE_UP, DOWN} <= set(truth)
     for name, tensor in merged.items():
-        assert tensor.dtype == torch.float32
         if name in truth:
             assert float((tensor.double() - truth[name]).abs().max()) < 1e-5, name
     # and the merged model computes what PEFT's merged model computes (the gate/up interleave kept)
