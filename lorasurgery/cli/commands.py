@@ -495,17 +495,11 @@ def resize(
     chooses all ranks jointly. The report gives each module's true error after the cast. A DoRA
     adapter needs --base and becomes a plain LoRA of its effective update.
     """
-    from lorasurgery.commands.surgery.resize import resize_adapter
+    from lorasurgery.commands.surgery.resize import ResizeRequest, resize_adapter
 
     policy = make_policy(rank, energy, ratio, auto, budget)
-    options = dict(max_rank=max_rank, base=base, dtype=dtype, device=device, force=force)
-    _run_surgery(
-        ctx,
-        "resize",
-        lambda progress: resize_adapter(adapter, output, policy=policy, progress=progress, **options),
-        report,
-        as_json,
-    )
+    request = ResizeRequest(adapter, output, policy, max_rank, base, dtype, device, force)
+    _run_surgery(ctx, "resize", lambda progress: resize_adapter(request, progress), report, as_json)
 
 
 @cli.command()
@@ -544,25 +538,13 @@ def combine(
     policy keeps the best rank-k approximation of the sum (QR of the concatenations, never d×k).
     Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
     """
-    from lorasurgery.commands.surgery.combine import combine_adapters
+    from lorasurgery.commands.surgery.combine import CombineRequest, combine_adapters
 
     policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
-    options = dict(max_rank=max_rank, base=base, dtype=dtype, device=device, force=force)
-    _run_surgery(
-        ctx,
-        "combine",
-        lambda progress: combine_adapters(
-            list(adapters),
-            output,
-            weights=list(weights) or None,
-            exact=exact,
-            policy=policy,
-            progress=progress,
-            **options,
-        ),
-        report,
-        as_json,
+    request = CombineRequest(
+        list(adapters), output, list(weights) or None, exact, policy, max_rank, base, dtype, device, force
     )
+    _run_surgery(ctx, "combine", lambda progress: combine_adapters(request, progress), report, as_json)
 
 
 def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_json: bool) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -46,9 +48,10 @@ from lorasurgery.factored import (
 from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
 from lorasurgery.linalg.delta import all_finite
 from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
+from lorasurgery.linalg.policies import Policy
 from lorasurgery.linalg.update import factors
 from lorasurgery.naming import natural_key
-from lorasurgery.progress import Progress, no_progress
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 
 def _module_table(sources, paths) -> dict[str, list[int]]:
@@ -201,25 +204,32 @@ def _merged_config(adapters, bound) -> dict:
     }
 
 
-def combine_adapters(
-    adapters,
-    out: str | os.PathLike,
-    *,
-    weights=None,
-    exact: bool = False,
-    policy=None,
-    max_rank: int | None = None,
-    base: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    force: bool = False,
-    progress=None,
-):
-    """Write the weighted sum of `adapters` to `out`, exactly or truncated under `policy`."""
+@dataclass(frozen=True)
+class CombineRequest:
+    """What `combine` is asked: the adapters, their weights, the output, --exact or a rank policy, and
+    every option (the CLI's)."""
+
+    adapters: Sequence[str | os.PathLike]
+    out: str | os.PathLike
+    weights: Sequence[float] | None = None  # one per adapter, 1 by default
+    exact: bool = False
+    policy: Policy | None = None  # exactly one of a policy and `exact`
+    max_rank: int | None = None
+    base: str | os.PathLike | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+
+
+def combine_adapters(request: CombineRequest, progress: ProgressCallback | None = None):
+    """Write the weighted sum of `request.adapters` to `request.out`, exactly or truncated under its
+    policy; return a SurgeryReport."""
+    out, exact, policy, max_rank = request.out, request.exact, request.policy, request.max_rank
+    base, dtype, force = request.base, request.dtype, request.force
     started = time.perf_counter()
     progress = progress or no_progress
-    paths = [str(p) for p in adapters]
-    weights = _checked_options(paths, weights, exact, policy, max_rank)
+    paths = [str(p) for p in request.adapters]
+    weights = _checked_options(paths, request.weights, exact, policy, max_rank)
     inputs = paths + ([base] if base is not None else [])
     check_output_options(max_rank, dtype, out, inputs, force)
     loaded = [preload(load_adapter(p)) for p in paths]
@@ -229,7 +239,7 @@ def combine_adapters(
     sources = bind_base(loaded, checkpoint)  # the layouts of one base: decided together
     table = _module_table(sources, paths)
     saved = _saved_tensors(loaded, paths, set(table))
-    device = resolve_device(device)
+    device = resolve_device(request.device)
     policy_text = "exact sum" if exact else policy.describe()
     report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
 

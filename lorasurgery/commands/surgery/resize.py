@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -49,8 +50,9 @@ from lorasurgery.factored import (
 )
 from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
 from lorasurgery.linalg.lowrank import LowRankSVD
+from lorasurgery.linalg.policies import Policy
 from lorasurgery.naming import natural_key
-from lorasurgery.progress import Progress, no_progress
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 # ------------------------------------------------------------------------------------------ resize
 
@@ -84,19 +86,25 @@ def module_update(adapter, module: str, base, device: str, dtype: str):
     return update
 
 
-def resize_adapter(
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    policy,
-    max_rank: int | None = None,
-    base: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    force: bool = False,
-    progress=None,
-):
-    """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
+@dataclass(frozen=True)
+class ResizeRequest:
+    """What `resize` is asked: the adapter, the output, the rank policy and every option (the CLI's)."""
+
+    adapter: str | os.PathLike
+    out: str | os.PathLike
+    policy: Policy
+    max_rank: int | None = None
+    base: str | os.PathLike | None = None  # needed for DoRA; lays modules out as the base stores them
+    dtype: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+
+
+def resize_adapter(request: ResizeRequest, progress: ProgressCallback | None = None):
+    """Write `request.adapter` re-ranked under its policy to `request.out` (α = r per module); return
+    a SurgeryReport."""
+    adapter, out, policy, max_rank = request.adapter, request.out, request.policy, request.max_rank
+    base, dtype, force = request.base, request.dtype, request.force
     started = time.perf_counter()
     progress = progress or no_progress
     policy.validate()
@@ -109,7 +117,7 @@ def resize_adapter(
     check_dora_base(loaded, base)
     (source,) = bind_base([loaded], as_checkpoint(base))
     modules = loras_of(source)
-    device = resolve_device(device)
+    device = resolve_device(request.device)
 
     # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
     with torch_threads(1 if device == "cpu" else None):
