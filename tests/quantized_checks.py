@@ -65,6 +65,15 @@ def broken_copy(source: Path, folder: Path, change_tensors=None, change_config=N
     return folder
 
 
+def assert_probe_as_copy(quantized: Path, copy: Path, text: Path) -> None:
+    """`rank-report --probe` of a quantized model reports what it reports of its dequantized copy."""
+    for folder in (quantized, copy):  # the tiny model has no tokenizer: its tokens are bytes
+        (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
+    args = ["--probe", "--text", text, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
+    ours, theirs = cli_json("rank-report", quantized, *args), cli_json("rank-report", copy, *args)
+    same_json(ours, theirs, (str(quantized), str(copy)))
+
+
 def assert_broken_base_refused(
     folder: Path, adapter: Path, out: Path, expected: str, *, at_open: bool, **how
 ):

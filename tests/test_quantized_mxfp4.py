@@ -27,6 +27,7 @@ from factories import load_base, make_adapter, make_gpt_oss, peft_merged_state_d
 from quantized_checks import (
     assert_broken_base_refused,
     assert_loads_unquantized,
+    assert_probe_as_copy,
     broken_copy,
     cli_json,
     merge_fp32_verified,
@@ -380,11 +381,7 @@ def test_the_probe_loads_the_mxfp4_model_dequantized(models):
     """The probe loads the model with its experts dequantized (a LoRA on expert parameters is not
     probed yet, so the model TARGET)."""
     Q, D = models["Q"], models["D"]
-    for folder in (Q, D):  # the tiny model has no tokenizer: its tokens are bytes
-        (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
-    args = ["--probe", "--text", TEXT, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
-    ours, theirs = cli_json("rank-report", Q, *args), cli_json("rank-report", D, *args)
-    same_json(ours, theirs, (str(Q), str(D)))
+    assert_probe_as_copy(Q, D, TEXT)
 
 
 # ------------------------------------------------------------------------------------- bad input
