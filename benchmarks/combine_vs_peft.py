@@ -86,13 +86,13 @@ OURS_CHILD = r"""
 import json, sys, time
 import torch
 from lorasurgery.linalg.policies import Policy
-from lorasurgery.commands.surgery.combine import combine_adapters
+from lorasurgery.commands.surgery.combine import CombineRequest, combine_adapters
 # what combine_adapters imports lazily, imported before the clock starts (PEFT's call is timed warm too)
 import lorasurgery.adapter.writer, lorasurgery.linalg.delta, lorasurgery.linalg.lowrank
 import lorasurgery.commands.extract.plan, lorasurgery.commands.surgery.resize, lorasurgery.commands.surgery.surgery
 out, rank, weights = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 started = time.perf_counter()
-combine_adapters(sys.argv[4:], out, weights=weights, policy=Policy(rank=rank))
+combine_adapters(CombineRequest(sys.argv[4:], out, weights=weights, policy=Policy(rank=rank)))
 print(json.dumps({"call_seconds": time.perf_counter() - started}))
 """
 

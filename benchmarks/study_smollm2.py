@@ -200,13 +200,13 @@ def adapter_tuned(folder: Path):
 
 def cached_report(path: Path, target: Path, **options) -> tuple[dict, float | None]:
     """rank_report(target, **options) as JSON, computed once and kept at `path`."""
-    from lorasurgery.commands.rank_report.rank_report import rank_report
+    from lorasurgery.commands.rank_report.rank_report import RankReportRequest, rank_report
 
     if path.is_file():
         data = json.loads(path.read_text())
         return data, data.get("_seconds")
     started = time.perf_counter()
-    data = rank_report(target, **options).to_json()
+    data = rank_report(RankReportRequest(target, **options)).to_json()
     data["_seconds"] = time.perf_counter() - started
     path.write_text(json.dumps(data))
     return data, data["_seconds"]

@@ -1,17 +1,18 @@
 """Checks the quantized-format tests share: a command's JSON through the CLI, two JSON reports equal
-up to the checkpoint paths, two adapter folders equal, and a broken copy of a quantized checkpoint;
-and gpt-oss's MXFP4 experts stored (`store_mxfp4`) and decoded by transformers (`dequantized_copy`),
-which the MXFP4 and the MoE tests share."""
+up to the checkpoint paths, two adapter folders equal, a broken copy of a quantized checkpoint and its
+refusal by the commands; and gpt-oss's MXFP4 experts stored (`store_mxfp4`) and decoded by transformers
+(`dequantized_copy`), which the MXFP4 and the MoE tests share."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from clihelp import run_cli
+from clihelp import assert_refused, run_cli
 from factories import quantize_mxfp4
 from safetensors.torch import load_file, save_file
 
@@ -64,6 +65,45 @@ def broken_copy(source: Path, folder: Path, change_tensors=None, change_config=N
         change_config(config)
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def assert_probe_as_copy(quantized: Path, copy: Path, text: Path) -> None:
+    """`rank-report --probe` of a quantized model reports what it reports of its dequantized copy."""
+    for folder in (quantized, copy):  # the tiny model has no tokenizer: its tokens are bytes
+        (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
+    args = ["--probe", "--text", text, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
+    ours, theirs = cli_json("rank-report", quantized, *args), cli_json("rank-report", copy, *args)
+    same_json(ours, theirs, (str(quantized), str(copy)))
+
+
+def assert_broken_base_refused(
+    folder: Path, adapter: Path, out: Path, expected: str, *, at_open: bool, **how
+):
+    """A broken quantized base: merge refuses it (nothing written, the message starting with the file,
+    `how["files"]` a regex of the file names, `how["then"]` of what follows), and so does a second
+    command — inspect when the layout is checked at open, else a reader of the tensor
+    (`how["read"]`: its arguments, rank-report of the base by default)."""
+    result = assert_refused(
+        ["merge", folder, adapter, "-o", out], expected, inputs=[folder, adapter], output=out
+    )
+    files, then = how.get("files", r"model\.safetensors|config\.json"), how.get("then", "")
+    assert re.match(rf"Error: {re.escape(str(folder))}/({files}): {then}", result.stderr), result.stderr
+    if at_open:
+        assert_refused(["inspect", adapter, "--base", folder], expected, inputs=[folder])
+    else:
+        assert_refused(how.get("read", ["rank-report", folder, "--json", "-"]), expected, inputs=[folder])
+
+
+def merge_fp32_verified(base: Path, adapter: Path, out: Path) -> dict:
+    """`merge --dtype fp32 --verify` of a quantized base (it must succeed and say verified): the
+    merged tensors, every one float32."""
+    result = run_cli("merge", base, adapter, "-o", out, "--dtype", "fp32", "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "verified" in result.stdout
+    merged = load_file(out / "model.safetensors")
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.float32, name
+    return merged
 
 
 def assert_loads_unquantized(out: Path, ours: dict) -> None:

@@ -12,7 +12,7 @@ from factories import make_adapter, make_llama, peft_merged_state_dict, relative
 from safetensors.torch import load_file
 from surgery_reference import deltas, load_with_peft, optimal
 
-from lorasurgery.commands.surgery.combine import combine_adapters
+from lorasurgery.commands.surgery.combine import CombineRequest, combine_adapters
 from lorasurgery.errors import LoraSurgeryError, MismatchError
 from lorasurgery.linalg.policies import Policy
 
@@ -56,7 +56,9 @@ def weighted_sum(base, adapters, weights):
 
 
 def test_exact_combination_merges_to_the_weighted_sum(llama_base, three, tmp_path):
-    report = combine_adapters(three, tmp_path / "out", weights=WEIGHTS, exact=True, dtype="fp32")
+    report = combine_adapters(
+        CombineRequest(three, tmp_path / "out", weights=WEIGHTS, exact=True, dtype="fp32")
+    )
     load_with_peft(llama_base, tmp_path / "out")
     expected, got = weighted_sum(llama_base, three, WEIGHTS), deltas(llama_base, tmp_path / "out")
     assert set(got) == set(expected)
@@ -74,7 +76,7 @@ def test_exact_combination_merges_to_the_weighted_sum(llama_base, three, tmp_pat
 
 
 def test_truncated_combination_is_the_optimal_rank_k_sum(llama_base, three, tmp_path):
-    report = combine_adapters(three, tmp_path / "out", weights=WEIGHTS, policy=Policy(rank=3))
+    report = combine_adapters(CombineRequest(three, tmp_path / "out", weights=WEIGHTS, policy=Policy(rank=3)))
     load_with_peft(llama_base, tmp_path / "out")
     expected, got = weighted_sum(llama_base, three, WEIGHTS), deltas(llama_base, tmp_path / "out")
     by_name = {m.name: m for m in report.modules}
@@ -93,7 +95,9 @@ def test_budget_spends_no_more_than_given(llama_base, three, tmp_path):
     saved = sum(
         t.numel() for k, t in load_file(three[2] / "adapter_model.safetensors").items() if "lora_" not in k
     )
-    report = combine_adapters(three, tmp_path / "out", weights=WEIGHTS, policy=Policy(budget=saved + 2000))
+    report = combine_adapters(
+        CombineRequest(three, tmp_path / "out", weights=WEIGHTS, policy=Policy(budget=saved + 2000))
+    )
     assert saved < report.totals["params"] <= saved + 2000
     load_with_peft(llama_base, tmp_path / "out")
 
@@ -118,8 +122,10 @@ def test_lora_biases_add_up_with_their_weights_and_scales(tmp_path):
     )  # no lora_bias
     weights = [0.3, 1.5, -0.5]
     with pytest.raises(LoraSurgeryError, match="pass --base BASE"):  # does o_proj have a bias of its own?
-        combine_adapters([a, b, c], tmp_path / "out", weights=weights, exact=True)
-    combine_adapters([a, b, c], tmp_path / "out", weights=weights, exact=True, dtype="fp32", base=base)
+        combine_adapters(CombineRequest([a, b, c], tmp_path / "out", weights=weights, exact=True))
+    combine_adapters(
+        CombineRequest([a, b, c], tmp_path / "out", weights=weights, exact=True, dtype="fp32", base=base)
+    )
     load_with_peft(base, tmp_path / "out")
     ours = peft_merged_state_dict(base, [tmp_path / "out"])
     theirs = peft_merged_state_dict(base, [a, b, c], weights=weights)
@@ -131,9 +137,11 @@ def test_lora_biases_add_up_with_their_weights_and_scales(tmp_path):
 
 def test_dora_inputs_enter_as_their_effective_update(llama_base, llama_dora, llama_lora_qv, tmp_path):
     with pytest.raises(LoraSurgeryError, match="DoRA needs --base"):
-        combine_adapters([llama_dora, llama_lora_qv], tmp_path / "none", exact=True)
+        combine_adapters(CombineRequest([llama_dora, llama_lora_qv], tmp_path / "none", exact=True))
     combine_adapters(
-        [llama_dora, llama_lora_qv], tmp_path / "out", weights=[0.5, 2.0], exact=True, base=llama_base
+        CombineRequest(
+            [llama_dora, llama_lora_qv], tmp_path / "out", weights=[0.5, 2.0], exact=True, base=llama_base
+        )
     )
     load_with_peft(llama_base, tmp_path / "out")
     expected = weighted_sum(llama_base, [llama_dora, llama_lora_qv], [0.5, 2.0])
@@ -150,8 +158,8 @@ def test_identical_saved_tensors_are_written_once_and_different_ones_refused(lla
         llama_base, tmp_path / "e", target_modules=["o_proj"], modules_to_save=["model.norm"], r=2, seed=6
     )
     with pytest.raises(MismatchError, match=r"both save the tensor model\.norm\.weight"):
-        combine_adapters([other, twin], tmp_path / "out", exact=True)
-    report = combine_adapters([three[2], three[2]], tmp_path / "same", exact=True)
+        combine_adapters(CombineRequest([other, twin], tmp_path / "out", exact=True))
+    report = combine_adapters(CombineRequest([three[2], three[2]], tmp_path / "same", exact=True))
     assert report.saved == ["model.embed_tokens.base_layer.weight"]
     load_with_peft(llama_base, tmp_path / "same")
 
@@ -161,5 +169,5 @@ def test_lora_bias_cannot_meet_an_embedding_lora(tmp_path, three):
     a = make_adapter(base, tmp_path / "a", target_modules=["q_proj"], r=2, lora_bias=True, seed=1)
     c = make_adapter(base, tmp_path / "c", target_modules=["embed_tokens"], r=2, seed=2)
     with pytest.raises(LoraSurgeryError, match="refuses it on embeddings"):
-        combine_adapters([a, c], tmp_path / "out", exact=True)
+        combine_adapters(CombineRequest([a, c], tmp_path / "out", exact=True))
     assert not (tmp_path / "out").exists()

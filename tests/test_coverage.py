@@ -19,7 +19,7 @@ from peft_matrix import Bases, Case, make_peft
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from lorasurgery.commands.rank_report.rank_report import rank_report  # noqa: E402
+from lorasurgery.commands.rank_report.rank_report import RankReportRequest, rank_report  # noqa: E402
 
 EXPERTS = {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 
@@ -73,7 +73,7 @@ def test_rank_report_per_expert_spectra(model, bases, tmp_path):
     deltas = peft_parameter_deltas(unmerged)
     weights = {k: v.double() for k, v in bases.load(model).state_dict().items()}
     transposed = model == "gpt-oss"  # its experts are stored (E, in, out)
-    report = rank_report(adapters[0], base=bases.get(model))
+    report = rank_report(RankReportRequest(adapters[0], base=bases.get(model)))
     entries = {(m.name, m.kind): m for m in report.modules}
     for name, delta in deltas.items():
         parameter = name.rsplit(".", 1)[-1]

@@ -57,8 +57,8 @@ def test_rank_report_of_w_never_imports_torch(tmp_path):
     tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "model")
     script = (
         "import json, sys\n"
-        "from lorasurgery.commands.rank_report.rank_report import rank_report\n"
-        f"report = rank_report({str(tmp_path / 'model')!r})\n"
+        "from lorasurgery.commands.rank_report.rank_report import RankReportRequest, rank_report\n"
+        f"report = rank_report(RankReportRequest({str(tmp_path / 'model')!r}))\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'report': report.to_json()}))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorasurgery.commands.merge import merge_checkpoint
+from lorasurgery.commands.merge import MergeRequest, merge_checkpoint
 from lorasurgery.errors import MismatchError, NonFiniteError, UnsupportedError, VerificationError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg import delta as kernels
@@ -246,7 +246,7 @@ def test_merge_matches_peft(case, bases, tmp_path):
     base_name, lora = CASES[case]
     base = bases(base_name)
     adapter = make_adapter(base, tmp_path / "adapter", **lora)
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out")
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     reference, reference_config = peft_merged(base, adapter)
     ours = read_all(tmp_path / "out")
     assert_matches(ours, reference)
@@ -273,7 +273,7 @@ def test_tied_embedding_lora_unties_and_matches_the_adapted_model(bases, tmp_pat
         base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]
     )
     assert "lm_head.weight" not in open_checkpoint(base).tensors  # tied: stored once
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out", verify=True))
     ours = read_all(tmp_path / "out")
     reference, _ = peft_merged(base, adapter, untie=True)
     assert_matches(ours, reference)
@@ -298,7 +298,7 @@ def test_resized_vocabulary(bases, tmp_path):
         target_modules=["embed_tokens", "q_proj"],
         modules_to_save=["lm_head"],
     )
-    merge_checkpoint(base, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     reference, _ = peft_merged(base, adapter, prepare=resize)
     ours = read_all(tmp_path / "out")
     assert ours["model.embed_tokens.weight"].shape == (70, 32)
@@ -317,7 +317,7 @@ def test_resized_vocabulary_without_the_head_is_refused(bases, tmp_path):
         target_modules=["embed_tokens"],
     )
     with pytest.raises(MismatchError, match="lm_head.weight keeps 64"):
-        merge_checkpoint(base, [adapter], tmp_path / "out")
+        merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -331,7 +331,7 @@ def test_bert_adapter_on_a_base_with_a_prefix(bases, tmp_path):
         lora_alpha=8,
         target_modules=["query"],
     )
-    merge_checkpoint(base, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     reference, _ = peft_merged(base, adapter, model_kind="bert")
     ours = read_all(tmp_path / "out")
     inner = {n: t for n, t in ours.items() if n.startswith("bert.") and n.removeprefix("bert.") in reference}
@@ -342,7 +342,7 @@ def test_bert_adapter_on_a_base_with_a_prefix(bases, tmp_path):
 def test_bf16_is_at_least_as_close_to_the_exact_merge_as_peft(bases, tmp_path):
     base = bases("llama-bf16")
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=32, target_modules="all-linear")
-    merge_checkpoint(base, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     ours = read_all(tmp_path / "out")
     reference, _ = peft_merged(base, adapter)
     exact, _ = peft_merged(base, adapter, dtype=torch.float64)
@@ -357,7 +357,7 @@ def test_bf16_is_at_least_as_close_to_the_exact_merge_as_peft(bases, tmp_path):
 def test_untouched_tensors_are_byte_identical(bases, tmp_path):
     base = bases("llama-sharded")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out")
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     source, output = open_checkpoint(base), open_checkpoint(tmp_path / "out")
     untouched = [n for n in source.tensors if "q_proj" not in n]
     for name in untouched:
@@ -381,7 +381,9 @@ def test_several_adapters_with_weights(bases, tmp_path):
     second = make_adapter(
         base, tmp_path / "a2", seed=2, r=6, lora_alpha=3, target_modules=["v_proj", "down_proj"]
     )
-    summary = merge_checkpoint(base, [first, second], tmp_path / "out", weights=[0.7, -0.3], verify=True)
+    summary = merge_checkpoint(
+        MergeRequest(base, [first, second], tmp_path / "out", weights=[0.7, -0.3], verify=True)
+    )
     ours = read_all(tmp_path / "out")
     original = read_all(base)
     one, _ = peft_merged(base, first)
@@ -396,8 +398,10 @@ def test_several_adapters_with_weights(bases, tmp_path):
 def test_subtract_is_the_inverse_of_a_plain_merge(bases, tmp_path):
     base = bases("llama")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules="all-linear")
-    merge_checkpoint(base, [adapter], tmp_path / "merged", precise=True)
-    merge_checkpoint(tmp_path / "merged", [adapter], tmp_path / "back", subtract=True, precise=True)
+    merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "merged", precise=True))
+    merge_checkpoint(
+        MergeRequest(tmp_path / "merged", [adapter], tmp_path / "back", subtract=True, precise=True)
+    )
     original, back = read_all(base), read_all(tmp_path / "back")
     for name, tensor in original.items():
         assert relative_error(back[name], tensor) <= 1e-6, name  # fp32 rounding of W + ΔW only
@@ -409,7 +413,7 @@ def test_subtract_is_refused_for_dora(bases, tmp_path):
         base, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]
     )
     with pytest.raises(UnsupportedError, match="--subtract is refused for DoRA"):
-        merge_checkpoint(base, [adapter], tmp_path / "out", subtract=True)
+        merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out", subtract=True))
     assert not (tmp_path / "out").exists()
 
 
@@ -422,14 +426,16 @@ def test_conflicting_modules_to_save_are_refused(bases, tmp_path):
         base, tmp_path / "a2", seed=2, r=4, target_modules=["v_proj"], modules_to_save=["lm_head"]
     )
     with pytest.raises(MismatchError, match="both replace lm_head.weight"):
-        merge_checkpoint(base, [first, second], tmp_path / "out")
+        merge_checkpoint(MergeRequest(base, [first, second], tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_dtype_and_max_shard_size(bases, tmp_path):
     base = bases("llama")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out", dtype="bf16", max_shard_bytes=20_000)
+    summary = merge_checkpoint(
+        MergeRequest(base, [adapter], tmp_path / "out", dtype="bf16", max_shard_bytes=20_000)
+    )
     assert len(summary.files) > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
     ours = read_all(tmp_path / "out")
     reference, _ = peft_merged(base, adapter)
@@ -445,7 +451,7 @@ def test_merged_folder_loads_in_transformers_with_the_adapted_logits(bases, tmp_
     base = bases("llama")
     assert (base / "generation_config.json").is_file()  # so that its copy below is checked
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear")
-    merge_checkpoint(base, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -469,7 +475,7 @@ def test_verify_fails_when_the_merge_is_wrong(bases, tmp_path, monkeypatch):
 
     monkeypatch.setattr(kernels, "merge_weight", wrong)
     with pytest.raises(VerificationError, match="differ from base \\+ adapters by up to"):
-        merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
+        merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out", verify=True))
     assert not (tmp_path / "out").exists()
 
 
@@ -490,7 +496,7 @@ def test_nonfinite_results_name_the_module(bases, tmp_path):
 def test_tied_lm_head_lora_writes_both_and_unties(bases, tmp_path):
     base = bases("llama-tied")
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["lm_head"])
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out", verify=True))
     ours = read_all(tmp_path / "out")
     reference, _ = peft_merged(base, adapter, untie=True)
     assert_matches(ours, reference)
@@ -504,7 +510,7 @@ def test_tied_lm_head_lora_writes_both_and_unties(bases, tmp_path):
 def test_verify_passes_on_bf16(bases, tmp_path):
     base = bases("llama-bf16")
     adapter = make_adapter(base, tmp_path / "adapter", r=8, lora_alpha=16, target_modules="all-linear")
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out", verify=True)
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out", verify=True))
     assert summary.verified
     # What verify measured is bf16 rounding (> 0), far below the adapter's own effect on the logits,
     # so a merge that dropped or flipped the adapter could not pass it.
@@ -611,7 +617,7 @@ def test_dora_and_plain_lora_on_one_weight_merge_in_order_as_peft(bases, tmp_pat
         base, tmp_path / "plain", seed=4, r=2, lora_alpha=2, target_modules=["q_proj", "k_proj"]
     )
     adapters = [dora, plain] if dora_first else [plain, dora]
-    summary = merge_checkpoint(base, adapters, tmp_path / "out", verify=True)
+    summary = merge_checkpoint(MergeRequest(base, adapters, tmp_path / "out", verify=True))
     assert summary.verified and summary.max_logit_difference < 1e-4
     assert_matches(read_all(tmp_path / "out"), peft_merged_together(base, adapters))
 
@@ -623,7 +629,7 @@ def test_pytorch_bin_base_gives_safetensors(bases, tmp_path):
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "bin" / "config.json").write_bytes((base / "config.json").read_bytes())
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
-    merge_checkpoint(tmp_path / "bin", [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(tmp_path / "bin", [adapter], tmp_path / "out"))
     assert (tmp_path / "out" / "model.safetensors").is_file()
     reference, _ = peft_merged(base, adapter)
     assert_matches(read_all(tmp_path / "out"), reference)
@@ -638,18 +644,22 @@ def test_weighted_adapters_match_the_factories_peft_reference(
     from factories import peft_merged_state_dict
 
     together = merge_checkpoint(
-        llama_base, [llama_dora, llama_lora_qv], tmp_path / "both", weights=[1.4, 0.6], verify=True
+        MergeRequest(
+            llama_base, [llama_dora, llama_lora_qv], tmp_path / "both", weights=[1.4, 0.6], verify=True
+        )
     )
     assert together.verified and together.max_logit_difference < 1e-4
     reference = peft_merged_state_dict(llama_base, [llama_dora, llama_lora_qv], weights=[1.4, 0.6])
     assert_matches(read_all(tmp_path / "both"), reference)
 
-    merge_checkpoint(llama_base, [llama_lora_qv], tmp_path / "first", weights=[0.6])
-    merge_checkpoint(tmp_path / "first", [llama_dora], tmp_path / "chained", weights=[1.4])
+    merge_checkpoint(MergeRequest(llama_base, [llama_lora_qv], tmp_path / "first", weights=[0.6]))
+    merge_checkpoint(MergeRequest(tmp_path / "first", [llama_dora], tmp_path / "chained", weights=[1.4]))
     reference = peft_merged_state_dict(llama_base, [llama_lora_qv, llama_dora], weights=[0.6, 1.4])
     assert_matches(read_all(tmp_path / "chained"), reference)
     # one merge of both in this order is what PEFT runs with both adapters active (--verify)
     summary = merge_checkpoint(
-        llama_base, [llama_lora_qv, llama_dora], tmp_path / "one", weights=[0.6, 1.4], verify=True
+        MergeRequest(
+            llama_base, [llama_lora_qv, llama_dora], tmp_path / "one", weights=[0.6, 1.4], verify=True
+        )
     )
     assert summary.verified and summary.max_logit_difference < 1e-4

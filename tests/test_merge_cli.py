@@ -197,10 +197,10 @@ def test_verify_without_peft_says_so(base, adapter, tmp_path, monkeypatch):
 
 
 def test_progress_reports_every_tensor_and_byte(base, adapter, tmp_path):
-    from lorasurgery.commands.merge import merge_checkpoint
+    from lorasurgery.commands.merge import MergeRequest, merge_checkpoint
 
     events = []
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out", progress=events.append)
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"), events.append)
     assert [e.done for e in events] == list(range(1, summary.tensors + 1))
     assert events[-1].bytes_done == events[-1].bytes_total == summary.bytes_written
     assert {e.stage for e in events} == {"merge"}

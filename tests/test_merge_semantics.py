@@ -19,7 +19,7 @@ import torch
 from clihelp import run_cli
 from factories import load_base, make_adapter, make_gpt2, make_llama, relative_error
 
-from lorasurgery.commands.merge import merge_checkpoint, plan_merge
+from lorasurgery.commands.merge import MergeRequest, merge_checkpoint, plan_merge
 from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import open_checkpoint
 
@@ -137,10 +137,10 @@ def test_tied_embeddings_merge_as_peft(tied, lora, saved, resized, tied_base, un
     if resized == "resized" and not any("lm_head" in k or "embed_tokens.base_layer" in k for k in keys):
         # PEFT's tied lm_head keeps the resized base's new rows, which this adapter does not carry
         with pytest.raises(MismatchError, match="must also carry lm_head.weight"):
-            merge_checkpoint(base, [adapter], tmp_path / "out")
+            merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
         assert not (tmp_path / "out").exists()
         return
-    summary = merge_checkpoint(base, [adapter], tmp_path / "out")
+    summary = merge_checkpoint(MergeRequest(base, [adapter], tmp_path / "out"))
     peft_result = PeftResult(base, adapter, prepare=prepare)
     ours = read_all(tmp_path / "out")
     # the merged model is PEFT's adapted model
@@ -184,7 +184,7 @@ def test_the_recipe_tied_llama_embedding_lora_and_modules_to_save_lm_head(tied_b
     ]
     assert plan.config_changes == {"tie_word_embeddings": False}
 
-    merge_checkpoint(tied_base, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(tied_base, [adapter], tmp_path / "out"))
     reference = PeftResult(tied_base, adapter)
     assert reference.merge_agrees and not reference.tied
     ours = read_all(tmp_path / "out")
@@ -205,7 +205,7 @@ def test_equal_saved_copies_keep_the_tie_as_peft_does(tied_base, tmp_path):
     assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(
         open_checkpoint(adapter / "adapter_model.safetensors").tensors
     )
-    summary = merge_checkpoint(tied_base, [adapter], tmp_path / "out")
+    summary = merge_checkpoint(MergeRequest(tied_base, [adapter], tmp_path / "out"))
     reference = PeftResult(tied_base, adapter)
     assert reference.merge_agrees and reference.tied
     ours = read_all(tmp_path / "out")
@@ -221,7 +221,7 @@ def test_conflicts_name_each_adapter_once(tied_base, tmp_path):
         tied_base, tmp_path / "a2", seed=2, target_modules=["v_proj"], modules_to_save=["lm_head"]
     )
     with pytest.raises(MismatchError) as error:
-        merge_checkpoint(tied_base, [first, second], tmp_path / "out")
+        merge_checkpoint(MergeRequest(tied_base, [first, second], tmp_path / "out"))
     message = str(error.value)
     assert "both replace lm_head.weight" in message
     assert message.count(str(first)) == 1 and message.count(str(second)) == 1
@@ -245,7 +245,7 @@ def test_equal_shape_embeddings_without_a_config_are_two_tensors(untied_base, tm
     assert base_tensors["lm_head.weight"].shape == base_tensors["model.embed_tokens.weight"].shape
     plan = plan_merge(bare, [adapter], [1.0])
     assert plan.ties == [] and not plan.structure.known
-    merge_checkpoint(bare, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(bare, [adapter], tmp_path / "out"))
     ours = read_all(tmp_path / "out")
     reference = PeftResult(untied_base, adapter)
     assert_tensors_match(ours, reference.state)
@@ -289,7 +289,7 @@ def test_peft_saves_the_last_created_layers_flag(gpt2, tmp_path):
     assert plan.layouts[(0, "transformer.h.0.attn.c_proj")].fan_in_fan_out  # from the structure
     assert plan.layouts[(0, "transformer.h.0.attn.c_proj")].reason == "structure"
     assert not plan.layouts[(0, "lm_head")].fan_in_fan_out
-    merge_checkpoint(gpt2, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(gpt2, [adapter], tmp_path / "out"))
     reference = PeftResult(gpt2, adapter, kind="gpt2", untie=True)  # lm_head is tied to wte
     assert reference.merge_agrees
     assert_tensors_match(read_all(tmp_path / "out"), reference.state)
@@ -304,7 +304,7 @@ def test_square_conv1d_with_the_default_flag_merges_right(gpt2, tmp_path):
     it) on GPT-2's square c_proj: the structure says Conv1D, so ΔW is not transposed wrongly."""
     adapter = make_adapter(gpt2, tmp_path / "adapter", model_kind="gpt2", target_modules=["c_proj"])
     set_flag(adapter, False)
-    merge_checkpoint(gpt2, [adapter], tmp_path / "out")
+    merge_checkpoint(MergeRequest(gpt2, [adapter], tmp_path / "out"))
     reference = PeftResult(gpt2, adapter, kind="gpt2")  # PEFT turns the flag on for Conv1D
     assert reference.merge_agrees
     assert_tensors_match(
@@ -324,7 +324,7 @@ def test_square_conv1d_with_the_flag_false_and_no_config_is_merged_as_assumed(gp
     partner = {"lm_head.weight": "transformer.wte.weight"}
     square = [f"transformer.h.{i}.attn.c_proj" for i in range(2)]  # 32×32
 
-    summary = merge_checkpoint(bare, [adapter], tmp_path / "assumed")
+    summary = merge_checkpoint(MergeRequest(bare, [adapter], tmp_path / "assumed"))
     (assumption,) = summary.assumptions
     assert sorted(assumption.modules) == square and not assumption.fan_in_fan_out
     as_json = summary.to_dict()["assumptions"][0]
@@ -338,7 +338,9 @@ def test_square_conv1d_with_the_flag_false_and_no_config_is_merged_as_assumed(gp
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("assumed:")]
     assert square[0] in line and "fan_in_fan_out: false" in line and "--config" in line
 
-    summary = merge_checkpoint(bare, [adapter], tmp_path / "by-config", config_file=gpt2 / "config.json")
+    summary = merge_checkpoint(
+        MergeRequest(bare, [adapter], tmp_path / "by-config", config_file=gpt2 / "config.json")
+    )
     assert summary.assumptions == []
     assert_tensors_match(read_all(tmp_path / "by-config"), reference, partner)
 
@@ -348,7 +350,7 @@ def test_non_square_conv1d_without_the_flag_merges(gpt2, tmp_path):
     set_flag(adapter, None)
     for base in (gpt2, without_config(gpt2, tmp_path / "bare")):  # the structure, then the shapes
         out = tmp_path / f"out-{base.name}"
-        merge_checkpoint(base, [adapter], out)
+        merge_checkpoint(MergeRequest(base, [adapter], out))
         reference = PeftResult(gpt2, adapter, kind="gpt2")
         assert_tensors_match(read_all(out), reference.state, {"lm_head.weight": "transformer.wte.weight"})
 
@@ -358,14 +360,14 @@ def test_square_conv1d_without_a_config_is_refused_then_resolved(gpt2, tmp_path)
     set_flag(adapter, False)
     bare = without_config(gpt2, tmp_path / "bare")
     with pytest.raises(UnsupportedError) as error:
-        merge_checkpoint(bare, [adapter], tmp_path / "out")
+        merge_checkpoint(MergeRequest(bare, [adapter], tmp_path / "out"))
     message = str(error.value)
     assert "module transformer.h.0.attn.c_proj" in message and "square (32×32)" in message
     assert "has no config.json" in message and "--config" in message and "--fan-in-fan-out REGEX" in message
     assert not (tmp_path / "out").exists()
     reference = PeftResult(gpt2, adapter, kind="gpt2").state
     partner = {"lm_head.weight": "transformer.wte.weight"}
-    merge_checkpoint(bare, [adapter], tmp_path / "by-option", fan_in_fan_out=r"c_attn|c_proj")
+    merge_checkpoint(MergeRequest(bare, [adapter], tmp_path / "by-option", fan_in_fan_out=r"c_attn|c_proj"))
     assert_tensors_match(read_all(tmp_path / "by-option"), reference, partner)
-    merge_checkpoint(bare, [adapter], tmp_path / "by-config", config_file=gpt2 / "config.json")
+    merge_checkpoint(MergeRequest(bare, [adapter], tmp_path / "by-config", config_file=gpt2 / "config.json"))
     assert_tensors_match(read_all(tmp_path / "by-config"), reference, partner)

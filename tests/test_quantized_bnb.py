@@ -24,9 +24,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelp import assert_refused, run_cli
+from clihelp import run_cli
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_bnb
-from quantized_checks import assert_loads_unquantized, broken_copy, cli_json, same_json, save_dequantized_copy
+from quantized_checks import (
+    assert_broken_base_refused,
+    assert_loads_unquantized,
+    broken_copy,
+    cli_json,
+    merge_fp32_verified,
+    same_json,
+    save_dequantized_copy,
+)
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -262,13 +270,9 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
 
 def test_merge_dtype_fp32_equals_peft_to_float32_rounding(models, tmp_path):
     Q, D, adapter = models["Q"]["nf4-double"], copy_of(models, "nf4-double"), models["adapter"]
-    out = tmp_path / "merged32"
-    result = run_cli("merge", Q, adapter, "-o", out, "--dtype", "fp32", "--verify")
-    assert result.exit_code == 0, result.stderr
-    assert "verified" in result.stdout
-    ours, peft32 = load_file(out / "model.safetensors"), peft_merged_state_dict(D, [adapter])
+    ours = merge_fp32_verified(Q, adapter, tmp_path / "merged32")
+    peft32 = peft_merged_state_dict(D, [adapter])
     for name, tensor in ours.items():
-        assert tensor.dtype == torch.float32
         torch.testing.assert_close(tensor, peft32[name], rtol=2e-6, atol=1e-7)
 
 
@@ -483,20 +487,15 @@ BAD = {
 def test_bad_bnb_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path, case):
     variant, change_tensors, change_config, at_read, expected = BAD[case]
     folder = _broken(models, tmp_path, variant, change_tensors, change_config)
-    out = tmp_path / "out"
-    result = assert_refused(
-        ["merge", folder, models["adapter"], "-o", out],
+    assert_broken_base_refused(
+        folder,
+        models["adapter"],
+        tmp_path / "out",
         expected,
-        inputs=[folder, models["adapter"]],
-        output=out,
+        at_open=not at_read,
+        files=r"model\.safetensors",
+        then="tensor ",
     )
-    assert re.match(rf"Error: {re.escape(str(folder))}/model\.safetensors: tensor ", result.stderr), (
-        result.stderr
-    )
-    if at_read:  # found when the tensor is read: every reader says so
-        assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
-    else:  # found when the checkpoint is opened
-        assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
 
 
 # ---------------------------------------------------------------------------------- requantizing

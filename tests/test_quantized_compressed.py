@@ -29,7 +29,13 @@ import torch
 import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import make_adapter, make_llama, peft_merged_state_dict, quantize_compressed
-from quantized_checks import assert_loads_unquantized, broken_copy, cli_json, same_json
+from quantized_checks import (
+    assert_broken_base_refused,
+    assert_loads_unquantized,
+    broken_copy,
+    cli_json,
+    same_json,
+)
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -514,20 +520,7 @@ def test_bad_compressed_checkpoints_are_refused_naming_file_and_tensor(models, t
     scheme, change_tensors, change_config, at_open, expected = BAD[case]
     folder = _broken(models, tmp_path, scheme, change_tensors, change_config)
     before = tree_digest(folder)
-    out = tmp_path / "out"
-    result = assert_refused(
-        ["merge", folder, models["adapter"], "-o", out],
-        expected,
-        inputs=[folder, models["adapter"]],
-        output=out,
-    )
-    assert re.match(rf"Error: {re.escape(str(folder))}/(model\.safetensors|config\.json): ", result.stderr), (
-        result.stderr
-    )
-    if at_open:  # found when the checkpoint is opened, by every command
-        assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
-    else:  # found when the tensor is read: every reader says so
-        assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
+    assert_broken_base_refused(folder, models["adapter"], tmp_path / "out", expected, at_open=at_open)
     assert tree_digest(folder) == before
 
 

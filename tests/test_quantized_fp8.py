@@ -26,9 +26,12 @@ import transformers
 from clihelp import assert_refused, run_cli, tree_digest
 from factories import load_base, make_adapter, make_llama, peft_merged_state_dict, quantize_fp8
 from quantized_checks import (
+    assert_broken_base_refused,
     assert_loads_unquantized,
+    assert_probe_as_copy,
     broken_copy,
     cli_json,
+    merge_fp32_verified,
     same_adapter_folders,
     same_json,
     save_dequantized_copy,
@@ -260,13 +263,9 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
 
 def test_merge_dtype_fp32_and_verify(models, tmp_path):
     out = tmp_path / "merged32"
-    result = run_cli("merge", models["Q"], models["adapter"], "-o", out, "--dtype", "fp32", "--verify")
-    assert result.exit_code == 0, result.stderr
-    assert "verified" in result.stdout
-    merged = load_file(out / "model.safetensors")
+    merged = merge_fp32_verified(models["Q"], models["adapter"], out)
     truth = _truth(models["D"], models["adapter"])
     for name, tensor in merged.items():
-        assert tensor.dtype == torch.float32
         if name in truth:
             assert float((tensor.double() - truth[name]).abs().max()) < 1e-6, name
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
@@ -373,11 +372,7 @@ def test_resize_combine_export_with_an_fp8_base(models, command, tmp_path):
 
 def test_the_probe_loads_the_fp8_model_dequantized(models):
     Q, D = models["Q"], models["D"]
-    for folder in (Q, D):  # the tiny model has no tokenizer: its tokens are bytes
-        (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
-    args = ["--probe", "--text", TEXT, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
-    ours, theirs = cli_json("rank-report", Q, *args), cli_json("rank-report", D, *args)
-    same_json(ours, theirs, (str(Q), str(D)))
+    assert_probe_as_copy(Q, D, TEXT)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -489,20 +484,8 @@ def test_bad_fp8_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path
         (folder / "config.json").write_text(json.dumps(config))
     else:
         folder = _broken(models, tmp_path, change_tensors, change_config)
-    out = tmp_path / "out"
-    result = assert_refused(
-        ["merge", folder, models["adapter"], "-o", out],
-        expected,
-        inputs=[folder, models["adapter"]],
-        output=out,
-    )
-    assert re.match(rf"Error: {re.escape(str(folder))}/(model\.safetensors|config\.json): ", result.stderr), (
-        result.stderr
-    )
-    if case in ("NaN scale", "zero scale"):  # found when the tensor is read: every reader says so
-        assert_refused(["rank-report", folder, "--json", "-"], expected, inputs=[folder])
-    else:  # found when the checkpoint is opened
-        assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
+    at_read = case in ("NaN scale", "zero scale")  # found when the tensor is read: every reader says so
+    assert_broken_base_refused(folder, models["adapter"], tmp_path / "out", expected, at_open=not at_read)
 
 
 def test_config_less_grids_that_fit_no_one_block_size_are_refused(models, tmp_path):

@@ -16,7 +16,6 @@ base; and every other command on a dequantized copy saved as plain float32 safet
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -28,10 +27,13 @@ from factories import load_base, make_adapter, make_gpt_oss, peft_merged_state_d
 from quantized_checks import (
     EXPERTS,
     QCONFIG,
+    assert_broken_base_refused,
     assert_loads_unquantized,
+    assert_probe_as_copy,
     broken_copy,
     cli_json,
     dequantized_copy,
+    merge_fp32_verified,
     oracle,
     same_adapter_folders,
     same_json,
@@ -263,14 +265,10 @@ def test_merge_writes_an_unquantized_checkpoint_equal_to_peft_on_the_dequantized
 
 def test_merge_dtype_fp32_and_verify_equal_peft_exactly_enough(models, tmp_path):
     out = tmp_path / "merged32"
-    result = run_cli("merge", models["Q"], models["adapter"], "-o", out, "--dtype", "fp32", "--verify")
-    assert result.exit_code == 0, result.stderr
-    assert "verified" in result.stdout
-    merged = load_file(out / "model.safetensors")
+    merged = merge_fp32_verified(models["Q"], models["adapter"], out)
     truth = _truth(models["D"], models["adapter"])
     assert {GATE_UP, DOWN} <= set(truth)
     for name, tensor in merged.items():
-        assert tensor.dtype == torch.float32
         if name in truth:
             assert float((tensor.double() - truth[name]).abs().max()) < 1e-5, name
     # and the merged model computes what PEFT's merged model computes (the gate/up interleave kept)
@@ -338,11 +336,7 @@ def test_the_probe_loads_the_mxfp4_model_dequantized(models):
     """The probe loads the model with its experts dequantized (a LoRA on expert parameters is not
     probed yet, so the model TARGET)."""
     Q, D = models["Q"], models["D"]
-    for folder in (Q, D):  # the tiny model has no tokenizer: its tokens are bytes
-        (folder / "byte_tokens.json").write_text('{"byte_tokens": true}')
-    args = ["--probe", "--text", TEXT, "--tokens", "64", "--probe-fractions", "0.5", "--json", "-"]
-    ours, theirs = cli_json("rank-report", Q, *args), cli_json("rank-report", D, *args)
-    same_json(ours, theirs, (str(Q), str(D)))
+    assert_probe_as_copy(Q, D, TEXT)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -412,19 +406,15 @@ BAD = {
 def test_bad_mxfp4_checkpoints_are_refused_naming_file_and_tensor(models, tmp_path, case):
     change, expected = BAD[case]
     folder = _broken(models, tmp_path, change)
-    out = tmp_path / "out"
-    result = assert_refused(
-        ["merge", folder, models["adapter"], "-o", out],
+    assert_broken_base_refused(
+        folder,
+        models["adapter"],
+        tmp_path / "out",
         expected,
-        inputs=[folder, models["adapter"]],
-        output=out,
+        at_open=case != "NaN scale",  # else found when the tensor is read: every reader says so
+        files=r"model\.safetensors",
+        read=["rank-report", models["adapter"], "--base", folder, "--json", "-"],
     )
-    assert re.match(rf"Error: {re.escape(str(folder))}/model\.safetensors: ", result.stderr), result.stderr
-    if case == "NaN scale":  # found when the tensor is read: every reader says so
-        args = ["rank-report", models["adapter"], "--base", folder, "--json", "-"]
-        assert_refused(args, expected, inputs=[folder])
-    else:  # found when the checkpoint is opened
-        assert_refused(["inspect", models["adapter"], "--base", folder], expected, inputs=[folder])
 
 
 def test_blocks_without_scales_and_without_a_config_are_refused(models, tmp_path):

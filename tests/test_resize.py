@@ -13,7 +13,7 @@ from factories import make_adapter, make_llama, peft_merged_state_dict, relative
 from safetensors.torch import load_file
 from surgery_reference import deltas, load_with_peft, optimal
 
-from lorasurgery.commands.surgery.resize import resize_adapter
+from lorasurgery.commands.surgery.resize import ResizeRequest, resize_adapter
 from lorasurgery.errors import UnsupportedError
 from lorasurgery.factored import module_svd, truncated_factors
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
@@ -80,7 +80,7 @@ def test_factors_error_of_a_concatenation_wider_than_the_matrix():
 
 
 def test_resize_to_rank_k_gives_every_module_its_optimal_update(llama_base, rich, tmp_path):
-    report = resize_adapter(rich, tmp_path / "out", policy=Policy(rank=3))
+    report = resize_adapter(ResizeRequest(rich, tmp_path / "out", policy=Policy(rank=3)))
     load_with_peft(llama_base, tmp_path / "out")
     before, after = deltas(llama_base, rich), deltas(llama_base, tmp_path / "out")
     assert set(after) == set(before) and len(before) == 10
@@ -99,7 +99,7 @@ def test_resize_to_rank_k_gives_every_module_its_optimal_update(llama_base, rich
 
 
 def test_resize_with_a_rank_above_some_modules_keeps_them_whole(llama_base, rich, tmp_path):
-    report = resize_adapter(rich, tmp_path / "out", policy=Policy(rank=6), dtype="fp32")
+    report = resize_adapter(ResizeRequest(rich, tmp_path / "out", policy=Policy(rank=6), dtype="fp32"))
     load_with_peft(llama_base, tmp_path / "out")
     before, after = deltas(llama_base, rich), deltas(llama_base, tmp_path / "out")
     ranks = {m.name: m.rank for m in report.modules}
@@ -155,13 +155,13 @@ def test_per_module_policies_choose_the_ranks_of_the_planted_spectra(llama_base,
     for name, sigma in PLANTED.items():  # the planting worked: PEFT's ΔW has those singular values
         assert torch.allclose(torch.linalg.svdvals(before[name])[:6], torch.tensor(sigma).double(), rtol=1e-5)
     for policy, key in ((Policy(energy=0.8), "energy"), (Policy(ratio=0.2), "ratio")):
-        report = resize_adapter(planted, tmp_path / "out", policy=policy, force=True)
+        report = resize_adapter(ResizeRequest(planted, tmp_path / "out", policy=policy, force=True))
         by_name = {m.name: m for m in report.modules}
         for (name, sigma), k in zip(PLANTED.items(), PLANTED_RANKS[key]):
             assert by_name[name].rank == k, (key, name)
             tail = sum(s * s for s in sigma[k:]) / sum(s * s for s in sigma)
             assert by_name[name].relative_error == pytest.approx(tail**0.5, rel=1e-4, abs=1e-6), (key, name)
-    report = resize_adapter(rich, tmp_path / "out", policy=Policy(auto=True), force=True)
+    report = resize_adapter(ResizeRequest(rich, tmp_path / "out", policy=Policy(auto=True), force=True))
     # A rank-r product has r nonzero σ and min(d, n) − r exact zeros: Gavish–Donoho's median is 0,
     # so --auto keeps every numerically nonzero direction.
     assert all(m.rank == m.original_rank for m in report.modules)
@@ -173,7 +173,7 @@ def test_budget_is_within_one_sigma_squared_of_the_brute_force_optimum(llama_bas
     spectra = {n: torch.linalg.svdvals(before[n]).square()[:4] for n in names}
     cost = {n: sum(before[n].shape) for n in names}
     budget = 500
-    report = resize_adapter(llama_lora_qv, tmp_path / "out", policy=Policy(budget=budget))
+    report = resize_adapter(ResizeRequest(llama_lora_qv, tmp_path / "out", policy=Policy(budget=budget)))
     ranks = {m.name: m.rank for m in report.modules}
     spent = sum(ranks.get(n, 0) * cost[n] for n in names)
     assert spent <= budget and report.totals["params"] == spent
@@ -191,7 +191,7 @@ def test_budget_is_within_one_sigma_squared_of_the_brute_force_optimum(llama_bas
 
 
 def test_gpt2_conv1d_layout_comes_back_as_peft_applies_it(gpt2_base, gpt2_lora, tmp_path):
-    report = resize_adapter(gpt2_lora, tmp_path / "out", policy=Policy(rank=2))
+    report = resize_adapter(ResizeRequest(gpt2_lora, tmp_path / "out", policy=Policy(rank=2)))
     load_with_peft(gpt2_base, tmp_path / "out", "gpt2")
     before, after = deltas(gpt2_base, gpt2_lora, "gpt2"), deltas(gpt2_base, tmp_path / "out", "gpt2")
     assert len(report.modules) == len(before) == 4
@@ -212,7 +212,7 @@ def test_lora_bias_and_saved_tensors_are_carried(bias_base, tmp_path):
         modules_to_save=["model.norm"],
         seed=4,
     )
-    resize_adapter(adapter, tmp_path / "out", policy=Policy(rank=4), dtype="fp32")
+    resize_adapter(ResizeRequest(adapter, tmp_path / "out", policy=Policy(rank=4), dtype="fp32"))
     load_with_peft(bias_base, tmp_path / "out")
     expected = peft_merged_state_dict(bias_base, [adapter])
     merged = peft_merged_state_dict(bias_base, [tmp_path / "out"])
@@ -228,10 +228,12 @@ def test_lora_bias_and_saved_tensors_are_carried(bias_base, tmp_path):
 
 def test_dora_becomes_a_plain_lora_of_its_effective_update(llama_base, llama_dora, tmp_path):
     with pytest.raises(UnsupportedError, match="DoRA needs --base"):
-        resize_adapter(llama_dora, tmp_path / "none", policy=Policy(rank=2))
+        resize_adapter(ResizeRequest(llama_dora, tmp_path / "none", policy=Policy(rank=2)))
     assert not (tmp_path / "none").exists()
     effective = deltas(llama_base, llama_dora)
-    report = resize_adapter(llama_dora, tmp_path / "out", policy=Policy(rank=3), base=llama_base)
+    report = resize_adapter(
+        ResizeRequest(llama_dora, tmp_path / "out", policy=Policy(rank=3), base=llama_base)
+    )
     load_with_peft(llama_base, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["use_dora"] is False
@@ -255,7 +257,7 @@ def test_gpt2_dora_layout_comes_from_the_model_not_the_adapters_flag(gpt2_base, 
     config = json.loads(config_file.read_text())
     config["fan_in_fan_out"] = flag  # PEFT saves it from its last-created layer: only a hint
     config_file.write_text(json.dumps(config))
-    report = resize_adapter(dora, tmp_path / "out", policy=Policy(rank=6), base=gpt2_base)
+    report = resize_adapter(ResizeRequest(dora, tmp_path / "out", policy=Policy(rank=6), base=gpt2_base))
     load_with_peft(gpt2_base, tmp_path / "out", "gpt2")
     after = deltas(gpt2_base, tmp_path / "out", "gpt2")
     by_name = {m.name: m for m in report.modules}
@@ -287,7 +289,9 @@ def test_conv2d_lora_is_resized_in_its_flattened_layout(tmp_path):
     with torch.no_grad():
         expected = wrapped.base_model.model.conv.get_delta_weight("default").double().flatten(1)  # (8, 27)
     wrapped.save_pretrained(tmp_path / "conv")
-    report = resize_adapter(tmp_path / "conv", tmp_path / "out", policy=Policy(rank=2), dtype="fp32")
+    report = resize_adapter(
+        ResizeRequest(tmp_path / "conv", tmp_path / "out", policy=Policy(rank=2), dtype="fp32")
+    )
     torch.manual_seed(0)
     loaded = peft.PeftModel.from_pretrained(Net(), str(tmp_path / "out"))
     with torch.no_grad():

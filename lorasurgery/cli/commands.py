@@ -155,31 +155,31 @@ def merge(
     one tensor at a time. Untouched tensors are copied byte for byte.
     """
     import lorasurgery.cli.render as render
-    from lorasurgery.commands.merge import merge_checkpoint
+    from lorasurgery.commands.merge import MergeRequest, merge_checkpoint
     from lorasurgery.units import parse_bytes
 
+    request = MergeRequest(
+        base,
+        list(adapters),
+        output,
+        weights=list(weights) or None,
+        subtract=subtract,
+        dtype=dtype,
+        max_shard_bytes=parse_bytes(max_shard_size) if max_shard_size else None,
+        device=device,
+        precise=precise,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        verify=verify,
+        config_file=config_file,
+        fan_in_fan_out=fan_in_fan_out,
+        resume=resume,
+        requantize=requantize,
+        min_retention=min_retention,
+    )
     quiet = settings_of(ctx).quiet
     with render.merge_progress(quiet=quiet) as progress:
-        summary = merge_checkpoint(
-            base,
-            list(adapters),
-            output,
-            weights=list(weights) or None,
-            subtract=subtract,
-            dtype=dtype,
-            max_shard_bytes=parse_bytes(max_shard_size) if max_shard_size else None,
-            device=device,
-            precise=precise,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            verify=verify,
-            config_file=config_file,
-            fan_in_fan_out=fan_in_fan_out,
-            resume=resume,
-            progress=progress,
-            requantize=requantize,
-            min_retention=min_retention,
-        )
+        summary = merge_checkpoint(request, progress)
     render.merge_summary(summary, as_json=as_json, quiet=quiet)
 
 
@@ -422,6 +422,7 @@ def rank_report(
     intruder dimensions of W + ΔW (with a base), and subspace similarity φ(i, j) against --compare.
     """
     import lorasurgery.cli.render as render
+    from lorasurgery.commands.rank_report.rank_report import RankReportRequest
     from lorasurgery.commands.rank_report.rank_report import rank_report as run_rank_report
 
     if probe and not text:
@@ -434,27 +435,27 @@ def rank_report(
         raise click.BadParameter(
             "comma-separated numbers, e.g. 0.1,0.5", param_hint="--probe-fractions"
         ) from None
+    request = RankReportRequest(
+        target,
+        base=base,
+        compare=compare,
+        amp_rank=amp_rank,
+        include=include,
+        mle=mle,
+        device=device,
+        intruders_k=intruders_k,
+        intruders_eps=intruders_eps,
+        probe_text=text if probe else None,
+        probe_tokens=tokens,
+        probe_fractions=fractions,
+        probe_tolerance=probe_tolerance,
+        probe_all=probe_all,
+        config_file=config_file,
+        fan_in_fan_out=fan_in_fan_out,
+    )
     quiet = settings_of(ctx).quiet
     with render.progress_bar("rank-report", quiet) as progress:
-        report = run_rank_report(
-            target,
-            base=base,
-            compare=compare,
-            amp_rank=amp_rank,
-            include=include,
-            mle=mle,
-            device=device,
-            intruders_k=intruders_k,
-            intruders_eps=intruders_eps,
-            probe_text=text if probe else None,
-            probe_tokens=tokens,
-            probe_fractions=fractions,
-            probe_tolerance=probe_tolerance,
-            probe_all=probe_all,
-            progress=progress,
-            config_file=config_file,
-            fan_in_fan_out=fan_in_fan_out,
-        )
+        report = run_rank_report(request, progress)
     render.rank_report(
         report, show_all=show_all, json_path=json_path, csv_path=csv_path, plot_dir=plot_dir, quiet=quiet
     )
@@ -511,27 +512,11 @@ def resize(
     chooses all ranks jointly. The report gives each module's true error after the cast. A DoRA
     adapter needs --base and becomes a plain LoRA of its effective update.
     """
-    import lorasurgery.cli.render as render
-    from lorasurgery.commands.surgery.resize import resize_adapter
-    from lorasurgery.commands.surgery.surgery import write_surgery_report
+    from lorasurgery.commands.surgery.resize import ResizeRequest, resize_adapter
 
     policy = make_policy(rank, energy, ratio, auto, budget)
-    quiet = settings_of(ctx).quiet
-    with render.progress_bar("resize", quiet) as progress:
-        result = resize_adapter(
-            adapter,
-            output,
-            policy=policy,
-            max_rank=max_rank,
-            base=base,
-            dtype=dtype,
-            device=device,
-            force=force,
-            progress=progress,
-        )
-    if report:
-        write_surgery_report(result, report)
-    render.surgery_report(result, as_json=as_json, quiet=quiet)
+    request = ResizeRequest(adapter, output, policy, max_rank, base, dtype, device, force)
+    _run_surgery(ctx, "resize", lambda progress: resize_adapter(request, progress), report, as_json)
 
 
 @cli.command()
@@ -570,26 +555,24 @@ def combine(
     policy keeps the best rank-k approximation of the sum (QR of the concatenations, never d×k).
     Adapters may differ in targets, ranks, scales, rsLoRA and patterns.
     """
-    import lorasurgery.cli.render as render
-    from lorasurgery.commands.surgery.combine import combine_adapters
-    from lorasurgery.commands.surgery.surgery import write_surgery_report
+    from lorasurgery.commands.surgery.combine import CombineRequest, combine_adapters
 
     policy = make_policy(rank, energy, ratio, auto, budget, optional=exact)
+    request = CombineRequest(
+        list(adapters), output, list(weights) or None, exact, policy, max_rank, base, dtype, device, force
+    )
+    _run_surgery(ctx, "combine", lambda progress: combine_adapters(request, progress), report, as_json)
+
+
+def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_json: bool) -> None:
+    """resize's and combine's run: `run(progress)` under a progress bar, its report written (--report)
+    and rendered."""
+    import lorasurgery.cli.render as render
+    from lorasurgery.commands.surgery.surgery import write_surgery_report
+
     quiet = settings_of(ctx).quiet
-    with render.progress_bar("combine", quiet) as progress:
-        result = combine_adapters(
-            list(adapters),
-            output,
-            weights=list(weights) or None,
-            exact=exact,
-            policy=policy,
-            max_rank=max_rank,
-            base=base,
-            dtype=dtype,
-            device=device,
-            force=force,
-            progress=progress,
-        )
+    with render.progress_bar(stage, quiet) as progress:
+        result = run(progress)
     if report:
         write_surgery_report(result, report)
     render.surgery_report(result, as_json=as_json, quiet=quiet)

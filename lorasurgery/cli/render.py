@@ -47,21 +47,20 @@ def note(message: str, quiet: bool = False) -> None:
         stderr.print(message)
 
 
+def _bar(*columns) -> Progress:
+    """A transient rich bar on stderr: the stage's name, the bar, then `columns`."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), *columns, console=stderr, transient=True
+    )
+
+
 @contextmanager
 def progress_bar(description: str, quiet: bool = False) -> Iterator[ProgressCallback]:
     """A ProgressCallback driving a rich bar on stderr; a no-op when quiet or not a terminal."""
     if quiet or not stderr.is_terminal:
         yield no_progress
         return
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[item]}", style="dim"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    )
+    bar = _bar(MofNCompleteColumn(), TextColumn("{task.fields[item]}", style="dim"), TimeRemainingColumn())
     task = bar.add_task(description, total=None, item="")
 
     def update(event: ProgressEvent) -> None:
@@ -194,15 +193,11 @@ def merge_progress(quiet: bool = False) -> Iterator[ProgressCallback]:
         return
     from rich.progress import DownloadColumn
 
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+    bar = _bar(
         TextColumn("{task.fields[tensors]} tensors"),
         DownloadColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[item]}", style="dim"),
-        console=stderr,
-        transient=True,
     )
     task = None
 

@@ -59,10 +59,12 @@ from lorasurgery.io.quantization import (
     PLAIN_DTYPES,
     DequantizedInfo,
     Quantization,
-    _evidence,
     check_scales,
+    foreign_tensor,
     mean_square,
     model_dtype,
+    orphan_part,
+    unscaled_codes,
 )
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
 
@@ -166,8 +168,34 @@ def logical_index(
 
 
 def _four_bit_info(t, tensors, config, small, kind, storage) -> DequantizedInfo:
+    """A 4-bit weight: its quant_state read and checked, then its codes and every block part against it."""
     codes = tensors[t.codes]
-    name = t.logical
+    state_name, state = _four_bit_state(t, tensors, small, kind)
+    shape = tuple(state["shape"])
+    _check_four_bit_codes(codes, t.logical, state_name, shape, storage)
+    _check_four_bit_parts(t, tensors, state, state_name, math.prod(shape))
+    scheme = FourBit(
+        state["quant_type"],
+        state["blocksize"],
+        state["dtype"],
+        state.get("nested_blocksize"),
+        state.get("nested_offset"),
+    )
+    return DequantizedInfo.of(
+        t.logical,
+        shape,
+        codes,
+        format=t.format,
+        parts=tuple((role, tensors[stored]) for role, stored in t.parts),
+        model_dtype=model_dtype(config, PLAIN_DTYPES[state["dtype"]]),
+        scheme=scheme,
+    )
+
+
+def _four_bit_state(t, tensors, small, kind) -> tuple[str, dict]:
+    """(name, parsed JSON) of a 4-bit weight's quant_state, its quant_type agreeing with its own name
+    and with config.json's bnb_4bit_quant_type (`kind`)."""
+    codes, name = tensors[t.codes], t.logical
     state_name = t.part("quant_state")
     if state_name is None:
         raise CheckpointError(
@@ -187,7 +215,11 @@ def _four_bit_info(t, tensors, config, small, kind, storage) -> DequantizedInfo:
             f"{state_info.file}: tensor {state_name} says quant_type {quant_type!r}, but config.json's "
             f'quantization_config bnb_4bit_quant_type is "{kind}"'
         )
-    shape = tuple(state["shape"])
+    return state_name, state
+
+
+def _check_four_bit_codes(codes: TensorInfo, name: str, state_name: str, shape: tuple, storage) -> None:
+    """The codes' dtype is the declared storage, and they hold the state's shape two values a byte."""
     n = math.prod(shape)
     stored = STORAGE_DTYPES[str(storage).removeprefix("torch.")] if storage is not None else None
     if (stored is not None and codes.dtype != stored) or codes.dtype not in STORAGE_DTYPES.values():
@@ -202,6 +234,11 @@ def _four_bit_info(t, tensors, config, small, kind, storage) -> DequantizedInfo:
             f"{list(shape)}: {n} values, two a byte, need {(n + 1) // 2}"
         )
 
+
+def _check_four_bit_parts(t, tensors, state: dict, state_name: str, n: int) -> None:
+    """absmax, quant_map and, under double quantisation, nested_absmax and nested_quant_map: each
+    present, of its dtype and of the shape the state's block sizes give."""
+    codes = tensors[t.codes]
     blocksize = state["blocksize"]
     blocks = -(-n // blocksize)
     nested = "nested_blocksize" in state
@@ -231,29 +268,9 @@ def _four_bit_info(t, tensors, config, small, kind, storage) -> DequantizedInfo:
     elif present:
         extra = tensors[t.part(present[0])]
         raise CheckpointError(
-            f"{extra.file}: tensor {extra.name} says {name} is double-quantised, but {state_name} has no "
+            f"{extra.file}: tensor {extra.name} says {t.logical} is double-quantised, but {state_name} has no "
             f"nested_blocksize, nested_dtype or nested_offset"
         )
-    scheme = FourBit(
-        quant_type,
-        blocksize,
-        state["dtype"],
-        state.get("nested_blocksize"),
-        state.get("nested_offset"),
-    )
-    return DequantizedInfo(
-        name,
-        "F32",
-        shape,
-        codes.file,
-        -1,
-        -1,
-        format=t.format,
-        codes=codes,
-        parts=tuple((role, tensors[stored]) for role, stored in t.parts),
-        model_dtype=model_dtype(config, PLAIN_DTYPES[state["dtype"]]),
-        scheme=scheme,
-    )
 
 
 def _int8_info(t, tensors, config, small) -> DequantizedInfo:
@@ -281,15 +298,11 @@ def _int8_info(t, tensors, config, small) -> DequantizedInfo:
                 f"either — load and save the model again with bitsandbytes 0.44 and load_in_8bit, or "
                 f"dequantize it first (docs/design.md §13)"
             )
-    return DequantizedInfo(
+    return DequantizedInfo.of(
         t.logical,
-        "F32",
         tuple(codes.shape),
-        codes.file,
-        -1,
-        -1,
+        codes,
         format=INT8,
-        codes=codes,
         parts=tuple((role, tensors[stored]) for role, stored in t.parts),
         block=(1, codes.shape[1]),
         model_dtype=model_dtype(config),
@@ -410,15 +423,13 @@ def _check_orphans(tensors: Mapping[str, TensorInfo], claimed: frozenset[str]) -
             if name.endswith(suffix):
                 weight = name[: -len(suffix)] + ".weight"
                 codes = tensors.get(weight)
-                if codes is None:
-                    raise CheckpointError(
-                        f"{info.file}: tensor {name} is part of the bitsandbytes int8 state of {weight}, "
-                        f"which the checkpoint does not have"
-                    )
-                if suffix == ".SCB":
-                    raise CheckpointError(
-                        f"{codes.file}: tensor {weight} holds {dtype_name_of(codes.dtype)} values, but "
-                        f"{name} beside it says they are bitsandbytes int8 codes"
+                if codes is None or suffix == ".SCB":
+                    raise orphan_part(
+                        tensors,
+                        name,
+                        weight,
+                        "part of the bitsandbytes int8 state",
+                        "bitsandbytes int8 codes",
                     )
                 raise CheckpointError(
                     f"{codes.file}: tensor {weight} has bitsandbytes' weight_format beside it but no "
@@ -432,14 +443,8 @@ def _foreign(t, tensors: Mapping[str, TensorInfo], declaration: str) -> Checkpoi
     info = tensors[t.codes]
     if t.scheme == "unscaled" and info.dtype in ("U8", "I8"):
         missing = f"{t.codes}.absmax" if info.dtype == "U8" else f"{t.codes.removesuffix('.weight')}.SCB"
-        return CheckpointError(
-            f"{info.file}: tensor {t.logical} holds {dtype_name_of(info.dtype)} codes with no {missing} "
-            f"beside them: its bitsandbytes scales are missing"
-        )
-    return CheckpointError(
-        f"{info.file}: tensor {t.logical} ({_evidence(t, tensors)}) contradicts the checkpoint's "
-        f"bitsandbytes quantization ({declaration})"
-    )
+        return unscaled_codes(t, tensors, missing, "its bitsandbytes scales are missing")
+    return foreign_tensor(t, tensors, f"bitsandbytes quantization ({declaration})")
 
 
 # ------------------------------------------------------------------------------------------------

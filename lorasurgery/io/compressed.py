@@ -86,100 +86,18 @@ def logical_index(
     UnsupportedError) naming the file and tensor when the compressed-tensors layout is broken."""
     where = f"{folder / 'config.json'}: quantization_config"
     if quantization.source is None:
-        t = quantization.tensors[0]
-        info = tensors[t.codes]
-        raise UnsupportedError(
-            f"{info.file}: tensor {t.logical} is compressed-tensors-quantized ({_evidence(t, tensors)}), "
-            f"but {folder / 'config.json'} has no quantization_config to say its scheme (strategy, "
-            f"group size, symmetry); lorasurgery reads compressed-tensors checkpoints with the config "
-            f"llm-compressor saves beside them — restore it (docs/design.md §13)"
-        )
+        _refuse_without_config(quantization, tensors, folder)
     _package()
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.quantization import QuantizationMetadata
     from compressed_tensors.utils.match import match_quantizable_tensors
 
     qconfig = _parse_config(quantization.config, where)
-    top = quantization.config.get("format")
-    qparams = set(QuantizationMetadata.all_qparam_names())
     model_dtype = _model_dtype(config)
     logical: dict[str, TensorInfo] = {}
     hidden: set[str] = set(quantization.stored_names)
     for t in quantization.tensors:
-        codes = tensors[t.codes]
-        module, _, codes_param = t.codes.rpartition(".")
-        found = None
-        for group, scheme in qconfig.config_groups.items():
-            if scheme.weights is None:
-                continue
-            if next(
-                match_quantizable_tensors({t.codes: None}, qconfig.ignore, scheme.targets, ["re:.*"]), None
-            ):
-                found = (group, scheme)
-                break
-        if found is None:
-            raise CheckpointError(
-                f"{codes.file}: tensor {t.logical} is stored quantized ({_evidence(t, tensors)}), but no "
-                f"config_groups entry of quantization_config targets {module} (or `ignore` names it), so "
-                f"its scheme is unknown"
-            )
-        group, scheme = found
-        fmt = scheme.format or (top if top not in (None, "mixed-precision") else None)
-        fmt = getattr(fmt, "value", fmt) or infer_module_format(_linear(), scheme)
-        fmt = getattr(fmt, "value", fmt)
-        if fmt not in FORMATS:
-            raise UnsupportedError(
-                f"{codes.file}: tensor {t.logical}: compressed-tensors format {fmt!r} (config_groups."
-                f"{group}); lorasurgery reads {', '.join(FORMATS)} but not this one yet, and never reads "
-                f"codes as weights — dequantize the model first (docs/design.md §13)"
-            )
-        scheme = scheme.model_copy(update={"format": fmt})
-        compressor = BaseCompressor.get_value_from_registry(fmt)
-        names = compressor.compression_param_names(scheme)
-        if codes_param != names[0]:
-            raise CheckpointError(
-                f"{codes.file}: tensor {t.codes} holds {dtype_name_of(codes.dtype)} codes, but "
-                f'config_groups.{group} stores {module} as "{fmt}", whose codes are {module}.{names[0]}'
-            )
-        parts = {}
-        for param in names[1:]:
-            if param.startswith("input_"):
-                continue  # activation parameters decode nothing of W
-            stored = tensors.get(f"{module}.{param}")
-            if stored is None:
-                raise CheckpointError(
-                    f"{codes.file}: tensor {t.logical}: {module}.{param} is missing — "
-                    f'config_groups.{group} ("{fmt}", strategy {_strategy(scheme)}) needs it to decode '
-                    f"{t.codes}; the checkpoint is incomplete"
-                )
-            parts[param] = stored
-        if f"{module}.weight_g_idx" in tensors:
-            raise UnsupportedError(
-                f"{codes.file}: tensor {module}.weight_g_idx: activation-ordered groups (actorder "
-                f'"group"), which compressed-tensors no longer decodes; lorasurgery reads them only '
-                f"through it — dequantize the model first (docs/design.md §13)"
-            )
-        shape = _check(fmt, scheme, codes, parts, group)
-        extra = tuple(
-            (p, tensors[f"{module}.{p}"])
-            for p in sorted(qparams)
-            if f"{module}.{p}" in tensors and p not in parts and p != names[0]
-        )
-        hidden.update(info.name for _, info in extra)
-        logical[t.codes] = DequantizedInfo(
-            t.logical,
-            "F32",
-            shape,
-            codes.file,
-            -1,
-            -1,
-            format="compressed-tensors",
-            codes=codes,
-            parts=tuple(parts.items()) + extra,
-            model_dtype=model_dtype,
-            scheme=Scheme(fmt, scheme.model_dump_json()),
-        )
+        info, extra = _logical_tensor(t, tensors, qconfig, quantization.config.get("format"), model_dtype)
+        hidden.update(extra)
+        logical[t.codes] = info
     _check_orphans(tensors, hidden, qconfig, match_quantizable_tensors)
     # Each logical tensor at its codes' place, under its own name (<m>.weight, not <m>.weight_packed).
     index: dict[str, TensorInfo] = {}
@@ -189,6 +107,114 @@ def logical_index(
         elif name not in hidden:
             index[name] = info
     return index
+
+
+def _refuse_without_config(quantization: Quantization, tensors: Mapping[str, TensorInfo], folder: Path):
+    t = quantization.tensors[0]
+    info = tensors[t.codes]
+    raise UnsupportedError(
+        f"{info.file}: tensor {t.logical} is compressed-tensors-quantized ({_evidence(t, tensors)}), "
+        f"but {folder / 'config.json'} has no quantization_config to say its scheme (strategy, "
+        f"group size, symmetry); lorasurgery reads compressed-tensors checkpoints with the config "
+        f"llm-compressor saves beside them — restore it (docs/design.md §13)"
+    )
+
+
+def _logical_tensor(
+    t, tensors: Mapping[str, TensorInfo], qconfig, top, model_dtype
+) -> tuple[DequantizedInfo, list]:
+    """One quantized weight: the group that claims it, its format, its stored compression parameters
+    and its other stored qparams, checked against the scheme; and the names of those other qparams
+    (hidden from the index too)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationMetadata
+
+    codes = tensors[t.codes]
+    module, _, codes_param = t.codes.rpartition(".")
+    group, scheme = _claiming_group(t, tensors, qconfig)
+    fmt = _module_format(t, codes, group, scheme, top)
+    scheme = scheme.model_copy(update={"format": fmt})
+    names = BaseCompressor.get_value_from_registry(fmt).compression_param_names(scheme)
+    if codes_param != names[0]:
+        raise CheckpointError(
+            f"{codes.file}: tensor {t.codes} holds {dtype_name_of(codes.dtype)} codes, but "
+            f'config_groups.{group} stores {module} as "{fmt}", whose codes are {module}.{names[0]}'
+        )
+    parts = _compression_parts(t, tensors, names[1:], group, fmt, scheme)
+    shape = _check(fmt, scheme, codes, parts, group)
+    extra = tuple(
+        (p, tensors[f"{module}.{p}"])
+        for p in sorted(QuantizationMetadata.all_qparam_names())
+        if f"{module}.{p}" in tensors and p not in parts and p != names[0]
+    )
+    info = DequantizedInfo.of(
+        t.logical,
+        shape,
+        codes,
+        format="compressed-tensors",
+        parts=tuple(parts.items()) + extra,
+        model_dtype=model_dtype,
+        scheme=Scheme(fmt, scheme.model_dump_json()),
+    )
+    return info, [stored.name for _, stored in extra]
+
+
+def _claiming_group(t, tensors: Mapping[str, TensorInfo], qconfig) -> tuple[str, object]:
+    """(name, scheme) of the first config group whose weights target the module, as the package matches."""
+    from compressed_tensors.utils.match import match_quantizable_tensors
+
+    for group, scheme in qconfig.config_groups.items():
+        if scheme.weights is None:
+            continue
+        if next(match_quantizable_tensors({t.codes: None}, qconfig.ignore, scheme.targets, ["re:.*"]), None):
+            return group, scheme
+    module = t.codes.rpartition(".")[0]
+    raise CheckpointError(
+        f"{tensors[t.codes].file}: tensor {t.logical} is stored quantized ({_evidence(t, tensors)}), but no "
+        f"config_groups entry of quantization_config targets {module} (or `ignore` names it), so "
+        f"its scheme is unknown"
+    )
+
+
+def _module_format(t, codes: TensorInfo, group: str, scheme, top) -> str:
+    """The group's own format, else the config's, else what the package infers; one read here."""
+    from compressed_tensors.compressors.format import infer_module_format
+
+    fmt = scheme.format or (top if top not in (None, "mixed-precision") else None)
+    fmt = getattr(fmt, "value", fmt) or infer_module_format(_linear(), scheme)
+    fmt = getattr(fmt, "value", fmt)
+    if fmt not in FORMATS:
+        raise UnsupportedError(
+            f"{codes.file}: tensor {t.logical}: compressed-tensors format {fmt!r} (config_groups."
+            f"{group}); lorasurgery reads {', '.join(FORMATS)} but not this one yet, and never reads "
+            f"codes as weights — dequantize the model first (docs/design.md §13)"
+        )
+    return fmt
+
+
+def _compression_parts(t, tensors: Mapping[str, TensorInfo], params, group: str, fmt: str, scheme) -> dict:
+    """{param: stored tensor} of each compression parameter the compressor names beside the codes."""
+    codes = tensors[t.codes]
+    module = t.codes.rpartition(".")[0]
+    parts = {}
+    for param in params:
+        if param.startswith("input_"):
+            continue  # activation parameters decode nothing of W
+        stored = tensors.get(f"{module}.{param}")
+        if stored is None:
+            raise CheckpointError(
+                f"{codes.file}: tensor {t.logical}: {module}.{param} is missing — "
+                f'config_groups.{group} ("{fmt}", strategy {_strategy(scheme)}) needs it to decode '
+                f"{t.codes}; the checkpoint is incomplete"
+            )
+        parts[param] = stored
+    if f"{module}.weight_g_idx" in tensors:
+        raise UnsupportedError(
+            f"{codes.file}: tensor {module}.weight_g_idx: activation-ordered groups (actorder "
+            f'"group"), which compressed-tensors no longer decodes; lorasurgery reads them only '
+            f"through it — dequantize the model first (docs/design.md §13)"
+        )
+    return parts
 
 
 def _parse_config(settings: Mapping, where: str):
@@ -266,51 +292,11 @@ def _strategy(scheme) -> str:
 def _check(fmt: str, scheme, codes: TensorInfo, parts: dict, group: str) -> tuple[int, ...]:
     """The logical shape, after the codes' dtype and each scale's shape are checked against the scheme."""
     args = scheme.weights
-    expected = {"pack-quantized": "I32", "nvfp4-pack-quantized": "U8"}.get(fmt)
-    if fmt in NAIVE:  # the codes the package's quantize writes: the scheme's own dtype
-        expected = dtype_code_of(args.pytorch_dtype())
-    if codes.dtype != expected or len(codes.shape) != 2:
-        raise CheckpointError(
-            f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} codes of shape "
-            f'{list(codes.shape)}, but config_groups.{group} ("{fmt}", {args.num_bits}-bit {args.type}) '
-            f"stores {dtype_name_of(expected)} codes in a matrix"
-        )
-    kind = {"float-quantized": "float", "int-quantized": "int", "pack-quantized": "int"}.get(fmt)
-    if kind is not None and args.type != kind or fmt == "nvfp4-pack-quantized" and args.num_bits != 4:
-        raise CheckpointError(
-            f"{codes.file}: tensor {codes.name}: config_groups.{group} declares {args.num_bits}-bit "
-            f'{args.type} weights but format "{fmt}", which stores other codes; the config contradicts itself'
-        )
-    rows, cols = codes.shape
-    if fmt == "pack-quantized":
-        shape_info = parts["weight_shape"]
-        stored = _small_ints(shape_info)
-        per_word = 32 // args.num_bits
-        if stored is None or len(stored) != 2 or stored[0] != rows or -(-stored[1] // per_word) != cols:
-            raise CheckpointError(
-                f"{shape_info.file}: tensor {shape_info.name} is {stored}, which does not match "
-                f"{codes.name} {list(codes.shape)} ({per_word} {args.num_bits}-bit codes an int32 word)"
-            )
-        cols = stored[1]
-    elif fmt == "nvfp4-pack-quantized":
-        cols *= 2
-    scale = parts["weight_scale"]
+    _check_codes(fmt, args, codes, group)
+    rows, cols = _logical_shape(fmt, args, codes, parts)
     strategy = _strategy(scheme)
-    if strategy == "tensor":
-        grid = (1,)
-    elif strategy == "channel":
-        grid = (rows, 1)
-    elif strategy in ("group", "tensor_group"):
-        grid = (rows, -(-cols // args.group_size))
-    elif strategy == "block":
-        bh, bw = args.block_structure
-        grid = (-(-rows // bh), -(-cols // bw))
-    else:
-        raise UnsupportedError(
-            f"{codes.file}: tensor {codes.name}: weight strategy {strategy!r} (config_groups.{group}) is "
-            f"not one compressed-tensors stores weights in; lorasurgery reads tensor, channel, group, "
-            f"tensor_group and block (docs/design.md §13)"
-        )
+    grid = _scale_grid(strategy, args, rows, cols, codes, group)
+    scale = parts["weight_scale"]
     fits = tuple(scale.shape) == grid or (strategy == "tensor" and scale.numel == 1)
     if not fits:
         raise CheckpointError(
@@ -340,6 +326,62 @@ def _check(fmt: str, scheme, codes: TensorInfo, parts: dict, group: str) -> tupl
                 f"{strategy} zero points of {codes.name}: it needs {list(want)}"
             )
     return (rows, cols)
+
+
+def _check_codes(fmt: str, args, codes: TensorInfo, group: str) -> None:
+    """The codes' dtype is what the format stores for the scheme, and the scheme fits the format."""
+    expected = {"pack-quantized": "I32", "nvfp4-pack-quantized": "U8"}.get(fmt)
+    if fmt in NAIVE:  # the codes the package's quantize writes: the scheme's own dtype
+        expected = dtype_code_of(args.pytorch_dtype())
+    if codes.dtype != expected or len(codes.shape) != 2:
+        raise CheckpointError(
+            f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} codes of shape "
+            f'{list(codes.shape)}, but config_groups.{group} ("{fmt}", {args.num_bits}-bit {args.type}) '
+            f"stores {dtype_name_of(expected)} codes in a matrix"
+        )
+    kind = {"float-quantized": "float", "int-quantized": "int", "pack-quantized": "int"}.get(fmt)
+    if kind is not None and args.type != kind or fmt == "nvfp4-pack-quantized" and args.num_bits != 4:
+        raise CheckpointError(
+            f"{codes.file}: tensor {codes.name}: config_groups.{group} declares {args.num_bits}-bit "
+            f'{args.type} weights but format "{fmt}", which stores other codes; the config contradicts itself'
+        )
+
+
+def _logical_shape(fmt: str, args, codes: TensorInfo, parts: dict) -> tuple[int, int]:
+    """(out, in) of the decoded weight: pack-quantized's stored weight_shape (checked against the
+    packed codes), NVFP4's two codes a byte, else the codes' own shape."""
+    rows, cols = codes.shape
+    if fmt == "pack-quantized":
+        shape_info = parts["weight_shape"]
+        stored = _small_ints(shape_info)
+        per_word = 32 // args.num_bits
+        if stored is None or len(stored) != 2 or stored[0] != rows or -(-stored[1] // per_word) != cols:
+            raise CheckpointError(
+                f"{shape_info.file}: tensor {shape_info.name} is {stored}, which does not match "
+                f"{codes.name} {list(codes.shape)} ({per_word} {args.num_bits}-bit codes an int32 word)"
+            )
+        cols = stored[1]
+    elif fmt == "nvfp4-pack-quantized":
+        cols *= 2
+    return rows, cols
+
+
+def _scale_grid(strategy: str, args, rows: int, cols: int, codes: TensorInfo, group: str) -> tuple[int, ...]:
+    """The shape the scheme's scales have for a (rows, cols) weight."""
+    if strategy == "tensor":
+        return (1,)
+    if strategy == "channel":
+        return (rows, 1)
+    if strategy in ("group", "tensor_group"):
+        return (rows, -(-cols // args.group_size))
+    if strategy == "block":
+        bh, bw = args.block_structure
+        return (-(-rows // bh), -(-cols // bw))
+    raise UnsupportedError(
+        f"{codes.file}: tensor {codes.name}: weight strategy {strategy!r} (config_groups.{group}) is "
+        f"not one compressed-tensors stores weights in; lorasurgery reads tensor, channel, group, "
+        f"tensor_group and block (docs/design.md §13)"
+    )
 
 
 def _small_ints(info: TensorInfo) -> list[int] | None:

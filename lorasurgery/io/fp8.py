@@ -48,10 +48,12 @@ from lorasurgery.io.quantization import (
     DequantizedInfo,
     Quantization,
     Rows,
-    _evidence,
     check_scales,
+    foreign_tensor,
     mean_square,
     model_dtype,
+    orphan_part,
+    unscaled_codes,
 )
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of, torch_dtype_of
 
@@ -128,15 +130,11 @@ def logical_index(
     plain_dtype = model_dtype(config)
     logical = {}
     for t, codes, scale in pairs:
-        logical[codes.name] = DequantizedInfo(
+        logical[codes.name] = DequantizedInfo.of(
             t.logical,
-            "F32",
             tuple(codes.shape),
-            codes.file,
-            -1,
-            -1,
+            codes,
             format="fp8",
-            codes=codes,
             parts=tuple((role, tensors[stored]) for role, stored in t.parts),
             block=None if _one_scale(codes, scale, block) else block,
             scale_fmt=scale_fmt,
@@ -599,30 +597,20 @@ def _deduced_block(grids: list[tuple[TensorInfo, TensorInfo]], folder: Path) -> 
 
 def _check_orphans(tensors: Mapping[str, TensorInfo], claimed: frozenset[str]) -> None:
     """A `<x>_scale_inv` that decodes nothing: its codes are missing, or are not float8."""
-    for name, info in tensors.items():
-        if not name.endswith("_scale_inv") or name in claimed:
-            continue
-        codes = tensors.get(name[: -len("_scale_inv")])
-        if codes is None:
-            raise CheckpointError(
-                f"{info.file}: tensor {name} is the FP8 scale of {name[: -len('_scale_inv')]}, which "
-                f"the checkpoint does not have"
+    for name in tensors:
+        if name.endswith("_scale_inv") and name not in claimed:
+            raise orphan_part(
+                tensors, name, name[: -len("_scale_inv")], "the FP8 scale", "FP8 codes (float8_e4m3fn)"
             )
-        raise CheckpointError(
-            f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} values, but {name} "
-            f"beside it says they are FP8 codes (float8_e4m3fn)"
-        )
 
 
 def _foreign(t, tensors: Mapping[str, TensorInfo], declaration: str) -> CheckpointError:
     """A quantized tensor that is not fine-grained FP8 in a fine-grained FP8 checkpoint."""
     info = tensors[t.codes]
     if t.scheme == "unscaled" and info.dtype in ("F8_E4M3", "F8_E5M2"):
-        return CheckpointError(
-            f"{info.file}: tensor {t.logical} holds {dtype_name_of(info.dtype)} codes with no "
-            f"{t.codes}_scale_inv beside them: its scale tensor is missing"
-        )
-    return CheckpointError(
-        f"{info.file}: tensor {t.logical} ({_evidence(t, tensors)}) contradicts the checkpoint's "
-        f"fine-grained FP8 ({declaration}): FP8 codes are float8 with a <name>_scale_inv beside them"
+        return unscaled_codes(t, tensors, f"{t.codes}_scale_inv", "its scale tensor is missing")
+    return foreign_tensor(
+        t,
+        tensors,
+        f"fine-grained FP8 ({declaration}): FP8 codes are float8 with a <name>_scale_inv beside them",
     )

@@ -44,8 +44,8 @@ from lorasurgery.io.quantization import (
     SCALE_ONLY,
     DequantizedInfo,
     Quantization,
-    _evidence,
     check_scales,
+    foreign_tensor,
 )
 from lorasurgery.io.quantization import model_dtype as _model_dtype
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of
@@ -68,10 +68,10 @@ def logical_index(
     pairs = []
     for t in quantization.tensors:
         if t.format != "mxfp4":
-            info = tensors[t.codes]
-            raise CheckpointError(
-                f"{info.file}: tensor {t.logical} ({_evidence(t, tensors)}) contradicts the checkpoint's "
-                f"MXFP4 ({declaration}): MXFP4 codes are uint8 <name>_blocks with <name>_scales beside them"
+            raise foreign_tensor(
+                t,
+                tensors,
+                f"MXFP4 ({declaration}): MXFP4 codes are uint8 <name>_blocks with <name>_scales beside them",
             )
         if t.part("scales") is None:
             raise _missing_scales(tensors[t.codes], t.logical)
@@ -86,15 +86,11 @@ def logical_index(
     logical = {}
     for t, blocks, scales in pairs:
         experts, rows, groups, _ = blocks.shape
-        logical[blocks.name] = DequantizedInfo(
+        logical[blocks.name] = DequantizedInfo.of(
             t.logical,
-            "F32",
             (experts, groups * BLOCK, rows),
-            blocks.file,
-            -1,
-            -1,
+            blocks,
             format="mxfp4",
-            codes=blocks,
             parts=(("scales", scales),),
             block=(BLOCK, 1),  # in the logical (experts, in, out) layout: 32 inputs of one output
             scale_fmt="ue8m0",

@@ -180,6 +180,12 @@ class DequantizedInfo(TensorInfo):
     model_dtype: str = "BF16"
     scheme: object = None  # what else the format's reader needs to decode it (its own frozen value)
 
+    @classmethod
+    def of(cls, name: str, shape, codes: TensorInfo, **fields) -> DequantizedInfo:
+        """The logical tensor `name` of `shape` decoded from `codes`: F32, no bytes of its own (start
+        and end -1), in the file of its codes; `fields` the format's own (format, parts, scheme …)."""
+        return cls(name, "F32", tuple(shape), codes.file, -1, -1, codes=codes, **fields)
+
     @property
     def dequantized(self) -> bool:
         return True
@@ -487,6 +493,45 @@ def recognise(
 
 # ------------------------------------------------------------------------------------------------
 # Refusal
+
+
+# The readers' messages for a layout whose parts do not fit together (io/fp8.py, bnb.py, mxfp4.py):
+# one wording, so that every format names the file, the tensor and what is missing the same way.
+
+
+def foreign_tensor(t: QuantizedTensor, tensors: Mapping[str, TensorInfo], declared: str) -> CheckpointError:
+    """A quantized tensor of another kind than the checkpoint's `declared` format."""
+    info = tensors[t.codes]
+    return CheckpointError(
+        f"{info.file}: tensor {t.logical} ({_evidence(t, tensors)}) contradicts the checkpoint's {declared}"
+    )
+
+
+def unscaled_codes(
+    t: QuantizedTensor, tensors: Mapping[str, TensorInfo], missing: str, lost: str
+) -> CheckpointError:
+    """Codes with nothing beside them: the part `missing` that decodes them is lost (`lost` says what)."""
+    info = tensors[t.codes]
+    return CheckpointError(
+        f"{info.file}: tensor {t.logical} holds {dtype_name_of(info.dtype)} codes with no {missing} "
+        f"beside them: {lost}"
+    )
+
+
+def orphan_part(
+    tensors: Mapping[str, TensorInfo], name: str, codes_name: str, role: str, codes_are: str
+) -> CheckpointError:
+    """A stored part (`role` of `codes_name`) that decodes nothing: its codes are missing, or hold
+    plain values although the part says they are `codes_are`."""
+    codes = tensors.get(codes_name)
+    if codes is None:
+        return CheckpointError(
+            f"{tensors[name].file}: tensor {name} is {role} of {codes_name}, which the checkpoint does not have"
+        )
+    return CheckpointError(
+        f"{codes.file}: tensor {codes.name} holds {dtype_name_of(codes.dtype)} values, but {name} "
+        f"beside it says they are {codes_are}"
+    )
 
 
 def _dtype_name(code: str) -> str:

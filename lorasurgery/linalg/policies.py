@@ -35,6 +35,19 @@ def as_spectrum(S) -> np.ndarray:
     return values
 
 
+def full_spectrum(S, shape, who: str, hint: str = "") -> np.ndarray:
+    """as_spectrum(S), checked to hold all min(d, n) singular values of a d × n matrix: `who` needs
+    the whole spectrum (a truncated one moves its median and its sums)."""
+    values = as_spectrum(S)
+    d, n = shape
+    if len(values) != min(d, n):
+        raise ValueError(
+            f"{who} needs all min(d, n) = {min(d, n)} singular values of the {d} × {n} "
+            f"matrix, got {len(values)}{hint}"
+        )
+    return values
+
+
 def nonzero_count(S) -> int:
     """How many singular values are > 0 (the hard cap of every policy)."""
     return int(np.count_nonzero(as_spectrum(S) > 0))
@@ -102,13 +115,8 @@ def gavish_donoho_threshold(S, shape: tuple[int, int]) -> float:
     The median is over ALL min(d, n) singular values of the matrix, so S must be the full spectrum
     (len(S) == min(d, n)); a truncated spectrum would move the median up and the threshold with it.
     """
-    S = as_spectrum(S)
+    S = full_spectrum(S, shape, "Gavish–Donoho")
     d, n = shape
-    if len(S) != min(d, n):
-        raise ValueError(
-            f"Gavish–Donoho needs all min(d, n) = {min(d, n)} singular values of the {d} × {n} "
-            f"matrix, got {len(S)}"
-        )
     if len(S) == 0:
         return 0.0
     beta = min(d, n) / max(d, n)

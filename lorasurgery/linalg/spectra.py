@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from lorasurgery.linalg.gram import numerical_rank_tolerance
-from lorasurgery.linalg.policies import as_spectrum, rank_energy, rank_gavish_donoho
+from lorasurgery.linalg.policies import full_spectrum, rank_energy, rank_gavish_donoho
 
 METRIC_NAMES = (
     "fro_norm",
@@ -63,13 +63,7 @@ def spectrum_metrics(S, shape: tuple[int, int], source_dtype="F32") -> dict:
                           numerical_rank (rounding directions of an exactly low-rank matrix are
                           not signal; see policies.rank_gavish_donoho)
     """
-    values = as_spectrum(S)
-    d, n = shape
-    if len(values) != min(d, n):
-        raise ValueError(
-            f"spectrum_metrics needs all min(d, n) = {min(d, n)} singular values of the {d} × {n} "
-            f"matrix, got {len(values)} (pad a low-rank spectrum with zeros)"
-        )
+    values = full_spectrum(S, shape, "spectrum_metrics", " (pad a low-rank spectrum with zeros)")
     sigma_1 = float(values[0]) if len(values) else 0.0
     if sigma_1 == 0.0:
         return dict(ZERO_MATRIX_METRICS)

@@ -18,8 +18,10 @@ are in docs/merge.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lorasurgery.commands.merge.plan import (
@@ -48,6 +50,7 @@ __all__ = [
     "AdapterSummary",
     "Item",
     "MergePlan",
+    "MergeRequest",
     "MergeSummary",
     "merge_checkpoint",
     "plan_merge",
@@ -93,123 +96,168 @@ class MergeSummary:
         return result
 
 
-def merge_checkpoint(
-    base,
-    adapters,
-    out,
-    *,
-    weights=None,
-    subtract: bool = False,
-    dtype: str = "auto",
-    max_shard_bytes: int | None = None,
-    device: str = "cpu",
-    precise: bool = False,
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    verify: bool = False,
-    config_file=None,
-    fan_in_fan_out: str | None = None,
-    resume: bool = False,
-    progress: ProgressCallback | None = None,
-    requantize: bool = False,
-    min_retention: float | None = None,
-) -> MergeSummary:
-    """Merge `adapters` into the checkpoint `base` and write a plain checkpoint to `out`.
+@dataclass(frozen=True)
+class MergeRequest:
+    """What `merge` is asked: the base, the adapters, the output and every option (the CLI's).
 
     `config_file` describes the base's structure when it has no config.json (or overrides it);
     `fan_in_fan_out` (a regex on module names) says which layers store (in, out) when nothing else can.
     `requantize` keeps a quantized base's format; `min_retention` writes the modules whose retention
-    falls below it unquantized (docs/design.md §13).
+    falls below it unquantized (docs/design.md §13). `resume` continues the unfinished output of a
+    killed run with the same inputs and options, and keeps this run's unfinished output if it fails."""
+
+    base: str | os.PathLike
+    adapters: Sequence[str | os.PathLike]
+    out: str | os.PathLike
+    weights: Sequence[float] | None = None
+    subtract: bool = False
+    dtype: str = "auto"
+    max_shard_bytes: int | None = None
+    device: str = "cpu"
+    precise: bool = False
+    force: bool = False
+    allow_nonfinite: bool = False
+    verify: bool = False
+    config_file: str | os.PathLike | None = None
+    fan_in_fan_out: str | None = None
+    resume: bool = False
+    requantize: bool = False
+    min_retention: float | None = None
+
+    def identity_options(self) -> dict:
+        """The options that identify a resumable run: every field unless it cannot change the output
+        bytes, so that an option added later counts by default and changing it refuses a resume
+        rather than mix two runs."""
+        return {
+            _OPTION_NAMES.get(f.name, f.name): getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in _NOT_IDENTITY
+        }
+
+
+# MergeRequest's fields that do not decide the output bytes (the rest identify a resumable run)
+_NOT_IDENTITY = {"base", "adapters", "out", "force", "verify", "resume"}
+_OPTION_NAMES = {"weights": "weight", "max_shard_bytes": "max_shard_size", "config_file": "config"}
+
+
+def merge_checkpoint(request: MergeRequest, progress: ProgressCallback | None = None) -> MergeSummary:
+    """Merge `request.adapters` into the checkpoint `request.base` and write a plain checkpoint to
+    `request.out`.
+
     Raises a LoraSurgeryError (nothing written) for bad input, and VerificationError when `verify`
     finds the merged model's logits differ from base+adapters beyond the dtype's tolerance.
-    `resume` continues the unfinished output of a killed run with the same inputs and options, and
-    keeps this run's unfinished output if it fails or is interrupted.
     """
-    # Every argument identifies a resumable run unless it cannot change the output bytes: an option
-    # added later counts by default, so changing it refuses a resume rather than mix two runs.
-    options = {_OPTION_NAMES.get(k, k): v for k, v in locals().items() if k not in _NOT_IDENTITY}
     started = time.perf_counter()
-    with contextlib.suppress(LoraSurgeryError):  # a bad --config is reported by the plan
-        config = read_config(base, config_file)[0]
-        if not declares_unreadable_quantization(config):  # such a base is refused at once by the plan
-            prefetch(config)  # the skeleton builds while we start up
-    tune_allocator()
     progress = progress or no_progress
-    adapters = [Path(a) for a in adapters]
-    weights = check_options(adapters, weights, subtract, dtype, max_shard_bytes)
-    check_requantize_options(requantize, min_retention, verify)
-    device = options["device"] = resolve_device(device)
-    if config_file:  # as the same file, however it was spelt
-        options["config"] = str(Path(config_file).resolve())
-    check_output_path(out, [base, *adapters], force)  # fail fast; checked again when writing
-    if verify:
-        require_verification_libraries()
-
+    _prefetch_structure(request)
+    tune_allocator()
+    adapters, weights, device, options = _checked(request)
     with torch_threads(1):  # isfinite on many small adapter tensors: no OpenMP spin-up each time
         plan = plan_merge(
-            Path(base),
+            Path(request.base),
             adapters,
             weights,
-            subtract=subtract,
-            dtype=dtype,
-            allow_nonfinite=allow_nonfinite,
-            config_file=config_file,
-            fan_in_fan_out=fan_in_fan_out,
-            requantize=requantize,
+            subtract=request.subtract,
+            dtype=request.dtype,
+            allow_nonfinite=request.allow_nonfinite,
+            config_file=request.config_file,
+            fan_in_fan_out=request.fan_in_fan_out,
+            requantize=request.requantize,
         )
-    if min_retention is not None:  # which modules stay quantized fixes the layout: measured first
-        measured = measure_retention(plan, device, precise, allow_nonfinite, progress)
+    if request.min_retention is not None:  # which modules stay quantized fixes the layout: measured first
+        measured = measure_retention(plan, device, request.precise, request.allow_nonfinite, progress)
         unquantize(
-            plan, [n for n, r in measured.items() if r.retention is not None and r.retention < min_retention]
+            plan,
+            [
+                n
+                for n, r in measured.items()
+                if r.retention is not None and r.retention < request.min_retention
+            ],
         )
-    summary = MergeSummary(
-        base=str(base),
-        output=str(out),
+    summary = _summary(request, plan, device)
+    _write_output(request, plan, adapters, weights, device, options, summary, progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _prefetch_structure(request: MergeRequest) -> None:
+    """Start building the base's skeleton while we start up (a bad --config is reported by the plan)."""
+    with contextlib.suppress(LoraSurgeryError):
+        config = read_config(request.base, request.config_file)[0]
+        if not declares_unreadable_quantization(config):  # such a base is refused at once by the plan
+            prefetch(config)
+
+
+def _checked(request: MergeRequest) -> tuple[list[Path], list[float], str, dict]:
+    """The adapters' paths, their effective weights, the resolved device and the run's identifying
+    options; an OptionError (or a refused output path) before anything is read."""
+    options = request.identity_options()
+    adapters = [Path(a) for a in request.adapters]
+    weights = check_options(
+        adapters, request.weights, request.subtract, request.dtype, request.max_shard_bytes
+    )
+    check_requantize_options(request.requantize, request.min_retention, request.verify)
+    device = options["device"] = resolve_device(request.device)
+    if request.config_file:  # as the same file, however it was spelt
+        options["config"] = str(Path(request.config_file).resolve())
+    check_output_path(request.out, [request.base, *adapters], request.force)  # checked again when writing
+    if request.verify:
+        require_verification_libraries()
+    return adapters, weights, device, options
+
+
+def _summary(request: MergeRequest, plan: MergePlan, device: str) -> MergeSummary:
+    return MergeSummary(
+        base=str(request.base),
+        output=str(request.out),
         adapters=plan.adapter_summaries,
-        dtype=dtype,
+        dtype=request.dtype,
         device=device,
-        precise=precise,
-        subtract=subtract,
+        precise=request.precise,
+        subtract=request.subtract,
         config_changes=plan.config_changes,
         notes=plan.notes,
         assumptions=plan.assumptions,
-        requantize=requantize,
-        min_retention=min_retention,
+        requantize=request.requantize,
+        min_retention=request.min_retention,
     )
+
+
+def _write_output(request, plan, adapters, weights, device, options, summary, progress) -> None:
+    """The output folder, written atomically (resumed from its journal with --resume), verified
+    with --verify; the files, bytes and tensors written counted into `summary`."""
+    base, out, config_file = request.base, request.out, request.config_file
     shards = (
-        plan_shards(plan.specs, max_shard_bytes=max_shard_bytes)
-        if max_shard_bytes
+        plan_shards(plan.specs, max_shard_bytes=request.max_shard_bytes)
+        if request.max_shard_bytes
         else plan_shards(plan.specs, groups=plan.shard_groups())
     )
     layouts = shard_layouts(shards)
     inputs = [base, *adapters, *([config_file] if config_file else [])]
     identity = run_identity(inputs=inputs, options=options, layouts=layouts)
-    with atomic_output_dir(out, inputs=[base, *adapters], force=force, resume=resume) as folder:
-        journal, complete = _start_journal(folder, identity, layouts, resume, Path(out), summary)
+    with atomic_output_dir(
+        out, inputs=[base, *adapters], force=request.force, resume=request.resume
+    ) as folder:
+        journal, complete = _start_journal(folder, identity, layouts, request.resume, Path(out), summary)
         reused = {spec.name for index in complete for spec in shards[index]}
         with (
             torch_threads(1),
             SafetensorsWriter(folder, shards, complete=complete, on_shard=journal.on_shard) as writer,
         ):
-            write_all(plan, writer, summary, device, precise, allow_nonfinite, progress, reused)
+            write_all(
+                plan, writer, summary, device, request.precise, request.allow_nonfinite, progress, reused
+            )
             written = writer.close()
         write_side_files(plan, folder)
         summary.files = [f.name for f in written.files]
         summary.bytes_written = written.bytes
         summary.tensors = written.tensors
-        if verify:
+        if request.verify:
             summary.max_logit_difference = verify_merge(
                 base, adapters, folder, weights=weights, merged_dtype=plan.output_dtype_code
             )
             summary.verified = True
         journal.remove()  # no part of the output
-    summary.seconds = time.perf_counter() - started
-    return summary
-
-
-# merge_checkpoint's arguments that do not decide the output bytes (the rest identify a resumable run)
-_NOT_IDENTITY = {"base", "adapters", "out", "force", "verify", "resume", "progress"}
-_OPTION_NAMES = {"weights": "weight", "max_shard_bytes": "max_shard_size", "config_file": "config"}
 
 
 def _start_journal(folder, identity, layouts, resume, out, summary):

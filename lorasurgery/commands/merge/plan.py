@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import BoundAdapter, bind
 from lorasurgery.errors import (
     AdapterError,
@@ -30,7 +31,8 @@ from lorasurgery.errors import (
 )
 from lorasurgery.io import TensorSpec, open_checkpoint, readers
 from lorasurgery.io.safetensors_format import OUTPUT_DTYPES, TensorInfo, dtype_name_of
-from lorasurgery.model import Layout, Structure, structure_of
+from lorasurgery.linalg.delta import all_finite
+from lorasurgery.model import Layout, Structure, model_tensors, structure_of
 from lorasurgery.recipes import BASE, Recipe, TieOutcome, plan_recipes
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -144,14 +146,57 @@ def plan_merge(
     fan_in_fan_out: str | None = None,
     requantize: bool = False,
 ) -> MergePlan:
-    """Everything a merge will do, checked; raises a LoraSurgeryError naming the input that is wrong."""
-    from lorasurgery.adapter import load_adapter
+    """Everything a merge will do, checked; raises a LoraSurgeryError naming the input that is wrong.
 
+    The steps: the base and adapters opened and checked, bound to the base, every tensor's recipe and
+    the ties (lorasurgery.recipes), one Item per output tensor, the output config, the output order."""
     adapter_paths = [Path(p) for p in adapter_paths]
     checkpoint = open_checkpoint(base)
     if requantize:
         _check_requantizable(checkpoint)
     structure = structure_of(checkpoint, config_file)
+    adapters = _load_adapters(adapter_paths, subtract)
+    # Shapes are checked below against the tensor each module will really meet (a saved, resized one).
+    bound = bind(adapters, checkpoint, structure=structure, fan_in_fan_out=fan_in_fan_out, check_shapes=False)
+    if not allow_nonfinite:
+        for path, b in zip(adapter_paths, bound):
+            _check_finite(b, path)
+    # Every tensor's recipe and the ties, as verify expects them too (lorasurgery.recipes).
+    planned = plan_recipes(bound)
+    out_code = OUTPUT_DTYPES.get(dtype)
+    notes = _weight_notes(adapter_paths, bound, weights)
+    items = _items(planned.recipes, planned.tensors, bound, out_code)
+    config, changes = _output_config(
+        checkpoint, structure, planned, items, out_code, dtype, requantize, notes
+    )
+    ordered = _output_order(checkpoint, planned, items, out_code)
+    if requantize:
+        ordered = _stored_items(checkpoint, ordered, notes)
+    return MergePlan(
+        checkpoint=checkpoint,
+        structure=structure,
+        adapters=bound,
+        weights=weights,
+        items=ordered,
+        config=config,
+        config_changes=changes,
+        notes=notes,
+        adapter_summaries=_adapter_summaries(adapter_paths, bound, weights, items),
+        output_dtype_code=out_code,
+        layouts={
+            (index, key): module.layout
+            for index, b in enumerate(bound)
+            for key, module in b.targets.items()
+            if module.layout is not None
+        },
+        ties=planned.ties,
+        assumptions=[a for b in bound for a in b.assumptions],
+        requantize=requantize,
+    )
+
+
+def _load_adapters(adapter_paths: list[Path], subtract: bool) -> list:
+    """The adapters, each holding something to merge (and, with --subtract, something undoable)."""
     adapters = [load_adapter(p) for p in adapter_paths]
     if subtract:
         for path, adapter in zip(adapter_paths, adapters):
@@ -171,59 +216,67 @@ def plan_merge(
             raise AdapterError(
                 f"{path}: the adapter holds no LoRA modules and no saved tensors; nothing to merge"
             )
-    # Shapes are checked below against the tensor each module will really meet (a saved, resized one).
-    bound = bind(adapters, checkpoint, structure=structure, fan_in_fan_out=fan_in_fan_out, check_shapes=False)
-    if not allow_nonfinite:
-        for path, b in zip(adapter_paths, bound):
-            _check_finite(b, path)
-    # Every tensor's recipe and the ties, as verify expects them too (lorasurgery.recipes).
-    planned = plan_recipes(bound)
-    tensors: dict[str, TensorInfo] = planned.tensors
-    recipes, outcomes = planned.recipes, planned.ties
-    layouts = {
-        (index, key): module.layout
-        for index, b in enumerate(bound)
-        for key, module in b.targets.items()
-        if module.layout is not None
-    }
-    counts = []
-    notes_early: list[str] = []
-    for index, (path, b) in enumerate(zip(adapter_paths, bound)):
-        # a fused expert parameter stored split counts once (its pieces are keyed `<key>[e].k`)
-        merged = len({key.split("[", 1)[0] for key in b.targets})
-        dora = sum(bool(module.lora.dora) for module in b.targets.values())
-        biases = sum(bool(module.lora.lora_bias) for module in b.targets.values())
-        if b.tokens and weights[index] != 1.0:
-            notes_early.append(
-                f"{path}: --weight {weights[index]:g} does not scale its trainable tokens: their rows "
-                f"replace the base's whatever the weight (PEFT's scaling does not reach them either)"
-            )
-        counts.append((merged, dora, biases))
+    return adapters
 
-    out_code = OUTPUT_DTYPES.get(dtype)
+
+def _weight_notes(adapter_paths: list[Path], bound: list[BoundAdapter], weights: list[float]) -> list[str]:
+    """A note for each adapter whose --weight cannot reach its trainable tokens."""
+    return [
+        f"{path}: --weight {weight:g} does not scale its trainable tokens: their rows "
+        f"replace the base's whatever the weight (PEFT's scaling does not reach them either)"
+        for path, b, weight in zip(adapter_paths, bound, weights)
+        if b.tokens and weight != 1.0
+    ]
+
+
+def _items(
+    recipes: dict, tensors: dict[str, TensorInfo], bound: list[BoundAdapter], out_code
+) -> dict[str, Item]:
+    """An Item for every tensor with a recipe, its shape checked against each update it receives."""
     items: dict[str, Item] = {}
     for name, recipe in recipes.items():
         info = tensors[name]
         spec = _spec(name, info, out_code)
         if recipe.start is not BASE:
             index, tensor_name = recipe.start
-            spec = TensorSpec(name, spec.dtype, tuple(adapters[index].tensors[tensor_name].shape))
+            spec = TensorSpec(name, spec.dtype, tuple(bound[index].adapter.tensors[tensor_name].shape))
         items[name] = Item(name, spec, info, recipe)
         for index, module in recipe.updates:
             _check_shape(bound[index], module, name, spec.shape)
+    return items
 
+
+def _adapter_summaries(
+    adapter_paths: list[Path], bound: list[BoundAdapter], weights: list[float], items: dict[str, Item]
+) -> list[AdapterSummary]:
     summaries = []
-    for index, (path, weight, (merged, dora, biases)) in enumerate(zip(adapter_paths, weights, counts)):
+    for index, (path, b, weight) in enumerate(zip(adapter_paths, bound, weights)):
+        # a fused expert parameter stored split counts once (its pieces are keyed `<key>[e].k`)
+        merged = len({key.split("[", 1)[0] for key in b.targets})
+        dora = sum(bool(module.lora.dora) for module in b.targets.values())
+        biases = sum(bool(module.lora.lora_bias) for module in b.targets.values())
         replaced = sum(1 for i in items.values() if i.recipe.start and i.recipe.start[0] == index)
         summaries.append(AdapterSummary(str(path), weight, merged, dora, biases, replaced))
+    return summaries
 
-    notes: list[str] = notes_early
+
+def _output_config(
+    checkpoint,
+    structure: Structure,
+    planned,
+    items: dict[str, Item],
+    out_code,
+    dtype,
+    requantize,
+    notes: list,
+) -> tuple[dict | None, dict]:
+    """The output's config.json (None: the base has none) and the changes made to the base's."""
     changes: dict = {}
     config = dict(checkpoint.config) if checkpoint.config is not None else None
-    for outcome in outcomes:
+    for outcome in planned.ties:
         if outcome.untied:
             _untie_note(structure, outcome, notes, changes)
-    _check_vocabulary(structure, checkpoint, items, tensors, config, changes)
+    _check_vocabulary(structure, checkpoint, items, planned.tensors, config, changes)
     if out_code and config is not None:
         for key in ("torch_dtype", "dtype"):
             if key in config and config[key] != dtype_name_of(out_code):
@@ -238,33 +291,19 @@ def plan_merge(
             del config[key]  # a change to None removes the key (a quantized base's quantization_config)
     elif changes:
         notes.append(f"the base has no config.json; these settings could not be recorded: {changes}")
+    return config, changes
 
-    # Output order: the base's file order, tied members new to the output last.
+
+def _output_order(checkpoint, planned, items: dict[str, Item], out_code) -> list[Item]:
+    """Every output tensor's Item in the base's file order, tied members new to the output last."""
     written = set(checkpoint.tensors) | set(items)
-    for outcome in outcomes:
+    for outcome in planned.ties:
         written -= set(outcome.group) - set(outcome.written)
     ordered = [
-        items.get(name) or Item(name, _spec(name, info, out_code), info) for name, info in tensors.items()
+        items.get(name) or Item(name, _spec(name, info, out_code), info)
+        for name, info in planned.tensors.items()
     ]
-    ordered = [i for i in ordered if i.name in written]
-    if requantize:
-        ordered = _stored_items(checkpoint, ordered, notes)
-    return MergePlan(
-        checkpoint=checkpoint,
-        structure=structure,
-        adapters=bound,
-        weights=weights,
-        items=ordered,
-        config=config,
-        config_changes=changes,
-        notes=notes,
-        adapter_summaries=summaries,
-        output_dtype_code=out_code,
-        layouts=layouts,
-        ties=outcomes,
-        assumptions=[a for b in bound for a in b.assumptions],
-        requantize=requantize,
-    )
+    return [i for i in ordered if i.name in written]
 
 
 def _spec(name: str, info: TensorInfo, out_code: str | None) -> TensorSpec:
@@ -392,8 +431,6 @@ def unquantize(plan: MergePlan, names) -> None:
 def _plain(plan: MergePlan) -> list[str]:
     """The modules whose 2-D weight the base stores unquantized, tied members included (the loader's
     default skip list covers them: readers.exclude)."""
-    from lorasurgery.model import model_tensors
-
     return [
         name[: -len(".weight")]
         for name, info in model_tensors(plan.checkpoint, plan.structure).items()
@@ -477,8 +514,6 @@ def _check_shape(bound: BoundAdapter, key: str, base_name: str, shape: tuple[int
 
 
 def _check_finite(bound: BoundAdapter, path) -> None:
-    from lorasurgery.linalg.delta import all_finite
-
     adapter = bound.adapter
     for key, module in bound.targets.items():
         for label, tensor in _module_tensors(adapter, module.lora):

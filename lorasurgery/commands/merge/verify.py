@@ -6,20 +6,23 @@ first, so that what is compared is the merge, not the precision the user asked f
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from lorasurgery.causal_lm import LOGIT_TOLERANCE, with_adapters
 from lorasurgery.errors import VerificationError
 from lorasurgery.io import open_checkpoint
+from lorasurgery.io.pretrained import from_pretrained
 from lorasurgery.io.safetensors_format import torch_dtype_of
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def require_verification_libraries() -> None:
-    import importlib.util
-
     missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
     if missing:
         raise VerificationError(
@@ -35,7 +38,6 @@ def verify_merge(
     Raises VerificationError when it exceeds the tolerance of the merged checkpoint's dtype. When
     --dtype changed the dtype, the base is rounded to it first, so that what is compared is the
     merge, not the precision the user asked for."""
-    import torch
 
     code = merged_dtype or _checkpoint_float_dtype(merged)
     with _quiet_transformers():
@@ -69,9 +71,7 @@ def verify_merge(
 @contextmanager
 def _quiet_transformers():
     """No loading bars or deprecation warnings from transformers/peft in the middle of our output."""
-    import warnings
-
-    import transformers
+    import transformers  # --verify's own heavy dependency (docs/architecture.md, "Lazy imports")
 
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
@@ -91,10 +91,7 @@ def _checkpoint_float_dtype(folder) -> str:
 
 
 def _load_model(path):
-    import torch
     import transformers
-
-    from lorasurgery.io.pretrained import from_pretrained
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
@@ -110,8 +107,6 @@ def _load_model(path):
 
 
 def _run(model, inputs):
-    import torch
-
     outputs = []
     with torch.no_grad():
         for ids in inputs:

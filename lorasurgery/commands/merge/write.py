@@ -24,6 +24,9 @@ from lorasurgery.concurrency import Pipeline
 from lorasurgery.io import TensorSpec, copy_side_files
 from lorasurgery.io.checkpoint import Encoded
 from lorasurgery.io.safetensors_format import dtype_name_of, torch_dtype_of
+from lorasurgery.linalg.delta import merge_bias, overwrite_rows
+from lorasurgery.linalg.requantize import requantize
+from lorasurgery.linalg.update import kernel_update, merge_into
 from lorasurgery.progress import Progress
 
 # Files beside the weights that a loader needs; copied unchanged (config.json is rewritten).
@@ -58,21 +61,50 @@ def write_all(
     tensors are there (a requantized one: its codes and scales) is counted as what it is, never read
     nor computed; one split across a kept shard and another is computed, and only its tensors
     outside the kept shard are written."""
-    checkpoint = plan.checkpoint
-    files = {f: i for i, f in enumerate(checkpoint.files)}
+    order = _pending(plan, summary, reused)
+    costs = {item.name: memory_cost(plan, item) for item in order}
+    total_bytes = sum(_item_bytes(item) for item in order)  # what is left to do, when resumed
+    flusher = _Writeback(writer)
+    pipeline = Pipeline(
+        order,
+        _read_step(plan),
+        _compute_step(plan, writer, device, precise, allow_nonfinite),
+        _write_step(writer, flusher, reused),
+        workers=2,
+        cost=lambda item: costs[item.name],
+        limit=2 * max(costs.values(), default=0),
+        name="merge",
+    )
+    done_bytes = 0
+    with flusher, pipeline:
+        for done, item in enumerate(pipeline, 1):
+            _count(item, summary)
+            done_bytes += _item_bytes(item)
+            progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
+    if plan.requantize:
+        summary.retention = retention_rows(plan)
+
+
+def _pending(plan: MergePlan, summary, reused) -> list[Item]:
+    """The items left to write, in the base's file order; those wholly in kept shards are counted."""
+    files = {f: i for i, f in enumerate(plan.checkpoint.files)}
     kept = [item for item in plan.items if {item.name, *(p.name for p in item.parts)} <= reused]
     for item in kept:
         _count(item, summary)
     kept_names = {item.name for item in kept}
-    order = sorted(
+    return sorted(
         (item for item in plan.items if item.name not in kept_names),
         key=lambda i: (files.get(i.source.file, 0), i.source.position) if i.source else (0, 0),
     )
-    costs = {item.name: memory_cost(plan, item) for item in order}
-    # what is left to do, when resumed
-    total_bytes = sum(item.spec.nbytes + sum(p.nbytes for p in item.parts) for item in order)
 
-    stored = checkpoint.raw
+
+def _item_bytes(item: Item) -> int:
+    return item.spec.nbytes + sum(p.nbytes for p in item.parts)
+
+
+def _read_step(plan: MergePlan):
+    """The pipeline's read: what an item starts from, still encoded for a quantized base."""
+    checkpoint = plan.checkpoint
 
     def read(item: Item):
         if copies_raw(item):
@@ -83,6 +115,13 @@ def write_all(
             index, tensor_name = item.recipe.start
             return plan.adapters[index].adapter.read(tensor_name)
         return checkpoint.read_encoded(item.source.name)  # a quantized base's: decoded in compute
+
+    return read
+
+
+def _compute_step(plan: MergePlan, writer, device, precise, allow_nonfinite):
+    """The merging threads' work: an item's output tensor (and its hash), or its codes and scales."""
+    stored = plan.checkpoint.raw
 
     def compute(item: Item, tensor):
         if tensor is None:
@@ -96,7 +135,11 @@ def write_all(
         merged = produce(plan, item, tensor, device, precise, allow_nonfinite).to("cpu")
         return merged, writer.digest(merged)  # the journal's hash, here in a merging thread
 
-    flusher = _Writeback(writer)
+    return compute
+
+
+def _write_step(writer, flusher: _Writeback, reused):
+    """The writer thread's work: an item's bytes at their planned offset, write-back started."""
 
     def write(item: Item, result) -> None:
         if result is None:
@@ -111,24 +154,7 @@ def write_all(
             writer.write(item.name, *result)
         flusher.start(item.name)
 
-    pipeline = Pipeline(
-        order,
-        read,
-        compute,
-        write,
-        workers=2,
-        cost=lambda item: costs[item.name],
-        limit=2 * max(costs.values(), default=0),
-        name="merge",
-    )
-    done_bytes = 0
-    with flusher, pipeline:
-        for done, item in enumerate(pipeline, 1):
-            _count(item, summary)
-            done_bytes += item.spec.nbytes + sum(p.nbytes for p in item.parts)
-            progress(Progress("merge", done, len(order), item.name, done_bytes, total_bytes))
-    if plan.requantize:
-        summary.retention = retention_rows(plan)
+    return write
 
 
 def decoded(item: Item, encoded: Encoded):
@@ -148,8 +174,6 @@ def requantized(plan: MergePlan, item: Item, base, device, precise, allow_nonfin
     float32, then requantized by its format (linalg.requantize), with its retention; `stored` is the
     base's stored layer. Where the format quantizes in bands, the merge, the quantization and the
     retention run together block by block (linalg.requantize.requantize_blocks): the same bytes."""
-    from lorasurgery.linalg.requantize import requantize
-
     info = item.source
     if isinstance(base, Encoded):
         fused = _requantized_in_blocks(plan, item, base, device, precise, allow_nonfinite)
@@ -318,15 +342,8 @@ def memory_cost(plan: MergePlan, item: Item) -> int:
 
 def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinite):
     """The output tensor of `item` from its base (or replacement) tensor."""
-    from lorasurgery.linalg.delta import merge_bias
-    from lorasurgery.linalg.update import merge_into
-
     out_dtype = torch_dtype_of(item.spec.dtype)
     if item.recipe.token_rows:  # after LoRA or a replacement: PEFT overwrites the rows last
-        from dataclasses import replace
-
-        from lorasurgery.linalg.delta import overwrite_rows
-
         rows = []
         for index, module in item.recipe.token_rows:
             tokens = plan.adapters[index].tokens[module].rows
@@ -372,8 +389,6 @@ def produce(plan: MergePlan, item: Item, tensor, device, precise, allow_nonfinit
 
 def update_of(plan: MergePlan, index: int, module: str):
     """The kernel's Update for one adapter's module, laid out as the binding decided."""
-    from lorasurgery.linalg.update import kernel_update
-
     bound = plan.adapters[index]
     return kernel_update(bound.adapter, bound.targets[module].lora, weight=plan.weights[index])
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,9 +93,34 @@ def _metrics(S, shape, source_dtype) -> dict:
     return spectrum_metrics(_padded(S, shape), tuple(shape), source_dtype)
 
 
+@dataclass(frozen=True)
+class RankReportRequest:
+    """What `rank-report` is asked: TARGET, --base, --compare and every option (the CLI's).
+
+    With a base, layouts and embeddings come from its structure (lorasurgery.model;
+    `config_file`/`fan_in_fan_out` as for merge); `probe_text` adds the functional rank (probe.py)."""
+
+    target: str | os.PathLike
+    base: str | os.PathLike | None = None
+    compare: str | os.PathLike | None = None
+    amp_rank: int | None = None
+    include: str | None = None  # regex of the modules analysed
+    mle: bool = False
+    device: str = "cpu"
+    intruders_k: int = DEFAULT_INTRUDERS_K
+    intruders_eps: float = DEFAULT_INTRUDERS_EPS
+    probe_text: str | os.PathLike | None = None
+    probe_tokens: int | None = None
+    probe_fractions: Sequence[float] | None = None
+    probe_tolerance: float | None = None
+    probe_all: bool = False
+    config_file: str | os.PathLike | None = None
+    fan_in_fan_out: str | None = None
+
+
 @dataclass
-class _Request:
-    """What rank_report was asked, checked, for the adapter or the model path."""
+class _Checked:
+    """A RankReportRequest checked and resolved, for the adapter or the model path."""
 
     target: Path
     base: str | os.PathLike | None
@@ -109,90 +135,79 @@ class _Request:
     intruders: tuple[int, float]  # (k, ε)
 
 
-def rank_report(
-    target: str | os.PathLike,
-    *,
-    base: str | os.PathLike | None = None,
-    compare: str | os.PathLike | None = None,
-    amp_rank: int | None = None,
-    include: str | None = None,
-    mle: bool = False,
-    device: str = "cpu",
-    intruders_k: int = DEFAULT_INTRUDERS_K,
-    intruders_eps: float = DEFAULT_INTRUDERS_EPS,
-    probe_text: str | os.PathLike | None = None,
-    probe_tokens: int | None = None,
-    probe_fractions=None,
-    probe_tolerance: float | None = None,
-    probe_all: bool = False,
-    progress: ProgressCallback = no_progress,
-    config_file: str | os.PathLike | None = None,
-    fan_in_fan_out: str | None = None,
-) -> RankReport:
-    """The rank report of `target` (see the module docstring). With a base, layouts and embeddings
-    come from its structure (lorasurgery.model; `config_file`/`fan_in_fan_out` as for merge)."""
-    target = Path(target)
+def rank_report(request: RankReportRequest, progress: ProgressCallback = no_progress) -> RankReport:
+    """The rank report of `request.target` (see the module docstring)."""
+    checked = _check(request, progress)
+    if is_adapter(checked.target):
+        with torch_threads(1 if checked.device == "cpu" else None):  # W's spectra collapse under contention
+            report = _adapter_report(checked)
+    else:
+        report = _model_report(checked)
+    report.summary = summarize(report)
+    if request.probe_text is not None:
+        _add_probe(report, request, checked)
+    return report
+
+
+def _check(request: RankReportRequest, progress: ProgressCallback) -> _Checked:
+    """The request's target, --include and --intruders-* checked, its device resolved."""
+    target = Path(request.target)
     if not target.exists():
         raise LoraSurgeryError(f"{target}: no such file or folder")
+    include = request.include
     try:
         include_re = re.compile(include) if include else None
     except re.error as error:
         raise LoraSurgeryError(f"--include {include!r} is not a valid regular expression ({error})") from None
-    device = resolve_device(device)
-    if intruders_k < 0 or not 0 < intruders_eps <= 1:
-        raise LoraSurgeryError(
-            f"--intruders-k must be ≥ 0 and --intruders-eps in (0, 1], got {intruders_k} and {intruders_eps}"
-        )
-    request = _Request(
+    device = resolve_device(request.device)
+    k, eps = request.intruders_k, request.intruders_eps
+    if k < 0 or not 0 < eps <= 1:
+        raise LoraSurgeryError(f"--intruders-k must be ≥ 0 and --intruders-eps in (0, 1], got {k} and {eps}")
+    return _Checked(
         target,
-        base,
-        compare,
-        amp_rank,
+        request.base,
+        request.compare,
+        request.amp_rank,
         include_re,
-        mle,
+        request.mle,
         device,
         progress,
-        config_file,
-        fan_in_fan_out,
-        (intruders_k, intruders_eps),
+        request.config_file,
+        request.fan_in_fan_out,
+        (k, eps),
     )
-    if is_adapter(target):
-        with torch_threads(1 if device == "cpu" else None):  # W's spectra collapse under contention
-            report = _adapter_report(request)
-    else:
-        report = _model_report(request)
-    report.summary = summarize(report)
-    if probe_text is not None:
-        # Functional rank (probe.py): forward passes on the user's text. Imported here: the probe
-        # needs torch, which rank-report of W never imports (docs/architecture.md, "Lazy imports").
-        from lorasurgery.commands.rank_report.probe import (
-            DEFAULT_FRACTIONS,
-            DEFAULT_TOLERANCE,
-            functional_rank,
-        )
 
-        report.probe = functional_rank(
-            target,
-            text=probe_text,
-            base=base,
-            tokens=probe_tokens,
-            fractions=probe_fractions or DEFAULT_FRACTIONS,
-            tolerance=DEFAULT_TOLERANCE if probe_tolerance is None else probe_tolerance,
-            include=include_re,
-            device=device,
-            exhaustive=probe_all,
-            progress=progress,
-        )
-        report.summary.update(report.probe.summary())
-        report.notes.extend(report.probe.notes)
-    return report
+
+def _add_probe(report: RankReport, request: RankReportRequest, checked: _Checked) -> None:
+    """Functional rank (probe.py): forward passes on the user's text. Imported here: the probe
+    needs torch, which rank-report of W never imports (docs/architecture.md, "Lazy imports")."""
+    from lorasurgery.commands.rank_report.probe import (
+        DEFAULT_FRACTIONS,
+        DEFAULT_TOLERANCE,
+        functional_rank,
+    )
+
+    report.probe = functional_rank(
+        checked.target,
+        text=request.probe_text,
+        base=request.base,
+        tokens=request.probe_tokens,
+        fractions=request.probe_fractions or DEFAULT_FRACTIONS,
+        tolerance=DEFAULT_TOLERANCE if request.probe_tolerance is None else request.probe_tolerance,
+        include=checked.include_re,
+        device=checked.device,
+        exhaustive=request.probe_all,
+        progress=checked.progress,
+    )
+    report.summary.update(report.probe.summary())
+    report.notes.extend(report.probe.notes)
 
 
 # -------------------------------------------------------------------------------------------------
 # adapter TARGET
 
 
-def _adapter_report(request: _Request) -> RankReport:
+def _adapter_report(request: _Checked) -> RankReport:
     """The spectra of each module's ΔW (and, with --base, of its W), module by module."""
     adapter = load_adapter(request.target)
     report = RankReport(str(request.target), None if request.base is None else str(request.base), "adapter")
@@ -225,7 +240,7 @@ def _adapter_report(request: _Request) -> RankReport:
     return report
 
 
-def _selected_modules(request: _Request, adapter, bound) -> list:
+def _selected_modules(request: _Checked, adapter, bound) -> list:
     """The modules --include selects (every one without it); DoRA ones need the base."""
     loras = bound.loras if bound is not None else adapter.modules
     include_re = request.include_re
@@ -244,7 +259,7 @@ def _selected_modules(request: _Request, adapter, bound) -> list:
     return modules
 
 
-def _module_entries(request: _Request, adapter, bound, other, module) -> list[ModuleEntry]:
+def _module_entries(request: _Checked, adapter, bound, other, module) -> list[ModuleEntry]:
     """ΔW's entry of one 2-D module, and W's with a base: spectra, amplification, intruders, φ."""
     import torch
 
@@ -300,7 +315,7 @@ def _module_entries(request: _Request, adapter, bound, other, module) -> list[Mo
     return entries
 
 
-def _compare_metrics(request: _Request, module, A2, B2, other, other_module, shape) -> dict:
+def _compare_metrics(request: _Checked, module, A2, B2, other, other_module, shape) -> dict:
     """φ and φ_delta of --compare: this module's subspaces against the other adapter's."""
     from lorasurgery.linalg.analyses import right_singular_rows, subspace_similarity
     from lorasurgery.linalg.lowrank import lowrank_svd
@@ -380,42 +395,55 @@ def _mle(M) -> int:
 # model TARGET (with or without a base)
 
 
-def _model_report(request: _Request) -> RankReport:
-
-    target, base, compare, amp_rank = request.target, request.base, request.compare, request.amp_rank
-    include_re, mle, device, progress = request.include_re, request.mle, request.device, request.progress
-    config_file, intruders = request.config_file, request.intruders
-
+def _model_report(request: _Checked) -> RankReport:
+    """W's spectra of a model TARGET, or ΔW = TARGET − BASE's, one matrix per worker."""
+    target, base, compare = request.target, request.base, request.compare
     checkpoint = open_checkpoint(target)
     base_ckpt = open_checkpoint(base) if base is not None else None
     other = open_checkpoint(compare) if compare is not None else None
     if other is not None and base_ckpt is None:
         raise LoraSurgeryError("--compare with a model TARGET needs --base (φ compares the two ΔW)")
     report = RankReport(str(target), None if base is None else str(base), "delta" if base_ckpt else "weight")
-    names = selected_weights(checkpoint, include_re, config_file)
-    experts = expert_parameters(checkpoint, include_re, config_file)  # analysed expert by expert
+    names = selected_weights(checkpoint, request.include_re, request.config_file)
+    experts = expert_parameters(checkpoint, request.include_re, request.config_file)  # expert by expert
     names += list(experts)
     if not names:
         raise LoraSurgeryError(
             f"{target}: no 2-D weight selected"
-            + (f" by --include {include_re.pattern!r}" if include_re else "")
+            + (f" by --include {request.include_re.pattern!r}" if request.include_re else "")
         )
-    # Every check before the first (slow) matrix, so that bad input fails at once.
-    for name in names if base_ckpt is not None else ():
+    if base_ckpt is not None:  # every check before the first (slow) matrix: bad input fails at once
+        _check_model_shapes(request, names, checkpoint, base_ckpt, other)
+    entries = _model_matrices(request, names, experts, checkpoint, base_ckpt, other)
+    for name in names:  # the report keeps the checkpoint's order
+        report.modules.extend(entries[name])
+    return report
+
+
+def _check_model_shapes(request: _Checked, names, checkpoint, base_ckpt, other) -> None:
+    """Each selected weight in the base (and --compare) with the target's shape."""
+    for name in names:
         shape = list(checkpoint.tensors[name].shape)
         if name not in base_ckpt.tensors:
-            raise MismatchError(f"{base}: no tensor {name!r}, which {target} has")
+            raise MismatchError(f"{request.base}: no tensor {name!r}, which {request.target} has")
         if list(base_ckpt.tensors[name].shape) != shape:
             raise MismatchError(
-                f"{target}: module {name[: -len('.weight')]}: shape {shape} differs from the base's "
+                f"{request.target}: module {name[: -len('.weight')]}: shape {shape} differs from the base's "
                 f"{list(base_ckpt.tensors[name].shape)}"
             )
         if other is not None and name in other.tensors and list(other.tensors[name].shape) != shape:
             raise MismatchError(
-                f"{compare}: module {name[: -len('.weight')]}: shape {list(other.tensors[name].shape)} "
+                f"{request.compare}: module {name[: -len('.weight')]}: shape {list(other.tensors[name].shape)} "
                 f"differs from the target's {shape}"
             )
-    r = amp_rank or DEFAULT_AMP_RANK
+
+
+def _model_matrices(
+    request: _Checked, names, experts, checkpoint, base_ckpt, other
+) -> dict[str, list[ModuleEntry]]:
+    """{weight name: its entries}, through the pipeline: numpy alone for W's singular values on the
+    CPU, torch otherwise; `experts` {3-D expert parameter: stored (E, in, out)} one entry per expert."""
+    device, mle = request.device, request.mle
     if (
         base_ckpt is None
         and not mle
@@ -434,6 +462,7 @@ def _model_report(request: _Request) -> RankReport:
 
         workers, one_torch = max(1, os.cpu_count() or 1), False  # torch is never imported here
     else:
+        r = request.amp_rank or DEFAULT_AMP_RANK
 
         def read(name: str) -> dict:
             # One reader thread, in order: sequential I/O, and the .bin reader's shard cache is
@@ -451,16 +480,17 @@ def _model_report(request: _Request) -> RankReport:
                 for e in range(tensors["target"].shape[0]):
                     matrices = {k: (v[e].T if experts[name] else v[e]) for k, v in tensors.items()}
                     label = f"{name}[{e}]"
-                    entries += _model_entries(name, matrices, checkpoint, base_ckpt, r, mle, intruders, label)
+                    entries += _model_entries(
+                        name, matrices, checkpoint, base_ckpt, r, mle, request.intruders, label
+                    )
                 return entries
-            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle, intruders)
+            return _model_entries(name, tensors, checkpoint, base_ckpt, r, mle, request.intruders)
 
         workers, one_torch = _worker_count(device), device == "cpu"
 
     # One matrix per core, each on one BLAS/torch thread (docs/rank-report.md: the dense spectra are
     # LAPACK calls that parallelise poorly, and spinning OpenMP workers collapse on a busy machine);
     # one matrix waits for a free worker, so memory stays a few matrices whatever the model.
-
     entries: dict[str, list[ModuleEntry]] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(one_blas_thread())
@@ -470,10 +500,8 @@ def _model_report(request: _Request) -> RankReport:
         stack.enter_context(pipeline)
         for done, (name, result) in enumerate(pipeline, 1):
             entries[name] = result
-            progress(Progress("rank-report", done, len(names), name.removesuffix(".weight")))
-    for name in names:  # the report keeps the checkpoint's order
-        report.modules.extend(entries[name])
-    return report
+            request.progress(Progress("rank-report", done, len(names), name.removesuffix(".weight")))
+    return entries
 
 
 def _worker_count(device: str) -> int:

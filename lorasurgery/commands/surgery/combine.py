@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +25,7 @@ from lorasurgery.commands.surgery.surgery import (
     SurgeryReport,
     build_output,
     check_finite,
+    check_output_options,
     choose_ranks,
     preload,
     rewritten_adapter_config,
@@ -42,13 +45,13 @@ from lorasurgery.factored import (
     module_svd,
     module_tensor_keys,
 )
-from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
 from lorasurgery.linalg.delta import all_finite
 from lorasurgery.linalg.lowrank import concatenated_factors, lowrank_svd
+from lorasurgery.linalg.policies import Policy
 from lorasurgery.linalg.update import factors
 from lorasurgery.naming import natural_key
-from lorasurgery.progress import Progress, no_progress
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 
 def _module_table(sources, paths) -> dict[str, list[int]]:
@@ -201,24 +204,70 @@ def _merged_config(adapters, bound) -> dict:
     }
 
 
-def combine_adapters(
-    adapters,
-    out: str | os.PathLike,
-    *,
-    weights=None,
-    exact: bool = False,
-    policy=None,
-    max_rank: int | None = None,
-    base: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    force: bool = False,
-    progress=None,
-):
-    """Write the weighted sum of `adapters` to `out`, exactly or truncated under `policy`."""
+@dataclass(frozen=True)
+class CombineRequest:
+    """What `combine` is asked: the adapters, their weights, the output, --exact or a rank policy, and
+    every option (the CLI's)."""
+
+    adapters: Sequence[str | os.PathLike]
+    out: str | os.PathLike
+    weights: Sequence[float] | None = None  # one per adapter, 1 by default
+    exact: bool = False
+    policy: Policy | None = None  # exactly one of a policy and `exact`
+    max_rank: int | None = None
+    base: str | os.PathLike | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+
+
+def combine_adapters(request: CombineRequest, progress: ProgressCallback | None = None):
+    """Write the weighted sum of `request.adapters` to `request.out`, exactly or truncated under its
+    policy; return a SurgeryReport."""
+    out, exact, policy, max_rank = request.out, request.exact, request.policy, request.max_rank
+    base, dtype, force = request.base, request.dtype, request.force
     started = time.perf_counter()
     progress = progress or no_progress
-    paths = [str(p) for p in adapters]
+    paths = [str(p) for p in request.adapters]
+    weights = _checked_options(paths, request.weights, exact, policy, max_rank)
+    inputs = paths + ([base] if base is not None else [])
+    check_output_options(max_rank, dtype, out, inputs, force)
+    loaded = [preload(load_adapter(p)) for p in paths]
+    for adapter in loaded:
+        check_dora_base(adapter, base)
+    checkpoint = as_checkpoint(base)
+    sources = bind_base(loaded, checkpoint)  # the layouts of one base: decided together
+    table = _module_table(sources, paths)
+    saved = _saved_tensors(loaded, paths, set(table))
+    device = resolve_device(request.device)
+    policy_text = "exact sum" if exact else policy.describe()
+    report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
+
+    # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
+    with torch_threads(1 if device == "cpu" else None):
+        names = sorted(table, key=natural_key)
+        updates = []
+        for i, name in enumerate(names):
+            updates.append(_combined_update(sources, table[name], weights, name, device, dtype, exact))
+            progress(Progress("combine", i + 1, len(names), name))
+        _check_lora_bias(updates, sources, checkpoint)
+        ranks = None if exact else choose_ranks(updates, policy, max_rank, saved)
+        output = build_output(updates, ranks, report)
+    if not output.module_ranks:
+        raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
+    report.notes += _notes(sources, loaded, saved, weights, base)
+    config = rewritten_adapter_config(
+        loaded[0].config.raw,
+        output.module_ranks,
+        output.lora_bias,
+        **_merged_config(loaded, sources if checkpoint is not None else ()),
+    )
+    return write_output(report, out, inputs, force, output, saved, config, started)
+
+
+def _checked_options(paths: list[str], weights, exact: bool, policy, max_rank) -> list[float]:
+    """Each adapter's weight (1 by default); an OptionError for a bad count, or for --exact with a
+    rank policy, --max-rank or neither; a policy validated."""
     if not paths:
         raise OptionError("combine needs at least one adapter")
     weights = [1.0] * len(paths) if not weights else [float(w) for w in weights]
@@ -234,51 +283,16 @@ def combine_adapters(
         )
     if policy is not None:
         policy.validate()
-    if max_rank is not None and (max_rank < 1 or exact):
-        raise OptionError(
-            "--max-rank applies to a rank policy, not to --exact"
-            if exact
-            else f"--max-rank must be at least 1, got {max_rank}"
-        )
-    output_dtype(dtype, None)
-    inputs = paths + ([base] if base is not None else [])
-    check_output_path(out, inputs, force)
-    loaded = [preload(load_adapter(p)) for p in paths]
-    for adapter in loaded:
-        check_dora_base(adapter, base)
-    checkpoint = as_checkpoint(base)
-    sources = bind_base(loaded, checkpoint)  # the layouts of one base: decided together
-    table = _module_table(sources, paths)
-    saved = _saved_tensors(loaded, paths, set(table))
-    device = resolve_device(device)
+    if max_rank is not None and exact:
+        raise OptionError("--max-rank applies to a rank policy, not to --exact")
+    return weights
 
-    # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
-    with torch_threads(1 if device == "cpu" else None):
-        names = sorted(table, key=natural_key)
-        updates = []
-        for i, name in enumerate(names):
-            updates.append(_combined_update(sources, table[name], weights, name, device, dtype, exact))
-            progress(Progress("combine", i + 1, len(names), name))
-        _check_lora_bias(updates, sources, checkpoint)
-        policy_text = "exact sum" if exact else policy.describe()
-        report = SurgeryReport("combine", paths, str(out), policy_text, weights=weights)
-        ranks = None
-        if not exact:
-            ranks = choose_ranks(updates, policy, max_rank, saved)
-        output = build_output(updates, ranks, report)
-    if not output.module_ranks:
-        raise LoraSurgeryError(f"every combined module has rank 0 under {policy_text}; nothing to write")
-    report.notes += assumption_notes(sources)
+
+def _notes(sources, loaded, saved: dict, weights: list[float], base) -> list[str]:
+    """The report's notes: assumed layouts, unweighted saved tensors, DoRA inputs."""
+    notes = assumption_notes(sources)
     if saved and any(w != 1.0 for w in weights):
-        report.notes.append(
-            "tensors saved whole (modules_to_save, biases) are copied unchanged, not weighted"
-        )
+        notes.append("tensors saved whole (modules_to_save, biases) are copied unchanged, not weighted")
     if any(m.dora for a in loaded for m in a.modules.values()):
-        report.notes.append(f"DoRA inputs entered as their effective update W' − W on {base}")
-    config = rewritten_adapter_config(
-        loaded[0].config.raw,
-        output.module_ranks,
-        output.lora_bias,
-        **_merged_config(loaded, sources if checkpoint is not None else ()),
-    )
-    return write_output(report, out, inputs, force, output, saved, config, started)
+        notes.append(f"DoRA inputs entered as their effective update W' − W on {base}")
+    return notes

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,7 @@ from lorasurgery.commands.surgery.surgery import (
     SurgeryReport,
     build_output,
     check_finite,
+    check_output_options,
     choose_ranks,
     preload,
     rewritten_adapter_config,
@@ -34,7 +36,6 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import (
     AdapterError,
     LoraSurgeryError,
-    OptionError,
 )
 from lorasurgery.factored import (
     as_checkpoint,
@@ -47,11 +48,11 @@ from lorasurgery.factored import (
     module_tensor_keys,
     parts,
 )
-from lorasurgery.io import check_output_path
 from lorasurgery.io.safetensors_format import output_dtype, torch_dtype_of
 from lorasurgery.linalg.lowrank import LowRankSVD
+from lorasurgery.linalg.policies import Policy
 from lorasurgery.naming import natural_key
-from lorasurgery.progress import Progress, no_progress
+from lorasurgery.progress import Progress, ProgressCallback, no_progress
 
 # ------------------------------------------------------------------------------------------ resize
 
@@ -85,27 +86,30 @@ def module_update(adapter, module: str, base, device: str, dtype: str):
     return update
 
 
-def resize_adapter(
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    policy,
-    max_rank: int | None = None,
-    base: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    device: str = "cpu",
-    force: bool = False,
-    progress=None,
-):
-    """Write `adapter` re-ranked under `policy` to `out` (α = r per module); return a SurgeryReport."""
+@dataclass(frozen=True)
+class ResizeRequest:
+    """What `resize` is asked: the adapter, the output, the rank policy and every option (the CLI's)."""
+
+    adapter: str | os.PathLike
+    out: str | os.PathLike
+    policy: Policy
+    max_rank: int | None = None
+    base: str | os.PathLike | None = None  # needed for DoRA; lays modules out as the base stores them
+    dtype: str = "auto"
+    device: str = "cpu"
+    force: bool = False
+
+
+def resize_adapter(request: ResizeRequest, progress: ProgressCallback | None = None):
+    """Write `request.adapter` re-ranked under its policy to `request.out` (α = r per module); return
+    a SurgeryReport."""
+    adapter, out, policy, max_rank = request.adapter, request.out, request.policy, request.max_rank
+    base, dtype, force = request.base, request.dtype, request.force
     started = time.perf_counter()
     progress = progress or no_progress
     policy.validate()
-    if max_rank is not None and max_rank < 1:
-        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
-    output_dtype(dtype, None)  # refuse a bad --dtype before any work
     inputs = [adapter] + ([base] if base is not None else [])
-    check_output_path(out, inputs, force)
+    check_output_options(max_rank, dtype, out, inputs, force)
     loaded = load_adapter(adapter)
     if not loaded.modules:
         raise AdapterError(f"{adapter}: the adapter holds no LoRA modules; nothing to resize")
@@ -113,7 +117,7 @@ def resize_adapter(
     check_dora_base(loaded, base)
     (source,) = bind_base([loaded], as_checkpoint(base))
     modules = loras_of(source)
-    device = resolve_device(device)
+    device = resolve_device(request.device)
 
     # small per-module kernels: one torch thread (lorasurgery.concurrency.torch_threads)
     with torch_threads(1 if device == "cpu" else None):

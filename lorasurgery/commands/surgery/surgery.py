@@ -21,12 +21,12 @@ import torch
 
 from lorasurgery.adapter.model import PEFT_PREFIX, lora_keys
 from lorasurgery.adapter.writer import check_module_keys, lora_rank_fields, write_adapter_folder
-from lorasurgery.errors import LoraSurgeryError, NonFiniteError
+from lorasurgery.errors import LoraSurgeryError, NonFiniteError, OptionError
 from lorasurgery.factored import truncated_factors
-from lorasurgery.io import atomic_output_dir
+from lorasurgery.io import atomic_output_dir, check_output_path
 from lorasurgery.io.checkpoint import read_range
 from lorasurgery.io.output import write_text_atomically
-from lorasurgery.io.safetensors_format import byte_size, dtype_code_of, torch_dtype_of
+from lorasurgery.io.safetensors_format import byte_size, dtype_code_of, output_dtype, torch_dtype_of
 from lorasurgery.linalg.gram import numerical_rank_tolerance
 from lorasurgery.linalg.lowrank import factors_error, lowrank_svd
 from lorasurgery.linalg.policies import allocate_budget
@@ -119,6 +119,14 @@ class SurgeryReport:
         if self.command == "combine":
             result["weights"] = self.weights
         return result
+
+
+def check_output_options(max_rank: int | None, dtype: str, out, inputs: list, force: bool) -> None:
+    """--max-rank, --dtype and the output path of resize and combine, refused before any work."""
+    if max_rank is not None and max_rank < 1:
+        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
+    output_dtype(dtype, None)
+    check_output_path(out, inputs, force)
 
 
 def check_finite(update: ModuleUpdate, where: str) -> None:
