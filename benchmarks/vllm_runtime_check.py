@@ -124,10 +124,10 @@ def run_vllm(vllm_python: Path, request: dict, log: Path) -> dict:
         child.wait()
     output = log.read_text()
     answers = {}
-    for line in output.splitlines():
-        if line.startswith("VLLM_RESULT "):
-            answer = json.loads(line.removeprefix("VLLM_RESULT "))
-            answers[answer.pop("label")] = answer
+    # vLLM's processes share the log: another's line can follow an answer on the same line
+    for text in output.split("VLLM_RESULT ")[1:]:
+        answer, _ = json.JSONDecoder().raw_decode(text)
+        answers[answer.pop("label")] = answer
     for label in ["engine", "base", *(label for label, _ in request["adapters"])]:
         answers.setdefault(label, {"error": ending})
         if answers[label].get("error", "").startswith("EngineDeadError"):
@@ -265,6 +265,7 @@ def export(adapter: Path, out: Path, base: Path, options: list[str]) -> dict:
 
 def print_table(rows: list[tuple]) -> None:
     header = ("case", "loaded in vLLM", "max|Δ logprob| vs PEFT", "adapter effect", "verdict", "vLLM s")
+    rows = [tuple(" ".join(str(cell).split()) for cell in row) for row in rows]  # one line each
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
