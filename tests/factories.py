@@ -634,16 +634,45 @@ def quantize_bnb(base_path, out_path, **bnb_config) -> Path:
 # ------------------------------------------------------------------------------------------ MoE
 # Tiny transformers-5 MoE models (fused 3-D expert parameters) and their transformers-4.x-style twins
 # (one nn.Linear per expert and projection, holding the same weights): the oracle a per-expert adapter
-# runs on in PEFT.
+# runs on in PEFT. transformers 4.x and most trainers keep one nn.Linear per expert and projection, and
+# their LoRA adapters name those. The fused → per-expert split (_expert_weights) is written here
+# independently of lorasurgery/model/experts.py: Qwen3-MoE and Mixtral concatenate gate (w1) before up
+# (w3) along the output rows of gate_up_proj (E, 2·inner, hidden); gpt-oss stores gate_up_proj
+# (E, hidden, 2·inner) with gate and up interleaved (gate = [..., ::2], up = [..., 1::2], as
+# GptOssExperts' forward). PerExpertExperts is the one per-expert experts module: per_expert_twin
+# puts it in a runnable copy of the model, per_expert_model under 4.x names in a tree of Linears.
 
 MOE_KINDS = ("qwen3-moe", "mixtral", "gpt-oss")
-# per-expert projection names of each kind's 4.x-style experts: (gate, up, down)
-MOE_NAMES = {
-    "qwen2-moe": ("gate_proj", "up_proj", "down_proj"),
-    "qwen3-moe": ("gate_proj", "up_proj", "down_proj"),
-    "mixtral": ("w1", "w3", "w2"),
-    "gpt-oss": ("gate_proj", "up_proj", "down_proj"),
+PER_EXPERT_NAMES = {  # model kind -> (MoE block's name, gate, up, down) as 4.x / trainers name them
+    "qwen3-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "qwen2-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "gpt-oss": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    # Unsloth's gpt-oss: per expert one Linear (hidden → 2·inner) whose outputs keep gate/up
+    # interleaved (its forward splits gate_up[..., ::2], gate_up[..., 1::2]), and one for down
+    "gpt-oss-unsloth": ("mlp", "gate_up_projs", None, "down_projs"),
 }
+
+
+def _expert_weights(kind: str, experts_module) -> list[dict[str, torch.Tensor]]:
+    """[{gate, up, down: (out, in) nn.Linear weights}] per expert of a transformers-5 experts module."""
+    gate_up, down = experts_module.gate_up_proj.detach(), experts_module.down_proj.detach()
+    if kind == "gpt-oss-unsloth":
+        return [{"gate": gate_up[e].T, "down": down[e].T} for e in range(gate_up.shape[0])]
+    if kind == "gpt-oss":  # (E, hidden, 2·inner) interleaved; down (E, inner, hidden)
+        return [
+            {"gate": gate_up[e][:, ::2].T, "up": gate_up[e][:, 1::2].T, "down": down[e].T}
+            for e in range(gate_up.shape[0])
+        ]
+    inner = gate_up.shape[1] // 2  # (E, 2·inner, hidden): gate rows first; down (E, hidden, inner)
+    return [
+        {"gate": gate_up[e][:inner], "up": gate_up[e][inner:], "down": down[e]}
+        for e in range(gate_up.shape[0])
+    ]
+
+
+# per-expert projection names (gate, up, down) of each kind whose 4.x experts are `{e}.<proj>`
+MOE_NAMES = {kind: names[1:] for kind, names in PER_EXPERT_NAMES.items() if names[2] is not None}
 
 
 def tiny_moe(kind: str, seed: int = 0):
@@ -724,14 +753,12 @@ class PerExpertExperts(torch.nn.ModuleList):
         gpt_oss = kind == "gpt-oss"
         names = MOE_NAMES[kind]
         experts = []
-        for e in range(fused.gate_up_proj.shape[0]):
-            W, D = fused.gate_up_proj[e].detach(), fused.down_proj[e].detach()
-            if gpt_oss:
-                b, db = fused.gate_up_proj_bias[e].detach(), fused.down_proj_bias[e].detach()
-                parts = [(W[:, 0::2].T, b[0::2]), (W[:, 1::2].T, b[1::2]), (D.T, db)]
-            else:
-                inner = W.shape[0] // 2
-                parts = [(W[:inner], None), (W[inner:], None), (D, None)]
+        for e, weights in enumerate(_expert_weights(kind, fused)):  # the one fused → per-expert split
+            biases = [None] * 3
+            if gpt_oss:  # gate_up_proj_bias interleaved like gate_up_proj's outputs
+                b = fused.gate_up_proj_bias[e].detach()
+                biases = [b[0::2], b[1::2], fused.down_proj_bias[e].detach()]
+            parts = zip((weights["gate"], weights["up"], weights["down"]), biases)
             linears = []
             for weight, bias in parts:
                 linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -772,46 +799,12 @@ def per_expert_twin(model, kind: str):
     return twin.eval()
 
 
-# ------------------------------------------------------------------------ per-expert (4.x) MoE models
-# transformers 5 fuses MoE experts into 3-D parameters; transformers 4.x and most trainers keep one
-# nn.Linear per expert and projection, and their LoRA adapters name those. `per_expert_model` builds
-# that 4.x-style model from a transformers-5 model's weights, written here independently of
-# lorasurgery/model/experts.py: Qwen3-MoE and Mixtral concatenate gate (w1) before up (w3) along the
-# output rows of gate_up_proj (E, 2·inner, hidden); gpt-oss stores gate_up_proj (E, hidden, 2·inner)
-# with gate and up interleaved (gate = [..., ::2], up = [..., 1::2], as GptOssExperts' forward).
-
-PER_EXPERT_NAMES = {  # model kind -> (MoE block's name, gate, up, down) as 4.x / trainers name them
-    "qwen3-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-    "qwen2-moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
-    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
-    "gpt-oss": ("mlp", "gate_proj", "up_proj", "down_proj"),
-    # Unsloth's gpt-oss: per expert one Linear (hidden → 2·inner) whose outputs keep gate/up
-    # interleaved (its forward splits gate_up[..., ::2], gate_up[..., 1::2]), and one for down
-    "gpt-oss-unsloth": ("mlp", "gate_up_projs", None, "down_projs"),
-}
-
-
-def _expert_weights(kind: str, experts_module) -> list[dict[str, torch.Tensor]]:
-    """[{gate, up, down: (out, in) nn.Linear weights}] per expert of a transformers-5 experts module."""
-    gate_up, down = experts_module.gate_up_proj.detach(), experts_module.down_proj.detach()
-    if kind == "gpt-oss-unsloth":
-        return [{"gate": gate_up[e].T, "down": down[e].T} for e in range(gate_up.shape[0])]
-    if kind == "gpt-oss":  # (E, hidden, 2·inner) interleaved; down (E, inner, hidden)
-        return [
-            {"gate": gate_up[e][:, ::2].T, "up": gate_up[e][:, 1::2].T, "down": down[e].T}
-            for e in range(gate_up.shape[0])
-        ]
-    inner = gate_up.shape[1] // 2  # (E, 2·inner, hidden): gate rows first; down (E, hidden, inner)
-    return [
-        {"gate": gate_up[e][:inner], "up": gate_up[e][inner:], "down": down[e]}
-        for e in range(gate_up.shape[0])
-    ]
-
-
 def per_expert_model(kind: str, model) -> torch.nn.Module:
-    """A module tree holding, under 4.x names (`model.layers.{i}.<block>.experts.{e}.<proj>`), one
-    nn.Linear per expert and projection with the weights of transformers-5 `model`'s fused experts,
-    plus every other nn.Linear of `model` (attention, shared experts) under its own name."""
+    """A module tree holding, under 4.x names (`model.layers.{i}.<block>.experts.{e}.<proj>`, Mixtral's
+    block_sparse_moe, Unsloth's gpt-oss `experts.gate_up_projs.{e}`), the PerExpertExperts of
+    transformers-5 `model`'s fused experts, plus every other nn.Linear of `model` (attention, shared
+    experts) under its own name: what a 4.x-named adapter's keys address (not a runnable model; the
+    runnable one is per_expert_twin)."""
     block, gate, up, down = PER_EXPERT_NAMES[kind]
     root = torch.nn.Module()
 
@@ -839,12 +832,7 @@ def per_expert_model(kind: str, model) -> torch.nn.Module:
                 experts.add_module(down, torch.nn.ModuleList([linear(w["down"]) for w in weights]))
                 place(f"{layer}.{block}.experts", experts)
                 continue
-            experts = torch.nn.ModuleList()
-            for weights in _expert_weights(kind, module):
-                expert = torch.nn.Module()
-                for leaf_name, which in ((gate, "gate"), (up, "up"), (down, "down")):
-                    expert.add_module(leaf_name, linear(weights[which]))
-                experts.append(expert)
+            experts = PerExpertExperts(module, kind)  # the twin's experts, under 4.x's block name
             place(f"{layer}.{block}.experts", experts)
         elif isinstance(module, torch.nn.Linear) and "lm_head" not in name:
             place(name, linear(module.weight.detach()))

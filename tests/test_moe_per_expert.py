@@ -129,6 +129,32 @@ def test_merge_equals_peft_on_the_per_expert_model(kind, stored, bases, tmp_path
     assert "experts" in broken.stdout
 
 
+@pytest.mark.parametrize("kind", ["qwen3-moe", "gpt-oss"])
+def test_verify_finds_one_expert_slice_misplaced(kind, bases, tmp_path):
+    """A merged fused checkpoint whose experts 0 and 1 of gate_up_proj are swapped (each slice merged
+    right, in the wrong expert) fails verify on that tensor alone; the untouched swap is not 'landed'."""
+    base = bases.get(kind)
+    if kind != "gpt-oss":
+        base = fused_copy(base, tmp_path / "fused")
+    adapter, _ = per_expert_adapter(kind, base, tmp_path / "a")
+    out = tmp_path / "out"
+    assert run_cli("merge", base, adapter, "-o", out).exit_code == 0
+    landed = run_cli("verify", base, adapter, out, "--json")
+    assert landed.exit_code == 0, landed.stdout
+    files = sorted(out.glob("*.safetensors"))
+    [(path, state)] = [
+        (f, load_file(f)) for f in files if any(k.endswith("gate_up_proj") for k in load_file(f))
+    ]
+    [name] = [k for k in state if k.endswith("gate_up_proj")]
+    state[name] = state[name][[1, 0, *range(2, state[name].shape[0])]].contiguous()
+    save_file(state, path, metadata={"format": "pt"})
+    broken = run_cli("verify", base, adapter, out, "--json")
+    assert broken.exit_code == 1, broken.stderr
+    checks = {c["tensor"]: c["verdict"] for c in json.loads(broken.stdout)["checks"]}
+    assert checks[name] != "landed"
+    assert all(v == "landed" for t, v in checks.items() if t != name), checks
+
+
 @pytest.mark.parametrize("kind", ["qwen3-moe", "mixtral"])
 def test_peft_conversion_agrees(kind, bases, tmp_path):
     """PEFT 0.21.2 loads a 4.x per-expert adapter on the transformers-5 model itself (it fuses gate

@@ -4,7 +4,8 @@ the target loads (docs/export.md, "MoE experts").
 An adapter's expert LoRA is either per-expert 2-D modules (`…experts.{e}.gate_proj`, Mixtral's `w1`)
 or PEFT target_parameters on the fused 3-D parameter (`…experts.gate_up_proj`). The base's structure
 (lorasurgery.model, from its config.json) says which fused parameter each per-expert module is a part
-of, in which order and whether gate/up interleave (model/experts.py); nothing is guessed from shapes.
+of, in which order and whether gate/up interleave (Structure.expert_slices, model/experts.py: the
+same slices binding binds per-expert modules to); nothing is guessed from shapes.
 `expert_groups` gathers them per fused parameter; `fused_factors` gives each group in PEFT's fused
 layout through lorasurgery.adapter.experts (exact; folding, padding and the fused rank said);
 `fused_keys` the keys PEFT nests several targeted parameters of one module under.
@@ -20,7 +21,6 @@ from lorasurgery.adapter.experts import FusedFactors, PartFactors, fuse
 from lorasurgery.adapter.model import PEFT_PREFIX
 from lorasurgery.errors import MismatchError, UnsupportedError
 from lorasurgery.io import torch_dtype_of
-from lorasurgery.model.experts import expert_slices
 from lorasurgery.targets import FIXED, IMPOSSIBLE, PASS, Rule
 
 # How each target loads expert LoRA, read from its source (docs/export.md, "MoE experts"): FUSED is
@@ -94,9 +94,9 @@ def expert_groups(adapter, structure) -> dict[str, ExpertGroup]:
     groups: dict[str, ExpertGroup] = {}
     if structure is None or not structure.known:
         return groups
-    slices = expert_slices(structure)
+    slices = structure.expert_slices()  # the model layer's, built once per structure (binding's too)
     for lo in adapter.modules.values():
-        found = slices.get(f"{lo.name}.weight") if lo.kind == "linear" else None
+        found = structure.expert_slice(f"{lo.name}.weight") if lo.kind == "linear" else None
         if found is not None:
             group = groups.setdefault(found.parameter, ExpertGroup(found.parameter, found.experts))
             if group.per_expert and (group.parts, group.interleaved) != (found.parts, found.interleaved):
@@ -248,7 +248,7 @@ def per_expert_names(structure, group: ExpertGroup, tensors) -> dict[tuple[int, 
     them (a name its weights hold; else the checkpoint's original spelling, the last one)."""
     candidates: dict[tuple[int, int], list[str]] = {}
     parts = 2 if group.leaf == "gate_up_proj" else 1
-    for name, found in expert_slices(structure).items():
+    for name, found in structure.expert_slices().items():
         if found.parameter == group.parameter and found.parts == parts:
             candidates.setdefault((found.expert, found.part), []).append(name)
     names = {}

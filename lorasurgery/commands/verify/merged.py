@@ -190,12 +190,14 @@ class MergedCheck:
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
     def plain(self, recipe: Recipe) -> bool:
-        """A recipe that is a sum of plain 2-D LoRA products s·B@A on the base's own tensor."""
+        """A recipe that is a sum of plain 2-D LoRA products s·B@A on the base's own whole tensor."""
         if recipe.start is not BASE or recipe.bias_terms or recipe.token_rows or not recipe.updates:
             return False
         for index, key in recipe.updates:
             lora = self.bound[index].targets[key].lora
-            if lora.dora or lora.kind not in ("linear", "embedding") or lora.experts:
+            # a per-expert module bound to a slice of a fused parameter (its `slot`) is not B@A on
+            # the whole tensor: expected() places its ΔW in the slice (linalg.update.delta_into)
+            if lora.dora or lora.kind not in ("linear", "embedding") or lora.experts or lora.slot is not None:
                 return False
         return True
 
