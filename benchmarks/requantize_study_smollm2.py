@@ -31,15 +31,21 @@ through target_parameters, on both fused expert parameters, trained a few dozen 
 training texts as bytes (its vocabulary is 128: ASCII); the same losses and retention.
 
     python benchmarks/requantize_study_smollm2.py [--steps 300] [--ranks 8,64] [--seeds 0] [--formats …]
+        [--measure-only] [--report-only] [--windows 8]
 
-Writes benchmarks/_work/requantize-study/results.json (held-out losses cached in losses.json), the
-markdown tables on stdout, and docs/img/quantized_retention.png, docs/img/quantized_losses.png.
+Every step is cached under benchmarks/_work/requantize-study/ (per-sequence losses in
+losses-w<windows>-<format>.json, merge results in entries-w<windows>-<format>.json), so a stopped
+run resumes; `--measure-only --formats F` measures one format (several can run side by side) and
+`--report-only` prints the tables and draws the figures from the caches. Writes
+results-<steps>.json, the markdown tables on stdout, and docs/img/quantized_retention.png,
+docs/img/quantized_losses.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -417,12 +423,14 @@ def figures(rows: list[dict], losses: dict, keys: list[str]) -> None:
     for ax, key in zip(axes, panels, strict=True):
         bars = []
         for row in rows:
-            if key not in row["adapters"]:
+            mxfp4 = row["format"].startswith("mxfp4")
+            if mxfp4 != (key == "mxfp4") or (not mxfp4 and key not in row["adapters"]):
                 continue
-            for kind, (med, low, _) in row["adapters"][key]["retention"].items():
+            for kind, (med, low, _) in row["adapters"]["r8" if mxfp4 else key]["retention"].items():
                 bars.append((f"{row['format'].split(' ')[0]}\n{kind}", med, low))
         for x, (label, med, low) in enumerate(bars):
-            ax.bar(x, med, color="C0" if "fp8" in label else "C1" if "w4" in label else "C2")
+            colour = "C0" if "fp8" in label else "C1" if "w4" in label else "C3" if "mxfp4" in label else "C2"
+            ax.bar(x, med, color=colour)
             ax.plot([x], [low], "k_", markersize=12)
         ax.set_xticks(range(len(bars)), [b[0] for b in bars], rotation=60, fontsize=7)
         ax.set_title("MXFP4 tiny gpt-oss, r 8" if key == "mxfp4" else f"SmolLM2, LoRA {key}", fontsize=9)
@@ -437,13 +445,20 @@ def figures(rows: list[dict], losses: dict, keys: list[str]) -> None:
     for ax, key in zip(axes[0], keys, strict=True):
         for i, row in enumerate(r for r in rows if key in r["adapters"]):
             fmt = row["format"]
-            values = [statistics.mean(losses[f"{fmt} base"])] + [
-                statistics.mean(losses[f"{fmt} {key} {step}"]) for step in LADDER[1:]
+            values = [
+                statistics.mean(losses.get(label, [math.nan]))
+                for label in [f"{fmt} base"] + [f"{fmt} {key} {step}" for step in LADDER[1:]]
             ]
             ax.plot(range(len(LADDER)), values, "o-", color=f"C{i}", label=fmt)
-        ax.axhline(statistics.mean(losses["bf16 base"]), color="grey", lw=0.6, ls=":", label="bf16 base")
         ax.axhline(
-            statistics.mean(losses[f"bf16 base + {key}"]),
+            statistics.mean(losses.get("bf16 base", [math.nan])),
+            color="grey",
+            lw=0.6,
+            ls=":",
+            label="bf16 base",
+        )
+        ax.axhline(
+            statistics.mean(losses.get(f"bf16 base + {key}", [math.nan])),
             color="grey",
             lw=0.6,
             ls="--",
@@ -475,6 +490,9 @@ def main() -> None:
         "--measure-only", action="store_true", help="only the formats' measurements (cached), no report"
     )
     parser.add_argument(
+        "--report-only", action="store_true", help="tables and figures from what is cached, measuring nothing"
+    )
+    parser.add_argument(
         "--windows", type=int, default=8, help="held-out windows of 128 tokens per text (0: all)"
     )
     args = parser.parse_args()
@@ -492,51 +510,65 @@ def main() -> None:
             key = f"r{r}-s{s}-{args.steps}"  # the losses' cache is shared by every --steps
             adapters[key] = train(plain, r, s, args.steps)
             print(f"adapter {key}: {adapters[key]} ({time.perf_counter() - start:.0f} s)", flush=True)
-    tokenizer = smollm2_tokenizer()
-    windows = held_out_windows(
-        lambda text: tokenizer(text, return_tensors="pt").input_ids[0], args.windows or None
-    )
+    if args.report_only and args.windows:  # only their count matters (each text has 10 or more)
+        windows = {name: [None] * args.windows for name in HELD_OUT_SETS}
+    else:
+        tokenizer = smollm2_tokenizer()
+        windows = held_out_windows(
+            lambda text: tokenizer(text, return_tensors="pt").input_ids[0], args.windows or None
+        )
     # one cache per format, so that --measure-only runs of different formats can run side by side
     cache = {part: STUDY / f"losses-w{args.windows}-{part}.json" for part in ("bf16", *FORMATS)}
     rows = []
     formats = [fmt for fmt in args.formats.split(",") if fmt]  # "": the references and MXFP4 only
     for fmt in formats:
-        losses = Losses(cache[fmt], windows)
-        rows.append(study_format(fmt, plain, adapters, losses, STUDY / f"entries-w{args.windows}-{fmt}.json"))
+        losses, entries = Losses(cache[fmt], windows), STUDY / f"entries-w{args.windows}-{fmt}.json"
+        if args.report_only:
+            done = json.loads(entries.read_text()) if entries.is_file() else {}
+            found = {key: done[f"{fmt} {key}"] for key in adapters if f"{fmt} {key}" in done}
+            rows.append({"format": fmt, "adapters": found})
+        else:
+            rows.append(study_format(fmt, plain, adapters, losses, entries))
     if args.measure_only:
         return
     losses = Losses(cache["bf16"], windows)
-    losses("bf16 base", lambda: model_from(plain))
+    if not args.report_only:
+        losses("bf16 base", lambda: model_from(plain))
     results: dict = {"steps": args.steps, "adapters": {}, "held_out": {k: len(v) for k, v in windows.items()}}
     for key, adapter in adapters.items():
         trace = json.loads((adapter / "training_losses.json").read_text())
         results["adapters"][key] = {"first": trace[0], "last20": statistics.mean(trace[-20:])}
         results["adapters"][key]["relative_update"] = relative_update(plain, adapter)
-        losses(f"bf16 base + {key}", lambda adapter=adapter: with_adapter(model_from(plain), adapter))
+        if not args.report_only:
+            losses(f"bf16 base + {key}", lambda adapter=adapter: with_adapter(model_from(plain), adapter))
     values = dict(losses.values)
     for fmt in formats:
         values |= Losses(cache[fmt], windows).values
     # The open question: --requantize against merge (and NF4's variants), paired per sequence.
+    differences = {
+        "requantized_minus_merged": ("merged", "requantized"),
+        "requantized_minus_unmerged": ("unmerged", "requantized"),
+        "fixed_absmax_minus_merged": ("merged", "fixed_absmax"),
+        "fixed_absmax_minus_base": (None, "fixed_absmax"),
+        "requantized_minus_base": (None, "requantized"),
+    }
     for row in rows:
         fmt = row["format"]
         for key, entry in row["adapters"].items():
-            entry["requantized_minus_merged"] = bootstrap(
-                values[f"{fmt} {key} merged"], values[f"{fmt} {key} requantized"], windows
-            )
-            entry["merged_minus_bf16_merged"] = bootstrap(
-                values[f"bf16 base + {key}"], values[f"{fmt} {key} merged"], windows
-            )
-            if fmt == "bnb-nf4":
-                entry["fixed_absmax_minus_merged"] = bootstrap(
-                    values[f"{fmt} {key} merged"], values[f"{fmt} {key} fixed_absmax"], windows
+            for what, (first, second) in differences.items():
+                a = values.get(f"{fmt} {key} {first}" if first else f"{fmt} base")
+                b = values.get(f"{fmt} {key} {second}")
+                if a is not None and b is not None:
+                    entry[what] = bootstrap(a, b, windows)
+            if f"bf16 base + {key}" in values and f"{fmt} {key} merged" in values:
+                entry["merged_minus_bf16_merged"] = bootstrap(
+                    values[f"bf16 base + {key}"], values[f"{fmt} {key} merged"], windows
                 )
-                entry["fixed_absmax_minus_base"] = bootstrap(
-                    values[f"{fmt} base"], values[f"{fmt} {key} fixed_absmax"], windows
-                )
-                entry["requantized_minus_base"] = bootstrap(
-                    values[f"{fmt} base"], values[f"{fmt} {key} requantized"], windows
-                )
-    mx = study_mxfp4(args.mxfp4_steps) if args.mxfp4_steps else None
+    mx_row = STUDY / "gpt-oss" / f"row-{args.mxfp4_steps}.json"
+    if args.report_only:
+        mx = json.loads(mx_row.read_text()) if mx_row.is_file() else None
+    else:
+        mx = study_mxfp4(args.mxfp4_steps) if args.mxfp4_steps else None
     results |= {
         "rows": rows,
         "mean_losses": {label: statistics.mean(v) for label, v in values.items()},
@@ -549,21 +581,22 @@ def main() -> None:
 
 
 def report(results: dict, values: dict) -> None:
-    mean = {label: statistics.mean(v) for label, v in values.items()}
-    print(f"\nheld-out: {results['held_out']} windows of {LENGTH} tokens; bf16 base {mean['bf16 base']:.4f}")
+    mean = _Means({label: statistics.mean(v) for label, v in values.items()})
+    print(f"\nheld-out: {results['held_out']} windows of {LENGTH} tokens; bf16 base {mean['bf16 base']}")
     for key, info in results["adapters"].items():
         print(
             f"{key}: training loss {info['first']} → {info['last20']:.3f} (mean of the last 20); "
-            f"bf16 base + adapter {mean[f'bf16 base + {key}']:.4f}"
+            f"bf16 base + adapter {mean[f'bf16 base + {key}']}; ‖ΔW‖/‖W‖ {info['relative_update']}"
         )
     print("\n| format | adapter | base | + adapter unmerged | merge | --requantize | --min-retention 0.9 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in results["rows"]:
         fmt = row["format"]
         for key, e in row["adapters"].items():
-            cells = [f"{mean[f'{fmt} {key} {step}']:.4f}" for step in LADDER[1:]]
-            cells[-1] += f" ({e['unquantized_modules']} of {e['modules']} unquantized)"
-            print(f"| {fmt} | {key} | {mean[f'{fmt} base']:.4f} | " + " | ".join(cells) + " |")
+            cells = [mean[f"{fmt} {key} {step}"] for step in LADDER[1:]]
+            if "modules" in e:
+                cells[-1] += f" ({e['unquantized_modules']} of {e['modules']} unquantized)"
+            print(f"| {fmt} | {key} | {mean[f'{fmt} base']} | " + " | ".join(cells) + " |")
     print("\n| format | adapter | module | ρ median | ρ min | codes changed (median) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in results["rows"] + ([results["mxfp4"]] if results["mxfp4"] else []):
@@ -583,7 +616,7 @@ def report(results: dict, values: dict) -> None:
                 )
         if "bnb-nf4" == row["format"]:
             for key, e in row["adapters"].items():
-                print(f"NF4 {key} absmax held fixed: ρ {e['fixed_absmax_rho']}")
+                print(f"NF4 {key} absmax held fixed: ρ {e.get('fixed_absmax_rho')}")
     if results["mxfp4"]:
         mx = results["mxfp4"]
         t = mx["training_losses"]
@@ -598,6 +631,13 @@ def report(results: dict, values: dict) -> None:
             f"min-retention 0.9: {e['unquantized_modules']} of {e['modules']} unquantized, "
             f"= merge: {e['min_retention_equals_merge']}"
         )
+
+
+class _Means(dict):
+    """Mean losses formatted for the tables; "—" for what was not measured."""
+
+    def __getitem__(self, label):
+        return f"{dict.__getitem__(self, label):.4f}" if label in self else "—"
 
 
 if __name__ == "__main__":
