@@ -24,8 +24,10 @@ from common import WORK, smollm2_checkpoint, smollm2_tokenizer  # noqa: E402
 from extract_vs_mergekit import TRAIN_TEXTS, make_finetune, read_texts, token_batches  # noqa: E402
 
 
-def train_adapter(base: Path, r: int, seed: int, steps: int) -> Path:
-    """A real LoRA adapter on q_proj, v_proj trained by PEFT (cached)."""
+def train_adapter(base: Path, r: int, seed: int, steps: int, snapshots=()) -> Path:
+    """A real LoRA adapter on q_proj, v_proj trained by PEFT (cached). Each step count in
+    `snapshots` is also saved as it passes, under that count's own cache name: no learning-rate
+    schedule and the same batches, so it is the adapter a run of that many steps trains."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -50,6 +52,10 @@ def train_adapter(base: Path, r: int, seed: int, steps: int) -> Path:
         optimizer.zero_grad()
         losses.append(round(loss.item(), 4))
         print(f"  r={r} seed={seed} step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+        if step + 1 in snapshots and step + 1 < steps:
+            snapshot = WORK / f"smollm2-lora-qv-r{r}-s{seed}-{step + 1}"
+            model.save_pretrained(snapshot)
+            (snapshot / "training_losses.json").write_text(json.dumps(losses))
     model.save_pretrained(out)
     (out / "training_losses.json").write_text(json.dumps(losses))
     return out
