@@ -20,7 +20,10 @@ Measured, each side in child processes of its own, alternating, `--runs` times (
 Then the other "Done when" checks on the same real adapters: `resize --rank 8` of c against each
 module's optimal rank-8 update (and the reported errors), and `combine --exact` against the sum.
 
-    python benchmarks/combine_vs_peft.py [--rank 16] [--runs 3] [--steps 10]
+    python benchmarks/combine_vs_peft.py [--rank 16] [--runs 3] [--steps 10] [--peft-threads 1]
+
+--peft-threads 1 pins PEFT's child alone to one thread (OMP_NUM_THREADS), the setting of the headline
+row in docs/combine.md: PEFT's full SVDs of every dense ΔW thrash with more threads on a busy machine.
 
 Inputs are cached under benchmarks/_work/ (git-ignored); the first run trains the adapters.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -200,6 +204,12 @@ def main() -> None:
     parser.add_argument(
         "--errors-only", action="store_true", help="skip the timed runs; measure the outputs of the last run"
     )
+    parser.add_argument(
+        "--peft-threads",
+        type=int,
+        help="OMP_NUM_THREADS for PEFT's child only (docs/combine.md's headline row: 1, PEFT's fastest "
+        "setting on a shared 2-core machine; default: PEFT's own threads)",
+    )
     args = parser.parse_args()
     base = smollm2_checkpoint()
     inputs = adapters(base, args.steps)
@@ -237,9 +247,13 @@ def main() -> None:
     ]
     times = {"peft": [], "ours": [], "peft_call": [], "ours_call": []}
 
-    def timed(cmd) -> tuple[float, str]:
+    peft_env = None
+    if args.peft_threads:
+        peft_env = {**os.environ, "OMP_NUM_THREADS": str(args.peft_threads)}
+
+    def timed(cmd, env=None) -> tuple[float, str]:
         started = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"{cmd[:4]} failed:\n{out.stderr[-3000:]}")
         return time.perf_counter() - started, out.stdout
@@ -249,7 +263,7 @@ def main() -> None:
 
     for run in range(0 if args.errors_only else args.runs):
         shutil.rmtree(runs / "peft", ignore_errors=True)
-        seconds, out = timed(peft_cmd)
+        seconds, out = timed(peft_cmd, peft_env)
         times["peft"].append(seconds)
         times["peft_call"].append(call_seconds(out))
         times["ours"].append(timed(ours_cmd)[0])
@@ -327,7 +341,8 @@ def main() -> None:
     runs_done = len(times["peft"])
     print(
         f"\nSmolLM2-135M, three trained adapters (r 8/16/32, rsLoRA + patterns), weights {WEIGHTS}, "
-        f"rank {args.rank}, {runs_done} timed runs (medians)"
+        f"rank {args.rank}, {runs_done} timed runs (medians), "
+        f"PEFT on {args.peft_threads or 'its default number of'} thread(s)"
     )
     if runs_done:
         print(

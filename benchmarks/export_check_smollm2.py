@@ -39,9 +39,9 @@ KINDS = {
 
 def main() -> None:
     import torch
-    from factories import make_adapter, peft_delta_weights, peft_merged_state_dict
+    from factories import make_adapter, peft_delta_weights, peft_merged_state_dict, relative_error
     from safetensors.torch import load_file
-    from test_export import _llama_expected, llamacpp_deltas, relative, sglang_deltas, vllm_deltas
+    from test_export import _llama_expected, llamacpp_deltas, sglang_deltas, vllm_deltas
 
     from lorasurgery.commands.export.export import export_adapter
 
@@ -81,7 +81,7 @@ def main() -> None:
             got = formula(*formula_args)
             want = _llama_expected(base, expected, config) if label == "llama.cpp" else expected
             assert set(got) == set(want), (name, label, set(got) ^ set(want))
-            worst = max(relative(got[n], want[n]) for n in want)
+            worst = max(relative_error(got[n], want[n]) for n in want)
             print(f"{name:16s} {label:22s} {worst:16.3g} {reported:10.3g}", flush=True)
             del got, want
 

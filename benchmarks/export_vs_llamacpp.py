@@ -123,8 +123,8 @@ def main() -> None:
     )
 
     # Where the converter is wrong: rsLoRA and alpha_pattern.
-    from factories import peft_delta_weights
-    from test_export import _llama_expected, llamacpp_deltas, relative
+    from factories import peft_delta_weights, relative_error
+    from test_export import _llama_expected, llamacpp_deltas
 
     run_measured(theirs(adapters["rslora_patterns"], "rslora"), env)
     run_measured(ours(adapters["rslora_patterns"], "rslora"), env)
@@ -138,7 +138,7 @@ def main() -> None:
         ("lorasurgery export", out / "rslora-ours.gguf"),
     ):
         got = llamacpp_deltas(path)
-        errors = [relative(got[n], want[n]) for n in want]
+        errors = [relative_error(got[n], want[n]) for n in want]
         print(
             f"  rsLoRA + patterns, llama.cpp's formula vs PEFT's ΔW, {label}: worst relative error {max(errors):.3g}"
         )

@@ -4,7 +4,8 @@
    made here once: AdamW on every weight, a few dozen steps on real English text found on this disk
    (licence texts under /usr/share/common-licenses), cached under benchmarks/_work/.
 2. Same rank: `mergekit-extract-lora --max-rank R` (its own venv: benchmarks/_work/mergekit-venv,
-   made with `pip install torch==2.13.0 mergekit`) and `lorasurgery extract --rank R`, alternating
+   made with `pip install torch==2.13.0 mergekit`, which resolves to mergekit 0.1.5 with torch
+   2.13.0+cpu and transformers 5.25: no pin to relax) and `lorasurgery extract --rank R`, alternating
    child processes, medians of wall time. Then `lorasurgery extract --budget P --embeddings lora`
    with P a quarter of mergekit's output parameters.
 3. Quality on held-out text, each adapter loaded by PEFT onto the base: the share of the fine-tune's

@@ -1,8 +1,9 @@
 """lorasurgery rank-report vs weightwatcher analyze() on W of the real SmolLM2-135M.
 
 weightwatcher (its own venv: benchmarks/_work/ww-venv, `pip install torch==2.13.0 weightwatcher
-transformers safetensors`) analyzes every Linear and Embedding layer of the model; rank-report is
-run with --include . so that it reads the same matrices. Both run in child processes, alternating,
+transformers safetensors`: weightwatcher 0.7.7 with torch 2.13.0+cpu and transformers 5.25)
+analyzes every Linear and Embedding layer of the model; rank-report is run with --include . so that
+it reads the same matrices. Both run in child processes, alternating,
 and the medians of wall time are compared. Then the stable rank of each layer is compared:
 weightwatcher's stable_rank is Σλ/λ_max of the eigenvalues λ of its normalised correlation matrix
 X = WᵀW/N, and since λᵢ = σᵢ²/N the normalisation cancels: it is Σσ²/σ₁², the same quantity.
