@@ -198,7 +198,8 @@ def tiny_qwen3_moe(folder: Path) -> Path:
 
 # ------------------------------------------------------------------------------ the cases
 
-SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import ADAPTER_KINDS, SMOLLM2_TARGETS  # noqa: E402  (stdlib-only module, the vLLM child imports it too)
+
 MOE_TARGETS = dict(
     target_modules=["q_proj", "v_proj"],
     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
@@ -207,17 +208,10 @@ MOE_TARGETS = dict(
 # name: (base, LoraConfig kwargs, export options, where the raw PEFT folder is loaded: "together" in the
 # base's engine, "alone" in an engine of its own (a refusal expected), or None)
 CASES = {
-    "plain": ("smollm2", dict(r=16, lora_alpha=32, target_modules=SMOLLM2_TARGETS), [], None),
+    "plain": ("smollm2", ADAPTER_KINDS["plain"], [], None),
     "rslora_patterns": (
         "smollm2",
-        dict(
-            r=16,
-            lora_alpha=16,
-            use_rslora=True,
-            target_modules=SMOLLM2_TARGETS,
-            rank_pattern={"down_proj": 8},
-            alpha_pattern={"v_proj": 4},
-        ),
+        ADAPTER_KINDS["rslora_patterns"],
         [],
         "together",
     ),

@@ -141,21 +141,31 @@ QCONFIG = {  # as openai/gpt-oss-20b's config.json declares it
 }
 
 
-def store_mxfp4(plain: Path, folder: Path, qconfig=QCONFIG) -> Path:
-    """`plain` with its experts' fused parameters stored as MXFP4; the rest as it is."""
+def store_quantized(plain: Path, folder: Path, encode, qconfig) -> Path:
+    """`plain` with each tensor that `encode(name, W)` turns into stored parts ({name: tensor}) stored
+    so, the rest as it is; `qconfig` the config's quantization_config (None: left out)."""
     folder.mkdir(parents=True)
     stored = {}
     for name, W in load_file(plain / "model.safetensors").items():
-        if name.endswith(EXPERTS):
-            stored[f"{name}_blocks"], stored[f"{name}_scales"] = quantize_mxfp4(W)
-        else:
-            stored[name] = W
+        stored.update(encode(name, W) or {name: W})
     save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((plain / "config.json").read_text())
     if qconfig is not None:
         config["quantization_config"] = qconfig
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def store_mxfp4(plain: Path, folder: Path, qconfig=QCONFIG) -> Path:
+    """`plain` with its experts' fused parameters stored as MXFP4; the rest as it is."""
+
+    def encode(name, W):
+        if name.endswith(EXPERTS):
+            blocks, scales = quantize_mxfp4(W)
+            return {f"{name}_blocks": blocks, f"{name}_scales": scales}
+        return None
+
+    return store_quantized(plain, folder, encode, qconfig)
 
 
 def oracle(blocks, scales):

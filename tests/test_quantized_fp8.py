@@ -35,6 +35,7 @@ from quantized_checks import (
     same_adapter_folders,
     same_json,
     save_dequantized_copy,
+    store_quantized,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -64,19 +65,14 @@ VARIANTS = {
 
 def store_fp8(plain: Path, folder: Path, block, scale_dtype=torch.float32, ue8m0=False, qconfig=None):
     """`plain` (a bf16 checkpoint) with its linear weights quantized; the rest stored as it is."""
-    folder.mkdir(parents=True)
-    stored = {}
-    for name, W in load_file(plain / "model.safetensors").items():
+
+    def encode(name, W):
         if LINEAR.search(name):
-            stored[name], stored[f"{name}_scale_inv"] = quantize_fp8(W, block, scale_dtype, ue8m0)
-        else:
-            stored[name] = W
-    save_file(stored, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((plain / "config.json").read_text())
-    if qconfig is not None:
-        config["quantization_config"] = qconfig
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
+            codes, scale = quantize_fp8(W, block, scale_dtype, ue8m0)
+            return {name: codes, f"{name}_scale_inv": scale}
+        return None
+
+    return store_quantized(plain, folder, encode, qconfig)
 
 
 def oracle(codes, scale, block):
