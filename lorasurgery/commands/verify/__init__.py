@@ -47,7 +47,7 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.model import structure_of
-from lorasurgery.recipes import plan_recipes
+from lorasurgery.recipes import Recipes, plan_recipes
 
 __all__ = ["VerifyReport", "verify_artifact", "DID_NOT_LAND"]
 
@@ -130,44 +130,67 @@ def verify_artifact(
     device = resolve_device(device)
     artifact_path = Path(artifact)
     merged_gguf = is_gguf(artifact_path) and gguf_kind(artifact_path) != "adapter"
-    if is_adapter(artifact_path) or (is_gguf(artifact_path) and not merged_gguf):
-        report = _verify_adapter(base, adapters, artifact_path, weights, device, config_file, target, started)
-        if text is not None:
-            report.text = check_text(
-                base,
-                adapters,
-                weights,
-                artifact_path,
-                text,
-                tokens,
-                kind="adapter",
-                target=report.target,
-                device=device,
-                dtype=artifact_dtype(load_adapter(artifact_path).checkpoint)
-                if report.target != "llama.cpp"
-                else "F32",
-            )
-            report.seconds = time.perf_counter() - started
-        return report
-    if target is not None:
+    as_adapter = is_adapter(artifact_path) or (is_gguf(artifact_path) and not merged_gguf)
+    if target is not None and not as_adapter:
         raise UnsupportedError(
             f"{artifact_path}: --target applies to an adapter artifact (a PEFT folder or a GGUF LoRA); "
             f"this is a merged checkpoint: leave --target out"
         )
-    checkpoint = open_checkpoint(base)
-    structure = structure_of(checkpoint, config_file)
-    loaded = [load_adapter(p) for p in adapters]
-    bound = bind(loaded, checkpoint, structure=structure)
-    recipes = plan_recipes(bound)
+    bound = _Bound.of(base, adapters, config_file)
+    report = VerifyReport(str(base), str(artifact), "", [str(a) for a in adapters], weights)
+    if as_adapter:
+        text_dtype = _verify_adapter(report, bound, artifact_path, weights, device, target)
+    else:
+        text_dtype = _verify_merged(
+            report, bound, artifact_path, weights, device, config_file, merged_gguf, progress
+        )
+    if text is not None:
+        report.text = check_text(
+            base,
+            adapters,
+            weights,
+            artifact_path,
+            text,
+            tokens,
+            kind="adapter" if as_adapter else report.artifact_kind,
+            target=report.target,
+            device=device,
+            dtype=text_dtype,
+        )
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """The adapters bound to the base once, and the recipes merge would write: what every kind of
+    artifact is checked against."""
+
+    checkpoint: object
+    structure: object
+    bound: object
+    recipes: Recipes
+
+    @classmethod
+    def of(cls, base, adapters, config_file) -> _Bound:
+        checkpoint = open_checkpoint(base)
+        structure = structure_of(checkpoint, config_file)
+        bound = bind([load_adapter(p) for p in adapters], checkpoint, structure=structure)
+        return cls(checkpoint, structure, bound, plan_recipes(bound))
+
+
+def _verify_merged(report, bound: _Bound, artifact_path, weights, device, config_file, merged_gguf, progress):
+    """A merged checkpoint (safetensors, quantized or not) or a merged GGUF (merged.py, gguf_model.py);
+    returns the dtype `--text` compares the logits in."""
+    checkpoint, structure, recipes = bound.checkpoint, bound.structure, bound.recipes
     if merged_gguf:
         target = GgufModel(artifact_path, checkpoint.config or {}, recipes.tensors)
         artifact_structure = target.tied_structure(structure)
     else:
         target = open_checkpoint(artifact_path)
         artifact_structure = structure_of(target, config_file if target.config is None else None)
-    kind = "merged GGUF" if merged_gguf else "merged checkpoint"
-    report = VerifyReport(str(base), str(artifact), kind, [str(a) for a in adapters], weights)
-    check = MergedCheck(bound, weights, recipes, target, artifact_structure, device)
+    report.artifact_kind = "merged GGUF" if merged_gguf else "merged checkpoint"
+    check = MergedCheck(bound.bound, weights, recipes, target, artifact_structure, device)
     work = units(recipes, checkpoint, target)
     with torch_threads(1):  # two workers, one thread each: the work is memory-bound
         report.checks, report.changed = check.run(work, progress)
@@ -183,44 +206,21 @@ def verify_artifact(
     else:
         report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
     report.tensors_checked = sum(len(u.names) for u in work)
-    if text is not None:
-        report.text = check_text(
-            base,
-            adapters,
-            weights,
-            artifact_path,
-            text,
-            tokens,
-            kind=kind,
-            target=None,
-            device=device,
-            dtype="F32" if merged_gguf else artifact_dtype(target),
-        )
-    report.seconds = time.perf_counter() - started
-    return report
+    return "F32" if merged_gguf else artifact_dtype(target)
 
 
-def _verify_adapter(
-    base, adapters, artifact: Path, weights, device, config_file, target, started
-) -> VerifyReport:
-    """An adapter artifact: what its target computes from it against PEFT's ΔW (adapter.py)."""
+def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, target) -> str:
+    """An adapter artifact: what its target computes from it against PEFT's ΔW (adapter.py); returns
+    the dtype `--text` compares the logits in."""
     target, rule = choose_target(artifact, target)
-    checkpoint = open_checkpoint(base)
-    structure = structure_of(checkpoint, config_file)
-    loaded = [load_adapter(p) for p in adapters]
-    bound = bind(loaded, checkpoint, structure=structure)
-    recipes = plan_recipes(bound)
-    found = read_adapter_artifact(artifact, target, rule, checkpoint, structure, device)
-    report = VerifyReport(
-        str(base), str(artifact), f"adapter for {target}", [str(a) for a in adapters], weights, target=target
-    )
-    report.target_rule = rule
+    recipes = bound.recipes
+    found = read_adapter_artifact(artifact, target, rule, bound.checkpoint, bound.structure, device)
+    report.artifact_kind, report.target, report.target_rule = f"adapter for {target}", target, rule
     with torch_threads(1):
-        report.checks, report.changed = check_adapter_artifact(found, bound, weights, recipes, device)
+        report.checks, report.changed = check_adapter_artifact(found, bound.bound, weights, recipes, device)
     order = {name: i for i, name in enumerate(recipes.tensors)}
     report.checks.sort(key=lambda c: order.get(c.name, 0))
     report.extra = found.extra
     report.config = found.problems
     report.tensors_checked = len(report.checks) + len(report.changed)
-    report.seconds = time.perf_counter() - started
-    return report
+    return "F32" if target == "llama.cpp" else artifact_dtype(load_adapter(artifact).checkpoint)
