@@ -15,6 +15,8 @@ import click
 from lorasurgery import __version__
 from lorasurgery.cli.group import LoraSurgeryGroup, Settings, settings_of
 from lorasurgery.cli.options import (
+    TARGET_RELEASES,
+    TargetType,
     allow_nonfinite_option,
     config_option,
     device_option,
@@ -56,8 +58,9 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.option(
     "--for",
     "target",
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
-    help="Check each rule of this serving target instead (exit 0 loadable as is, 3 export fixes it, 4 impossible).",
+    type=TargetType(),
+    help="Check each rule of this serving target instead (exit 0 loadable as is, 3 export fixes it, 4 impossible); "
+    f"{TARGET_RELEASES}.",
 )
 @global_options
 @click.pass_context
@@ -69,7 +72,7 @@ def inspect(
     show_all: bool,
     config_file: str | None,
     fan_in_fan_out: str | None,
-    target: str | None,
+    target: object | None,
 ) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
     import lorasurgery.cli.render as render
@@ -193,10 +196,10 @@ def merge(
 )
 @click.option(
     "--target",
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
+    type=TargetType(),
     default=None,
     help="An adapter ARTIFACT: check it by this runtime's rules (default: llama.cpp for a GGUF file, "
-    "else peft).",
+    f"else peft); {TARGET_RELEASES}.",
 )
 @text_option("Also compare the artifact's logits on this text with base + adapters through PEFT.")
 @tokens_option
@@ -210,7 +213,7 @@ def verify(
     base: str,
     paths: tuple[str, ...],
     weights: tuple[float, ...],
-    target: str | None,
+    target: object | None,
     text: str | None,
     tokens: int,
     device: str,
@@ -587,8 +590,8 @@ def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_jso
     "--for",
     "target",
     required=True,
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
-    help="Serving target.",
+    type=TargetType(),
+    help=f"Serving target; {TARGET_RELEASES} (the report's rules; what is written is read alike by every release).",
 )
 @click.option(
     "-o",
@@ -618,7 +621,7 @@ def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_jso
 def export(
     ctx: click.Context,
     adapter: str,
-    target: str,
+    target: object,
     output: str,
     base: str | None,
     max_rank: int | None,

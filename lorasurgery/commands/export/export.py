@@ -51,9 +51,10 @@ from lorasurgery.targets import (
     FIXED,
     IMPOSSIBLE,
     PASS,
-    TARGETS,
+    VLLM_KNOWN,
     check_rules,
     embedding_copies,
+    parse_target,
     verdict,
 )
 
@@ -88,6 +89,7 @@ class ExportReport:
     dropped: dict[str, float] = field(default_factory=dict)  # saved tensor -> its Frobenius norm
     config: dict = field(default_factory=dict)  # what the target reads: r/alpha (or GGUF alpha)
     notes: list[str] = field(default_factory=list)
+    release: str | None = None  # vllm: the range of releases whose rules the report's rules are
 
     @property
     def max_error(self) -> float:
@@ -97,6 +99,7 @@ class ExportReport:
         return {
             "adapter": self.adapter,
             "target": self.target,
+            "target_release": self.release,
             "output": self.output,
             "rules": [r.to_json() for r in self.rules],
             "modules": [vars(m) for m in self.modules],
@@ -217,9 +220,11 @@ def export_adapter(
 
     The steps: the rules checked (a refusal names every impossible one), the ranks and the target's
     multipliers chosen, each module's factors for the target, the saved tensors left out or dropped,
-    then the folder or GGUF file written atomically."""
-    if target not in TARGETS:
-        raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    then the folder or GGUF file written atomically. `target` is a targets.Target or its text
+    (`vllm==0.31`: that release's rules in the report; what is written is the same for every vLLM
+    release, since every one reads it alike: docs/export.md "Semantics")."""
+    spec = parse_target(target)
+    target = spec.name
     adapter = load_adapter(adapter_path)
     inputs = [adapter_path] + ([base] if base else [])
     if target == "llama.cpp":  # refuse an unusable OUT before any work
@@ -230,7 +235,7 @@ def export_adapter(
     structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
         adapter,
-        target,
+        spec,
         base_config=base_config,
         have_base_weights=base_ckpt is not None,
         max_rank=max_rank,
@@ -247,7 +252,14 @@ def export_adapter(
         raise UnsupportedError(refusal(adapter_path, target, rules))
     _check_dora_rank(adapter, adapter_path, target, max_rank)
 
-    report = ExportReport(str(adapter_path), target, str(output), rules, notes=hints)
+    report = ExportReport(
+        str(adapter_path), target, str(output), rules, notes=hints, release=spec.release_text
+    )
+    if spec.releases is not None:
+        report.notes.append(
+            f"rules of vLLM {spec.releases}; written so that every release known ({VLLM_KNOWN}) computes the "
+            "same: use_rslora off, the patterns' α/r of every module equal to lora_alpha/r"
+        )
     in_groups = {id(lo) for group in groups.values() for lo in group.sources}
     modules = sorted(
         (lo for lo in adapter.modules.values() if id(lo) not in in_groups),
@@ -636,6 +648,7 @@ class ServingCheck:
     adapter: str
     target: str
     rules: list
+    release: str | None = None  # vllm: the range of releases whose rules were checked
 
     @property
     def status(self) -> str:
@@ -658,23 +671,25 @@ class ServingCheck:
         return {
             "adapter": self.adapter,
             "target": self.target,
+            "target_release": self.release,
             "status": self.status,
             "rules": [r.to_json() for r in self.rules],
         }
 
 
 def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
-    """`inspect --for`: every rule of `target` against the adapter, nothing written."""
-    if target not in TARGETS:
-        raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    """`inspect --for`: every rule of `target` (a targets.Target or its text, `vllm==0.31`) against the
+    adapter, nothing written."""
+    spec = parse_target(target)
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
     structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
-        adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
+        adapter, spec, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
     )
     groups = moe.expert_groups(adapter, structure)
     experts_rule = moe.experts_rule(
-        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
+        adapter, spec.name, groups, structure, base_ckpt.tensors if base_ckpt else ()
     )
-    return ServingCheck(str(adapter_path), target, rules + ([experts_rule] if experts_rule else []))
+    rules += [experts_rule] if experts_rule else []
+    return ServingCheck(str(adapter_path), spec.name, rules, spec.release_text)

@@ -71,6 +71,9 @@ class VerifyReport:
     seconds: float = 0.0
     target: str | None = None  # an adapter artifact: the target whose rules were applied
     target_rule: str = ""  # and why that target (--target, or what the artifact is)
+    target_release: str | None = None  # vllm: the range of releases whose rules were applied
+    releases: list = field(default_factory=list)  # vllm: other releases that read the artifact otherwise
+    target_spec: object = field(default=None, repr=False)  # the targets.Target itself, for --text
     text: TextCheck | None = None  # --text: the logits comparison
 
     @property
@@ -90,6 +93,8 @@ class VerifyReport:
             "artifact_kind": self.artifact_kind,
             "target": self.target,
             "target_rule": self.target_rule,
+            "target_release": self.target_release,
+            "other_releases": [d.to_json() for d in self.releases],
             "adapters": self.adapters,
             "weights": self.weights,
             "landed": self.landed,
@@ -153,7 +158,7 @@ def verify_artifact(
             text,
             tokens,
             kind="adapter" if as_adapter else report.artifact_kind,
-            target=report.target,
+            target=report.target_spec,
             device=device,
             dtype=text_dtype,
         )
@@ -215,7 +220,8 @@ def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, targ
     target, rule = choose_target(artifact, target)
     recipes = bound.recipes
     found = read_adapter_artifact(artifact, target, rule, bound.checkpoint, bound.structure, device)
-    report.artifact_kind, report.target, report.target_rule = f"adapter for {target}", target, rule
+    report.artifact_kind, report.target, report.target_rule = f"adapter for {target.name}", target.name, rule
+    report.target_release, report.releases, report.target_spec = target.release_text, found.releases, target
     with torch_threads(1):
         report.checks, report.changed = check_adapter_artifact(found, bound.bound, weights, recipes, device)
     order = {name: i for i, name in enumerate(recipes.tensors)}
@@ -223,4 +229,4 @@ def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, targ
     report.extra = found.extra
     report.config = found.problems
     report.tensors_checked = len(report.checks) + len(report.changed)
-    return "F32" if target == "llama.cpp" else artifact_dtype(load_adapter(artifact).checkpoint)
+    return "F32" if target.name == "llama.cpp" else artifact_dtype(load_adapter(artifact).checkpoint)
