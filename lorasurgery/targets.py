@@ -183,15 +183,17 @@ class Target:
         """vllm: how these releases read `feature` of adapter_config.json."""
         return vllm_rules(self.releases)[feature].reading
 
-    def refusals(self, config) -> list[str]:
-        """What these releases refuse in `config`, each naming the release and the source."""
+    def refused(self, config) -> list[ReleaseRule]:
+        """The rules by which these releases refuse `config` (a feature it uses that they refuse)."""
         if self.releases is None:
             return []
         return [
-            f"vLLM {self.releases}: {r.does} ({r.source})"
-            for r in vllm_rules(self.releases).values()
-            if r.reading == REFUSED and _uses(config, r.feature)
+            r for r in vllm_rules(self.releases).values() if r.reading == REFUSED and _uses(config, r.feature)
         ]
+
+    def refusals(self, config) -> list[str]:
+        """What these releases refuse in `config`, each naming the release and the source."""
+        return [f"vLLM {self.releases}: {r.does} ({r.source})" for r in self.refused(config)]
 
     def scale(self, config, name: str, r: int) -> float:
         """The scale the target applies to module `name` of rank r (a refused feature counted as not read:

@@ -166,9 +166,8 @@ def _read_peft(path, target, rule, checkpoint, structure, device) -> AdapterArti
         if recipe.untouched:
             continue
         if refused:
-            found.landed[name] = Landed(
-                refused=f"{target.description} does not load the adapter (target: above)"
-            )
+            why = "; ".join(r.does for r in target.refused(adapter.config))
+            found.landed[name] = Landed(refused=f"{target.description} does not load the adapter: {why}")
             continue
         landed = Landed(rounding=0.0)
         plain = found.check.plain(recipe)
