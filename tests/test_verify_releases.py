@@ -174,6 +174,16 @@ def test_rslora_is_refused_by_vllm_0_6_5(llama):
     assert all("0.6.5 – 0.6.6 does not load the adapter" in c["detail"] for c in report["checks"])
 
 
+def test_text_is_skipped_where_the_release_refuses_the_adapter(llama, tmp_path):
+    _, base, adapter, _ = llama
+    text = tmp_path / "text.txt"
+    text.write_text("the release decides what the server computes " * 2)
+    code, report = verify(base, adapter, adapter, "--target", "vllm==0.6.5", "--text", text)
+    assert code == DID_NOT_LAND and "use_rslora is refused" in report["text"]["skipped"], report["text"]
+    code, report = verify(base, adapter, adapter, "--target", "sglang")  # no releases for the others
+    assert report["target_release"] is None and report["other_releases"] == []
+
+
 def test_export_for_vllm_lands_on_every_release(llama, tmp_path):
     _, base, adapter, _ = llama
     outputs = {}
