@@ -218,6 +218,7 @@ def parse_target(value) -> Target:
         return value
     text = str(value).strip()
     name, sep, release = text.partition("==")
+    name = name.strip()
     if name not in TARGETS:
         raise OptionError(
             f"unknown target {text!r}; choose one of {', '.join(TARGETS)} (vllm==RELEASE for an older vLLM)"

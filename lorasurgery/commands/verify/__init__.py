@@ -122,7 +122,8 @@ def verify_artifact(
     progress=None,
 ) -> VerifyReport:
     """Check `artifact` against `base` + `adapters` (each with its weight); raises a LoraSurgeryError
-    naming the input when something cannot be checked."""
+    naming the input when something cannot be checked. `target` is a lorasurgery.targets.Target or
+    its text (`vllm`, `vllm==0.31`: vLLM's rules by release)."""
     started = time.perf_counter()
     adapters = [Path(a) for a in adapters]
     if not adapters:
