@@ -33,6 +33,7 @@ from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import bind, saved_fan_in_fan_out
 from lorasurgery.commands.export import moe, moe_factors
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
+from lorasurgery.concurrency import torch_threads
 from lorasurgery.errors import AdapterError, CheckpointError, OptionError, UnsupportedError
 from lorasurgery.factored import adapter_of, module_svd, truncated_factors
 from lorasurgery.io import (
@@ -249,28 +250,31 @@ def export_adapter(
     (_write_folder, with the experts in the layout the target loads: _expert_tensors)."""
     job = _open(adapter_path, target, output, base, max_rank, drop_saved, force)
     report, experts = _checked(job)
-    modules = sorted(
-        (lo for lo in job.adapter.modules.values() if id(lo) not in experts.sources),
-        key=lambda lo: natural_key(lo.name),
-    )
-    shape = _shape_of(modules, target, max_rank, experts.ranks)
-    factors = _target_factors(job, modules, shape, report, progress)
-    _leave_out_saved(job, report)
-    if target == "llama.cpp":
-        report.config = {"adapter.lora.alpha": shape.alpha}
-        write_gguf(
-            job.adapter,
-            modules,
-            factors,
-            shape.alpha,
-            job.base_config,
-            output,
-            force=force,
-            inputs=job.inputs,
+    # small per-module kernels (QRs of (d, r), r × r SVDs): one torch thread (concurrency.torch_threads)
+    with torch_threads(1):
+        in_groups = experts.sources
+        modules = sorted(
+            (lo for lo in job.adapter.modules.values() if id(lo) not in in_groups),
+            key=lambda lo: natural_key(lo.name),
         )
-    else:
-        _write_folder(job, modules, factors, shape, experts, report)
-    return report
+        shape = _shape_of(modules, target, max_rank, experts.ranks)
+        factors = _target_factors(job, modules, shape, report, progress)
+        _leave_out_saved(job, report)
+        if target == "llama.cpp":
+            report.config = {"adapter.lora.alpha": shape.alpha}
+            write_gguf(
+                job.adapter,
+                modules,
+                factors,
+                shape.alpha,
+                job.base_config,
+                output,
+                force=force,
+                inputs=job.inputs,
+            )
+        else:
+            _write_folder(job, modules, factors, shape, experts, report)
+        return report
 
 
 def _open(
