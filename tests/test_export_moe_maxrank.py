@@ -230,3 +230,42 @@ def test_max_rank_below_one_is_refused(moe, k, tmp_path):
         and "--max-rank must be at least 1" in result.stderr
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_parts_of_one_parameter_above_and_below_k(target, tmp_path):
+    """Gate at rank 2 and another scale, up and down at rank 4, K = 3: in the per-expert layouts gate
+    is only folded to the target's scale while up and down are truncated, and each expert's gate_up
+    error counts both; in the fused layout the gate_up slice (rank 2 + 4) is truncated as one."""
+    kind = "qwen3-moe"
+    model = tiny_moe(kind)
+    model.save_pretrained(tmp_path / "base")
+    wrapped = _per_expert_adapter(
+        kind,
+        per_expert_twin(model, kind),
+        tmp_path / "a",
+        rank_pattern={"gate_proj": 2},
+        alpha_pattern={"gate_proj": 3},
+    )
+    report = _export(tmp_path / "a", tmp_path / "base", target, tmp_path / "out", "--max-rank", "3")
+    reference = _reference_deltas(kind, wrapped)
+    served = _served(kind, target, tmp_path / "out")
+    fused = _fused_layout(kind, target)
+    for (e, role), delta in reference.items():
+        if role == "gate" and not fused:  # kept at its rank: only the fold's rounding
+            assert relative_error(served[(e, role)], delta) < 1e-6
+        elif role == "down" or not fused:
+            assert relative_error(served[(e, role)], _best(delta, 3)[0]) < 1e-5, (e, role)
+    if fused:
+        units = _units(kind, target, reference)
+        got = _units(kind, target, served)
+        for e in range(EXPERTS[kind]):
+            assert relative_error(got[(e, "gate_up")], _best(units[(e, "gate_up")], 3)[0]) < 1e-5
+    row = next(m for m in report["modules"] if m["name"] == GATE_UP)
+    assert "truncated" in row["method"] and "folded" in row["method"]
+    for e in range(EXPERTS[kind]):  # the reported error is what the target computes, over gate and up
+        error_sq = sum(
+            float((served[(e, r)] - reference[(e, r)]).double().square().sum()) for r in ("gate", "up")
+        )
+        norm_sq = sum(float(reference[(e, r)].double().square().sum()) for r in ("gate", "up"))
+        assert row["expert_errors"][e] == pytest.approx((error_sq / norm_sq) ** 0.5, rel=1e-4)
