@@ -609,7 +609,7 @@ def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_jso
 @click.option(
     "--max-rank",
     type=int,
-    help="Truncate modules above this rank (error reported); the rank DoRA is converted at.",
+    help="Truncate modules (MoE experts: each expert) above this rank, error reported; the rank DoRA is converted at.",
 )
 @click.option(
     "--drop-saved", is_flag=True, help="Leave out saved tensors the target cannot load (norm reported)."
