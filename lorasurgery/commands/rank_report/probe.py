@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -206,22 +206,36 @@ def bisect_fractions(fractions: list[float], passes, exhaustive: bool = False) -
     return (fractions[low] if low < len(fractions) else 1.0), []
 
 
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What `rank-report --probe` was asked: TARGET (a model, or an adapter), --text, --base …"""
+
+    target: str | os.PathLike
+    text: str | os.PathLike
+    base: str | os.PathLike | None = None
+    tokens: int | None = None
+    fractions: tuple = DEFAULT_FRACTIONS
+    tolerance: float = DEFAULT_TOLERANCE
+    include: object = None
+    device: str = "cpu"
+    exhaustive: bool = False
+
+
 def run_probe(
     forward: Forward,
     groups: dict[str, list[_Matrix]],
+    request: ProbeRequest,
     *,
     mode: str,
-    text: str,
-    fractions=DEFAULT_FRACTIONS,
-    tolerance: float = DEFAULT_TOLERANCE,
     reference: dict,
     ft_log_probs=None,
     progress: ProgressCallback = no_progress,
     started: float | None = None,
-    exhaustive: bool = False,
 ) -> ProbeResult:
-    """Bisect each module type's fractions on the model in `forward` (already the intact/fine-tuned one)."""
-    fractions = sorted({float(f) for f in fractions})
+    """Bisect each module type's fractions on the model in `forward` (already the intact/fine-tuned one),
+    as `request` asks (its fractions, tolerance, exhaustive)."""
+    fractions = sorted({float(f) for f in request.fractions})
+    tolerance, exhaustive = request.tolerance, request.exhaustive
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise LoraSurgeryError(f"--probe-fractions must lie in (0, 1], got {fractions}")
     started = time.perf_counter() if started is None else started
@@ -254,7 +268,7 @@ def run_probe(
     tokens = forward.positions + len(forward.windows)
     return ProbeResult(
         mode,
-        text,
+        str(request.text),
         tokens,
         fractions,
         tolerance,
@@ -269,47 +283,12 @@ def run_probe(
 # the three rank-report modes
 
 
-@dataclass(frozen=True)
-class ProbeRequest:
-    """What `rank-report --probe` was asked: TARGET (a model, or an adapter), --text, --base …"""
-
-    target: Path
-    text: str | os.PathLike
-    base: Path | None = None
-    tokens: int | None = None
-    fractions: tuple = DEFAULT_FRACTIONS
-    tolerance: float = DEFAULT_TOLERANCE
-    include: object = None
-    device: str = "cpu"
-    exhaustive: bool = False
-
-
-def functional_rank(
-    target: str | os.PathLike,
-    *,
-    text: str | os.PathLike,
-    base: str | os.PathLike | None = None,
-    tokens: int | None = None,
-    fractions=DEFAULT_FRACTIONS,
-    tolerance: float = DEFAULT_TOLERANCE,
-    include=None,
-    device: str = "cpu",
-    exhaustive: bool = False,
-    progress: ProgressCallback = no_progress,
-) -> ProbeResult:
+def functional_rank(request: ProbeRequest, progress: ProgressCallback = no_progress) -> ProbeResult:
     """The probe of `rank-report --probe`: TARGET a model (alone, or with --base) or an adapter (with --base)."""
     started = time.perf_counter()
-    request = ProbeRequest(
-        Path(target),
-        text,
-        None if base is None else Path(base),
-        tokens,
-        tuple(fractions),
-        tolerance,
-        include,
-        device,
-        exhaustive,
-    )
+    base = None if request.base is None else Path(request.base)
+    request = replace(request, target=Path(request.target), base=base, fractions=tuple(request.fractions))
+    device = request.device
     # One window per core instead of torch's threads splitting each matmul (Forward).
     with torch_threads(1 if device == "cpu" else None):
         return _functional_rank(request, progress, started)
@@ -359,15 +338,12 @@ def _functional_rank(request: ProbeRequest, progress, started) -> ProbeResult:
     result = run_probe(
         forward,
         groups,
+        request,
         mode=mode,
-        text=str(request.text),
-        fractions=list(request.fractions),
-        tolerance=request.tolerance,
         reference=reference,
         ft_log_probs=ft_log_probs,
         progress=progress,
         started=started,
-        exhaustive=request.exhaustive,
     )
     result.notes = notes
     return result
