@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clihelp import assert_refused, run_cli
+from clihelp import DID_NOT_LAND, LANDED, assert_refused, run_cli, verdicts, verify
 from factories import make_adapter, make_llama, peft_delta_weights
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.llamacpp import llama_unpermute
 
-LANDED, DID_NOT_LAND = 0, 1
 PATTERNS = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
     "r": 4,
@@ -31,16 +30,6 @@ PATTERNS = {
     "rank_pattern": {"v_proj": 2},
     "alpha_pattern": {"down_proj": 3},
 }
-
-
-def verify(*args):
-    result = run_cli("verify", *args, "--json")
-    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
-    return result.exit_code, json.loads(result.stdout)
-
-
-def verdicts(report) -> dict[str, str]:
-    return {c["tensor"]: c["verdict"] for c in report["checks"]}
 
 
 def export(adapter, target, out, base) -> Path:

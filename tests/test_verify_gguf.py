@@ -10,7 +10,6 @@ convert_lora_to_gguf.py writes (another tool's conversion) lands by llama.cpp's 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelp import run_cli
+from clihelp import DID_NOT_LAND, LANDED, run_cli, verify
 from factories import make_adapter, make_llama, merged_checkpoint, save_tiny_tokenizer
 
-LANDED, DID_NOT_LAND = 0, 1
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 
 
@@ -44,12 +42,6 @@ def to_gguf(model: Path, out: Path, outtype: str) -> Path:
         capture_output=True,
     )
     return out
-
-
-def verify(*args):
-    result = run_cli("verify", *args, "--json")
-    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
-    return result.exit_code, json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")

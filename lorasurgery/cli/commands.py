@@ -230,12 +230,12 @@ def verify(
     the check found a failure (--json's "landed": false) or could not check.
     """
     import lorasurgery.cli.render as render
-    from lorasurgery.commands.verify import DID_NOT_LAND, verify_artifact
+    from lorasurgery.commands.verify import DID_NOT_LAND, VerifyRequest, verify_artifact
 
     if len(paths) < 2:
         raise click.UsageError("give at least one ADAPTER and then the ARTIFACT")
     quiet = settings_of(ctx).quiet
-    report = verify_artifact(
+    request = VerifyRequest(
         base,
         list(paths[:-1]),
         paths[-1],
@@ -246,6 +246,7 @@ def verify(
         text=text,
         tokens=tokens,
     )
+    report = verify_artifact(request)
     render.verify_report(report, as_json=as_json, quiet=quiet)
     ctx.exit(0 if report.landed else DID_NOT_LAND)
 
