@@ -235,15 +235,25 @@ def test_gpt2_base_converted_alone_is_missing(tmp_path):
     assert not report["changed"] and not report["extra"], report
 
 
-def test_fused_qkv_is_split_back(tmp_path):
-    """convert_hf_to_gguf.py --fuse-qkv writes q, k and v (weights and Qwen2's biases) as one attn_qkv:
-    read back row by row they land; transformers' GGUF loader does not split it, so --text is skipped
-    with that reason (the tensor checks decide)."""
+@pytest.mark.parametrize("kind", ["qwen2", "llama-bias"])
+def test_fused_qkv_is_split_back(kind, tmp_path):
+    """convert_hf_to_gguf.py --fuse-qkv writes q, k and v (weights and biases: Qwen2's, a Llama's with
+    attention_bias, whose q/k rows the converter permutes first) as one attn_qkv: read back row by
+    row they land, every bias unchanged; transformers' GGUF loader does not split it, so --text is
+    skipped with that reason (the tensor checks decide)."""
     converter()
-    base = make_qwen(tmp_path / "base", version=2)
+    if kind == "qwen2":
+        base, model_kind = make_qwen(tmp_path / "base", version=2), "auto"
+    else:
+        base, model_kind = make_llama(tmp_path / "base", attention_bias=True), "llama"
+        tensors = load_file(base / "model.safetensors")  # transformers initialises biases to 0:
+        generator = torch.Generator().manual_seed(3)  # random ones, so that their row order shows
+        for name in [n for n in tensors if n.endswith(".bias")]:
+            tensors[name] = torch.randn(tensors[name].shape, generator=generator)
+        save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     (base / "byte_tokens.json").write_text('{"byte_tokens": true}')
-    adapter = make_adapter(base, tmp_path / "adapter", model_kind="auto", seed=2, target_modules=TARGETS)
-    merged = merged_checkpoint(base, adapter, tmp_path / "merged", dtype=torch.float32, model_kind="auto")
+    adapter = make_adapter(base, tmp_path / "adapter", model_kind=model_kind, seed=2, target_modules=TARGETS)
+    merged = merged_checkpoint(base, adapter, tmp_path / "merged", dtype=torch.float32, model_kind=model_kind)
     artifact = to_gguf(merged, tmp_path / "fused.gguf", "f32", "--fuse-qkv")
     import gguf
 
