@@ -106,8 +106,10 @@ class GgufLayout:
 # HF class -> what its converter class does; an architecture not here is refused by name.
 MERGED_GGUF_LAYOUTS = {
     "LlamaForCausalLM": GgufLayout("llama", permute_qk=True),
+    "MistralForCausalLM": GgufLayout("llama", permute_qk=True),  # converted by LlamaModel too
     "Qwen2ForCausalLM": GgufLayout("qwen2"),
     "Qwen3ForCausalLM": GgufLayout("qwen3"),
+    "Phi3ForCausalLM": GgufLayout("phi3"),  # qkv_proj / gate_up_proj stay fused: attn_qkv / ffn_up
     "GPT2LMHeadModel": GgufLayout("gpt2", transposed=("c_attn", "c_proj", "c_fc")),
 }
 BLOCK_COUNT_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")  # the converter's order
@@ -140,7 +142,12 @@ def merged_gguf_sources(base_shapes: dict, base_config: dict, gguf_names_found) 
     import gguf
 
     layout = merged_gguf_layout(base_config)
-    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == layout.arch)
+    arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == layout.arch), None)
+    if arch_id is None:
+        raise UnsupportedError(
+            f"the installed gguf package ({getattr(gguf, '__version__', 'unknown version')}) has no name map "
+            f"for architecture {layout.arch!r}: upgrade it (pip install -U gguf)"
+        )
     blocks = next((int(base_config[k]) for k in BLOCK_COUNT_KEYS if k in base_config), 0)
     name_map = gguf.get_tensor_name_map(arch_id, blocks)
     present = set(gguf_names_found)

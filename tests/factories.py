@@ -87,10 +87,13 @@ def make_llama(
     return _save(model, path, dtype, max_shard_size)
 
 
-def make_qwen(
+CAUSAL_LM_KINDS = ("qwen2", "qwen3", "mistral", "phi3")
+
+
+def make_causal_lm(
     path,
+    kind: str,
     *,
-    version: int = 2,
     tie_word_embeddings: bool = False,
     dtype: torch.dtype = torch.float32,
     vocab_size: int = 128,
@@ -98,15 +101,20 @@ def make_qwen(
     layers: int = 2,
     seed: int = 0,
 ) -> Path:
-    """A tiny ``Qwen2ForCausalLM`` (q/k/v biases) or ``Qwen3ForCausalLM`` (q_norm/k_norm, head_dim 8)
-    at `path`: GQA 4/2 heads, intermediate 2·hidden, norm weights and biases randomised."""
+    """A tiny decoder of another family than Llama at `path`: ``Qwen2ForCausalLM`` (q/k/v biases),
+    ``Qwen3ForCausalLM`` (q_norm/k_norm, head_dim 8), ``MistralForCausalLM`` or ``Phi3ForCausalLM``
+    (fused qkv_proj and gate_up_proj); GQA 4/2 heads, intermediate 2·hidden, norm weights and
+    biases randomised. Load it with ``model_kind="auto"``."""
     import transformers
 
     torch.manual_seed(seed)
-    config_class, model_class_ = {
-        2: (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        3: (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[version]
+    classes = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    }
+    config_class, model_class_ = classes[kind]
     config = config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -114,12 +122,12 @@ def make_qwen(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden_size // 4,
         max_position_embeddings=64,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        **({"head_dim": hidden_size // 4} if kind == "qwen3" else {}),
     )
     model = model_class_(config)
     _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm", ".bias"])

@@ -32,9 +32,9 @@ from clihelp import assert_refused, run_cli
 from factories import (
     make_adapter,
     make_bert,
+    make_causal_lm,
     make_gpt2,
     make_llama,
-    make_qwen,
     merged_checkpoint,
     save_tiny_tokenizer,
 )
@@ -73,6 +73,10 @@ def to_gguf(model: Path, out: Path, outtype: str, *options: str) -> Path:
     if "n_positions" in config and "n_ctx" not in config:  # GPT-2's converter reads n_ctx, as gpt2's
         config["n_ctx"] = config["n_positions"]  # released config.json has it (transformers 5 drops it)
         (model / "config.json").write_text(json.dumps(config))
+    if config.get("architectures") == ["Phi3ForCausalLM"]:  # its converter reads a sentencepiece
+        tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())  # tokenizer.model
+        tokenizer_config["tokenizer_class"] = "GPT2Tokenizer"  # unless it names Phi-4's BPE tokenizer
+        (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     command = [sys.executable, "-c", RUNNER, str(converter()), str(model), "--outtype", outtype]
     result = subprocess.run([*command, "--outfile", str(out), *options], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -169,7 +173,7 @@ def arch(request, tmp_path_factory):
     if kind == "gpt2":
         base = make_gpt2(root / "base")
     else:
-        base = make_qwen(root / "base", version=int(kind[-1]))
+        base = make_causal_lm(root / "base", kind)
     (base / "byte_tokens.json").write_text('{"byte_tokens": true}')  # ASCII bytes < the 128 rows
     options = {"fan_in_fan_out": True} if kind == "gpt2" else {}
     adapter = make_adapter(
@@ -235,6 +239,29 @@ def test_gpt2_base_converted_alone_is_missing(tmp_path):
     assert not report["changed"] and not report["extra"], report
 
 
+@pytest.mark.parametrize("kind", ["mistral", "phi3"])
+def test_mistral_and_phi3_land(kind, tmp_path):
+    """Mistral (converted by the converter's LlamaModel: q/k rows permuted) and Phi-3 (qkv_proj and
+    gate_up_proj stored fused, as attn_qkv and ffn_up) land; --text runs Phi-3 through transformers'
+    GGUF loader, and is skipped for Mistral, naming it: transformers' loader has no Mistral map."""
+    converter()
+    base = make_causal_lm(tmp_path / "base", kind)
+    (base / "byte_tokens.json").write_text('{"byte_tokens": true}')
+    targets = TARGETS if kind == "mistral" else ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    adapter = make_adapter(base, tmp_path / "adapter", model_kind="auto", seed=2, target_modules=targets)
+    merged = merged_checkpoint(base, adapter, tmp_path / "merged", dtype=torch.float32, model_kind="auto")
+    text = tmp_path / "text.txt"
+    text.write_text("the update lands in every row " * 2)
+    code, report = verify(base, adapter, to_gguf(merged, tmp_path / "merged.gguf", "f32"), "--text", text)
+    assert code == LANDED and report["landed"] and not report["changed"] and not report["extra"], report
+    assert {c["tensor"].split(".")[-2] for c in report["checks"]} == set(targets)
+    assert all(c["relative_error"] < 1e-6 for c in report["checks"]), report["checks"]
+    if kind == "phi3":
+        assert report["text"]["passed"] and report["text"]["max_difference"] < 1e-5, report["text"]
+    else:
+        assert "mistral" in report["text"]["skipped"] and not report["text"]["passed"], report["text"]
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama-bias"])
 def test_fused_qkv_is_split_back(kind, tmp_path):
     """convert_hf_to_gguf.py --fuse-qkv writes q, k and v (weights and biases: Qwen2's, a Llama's with
@@ -243,7 +270,7 @@ def test_fused_qkv_is_split_back(kind, tmp_path):
     skipped with that reason (the tensor checks decide)."""
     converter()
     if kind == "qwen2":
-        base, model_kind = make_qwen(tmp_path / "base", version=2), "auto"
+        base, model_kind = make_causal_lm(tmp_path / "base", "qwen2"), "auto"
     else:
         base, model_kind = make_llama(tmp_path / "base", attention_bias=True), "llama"
         tensors = load_file(base / "model.safetensors")  # transformers initialises biases to 0:
