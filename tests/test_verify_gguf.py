@@ -12,7 +12,9 @@ converter transposes, c_attn fused) merged by PEFT and converted land, in f32 an
 --fuse-qkv (q/k/v written as one attn_qkv, split back); one module dropped from the merge is
 `missing`, the base converted alone too. `--text` runs the GGUF through transformers' GGUF loader:
 within F32's tolerance for a correct merge, beyond it for the dropped module, skipped with the reason
-where transformers leaves weights unread (a fused attn_qkv). Another architecture is refused by name.
+where transformers leaves weights unread (a fused attn_qkv). Mistral (q/k permuted as Llama's) and
+Phi-3 (qkv_proj / gate_up_proj stored fused) land in f32 (Mistral's --text skipped: transformers'
+GGUF loader has no Mistral map). Another architecture is refused by name.
 The converter's own code converts every tensor; only its BPE pre-tokenizer detection is answered
 (the tiny tokenizer is no released model's, so its hash is unknown to the converter).
 """
