@@ -222,7 +222,7 @@ def _verify_merged(report, bound: _Bound, artifact_path, weights, device, config
     else:
         report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
     report.tensors_checked = sum(len(u.names) for u in work)
-    return "F32" if merged_gguf else artifact_dtype(target)
+    return target.weights_dtype() if merged_gguf else artifact_dtype(target)
 
 
 def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, target) -> str:

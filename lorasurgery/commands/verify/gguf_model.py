@@ -3,8 +3,10 @@ the checkpoint verify's merged check compares with the base (docs/design.md §14
 "Merged GGUF").
 
 The `gguf` package reads the file; each tensor is mapped back to the base's name through the
-architecture's name map (the inverse of what the converter writes, lorasurgery.llamacpp), Llama's
-q_proj / k_proj rows un-permuted (the converter's LlamaModel.permute), and decoded to float32 by
+architecture's name map (lorasurgery.llamacpp.merged_gguf_sources: the inverse of what the
+converter writes, a --fuse-qkv tensor split back into q, k and v rows), the converter's transforms
+of that architecture undone (llamacpp.to_base_layout: Llama's q/k rows un-permuted, GPT-2's Conv1D
+weights transposed back; another architecture is refused by name), and decoded to float32 by
 `gguf.quants.dequantize` where it is block-quantized (Q8_0, Q4_K …). F32 / F16 / BF16 tensors keep
 their dtype, so an untouched tensor is compared exactly as in a safetensors artifact; a quantized
 one is `dequantized` with its codes' grid (verdict: retention, as for §13's formats). The file has
@@ -13,6 +15,7 @@ no config.json: a tie is kept when it stores no `output.weight` (llama.cpp then 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_unpermute, permuted_heads
+from lorasurgery.llamacpp import merged_gguf_layout, merged_gguf_sources, to_base_layout
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # A block-quantized type's grid as (safetensors float code of as many mantissa bits, factor 2: the
@@ -57,6 +60,7 @@ class GgufTensorInfo:
     shape: tuple[int, ...]
     dequantized: bool
     codes: object = None  # a quantized tensor's grid: .dtype, the float code whose mantissa it has
+    rows: tuple[int, int] | None = None  # the rows of a fused GGUF tensor (--fuse-qkv) this one is
 
     @property
     def nbytes(self) -> int:
@@ -66,7 +70,8 @@ class GgufTensorInfo:
 class GgufModel:
     """A merged GGUF file as a read-only checkpoint under the base's tensor names."""
 
-    def __init__(self, path: Path, base_config: dict, model_names):
+    def __init__(self, path: Path, base_config: dict, model_tensors: dict):
+        """`model_tensors`: every base tensor name with its info (recipes.tensors), `.shape` read."""
         import gguf
 
         self.path = Path(path)
@@ -76,28 +81,28 @@ class GgufModel:
         kind = gguf_field(reader, gguf.Keys.General.TYPE) or "model"
         if kind != "model":
             raise UnsupportedError(f"{path}: general.type is {kind!r}; a merged GGUF model has 'model'")
-        _, arch = gguf_architecture(base_config)
+        arch = merged_gguf_layout(base_config).arch
         found_arch = gguf_field(reader, gguf.Keys.General.ARCHITECTURE)
         if found_arch != arch:
             raise UnsupportedError(
                 f"{path}: general.architecture is {found_arch!r}, the base's is {arch!r}: not a conversion of this base"
             )
         self.base_config = base_config
-        names = gguf_names(model_names, base_config)
         self._tensors = {}
         self.tensors: dict[str, GgufTensorInfo] = {}
-        self.extra: list[str] = []
-        for tensor in reader.tensors:
-            name = names.get(tensor.name)
-            if name is None:
-                self.extra.append(tensor.name)
-                continue
+        by_name = {tensor.name: tensor for tensor in reader.tensors}
+        shapes = {name: tuple(info.shape) for name, info in model_tensors.items()}
+        sources = merged_gguf_sources(shapes, base_config, by_name)
+        for name, source in sources.items():
+            tensor = by_name[source.gguf_name]
             kind = tensor.tensor_type.name
-            shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
             quantized = kind not in PLAIN
             codes = SimpleNamespace(dtype=QUANTIZED_GRID.get(kind, COARSE)) if quantized else None
-            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized, codes)
+            shape = _base_shape(tensor, source.rows, name, base_config)
+            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized, codes, source.rows)
             self._tensors[name] = tensor
+        used = {source.gguf_name for source in sources.values()}
+        self.extra: list[str] = [tensor.name for tensor in reader.tensors if tensor.name not in used]
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
         """Tensor `name` in the base's layout: its own dtype (F32/F16/BF16), else decoded to float32."""
@@ -112,11 +117,25 @@ class GgufModel:
             )
             if info.dtype == "BF16":
                 value = value.to(torch.bfloat16)  # exact: bf16 values are float32 values
-        value = value.reshape(info.shape)
-        heads = permuted_heads(name, self.base_config)
-        if heads is not None and value.dim() == 2:  # the converter's LlamaModel.permute, undone
-            value = llama_unpermute(value, *heads)
-        return value.to(device)
+        return self._base_layout(value, tensor, info).to(device)
+
+    def _base_layout(self, value: torch.Tensor, tensor, info: GgufTensorInfo) -> torch.Tensor:
+        """The decoded GGUF tensor as the base stores it: its rows of a fused tensor, the
+        converter's transforms undone (lorasurgery.llamacpp.to_base_layout)."""
+        value = value.reshape(tuple(int(n) for n in reversed(tensor.shape.tolist())))
+        if info.rows is not None:
+            value = value[info.rows[0] : info.rows[1]]
+        return to_base_layout(value, info.name, self.base_config)
+
+    def weights_dtype(self) -> str:
+        """The dtype whose logit tolerance `--text` applies: the one holding most elements of the
+        matrices (llama.cpp keeps 1-D norms and biases F32 in every file type, so a count of tensors
+        would pick F32 for a Q8_0 file); a quantized type as its codes' grid."""
+        sizes = Counter()
+        for info in self.tensors.values():
+            if len(info.shape) >= 2:
+                sizes[info.codes.dtype if info.dequantized else info.dtype] += int(np.prod(info.shape))
+        return sizes.most_common(1)[0][0] if sizes else "F32"
 
     def tied_structure(self, structure):
         """The structure the merged check reads ties from: the base's ties when the file stores no
@@ -124,3 +143,11 @@ class GgufModel:
         output = f"{structure.output_embedding}.weight" if structure.output_embedding else None
         tied = [] if output in self.tensors else list(structure.tied)
         return SimpleNamespace(tied=tied, input_embedding=structure.input_embedding)
+
+
+def _base_shape(tensor, rows, name: str, base_config: dict) -> tuple[int, ...]:
+    """The shape `GgufModel.read` returns for base tensor `name` (GGUF stores dimensions reversed)."""
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    if rows is not None:
+        shape = (rows[1] - rows[0], *shape[1:])
+    return tuple(to_base_layout(torch.empty(shape, device="meta"), name, base_config).shape)

@@ -6,8 +6,11 @@ with its --weight (causal_lm.with_adapters). The artifact is loaded as its user 
 - an adapter folder: the base + the artifact by PEFT, every module's scaling set to what the target
   applies (lorasurgery.targets.Target.scale: vLLM's by its release, SGLang's one global scale); an
   adapter the target refuses (vLLM 0.6.5 – 0.6.6 and use_rslora) is skipped with the refusal;
-- a GGUF file, or a checkpoint file without its folder's config.json: transformers cannot load it as
-  the runtime does, so the check is skipped with that reason (llama.cpp runs GGUF files).
+- a merged GGUF model: transformers' own GGUF loader (dequantized, under the base's config.json;
+  causal_lm.load_gguf_causal_lm), skipped with the reason where transformers cannot load its
+  architecture or would leave weights unread;
+- a GGUF LoRA, or a checkpoint file without its folder's config.json: transformers cannot load it as
+  the runtime does, so the check is skipped with that reason (llama.cpp runs GGUF LoRAs).
 Both run on the same token windows of FILE (tokenised by the base folder's tokenizer, textdata);
 the largest |Δlogit| must stay within the artifact dtype's tolerance × (1 + max |logit|)
 (causal_lm.LOGIT_TOLERANCE; a quantized artifact's codes are coarser than BF16, so it gets its own).
@@ -20,7 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorasurgery.causal_lm import LOGIT_TOLERANCE, load_causal_lm, with_adapters
+from lorasurgery.causal_lm import LOGIT_TOLERANCE, load_causal_lm, load_gguf_causal_lm, with_adapters
+from lorasurgery.errors import UnsupportedError
 from lorasurgery.targets import parse_target
 from lorasurgery.textdata import token_ids, token_windows
 
@@ -60,9 +64,9 @@ def check_text(
     """Run the comparison, or say why it cannot run (`kind`: merged checkpoint | merged GGUF | adapter)."""
     check = TextCheck(str(text))
     target = parse_target(target) if target is not None else None
-    if kind == "merged GGUF" or (target is not None and target.name == "llama.cpp"):
+    if target is not None and target.name == "llama.cpp":
         check.skipped = (
-            "a GGUF file: transformers does not run it as llama.cpp does (run llama.cpp on the text instead)"
+            "a GGUF LoRA: transformers does not run it as llama.cpp does (run llama.cpp on the text instead)"
         )
         return check
     refused = target.refusals(_adapter_config(artifact)) if kind == "adapter" and target is not None else []
@@ -84,6 +88,12 @@ def check_text(
         del reference_model
         if kind == "merged checkpoint":
             model = load_causal_lm(artifact, device)
+        elif kind == "merged GGUF":
+            try:
+                model = load_gguf_causal_lm(artifact, base_folder, device)
+            except UnsupportedError as why:  # the tensor checks still decide
+                check.skipped, check.tokens, check.dtype = str(why), 0, ""
+                return check
         else:
             model = _served(load_causal_lm(base_folder, device), artifact, target)
         landed = _logits(model, windows, device)
