@@ -663,6 +663,45 @@ def quantize_compressed(
     return Path(folder)
 
 
+def bnb_reference_decode() -> bool:
+    """Route bitsandbytes' CPU `dequantize_4bit` to its own reference code (the generic path it uses
+    without its native library) where its native CPU kernel disagrees with that code; True if it did.
+
+    bitsandbytes 0.50.2's native CPU kernel decodes a weight whose rows are not a whole number of
+    blocks with blocks that restart at each row, while its quantize_4bit (and its reference decode,
+    CUDA's, ours) counts blocks over the flattened tensor: measured, a 40×80 NF4 weight (blocks of 64)
+    decodes with relative error 0.27 instead of 0.09 (docs/quantized.md, "bitsandbytes on the CPU").
+    Whether the native kernel loads depends on the machine, so the oracles the bnb tests compare
+    against (dequantize_4bit, transformers' dequantize_bnb_weight, PEFT's merge into Linear4bit) are
+    bitsandbytes' reference arithmetic on every machine (with FP4's code 0b1000 decoded to −0.0, as
+    its CUDA and CPU kernels do). Process-wide, once."""
+    global _BNB_REFERENCE
+    if _BNB_REFERENCE is None:
+        import bitsandbytes.functional as F
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+        from bitsandbytes.backends.utils import _get_4bit_code
+
+        def reference(A, absmax, blocksize, quant_type, shape, dtype):
+            A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+            code = _get_4bit_code(quant_type, A.device)
+            if quant_type == "fp4":  # its kernels decode code 0b1000 to −0.0, its table says +0.0
+                code = code.clone().index_fill_(0, torch.tensor([8]), -0.0)
+            return _dequantize_4bit_compute(A.reshape(-1), absmax, code, blocksize, shape, dtype)
+
+        probe = torch.linspace(-1, 1, 40 * 80).reshape(40, 80).sin()
+        packed, state = F.quantize_4bit(probe, blocksize=64, quant_type="nf4")
+        expected = reference(packed, state.absmax, 64, "nf4", (40, 80), torch.float32)
+        _BNB_REFERENCE = not torch.equal(F.dequantize_4bit(packed, state), expected)
+        if _BNB_REFERENCE:
+            with warnings.catch_warnings():  # "Overriding a previously registered kernel"
+                warnings.simplefilter("ignore")
+                torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", reference)
+    return _BNB_REFERENCE
+
+
+_BNB_REFERENCE: bool | None = None
+
+
 def quantize_bnb(base_path, out_path, **bnb_config) -> Path:
     """The model at `base_path` loaded by transformers with ``BitsAndBytesConfig(**bnb_config)`` on the
     CPU (bitsandbytes quantizes it as it loads) and saved with ``save_pretrained``: the real
@@ -671,6 +710,7 @@ def quantize_bnb(base_path, out_path, **bnb_config) -> Path:
     ``load_in_8bit=True`` LLM.int8()."""
     import transformers
 
+    bnb_reference_decode()
     config = transformers.BitsAndBytesConfig(**bnb_config)
     with _quiet():
         model = transformers.AutoModelForCausalLM.from_pretrained(
