@@ -148,21 +148,24 @@ def _sums(base, merged, after, buffers: dict | None = None) -> tuple[float, floa
         return 0.0, 0.0
     cols = base.shape[-1] if base.dim() else 1
     b, m, a = (t.reshape(-1, cols) for t in (base, merged, after))
-    step = max(1, _CHUNK // cols)
-    kept = torch.zeros((), dtype=torch.float64, device=base.device)
-    update = torch.zeros((), dtype=torch.float64, device=base.device)
+    rows, step = b.shape[0], max(1, _CHUNK // cols)
     # two buffers for the whole loop: a fresh 1 MB temporary per step costs its page faults again
     buffers = {} if buffers is None else buffers
     delta_buffer, kept_buffer = (
-        _buffer(buffers, key, b, min(step, b.shape[0]), dtype=torch.float32) for key in ("delta", "kept")
+        _buffer(buffers, key, b, min(step, rows), dtype=torch.float32) for key in ("delta", "kept")
     )
-    for start in range(0, b.shape[0], step):
+    # each row's two float32 sums, added up in float64 once at the end
+    kept_rows, update_rows = (
+        _buffer(buffers, key, b[:, 0], rows, dtype=torch.float32) for key in ("kept rows", "update rows")
+    )
+    for start in range(0, rows, step):
         w = b[start : start + step]
-        delta = torch.sub(m[start : start + step], w, out=delta_buffer[: w.shape[0]])
-        products = torch.sub(a[start : start + step], w, out=kept_buffer[: w.shape[0]]).mul_(delta)
-        kept += products.sum(dim=1).double().sum()
-        update += delta.mul_(delta).sum(dim=1).double().sum()
-    return float(kept), float(update)
+        n = w.shape[0]
+        delta = torch.sub(m[start : start + step], w, out=delta_buffer[:n])
+        products = torch.sub(a[start : start + step], w, out=kept_buffer[:n]).mul_(delta)
+        torch.sum(products, dim=1, out=kept_rows[start : start + n])
+        torch.sum(delta.mul_(delta), dim=1, out=update_rows[start : start + n])
+    return float(kept_rows.double().sum()), float(update_rows.double().sum())
 
 
 def _changed(new, old, buffers: dict | None = None) -> int:
