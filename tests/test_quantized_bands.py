@@ -152,6 +152,42 @@ def test_requantize_in_blocks_equals_the_whole_tensor_route(monkeypatch, element
     assert abs(got.retention - rho) < 1e-7
 
 
+def test_requantize_in_blocks_with_buffers_kept_from_tensor_to_tensor(monkeypatch):
+    """A merging thread keeps requantize_blocks' buffers from one tensor to the next (merge/write.py:
+    _thread_buffers): tensors of other shapes in between, the buffers filled with NaN, give the
+    bytes and sums of fresh buffers."""
+    from factories import quantize_fp8
+
+    monkeypatch.setattr(delta, "BLOCK_ELEMENTS", 200 * 5)  # 5-row kernel blocks: staged into 32-row spans
+    generator = torch.Generator().manual_seed(3)
+
+    def case(rows: int, cols: int):
+        codes, scale = quantize_fp8(torch.randn(rows, cols, generator=generator), BLOCK, torch.float32, False)
+        info, read = info_of(codes, scale, BLOCK), reader(codes, scale)
+        update = Update("m", "linear", torch.randn(4, cols, generator=generator), torch.randn(rows, 4, generator=generator), 0.3)  # fmt: skip
+        return info, read, [update]
+
+    def run(info, read, updates, buffers):
+        blocks = merged_blocks(fp8.rows(info, read), updates, keep_base=True)
+        return requantize_blocks(info, blocks, fp8.band_quantizer(info, read), read(info.codes), buffers)
+
+    cases = [case(*SHAPE), case(SHAPE[1], SHAPE[0]), case(45, 333)]
+    fresh = [run(*c, None) for c in cases]
+    buffers: dict = {}
+    for i in (0, 1, 2, 0, 2, 1):
+        got = run(*cases[i], buffers)
+        for name, tensor in fresh[i].tensors.items():
+            assert torch.equal(got.tensors[name].view(torch.uint8), tensor.view(torch.uint8)), (i, name)
+        assert (got.kept, got.update, got.codes_changed) == (
+            fresh[i].kept,
+            fresh[i].update,
+            fresh[i].codes_changed,
+        )
+        for buffer in buffers.values():  # what a buffer holds must never be read before it is written
+            buffer.view(torch.uint8).fill_(0xFF)  # NaN in float32, True in bool
+    assert buffers  # the buffers were kept
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("bands")

@@ -20,6 +20,7 @@ float32, and the bytes are those of `requantize` (the same arithmetic per elemen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def requantize(info: DequantizedInfo, base, merged, read: Callable) -> Requantiz
 
 
 def requantize_blocks(
-    info: DequantizedInfo, blocks: Iterable, quantizer: BandQuantizer, old_codes
+    info: DequantizedInfo, blocks: Iterable, quantizer: BandQuantizer, old_codes, buffers: dict | None = None
 ) -> Requantized:
     """`requantize` of the tensor whose merge yields `blocks` ((start, stop, W block, W′ block) in
     row order, float32, buffers reused after each: linalg.delta.merged_blocks with keep_base),
@@ -71,21 +72,26 @@ def requantize_blocks(
 
     The merge's blocks keep their own row counts (the BLAS result depends on them), so a block that
     does not end on a scale block's edge is staged: its rows wait, copied, until a span of whole
-    scale blocks is complete."""
+    scale blocks is complete.
+
+    `buffers` (a dict the caller keeps, e.g. one per merging thread) holds the staging and scratch
+    buffers from one span and one tensor to the next: a fresh allocation per span costs its page
+    faults again, which the merge's threads pay in full (docs/merge.md)."""
 
     rows, multiple = info.shape[0], quantizer.multiple
     totals = [0.0, 0.0, 0]  # kept, update, codes changed
-    staged: dict = {}  # "W", "M": staging buffers; "after": deq(W′) of one span
+    buffers = {} if buffers is None else buffers  # "W", "M": staging; "after": deq(W′) of one span; scratch
+    staged: dict = {}  # "W", "M": this tensor's staging views
     pending = [0, 0]  # first staged row, staged rows
 
     def span(start: int, stop: int, W, M) -> None:
-        after = _buffer(staged, "after", M, stop - start, keep=False)
+        after = _buffer(buffers, "after", M, stop - start, keep=False)
         quantizer.band(start, stop, M, after)
-        kept, update = _sums(W, M, after)
+        kept, update = _sums(W, M, after, buffers)
         totals[0] += kept
         totals[1] += update
         new = quantizer.stored[quantizer.codes][start:stop]
-        totals[2] += _changed(new, old_codes[start:stop].to(new.device))
+        totals[2] += _changed(new, old_codes[start:stop].to(new.device), buffers)
 
     for start, stop, W, M in blocks:
         first, count = pending
@@ -96,7 +102,8 @@ def requantize_blocks(
         n = stop - start
         for key, block in (("W", W), ("M", M)):
             # fewer than `multiple` rows wait between spans: this size never grows
-            _buffer(staged, key, block, n + 2 * multiple)[count : count + n].copy_(block)
+            staged[key] = _buffer(buffers, key, block, n + 2 * multiple)
+            staged[key][count : count + n].copy_(block)
         count += n
         ready = count if first + count == rows else count // multiple * multiple
         if ready:
@@ -107,51 +114,66 @@ def requantize_blocks(
     return Requantized(dict(quantizer.stored), totals[0], totals[1], totals[2], old_codes.numel())
 
 
-def _buffer(buffers: dict, key: str, like, rows: int, keep: bool = True):
-    """A reusable buffer of at least `rows` rows shaped and typed like the block `like` (what it
-    held kept when it grows, if `keep`)."""
-    buffer = buffers.get(key)
-    if buffer is None or buffer.shape[0] < rows:
-        import torch
+def _buffer(buffers: dict, key: str, like, rows: int, keep: bool = True, dtype=None):
+    """A (rows, *like.shape[1:]) view of a reusable buffer of `like`'s device and dtype (or `dtype`),
+    grown when too small (what it held kept, if `keep`: the same columns, so the same rows). The
+    buffer is flat, so that one tensor's buffer serves the next whatever its columns."""
+    import torch
 
-        grown = torch.empty((rows, *like.shape[1:]), dtype=like.dtype, device=like.device)
+    shape = (rows, *like.shape[1:])
+    size = math.prod(shape)
+    dtype = like.dtype if dtype is None else dtype
+    slot = (key, dtype, like.device)
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.numel() < size:
+        grown = torch.empty(size, dtype=dtype, device=like.device)
         if buffer is not None and keep:
-            grown[: buffer.shape[0]].copy_(buffer)
-        buffer = buffers[key] = grown
-    return buffer[:rows]
+            grown[: buffer.numel()].copy_(buffer)
+        buffer = buffers[slot] = grown
+    return buffer[:size].view(shape)
 
 
-def _sums(base, merged, after) -> tuple[float, float]:
+def _sums(base, merged, after, buffers: dict | None = None) -> tuple[float, float]:
     """(⟨deq(W′) − deq(W), ΔW⟩, ‖ΔW‖²) over rows of the last dimension, in chunks of rows.
 
     Each difference of two float32 tensors is rounded once to float32, so it is within 2⁻²⁴ of its
     own value (however small ΔW is against W); the products are summed per row in float32 (torch's
     cascade sum) and the rows in float64. A row's sum does not depend on the chunk it is in, so the
     whole tensor (inspect) and the merge's spans (requantize_blocks) give the same ρ to float64
-    rounding; against a float64 recomputation it is within 1e-7 (docs/design.md §13)."""
+    rounding; against a float64 recomputation it is within 1e-7 (docs/design.md §13). `buffers`:
+    as for requantize_blocks."""
     import torch
 
     if base.numel() == 0:
         return 0.0, 0.0
     cols = base.shape[-1] if base.dim() else 1
     b, m, a = (t.reshape(-1, cols) for t in (base, merged, after))
-    step = max(1, _CHUNK // cols)
-    kept = torch.zeros((), dtype=torch.float64, device=base.device)
-    update = torch.zeros((), dtype=torch.float64, device=base.device)
+    rows, step = b.shape[0], max(1, _CHUNK // cols)
     # two buffers for the whole loop: a fresh 1 MB temporary per step costs its page faults again
-    delta_buffer, kept_buffer = (torch.empty((min(step, b.shape[0]), cols), device=base.device) for _ in "dk")
-    for start in range(0, b.shape[0], step):
+    buffers = {} if buffers is None else buffers
+    delta_buffer, kept_buffer = (
+        _buffer(buffers, key, b, min(step, rows), dtype=torch.float32) for key in ("delta", "kept")
+    )
+    # each row's two float32 sums, added up in float64 once at the end
+    kept_rows, update_rows = (
+        _buffer(buffers, key, b[:, 0], rows, dtype=torch.float32) for key in ("kept rows", "update rows")
+    )
+    for start in range(0, rows, step):
         w = b[start : start + step]
-        delta = torch.sub(m[start : start + step], w, out=delta_buffer[: w.shape[0]])
-        products = torch.sub(a[start : start + step], w, out=kept_buffer[: w.shape[0]]).mul_(delta)
-        kept += products.sum(dim=1).double().sum()
-        update += delta.mul_(delta).sum(dim=1).double().sum()
-    return float(kept), float(update)
+        n = w.shape[0]
+        delta = torch.sub(m[start : start + step], w, out=delta_buffer[:n])
+        products = torch.sub(a[start : start + step], w, out=kept_buffer[:n]).mul_(delta)
+        torch.sum(products, dim=1, out=kept_rows[start : start + n])
+        torch.sum(delta.mul_(delta), dim=1, out=update_rows[start : start + n])
+    return float(kept_rows.double().sum()), float(update_rows.double().sum())
 
 
-def _changed(new, old) -> int:
+def _changed(new, old, buffers: dict | None = None) -> int:
     import torch
 
     if new.element_size() == 1:  # compare bit patterns: float8 has no == on every device
         new, old = new.view(torch.uint8), old.view(torch.uint8)
-    return int(torch.count_nonzero(torch.ne(new, old)))
+    if buffers is None:
+        return int(torch.count_nonzero(torch.ne(new, old)))
+    differ = _buffer(buffers, "differ", new, new.shape[0], dtype=torch.bool)
+    return int(torch.count_nonzero(torch.ne(new, old, out=differ)))

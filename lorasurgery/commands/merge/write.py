@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -215,7 +216,22 @@ def _requantized_in_blocks(plan: MergePlan, item: Item, encoded: Encoded, device
     blocks = merged_blocks(
         rows, updates, device=device, allow_nonfinite=allow_nonfinite, name=item.name, keep_base=True
     )
-    return requantize_blocks(item.source, blocks, quantizer, read(item.source.codes))
+    return requantize_blocks(item.source, blocks, quantizer, read(item.source.codes), _thread_buffers())
+
+
+_THREAD = threading.local()
+
+
+def _thread_buffers() -> dict:
+    """The calling merging thread's scratch buffers for requantize_blocks, kept from one tensor to
+    the next (fresh ones per tensor cost their page faults again: docs/merge.md); they go with the
+    pipeline's thread. The main thread gets fresh ones, so that nothing outlives the command."""
+    if threading.current_thread() is threading.main_thread():
+        return {}
+    buffers = getattr(_THREAD, "buffers", None)
+    if buffers is None:
+        buffers = _THREAD.buffers = {}
+    return buffers
 
 
 def measure_retention(plan: MergePlan, device, precise, allow_nonfinite, progress) -> dict:
