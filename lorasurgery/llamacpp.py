@@ -5,12 +5,13 @@ GGUF): the tensor names come from the `gguf` package's name map for the architec
 convert_hf_to_gguf.py's LlamaModel.permute reorders q_proj / k_proj rows for llama.cpp's rotary
 layout (docs/export.md "Rules"; docs/design.md §14 for verify's use). A merged GGUF of another
 architecture is read back through `GgufLayout`: the converter's other transforms of that
-architecture (GPT-2's Conv1D weights transposed, q/k/v fused by --fuse-qkv), each undone by name
-(docs/verify.md "Merged GGUF").
+architecture (GPT-2's Conv1D weights transposed, q/k/v fused by --fuse-qkv, MoE experts stacked into
+`…_exps` tensors), each undone by name (docs/verify.md "Merged GGUF", "MoE experts").
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +102,20 @@ class GgufLayout:
     arch: str  # gguf's architecture name (general.architecture)
     permute_qk: bool = False  # LlamaModel.permute on q_proj / k_proj rows, weight and bias
     transposed: tuple[str, ...] = ()  # modules whose weight is written transposed (Conv1D → (out, in))
+    # MoE experts stacked (docs/verify.md "MoE experts"): each projection's per-expert (out, in)
+    # weights as one (E, out, in) `…_exps` tensor, a fused gate_up_proj (E, 2·I, H) split at row I
+    stacked_experts: bool = False
 
 
 # HF class -> what its converter class does; an architecture not here is refused by name.
 MERGED_GGUF_LAYOUTS = {
     "LlamaForCausalLM": GgufLayout("llama", permute_qk=True),
     "MistralForCausalLM": GgufLayout("llama", permute_qk=True),  # converted by LlamaModel too
+    "MixtralForCausalLM": GgufLayout("llama", permute_qk=True, stacked_experts=True),  # LlamaModel too
     "Qwen2ForCausalLM": GgufLayout("qwen2"),
     "Qwen3ForCausalLM": GgufLayout("qwen3"),
+    "Qwen2MoeForCausalLM": GgufLayout("qwen2moe", stacked_experts=True),  # Qwen2MoeModel.modify_tensors
+    "Qwen3MoeForCausalLM": GgufLayout("qwen3moe", stacked_experts=True),  # Qwen2MoeModel's too
     "Phi3ForCausalLM": GgufLayout("phi3"),  # qkv_proj / gate_up_proj stay fused: attn_qkv / ffn_up
     "GPT2LMHeadModel": GgufLayout("gpt2", transposed=("c_attn", "c_proj", "c_fc")),
 }
@@ -133,6 +140,8 @@ class GgufSource:
 
     gguf_name: str
     rows: tuple[int, int] | None = None  # [start, stop) of the GGUF tensor's rows, in the base's layout
+    expert: int | None = None  # expert e of a stacked `…_exps` tensor (a split-stored base's expert)
+    pieces: tuple[str, ...] = ()  # GGUF tensors concatenated after gguf_name on dim 1 (a fused gate_up)
 
 
 def merged_gguf_sources(base_shapes: dict, base_config: dict, gguf_names_found) -> dict[str, GgufSource]:
@@ -154,6 +163,10 @@ def merged_gguf_sources(base_shapes: dict, base_config: dict, gguf_names_found) 
     sources: dict[str, GgufSource] = {}
     fused: dict[str, list[str]] = {}  # blk.N.attn_qkv.weight -> [q, k, v] base names
     for name in base_shapes:
+        expert = _expert_source(name, name_map, present) if layout.stacked_experts else None
+        if expert is not None:
+            sources[name] = expert
+            continue
         mapped = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             continue
@@ -172,6 +185,34 @@ def merged_gguf_sources(base_shapes: dict, base_config: dict, gguf_names_found) 
             sources[name] = GgufSource(fused_name, (start, stop))
             start = stop
     return sources
+
+
+_PER_EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+_FUSED_EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _expert_source(name: str, name_map, present: set) -> GgufSource | None:
+    """Where base tensor `name`, an MoE expert weight, is in a GGUF whose converter stacks experts:
+    a split-stored expert's weight (`…experts.{e}.gate_proj.weight`) is expert e of the stacked
+    tensor of its projection; a fused `…experts.gate_up_proj` (E, 2·I, H) is the gate and up
+    tensors concatenated on dim 1 (the converter split it at row I, gate first); a fused
+    `…experts.down_proj` is its stacked tensor whole. None where `name` is none of these, or the
+    file lacks the tensor."""
+    found = _PER_EXPERT.match(name)
+    if found is not None:
+        stacked = name_map.get_name(f"{found['block']}.{found['proj']}.weight", try_suffixes=(".weight",))
+        if stacked is None or "_exps" not in stacked or stacked not in present:
+            return None
+        return GgufSource(stacked, expert=int(found["expert"]))
+    block, _, parameter = name.rpartition(".")
+    if not block.endswith(".experts") or parameter not in _FUSED_EXPERTS:
+        return None
+    mapped = [
+        name_map.get_name(f"{block}.{p}.weight", try_suffixes=(".weight",)) for p in _FUSED_EXPERTS[parameter]
+    ]
+    if any(m is None or "_exps" not in m or m not in present for m in mapped):
+        return None
+    return GgufSource(mapped[0], pieces=tuple(mapped[1:]))
 
 
 def _qkv_part(mapped: str) -> tuple[str, str | None, str]:

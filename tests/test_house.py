@@ -20,11 +20,6 @@ MAX_PARAMETERS = 8
 # (path under lorasurgery/, function name) -> why it may exceed, for now
 ALLOWED = {
     (
-        "commands/verify/adapter.py",
-        "_compare",
-    ): "10 parameters: verify/adapter.py is being edited in parallel",
-    ("commands/verify/text.py", "check_text"): "10 parameters: verify/text.py is being edited in parallel",
-    (
         "concurrency.py",
         "__init__",
     ): "Pipeline: 9 parameters: the three stages, then five keyword-only tuning options, each defaulted "

@@ -43,7 +43,7 @@ from lorasurgery.commands.verify.adapter import (
 from lorasurgery.commands.verify.config import check_config
 from lorasurgery.commands.verify.gguf_model import GgufModel
 from lorasurgery.commands.verify.merged import Changed, MergedCheck, TensorCheck, units
-from lorasurgery.commands.verify.text import TextCheck, artifact_dtype, check_text
+from lorasurgery.commands.verify.text import TextCheck, TextRun, artifact_dtype, check_text
 from lorasurgery.concurrency import torch_threads
 from lorasurgery.devices import resolve_device
 from lorasurgery.errors import OptionError, UnsupportedError
@@ -162,12 +162,7 @@ def verify_artifact(request: VerifyRequest, progress: ProgressCallback | None = 
         )
     if request.text is not None:
         report.text = check_text(
-            base,
-            adapters,
-            weights,
-            artifact_path,
-            request.text,
-            request.tokens,
+            TextRun(base, adapters, weights, artifact_path, request.text, request.tokens),
             kind="adapter" if as_adapter else report.artifact_kind,
             target=report.target_spec,
             device=device,

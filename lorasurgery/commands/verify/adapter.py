@@ -36,7 +36,7 @@ import torch
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
 from lorasurgery.commands.verify.gguf_model import gguf_field, open_gguf
-from lorasurgery.commands.verify.merged import F32_NOISE, Changed, MergedCheck, TensorCheck
+from lorasurgery.commands.verify.merged import F32_NOISE, Changed, MergedCheck, TensorCheck, shape_differs
 from lorasurgery.commands.verify.verdict import MANTISSA_BITS, compare, compare_factored, factored_norm, norm
 from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.linalg.update import factors, to_stored
@@ -302,7 +302,7 @@ def check_adapter_artifact(
         if landed.refused:
             checks.append(TensorCheck(name, kind, modules, None, "refused", landed.refused))
             continue
-        checks.append(_compare(name, recipe, kind, modules, landed, found, expected, bound, weights, device))
+        checks.append(_compare(name, recipe, kind, modules, landed, found, expected))
     for name, landed in found.landed.items():
         if name in recipes.recipes and not recipes.recipes[name].untouched:
             continue
@@ -316,11 +316,13 @@ def check_adapter_artifact(
     return checks, changed
 
 
-def _expected_terms(recipe, bound, weights, device) -> list[Term]:
+def _expected_terms(recipe, expected: MergedCheck) -> list[Term]:
+    """PEFT's terms w·s·B, A of a plain recipe, float64, from the check's bound adapters and weights."""
     terms = []
     for index, key in recipe.updates:
-        f = factors(bound[index].adapter, bound[index].targets[key].lora, device)
-        terms.append(Term(f.B.double() * (f.scale * weights[index]), f.A.double()))
+        bound = expected.bound[index]
+        f = factors(bound.adapter, bound.targets[key].lora, expected.device)
+        terms.append(Term(f.B.double() * (f.scale * expected.weights[index]), f.A.double()))
     return terms
 
 
@@ -330,29 +332,23 @@ def _stack(terms: list[Term], rows: int, cols: int, dtype=torch.float64):
     return torch.cat([t.B for t in terms], dim=1), torch.cat([t.A for t in terms], dim=0)
 
 
-def _compare(
-    name, recipe, kind, modules, landed: Landed, found, expected, bound, weights, device
-) -> TensorCheck:
+def _compare(name, recipe, kind, modules, landed: Landed, found, expected: MergedCheck) -> TensorCheck:
+    """ΔŴ the target lands on `name` against PEFT's ΔW (`expected` holds the bound adapters, their
+    weights and the device): factored where both are plain LoRA, else dense."""
     plain = expected.plain(recipe) and not landed.dense
     if plain:
-        Db, Da = _stack(_expected_terms(recipe, bound, weights, device), 0, 0)
+        Db, Da = _stack(_expected_terms(recipe, expected), 0, 0)
         Hb, Ha = _stack(landed.terms, Db.shape[0], Da.shape[1])
         if (Hb.shape[0], Ha.shape[1]) != (Db.shape[0], Da.shape[1]):
-            return TensorCheck(
-                name,
-                kind,
-                modules,
-                None,
-                "differs",
-                f"shape {[Hb.shape[0], Ha.shape[1]]}, expected {[Db.shape[0], Da.shape[1]]}",
-            )
+            found_shape, expected_shape = (Hb.shape[0], Ha.shape[1]), (Db.shape[0], Da.shape[1])
+            return shape_differs(name, kind, modules, found_shape, expected_shape)
         n = factored_norm(Db, Da)
         tolerance = landed.rounding + F32_NOISE * n
         comparison = compare_factored(Hb, Ha, Db, Da, tolerance)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
-    W = expected.base.read(expected.recipes.tensors[name].name, device)
+    W = expected.base.read(expected.recipes.tensors[name].name, expected.device)
     _, D = expected.expected(name, W)
-    H = _dense_landed(name, landed, found, W, recipe, bound)
+    H = _dense_landed(name, landed, found, W, recipe, expected.bound)
     n = norm(D)
     comparison = compare(H, D, landed.rounding + F32_NOISE * n, n)
     return TensorCheck(name, kind, modules, comparison, comparison.label)

@@ -4,7 +4,8 @@ the checkpoint verify's merged check compares with the base (docs/design.md §14
 
 The `gguf` package reads the file; each tensor is mapped back to the base's name through the
 architecture's name map (lorasurgery.llamacpp.merged_gguf_sources: the inverse of what the
-converter writes, a --fuse-qkv tensor split back into q, k and v rows), the converter's transforms
+converter writes, a --fuse-qkv tensor split back into q, k and v rows, an MoE expert weight taken out
+of its stacked `…_exps` tensor or a fused gate_up_proj rebuilt from two), the converter's transforms
 of that architecture undone (llamacpp.to_base_layout: Llama's q/k rows un-permuted, GPT-2's Conv1D
 weights transposed back; another architecture is refused by name), and decoded to float32 by
 `gguf.quants.dequantize` where it is block-quantized (Q8_0, Q4_K …). F32 / F16 / BF16 tensors keep
@@ -61,6 +62,8 @@ class GgufTensorInfo:
     dequantized: bool
     codes: object = None  # a quantized tensor's grid: .dtype, the float code whose mantissa it has
     rows: tuple[int, int] | None = None  # the rows of a fused GGUF tensor (--fuse-qkv) this one is
+    expert: int | None = None  # the expert of a stacked `…_exps` tensor this one is
+    pieces: tuple = ()  # the GGUF tensors concatenated after this one on dim 1 (a fused gate_up_proj)
 
     @property
     def nbytes(self) -> int:
@@ -99,9 +102,17 @@ class GgufModel:
             quantized = kind not in PLAIN
             codes = SimpleNamespace(dtype=QUANTIZED_GRID.get(kind, COARSE)) if quantized else None
             shape = _base_shape(tensor, source.rows, name, base_config)
-            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized, codes, source.rows)
+            if source.expert is not None or source.pieces:
+                shape, pieces = _stacked_shape(tensor, source, by_name, self.path)
+                info = GgufTensorInfo(
+                    name, tensor.name, kind, shape, quantized, codes, None, source.expert, pieces
+                )
+            else:
+                info = GgufTensorInfo(name, tensor.name, kind, shape, quantized, codes, source.rows)
+            self.tensors[name] = info
             self._tensors[name] = tensor
         used = {source.gguf_name for source in sources.values()}
+        used.update(piece for source in sources.values() for piece in source.pieces)
         self.extra: list[str] = [tensor.name for tensor in reader.tensors if tensor.name not in used]
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
@@ -123,6 +134,8 @@ class GgufModel:
         """The decoded GGUF tensor as the base stores it: its rows of a fused tensor, the
         converter's transforms undone (lorasurgery.llamacpp.to_base_layout)."""
         value = value.reshape(tuple(int(n) for n in reversed(tensor.shape.tolist())))
+        if info.expert is not None or info.pieces:
+            return _stacked_part(value, info)
         if info.rows is not None:
             value = value[info.rows[0] : info.rows[1]]
         return to_base_layout(value, info.name, self.base_config)
@@ -143,6 +156,44 @@ class GgufModel:
         output = f"{structure.output_embedding}.weight" if structure.output_embedding else None
         tied = [] if output in self.tensors else list(structure.tied)
         return SimpleNamespace(tied=tied, input_embedding=structure.input_embedding)
+
+
+def _stacked_shape(tensor, source, by_name: dict, path: Path) -> tuple[tuple[int, ...], tuple]:
+    """(the base's shape, the GGUF piece tensors) of an MoE expert weight read out of stacked
+    `…_exps` tensors (lorasurgery.llamacpp.GgufSource: one expert, or gate and up concatenated)."""
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    pieces = tuple(by_name[p] for p in source.pieces)
+    for piece in pieces:
+        piece_shape = tuple(int(n) for n in reversed(piece.shape.tolist()))
+        if piece.tensor_type != tensor.tensor_type or len(piece_shape) != 3 or piece_shape[::2] != shape[::2]:
+            raise UnsupportedError(
+                f"{path}: {tensor.name} ({tensor.tensor_type.name}, {list(shape)}) and {piece.name} "
+                f"({piece.tensor_type.name}, {list(piece_shape)}) do not concatenate into one fused expert "
+                "parameter: verify reads them back only alike in type and shape but for their rows"
+            )
+        shape = (shape[0], shape[1] + piece_shape[1], shape[2])
+    return (shape[1:] if source.expert is not None else shape), pieces
+
+
+def _stacked_part(value: torch.Tensor, info: GgufTensorInfo) -> torch.Tensor:
+    """Expert `info.expert` of a decoded stacked tensor, or it with `info.pieces` (decoded alike)
+    concatenated on dim 1: the converter's torch.stack and gate/up split undone."""
+    import gguf
+
+    if info.expert is not None:
+        return value[info.expert]
+    parts = [value]
+    for piece in info.pieces:
+        data = piece.data
+        if not info.dequantized and info.dtype != "BF16":
+            decoded = torch.from_numpy(np.array(data))
+        else:
+            decoded = torch.from_numpy(
+                np.asarray(gguf.quants.dequantize(data, piece.tensor_type), dtype=np.float32)
+            )
+            decoded = decoded.to(value.dtype)
+        parts.append(decoded.reshape(tuple(int(n) for n in reversed(piece.shape.tolist()))))
+    return torch.cat(parts, dim=1)
 
 
 def _base_shape(tensor, rows, name: str, base_config: dict) -> tuple[int, ...]:

@@ -76,6 +76,14 @@ class TensorCheck:
         }
 
 
+def shape_differs(name: str, kind: str, modules: list[str], found, expected) -> TensorCheck:
+    """The check of a tensor the artifact holds in another shape than the expected one: `differs`,
+    naming both shapes (a merged tensor, or the product of an adapter artifact's factors)."""
+    return TensorCheck(
+        name, kind, modules, None, "differs", f"shape {list(found)}, expected {list(expected)}"
+    )
+
+
 @dataclass
 class Changed:
     """A tensor the adapters do not touch that the artifact changed (or lacks)."""
@@ -177,14 +185,7 @@ class MergedCheck:
         if A is None:
             return TensorCheck(name, kind, modules, None, "absent", "the artifact has no such tensor")
         if tuple(A.shape) != tuple(delta.shape):
-            return TensorCheck(
-                name,
-                kind,
-                modules,
-                None,
-                "differs",
-                f"shape {list(A.shape)}, expected {list(delta.shape)}",
-            )
+            return shape_differs(name, kind, modules, A.shape, delta.shape)
         size = norm(delta)
         comparison = compare(H, delta, self.tolerance(name, delta, size), size)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
@@ -215,9 +216,7 @@ class MergedCheck:
         if A is None:
             return TensorCheck(name, kind, modules, None, "absent", "the artifact has no such tensor")
         if tuple(A.shape) != tuple(W.shape):
-            return TensorCheck(
-                name, kind, modules, None, "differs", f"shape {list(A.shape)}, expected {list(W.shape)}"
-            )
+            return shape_differs(name, kind, modules, A.shape, W.shape)
         lora = self.bound[recipe.updates[0][0]].targets[recipe.updates[0][1]].lora
         H = A.to(torch.float32, copy=True).contiguous()
         code, factor = self._grid(name)

@@ -18,8 +18,10 @@ the largest |Δlogit| must stay within the artifact dtype's tolerance × (1 + ma
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +60,23 @@ class TextCheck:
         }
 
 
-def check_text(
-    base, adapters, weights, artifact: Path, text, tokens: int, *, kind: str, target, device, dtype: str
-) -> TextCheck:
+@dataclass(frozen=True)
+class TextRun:
+    """What `--text` runs: base + adapters (each with its weight) against the artifact, on `tokens`
+    tokens of the file `text`."""
+
+    base: str | os.PathLike
+    adapters: Sequence[str | os.PathLike]
+    weights: Sequence[float]
+    artifact: Path
+    text: str | os.PathLike
+    tokens: int
+
+
+def check_text(run: TextRun, *, kind: str, target, device, dtype: str) -> TextCheck:
     """Run the comparison, or say why it cannot run (`kind`: merged checkpoint | merged GGUF | adapter)."""
-    check = TextCheck(str(text))
+    artifact = run.artifact
+    check = TextCheck(str(run.text))
     target = parse_target(target) if target is not None else None
     if target is not None and target.name == "llama.cpp":
         check.skipped = (
@@ -76,13 +90,13 @@ def check_text(
     if kind == "merged checkpoint" and not (artifact.is_dir() and (artifact / "config.json").is_file()):
         check.skipped = f"{artifact} is not a folder with config.json: transformers cannot load it as a model"
         return check
-    base_folder = Path(base) if Path(base).is_dir() else Path(base).parent
-    ids = token_ids(base_folder, text, tokens)
+    base_folder = Path(run.base) if Path(run.base).is_dir() else Path(run.base).parent
+    ids = token_ids(base_folder, run.text, run.tokens)
     check.tokens = len(ids)
     check.dtype = dtype
     with warnings.catch_warnings():  # PEFT's and transformers' notes are not verify's output
         warnings.simplefilter("ignore")
-        reference_model = with_adapters(load_causal_lm(base_folder, device), adapters, weights)
+        reference_model = with_adapters(load_causal_lm(base_folder, device), run.adapters, run.weights)
         windows = token_windows(ids, getattr(reference_model.config, "max_position_embeddings", None))
         reference = _logits(reference_model, windows, device)
         del reference_model
