@@ -60,11 +60,20 @@ def token_ids(
     return ids
 
 
-def token_windows(ids: list[int], max_positions: int | None):
-    """[(1, L) LongTensor, …]: consecutive windows of at most min(MAX_WINDOW, max_positions) tokens."""
+def token_windows(ids: list[int], config, source: str):
+    """[(1, L) LongTensor, …]: consecutive windows of at most min(MAX_WINDOW, max_position_embeddings)
+    tokens for the model of `config`; LoraSurgeryError naming `source` (the text and the tokenizer's
+    folder) when an id lies outside the model's vocabulary (a tokenizer, or byte tokens, that are not
+    this model's): the embedding lookup would fail with an IndexError."""
     import torch
 
-    length = min(MAX_WINDOW, max_positions or MAX_WINDOW)
+    vocabulary = getattr(config, "vocab_size", None)
+    if vocabulary and max(ids) >= vocabulary:
+        raise LoraSurgeryError(
+            f"{source}: token id {max(ids)} is outside the model's vocabulary ({vocabulary} entries): the "
+            f"tokenizer (or {BYTE_TOKENS_FILE}'s byte ids 0–255) is not this model's"
+        )
+    length = min(MAX_WINDOW, getattr(config, "max_position_embeddings", None) or MAX_WINDOW)
     ids_tensor = torch.tensor(ids, dtype=torch.long)
     windows = [ids_tensor[i : i + length] for i in range(0, len(ids), length)]
     return [w[None, :] for w in windows if len(w) >= 2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from lorasurgery.commands.extract.calibrate import collect_input_grams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 TEXT = SAMPLES / "corpus" / "Apache-2.0"
+
+POSITIONS = SimpleNamespace(max_position_embeddings=64)  # a config for token_windows
 
 
 def reference_whitening(folder, names, tokens):
@@ -34,7 +37,7 @@ def reference_whitening(folder, names, tokens):
         for name in names
     ]
     with torch.no_grad():
-        for window in token_windows(token_ids(folder, TEXT, tokens), 64):
+        for window in token_windows(token_ids(folder, TEXT, tokens), POSITIONS, "test"):
             model(window)
     for hook in hooks:
         hook.remove()
@@ -115,7 +118,7 @@ def test_grams_are_those_of_each_layers_inputs_and_shared_by_q_k_v():
         for name in names
     ]
     with torch.no_grad():
-        for window in token_windows(token_ids(SAMPLES / "finetuned", TEXT, 256), 64):
+        for window in token_windows(token_ids(SAMPLES / "finetuned", TEXT, 256), POSITIONS, "test"):
             model(window)
     for hook in hooks:
         hook.remove()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ from lorasurgery.textdata import token_ids, token_windows
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 TEXT = SAMPLES / "corpus" / "Apache-2.0"
 TOKENS = 384  # 6 windows of the sample's 64 positions: a probe pass takes milliseconds
+
+POSITIONS = SimpleNamespace(max_position_embeddings=64)  # a config for token_windows
 
 
 def test_full_rank_changes_nothing_in_every_mode():
@@ -114,7 +117,7 @@ def test_adapter_finetune_reference_is_peft_forward():
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(SAMPLES / "base"), SAMPLES / "lora_qv_r8"
     )
-    windows = token_windows(token_ids(SAMPLES / "base", TEXT, TOKENS), 64)
+    windows = token_windows(token_ids(SAMPLES / "base", TEXT, TOKENS), POSITIONS, "test")
     assert result.reference["loss_finetuned"] == pytest.approx(
         Forward(peft_model.eval(), windows).loss(), rel=1e-5
     )
@@ -193,7 +196,7 @@ def test_the_probed_conv1d_fine_tune_is_peft_s_whatever_the_saved_flag(tmp_path)
 
     result = functional_rank(ProbeRequest(adapter, base=base, text=TEXT, tokens=256, fractions=[1.0]))
     peft_model = PeftModel.from_pretrained(load_causal_lm(base), adapter)
-    windows = token_windows(token_ids(base, TEXT, 256), 64)
+    windows = token_windows(token_ids(base, TEXT, 256), POSITIONS, "test")
     assert result.reference["loss_finetuned"] == pytest.approx(
         Forward(peft_model.eval(), windows).loss(), rel=1e-5
     )

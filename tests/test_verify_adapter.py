@@ -294,3 +294,9 @@ def test_text_logits_of_correct_and_broken_artifacts(llama, text, tmp_path):
     assert_refused(
         ["verify", base, adapter, merged, "--text", tmp_path / "none.txt"], "none.txt", inputs=[merged]
     )
+    accented = tmp_path / "accented.txt"  # UTF-8 bytes ≥ 128: outside the tiny Llama's 128 tokens
+    accented.write_text("une chirurgie très précise " * 4, encoding="utf-8")
+    refused = assert_refused(
+        ["verify", base, adapter, merged, "--text", accented], "accented.txt tokenised by", inputs=[merged]
+    )
+    assert "outside the model's vocabulary (128 entries)" in refused.stderr

@@ -53,7 +53,7 @@ def collect_input_grams(
     """{module: Whitening} from the inputs each named Linear-like module of the model in `folder` sees."""
     ids = token_ids(folder, text, tokens or DEFAULT_TOKENS)
     model = load_causal_lm(folder, device)
-    windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))
+    windows = token_windows(ids, model.config, f"--text {text} tokenised by {folder}")
     owner: dict[str, list] = {}  # module -> [G float64 (n, n), tokens]; modules fed one tensor share one
     # This window's inputs (data_ptr, shape) -> (the accumulator they fed, the tensor itself): holding
     # the tensor keeps its memory from being reused by a later, different input of the same shape.

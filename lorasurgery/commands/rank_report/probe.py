@@ -310,7 +310,9 @@ def _functional_rank(request: ProbeRequest, progress, started) -> ProbeResult:
         open_checkpoint(model_path)
     ids = token_ids(base if base is not None else target, request.text, request.tokens or DEFAULT_TOKENS)
     model = load_causal_lm(model_folder, device)
-    windows = token_windows(ids, getattr(model.config, "max_position_embeddings", None))
+    windows = token_windows(
+        ids, model.config, f"--text {request.text} tokenised by {base if base is not None else target}"
+    )
     forward = Forward(model, windows, device)
     notes: list[str] = []
 

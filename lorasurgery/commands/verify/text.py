@@ -97,7 +97,7 @@ def check_text(run: TextRun, *, kind: str, target, device, dtype: str) -> TextCh
     with warnings.catch_warnings():  # PEFT's and transformers' notes are not verify's output
         warnings.simplefilter("ignore")
         reference_model = with_adapters(load_causal_lm(base_folder, device), run.adapters, run.weights)
-        windows = token_windows(ids, getattr(reference_model.config, "max_position_embeddings", None))
+        windows = token_windows(ids, reference_model.config, f"--text {run.text} tokenised by {base_folder}")
         reference = _logits(reference_model, windows, device)
         del reference_model
         if kind == "merged checkpoint":
