@@ -7,7 +7,8 @@ architecture's name map (the inverse of what the converter writes, lorasurgery.l
 q_proj / k_proj rows un-permuted (the converter's LlamaModel.permute), and decoded to float32 by
 `gguf.quants.dequantize` where it is block-quantized (Q8_0, Q4_K …). F32 / F16 / BF16 tensors keep
 their dtype, so an untouched tensor is compared exactly as in a safetensors artifact; a quantized
-one is `dequantized` with its codes' grid (verdict: retention, as for §13's formats). The file has
+one is `dequantized`, its rounding ‖½ step‖ read from its block scales (`rounding`, gguf_quants),
+and judged by its retention against that rounding (verdict.judge_quantized). The file has
 no config.json: a tie is kept when it stores no `output.weight` (llama.cpp then reuses token_embd).
 """
 
@@ -20,14 +21,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lorasurgery.commands.verify.gguf_quants import half_step_norm, stepped
 from lorasurgery.errors import CheckpointError, UnsupportedError
 from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_unpermute, permuted_heads
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# A block-quantized type's grid as (safetensors float code of as many mantissa bits, factor 2: the
-# block scale need not be a power of two); Q8_0 keeps 7 bits of magnitude, 4- to 6-bit types ~3.
-QUANTIZED_GRID = {"Q8_0": "BF16", "Q8_1": "BF16", "Q8_K": "BF16"}
-COARSE = "F8_E4M3"
 
 
 def open_gguf(path: Path):
@@ -56,7 +54,7 @@ class GgufTensorInfo:
     dtype: str  # F32 | F16 | BF16, or the GGML type's name (Q8_0 …) when dequantized
     shape: tuple[int, ...]
     dequantized: bool
-    codes: object = None  # a quantized tensor's grid: .dtype, the float code whose mantissa it has
+    codes: object = None  # none: a quantized tensor's rounding is read from its scales (`rounding`)
 
     @property
     def nbytes(self) -> int:
@@ -95,8 +93,8 @@ class GgufModel:
             kind = tensor.tensor_type.name
             shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
             quantized = kind not in PLAIN
-            codes = SimpleNamespace(dtype=QUANTIZED_GRID.get(kind, COARSE)) if quantized else None
-            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized, codes)
+            _check_type(self.path, tensor.name, kind)
+            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized)
             self._tensors[name] = tensor
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
@@ -118,9 +116,28 @@ class GgufModel:
             value = llama_unpermute(value, *heads)
         return value.to(device)
 
+    def rounding(self, name: str) -> float | None:
+        """‖½ step‖ over tensor `name` (the base's name) from its block scales: the most a nearest-code
+        quantizer moves it, in norm (docs/verify.md "Quantized GGUF"); None for F32 / F16 / BF16."""
+        info = self.tensors[name]
+        if not info.dequantized:
+            return None
+        return half_step_norm(self._tensors[name].data, info.dtype)
+
     def tied_structure(self, structure):
         """The structure the merged check reads ties from: the base's ties when the file stores no
         output.weight (llama.cpp reuses token_embd), none when it stores both."""
         output = f"{structure.output_embedding}.weight" if structure.output_embedding else None
         tied = [] if output in self.tensors else list(structure.tied)
         return SimpleNamespace(tied=tied, input_embedding=structure.input_embedding)
+
+
+def _check_type(path: Path, name: str, kind: str) -> None:
+    """Refuse, naming the tensor, a GGML type whose rounding verify cannot bound (a non-uniform grid:
+    IQ*, TQ*, MXFP4 …), or one the `gguf` package cannot decode."""
+    if kind in PLAIN or stepped(kind):
+        return
+    raise UnsupportedError(
+        f"{path}: tensor {name} is {kind}, whose rounding verify cannot bound (it reads F32, F16, BF16, "
+        "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K … Q6_K)"
+    )

@@ -16,6 +16,13 @@ Verdicts, first that holds:
 - `transposed`: a square tensor with H ≈ Dᵀ;
 - `scaled`: H ≈ c·D with c = ρ (c = 2 reads "applied twice"; α instead of α/r shows as c = r);
 - `differs`: none of these.
+
+A quantized artifact (block codes: FP8, GGUF's Q8_0 … Q2_K) is judged by `judge_quantized`
+instead: its rounding can be many times ‖ΔW‖ (a 4-bit merge of a small LoRA), so the error test
+alone would pass a base-only file; the retention ρ decides, within its uncertainty u = 3σ + δ (σ
+the rounding's noise on ρ, δ the quantizer's gain off 1): `landed` needs |ρ − 1| ≤ u, `missing`
+|ρ| ≤ u, and where u > ½ (1 and 0 cannot be told apart) the verdict is `cannot tell at this
+quantization`, never `landed` (docs/verify.md "Quantized GGUF").
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ VISIBLE = 0.5  # ρ below this, inside the tolerance: the update is not really t
 MISSING = 0.02  # ‖ΔŴ‖ below this share of ‖ΔW‖ (beyond τ): nothing landed
 RESOLVABLE = 0.25  # largest rounding noise of ρ (τ/(‖ΔW‖·√N)) under which "landed" can be told
 SCALE_SLACK = 1e-3  # relative residual allowed when fitting ΔŴ ≈ c·ΔW or ΔWᵀ
+CANNOT_TELL = "cannot tell at this quantization"
+WINDOW = 3.0  # quantized: ρ within WINDOW·σ (+ the gain δ) of 1 is landed, of 0 missing
+TELLABLE = 0.5  # quantized: widest uncertainty under which landed (1), missing (0) and twice (2) differ
 
 
 def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0, *, in_place: bool = False) -> float:
@@ -78,20 +88,30 @@ class Comparison:
     expected_norm: float  # ‖ΔW‖
     tolerance: float  # τ, relative to ‖ΔW‖
     scale: float | None = None  # c when scaled
+    uncertainty: float | None = None  # a quantized artifact: u, how far rounding can move ρ
 
     @property
     def label(self) -> str:
         if self.verdict == "scaled" and self.scale is not None:
-            if abs(self.scale - 2) < 0.01:
+            if abs(self.scale - 2) < max(0.01, self.uncertainty or 0.0):
                 return "applied twice"
             return f"scaled by {self.scale:.4g}"
         return self.verdict
 
 
-def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None = None) -> Comparison:
+def compare(
+    H: torch.Tensor,
+    D: torch.Tensor,
+    tolerance: float,
+    n: float | None = None,
+    *,
+    quantized: bool = False,
+    gain: float = 0.0,
+) -> Comparison:
     """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`;
     `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it. H is the
-    caller's scratch: it holds H − D afterwards when the verdict is `landed`."""
+    caller's scratch: it holds H − D afterwards when the verdict is `landed`. `quantized`: the
+    artifact's values are block codes (`judge_quantized`, with the quantizer's `gain` δ)."""
     n = norm(D) if n is None else n
     if n == 0:
         rho = 1.0 if norm(H) <= tolerance else 0.0
@@ -107,7 +127,8 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None 
         return H
 
     square = D.dim() >= 2 and D.shape[-1] == D.shape[-2]
-    return judge(
+    extra = {"gain": gain} if quantized else {}
+    return (judge_quantized if quantized else judge)(
         n,
         rho,
         error,
@@ -116,6 +137,7 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None 
         h=lambda: norm(landed_value()),
         transposed_error=(lambda: norm(landed_value() - D.transpose(-1, -2))) if square else None,
         is_zero=lambda: not landed_value().any(),
+        **extra,
     )
 
 
@@ -142,6 +164,47 @@ def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> C
         return result("transposed")
     residual = math.sqrt(max(size * size - rho * rho * n * n, 0.0))  # ‖H − ρD‖, ρ the least-squares c
     if residual <= 2 * tolerance * max(1.0, abs(rho)) + SCALE_SLACK * abs(rho) * n:
+        return result("scaled", rho)
+    if 0 < rho < 1:
+        return result("partly")
+    return result("differs")
+
+
+def judge_quantized(
+    n, rho, error, tolerance, numel, *, h, transposed_error, is_zero, gain: float = 0.0
+) -> Comparison:
+    """`judge` for an artifact of block codes, whose rounding `tolerance` (‖½ step‖ over the tensor,
+    or its codes' ulp) may dwarf ‖ΔW‖ = `n`: ρ decides, within u = 3σ + δ. σ = τ/(‖ΔW‖·√N) is the
+    rounding's noise on ρ (its projection on ΔW's direction; rounding errs by 0.58 τ on average, so
+    σ overstates it); δ = `gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer scales the whole tensor
+    (a scale search that shrinks or stretches its grid moves ρ by about as much).
+
+    First that holds: u ≤ ½, |ρ − 1| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed`; ΔŴ = 0: `missing`; u > ½:
+    `cannot tell at this quantization` (`differs` if ΔŴ − ΔW exceeds the rounding); ΔŴ ≈ ΔWᵀ (ρ against
+    ΔWᵀ within u of 1, ‖ΔŴ − ΔWᵀ‖ ≤ τ): `transposed`; |ρ| ≤ u and ‖ΔŴ‖ ≤ τ: `missing`;
+    ‖ΔŴ − ρΔW‖ ≤ τ: `scaled` by ρ; 0 < ρ < 1: `partly`; else `differs`."""
+    scale = n if n > 0 else 1.0
+    window = WINDOW * tolerance / (n * math.sqrt(max(numel, 1))) + gain if n > 0 else math.inf
+
+    def result(verdict: str, c: float | None = None) -> Comparison:
+        return Comparison(verdict, error / scale, rho, n, tolerance / scale, c, window if n > 0 else None)
+
+    if n == 0:  # nothing expected: only the rounding may show
+        return result("landed" if error <= tolerance else "differs")
+    if window <= TELLABLE and error <= tolerance and abs(rho - 1) <= window:
+        return result("landed")
+    if is_zero():
+        return result("missing")
+    if window > TELLABLE:
+        return result(CANNOT_TELL if error <= tolerance else "differs")
+    size = h()
+    if transposed_error is not None:
+        off = transposed_error()  # ‖ΔŴ − ΔWᵀ‖; ρ against ΔWᵀ from ‖ΔŴ‖² − 2⟨ΔŴ, ΔWᵀ⟩ + ‖ΔW‖²
+        if off <= tolerance and abs((size * size + n * n - off * off) / (2 * n * n) - 1) <= window:
+            return result("transposed")
+    if abs(rho) <= window and size <= tolerance:
+        return result("missing")
+    if math.sqrt(max(size * size - rho * rho * n * n, 0.0)) <= tolerance:
         return result("scaled", rho)
     if 0 < rho < 1:
         return result("partly")
