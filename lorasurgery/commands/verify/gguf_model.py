@@ -21,9 +21,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from lorasurgery.commands.verify.gguf_quants import half_step_norm, stepped
+from lorasurgery.commands.verify.gguf_quants import half_step_norm, round_on_grid, stepped
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_unpermute, permuted_heads
+from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_permute, llama_unpermute, permuted_heads
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -123,6 +123,23 @@ class GgufModel:
         if not info.dequantized:
             return None
         return half_step_norm(self._tensors[name].data, info.dtype)
+
+    def round_on_grid(self, name: str, values: torch.Tensor) -> torch.Tensor | None:
+        """`values` (base layout) rounded to the nearest point of the grid tensor `name`'s own block
+        scales define, in the base layout; None for F32 / F16 / BF16 (docs/verify.md "Quantized GGUF")."""
+        info = self.tensors[name]
+        if not info.dequantized:
+            return None
+        heads = permuted_heads(name, self.base_config)
+        x = values.detach().to("cpu", torch.float32)
+        if heads is not None and x.dim() == 2:
+            x = llama_permute(x, *heads)
+        rounded = torch.from_numpy(
+            round_on_grid(self._tensors[name].data, info.dtype, x.contiguous().numpy())
+        )
+        if heads is not None and rounded.dim() == 2:
+            rounded = llama_unpermute(rounded, *heads)
+        return rounded.to(values.device)
 
     def tied_structure(self, structure):
         """The structure the merged check reads ties from: the base's ties when the file stores no

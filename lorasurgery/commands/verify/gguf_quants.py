@@ -105,3 +105,69 @@ def half_step_norm(data: np.ndarray, type_name: str) -> float:
     blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
     steps, per_step = STEPS[type_name](blocks)
     return 0.5 * math.sqrt(per_step * float(np.square(steps).sum()))
+
+
+def _affine_32(blocks: np.ndarray, levels: int, centre: int | None):
+    # Q8_0 / Q4_0 / Q5_0: d·(q − centre); Q4_1 / Q5_1: d·q + m (m the fp16 after d)
+    d = _fp16(blocks, 0)
+    offset = -centre * d if centre is not None else _fp16(blocks, 2)
+    return d, offset, 32, levels
+
+
+def _grid_q2_k(blocks):
+    step, group = _steps_q2_k(blocks)
+    mins = (blocks[:, :16] >> 4).astype(np.float64)
+    return step, -_fp16(blocks, 16 + 64 + 2) * mins, group, 3
+
+
+def _grid_q3_k(blocks):
+    n = blocks.shape[0]
+    packed = blocks[:, 96:108]
+    low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    high = (
+        packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+    ).reshape(n, 16)
+    step = _fp16(blocks, 108) * (((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32)  # signed
+    return step, -4 * step, 16, 7
+
+
+def _grid_q45_k(blocks, levels: int):
+    from gguf.quants import Q4_K
+
+    scales, mins = Q4_K.get_scale_min(blocks[:, 4:16])
+    return _fp16(blocks, 0) * scales, -_fp16(blocks, 2) * mins, 32, levels
+
+
+def _grid_q6_k(blocks):
+    step = _fp16(blocks, 208) * blocks[:, 192:208].copy().view(np.int8).astype(np.float64)  # signed
+    return step, -32 * step, 16, 63
+
+
+GRIDS = {
+    "Q8_0": lambda b: _affine_32(b, 255, 128),
+    "Q4_0": lambda b: _affine_32(b, 15, 8),
+    "Q5_0": lambda b: _affine_32(b, 31, 16),
+    "Q4_1": lambda b: _affine_32(b, 15, None),
+    "Q5_1": lambda b: _affine_32(b, 31, None),
+    "Q2_K": _grid_q2_k,
+    "Q3_K": _grid_q3_k,
+    "Q4_K": lambda b: _grid_q45_k(b, 15),
+    "Q5_K": lambda b: _grid_q45_k(b, 31),
+    "Q6_K": _grid_q6_k,
+}
+
+
+def round_on_grid(data: np.ndarray, type_name: str, values: np.ndarray) -> np.ndarray:
+    """`values` (float32, the tensor's shape in the file's layout) rounded to the nearest point of the
+    grid the stored tensor `data` defines (its own block scales and offsets, codes clamped to the
+    type's range): what a nearest-code quantizer keeping those scales writes for them."""
+    import gguf
+
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
+    step, offset, group, levels = GRIDS[type_name](blocks)
+    step, offset = step.reshape(-1, 1), offset.reshape(-1, 1)
+    x = np.asarray(values, dtype=np.float64).reshape(step.shape[0], group)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step != 0, np.rint((x - offset) / step), 0.0)
+    return (np.clip(q, 0, levels) * step + offset).astype(np.float32).reshape(np.shape(values))

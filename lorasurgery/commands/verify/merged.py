@@ -72,6 +72,7 @@ class TensorCheck:
             "relative_error": c.relative_error if c else None,
             "retention": c.retention if c else None,
             "retention_uncertainty": c.uncertainty if c else None,
+            "retention_on_grid": c.on_grid if c else None,
             "scale": c.scale if c else None,
             "expected_norm": c.expected_norm if c else None,
             "tolerance": c.tolerance if c else None,
@@ -202,8 +203,15 @@ class MergedCheck:
         size = norm(delta)
         quantized = self.quantized(name)
         gain = _gain(H, W) if quantized else 0.0
+        expected = self.on_grid(name, W, delta) if quantized else None
         comparison = compare(
-            H, delta, self.tolerance(name, delta, size), size, quantized=quantized, gain=gain
+            H,
+            delta,
+            self.tolerance(name, delta, size),
+            size,
+            quantized=quantized,
+            gain=gain,
+            expected=expected,
         )
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
@@ -252,6 +260,11 @@ class MergedCheck:
         terms = self.terms(recipe)
         Bs = torch.cat([B for B, _ in terms], dim=1)
         As = torch.cat([a for _, a in terms], dim=0)
+        expected = None
+        if quantized and getattr(self.artifact, "round_on_grid", None) is not None:
+            delta = torch.zeros_like(H)  # ΔW formed densely for the grid's rounding (block codes only)
+            from_stored(lora, delta).addmm_(Bs, As)
+            expected = self.on_grid(name, W, delta)
         n = factored_norm(Bs.double(), As.double())
         tolerance = self.tolerance(name, None, n)
         if n:
@@ -269,7 +282,7 @@ class MergedCheck:
             return H
 
         square = M.shape[0] == M.shape[1]
-        extra = {"gain": gain} if quantized else {}
+        extra = {"gain": gain, "expected": expected} if quantized else {}
         comparison = (judge_quantized if quantized else judge)(
             n,
             rho,
@@ -303,6 +316,23 @@ class MergedCheck:
         if found is not None:
             self.stepped.add(name)
         return found
+
+    def on_grid(self, name: str, W: torch.Tensor, delta: torch.Tensor) -> tuple[float, float] | None:
+        """(ρ*, ρ₀): the retention W + ΔW and W alone show once rounded to the nearest point of the
+        artifact's own grid (its block scales), where the artifact gives that grid (a block-quantized
+        GGUF tensor), else None: what a correct quantized merge and a base-only file should show even
+        when the rounding is not independent of ΔW (a base already on a grid, docs/verify.md)."""
+        stored = self.artifact_name(name)
+        rounder = getattr(self.artifact, "round_on_grid", None)
+        size = inner(delta, delta)
+        if stored is None or rounder is None or size == 0:
+            return None
+        W = W.float()
+        landed = rounder(stored, W + delta)
+        if landed is None:
+            return None
+        alone = rounder(stored, W)
+        return inner(landed.sub_(W), delta) / size, inner(alone.sub_(W), delta) / size
 
     def quantized(self, name: str) -> bool:
         """Whether the artifact stores `name` as block codes: judged by ρ against its rounding noise."""

@@ -89,11 +89,14 @@ class Comparison:
     tolerance: float  # τ, relative to ‖ΔW‖
     scale: float | None = None  # c when scaled
     uncertainty: float | None = None  # a quantized artifact: u, how far rounding can move ρ
+    on_grid: float | None = None  # a GGUF tensor: ρ*, the retention W + ΔW rounded on its grid shows
 
     @property
     def label(self) -> str:
         if self.verdict == "scaled" and self.scale is not None:
-            if abs(self.scale - 2) < max(0.01, self.uncertainty or 0.0):
+            # quantized: within ρ's uncertainty, and twice what the grid itself moves ρ off 1
+            slack = (self.uncertainty or 0.0) + 2 * abs((self.on_grid or 1.0) - 1)
+            if abs(self.scale - 2) < max(0.01, slack):
                 return "applied twice"
             return f"scaled by {self.scale:.4g}"
         return self.verdict
@@ -107,11 +110,13 @@ def compare(
     *,
     quantized: bool = False,
     gain: float = 0.0,
+    expected: tuple[float, float] | None = None,
 ) -> Comparison:
     """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`;
     `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it. H is the
     caller's scratch: it holds H − D afterwards when the verdict is `landed`. `quantized`: the
-    artifact's values are block codes (`judge_quantized`, with the quantizer's `gain` δ)."""
+    artifact's values are block codes (`judge_quantized`, with the quantizer's `gain` δ and the
+    retentions `expected` on the artifact's grid)."""
     n = norm(D) if n is None else n
     if n == 0:
         rho = 1.0 if norm(H) <= tolerance else 0.0
@@ -127,7 +132,7 @@ def compare(
         return H
 
     square = D.dim() >= 2 and D.shape[-1] == D.shape[-2]
-    extra = {"gain": gain} if quantized else {}
+    extra = {"gain": gain, "expected": expected} if quantized else {}
     return (judge_quantized if quantized else judge)(
         n,
         rho,
@@ -171,38 +176,58 @@ def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> C
 
 
 def judge_quantized(
-    n, rho, error, tolerance, numel, *, h, transposed_error, is_zero, gain: float = 0.0
+    n,
+    rho,
+    error,
+    tolerance,
+    numel,
+    *,
+    h,
+    transposed_error,
+    is_zero,
+    gain: float = 0.0,
+    expected: tuple[float, float] | None = None,
 ) -> Comparison:
     """`judge` for an artifact of block codes, whose rounding `tolerance` (‖½ step‖ over the tensor,
-    or its codes' ulp) may dwarf ‖ΔW‖ = `n`: ρ decides, within u = 3σ + δ. σ = τ/(‖ΔW‖·√N) is the
-    rounding's noise on ρ (its projection on ΔW's direction; rounding errs by 0.58 τ on average, so
-    σ overstates it); δ = `gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer scales the whole tensor
-    (a scale search that shrinks or stretches its grid moves ρ by about as much).
+    or its codes' ulp) may dwarf ‖ΔW‖ = `n`: ρ decides, against what it should be. `expected`:
+    (ρ*, ρ₀), the retention W + ΔW and W alone show rounded on the artifact's own grid (its block
+    scales: a GGUF tensor); without it (1, 0). ρ's uncertainty u = 3σ (+ δ without a grid):
+    σ = τ/(‖ΔW‖·√N) is the rounding's noise on ρ (its projection on ΔW's direction; rounding errs by
+    0.58 τ on average, so σ overstates it); δ = `gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer
+    scales the whole tensor (a scale search that shrinks or stretches its grid moves ρ as much).
 
-    First that holds: u ≤ ½, |ρ − 1| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed`; ΔŴ = 0: `missing`; u > ½:
-    `cannot tell at this quantization` (`differs` if ΔŴ − ΔW exceeds the rounding); ΔŴ ≈ ΔWᵀ (ρ against
-    ΔWᵀ within u of 1, ‖ΔŴ − ΔWᵀ‖ ≤ τ): `transposed`; |ρ| ≤ u and ‖ΔŴ‖ ≤ τ: `missing`;
-    ‖ΔŴ − ρΔW‖ ≤ τ: `scaled` by ρ; 0 < ρ < 1: `partly`; else `differs`."""
+    First that holds: |ρ* − ρ₀| > 2u, |ρ − ρ*| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed` (`partly` when the
+    grid itself keeps under ½ of ΔW, |ρ* − 1| > ½); ΔŴ = 0: `missing`; |ρ* − ρ₀| ≤ 2u:
+    `cannot tell at this quantization` (`differs` if ΔŴ − ΔW exceeds the rounding); ΔŴ ≈ ΔWᵀ
+    (ρ against ΔWᵀ within u of 1, ‖ΔŴ − ΔWᵀ‖ ≤ τ): `transposed`; |ρ − ρ₀| ≤ u and ‖ΔŴ‖ ≤ τ:
+    `missing`; ‖ΔŴ − ρΔW‖ ≤ τ: `scaled` by ρ; 0 < ρ < 1: `partly`; else `differs`."""
     scale = n if n > 0 else 1.0
-    window = WINDOW * tolerance / (n * math.sqrt(max(numel, 1))) + gain if n > 0 else math.inf
+    target, none = expected if expected is not None else (1.0, 0.0)
+    window = WINDOW * tolerance / (n * math.sqrt(max(numel, 1))) if n > 0 else math.inf
+    if expected is None:
+        window += gain
 
     def result(verdict: str, c: float | None = None) -> Comparison:
-        return Comparison(verdict, error / scale, rho, n, tolerance / scale, c, window if n > 0 else None)
+        u = window if n > 0 else None
+        return Comparison(
+            verdict, error / scale, rho, n, tolerance / scale, c, u, target if expected else None
+        )
 
     if n == 0:  # nothing expected: only the rounding may show
         return result("landed" if error <= tolerance else "differs")
-    if window <= TELLABLE and error <= tolerance and abs(rho - 1) <= window:
-        return result("landed")
+    tellable = 2 * window < abs(target - none)
+    if tellable and error <= tolerance and abs(rho - target) <= window:
+        return result("landed" if abs(target - 1) <= TELLABLE else "partly")
     if is_zero():
         return result("missing")
-    if window > TELLABLE:
+    if not tellable:
         return result(CANNOT_TELL if error <= tolerance else "differs")
     size = h()
     if transposed_error is not None:
         off = transposed_error()  # ‖ΔŴ − ΔWᵀ‖; ρ against ΔWᵀ from ‖ΔŴ‖² − 2⟨ΔŴ, ΔWᵀ⟩ + ‖ΔW‖²
         if off <= tolerance and abs((size * size + n * n - off * off) / (2 * n * n) - 1) <= window:
             return result("transposed")
-    if abs(rho) <= window and size <= tolerance:
+    if abs(rho - none) <= window and size <= tolerance:
         return result("missing")
     if math.sqrt(max(size * size - rho * rho * n * n, 0.0)) <= tolerance:
         return result("scaled", rho)
