@@ -94,8 +94,10 @@ class Comparison:
     @property
     def label(self) -> str:
         if self.verdict == "scaled" and self.scale is not None:
-            # quantized: within ρ's uncertainty, and twice what the grid itself moves ρ off 1
-            slack = (self.uncertainty or 0.0) + 2 * abs((self.on_grid or 1.0) - 1)
+            # quantized: within ρ's uncertainty, and twice what the grid itself moves ρ off 1 where
+            # that grid keeps ΔW (a grid that rounds most of it away says nothing about 2ΔW)
+            off = abs((self.on_grid or 1.0) - 1)
+            slack = (self.uncertainty or 0.0) + (2 * off if off <= TELLABLE else 0.0)
             if abs(self.scale - 2) < max(0.01, slack):
                 return "applied twice"
             return f"scaled by {self.scale:.4g}"
