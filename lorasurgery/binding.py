@@ -249,11 +249,12 @@ def bind(
         else "put the base's config.json in its folder to be sure"
     )
     bound = []
-    for adapter, mapped, laid_out in zip(adapters, found, layouts):
+    for adapter, (rule, modules, names), laid_out in zip(adapters, found, layouts):
         assumptions = _assumptions(adapter, structure, laid_out, remedy)
-        bound.append(
-            _bound(adapter, base, structure, model, tensors, mapped, laid_out, assumptions, check_shapes)
-        )
+        laid = _laid_out_modules(structure, model, tensors, modules, names, laid_out)
+        if check_shapes:
+            _check_shapes(adapter, base, tensors, names, laid)
+        bound.append(_bound(adapter, base, structure, model, rule, laid, assumptions))
     return bound
 
 
@@ -362,10 +363,9 @@ def _bind_parameters(adapter: Adapter, stored: dict, structure: Structure) -> di
     return bind_parameters(adapter, shape_of, layout_of)
 
 
-def _bound(
-    adapter, checkpoint, structure, model, tensors, found, layouts, assumptions, check_shapes
-) -> BoundAdapter:
-    rule, modules, names = found
+def _laid_out_modules(structure, model, tensors, modules, names, layouts) -> dict[str, BoundModule]:
+    """{key: BoundModule} of one adapter's modules (`names`: their base tensors), each in its layout;
+    a per-expert module of a fused parameter on its slice of it."""
     bound: dict[str, BoundModule] = {}
     for key, lora in modules.items():
         layout = layouts.get(key)
@@ -377,16 +377,26 @@ def _bound(
             lora = dataclasses.replace(lora, slot=slot)
             name = slot.parameter
         bound[key] = BoundModule(key, lora, name, tensors[name].name, layout)
-    if check_shapes:
-        wrong = [
-            f"{key} (adapter expects {list(m.lora.shape)}, base has {list(tensors[names[key]].shape)}"
-            + (f", {m.lora.slot.label}" if m.lora.slot is not None else "")
-            + ")"
-            for key, m in bound.items()
-            if tuple(tensors[names[key]].shape) != tuple(m.lora.shape)
-        ]
-        if wrong:
-            raise shape_mismatch_error(adapter.path, wrong, checkpoint.path)
+    return bound
+
+
+def _check_shapes(adapter, checkpoint, tensors, names, bound: dict[str, BoundModule]) -> None:
+    """Every module's shape against its base tensor's, or an error listing each that differs."""
+    wrong = [
+        f"{key} (adapter expects {list(m.lora.shape)}, base has {list(tensors[names[key]].shape)}"
+        + (f", {m.lora.slot.label}" if m.lora.slot is not None else "")
+        + ")"
+        for key, m in bound.items()
+        if tuple(tensors[names[key]].shape) != tuple(m.lora.shape)
+    ]
+    if wrong:
+        raise shape_mismatch_error(adapter.path, wrong, checkpoint.path)
+
+
+def _bound(
+    adapter, checkpoint, structure, model, rule, bound: dict[str, BoundModule], assumptions
+) -> BoundAdapter:
+    """One adapter bound: its laid-out modules, what a merge writes of them, its saved tensors and tokens."""
     return BoundAdapter(
         adapter=adapter,
         checkpoint=checkpoint,

@@ -1,6 +1,7 @@
 """Running the CLI in tests, and the checks every bad-input case shares.
 
-`run_cli` invokes the real click group in-process (CliRunner, separate stderr). `assert_refused`
+`run_cli` invokes the real click group in-process (CliRunner, separate stderr); `verify` runs
+`lorasurgery verify … --json` and returns its exit code and report. `assert_refused`
 checks the contract of docs/design.md §7 for a bad input: exit code 1, a message starting `Error:` that
 contains the expected text, no traceback, no output folder, and inputs byte-identical afterwards.
 """
@@ -8,6 +9,7 @@ contains the expected text, no traceback, no output folder, and inputs byte-iden
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +20,21 @@ from lorasurgery.cli import cli
 
 def run_cli(*args: str | os.PathLike) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="lorasurgery")
+
+
+LANDED, DID_NOT_LAND = 0, 1  # verify's exit codes for a completed check (docs/design.md §14)
+
+
+def verify(*args):
+    """`lorasurgery verify ARGS --json`: (exit code, the report), the check completed either way."""
+    result = run_cli("verify", *args, "--json")
+    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def verdicts(report) -> dict[str, str]:
+    """{tensor: verdict} of a verify report."""
+    return {c["tensor"]: c["verdict"] for c in report["checks"]}
 
 
 def tree_digest(*paths: str | os.PathLike) -> dict[str, str]:

@@ -87,6 +87,53 @@ def make_llama(
     return _save(model, path, dtype, max_shard_size)
 
 
+CAUSAL_LM_KINDS = ("qwen2", "qwen3", "mistral", "phi3")
+
+
+def make_causal_lm(
+    path,
+    kind: str,
+    *,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A tiny decoder of another family than Llama at `path`: ``Qwen2ForCausalLM`` (q/k/v biases),
+    ``Qwen3ForCausalLM`` (q_norm/k_norm, head_dim 8), ``MistralForCausalLM`` or ``Phi3ForCausalLM``
+    (fused qkv_proj and gate_up_proj); GQA 4/2 heads, intermediate 2·hidden, norm weights and
+    biases randomised. Load it with ``model_kind="auto"``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    classes = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+    }
+    config_class, model_class_ = classes[kind]
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **({"head_dim": hidden_size // 4} if kind == "qwen3" else {}),
+    )
+    model = model_class_(config)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm", ".bias"])
+    return _save(model, path, dtype, None)
+
+
 def save_tiny_tokenizer(path, vocab_size: int = 128) -> Path:
     """A Llama-style byte-fallback BPE tokenizer of `vocab_size` tokens (<unk>, <s>, </s>, then byte
     tokens) saved beside a tiny model at `path`, built in memory: llama.cpp's convert_hf_to_gguf.py
@@ -417,11 +464,13 @@ def peft_merged_state_dict(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def merged_checkpoint(base_path, adapter_path, out_path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def merged_checkpoint(
+    base_path, adapter_path, out_path, dtype: torch.dtype = torch.bfloat16, model_kind: str = "llama"
+) -> Path:
     """A full fine-tune as users store it: the base at `base_path` with the adapter merged by PEFT
     (``peft_merged_state_dict``), saved by transformers' ``save_pretrained`` in `dtype`."""
-    model = load_base(base_path)
-    model.load_state_dict(peft_merged_state_dict(base_path, adapter_path))
+    model = load_base(base_path, model_kind)
+    model.load_state_dict(peft_merged_state_dict(base_path, adapter_path, model_kind=model_kind))
     with _quiet():
         model.to(dtype).save_pretrained(Path(out_path))
     return Path(out_path)

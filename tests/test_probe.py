@@ -16,7 +16,13 @@ from factories import make_adapter, make_gpt2, peft_merged_state_dict, relative_
 from lorasurgery.adapter import load_adapter
 from lorasurgery.binding import bind
 from lorasurgery.causal_lm import load_causal_lm
-from lorasurgery.commands.rank_report.probe import Forward, bisect_fractions, functional_rank, tune
+from lorasurgery.commands.rank_report.probe import (
+    Forward,
+    ProbeRequest,
+    bisect_fractions,
+    functional_rank,
+    tune,
+)
 from lorasurgery.io import open_checkpoint
 from lorasurgery.textdata import token_ids, token_windows
 
@@ -31,7 +37,7 @@ def test_full_rank_changes_nothing_in_every_mode():
         (SAMPLES / "finetuned", SAMPLES / "base"),
         (SAMPLES / "lora_qv_r8", SAMPLES / "base"),
     ):
-        result = functional_rank(target, base=base, text=TEXT, tokens=TOKENS, fractions=[1.0])
+        result = functional_rank(ProbeRequest(target, base=base, text=TEXT, tokens=TOKENS, fractions=[1.0]))
         for curve in result.curves:
             (point,) = curve.points
             if result.mode == "weight":
@@ -43,7 +49,9 @@ def test_full_rank_changes_nothing_in_every_mode():
 
 def test_loss_rises_as_rank_falls_and_kept_effect_with_it():
     fractions = [0.05, 0.25, 0.75]
-    weight = functional_rank(SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=fractions, exhaustive=True)
+    weight = functional_rank(
+        ProbeRequest(SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=fractions, exhaustive=True)
+    )
     assert {c.module_type for c in weight.curves} == {
         "q_proj",
         "k_proj",
@@ -60,12 +68,14 @@ def test_loss_rises_as_rank_falls_and_kept_effect_with_it():
     summary = weight.summary()
     assert set(summary) == {f"functional_rank_{c.module_type}" for c in weight.curves}
     delta = functional_rank(
-        SAMPLES / "finetuned",
-        base=SAMPLES / "base",
-        text=TEXT,
-        tokens=TOKENS,
-        fractions=fractions,
-        exhaustive=True,
+        ProbeRequest(
+            SAMPLES / "finetuned",
+            base=SAMPLES / "base",
+            text=TEXT,
+            tokens=TOKENS,
+            fractions=fractions,
+            exhaustive=True,
+        )
     )
     for curve in delta.curves:
         kept = [p["kept_effect"] for p in sorted(curve.points, key=lambda p: p["fraction"])]
@@ -89,7 +99,7 @@ def test_bisection_finds_what_the_exhaustive_search_finds_with_fewer_passes():
             fractions, lambda f, threshold=threshold: f >= threshold, exhaustive=True
         )
         assert found == exhaustive and len(calls) <= 3
-    result = functional_rank(SAMPLES / "base", text=TEXT, tokens=TOKENS)
+    result = functional_rank(ProbeRequest(SAMPLES / "base", text=TEXT, tokens=TOKENS))
     assert result.passes <= 1 + 3 * 7  # the intact pass, then ≤ ⌈log₂ 6⌉ per module type
 
 
@@ -99,7 +109,7 @@ def test_adapter_finetune_reference_is_peft_forward():
     from transformers import AutoModelForCausalLM
 
     result = functional_rank(
-        SAMPLES / "lora_qv_r8", base=SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=[0.5]
+        ProbeRequest(SAMPLES / "lora_qv_r8", base=SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=[0.5])
     )
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(SAMPLES / "base"), SAMPLES / "lora_qv_r8"
@@ -136,7 +146,7 @@ def test_probe_runs_its_windows_on_one_torch_thread_each_and_restores_torch_s_co
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        functional_rank(SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=[0.5])
+        functional_rank(ProbeRequest(SAMPLES / "base", text=TEXT, tokens=TOKENS, fractions=[0.5]))
         assert torch.get_num_threads() == 3  # restored
     finally:
         torch.set_num_threads(before)
@@ -181,7 +191,7 @@ def test_the_probed_conv1d_fine_tune_is_peft_s_whatever_the_saved_flag(tmp_path)
 
     from peft import PeftModel
 
-    result = functional_rank(adapter, base=base, text=TEXT, tokens=256, fractions=[1.0])
+    result = functional_rank(ProbeRequest(adapter, base=base, text=TEXT, tokens=256, fractions=[1.0]))
     peft_model = PeftModel.from_pretrained(load_causal_lm(base), adapter)
     windows = token_windows(token_ids(base, TEXT, 256), 64)
     assert result.reference["loss_finetuned"] == pytest.approx(

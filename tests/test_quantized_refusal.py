@@ -25,6 +25,7 @@ import pytest
 import torch
 from clihelp import assert_refused, run_cli
 from factories import make_adapter, make_gpt_oss, quantize_fp8
+from quantized_checks import QCONFIG
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.io import open_checkpoint
@@ -179,15 +180,7 @@ LAYOUTS = {
     "mxfp4": (
         "gpt-oss",
         mxfp4,
-        {
-            "quant_method": "mxfp4",
-            "modules_to_not_convert": [
-                "model.layers.*.self_attn",
-                "model.layers.*.mlp.router",
-                "model.embed_tokens",
-                "lm_head",
-            ],
-        },
+        QCONFIG,
         {},
         None,
     ),

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from clihelp import assert_refused, run_cli
+from clihelp import DID_NOT_LAND, LANDED, assert_refused, run_cli, verdicts, verify
 from factories import (
     _quiet,
     load_base,
@@ -25,8 +25,6 @@ from factories import (
     quantize_fp8,
 )
 from safetensors.torch import load_file, save_file
-
-LANDED, DID_NOT_LAND = 0, 1
 
 
 def peft_artifact(base, adapter, out, model_kind="llama") -> Path:
@@ -47,16 +45,6 @@ def edited_copy(source, out, edit) -> Path:
     edit(tensors)
     save_file(tensors, Path(out) / "model.safetensors", metadata={"format": "pt"})
     return Path(out)
-
-
-def verify(*args):
-    result = run_cli("verify", *args, "--json")
-    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
-    return result.exit_code, json.loads(result.stdout)
-
-
-def verdicts(report) -> dict[str, str]:
-    return {c["tensor"]: c["verdict"] for c in report["checks"]}
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clihelp import assert_refused, run_cli
+from clihelp import DID_NOT_LAND, LANDED, assert_refused, run_cli, verdicts, verify
 from factories import make_adapter, make_llama, peft_delta_weights
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.llamacpp import llama_unpermute
 
-LANDED, DID_NOT_LAND = 0, 1
 PATTERNS = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
     "r": 4,
@@ -31,16 +30,6 @@ PATTERNS = {
     "rank_pattern": {"v_proj": 2},
     "alpha_pattern": {"down_proj": 3},
 }
-
-
-def verify(*args):
-    result = run_cli("verify", *args, "--json")
-    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
-    return result.exit_code, json.loads(result.stdout)
-
-
-def verdicts(report) -> dict[str, str]:
-    return {c["tensor"]: c["verdict"] for c in report["checks"]}
 
 
 def export(adapter, target, out, base) -> Path:
@@ -81,10 +70,11 @@ def test_peft_save_pretrained_lands_and_is_the_default_target(llama):
 
 
 def test_patterns_given_to_an_old_vllm_are_scaled(llama):
-    """The adapter as trained, served by a vLLM that reads one lora_alpha/r: every module with a
-    pattern is off by PEFT's scale over vLLM's, c = (α/r) / s_m."""
+    """The adapter as trained, served by a vLLM that reads one lora_alpha/r (0.31 and older; 0.32 reads
+    the patterns, tests/test_verify_releases.py): every module with a pattern is off by PEFT's scale
+    over vLLM's, c = (α/r) / s_m."""
     _, base, adapter, scales = llama
-    code, report = verify(base, adapter, adapter, "--target", "vllm")
+    code, report = verify(base, adapter, adapter, "--target", "vllm==0.31")
     assert code == DID_NOT_LAND and not report["landed"]
     vllm_scale = PATTERNS["lora_alpha"] / PATTERNS["r"]
     for check in report["checks"]:
@@ -281,7 +271,8 @@ def text(llama):
 
 def test_text_logits_of_correct_and_broken_artifacts(llama, text, tmp_path):
     """A merge and a vLLM export compute PEFT's logits within float32's tolerance; the adapter as
-    trained, served by an old vLLM (patterns ignored), does not; GGUF is skipped with its reason."""
+    trained, served by vLLM 0.31 (patterns ignored), does not, and by 0.32 (patterns read) does; GGUF
+    is skipped with its reason."""
     root, base, adapter, _ = llama
     merged = tmp_path / "merged"
     assert run_cli("merge", base, adapter, "-o", merged, "-q").exit_code == 0
@@ -291,9 +282,11 @@ def test_text_logits_of_correct_and_broken_artifacts(llama, text, tmp_path):
         assert code == LANDED and report["text"]["passed"], report["text"]
         assert report["text"]["tokens"] == len(text.read_bytes()) and report["text"]["dtype"] == "F32"
         assert report["text"]["max_difference"] < 1e-5
-    code, report = verify(base, adapter, adapter, "--text", text, "--target", "vllm")
+    code, report = verify(base, adapter, adapter, "--text", text, "--target", "vllm==0.31")
     assert code == DID_NOT_LAND and not report["text"]["passed"]
     assert report["text"]["max_difference"] > report["text"]["tolerance"]
+    code, report = verify(base, adapter, adapter, "--text", text, "--target", "vllm")
+    assert code == LANDED and report["text"]["max_difference"] < 1e-5, report["text"]
     code, report = verify(
         base, adapter, export(adapter, "llama.cpp", tmp_path / "a.gguf", base), "--text", text
     )

@@ -15,6 +15,8 @@ import click
 from lorasurgery import __version__
 from lorasurgery.cli.group import LoraSurgeryGroup, Settings, settings_of
 from lorasurgery.cli.options import (
+    TARGET_RELEASES,
+    TargetType,
     allow_nonfinite_option,
     config_option,
     device_option,
@@ -56,8 +58,9 @@ def cli(ctx: click.Context, quiet: bool, debug: bool) -> None:
 @click.option(
     "--for",
     "target",
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
-    help="Check each rule of this serving target instead (exit 0 loadable as is, 3 export fixes it, 4 impossible).",
+    type=TargetType(),
+    help="Check each rule of this serving target instead (exit 0 loadable as is, 3 export fixes it, 4 impossible); "
+    f"{TARGET_RELEASES}.",
 )
 @global_options
 @click.pass_context
@@ -69,7 +72,7 @@ def inspect(
     show_all: bool,
     config_file: str | None,
     fan_in_fan_out: str | None,
-    target: str | None,
+    target: object | None,
 ) -> None:
     """Show what ADAPTER targets, its ranks, scales and update sizes, without loading a model."""
     import lorasurgery.cli.render as render
@@ -193,10 +196,10 @@ def merge(
 )
 @click.option(
     "--target",
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
+    type=TargetType(),
     default=None,
     help="An adapter ARTIFACT: check it by this runtime's rules (default: llama.cpp for a GGUF file, "
-    "else peft).",
+    f"else peft); {TARGET_RELEASES}.",
 )
 @text_option("Also compare the artifact's logits on this text with base + adapters through PEFT.")
 @tokens_option
@@ -210,7 +213,7 @@ def verify(
     base: str,
     paths: tuple[str, ...],
     weights: tuple[float, ...],
-    target: str | None,
+    target: object | None,
     text: str | None,
     tokens: int,
     device: str,
@@ -228,12 +231,12 @@ def verify(
     the check found a failure (--json's "landed": false) or could not check.
     """
     import lorasurgery.cli.render as render
-    from lorasurgery.commands.verify import DID_NOT_LAND, verify_artifact
+    from lorasurgery.commands.verify import DID_NOT_LAND, VerifyRequest, verify_artifact
 
     if len(paths) < 2:
         raise click.UsageError("give at least one ADAPTER and then the ARTIFACT")
     quiet = settings_of(ctx).quiet
-    report = verify_artifact(
+    request = VerifyRequest(
         base,
         list(paths[:-1]),
         paths[-1],
@@ -244,6 +247,7 @@ def verify(
         text=text,
         tokens=tokens,
     )
+    report = verify_artifact(request)
     render.verify_report(report, as_json=as_json, quiet=quiet)
     ctx.exit(0 if report.landed else DID_NOT_LAND)
 
@@ -588,8 +592,8 @@ def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_jso
     "--for",
     "target",
     required=True,
-    type=click.Choice(["vllm", "sglang", "llama.cpp", "peft"]),
-    help="Serving target.",
+    type=TargetType(),
+    help=f"Serving target; {TARGET_RELEASES} (the report's rules; what is written is read alike by every release).",
 )
 @click.option(
     "-o",
@@ -607,7 +611,7 @@ def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_jso
 @click.option(
     "--max-rank",
     type=int,
-    help="Truncate modules above this rank (error reported); the rank DoRA is converted at.",
+    help="Truncate modules (MoE experts: each expert) above this rank, error reported; the rank DoRA is converted at.",
 )
 @click.option(
     "--drop-saved", is_flag=True, help="Leave out saved tensors the target cannot load (norm reported)."
@@ -619,7 +623,7 @@ def _run_surgery(ctx: click.Context, stage: str, run, report: str | None, as_jso
 def export(
     ctx: click.Context,
     adapter: str,
-    target: str,
+    target: object,
     output: str,
     base: str | None,
     max_rank: int | None,

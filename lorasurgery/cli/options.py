@@ -67,6 +67,41 @@ tokens_option = click.option(
 )
 
 
+class TargetType(click.ParamType):
+    """A serving target: vllm (its newest release known), vllm==RELEASE (an older release's rules),
+    sglang, llama.cpp or peft; read by lorasurgery.targets.parse_target, whose OptionError (naming
+    the known releases) becomes click's usage error."""
+
+    name = "target"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[vllm[==RELEASE]|sglang|llama.cpp|peft]"
+
+    def convert(self, value, param, ctx):
+        from lorasurgery.targets import Target, parse_target
+
+        if isinstance(value, Target):
+            return value
+        try:
+            return parse_target(value)
+        except LoraSurgeryError as error:
+            self.fail(str(error), param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        from lorasurgery.targets import TARGETS
+
+        return [CompletionItem(t) for t in TARGETS if t.startswith(incomplete)]
+
+
+# lorasurgery.targets' VLLM_NEWEST and VLLM_KNOWN written out, so that --help imports no more (test_verify_releases.py)
+TARGET_RELEASES = (
+    "vllm means its newest release known (0.32.x); vllm==RELEASE (e.g. vllm==0.31; known: 0.6.4 – 0.32.x) "
+    "that release's rules"
+)
+
+
 def config_option(what: str):
     return click.option("--config", "config_file", type=click.Path(), help=what)
 

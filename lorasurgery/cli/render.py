@@ -349,6 +349,14 @@ def verify_report(report, as_json: bool = False, quiet: bool = False) -> None:
         stdout.print(f"{label}: {issue}", markup=False, soft_wrap=True)
     if report.target:
         stdout.print(f"read by {report.target}'s rules ({report.target_rule})", markup=False, soft_wrap=True)
+    for difference in report.releases:
+        stdout.print(f"other releases: {difference.summary}", markup=False, soft_wrap=True)
+    if report.target_release and not report.releases:
+        from lorasurgery.targets import VLLM_KNOWN
+
+        stdout.print(
+            f"other releases: every vLLM release known ({VLLM_KNOWN}) computes the same", markup=False
+        )
     text = report.text
     if text is not None and text.skipped:
         stdout.print(f"logits: skipped: {text.skipped}", markup=False, soft_wrap=True)
@@ -619,7 +627,8 @@ def serving_check(check, as_json: bool = False) -> None:
         if rule.action:
             line += f" -> {rule.action}"
         stdout.print(line, markup=False, soft_wrap=True)
-    stdout.print(f"{check.target}: {check.summary}", markup=False, soft_wrap=True)
+    release = f" {check.release}" if check.release else ""
+    stdout.print(f"{check.target}{release}: {check.summary}", markup=False, soft_wrap=True)
 
 
 def export_report(report, as_json: bool = False, quiet: bool = False) -> None:

@@ -70,23 +70,55 @@ def logical_index(
     """The checkpoint's tensors as the model sees them, in file order; CheckpointError (or
     UnsupportedError) naming the file and tensor when the FP8 layout is broken."""
     declared = quantization.source is not None
+    block, scale_fmt, fmt = (
+        _declared_settings(quantization, folder) if declared else (_NOT_DECLARED, None, None)
+    )
+    pairs = _code_scale_pairs(tensors, quantization, fmt, scale_fmt)
+    _check_orphans(tensors, quantization.stored_names)
+    block = _checked_block(pairs, block, folder)
+    if not pairs:
+        return tensors  # declared, but nothing stored quantized: the tensors are what they are
+    plain_dtype = model_dtype(config)
+    logical = {}
+    for t, codes, scale in pairs:
+        logical[codes.name] = DequantizedInfo.of(
+            t.logical,
+            tuple(codes.shape),
+            codes,
+            format="fp8",
+            parts=tuple((role, tensors[stored]) for role, stored in t.parts),
+            block=None if _one_scale(codes, scale, block) else block,
+            scale_fmt=scale_fmt,
+            model_dtype=plain_dtype,
+        )
+    hidden = quantization.stored_names - set(logical)
+    return {name: logical.get(name, info) for name, info in tensors.items() if name not in hidden}
+
+
+def _declared_settings(quantization: Quantization, folder: Path):
+    """(weight_block_size, scale_fmt, fmt) from config.json's quantization_config, each checked."""
     settings = quantization.config or {}
     where = f"{folder / 'config.json'}: quantization_config"
-    block = _declared_block(settings, where) if declared else _NOT_DECLARED
-    scale_fmt = settings.get("scale_fmt") if declared else None
+    block = _declared_block(settings, where)
+    scale_fmt = settings.get("scale_fmt")
     if scale_fmt not in (None, "float", "ue8m0"):
         raise CheckpointError(f'{where}: scale_fmt {scale_fmt!r} is neither "float" nor "ue8m0"')
-    fmt = settings.get("fmt") if declared else None
+    fmt = settings.get("fmt")
     if fmt is not None and fmt not in CODE_DTYPES:
         raise CheckpointError(f'{where}: fmt {fmt!r} is neither "e4m3" nor "e5m2"')
-    if declared and settings.get("expert_dtype", "fp8") != "fp8":
+    if settings.get("expert_dtype", "fp8") != "fp8":
         raise UnsupportedError(
             f"{where}: expert_dtype {settings.get('expert_dtype')!r} (experts packed as FP4): lorasurgery "
             f"reads FP8 codes only and does not read FP4-packed experts yet (docs/design.md §13)"
         )
-    declaration = quantization.declaration() or "float8 codes with weight_scale_inv beside them"
+    return block, scale_fmt, fmt
 
-    pairs = []  # (QuantizedTensor, codes, scale)
+
+def _code_scale_pairs(tensors: Mapping[str, TensorInfo], quantization: Quantization, fmt, scale_fmt) -> list:
+    """[(QuantizedTensor, codes, scale)] for every quantized tensor, each an FP8 one whose codes'
+    dtype is the config's and whose scales' dtype FP8 allows."""
+    declaration = quantization.declaration() or "float8 codes with weight_scale_inv beside them"
+    pairs = []
     for t in quantization.tensors:
         codes = tensors[t.codes]
         if t.format != "fp8":
@@ -104,8 +136,12 @@ def logical_index(
                 f'scale_fmt "ue8m0")'
             )
         pairs.append((t, codes, scale))
-    _check_orphans(tensors, quantization.stored_names)
+    return pairs
 
+
+def _checked_block(pairs: list, block, folder: Path):
+    """The block size every grid of scales is in (declared, or deduced from the grids' shapes),
+    each grid's shape checked against it."""
     grids = [(codes, scale) for _, codes, scale in pairs if not _one_scale(codes, scale, block)]
     for codes, scale in grids:
         _check_grid(codes, scale)
@@ -124,24 +160,7 @@ def logical_index(
                 f"of {codes.name} {list(codes.shape)}: in blocks of {list(block)} (quantization_config "
                 f"weight_block_size) it needs {list(expected)}"
             )
-
-    if not pairs:
-        return tensors  # declared, but nothing stored quantized: the tensors are what they are
-    plain_dtype = model_dtype(config)
-    logical = {}
-    for t, codes, scale in pairs:
-        logical[codes.name] = DequantizedInfo.of(
-            t.logical,
-            tuple(codes.shape),
-            codes,
-            format="fp8",
-            parts=tuple((role, tensors[stored]) for role, stored in t.parts),
-            block=None if _one_scale(codes, scale, block) else block,
-            scale_fmt=scale_fmt,
-            model_dtype=plain_dtype,
-        )
-    hidden = quantization.stored_names - set(logical)
-    return {name: logical.get(name, info) for name, info in tensors.items() if name not in hidden}
+    return block
 
 
 def dequantize(info: DequantizedInfo, read):

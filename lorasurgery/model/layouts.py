@@ -64,34 +64,57 @@ def linear_layouts(
     matches = fan_in_fan_out_matcher(fan_in_fan_out)
     layouts: dict[tuple[str, str], Layout] = {}
     undecided: list[LinearTarget] = []
-    contradicted: dict[str, str] = {}  # adapter -> why its flag is not trusted
     for target in targets:
-        key = (target.adapter, target.module)
-        module = structure.module_of_tensor(target.weight) if structure.known else None
-        slot = structure.expert_slice(target.weight) if structure.known else None
-        if slot is not None:  # a per-expert module of a fused expert parameter (model/experts.py)
-            layouts[key] = Layout(slot.transposed, "structure")
-            continue
-        if module is not None and module.kind in ("linear", "conv1d"):
-            if matches is not None and matches(target.module) != module.fan_in_fan_out:
-                raise MismatchError(
-                    f"--fan-in-fan-out {fan_in_fan_out!r} {'matches' if matches(target.module) else 'does not match'} "
-                    f"module {target.module}, but {structure.source} makes {target.weight} a {module.cls} "
-                    f"(stored {'(in, out)' if module.fan_in_fan_out else '(out, in)'}); drop the option or fix it"
-                )
-            layouts[key] = Layout(module.fan_in_fan_out, "structure")
-            continue
-        if matches is not None:
-            layouts[key] = Layout(matches(target.module), "option")
-            continue
-        out_features, in_features = target.features
-        stored = tuple(target.stored)
-        if stored == (out_features, in_features) and out_features != in_features:
-            layouts[key] = Layout(False, "shape")
-        elif stored == (in_features, out_features) and out_features != in_features:
-            layouts[key] = Layout(True, "shape")
-        else:
+        layout = _decided_layout(structure, target, matches, fan_in_fan_out)
+        if layout is None:
             undecided.append(target)  # square, or fitting neither way (a shape check will say so)
+        else:
+            layouts[(target.adapter, target.module)] = layout
+    contradicted = _contradicted_flags(targets, layouts)
+    hints: dict[str, set[bool]] = {}
+    square_kinds: dict[str, set[str]] = {}  # adapter -> leaf names of its undecided targets
+    for target in undecided:
+        hints.setdefault(target.weight, set()).add(target.hint)
+        square_kinds.setdefault(target.adapter, set()).add(leaf(target.module))
+    for target in undecided:
+        layouts[(target.adapter, target.module)] = _assumed_layout(
+            structure, target, contradicted, hints, square_kinds
+        )
+    return layouts
+
+
+def _decided_layout(structure: Structure, target: LinearTarget, matches, fan_in_fan_out) -> Layout | None:
+    """The layout the structure, `--fan-in-fan-out` or a non-square shape decides, in that order; None
+    when nothing does (a square weight, or one fitting neither way)."""
+    module = structure.module_of_tensor(target.weight) if structure.known else None
+    slot = structure.expert_slice(target.weight) if structure.known else None
+    if slot is not None:  # a per-expert module of a fused expert parameter (model/experts.py)
+        return Layout(slot.transposed, "structure")
+    if module is not None and module.kind in ("linear", "conv1d"):
+        if matches is not None and matches(target.module) != module.fan_in_fan_out:
+            raise MismatchError(
+                f"--fan-in-fan-out {fan_in_fan_out!r} {'matches' if matches(target.module) else 'does not match'} "
+                f"module {target.module}, but {structure.source} makes {target.weight} a {module.cls} "
+                f"(stored {'(in, out)' if module.fan_in_fan_out else '(out, in)'}); drop the option or fix it"
+            )
+        return Layout(module.fan_in_fan_out, "structure")
+    if matches is not None:
+        return Layout(matches(target.module), "option")
+    out_features, in_features = target.features
+    stored = tuple(target.stored)
+    if stored == (out_features, in_features) and out_features != in_features:
+        return Layout(False, "shape")
+    if stored == (in_features, out_features) and out_features != in_features:
+        return Layout(True, "shape")
+    return None
+
+
+def _contradicted_flags(
+    targets: list[LinearTarget], layouts: dict[tuple[str, str], Layout]
+) -> dict[str, str]:
+    """{adapter: why its flag is not trusted} for each adapter a module laid out by its shape
+    contradicts (the first such module)."""
+    contradicted: dict[str, str] = {}
     for key, layout in layouts.items():
         if layout.reason != "shape":
             continue
@@ -101,35 +124,34 @@ def linear_layouts(
                 f"its module {target.module} is stored {'(in, out)' if layout.fan_in_fan_out else '(out, in)'}, "
                 f"so the adapter targets layers of another kind than its flag says"
             )
-    hints: dict[str, set[bool]] = {}
-    square_kinds: dict[str, set[str]] = {}  # adapter -> leaf names of its undecided targets
-    for target in undecided:
-        hints.setdefault(target.weight, set()).add(target.hint)
-        square_kinds.setdefault(target.adapter, set()).add(leaf(target.module))
-    for target in undecided:
-        key = (target.adapter, target.module)
-        stored = tuple(target.stored)
-        if stored not in ((target.features[0], target.features[1]), (target.features[1], target.features[0])):
-            layouts[key] = Layout(target.hint, "adapter")  # no layout fits: the shape check reports it
-            continue
+    return contradicted
+
+
+def _assumed_layout(
+    structure: Structure, target: LinearTarget, contradicted: dict[str, str], hints, square_kinds
+) -> Layout:
+    """An undecided target's layout: the adapter's flag, stated as assumed, unless something
+    contradicts it (then refused by name, with the fix); "adapter" where no layout fits at all."""
+    stored = tuple(target.stored)
+    if stored not in ((target.features[0], target.features[1]), (target.features[1], target.features[0])):
+        return Layout(target.hint, "adapter")  # no layout fits: the shape check reports it
+    why = contradicted.get(target.adapter)
+    if why is None and len(hints[target.weight]) > 1:
+        why = "the adapters that target it disagree on fan_in_fan_out"
+    if why is None and target.hint and not structure.known and len(square_kinds[target.adapter]) > 1:
+        # PEFT saves the flag of the layer it created last: a true flag (a Conv1D's) with square
+        # targets of several names does not say they are all Conv1D.
+        names = ", ".join(sorted(square_kinds[target.adapter]))
+        why = f"it targets square weights of several names ({names}) and saves the flag of only one"
+    if why is not None:
         unknown = (
             structure.source if not structure.known else f"the model of {structure.source} has no such module"
         )
-        why = contradicted.get(target.adapter)
-        if why is None and len(hints[target.weight]) > 1:
-            why = "the adapters that target it disagree on fan_in_fan_out"
-        if why is None and target.hint and not structure.known and len(square_kinds[target.adapter]) > 1:
-            # PEFT saves the flag of the layer it created last: a true flag (a Conv1D's) with square
-            # targets of several names does not say they are all Conv1D.
-            names = ", ".join(sorted(square_kinds[target.adapter]))
-            why = f"it targets square weights of several names ({names}) and saves the flag of only one"
-        if why is not None:
-            raise UnsupportedError(
-                f"{target.adapter}: module {target.module}: the base's {target.weight} is square "
-                f"({stored[0]}×{stored[1]}) and {unknown}, so neither tells a Linear (stored (out, in)) "
-                f"from a GPT-2 Conv1D (stored (in, out)); the adapter's fan_in_fan_out: "
-                f"{str(target.hint).lower()} cannot be trusted ({why}). Pass --config with the base's "
-                f"config.json, or --fan-in-fan-out REGEX matching the Conv1D modules (e.g. 'c_attn|c_proj|c_fc')"
-            )
-        layouts[key] = Layout(target.hint, "assumed")
-    return layouts
+        raise UnsupportedError(
+            f"{target.adapter}: module {target.module}: the base's {target.weight} is square "
+            f"({stored[0]}×{stored[1]}) and {unknown}, so neither tells a Linear (stored (out, in)) "
+            f"from a GPT-2 Conv1D (stored (in, out)); the adapter's fan_in_fan_out: "
+            f"{str(target.hint).lower()} cannot be trusted ({why}). Pass --config with the base's "
+            f"config.json, or --fan-in-fan-out REGEX matching the Conv1D modules (e.g. 'c_attn|c_proj|c_fc')"
+        )
+    return Layout(target.hint, "assumed")

@@ -19,23 +19,25 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from lorasurgery.adapter import load_adapter
-from lorasurgery.adapter.experts import padded, split
+from lorasurgery.adapter import Adapter, load_adapter
+from lorasurgery.adapter.experts import FusedFactors, padded, split
 from lorasurgery.adapter.model import lora_keys
 from lorasurgery.adapter.names import find_prefix_rule
 from lorasurgery.adapter.writer import write_adapter_folder
 from lorasurgery.binding import bind, saved_fan_in_fan_out
-from lorasurgery.commands.export import moe
+from lorasurgery.commands.export import moe, moe_factors
 from lorasurgery.commands.export.gguf import check_gguf_output, write_gguf
-from lorasurgery.errors import AdapterError, CheckpointError, UnsupportedError
+from lorasurgery.concurrency import torch_threads
+from lorasurgery.errors import AdapterError, CheckpointError, OptionError, UnsupportedError
 from lorasurgery.factored import adapter_of, module_svd, truncated_factors
 from lorasurgery.io import (
+    Checkpoint,
     atomic_output_dir,
     check_output_path,
     copy_side_files,
@@ -51,9 +53,11 @@ from lorasurgery.targets import (
     FIXED,
     IMPOSSIBLE,
     PASS,
-    TARGETS,
+    VLLM_KNOWN,
+    Target,
     check_rules,
     embedding_copies,
+    parse_target,
     verdict,
 )
 
@@ -75,7 +79,8 @@ class ModuleExport:
     scale_in: float  # PEFT's s_m
     multiplier: float  # what the target applies: t_m
     method: str  # copied | folded | truncated | dora→lora | padded (added to the others)
-    relative_error: float  # ‖t_m·B'@A' − ΔW_m‖_F / ‖ΔW_m‖_F, after the cast
+    relative_error: float  # ‖t_m·B'@A' − ΔW_m‖_F / ‖ΔW_m‖_F, after the cast (experts: the worst one's)
+    expert_errors: list[float] | None = None  # a fused expert parameter: each expert's relative error
 
 
 @dataclass
@@ -88,6 +93,7 @@ class ExportReport:
     dropped: dict[str, float] = field(default_factory=dict)  # saved tensor -> its Frobenius norm
     config: dict = field(default_factory=dict)  # what the target reads: r/alpha (or GGUF alpha)
     notes: list[str] = field(default_factory=list)
+    release: str | None = None  # vllm: the range of releases whose rules the report's rules are
 
     @property
     def max_error(self) -> float:
@@ -97,6 +103,7 @@ class ExportReport:
         return {
             "adapter": self.adapter,
             "target": self.target,
+            "target_release": self.release,
             "output": self.output,
             "rules": [r.to_json() for r in self.rules],
             "modules": [vars(m) for m in self.modules],
@@ -202,6 +209,35 @@ def _pad(f: _Factors, rank: int) -> _Factors:
     return _Factors(A, B, f.method + "+padded", f.error)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one export works from: the adapter, the target and its options, the base's parts."""
+
+    adapter: Adapter
+    path: str | os.PathLike  # the adapter, as given
+    spec: Target  # the target and, for vLLM, the releases whose rules the report says
+    output: str | os.PathLike
+    base: str | os.PathLike | None
+    max_rank: int | None
+    drop_saved: bool
+    force: bool
+    base_config: dict | None = None  # the base's config.json
+    base_ckpt: Checkpoint | None = None  # the base's weights
+    structure: object = None  # the base's model.Structure
+
+    @property
+    def target(self) -> str:
+        return self.spec.name
+
+    @property
+    def inputs(self) -> list:
+        return [self.path] + ([self.base] if self.base else [])
+
+    @property
+    def base_tensors(self) -> dict:
+        return self.base_ckpt.tensors if self.base_ckpt is not None else {}
+
+
 def export_adapter(
     adapter_path: str | os.PathLike,
     target: str,
@@ -215,94 +251,124 @@ def export_adapter(
 ) -> ExportReport:
     """Write ADAPTER for `target` at `output` (a folder; a .gguf file for llama.cpp), or refuse.
 
-    The steps: the rules checked (a refusal names every impossible one), the ranks and the target's
-    multipliers chosen, each module's factors for the target, the saved tensors left out or dropped,
-    then the folder or GGUF file written atomically."""
-    if target not in TARGETS:
-        raise UnsupportedError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    The steps: the inputs opened and the output checked (_open), the rules checked with the expert
+    LoRA grouped (a refusal names every impossible rule: _checked), the ranks and the target's
+    multipliers chosen (_shape_of), each module's factors for the target (_target_factors), the saved
+    tensors left out or dropped (_leave_out_saved), then the GGUF file or the folder written atomically
+    (_write_folder, with the experts in the layout the target loads: _expert_tensors). `target` is a
+    targets.Target or its text (`vllm==0.31`: that release's rules in the report; what is written is
+    the same for every vLLM release, since every one reads it alike: docs/export.md "Semantics")."""
+    job = _open(adapter_path, parse_target(target), output, base, max_rank, drop_saved, force)
+    target = job.target
+    report, experts = _checked(job)
+    # small per-module kernels (QRs of (d, r), r × r SVDs): one torch thread (concurrency.torch_threads)
+    with torch_threads(1):
+        in_groups = experts.sources
+        modules = sorted(
+            (lo for lo in job.adapter.modules.values() if id(lo) not in in_groups),
+            key=lambda lo: natural_key(lo.name),
+        )
+        shape = _shape_of(modules, target, max_rank, experts.ranks)
+        factors = _target_factors(job, modules, shape, report, progress)
+        _leave_out_saved(job, report)
+        if target == "llama.cpp":
+            report.config = {"adapter.lora.alpha": shape.alpha}
+            write_gguf(
+                job.adapter,
+                modules,
+                factors,
+                shape.alpha,
+                job.base_config,
+                output,
+                force=force,
+                inputs=job.inputs,
+            )
+        else:
+            _write_folder(job, modules, factors, shape, experts, report)
+        return report
+
+
+def _open(
+    adapter_path, spec: Target, output, base, max_rank: int | None, drop_saved: bool, force: bool
+) -> _Job:
+    """The adapter and the base's parts, after refusing a rank below 1 or an unusable OUT (an unknown
+    target was refused by parse_target)."""
+    if max_rank is not None and max_rank < 1:
+        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
     adapter = load_adapter(adapter_path)
-    inputs = [adapter_path] + ([base] if base else [])
-    if target == "llama.cpp":  # refuse an unusable OUT before any work
-        check_gguf_output(output, inputs, force)
+    job = _Job(adapter, adapter_path, spec, output, base, max_rank, drop_saved, force)
+    if spec.name == "llama.cpp":  # refuse an unusable OUT before any work
+        check_gguf_output(output, job.inputs, force)
     else:
-        check_output_path(output, inputs, force)
+        check_output_path(output, job.inputs, force)
     base_config, base_ckpt = _base_parts(base)
     structure = base_structure(base, base_config, base_ckpt)
+    return replace(job, base_config=base_config, base_ckpt=base_ckpt, structure=structure)
+
+
+def _checked(job: _Job) -> tuple[ExportReport, _Experts]:
+    """The target's rules against the adapter and its expert LoRA grouped, or a refusal naming every
+    impossible rule; the report begun."""
     rules = check_rules(
-        adapter,
-        target,
-        base_config=base_config,
-        have_base_weights=base_ckpt is not None,
-        max_rank=max_rank,
-        drop_saved=drop_saved,
-        structure=structure,
+        job.adapter,
+        job.spec,
+        base_config=job.base_config,
+        have_base_weights=job.base_ckpt is not None,
+        max_rank=job.max_rank,
+        drop_saved=job.drop_saved,
+        structure=job.structure,
     )
     hints: list[str] = []
-    groups = _expert_groups(adapter, adapter_path, target, structure, max_rank, hints)
-    experts_rule = moe.experts_rule(
-        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
-    )
+    groups = _expert_groups(job, hints)
+    experts_rule = moe.experts_rule(job.adapter, job.target, groups, job.structure, job.base_tensors)
     rules += [experts_rule] if experts_rule is not None else []
     if any(r.status == IMPOSSIBLE for r in rules):
-        raise UnsupportedError(refusal(adapter_path, target, rules))
-    _check_dora_rank(adapter, adapter_path, target, max_rank)
-
-    report = ExportReport(str(adapter_path), target, str(output), rules, notes=hints)
-    in_groups = {id(lo) for group in groups.values() for lo in group.sources}
-    modules = sorted(
-        (lo for lo in adapter.modules.values() if id(lo) not in in_groups),
-        key=lambda lo: natural_key(lo.name),
+        raise UnsupportedError(refusal(job.path, job.target, rules))
+    _check_dora_rank(job.adapter, job.path, job.target, job.max_rank)
+    experts = _expert_layout(job, groups)
+    rules = _with_expert_ranks(rules, experts, job.adapter)
+    report = ExportReport(
+        str(job.path), job.target, str(job.output), rules, notes=hints, release=job.spec.release_text
     )
-    experts = _expert_layout(adapter, groups, target, structure)
-    shape = _shape_of(modules, target, max_rank, experts)
-    if target == "llama.cpp":
-        report.config = {"adapter.lora.alpha": shape.alpha}
-    factors = _target_factors(adapter, base_ckpt, modules, shape, report, progress)
-    copies = embedding_copies(adapter) if target != "peft" else set()
-    _check_copies(adapter, copies, base_ckpt, report)
-    if drop_saved and target != "peft":
-        _report_dropped(adapter, copies, report)
+    if job.spec.releases is not None:
+        report.notes.append(
+            f"rules of vLLM {job.spec.releases}; written so that every release known ({VLLM_KNOWN}) "
+            "computes the same: use_rslora off, the patterns' α/r of every module equal to lora_alpha/r"
+        )
+    return report, experts
 
-    if target == "llama.cpp":
-        write_gguf(adapter, modules, factors, shape.alpha, base_config, output, force=force, inputs=inputs)
-        return report
-    config = _folder_config(adapter, target, modules, shape.ranks, shape.R, shape.multiplier, shape.keep_dora)
-    expert_tensors = _expert_tensors(
-        adapter,
-        groups,
-        experts,
-        modules,
-        shape,
-        structure,
-        config,
-        report,
-        base_ckpt.tensors if base_ckpt else {},
+
+def _write_folder(
+    job: _Job, modules, factors, shape: _Shape, experts: _Experts, report: ExportReport
+) -> None:
+    """The PEFT folder: config and tensors (the experts' in the layout the target loads), side files."""
+    config = _folder_config(
+        job.adapter, job.target, modules, shape.ranks, shape.R, shape.multiplier, shape.keep_dora
     )
+    expert_tensors = _expert_tensors(job, experts, shape, config, report)
     report.config = {"r": config["r"], "lora_alpha": config["lora_alpha"]}
     tensors = _folder_tensors(
-        adapter, target, modules, factors, shape.multiplier, shape.keep_dora, expert_tensors
+        job.adapter, job.target, modules, factors, shape.multiplier, shape.keep_dora, expert_tensors
     )
-    with atomic_output_dir(output, inputs=inputs, force=force) as folder:
+    with atomic_output_dir(job.output, inputs=job.inputs, force=job.force) as folder:
         write_adapter_folder(folder, tensors, config)
-        if Path(adapter_path).is_dir():
-            copy_side_files(Path(adapter_path), folder, SIDE_FILES)
-    return report
+        if Path(job.path).is_dir():
+            copy_side_files(Path(job.path), folder, SIDE_FILES)
 
 
 _EXPERT_NAME = re.compile(r"\.experts\.\d+\.")
 
 
-def _expert_groups(
-    adapter, adapter_path, target: str, structure, max_rank: int | None, warnings: list
-) -> dict:
+def _expert_groups(job: _Job, warnings: list) -> dict:
     """The adapter's expert LoRA per fused parameter (commands/export/moe.py), or a refusal naming
     what the target cannot carry."""
+    adapter, structure = job.adapter, job.structure
     fused_alone = sorted(
         lo.name for lo in adapter.modules.values() if lo.kind == "parameter" and lo.experts > 1
     )
     if structure is None and fused_alone:
         raise UnsupportedError(
-            f"{adapter_path}: module {fused_alone[0]}: a LoRA on fused expert parameters (target_parameters) "
+            f"{job.path}: module {fused_alone[0]}: a LoRA on fused expert parameters (target_parameters) "
             f"needs the base's structure to be exported: pass --base BASE (a folder with its config.json); "
             f"nothing was written"
         )
@@ -315,144 +381,229 @@ def _expert_groups(
         )
     if not groups:
         return groups
-    some = ", ".join(sorted(groups)[:3]) + (f" and {len(groups) - 3} more" if len(groups) > 3 else "")
-    why = moe.refusal(target, groups)
+    why = moe.refusal(job.target, groups)
     if why is not None:
+        some = ", ".join(sorted(groups)[:3]) + (f" and {len(groups) - 3} more" if len(groups) > 3 else "")
         raise UnsupportedError(
-            f"{adapter_path}: cannot export for {target}: the adapter has LoRA on MoE experts ({some}); "
+            f"{job.path}: cannot export for {job.target}: the adapter has LoRA on MoE experts ({some}); "
             f"{why}: merge the adapter (`lorasurgery merge`) and serve the merged model; nothing was written"
-        )
-    if max_rank is not None:
-        raise UnsupportedError(
-            f"{adapter_path}: --max-rank with LoRA on MoE experts ({some}) is not supported by export yet; "
-            f"export without it (exact) and `lorasurgery resize` the result; nothing was written"
         )
     return groups
 
 
-def _expert_layout(adapter, groups: dict, target: str, structure) -> tuple:
-    """(layout, {parameter: FusedFactors}, their common scale, the ranks of the modules written) of
-    the expert groups for `target`."""
-    layout = moe.layout_for(target, structure.architecture if structure is not None else None)
-    fused = {name: moe.fused_factors(adapter, group) for name, group in sorted(groups.items())}
-    scale = _most_common([f.scale for f in fused.values()], 1.0) if fused else None
-    if layout == moe.FUSED:
-        ranks = [f.rank for f in fused.values()]
-    else:  # a stacked gate/up splits back into its own ranks
-        ranks = [
-            part.A[0].shape[0]
-            for name, f in fused.items()
-            for part in split(f, groups[name].parts, groups[name].interleaved)
-        ]
-    return layout, fused, scale, ranks
+@dataclass
+class _Experts:
+    """The adapter's expert LoRA in one export: its groups per fused parameter (moe.expert_groups),
+    the layout the target loads, each group in PEFT's fused layout as stored, and the rank each
+    module of that layout has (per expert: a fused parameter, or a part of it in the per-expert layout)."""
+
+    layout: str | None
+    groups: dict = field(default_factory=dict)  # fused parameter -> moe.ExpertGroup
+    stored: dict = field(default_factory=dict)  # fused parameter -> FusedFactors
+    stored_ranks: dict = field(default_factory=dict)  # fused parameter -> its modules' ranks, as stored
+    max_rank: int | None = None
+
+    @property
+    def sources(self) -> set[int]:
+        """The ids of the adapter's LoraModules the groups hold."""
+        return {id(lo) for group in self.groups.values() for lo in group.sources}
+
+    @property
+    def scale(self) -> float | None:
+        return _most_common([f.scale for f in self.stored.values()], 1.0) if self.stored else None
+
+    @property
+    def ranks(self) -> list[int]:
+        """The ranks of the modules written, --max-rank applied."""
+        cap = self.max_rank if self.max_rank is not None else math.inf
+        return [min(r, cap) for ranks in self.stored_ranks.values() for r in ranks]
+
+    @property
+    def over(self) -> list[str]:
+        """The fused parameters --max-rank truncates."""
+        if self.max_rank is None:
+            return []
+        return sorted(name for name, ranks in self.stored_ranks.items() if max(ranks) > self.max_rank)
 
 
-def _expert_tensors(
-    adapter, groups: dict, experts, modules, shape, structure, config: dict, report, base_tensors
-) -> dict:
-    """Every expert group in the layout the target loads (moe.layout_for): PEFT's target_parameters on
-    the fused parameter (PEFT's nested keys; vLLM's fused path also needs both of a module's parameters,
-    the missing one given ΔW = 0), or one 2-D module per expert and projection under the checkpoint's
-    names (split exactly, moe.py); scales folded to the target's one scale g, the config's patterns and
-    targets extended; a report row per fused parameter."""
-    layout, fused = experts[0], experts[1]
-    if not fused:
-        return {}
-    g = next(iter(shape.multiplier.values())) if modules else experts[2]
-    target = report.target
-    if not modules:  # only experts: the config's r is their most common rank (vLLM, SGLang: shape.R)
-        R = Counter(f.rank for f in fused.values()).most_common(1)[0][0]
-        R = shape.R if target in ("vllm", "sglang") else R
-        config.update(r=R, lora_alpha=_number(g * R))
-    R = config["r"]
-    written = {name: moe.refolded(f, g) for name, f in fused.items()}
-    if target == "vllm" and layout == moe.FUSED:
-        for name in list(written):
-            for leaf in ("gate_up_proj", "down_proj"):
-                sibling = f"{groups[name].module}.{leaf}"
-                if sibling not in written:
-                    zero = moe.zero_fused(structure, sibling, written[name].rank, written[name].A.dtype)
-                    written[sibling] = moe.refolded(zero, g)
-        # one rank per experts module: vLLM stacks its gate_up and down LoRA in buffers of one rank
-        for name in written:
-            module = groups[name].module if name in groups else name.rpartition(".")[0]
-            rank = max(f.rank for n, f in written.items() if n.rpartition(".")[0] == module)
-            written[name] = padded(written[name], rank)
-    tensors: dict = {}
-
-    def pattern(name: str, rank: int) -> None:
-        if rank != R:
-            config["rank_pattern"][re.escape(name)] = rank
-            config["alpha_pattern"][re.escape(name)] = _number(g * rank)
-
-    if layout == moe.FUSED:
-        by_module: dict[str, list[str]] = {}
-        for name in written:
-            module, _, leaf = name.rpartition(".")
-            by_module.setdefault(module, []).append(leaf)
-        for module, leaves in by_module.items():
-            keys = moe.fused_keys(module, leaves, list(structure.module(module).parameters))
-            for leaf in leaves:
-                name = f"{module}.{leaf}"
-                tensors[keys[leaf][0]] = written[name].A.contiguous()
-                tensors[keys[leaf][1]] = written[name].B.contiguous()
-                pattern(name, written[name].rank)
-        config["target_parameters"] = sorted(written)
-    else:
-        names_written, split_ranks = [], {}
-        for name, f in written.items():
-            group = groups[name]
-            names = moe.per_expert_names(structure, group, base_tensors)
-            for k, part in enumerate(split(f, group.parts, group.interleaved)):
-                for e, (A, B) in enumerate(zip(part.A, part.B)):
-                    module = names[(e, k)]
-                    if target == "sglang":  # one rank for every module (SGLang stacks gate with up)
-                        f_padded = _pad(_Factors(A, B, "", 0.0), shape.R)
-                        A, B = f_padded.A, f_padded.B
-                    keys = lora_keys(module)
-                    tensors[keys.A], tensors[keys.B] = A.contiguous(), B.contiguous()
-                    pattern(module, A.shape[0])
-                    names_written.append(module)
-                    split_ranks[name] = max(split_ranks.get(name, 0), A.shape[0])
-        if target == "sglang":
-            leaves = {n.rsplit(".", 1)[-1] for n in names_written}
-            config["target_modules"] = sorted(set(config["target_modules"]) | leaves)
-        else:
-            config["target_modules"] = sorted(config["target_modules"] + names_written, key=natural_key)
+def _expert_layout(job: _Job, groups: dict) -> _Experts:
+    """The expert groups for `job.target`: their layout, their factors as stored and their ranks."""
+    structure = job.structure
+    layout = moe.layout_for(job.target, structure.architecture if structure is not None else None)
+    experts = _Experts(layout, groups, max_rank=job.max_rank)
     for name, group in sorted(groups.items()):
-        # only folding rounds (copying, stacking, padding, zero-filling and splitting are exact)
-        error = 0.0
-        if "folded" in written[name].notes:
-            exact = padded(moe.fused_factors(adapter, group, float64=True), written[name].rank)
-            error = moe.relative_error(written[name], exact)
-        method = written[name].method + ("+split" if layout == moe.PER_EXPERT else "")
-        sources = group.sources
-        report.modules.append(
+        f = experts.stored[name] = moe.fused_factors(job.adapter, group)
+        if layout == moe.FUSED:
+            experts.stored_ranks[name] = [f.rank]
+        else:  # a stacked gate/up splits back into its own ranks
+            experts.stored_ranks[name] = [p.A[0].shape[0] for p in split(f, group.parts, group.interleaved)]
+    return experts
+
+
+def _with_expert_ranks(rules: list, experts: _Experts, adapter) -> list:
+    """The max_rank rule, with the fused parameters --max-rank truncates in place of their modules (a
+    fused rank counts gate and up together where their lora_A differ)."""
+    over = experts.over
+    if not over:
+        return rules
+    in_groups = {key for key, lo in adapter.modules.items() if id(lo) in experts.sources}
+    rule = next(r for r in rules if r.id == "max_rank")
+    modules = [m for m in rule.modules if m not in in_groups] + over
+    action = f"truncated to rank {experts.max_rank} by SVD (optimal; the error is reported), expert LoRA per expert"
+    fixed = replace(rule, status=FIXED, modules=modules, action=action)
+    return [fixed if r is rule else r for r in rules]
+
+
+def _expert_tensors(job: _Job, experts: _Experts, shape: _Shape, config: dict, report: ExportReport) -> dict:
+    """Every expert group in the layout the target loads (moe.layout_for), at the target's one scale g
+    and truncated per expert above --max-rank (moe_factors.for_target): PEFT's target_parameters on the
+    fused parameter, or one 2-D module per expert and projection under the checkpoint's names; the
+    config's patterns and targets extended; a report row per fused parameter."""
+    if not experts.groups:
+        return {}
+    g = next(iter(shape.multiplier.values())) if shape.multiplier else experts.scale
+    written = {
+        name: moe_factors.for_target(job.adapter, experts.groups[name], f, g, experts.layout, job.max_rank)
+        for name, f in experts.stored.items()
+    }
+    if not shape.multiplier:  # only experts: the config's r is their most common rank (vLLM, SGLang: shape.R)
+        R = Counter(w.rank for w in written.values()).most_common(1)[0][0]
+        R = shape.R if job.target in ("vllm", "sglang") else R
+        config.update(r=R, lora_alpha=_number(g * R))
+    if experts.layout == moe.FUSED:
+        if job.target == "vllm":
+            _complete_for_vllm(written, job.structure, g)
+        tensors = _fused_tensors(written, job.structure, config, g)
+    else:
+        tensors = _per_expert_tensors(job, written, experts.groups, config, g)
+    sglang_rank = config["r"] if job.target == "sglang" else None
+    report.modules += _expert_rows(written, experts.groups, g, sglang_rank)
+    report.notes += _expert_notes(written, experts)
+    return tensors
+
+
+def _complete_for_vllm(written: dict, structure, g: float) -> None:
+    """vLLM's fused expert LoRA (FusedMoE3DWithLoRA) needs both gate_up_proj and down_proj of every
+    experts module, at one rank: a missing one is written with ΔW = 0, the lower rank zero-padded
+    (vLLM stacks its gate_up and down LoRA in buffers of one rank); both exact."""
+    for name in list(written):
+        for leaf in ("gate_up_proj", "down_proj"):
+            sibling = f"{name.rpartition('.')[0]}.{leaf}"
+            if sibling not in written:
+                w = written[name]
+                zero = moe.zero_fused(structure, sibling, w.rank, w.fused.A.dtype)
+                zero = FusedFactors(zero.A, zero.B, zero.rank, zero.experts, g, ["zero"])
+                written[sibling] = moe_factors.Written(zero, None, [0.0] * zero.experts, ["zero"])
+    for name, w in written.items():
+        module = name.rpartition(".")[0]
+        rank = max(v.rank for n, v in written.items() if n.rpartition(".")[0] == module)
+        if rank > w.rank:
+            w.fused = padded(w.fused, rank)
+            w.notes = w.notes + ([] if "padded" in w.notes else ["padded"])
+
+
+def _pattern(config: dict, name: str, rank: int, g: float) -> None:
+    """A module of another rank than the config's r: its rank_pattern and alpha_pattern (t = g)."""
+    if rank != config["r"]:
+        config["rank_pattern"][re.escape(name)] = rank
+        config["alpha_pattern"][re.escape(name)] = _number(g * rank)
+
+
+def _fused_tensors(written: dict, structure, config: dict, g: float) -> dict:
+    """PEFT's target_parameters tensors, under the keys PEFT nests a module's parameters by."""
+    tensors = {}
+    by_module: dict[str, list[str]] = {}
+    for name in written:
+        module, _, leaf = name.rpartition(".")
+        by_module.setdefault(module, []).append(leaf)
+    for module, leaves in by_module.items():
+        keys = moe.fused_keys(module, leaves, list(structure.module(module).parameters))
+        for leaf in leaves:
+            f = written[f"{module}.{leaf}"].fused
+            tensors[keys[leaf][0]], tensors[keys[leaf][1]] = f.A.contiguous(), f.B.contiguous()
+            _pattern(config, f"{module}.{leaf}", f.rank, g)
+    config["target_parameters"] = sorted(written)
+    return tensors
+
+
+def _per_expert_tensors(job: _Job, written: dict, groups: dict, config: dict, g: float) -> dict:
+    """One 2-D module per expert and projection under the base checkpoint's names (SGLang: every one
+    zero-padded to the config's r, as it stacks gate with up)."""
+    tensors, names_written = {}, []
+    for name, w in written.items():
+        names = moe.per_expert_names(job.structure, groups[name], job.base_tensors)
+        for k, part in enumerate(w.parts):
+            for e, (A, B) in enumerate(zip(part.A, part.B)):
+                module = names[(e, k)]
+                if job.target == "sglang":
+                    f = _pad(_Factors(A, B, "", 0.0), config["r"])
+                    A, B = f.A, f.B
+                keys = lora_keys(module)
+                tensors[keys.A], tensors[keys.B] = A.contiguous(), B.contiguous()
+                _pattern(config, module, A.shape[0], g)
+                names_written.append(module)
+    if job.target == "sglang":
+        leaves = {n.rsplit(".", 1)[-1] for n in names_written}
+        config["target_modules"] = sorted(set(config["target_modules"]) | leaves)
+    else:
+        config["target_modules"] = sorted(config["target_modules"] + names_written, key=natural_key)
+    return tensors
+
+
+def _expert_rows(written: dict, groups: dict, g: float, padded_to: int | None) -> list[ModuleExport]:
+    """A report row per fused parameter: its rank, what was done and its worst expert's error (each
+    expert's in `expert_errors`)."""
+    rows = []
+    for name, group in sorted(groups.items()):
+        w, sources = written[name], group.sources
+        rows.append(
             ModuleExport(
                 name,
                 "parameter",
                 max(lo.r for lo in sources),
-                written[name].rank if layout == moe.FUSED else split_ranks[name],
+                padded_to or w.rank,
                 _most_common([lo.scale for lo in sources], g),
                 g,
-                method,
-                error,
+                w.method + ("+split" if w.parts is not None else ""),
+                max(w.errors, default=0.0),
+                expert_errors=w.errors,
             )
         )
-    zeros = sorted(set(written) - set(groups))
+    return rows
+
+
+def _expert_notes(written: dict, experts: _Experts) -> list[str]:
+    """What the report says of the experts beyond its rows: zero-filled siblings, stacked gate/up,
+    truncation."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
+
+    notes = []
+    zeros = sorted(set(written) - set(experts.groups))
     if zeros:
-        report.notes.append(
-            f"vLLM's fused expert LoRA needs both gate_up_proj and down_proj: {', '.join(zeros[:3])}"
-            f"{' …' if len(zeros) > 3 else ''} written with ΔW = 0 (exact)"
+        notes.append(
+            f"vLLM's fused expert LoRA needs both gate_up_proj and down_proj: {some(zeros)} written with ΔW = 0 (exact)"
         )
-    stacked = [name for name in fused if "stacked" in fused[name].notes]
-    if stacked and layout == moe.FUSED:
-        report.notes.append(
+    stacked = [name for name in experts.stored if "stacked" in experts.stored[name].notes]
+    if stacked and experts.layout == moe.FUSED:
+        notes.append(
             f"gate and up of {len(stacked)} fused parameters had different lora_A, so their fused LoRA "
-            f"stacks both: rank r_gate + r_up per expert ({', '.join(stacked[:3])}"
-            f"{' …' if len(stacked) > 3 else ''}); exact"
+            f"stacks both: rank r_gate + r_up per expert ({some(stacked)}); exact"
         )
-    return tensors
+    if experts.over:
+        worst = max(max(written[name].errors) for name in experts.over)
+        unit = (
+            "each expert's slice of the fused parameter"
+            if experts.layout == moe.FUSED
+            else "each expert's module"
+        )
+        notes.append(
+            f"--max-rank {experts.max_rank}: {some(experts.over)} truncated per expert ({unit}: its optimal "
+            f"rank-{experts.max_rank} factors); worst expert's relative error {worst:.3g} (every expert's: "
+            f"expert_errors in --json)"
+        )
+    return notes
 
 
 def _check_dora_rank(adapter, adapter_path, target: str, max_rank: int | None) -> None:
@@ -481,9 +632,9 @@ class _Shape:
         return (lo.dora and not self.keep_dora) or self.rank_out[lo.name] < lo.r
 
 
-def _shape_of(modules, target: str, max_rank: int | None, experts=None) -> _Shape:
-    """`experts`: _expert_layout's (layout, fused factors, scale), whose ranks SGLang's one rank covers
-    and whose scale is the target's when the adapter has no other module."""
+def _shape_of(modules, target: str, max_rank: int | None, expert_ranks: list[int]) -> _Shape:
+    """`modules` the plain (not expert) modules; `expert_ranks` the ranks of the expert modules written
+    (_Experts.ranks), which the config's r of vLLM and SGLang covers."""
     keep_dora = target == "peft"
 
     def rank_out(lo) -> int:
@@ -493,7 +644,6 @@ def _shape_of(modules, target: str, max_rank: int | None, experts=None) -> _Shap
 
     out = {lo.name: rank_out(lo) for lo in modules}
     ranks = dict(out)
-    expert_ranks = experts[3] if experts else []
     if target == "sglang":
         common = max([*ranks.values(), *expert_ranks])
         ranks = {name: common for name in ranks}
@@ -512,9 +662,10 @@ def _shape_of(modules, target: str, max_rank: int | None, experts=None) -> _Shap
     return shape
 
 
-def _target_factors(adapter, base_ckpt, modules, shape: _Shape, report: ExportReport, progress):
+def _target_factors(job: _Job, modules, shape: _Shape, report: ExportReport, progress):
     """{module: _Factors} as the target loads them: stored factors refolded, or an SVD (DoRA → LoRA,
     above --max-rank), SGLang's padded to one rank; a ModuleExport row for each."""
+    adapter, base_ckpt = job.adapter, job.base_ckpt
     bound = adapter
     if base_ckpt is not None and any(lo.dora and not shape.keep_dora for lo in modules):
         # DoRA's W and its layout, for the DoRA → LoRA conversion
@@ -536,6 +687,17 @@ def _target_factors(adapter, base_ckpt, modules, shape: _Shape, report: ExportRe
         )
         progress(Progress("export", i + 1, len(modules), lo.name))
     return factors
+
+
+def _leave_out_saved(job: _Job, report: ExportReport) -> None:
+    """A serving target gets no saved tensors: PEFT's copies of the base embedding checked and left
+    out, the others (with --drop-saved) dropped with their norms said."""
+    if job.target == "peft":
+        return
+    copies = embedding_copies(job.adapter)
+    _check_copies(job.adapter, copies, job.base_ckpt, report)
+    if job.drop_saved:
+        _report_dropped(job.adapter, copies, report)
 
 
 def _report_dropped(adapter, copies: set[str], report: ExportReport) -> None:
@@ -636,6 +798,7 @@ class ServingCheck:
     adapter: str
     target: str
     rules: list
+    release: str | None = None  # vllm: the range of releases whose rules were checked
 
     @property
     def status(self) -> str:
@@ -658,23 +821,25 @@ class ServingCheck:
         return {
             "adapter": self.adapter,
             "target": self.target,
+            "target_release": self.release,
             "status": self.status,
             "rules": [r.to_json() for r in self.rules],
         }
 
 
 def serving_check(adapter_path, target: str, base=None) -> ServingCheck:
-    """`inspect --for`: every rule of `target` against the adapter, nothing written."""
-    if target not in TARGETS:
-        raise UnsupportedError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    """`inspect --for`: every rule of `target` (a targets.Target or its text, `vllm==0.31`) against the
+    adapter, nothing written."""
+    spec = parse_target(target)
     adapter = load_adapter(adapter_path)
     base_config, base_ckpt = _base_parts(base)
     structure = base_structure(base, base_config, base_ckpt)
     rules = check_rules(
-        adapter, target, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
+        adapter, spec, base_config=base_config, have_base_weights=base_ckpt is not None, structure=structure
     )
     groups = moe.expert_groups(adapter, structure)
     experts_rule = moe.experts_rule(
-        adapter, target, groups, structure, base_ckpt.tensors if base_ckpt else ()
+        adapter, spec.name, groups, structure, base_ckpt.tensors if base_ckpt else ()
     )
-    return ServingCheck(str(adapter_path), target, rules + ([experts_rule] if experts_rule else []))
+    rules += [experts_rule] if experts_rule else []
+    return ServingCheck(str(adapter_path), spec.name, rules, spec.release_text)

@@ -7,8 +7,9 @@ or PEFT target_parameters on the fused 3-D parameter (`…experts.gate_up_proj`)
 of, in which order and whether gate/up interleave (Structure.expert_slices, model/experts.py: the
 same slices binding binds per-expert modules to); nothing is guessed from shapes.
 `expert_groups` gathers them per fused parameter; `fused_factors` gives each group in PEFT's fused
-layout through lorasurgery.adapter.experts (exact; folding, padding and the fused rank said);
-`fused_keys` the keys PEFT nests several targeted parameters of one module under.
+layout through lorasurgery.adapter.experts (exact; folding, padding and the fused rank said), which
+moe_factors.py turns into what the target loads; `fused_keys` the keys PEFT nests several targeted
+parameters of one module under.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def refusal(target: str, groups: dict) -> str | None:
     """Why `target` cannot carry these expert groups, or None."""
     if target == "llama.cpp":
         return "llama.cpp's GGUF export covers dense Llama only"
+    dora = sorted(name for name, group in groups.items() if any(lo.dora for lo in group.sources))
+    if dora:
+        return (
+            f"the experts of {dora[0]} are DoRA, which no fused expert LoRA carries (PEFT's target_parameters "
+            f"LoRA has no magnitude vector) and export does not convert expert DoRA to LoRA"
+        )
     interleaved = sorted(name for name, group in groups.items() if group.interleaved)
     if target == "sglang" and interleaved:
         return (
@@ -194,32 +201,6 @@ def fused_factors(adapter, group: ExpertGroup, float64: bool = False) -> FusedFa
     if len(group.per_expert) < group.experts * group.parts:
         fused.notes.append("zero-filled")
     return fused
-
-
-def refolded(fused: FusedFactors, scale: float) -> FusedFactors:
-    """The same update with `scale` applied: B·(s/scale), in float64 and rounded once."""
-    if fused.scale == scale:
-        return fused
-    B = (fused.B.double() * (fused.scale / scale)).to(fused.B.dtype)
-    notes = fused.notes + ([] if "folded" in fused.notes else ["folded"])
-    return FusedFactors(fused.A, B, fused.rank, fused.experts, scale, notes)
-
-
-def relative_error(written: FusedFactors, exact: FusedFactors) -> float:
-    """‖ΔW_written − ΔW_exact‖_F / ‖ΔW_exact‖_F over every expert, from r × r Grams (no ΔW formed).
-    Export never changes A (only B is folded), so the difference is D_e@A_e with D = s_w·B_w − s·B
-    formed elementwise in float64: no cancellation, exactly 0 when nothing was rounded."""
-    E, r = exact.experts, exact.rank
-    A = exact.A.double().reshape(E, r, -1)
-    Bw = (written.B.double().reshape(-1, r, E).permute(2, 0, 1) * written.scale).contiguous()
-    Bx = (exact.B.double().reshape(-1, r, E).permute(2, 0, 1) * exact.scale).contiguous()
-    AA = A @ A.transpose(1, 2)
-
-    def norm2(B):  # Σ_e ‖B_e A_e‖² = Σ_e tr((B_eᵀB_e)(A_eA_eᵀ))
-        return float(((B.transpose(1, 2) @ B) * AA).sum())
-
-    reference = norm2(Bx)
-    return max(norm2(Bw - Bx), 0.0) ** 0.5 / reference**0.5 if reference > 0 else 0.0
 
 
 def fused_keys(module: str, parameters: list[str], registered: list[str]) -> dict[str, tuple[str, str]]:

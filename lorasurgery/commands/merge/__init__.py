@@ -28,6 +28,7 @@ from lorasurgery.commands.merge.plan import (
     AdapterSummary,
     Item,
     MergePlan,
+    PlanOptions,
     check_options,
     check_requantize_options,
     plan_merge,
@@ -124,6 +125,17 @@ class MergeRequest:
     requantize: bool = False
     min_retention: float | None = None
 
+    def plan_options(self) -> PlanOptions:
+        """The options that decide the plan (plan.plan_merge)."""
+        return PlanOptions(
+            self.subtract,
+            self.dtype,
+            self.allow_nonfinite,
+            self.config_file,
+            self.fan_in_fan_out,
+            self.requantize,
+        )
+
     def identity_options(self) -> dict:
         """The options that identify a resumable run: every field unless it cannot change the output
         bytes, so that an option added later counts by default and changing it refuses a resume
@@ -153,17 +165,7 @@ def merge_checkpoint(request: MergeRequest, progress: ProgressCallback | None = 
     tune_allocator()
     adapters, weights, device, options = _checked(request)
     with torch_threads(1):  # isfinite on many small adapter tensors: no OpenMP spin-up each time
-        plan = plan_merge(
-            Path(request.base),
-            adapters,
-            weights,
-            subtract=request.subtract,
-            dtype=request.dtype,
-            allow_nonfinite=request.allow_nonfinite,
-            config_file=request.config_file,
-            fan_in_fan_out=request.fan_in_fan_out,
-            requantize=request.requantize,
-        )
+        plan = plan_merge(Path(request.base), adapters, weights, request.plan_options())
     if request.min_retention is not None:  # which modules stay quantized fixes the layout: measured first
         measured = measure_retention(plan, device, request.precise, request.allow_nonfinite, progress)
         unquantize(

@@ -17,6 +17,7 @@ retention is known (`--min-retention`), and lists them in the config's ignore li
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,22 +135,25 @@ def check_requantize_options(requantize: bool, min_retention: float | None, veri
         )
 
 
-def plan_merge(
-    base,
-    adapter_paths,
-    weights: list[float],
-    *,
-    subtract: bool = False,
-    dtype: str = "auto",
-    allow_nonfinite: bool = False,
-    config_file=None,
-    fan_in_fan_out: str | None = None,
-    requantize: bool = False,
-) -> MergePlan:
+@dataclass(frozen=True)
+class PlanOptions:
+    """The merge options that decide the plan (MergeRequest.plan_options(): the CLI's)."""
+
+    subtract: bool = False
+    dtype: str = "auto"
+    allow_nonfinite: bool = False
+    config_file: str | os.PathLike | None = None
+    fan_in_fan_out: str | None = None
+    requantize: bool = False
+
+
+def plan_merge(base, adapter_paths, weights: list[float], options: PlanOptions = PlanOptions()) -> MergePlan:
     """Everything a merge will do, checked; raises a LoraSurgeryError naming the input that is wrong.
 
     The steps: the base and adapters opened and checked, bound to the base, every tensor's recipe and
     the ties (lorasurgery.recipes), one Item per output tensor, the output config, the output order."""
+    subtract, dtype, allow_nonfinite = options.subtract, options.dtype, options.allow_nonfinite
+    config_file, fan_in_fan_out, requantize = options.config_file, options.fan_in_fan_out, options.requantize
     adapter_paths = [Path(p) for p in adapter_paths]
     checkpoint = open_checkpoint(base)
     if requantize:

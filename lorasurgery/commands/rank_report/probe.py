@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -206,22 +206,36 @@ def bisect_fractions(fractions: list[float], passes, exhaustive: bool = False) -
     return (fractions[low] if low < len(fractions) else 1.0), []
 
 
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What `rank-report --probe` was asked: TARGET (a model, or an adapter), --text, --base …"""
+
+    target: str | os.PathLike
+    text: str | os.PathLike
+    base: str | os.PathLike | None = None
+    tokens: int | None = None
+    fractions: tuple = DEFAULT_FRACTIONS
+    tolerance: float = DEFAULT_TOLERANCE
+    include: object = None
+    device: str = "cpu"
+    exhaustive: bool = False
+
+
 def run_probe(
     forward: Forward,
     groups: dict[str, list[_Matrix]],
+    request: ProbeRequest,
     *,
     mode: str,
-    text: str,
-    fractions=DEFAULT_FRACTIONS,
-    tolerance: float = DEFAULT_TOLERANCE,
     reference: dict,
     ft_log_probs=None,
     progress: ProgressCallback = no_progress,
     started: float | None = None,
-    exhaustive: bool = False,
 ) -> ProbeResult:
-    """Bisect each module type's fractions on the model in `forward` (already the intact/fine-tuned one)."""
-    fractions = sorted({float(f) for f in fractions})
+    """Bisect each module type's fractions on the model in `forward` (already the intact/fine-tuned one),
+    as `request` asks (its fractions, tolerance, exhaustive)."""
+    fractions = sorted({float(f) for f in request.fractions})
+    tolerance, exhaustive = request.tolerance, request.exhaustive
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise LoraSurgeryError(f"--probe-fractions must lie in (0, 1], got {fractions}")
     started = time.perf_counter() if started is None else started
@@ -254,7 +268,7 @@ def run_probe(
     tokens = forward.positions + len(forward.windows)
     return ProbeResult(
         mode,
-        text,
+        str(request.text),
         tokens,
         fractions,
         tolerance,
@@ -269,47 +283,12 @@ def run_probe(
 # the three rank-report modes
 
 
-@dataclass(frozen=True)
-class ProbeRequest:
-    """What `rank-report --probe` was asked: TARGET (a model, or an adapter), --text, --base …"""
-
-    target: Path
-    text: str | os.PathLike
-    base: Path | None = None
-    tokens: int | None = None
-    fractions: tuple = DEFAULT_FRACTIONS
-    tolerance: float = DEFAULT_TOLERANCE
-    include: object = None
-    device: str = "cpu"
-    exhaustive: bool = False
-
-
-def functional_rank(
-    target: str | os.PathLike,
-    *,
-    text: str | os.PathLike,
-    base: str | os.PathLike | None = None,
-    tokens: int | None = None,
-    fractions=DEFAULT_FRACTIONS,
-    tolerance: float = DEFAULT_TOLERANCE,
-    include=None,
-    device: str = "cpu",
-    exhaustive: bool = False,
-    progress: ProgressCallback = no_progress,
-) -> ProbeResult:
+def functional_rank(request: ProbeRequest, progress: ProgressCallback = no_progress) -> ProbeResult:
     """The probe of `rank-report --probe`: TARGET a model (alone, or with --base) or an adapter (with --base)."""
     started = time.perf_counter()
-    request = ProbeRequest(
-        Path(target),
-        text,
-        None if base is None else Path(base),
-        tokens,
-        tuple(fractions),
-        tolerance,
-        include,
-        device,
-        exhaustive,
-    )
+    base = None if request.base is None else Path(request.base)
+    request = replace(request, target=Path(request.target), base=base, fractions=tuple(request.fractions))
+    device = request.device
     # One window per core instead of torch's threads splitting each matmul (Forward).
     with torch_threads(1 if device == "cpu" else None):
         return _functional_rank(request, progress, started)
@@ -359,15 +338,12 @@ def _functional_rank(request: ProbeRequest, progress, started) -> ProbeResult:
     result = run_probe(
         forward,
         groups,
+        request,
         mode=mode,
-        text=str(request.text),
-        fractions=list(request.fractions),
-        tolerance=request.tolerance,
         reference=reference,
         ft_log_probs=ft_log_probs,
         progress=progress,
         started=started,
-        exhaustive=request.exhaustive,
     )
     result.notes = notes
     return result
@@ -471,78 +447,106 @@ def tune(model, bound, include=None, device: str = "cpu"):
     adds its ΔW in the layout the base stores the weight (DoRA: its effective W' − W), lora_B biases
     add s·b, trainable tokens overwrite their rows. Returns ({module type: [_Matrix]} of the LoRA
     modules whose label matches `include`, [(parameter, base value, tuned value)] of what changed)."""
-    adapter = bound.adapter
-    shared = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        shared[id(p)] = shared.get(id(p), 0) + 1
-    originals: dict[int, tuple] = {}
+    parameters = _Parameters(model, bound)
+    _apply_saved(bound, parameters)
+    groups: dict[str, list[_Matrix]] = {}
+    for key, module in bound.modules.items():
+        matrix = _apply_lora(bound, key, module, parameters, device)
+        if include is None or include.search(module.lora.label):
+            groups.setdefault(type_of(module.lora.label), []).append(matrix)
+    _apply_tokens(bound, parameters)
+    return groups, parameters.changed()
 
-    def parameter(name: str, own: bool = False):
+
+class _Parameters:
+    """The model's parameters as `tune` changes them: each remembered with its base value; with
+    `own`, one side of a tie untied first (PEFT's forward changes that side only)."""
+
+    def __init__(self, model, bound):
+        self.model, self.bound = model, bound
+        self.shared: dict[int, int] = {}  # id(parameter) -> how many names it has
+        for _, p in model.named_parameters(remove_duplicate=False):
+            self.shared[id(p)] = self.shared.get(id(p), 0) + 1
+        self.originals: dict[int, tuple] = {}
+
+    def get(self, name: str, own: bool = False):
         """The model's parameter `name`, remembered as changed; `own`: untied from a tie first."""
         try:
-            p = model.get_parameter(name)
+            p = self.model.get_parameter(name)
         except AttributeError:
             raise LoraSurgeryError(
-                f"{bound.checkpoint.path}: tensor {name!r} is not a parameter of the loaded model"
+                f"{self.bound.checkpoint.path}: tensor {name!r} is not a parameter of the loaded model"
             ) from None
-        if own and shared.get(id(p), 1) > 1:  # one side of a tie: PEFT's forward changes that side only
+        if own and self.shared.get(id(p), 1) > 1:
             path, _, leaf = name.rpartition(".")
             p = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-            setattr(model.get_submodule(path), leaf, p)
-        originals.setdefault(id(p), (p, p.detach().clone()))
+            setattr(self.model.get_submodule(path), leaf, p)
+        self.originals.setdefault(id(p), (p, p.detach().clone()))
         return p
 
+    def changed(self) -> list[tuple]:
+        """[(parameter, base value, tuned value)] of every parameter changed."""
+        return [(p, base_value, p.detach().clone()) for p, base_value in self.originals.values()]
+
+
+def _apply_saved(bound, parameters: _Parameters) -> None:
+    """The adapter's saved tensors replace the base's (modules_to_save copies untied from a tie, saved
+    base layers shared with it)."""
     for saved in bound.saved:
         if saved.name is None:
             raise LoraSurgeryError(
                 f"{bound.path}: saved tensor {saved.relative} has no counterpart in the base; --probe cannot "
                 f"add it to the model"
             )
-        p = parameter(saved.name, own=not saved.base_layer)
-        value = adapter.read(saved.key)
+        p = parameters.get(saved.name, own=not saved.base_layer)
+        value = bound.adapter.read(saved.key)
         if tuple(value.shape) != tuple(p.shape):
             raise LoraSurgeryError(
                 f"{bound.path}: saved tensor {saved.relative} has shape {list(value.shape)} but the base's "
                 f"{saved.name} has {list(p.shape)}; --probe does not resize the model (merge it instead)"
             )
         p.data.copy_(value.to(p.dtype))
-    groups: dict[str, list[_Matrix]] = {}
-    for key, module in bound.modules.items():
-        lora = module.lora
-        if lora.kind == "parameter" and lora.experts:
-            raise LoraSurgeryError(
-                f"{bound.path}: module {key}: --probe does not handle LoRA on expert parameters yet"
-            )
-        # a per-expert module: its slice of the fused parameter the loaded model has (model/experts.py),
-        # bound to it, or stored as a tensor of its own that transformers fuses when loading
-        slot = lora.slot or bound.structure.expert_slice(module.name)
-        p = parameter(slot.parameter if slot is not None else module.name, own=True)
-        if slot is not None:
-            p = slot.view(p.data)  # a view: writing it writes the model's parameter
-        f = factors(adapter, lora, device)
-        W = from_stored(lora, p.detach()).to(torch.float32)  # (out, in), like ΔW = s·B@A
-        if lora.dora:
-            delta = dora_delta(bound, key, p.detach(), device).to(torch.float32)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            full = min(delta.shape)
-        else:
-            svd = lowrank_svd(f.A.to(torch.float32), f.B.to(torch.float32), lora.scale)
-            U, S, Vh = (t.to(torch.float32) for t in (svd.U, svd.S, svd.Vh))
-            delta = (U * S) @ Vh
-            full = len(S)
-        p.data.copy_(to_stored(lora, W + delta, p.shape))
-        if lora.lora_bias:
-            bias = parameter(module.name[: -len("weight")] + "bias", own=True)
-            bias.data.add_(adapter.read_lora_bias(lora, device).to(bias.dtype), alpha=lora.scale)
 
-        def source(delta=delta, U=U, S=S, Vh=Vh):
-            return delta, U, S, Vh
 
-        if include is None or include.search(lora.label):
-            groups.setdefault(type_of(lora.label), []).append(_Matrix(module.name, p, full, lora, source))
+def _apply_lora(bound, key: str, module, parameters: _Parameters, device: str) -> _Matrix:
+    """Add LoRA module `key`'s ΔW to its base weight in the layout the base stores it (DoRA: its
+    effective W' − W) and its lora_B bias s·b; returns the module as a _Matrix with ΔW's SVD."""
+    adapter, lora = bound.adapter, module.lora
+    if lora.kind == "parameter" and lora.experts:
+        raise LoraSurgeryError(
+            f"{bound.path}: module {key}: --probe does not handle LoRA on expert parameters yet"
+        )
+    # a per-expert module: its slice of the fused parameter the loaded model has (model/experts.py),
+    # bound to it, or stored as a tensor of its own that transformers fuses when loading
+    slot = lora.slot or bound.structure.expert_slice(module.name)
+    p = parameters.get(slot.parameter if slot is not None else module.name, own=True)
+    if slot is not None:
+        p = slot.view(p.data)  # a view: writing it writes the model's parameter
+    f = factors(adapter, lora, device)
+    W = from_stored(lora, p.detach()).to(torch.float32)  # (out, in), like ΔW = s·B@A
+    if lora.dora:
+        delta = dora_delta(bound, key, p.detach(), device).to(torch.float32)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        full = min(delta.shape)
+    else:
+        svd = lowrank_svd(f.A.to(torch.float32), f.B.to(torch.float32), lora.scale)
+        U, S, Vh = (t.to(torch.float32) for t in (svd.U, svd.S, svd.Vh))
+        delta = (U * S) @ Vh
+        full = len(S)
+    p.data.copy_(to_stored(lora, W + delta, p.shape))
+    if lora.lora_bias:
+        bias = parameters.get(module.name[: -len("weight")] + "bias", own=True)
+        bias.data.add_(adapter.read_lora_bias(lora, device).to(bias.dtype), alpha=lora.scale)
+
+    def source(delta=delta, U=U, S=S, Vh=Vh):
+        return delta, U, S, Vh
+
+    return _Matrix(module.name, p, full, lora, source)
+
+
+def _apply_tokens(bound, parameters: _Parameters) -> None:
+    """Trainable tokens overwrite their rows."""
     for tokens in bound.tokens.values():
-        p = parameter(tokens.name)
+        p = parameters.get(tokens.name)
         rows = torch.tensor(tokens.rows.indices, dtype=torch.long)
-        p.data[rows] = adapter.read(tokens.rows.key).to(device=p.device, dtype=p.dtype)
-    changed = [(p, base_value, p.detach().clone()) for p, base_value in originals.values()]
-    return groups, changed
+        p.data[rows] = bound.adapter.read(tokens.rows.key).to(device=p.device, dtype=p.dtype)

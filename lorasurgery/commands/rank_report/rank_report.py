@@ -184,12 +184,13 @@ def _add_probe(report: RankReport, request: RankReportRequest, checked: _Checked
     from lorasurgery.commands.rank_report.probe import (
         DEFAULT_FRACTIONS,
         DEFAULT_TOLERANCE,
+        ProbeRequest,
         functional_rank,
     )
 
-    report.probe = functional_rank(
+    probe = ProbeRequest(
         checked.target,
-        text=request.probe_text,
+        request.probe_text,
         base=request.base,
         tokens=request.probe_tokens,
         fractions=request.probe_fractions or DEFAULT_FRACTIONS,
@@ -197,8 +198,8 @@ def _add_probe(report: RankReport, request: RankReportRequest, checked: _Checked
         include=checked.include_re,
         device=checked.device,
         exhaustive=request.probe_all,
-        progress=checked.progress,
     )
+    report.probe = functional_rank(probe, checked.progress)
     report.summary.update(report.probe.summary())
     report.notes.extend(report.probe.notes)
 

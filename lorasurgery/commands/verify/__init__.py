@@ -1,6 +1,6 @@
 """`verify`: did the adapters land in an artifact someone else made? (docs/design.md §14, docs/verify.md)
 
-`verify_artifact(base, adapters, artifact)` binds the adapters to the base (lorasurgery.binding),
+`verify_artifact(VerifyRequest(base, adapters, artifact))` binds the adapters to the base (lorasurgery.binding),
 takes the very recipes merge writes (lorasurgery.recipes: each tensor's updates, saved tensors, ties)
 and checks the artifact against them, one tensor pair at a time. The package is split by the kind
 of artifact, so that the ones to come (an adapter exported for a runtime, GGUF, `--text`) are a
@@ -24,7 +24,9 @@ The report says per tensor what landed; `landed` is true only when everything di
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +49,11 @@ from lorasurgery.devices import resolve_device
 from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.io import open_checkpoint
 from lorasurgery.model import structure_of
+from lorasurgery.progress import ProgressCallback
 from lorasurgery.recipes import Recipes, plan_recipes
+from lorasurgery.targets import Target
 
-__all__ = ["VerifyReport", "verify_artifact", "DID_NOT_LAND"]
+__all__ = ["VerifyRequest", "VerifyReport", "verify_artifact", "DID_NOT_LAND"]
 
 DID_NOT_LAND = 1  # the exit code of a completed check that found a failure, as docs/design.md §14 says
 
@@ -71,6 +75,9 @@ class VerifyReport:
     seconds: float = 0.0
     target: str | None = None  # an adapter artifact: the target whose rules were applied
     target_rule: str = ""  # and why that target (--target, or what the artifact is)
+    target_release: str | None = None  # vllm: the range of releases whose rules were applied
+    releases: list = field(default_factory=list)  # vllm: other releases that read the artifact otherwise
+    target_spec: object = field(default=None, repr=False)  # the targets.Target itself, for --text
     text: TextCheck | None = None  # --text: the logits comparison
 
     @property
@@ -90,6 +97,8 @@ class VerifyReport:
             "artifact_kind": self.artifact_kind,
             "target": self.target,
             "target_rule": self.target_rule,
+            "target_release": self.target_release,
+            "other_releases": [d.to_json() for d in self.releases],
             "adapters": self.adapters,
             "weights": self.weights,
             "landed": self.landed,
@@ -103,32 +112,39 @@ class VerifyReport:
         }
 
 
-def verify_artifact(
-    base,
-    adapters,
-    artifact,
-    *,
-    weights=None,
-    device: str = "cpu",
-    config_file=None,
-    target: str | None = None,
-    text=None,
-    tokens: int = 2048,
-    progress=None,
-) -> VerifyReport:
-    """Check `artifact` against `base` + `adapters` (each with its weight); raises a LoraSurgeryError
-    naming the input when something cannot be checked."""
+@dataclass(frozen=True)
+class VerifyRequest:
+    """What `verify` is asked: the base, the adapters (each with its weight), the artifact and every
+    option (the CLI's). `target` names the runtime whose rules an adapter artifact is checked by;
+    `text` and `tokens` ask for `--text`'s logits comparison; `config_file` describes the base's
+    structure when it has no config.json."""
+
+    base: str | os.PathLike
+    adapters: Sequence[str | os.PathLike]
+    artifact: str | os.PathLike
+    weights: Sequence[float] | None = None
+    device: str = "cpu"
+    config_file: str | os.PathLike | None = None
+    target: str | Target | None = None  # `vllm`, `vllm==0.31`: vLLM's rules by release (targets.Target)
+    text: str | os.PathLike | None = None
+    tokens: int = 2048
+
+
+def verify_artifact(request: VerifyRequest, progress: ProgressCallback | None = None) -> VerifyReport:
+    """Check `request.artifact` against `request.base` + `request.adapters` (each with its weight);
+    raises a LoraSurgeryError naming the input when something cannot be checked."""
     started = time.perf_counter()
-    adapters = [Path(a) for a in adapters]
+    base, config_file, target = request.base, request.config_file, request.target
+    adapters = [Path(a) for a in request.adapters]
     if not adapters:
         raise OptionError("verify needs at least one adapter")
-    weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
+    weights = [1.0] * len(adapters) if not request.weights else [float(w) for w in request.weights]
     if len(weights) != len(adapters):
         raise OptionError(
             f"{len(weights)} --weight values for {len(adapters)} adapters; give one --weight per adapter, in order"
         )
-    device = resolve_device(device)
-    artifact_path = Path(artifact)
+    device = resolve_device(request.device)
+    artifact_path = Path(request.artifact)
     merged_gguf = is_gguf(artifact_path) and gguf_kind(artifact_path) != "adapter"
     as_adapter = is_adapter(artifact_path) or (is_gguf(artifact_path) and not merged_gguf)
     if target is not None and not as_adapter:
@@ -137,23 +153,23 @@ def verify_artifact(
             f"this is a merged checkpoint: leave --target out"
         )
     bound = _Bound.of(base, adapters, config_file)
-    report = VerifyReport(str(base), str(artifact), "", [str(a) for a in adapters], weights)
+    report = VerifyReport(str(base), str(request.artifact), "", [str(a) for a in adapters], weights)
     if as_adapter:
         text_dtype = _verify_adapter(report, bound, artifact_path, weights, device, target)
     else:
         text_dtype = _verify_merged(
             report, bound, artifact_path, weights, device, config_file, merged_gguf, progress
         )
-    if text is not None:
+    if request.text is not None:
         report.text = check_text(
             base,
             adapters,
             weights,
             artifact_path,
-            text,
-            tokens,
+            request.text,
+            request.tokens,
             kind="adapter" if as_adapter else report.artifact_kind,
-            target=report.target,
+            target=report.target_spec,
             device=device,
             dtype=text_dtype,
         )
@@ -206,7 +222,7 @@ def _verify_merged(report, bound: _Bound, artifact_path, weights, device, config
     else:
         report.config = check_config(checkpoint, structure, target, artifact_structure, recipes)
     report.tensors_checked = sum(len(u.names) for u in work)
-    return "F32" if merged_gguf else artifact_dtype(target)
+    return target.weights_dtype() if merged_gguf else artifact_dtype(target)
 
 
 def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, target) -> str:
@@ -215,7 +231,8 @@ def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, targ
     target, rule = choose_target(artifact, target)
     recipes = bound.recipes
     found = read_adapter_artifact(artifact, target, rule, bound.checkpoint, bound.structure, device)
-    report.artifact_kind, report.target, report.target_rule = f"adapter for {target}", target, rule
+    report.artifact_kind, report.target, report.target_rule = f"adapter for {target.name}", target.name, rule
+    report.target_release, report.releases, report.target_spec = target.release_text, found.releases, target
     with torch_threads(1):
         report.checks, report.changed = check_adapter_artifact(found, bound.bound, weights, recipes, device)
     order = {name: i for i, name in enumerate(recipes.tensors)}
@@ -223,4 +240,4 @@ def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, targ
     report.extra = found.extra
     report.config = found.problems
     report.tensors_checked = len(report.checks) + len(report.changed)
-    return "F32" if target == "llama.cpp" else artifact_dtype(load_adapter(artifact).checkpoint)
+    return "F32" if target.name == "llama.cpp" else artifact_dtype(load_adapter(artifact).checkpoint)

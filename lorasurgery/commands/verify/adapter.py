@@ -6,8 +6,11 @@ update the target applies (docs/design.md §14, docs/verify.md "Adapter artifact
 
 - peft      each module's own scale α_m/r_m (α_m/√r_m with rsLoRA), rank_pattern / alpha_pattern
             read, DoRA, lora_bias and saved tensors applied (what lorasurgery.adapter reads);
-- vllm      one scale lora_alpha/r of the config (lora_alpha/√r with use_rslora) for every module:
-            the releases that ignore rank_pattern/alpha_pattern (lorasurgery.targets.target_scale);
+- vllm      by release (lorasurgery.targets.VLLM_RULES; `vllm` the newest known, `vllm==0.31` an
+            older one): 0.32 each module's own scale as PEFT; 0.7.0 – 0.31 one scale lora_alpha/r of
+            the config (lora_alpha/√r with use_rslora), patterns ignored; 0.6.5 – 0.6.6 refuses
+            use_rslora (every tensor `refused`); 0.6.4 reads lora_alpha/r. The other releases that
+            would compute something else from the artifact are listed (targets.other_releases);
 - sglang    one scale lora_alpha/r, use_rslora not read;
 - llama.cpp a GGUF file: `blk.N.attn_q.weight.lora_a` / `.lora_b` read with the `gguf` package,
             per tensor adapter.lora.alpha / rank(lora_b) (alpha 0: scale 1), token_embd's lora_a
@@ -39,7 +42,7 @@ from lorasurgery.errors import OptionError, UnsupportedError
 from lorasurgery.linalg.update import factors, to_stored
 from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_unpermute, permuted_heads
 from lorasurgery.recipes import Recipes, plan_recipes
-from lorasurgery.targets import PASS, TARGETS, check_rules, target_scale
+from lorasurgery.targets import PASS, ReleaseDifference, Target, check_rules, other_releases, parse_target
 
 GGUF_MAGIC = b"GGUF"
 # A GGUF tensor type's rounding as (safetensors float code, factor): a block-quantized type's step is
@@ -93,43 +96,50 @@ class Landed:
 class AdapterArtifact:
     """An adapter artifact read by one target's rules: per base tensor what lands, and problems."""
 
-    target: str
+    target: Target
     rule: str  # how the target was chosen
     landed: dict[str, Landed] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)  # what the target refuses or misreads
     extra: list[str] = field(default_factory=list)  # artifact tensors no base tensor answers to
     check: MergedCheck | None = None  # a PEFT folder's own recipes, for the dense path
+    releases: list[ReleaseDifference] = field(default_factory=list)  # vLLM: other releases' reading
 
 
-def choose_target(path: Path, target: str | None) -> tuple[str, str]:
-    """(target, the rule that chose it) for artifact `path`."""
+def choose_target(path: Path, target) -> tuple[Target, str]:
+    """(target, the rule that chose it) for artifact `path`; `target` a Target, its text (`vllm==0.31`,
+    lorasurgery.targets.parse_target) or None."""
     gguf_file = is_gguf(path)
-    if target is not None and target not in TARGETS:
-        raise OptionError(f"--target {target!r}: choose one of {', '.join(TARGETS)}")
+    spec = None
+    if target is not None:
+        try:
+            spec = parse_target(target)
+        except OptionError as error:
+            raise OptionError(f"--target: {error}") from None
+    name = spec.name if spec else None
     if gguf_file:
-        if target not in (None, "llama.cpp"):
+        if name not in (None, "llama.cpp"):
             raise UnsupportedError(
-                f"{path}: is a GGUF file, which only llama.cpp loads; --target {target} reads PEFT folders "
+                f"{path}: is a GGUF file, which only llama.cpp loads; --target {spec} reads PEFT folders "
                 f"(pass --target llama.cpp or leave it out)"
             )
-        return "llama.cpp", "--target llama.cpp" if target else "a GGUF file: llama.cpp's format"
-    if target == "llama.cpp":
+        return parse_target("llama.cpp"), "--target llama.cpp" if spec else "a GGUF file: llama.cpp's format"
+    if name == "llama.cpp":
         raise UnsupportedError(
             f"{path}: --target llama.cpp reads a GGUF LoRA file (export --for llama.cpp, "
             f"convert_lora_to_gguf.py); this is a PEFT adapter: pass its GGUF, or --target vllm|sglang|peft"
         )
-    if target:
-        return target, f"--target {target}"
+    if spec is not None:
+        return spec, f"--target {spec}" + (f": the rules of {spec.description}" if spec.releases else "")
     return (
-        "peft",
+        parse_target("peft"),
         "an adapter folder without --target: PEFT's rules (pass --target vllm|sglang for a server's)",
     )
 
 
 def read_adapter_artifact(
-    path: Path, target: str, rule: str, checkpoint, structure, device
+    path: Path, target: Target, rule: str, checkpoint, structure, device
 ) -> AdapterArtifact:
-    if target == "llama.cpp":
+    if target.name == "llama.cpp":
         return _read_gguf_lora(path, rule, checkpoint, structure)
     return _read_peft(path, target, rule, checkpoint, structure, device)
 
@@ -137,20 +147,27 @@ def read_adapter_artifact(
 def _read_peft(path, target, rule, checkpoint, structure, device) -> AdapterArtifact:
     adapter = load_adapter(path)
     found = AdapterArtifact(target, rule)
-    if target != "peft":
+    refused = target.refusals(adapter.config)  # the whole adapter: vLLM 0.6.5 – 0.6.6 and use_rslora
+    if target.name != "peft":
+        found.problems.extend(refused)
         for r in check_rules(adapter, target, base_config=checkpoint.config, structure=structure):
             if r.status != PASS and r.id not in MEASURED_RULES:
                 listed = ", ".join(r.modules[:4]) + (
                     f" and {len(r.modules) - 4} more" if len(r.modules) > 4 else ""
                 )
                 found.problems.append(f"{target}: {r.requirement}" + (f" ({listed})" if listed else ""))
+        found.releases = other_releases(adapter, target)
     (bound,) = bind([adapter], checkpoint, structure=structure)
-    if target != "peft":  # the server's one scale, and no DoRA magnitude (refused above)
-        bound = _rescaled(bound, lambda lo: target_scale(target, adapter.config, lo.r))
+    if target.name != "peft":  # the server's scale, and no DoRA magnitude (refused above)
+        bound = _rescaled(bound, lambda lo: target.scale(adapter.config, lo.name, lo.r))
     recipes = plan_recipes([bound])
     found.check = MergedCheck([bound], [1.0], recipes, checkpoint, structure, device)
     for name, recipe in recipes.recipes.items():
         if recipe.untouched:
+            continue
+        if refused:
+            why = "; ".join(r.does for r in target.refused(adapter.config))
+            found.landed[name] = Landed(refused=f"{target.description} does not load the adapter: {why}")
             continue
         landed = Landed(rounding=0.0)
         plain = found.check.plain(recipe)
@@ -192,7 +209,7 @@ def _read_gguf_lora(path: Path, rule: str, checkpoint, structure) -> AdapterArti
     import gguf
 
     reader = open_gguf(path)
-    found = AdapterArtifact("llama.cpp", rule)
+    found = AdapterArtifact(parse_target("llama.cpp"), rule)
     if gguf_field(reader, gguf.Keys.Adapter.TYPE) != "lora":
         found.problems.append(
             f"adapter.type is {gguf_field(reader, gguf.Keys.Adapter.TYPE)!r}: llama.cpp loads 'lora'"

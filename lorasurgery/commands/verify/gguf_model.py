@@ -3,17 +3,21 @@ the checkpoint verify's merged check compares with the base (docs/design.md §14
 "Merged GGUF").
 
 The `gguf` package reads the file; each tensor is mapped back to the base's name through the
-architecture's name map (the inverse of what the converter writes, lorasurgery.llamacpp), Llama's
-q_proj / k_proj rows un-permuted (the converter's LlamaModel.permute), and decoded to float32 by
+architecture's name map (lorasurgery.llamacpp.merged_gguf_sources: the inverse of what the
+converter writes, a --fuse-qkv tensor split back into q, k and v rows), the converter's transforms
+of that architecture undone (llamacpp.to_base_layout: Llama's q/k rows un-permuted, GPT-2's Conv1D
+weights transposed back; another architecture is refused by name), and decoded to float32 by
 `gguf.quants.dequantize` where it is block-quantized (Q8_0, Q4_K …). F32 / F16 / BF16 tensors keep
 their dtype, so an untouched tensor is compared exactly as in a safetensors artifact; a quantized
 one is `dequantized`, its rounding ‖½ step‖ read from its block scales (`rounding`, gguf_quants),
-and judged by its retention against that rounding (verdict.judge_quantized). The file has
+and judged by its retention against what W + ΔW shows rounded on its own grid (`round_on_grid`,
+verdict.judge_quantized). The file has
 no config.json: a tie is kept when it stores no `output.weight` (llama.cpp then reuses token_embd).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,9 +27,21 @@ import torch
 
 from lorasurgery.commands.verify.gguf_quants import half_step_norm, round_on_grid, stepped
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.llamacpp import gguf_architecture, gguf_names, llama_permute, llama_unpermute, permuted_heads
+from lorasurgery.llamacpp import (
+    llama_permute,
+    merged_gguf_layout,
+    merged_gguf_sources,
+    permuted_heads,
+    to_base_layout,
+)
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# A block-quantized type's grid as (safetensors float code of as many mantissa bits, factor 2: the
+# block scale need not be a power of two); Q8_0 keeps 7 bits of magnitude, 4- to 6-bit types ~3.
+# Only --text's dtype reads it (weights_dtype): the merged check takes each tensor's rounding and
+# grid from its block scales (`rounding`, `round_on_grid`).
+QUANTIZED_GRID = {"Q8_0": "BF16", "Q8_1": "BF16", "Q8_K": "BF16"}
+COARSE = "F8_E4M3"
 
 
 def open_gguf(path: Path):
@@ -54,7 +70,8 @@ class GgufTensorInfo:
     dtype: str  # F32 | F16 | BF16, or the GGML type's name (Q8_0 …) when dequantized
     shape: tuple[int, ...]
     dequantized: bool
-    codes: object = None  # none: a quantized tensor's rounding is read from its scales (`rounding`)
+    codes: object = None  # a quantized tensor's grid: .dtype, the float code whose mantissa it has
+    rows: tuple[int, int] | None = None  # the rows of a fused GGUF tensor (--fuse-qkv) this one is
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +81,8 @@ class GgufTensorInfo:
 class GgufModel:
     """A merged GGUF file as a read-only checkpoint under the base's tensor names."""
 
-    def __init__(self, path: Path, base_config: dict, model_names):
+    def __init__(self, path: Path, base_config: dict, model_tensors: dict):
+        """`model_tensors`: every base tensor name with its info (recipes.tensors), `.shape` read."""
         import gguf
 
         self.path = Path(path)
@@ -74,28 +92,29 @@ class GgufModel:
         kind = gguf_field(reader, gguf.Keys.General.TYPE) or "model"
         if kind != "model":
             raise UnsupportedError(f"{path}: general.type is {kind!r}; a merged GGUF model has 'model'")
-        _, arch = gguf_architecture(base_config)
+        arch = merged_gguf_layout(base_config).arch
         found_arch = gguf_field(reader, gguf.Keys.General.ARCHITECTURE)
         if found_arch != arch:
             raise UnsupportedError(
                 f"{path}: general.architecture is {found_arch!r}, the base's is {arch!r}: not a conversion of this base"
             )
         self.base_config = base_config
-        names = gguf_names(model_names, base_config)
         self._tensors = {}
         self.tensors: dict[str, GgufTensorInfo] = {}
-        self.extra: list[str] = []
-        for tensor in reader.tensors:
-            name = names.get(tensor.name)
-            if name is None:
-                self.extra.append(tensor.name)
-                continue
+        by_name = {tensor.name: tensor for tensor in reader.tensors}
+        shapes = {name: tuple(info.shape) for name, info in model_tensors.items()}
+        sources = merged_gguf_sources(shapes, base_config, by_name)
+        for name, source in sources.items():
+            tensor = by_name[source.gguf_name]
             kind = tensor.tensor_type.name
-            shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
             quantized = kind not in PLAIN
             _check_type(self.path, tensor.name, kind)
-            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized)
+            codes = SimpleNamespace(dtype=QUANTIZED_GRID.get(kind, COARSE)) if quantized else None
+            shape = _base_shape(tensor, source.rows, name, base_config)
+            self.tensors[name] = GgufTensorInfo(name, tensor.name, kind, shape, quantized, codes, source.rows)
             self._tensors[name] = tensor
+        used = {source.gguf_name for source in sources.values()}
+        self.extra: list[str] = [tensor.name for tensor in reader.tensors if tensor.name not in used]
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
         """Tensor `name` in the base's layout: its own dtype (F32/F16/BF16), else decoded to float32."""
@@ -110,11 +129,32 @@ class GgufModel:
             )
             if info.dtype == "BF16":
                 value = value.to(torch.bfloat16)  # exact: bf16 values are float32 values
-        value = value.reshape(info.shape)
-        heads = permuted_heads(name, self.base_config)
-        if heads is not None and value.dim() == 2:  # the converter's LlamaModel.permute, undone
-            value = llama_unpermute(value, *heads)
-        return value.to(device)
+        return self._base_layout(value, tensor, info).to(device)
+
+    def _base_layout(self, value: torch.Tensor, tensor, info: GgufTensorInfo) -> torch.Tensor:
+        """The decoded GGUF tensor as the base stores it: its rows of a fused tensor, the
+        converter's transforms undone (lorasurgery.llamacpp.to_base_layout)."""
+        value = value.reshape(tuple(int(n) for n in reversed(tensor.shape.tolist())))
+        if info.rows is not None:
+            value = value[info.rows[0] : info.rows[1]]
+        return to_base_layout(value, info.name, self.base_config)
+
+    def weights_dtype(self) -> str:
+        """The dtype whose logit tolerance `--text` applies: the one holding most elements of the
+        matrices (llama.cpp keeps 1-D norms and biases F32 in every file type, so a count of tensors
+        would pick F32 for a Q8_0 file); a quantized type as its codes' grid."""
+        sizes = Counter()
+        for info in self.tensors.values():
+            if len(info.shape) >= 2:
+                sizes[info.codes.dtype if info.dequantized else info.dtype] += int(np.prod(info.shape))
+        return sizes.most_common(1)[0][0] if sizes else "F32"
+
+    def _blocks(self, name: str):
+        """The raw blocks of base tensor `name`: its rows of a fused tensor (--fuse-qkv)."""
+        tensor, info = self._tensors[name], self.tensors[name]
+        rows = int(np.prod([int(n) for n in tensor.shape.tolist()[1:]]))
+        data = np.asarray(tensor.data).reshape(rows, -1)
+        return data if info.rows is None else data[info.rows[0] : info.rows[1]]
 
     def rounding(self, name: str) -> float | None:
         """‖½ step‖ over tensor `name` (the base's name) from its block scales: the most a nearest-code
@@ -122,7 +162,7 @@ class GgufModel:
         info = self.tensors[name]
         if not info.dequantized:
             return None
-        return half_step_norm(self._tensors[name].data, info.dtype)
+        return half_step_norm(self._blocks(name), info.dtype)
 
     def round_on_grid(self, name: str, values: torch.Tensor) -> torch.Tensor | None:
         """`values` (base layout) rounded to the nearest point of the grid tensor `name`'s own block
@@ -130,16 +170,9 @@ class GgufModel:
         info = self.tensors[name]
         if not info.dequantized:
             return None
-        heads = permuted_heads(name, self.base_config)
-        x = values.detach().to("cpu", torch.float32)
-        if heads is not None and x.dim() == 2:
-            x = llama_permute(x, *heads)
-        rounded = torch.from_numpy(
-            round_on_grid(self._tensors[name].data, info.dtype, x.contiguous().numpy())
-        )
-        if heads is not None and rounded.dim() == 2:
-            rounded = llama_unpermute(rounded, *heads)
-        return rounded.to(values.device)
+        x = _gguf_layout(values.detach().to("cpu", torch.float32), name, self.base_config)
+        rounded = torch.from_numpy(round_on_grid(self._blocks(name), info.dtype, x.contiguous().numpy()))
+        return to_base_layout(rounded, name, self.base_config).to(values.device)
 
     def tied_structure(self, structure):
         """The structure the merged check reads ties from: the base's ties when the file stores no
@@ -147,6 +180,28 @@ class GgufModel:
         output = f"{structure.output_embedding}.weight" if structure.output_embedding else None
         tied = [] if output in self.tensors else list(structure.tied)
         return SimpleNamespace(tied=tied, input_embedding=structure.input_embedding)
+
+
+def _base_shape(tensor, rows, name: str, base_config: dict) -> tuple[int, ...]:
+    """The shape `GgufModel.read` returns for base tensor `name` (GGUF stores dimensions reversed)."""
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    if rows is not None:
+        shape = (rows[1] - rows[0], *shape[1:])
+    return tuple(to_base_layout(torch.empty(shape, device="meta"), name, base_config).shape)
+
+
+def _gguf_layout(value: torch.Tensor, name: str, base_config: dict) -> torch.Tensor:
+    """The inverse of lorasurgery.llamacpp.to_base_layout: base tensor `name` as the converter lays
+    it out (Llama's q/k rows permuted, GPT-2's Conv1D weights transposed), rows as the file stores them."""
+    layout = merged_gguf_layout(base_config)
+    if layout.permute_qk:
+        heads = permuted_heads(name, base_config)
+        if heads is not None:
+            value = llama_permute(value, *heads)
+    leaf = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+    if layout.transposed and name.endswith(".weight") and leaf in layout.transposed and value.dim() == 2:
+        value = value.T.contiguous()
+    return value
 
 
 def _check_type(path: Path, name: str, kind: str) -> None:

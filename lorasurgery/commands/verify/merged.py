@@ -25,6 +25,7 @@ import torch
 
 from lorasurgery.commands.verify.verdict import (
     Comparison,
+    Rounding,
     compare,
     factored_norm,
     half_ulp_bound,
@@ -201,18 +202,10 @@ class MergedCheck:
                 f"shape {list(A.shape)}, expected {list(delta.shape)}",
             )
         size = norm(delta)
-        quantized = self.quantized(name)
-        gain = _gain(H, W) if quantized else 0.0
-        expected = self.on_grid(name, W, delta) if quantized else None
-        comparison = compare(
-            H,
-            delta,
-            self.tolerance(name, delta, size),
-            size,
-            quantized=quantized,
-            gain=gain,
-            expected=expected,
-        )
+        rounding = None
+        if self.quantized(name):
+            rounding = Rounding(delta.numel(), _gain(H, W), self.on_grid(name, W, delta))
+        comparison = compare(H, delta, self.tolerance(name, delta, size), size, rounding=rounding)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
     def plain(self, recipe: Recipe) -> bool:
@@ -254,17 +247,11 @@ class MergedCheck:
         else:
             self.rounding[name] = measured
         H.sub_(W)
-        quantized = self.quantized(name)
-        gain = _gain(H, W) if quantized else 0.0
         M = from_stored(lora, H)  # ΔŴ as (out, in): H itself or its transposed view
         terms = self.terms(recipe)
         Bs = torch.cat([B for B, _ in terms], dim=1)
         As = torch.cat([a for _, a in terms], dim=0)
-        expected = None
-        if quantized and getattr(self.artifact, "round_on_grid", None) is not None:
-            delta = torch.zeros_like(H)  # ΔW formed densely for the grid's rounding (block codes only)
-            from_stored(lora, delta).addmm_(Bs, As)
-            expected = self.on_grid(name, W, delta)
+        rounding = self._fused_rounding(name, lora, W, H, Bs, As)
         n = factored_norm(Bs.double(), As.double())
         tolerance = self.tolerance(name, None, n)
         if n:
@@ -282,21 +269,30 @@ class MergedCheck:
             return H
 
         square = M.shape[0] == M.shape[1]
-        extra = {"gain": gain, "expected": expected} if quantized else {}
-        comparison = (judge_quantized if quantized else judge)(
-            n,
-            rho,
-            error,
-            tolerance,
-            H.numel(),
-            h=lambda: norm(landed_value()),
-            transposed_error=(lambda: norm(landed_value() - from_stored(lora, (Bs @ As).T)))
+        lazy = {
+            "h": lambda: norm(landed_value()),
+            "transposed_error": (lambda: norm(landed_value() - from_stored(lora, (Bs @ As).T)))
             if square
             else None,
-            is_zero=lambda: not landed_value().any(),
-            **extra,
-        )
+            "is_zero": lambda: not landed_value().any(),
+        }
+        if rounding is not None:
+            comparison = judge_quantized(n, rho, error, tolerance, rounding=rounding, **lazy)
+        else:
+            comparison = judge(n, rho, error, tolerance, H.numel(), **lazy)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
+
+    def _fused_rounding(self, name, lora, W, H, Bs, As) -> Rounding | None:
+        """The fused path's `Rounding` of a quantized artifact's `name` (H = ΔŴ, stored layout), with
+        ΔW = Bs·As formed densely only where the artifact gives its grid; None for float artifacts."""
+        if not self.quantized(name):
+            return None
+        expected = None
+        if getattr(self.artifact, "round_on_grid", None) is not None:
+            delta = torch.zeros_like(H)
+            from_stored(lora, delta).addmm_(Bs, As)
+            expected = self.on_grid(name, W, delta)
+        return Rounding(H.numel(), _gain(H, W), expected)
 
     def artifact_rounding(self, name: str, values: torch.Tensor) -> float:
         """‖½ ulp‖ of the artifact's values of `name` (float32) in the dtype it stores them in, or

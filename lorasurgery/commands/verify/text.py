@@ -4,9 +4,13 @@ The reference is the base loaded by transformers (float32) with the adapters app
 with its --weight (causal_lm.with_adapters). The artifact is loaded as its user would:
 - a merged checkpoint folder: transformers' from_pretrained (a quantized one dequantized, §13);
 - an adapter folder: the base + the artifact by PEFT, every module's scaling set to what the target
-  applies (vLLM / SGLang: their one global scale, lorasurgery.targets.target_scale);
-- a GGUF file, or a checkpoint file without its folder's config.json: transformers cannot load it as
-  the runtime does, so the check is skipped with that reason (llama.cpp runs GGUF files).
+  applies (lorasurgery.targets.Target.scale: vLLM's by its release, SGLang's one global scale); an
+  adapter the target refuses (vLLM 0.6.5 – 0.6.6 and use_rslora) is skipped with the refusal;
+- a merged GGUF model: transformers' own GGUF loader (dequantized, under the base's config.json;
+  causal_lm.load_gguf_causal_lm), skipped with the reason where transformers cannot load its
+  architecture or would leave weights unread;
+- a GGUF LoRA, or a checkpoint file without its folder's config.json: transformers cannot load it as
+  the runtime does, so the check is skipped with that reason (llama.cpp runs GGUF LoRAs).
 Both run on the same token windows of FILE (tokenised by the base folder's tokenizer, textdata);
 the largest |Δlogit| must stay within the artifact dtype's tolerance × (1 + max |logit|)
 (causal_lm.LOGIT_TOLERANCE; a quantized artifact's codes are coarser than BF16, so it gets its own).
@@ -19,8 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorasurgery.causal_lm import LOGIT_TOLERANCE, load_causal_lm, with_adapters
-from lorasurgery.targets import target_scale
+from lorasurgery.causal_lm import LOGIT_TOLERANCE, load_causal_lm, load_gguf_causal_lm, with_adapters
+from lorasurgery.errors import UnsupportedError
+from lorasurgery.targets import parse_target
 from lorasurgery.textdata import token_ids, token_windows
 
 QUANTIZED_TOLERANCE = 0.25  # a quantized artifact (FP8 / 4-bit codes): its rounding, not the merge, dominates
@@ -58,10 +63,15 @@ def check_text(
 ) -> TextCheck:
     """Run the comparison, or say why it cannot run (`kind`: merged checkpoint | merged GGUF | adapter)."""
     check = TextCheck(str(text))
-    if kind == "merged GGUF" or (target == "llama.cpp"):
+    target = parse_target(target) if target is not None else None
+    if target is not None and target.name == "llama.cpp":
         check.skipped = (
-            "a GGUF file: transformers does not run it as llama.cpp does (run llama.cpp on the text instead)"
+            "a GGUF LoRA: transformers does not run it as llama.cpp does (run llama.cpp on the text instead)"
         )
+        return check
+    refused = target.refusals(_adapter_config(artifact)) if kind == "adapter" and target is not None else []
+    if refused:
+        check.skipped = f"the target does not load the adapter: {refused[0]}"
         return check
     if kind == "merged checkpoint" and not (artifact.is_dir() and (artifact / "config.json").is_file()):
         check.skipped = f"{artifact} is not a folder with config.json: transformers cannot load it as a model"
@@ -78,6 +88,12 @@ def check_text(
         del reference_model
         if kind == "merged checkpoint":
             model = load_causal_lm(artifact, device)
+        elif kind == "merged GGUF":
+            try:
+                model = load_gguf_causal_lm(artifact, base_folder, device)
+            except UnsupportedError as why:  # the tensor checks still decide
+                check.skipped, check.tokens, check.dtype = str(why), 0, ""
+                return check
         else:
             model = _served(load_causal_lm(base_folder, device), artifact, target)
         landed = _logits(model, windows, device)
@@ -98,19 +114,25 @@ def artifact_dtype(checkpoint) -> str:
     return codes.most_common(1)[0][0] if codes else "F32"
 
 
-def _served(model, artifact: Path, target: str):
-    """The base with the adapter artifact applied by PEFT, each module scaled as `target` scales it."""
+def _adapter_config(artifact: Path):
+    from lorasurgery.adapter import load_adapter
+
+    return load_adapter(artifact).config
+
+
+def _served(model, artifact: Path, target):
+    """The base with the adapter artifact applied by PEFT, each module scaled as `target` (a
+    targets.Target) scales it."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from lorasurgery.adapter import load_adapter
-
     wrapped = PeftModel.from_pretrained(model, str(artifact), adapter_name="artifact")
-    if target in ("vllm", "sglang"):
-        config = load_adapter(artifact).config
-        for module in wrapped.modules():
+    if target is not None and target.name in ("vllm", "sglang"):
+        config = _adapter_config(artifact)
+        for name, module in wrapped.named_modules():
             if isinstance(module, LoraLayer) and "artifact" in module.scaling:
-                module.scaling["artifact"] = target_scale(target, config, module.r["artifact"])
+                name = name.removeprefix("base_model.model.")  # the adapter's module name
+                module.scaling["artifact"] = target.scale(config, name, module.r["artifact"])
     return wrapped.eval()
 
 

@@ -110,15 +110,12 @@ def compare(
     tolerance: float,
     n: float | None = None,
     *,
-    quantized: bool = False,
-    gain: float = 0.0,
-    expected: tuple[float, float] | None = None,
+    rounding: Rounding | None = None,
 ) -> Comparison:
     """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`;
     `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it. H is the
-    caller's scratch: it holds H − D afterwards when the verdict is `landed`. `quantized`: the
-    artifact's values are block codes (`judge_quantized`, with the quantizer's `gain` δ and the
-    retentions `expected` on the artifact's grid)."""
+    caller's scratch: it holds H − D afterwards when the verdict is `landed`. `rounding`: the
+    artifact's values are block codes (`judge_quantized`)."""
     n = norm(D) if n is None else n
     if n == 0:
         rho = 1.0 if norm(H) <= tolerance else 0.0
@@ -134,18 +131,14 @@ def compare(
         return H
 
     square = D.dim() >= 2 and D.shape[-1] == D.shape[-2]
-    extra = {"gain": gain, "expected": expected} if quantized else {}
-    return (judge_quantized if quantized else judge)(
-        n,
-        rho,
-        error,
-        tolerance,
-        D.numel(),
-        h=lambda: norm(landed_value()),
-        transposed_error=(lambda: norm(landed_value() - D.transpose(-1, -2))) if square else None,
-        is_zero=lambda: not landed_value().any(),
-        **extra,
-    )
+    lazy = {
+        "h": lambda: norm(landed_value()),
+        "transposed_error": (lambda: norm(landed_value() - D.transpose(-1, -2))) if square else None,
+        "is_zero": lambda: not landed_value().any(),
+    }
+    if rounding is not None:
+        return judge_quantized(n, rho, error, tolerance, rounding=rounding, **lazy)
+    return judge(n, rho, error, tolerance, D.numel(), **lazy)
 
 
 def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> Comparison:
@@ -177,25 +170,25 @@ def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> C
     return result("differs")
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """What a quantized artifact's rounding lets ρ be, for one tensor of `numel` elements: `gain` δ =
+    |⟨ΔŴ, W⟩|/‖W‖², and `expected` (ρ*, ρ₀) where the artifact gives its grid (`judge_quantized`)."""
+
+    numel: int
+    gain: float = 0.0
+    expected: tuple[float, float] | None = None
+
+
 def judge_quantized(
-    n,
-    rho,
-    error,
-    tolerance,
-    numel,
-    *,
-    h,
-    transposed_error,
-    is_zero,
-    gain: float = 0.0,
-    expected: tuple[float, float] | None = None,
+    n, rho, error, tolerance, *, h, transposed_error, is_zero, rounding: Rounding
 ) -> Comparison:
     """`judge` for an artifact of block codes, whose rounding `tolerance` (‖½ step‖ over the tensor,
-    or its codes' ulp) may dwarf ‖ΔW‖ = `n`: ρ decides, against what it should be. `expected`:
+    or its codes' ulp) may dwarf ‖ΔW‖ = `n`: ρ decides, against what it should be. `rounding.expected`:
     (ρ*, ρ₀), the retention W + ΔW and W alone show rounded on the artifact's own grid (its block
     scales: a GGUF tensor); without it (1, 0). ρ's uncertainty u = 3σ (+ δ without a grid):
     σ = τ/(‖ΔW‖·√N) is the rounding's noise on ρ (its projection on ΔW's direction; rounding errs by
-    0.58 τ on average, so σ overstates it); δ = `gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer
+    0.58 τ on average, so σ overstates it); δ = `rounding.gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer
     scales the whole tensor (a scale search that shrinks or stretches its grid moves ρ as much).
 
     First that holds: |ρ* − ρ₀| > 2u, |ρ − ρ*| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed` (`partly` when the
@@ -204,10 +197,11 @@ def judge_quantized(
     (ρ against ΔWᵀ within u of 1, ‖ΔŴ − ΔWᵀ‖ ≤ τ): `transposed`; |ρ − ρ₀| ≤ u and ‖ΔŴ‖ ≤ τ:
     `missing`; ‖ΔŴ − ρΔW‖ ≤ τ: `scaled` by ρ; 0 < ρ < 1: `partly`; else `differs`."""
     scale = n if n > 0 else 1.0
+    expected = rounding.expected
     target, none = expected if expected is not None else (1.0, 0.0)
-    window = WINDOW * tolerance / (n * math.sqrt(max(numel, 1))) if n > 0 else math.inf
+    window = WINDOW * tolerance / (n * math.sqrt(max(rounding.numel, 1))) if n > 0 else math.inf
     if expected is None:
-        window += gain
+        window += rounding.gain
 
     def result(verdict: str, c: float | None = None) -> Comparison:
         u = window if n > 0 else None
