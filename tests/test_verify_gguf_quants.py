@@ -21,9 +21,10 @@ import json
 import gguf
 import numpy as np
 import pytest
+import torch
 from clihelp import assert_refused, run_cli
 from factories import make_adapter, make_llama, peft_merged_state_dict, quantize_gguf, write_gguf_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorasurgery.commands.verify.gguf_quants import half_step_norm
 
@@ -141,3 +142,35 @@ def test_transposed_square_update(llama, tmp_path):
     verdicts = {c["tensor"]: c["verdict"] for c in report["checks"]}
     assert code == DID_NOT_LAND and verdicts.pop(name) == "transposed", report
     assert set(verdicts.values()) == {"landed"}
+
+
+def test_base_already_on_a_grid(tmp_path):
+    """A base whose weights already lie on a Q4_1 grid (as SmolLM2 dequantized from its Q4_1 GGUF)
+    is requantized without dither: the rounding follows ΔW, so ρ is what W + ΔW rounded on the file's
+    own grid shows (ρ*), not 1. Q5_1 halves that grid's step and stretches a small update (ρ* > 1.2:
+    landed, ρ said); Q4_K keeps the 4-bit grid and rounds most of it away: never `landed`."""
+    base = make_llama(tmp_path / "base", hidden_size=256, layers=1)
+    W = load_file(base / "model.safetensors")
+    for name, value in W.items():
+        if value.dim() == 2:
+            codes = quantize_gguf(value.numpy(), "Q4_1")
+            decoded = gguf.quants.dequantize(codes, gguf.GGMLQuantizationType.Q4_1)
+            W[name] = torch.from_numpy(decoded.reshape(value.shape).copy())
+    save_file(W, base / "model.safetensors", metadata={"format": "pt"})
+    adapter = make_adapter(base, tmp_path / "adapter", seed=2, target_modules=TARGETS, lora_alpha=0.4)
+    merged = peft_merged_state_dict(base, [adapter])
+    code, report = verify(
+        base, adapter, write_gguf_model(merged, base, tmp_path / "q5_1.gguf", in_type("Q5_1"))
+    )
+    assert code == LANDED, report
+    for check in report["checks"]:
+        assert abs(check["retention"] - check["retention_on_grid"]) <= check["retention_uncertainty"], check
+        assert check["retention_on_grid"] > 1.2, check
+    code, report = verify(
+        base, adapter, write_gguf_model(merged, base, tmp_path / "q4_k.gguf", in_type("Q4_K"))
+    )
+    assert code == DID_NOT_LAND, report
+    for check in report["checks"]:
+        assert (
+            check["verdict"] in ("cannot tell at this quantization", "partly") and check["retention"] < 0.2
+        ), check

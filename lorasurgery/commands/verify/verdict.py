@@ -191,8 +191,8 @@ def judge_quantized(
     0.58 τ on average, so σ overstates it); δ = `rounding.gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer
     scales the whole tensor (a scale search that shrinks or stretches its grid moves ρ as much).
 
-    First that holds: |ρ* − ρ₀| > 2u, |ρ − ρ*| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed` (`partly` when the
-    grid itself keeps under ½ of ΔW, |ρ* − 1| > ½); ΔŴ = 0: `missing`; |ρ* − ρ₀| ≤ 2u:
+    First that holds: |ρ* − ρ₀| > 2u, |ρ − ρ*| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed` (where the grid itself
+    keeps under ½ of ΔW `partly`, over 1½ `scaled` by ρ); ΔŴ = 0: `missing`; |ρ* − ρ₀| ≤ 2u:
     `cannot tell at this quantization` (`differs` if ΔŴ − ΔW exceeds the rounding); ΔŴ ≈ ΔWᵀ
     (ρ against ΔWᵀ within u of 1, ‖ΔŴ − ΔWᵀ‖ ≤ τ): `transposed`; |ρ − ρ₀| ≤ u and ‖ΔŴ‖ ≤ τ:
     `missing`; ‖ΔŴ − ρΔW‖ ≤ τ: `scaled` by ρ; 0 < ρ < 1: `partly`; else `differs`."""
@@ -213,7 +213,9 @@ def judge_quantized(
         return result("landed" if error <= tolerance else "differs")
     tellable = 2 * window < abs(target - none)
     if tellable and error <= tolerance and abs(rho - target) <= window:
-        return result("landed" if abs(target - 1) <= TELLABLE else "partly")
+        if abs(target - 1) <= TELLABLE:
+            return result("landed")
+        return result("partly") if target < 1 else result("scaled", rho)  # as the grid rounds it
     if is_zero():
         return result("missing")
     if not tellable:
