@@ -6,12 +6,13 @@ Llama with 256-wide rows (the K-quants' super-block) merged with a real PEFT ada
 by factories.quantize_gguf's nearest rounding in gguf.quants' layouts. verify decodes them with
 gguf.quants.dequantize and reads each tensor's rounding from its block scales.
 
-A landed merge passes at every type, its retention ρ within its uncertainty of 1 (the rounding's noise on ρ and
-the quantizer's gain); the
-base converted alone is `missing`, a double merge `applied twice`, at every type — never a pass
-because the rounding hides the update. A tiny update lands at Q8_0 but at Q2_K its rounding
-noise is too large: `cannot tell at this quantization` (exit 1). benchmarks/llamacpp_export_lora_check.py
-runs the same checks on llama.cpp's own export-lora and llama-quantize.
+A landed merge passes at every type, its retention ρ within its uncertainty of ρ*, what W + ΔW
+rounded on the file's own grid shows; the base converted alone is `missing`, a double merge
+`applied twice`, at every type — never a pass because the rounding hides the update. A tiny update
+lands at Q8_0 but at Q2_K its rounding noise is too large: `cannot tell at this quantization`
+(exit 1). A base already on a Q4_1 grid (SmolLM2's case) is judged against that grid's ρ*, not 1.
+benchmarks/llamacpp_export_lora_check.py runs the same checks on llama.cpp's own export-lora and
+llama-quantize.
 """
 
 from __future__ import annotations
