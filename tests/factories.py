@@ -955,3 +955,133 @@ def fused_state(kind: str, model, per_expert: dict[str, torch.Tensor]) -> dict[s
         if ".experts." not in name and name in state:
             state[name] = value.clone()
     return state
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+# K-quant layouts as gguf.quants' dequantizers read them: (bits of the codes, elements per scale,
+# bits of the sub-block scales, affine: a min per sub-block, else symmetric codes around 0).
+GGUF_K_QUANTS = {"Q2_K": (2, 16, 4, True), "Q3_K": (3, 16, 6, False), "Q4_K": (4, 32, 6, True),
+                 "Q5_K": (5, 32, 6, True), "Q6_K": (6, 16, 8, False)}  # fmt: skip
+
+
+def _fp16_bytes(values):
+    import numpy as np
+
+    return np.asarray(values, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _k_quantize(x, bits: int, group: int, scale_bits: int, affine: bool):
+    """(codes (n, 256) unsigned, sub-block scale codes, min codes, d, dmin) of `x` (n, 256) rounded
+    to the nearest code under scales quantized as the K-quants store them (fp16 d, integer sub-scales).
+    A plain nearest-code quantizer, not llama-quantize's search: rounding errs by ½ step at most
+    except where a quantized scale clips the sub-block's extremes."""
+    import numpy as np
+
+    n = x.shape[0]
+    sub = x.reshape(n, -1, group).astype(np.float64)
+    levels = 2**bits - 1
+    if affine:
+        low = np.minimum(sub.min(axis=2), 0.0)
+        scale = (sub.max(axis=2) - low) / levels
+        top = 2**scale_bits - 1
+        d = np.float16(scale.max(axis=1, keepdims=True) / top).astype(np.float64)
+        dmin = np.float16((-low).max(axis=1, keepdims=True) / top).astype(np.float64)
+        sc = np.clip(np.rint(np.divide(scale, d, out=np.zeros_like(scale), where=d > 0)), 0, top)
+        mn = np.clip(np.rint(np.divide(-low, dmin, out=np.zeros_like(low), where=dmin > 0)), 0, top)
+        step, offset = (d * sc)[..., None], (dmin * mn)[..., None]
+        q = np.clip(np.rint(np.divide(sub + offset, step, out=np.zeros_like(sub), where=step > 0)), 0, levels)
+        return q.reshape(n, -1).astype(np.uint8), sc.astype(np.uint8), mn.astype(np.uint8), d, dmin
+    half = 2 ** (bits - 1)
+    scale = np.abs(sub).max(axis=2) / (half - 1)
+    top = 2 ** (scale_bits - 1) - 1
+    d = np.float16(scale.max(axis=1, keepdims=True) / top).astype(np.float64)
+    sc = np.clip(np.rint(np.divide(scale, d, out=np.zeros_like(scale), where=d > 0)), 0, top)
+    step = (d * sc)[..., None]
+    q = np.clip(np.rint(np.divide(sub, step, out=np.zeros_like(sub), where=step > 0)), -half, half - 1)
+    return (q + half).reshape(n, -1).astype(np.uint8), sc.astype(np.int16), None, d, None
+
+
+def _pack_bits(q, shifts: int, width: int, chunk: int):
+    """Bytes holding `shifts` fields of `width` bits each: element h·shifts·chunk + s·chunk + i of
+    a block goes to byte h·chunk + i at bit s·width (gguf.quants' `>> [0, width, …]` unpacking)."""
+    import numpy as np
+
+    n = q.shape[0]
+    fields = q.reshape(n, -1, shifts, chunk).astype(np.uint16)
+    packed = sum(fields[:, :, s, :] << (s * width) for s in range(shifts))
+    return packed.reshape(n, -1).astype(np.uint8)
+
+
+def quantize_gguf(x, type_name: str):
+    """The raw blocks (rows, bytes per row) of float32 `x` (rows, columns) in GGML type `type_name`:
+    Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 by the `gguf` package's own quantizer; Q2_K … Q6_K (which it cannot
+    write) by `_k_quantize`'s nearest rounding, packed in the layout gguf.quants.dequantize reads."""
+    import gguf
+    import numpy as np
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if type_name not in GGUF_K_QUANTS:
+        return gguf.quants.quantize(x, gguf.GGMLQuantizationType[type_name])
+    rows = x.shape[0]
+    bits, group, scale_bits, affine = GGUF_K_QUANTS[type_name]
+    q, sc, mn, d, dmin = _k_quantize(x.reshape(-1, 256), bits, group, scale_bits, affine)
+    if type_name == "Q2_K":
+        parts = [sc | (mn << 4), _pack_bits(q, 4, 2, 32), _fp16_bytes(d), _fp16_bytes(dmin)]
+    elif type_name in ("Q4_K", "Q5_K"):
+        scales = np.concatenate(
+            [
+                sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+                mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+            ],
+            axis=1,
+        )
+        low = _pack_bits(q & 0x0F, 2, 4, 32)
+        high = [_pack_bits(q >> 4, 8, 1, 32)] if type_name == "Q5_K" else []
+        parts = [_fp16_bytes(d), _fp16_bytes(dmin), scales, *high, low]
+    elif type_name == "Q3_K":
+        signed = (sc + 32).astype(np.uint8)  # six bits, offset 32
+        low = signed & 0x0F
+        scales = np.concatenate([low[:, :8] | (low[:, 8:] << 4), _pack_bits(signed >> 4, 4, 2, 4)], axis=1)
+        hmask = _pack_bits((q >> 2) & 1, 8, 1, 32)  # the high bit set: offset 0, else −4
+        parts = [hmask, _pack_bits(q & 3, 4, 2, 32), scales, _fp16_bytes(d)]
+    else:  # Q6_K
+        parts = [_pack_bits(q & 0x0F, 2, 4, 64), _pack_bits(q >> 4, 4, 2, 32), sc.astype(np.int8).view(np.uint8),
+                 _fp16_bytes(d)]  # fmt: skip
+    return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+def write_gguf_model(state: dict[str, torch.Tensor], base_path, out, type_of) -> Path:
+    """A merged GGUF model of the tiny Llama at `base_path` holding `state` (HF names) as
+    convert_hf_to_gguf.py lays it out (gguf's names, q/k rows permuted), each tensor in the GGML type
+    `type_of(name, tensor)` gives ("F32", "F16", "Q4_K" …)."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    from lorasurgery.llamacpp import llama_permute, permuted_heads
+
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    writer = gguf.GGUFWriter(out, "llama")
+    writer.add_type(gguf.GGUFType.MODEL)
+    for name, value in state.items():
+        mapped = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        heads = permuted_heads(name, config)
+        value = value.detach().float()
+        if heads is not None:
+            value = llama_permute(value, *heads)
+        kind = type_of(name, value)
+        array = value.numpy()
+        if kind in ("F32", "F16"):
+            writer.add_tensor(mapped, array.astype(np.float32 if kind == "F32" else np.float16))
+        else:
+            raw = quantize_gguf(array.reshape(-1, array.shape[-1]), kind)
+            writer.add_tensor(mapped, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out)

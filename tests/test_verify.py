@@ -261,10 +261,14 @@ def test_fp8_artifact_rounding_the_update_away(tmp_path):
     code, report = verify(base, tiny, tmp_path / "fp8-tiny")
     assert code == DID_NOT_LAND
     for check in report["checks"]:
-        assert check["verdict"] in ("missing", "partly"), check  # ρ is rounding noise here
+        # ρ is rounding noise here: e4m3's rounding cannot show the update, never `landed`
+        assert check["verdict"] in ("missing", "cannot tell at this quantization"), check
     # against the FP8 base itself, the tiny update's codes are those of the base: nothing landed
     code, report = verify(fp8_base, tiny, tmp_path / "fp8-tiny")
-    assert code == DID_NOT_LAND and set(verdicts(report).values()) <= {"missing", "partly"}
+    assert code == DID_NOT_LAND and set(verdicts(report).values()) <= {
+        "missing",
+        "cannot tell at this quantization",
+    }
 
 
 def test_bad_input(llama, tmp_path):

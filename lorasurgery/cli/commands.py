@@ -225,7 +225,8 @@ def verify(
 
     Per tensor, the landed update ΔŴ (W_artifact − W_base, or what the runtime computes from the
     adapter by its own rules) against PEFT's ΔW: relative error, retention ρ and a verdict (landed,
-    partly, missing, transposed, scaled by c, applied twice, wrong side of a tie, refused); every
+    partly, missing, transposed, scaled by c, applied twice, wrong side of a tie, refused, and for
+    block-quantized artifacts "cannot tell at this quantization" where the rounding hides ΔW); every
     other tensor must be unchanged, config.json consistent. Exit 0 when everything landed, 1 when
     the check found a failure (--json's "landed": false) or could not check.
     """

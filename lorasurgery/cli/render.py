@@ -327,7 +327,10 @@ def verify_report(report, as_json: bool = False, quiet: bool = False) -> None:
         if check.verdict != "landed":
             c = check.comparison
             numbers = (
-                f" (relative error {format_number(c.relative_error)}, ρ {format_number(c.retention)}, tolerance {format_number(c.tolerance)})"
+                f" (relative error {format_number(c.relative_error)}, ρ {format_number(c.retention)}"
+                f"{'' if c.uncertainty is None else ' ± ' + format_number(c.uncertainty)}"
+                f"{'' if c.on_grid is None else ', ' + format_number(c.on_grid) + ' on its grid'}"
+                f", tolerance {format_number(c.tolerance)})"
                 if c
                 else ""
             )

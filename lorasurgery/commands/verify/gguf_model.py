@@ -10,7 +10,9 @@ of that architecture undone (llamacpp.to_base_layout: Llama's q/k rows un-permut
 weights transposed back; another architecture is refused by name), and decoded to float32 by
 `gguf.quants.dequantize` where it is block-quantized (Q8_0, Q4_K …). F32 / F16 / BF16 tensors keep
 their dtype, so an untouched tensor is compared exactly as in a safetensors artifact; a quantized
-one is `dequantized` with its codes' grid (verdict: retention, as for §13's formats). The file has
+one is `dequantized`, its rounding ‖½ step‖ read from its block scales (`rounding`, gguf_quants),
+and judged by its retention against what W + ΔW shows rounded on its own grid (`round_on_grid`,
+verdict.judge_quantized). The file has
 no config.json: a tie is kept when it stores no `output.weight` (llama.cpp then reuses token_embd).
 """
 
@@ -24,12 +26,21 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lorasurgery.commands.verify.gguf_quants import half_step_norm, round_on_grid, stepped
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.llamacpp import merged_gguf_layout, merged_gguf_sources, to_base_layout
+from lorasurgery.llamacpp import (
+    llama_permute,
+    merged_gguf_layout,
+    merged_gguf_sources,
+    permuted_heads,
+    to_base_layout,
+)
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # A block-quantized type's grid as (safetensors float code of as many mantissa bits, factor 2: the
 # block scale need not be a power of two); Q8_0 keeps 7 bits of magnitude, 4- to 6-bit types ~3.
+# Only --text's dtype reads it (weights_dtype): the merged check takes each tensor's rounding and
+# grid from its block scales (`rounding`, `round_on_grid`).
 QUANTIZED_GRID = {"Q8_0": "BF16", "Q8_1": "BF16", "Q8_K": "BF16"}
 COARSE = "F8_E4M3"
 
@@ -100,6 +111,7 @@ class GgufModel:
             tensor = by_name[source.gguf_name]
             kind = tensor.tensor_type.name
             quantized = kind not in PLAIN
+            _check_type(self.path, tensor.name, kind)
             codes = SimpleNamespace(dtype=QUANTIZED_GRID.get(kind, COARSE)) if quantized else None
             shape = _base_shape(tensor, source.rows, name, base_config)
             if source.expert is not None or source.pieces:
@@ -149,6 +161,31 @@ class GgufModel:
             if len(info.shape) >= 2:
                 sizes[info.codes.dtype if info.dequantized else info.dtype] += int(np.prod(info.shape))
         return sizes.most_common(1)[0][0] if sizes else "F32"
+
+    def _blocks(self, name: str):
+        """The raw blocks of base tensor `name`: its rows of a fused tensor (--fuse-qkv)."""
+        tensor, info = self._tensors[name], self.tensors[name]
+        rows = int(np.prod([int(n) for n in tensor.shape.tolist()[1:]]))
+        data = np.asarray(tensor.data).reshape(rows, -1)
+        return data if info.rows is None else data[info.rows[0] : info.rows[1]]
+
+    def rounding(self, name: str) -> float | None:
+        """‖½ step‖ over tensor `name` (the base's name) from its block scales: the most a nearest-code
+        quantizer moves it, in norm (docs/verify.md "Quantized GGUF"); None for F32 / F16 / BF16."""
+        info = self.tensors[name]
+        if not info.dequantized:
+            return None
+        return half_step_norm(self._blocks(name), info.dtype)
+
+    def round_on_grid(self, name: str, values: torch.Tensor) -> torch.Tensor | None:
+        """`values` (base layout) rounded to the nearest point of the grid tensor `name`'s own block
+        scales define, in the base layout; None for F32 / F16 / BF16 (docs/verify.md "Quantized GGUF")."""
+        info = self.tensors[name]
+        if not info.dequantized:
+            return None
+        x = _gguf_layout(values.detach().to("cpu", torch.float32), name, self.base_config)
+        rounded = torch.from_numpy(round_on_grid(self._blocks(name), info.dtype, x.contiguous().numpy()))
+        return to_base_layout(rounded, name, self.base_config).to(values.device)
 
     def tied_structure(self, structure):
         """The structure the merged check reads ties from: the base's ties when the file stores no
@@ -202,3 +239,28 @@ def _base_shape(tensor, rows, name: str, base_config: dict) -> tuple[int, ...]:
     if rows is not None:
         shape = (rows[1] - rows[0], *shape[1:])
     return tuple(to_base_layout(torch.empty(shape, device="meta"), name, base_config).shape)
+
+
+def _gguf_layout(value: torch.Tensor, name: str, base_config: dict) -> torch.Tensor:
+    """The inverse of lorasurgery.llamacpp.to_base_layout: base tensor `name` as the converter lays
+    it out (Llama's q/k rows permuted, GPT-2's Conv1D weights transposed), rows as the file stores them."""
+    layout = merged_gguf_layout(base_config)
+    if layout.permute_qk:
+        heads = permuted_heads(name, base_config)
+        if heads is not None:
+            value = llama_permute(value, *heads)
+    leaf = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+    if layout.transposed and name.endswith(".weight") and leaf in layout.transposed and value.dim() == 2:
+        value = value.T.contiguous()
+    return value
+
+
+def _check_type(path: Path, name: str, kind: str) -> None:
+    """Refuse, naming the tensor, a GGML type whose rounding verify cannot bound (a non-uniform grid:
+    IQ*, TQ*, MXFP4 …), or one the `gguf` package cannot decode."""
+    if kind in PLAIN or stepped(kind):
+        return
+    raise UnsupportedError(
+        f"{path}: tensor {name} is {kind}, whose rounding verify cannot bound (it reads F32, F16, BF16, "
+        "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K … Q6_K)"
+    )

@@ -25,11 +25,14 @@ import torch
 
 from lorasurgery.commands.verify.verdict import (
     Comparison,
+    Rounding,
     compare,
     factored_norm,
     half_ulp_bound,
     half_ulp_norm,
+    inner,
     judge,
+    judge_quantized,
     norm,
 )
 from lorasurgery.concurrency import Pipeline
@@ -69,6 +72,8 @@ class TensorCheck:
             "verdict": self.verdict,
             "relative_error": c.relative_error if c else None,
             "retention": c.retention if c else None,
+            "retention_uncertainty": c.uncertainty if c else None,
+            "retention_on_grid": c.on_grid if c else None,
             "scale": c.scale if c else None,
             "expected_norm": c.expected_norm if c else None,
             "tolerance": c.tolerance if c else None,
@@ -121,6 +126,7 @@ class MergedCheck:
         self.artifact, self.device = artifact, device
         self.kept = _kept_members(artifact, artifact_structure)
         self.rounding: dict[str, float] = {}  # per tensor: ‖½ ulp‖ of the artifact's values
+        self.stepped: set[str] = set()  # tensors whose rounding is read from their block scales
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -145,7 +151,12 @@ class MergedCheck:
         if not unit.touched:
             name = unit.names[0]
             return [], _untouched(
-                name, base[name], artifact[name], self.recipes.tensors[name], self._info(name)
+                name,
+                base[name],
+                artifact[name],
+                self.recipes.tensors[name],
+                self._info(name),
+                self.measured_rounding(name),
             )
         if len(unit.names) == 1:
             name = unit.names[0]
@@ -167,7 +178,12 @@ class MergedCheck:
                 surplus[name] = H - delta  # what landed on this member beyond what it should carry
             if recipe is None or recipe.untouched:
                 found = _untouched(
-                    name, base[name], artifact[name], self.recipes.tensors.get(name), self._info(name)
+                    name,
+                    base[name],
+                    artifact[name],
+                    self.recipes.tensors.get(name),
+                    self._info(name),
+                    self.measured_rounding(name),
                 )
                 changed.extend(found)
                 continue
@@ -187,7 +203,10 @@ class MergedCheck:
         if tuple(A.shape) != tuple(delta.shape):
             return shape_differs(name, kind, modules, A.shape, delta.shape)
         size = norm(delta)
-        comparison = compare(H, delta, self.tolerance(name, delta, size), size)
+        rounding = None
+        if self.quantized(name):
+            rounding = Rounding(delta.numel(), _gain(H, W), self.on_grid(name, W, delta))
+        comparison = compare(H, delta, self.tolerance(name, delta, size), size, rounding=rounding)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
     def plain(self, recipe: Recipe) -> bool:
@@ -219,13 +238,19 @@ class MergedCheck:
             return shape_differs(name, kind, modules, A.shape, W.shape)
         lora = self.bound[recipe.updates[0][0]].targets[recipe.updates[0][1]].lora
         H = A.to(torch.float32, copy=True).contiguous()
-        code, factor = self._grid(name)
-        self.rounding[name] = half_ulp_norm(H, code, factor, in_place=True)  # H holds powers of two now
-        H.copy_(A).sub_(W)  # refilled: no second d × k buffer
+        measured = self.measured_rounding(name)
+        if measured is None:
+            code, factor = self._grid(name)
+            self.rounding[name] = half_ulp_norm(H, code, factor, in_place=True)  # H holds powers of two now
+            H.copy_(A)  # refilled: no second d × k buffer
+        else:
+            self.rounding[name] = measured
+        H.sub_(W)
         M = from_stored(lora, H)  # ΔŴ as (out, in): H itself or its transposed view
         terms = self.terms(recipe)
         Bs = torch.cat([B for B, _ in terms], dim=1)
         As = torch.cat([a for _, a in terms], dim=0)
+        rounding = self._fused_rounding(name, lora, W, H, Bs, As)
         n = factored_norm(Bs.double(), As.double())
         tolerance = self.tolerance(name, None, n)
         if n:
@@ -243,24 +268,71 @@ class MergedCheck:
             return H
 
         square = M.shape[0] == M.shape[1]
-        comparison = judge(
-            n,
-            rho,
-            error,
-            tolerance,
-            H.numel(),
-            h=lambda: norm(landed_value()),
-            transposed_error=(lambda: norm(landed_value() - from_stored(lora, (Bs @ As).T)))
+        lazy = {
+            "h": lambda: norm(landed_value()),
+            "transposed_error": (lambda: norm(landed_value() - from_stored(lora, (Bs @ As).T)))
             if square
             else None,
-            is_zero=lambda: not landed_value().any(),
-        )
+            "is_zero": lambda: not landed_value().any(),
+        }
+        if rounding is not None:
+            comparison = judge_quantized(n, rho, error, tolerance, rounding=rounding, **lazy)
+        else:
+            comparison = judge(n, rho, error, tolerance, H.numel(), **lazy)
         return TensorCheck(name, kind, modules, comparison, comparison.label)
 
+    def _fused_rounding(self, name, lora, W, H, Bs, As) -> Rounding | None:
+        """The fused path's `Rounding` of a quantized artifact's `name` (H = ΔŴ, stored layout), with
+        ΔW = Bs·As formed densely only where the artifact gives its grid; None for float artifacts."""
+        if not self.quantized(name):
+            return None
+        expected = None
+        if getattr(self.artifact, "round_on_grid", None) is not None:
+            delta = torch.zeros_like(H)
+            from_stored(lora, delta).addmm_(Bs, As)
+            expected = self.on_grid(name, W, delta)
+        return Rounding(H.numel(), _gain(H, W), expected)
+
     def artifact_rounding(self, name: str, values: torch.Tensor) -> float:
-        """‖½ ulp‖ of the artifact's values of `name` (float32) in the dtype it stores them in."""
+        """‖½ ulp‖ of the artifact's values of `name` (float32) in the dtype it stores them in, or
+        ‖½ step‖ where its block scales give the step (`measured_rounding`)."""
+        measured = self.measured_rounding(name)
+        if measured is not None:
+            return measured
         code, factor = self._grid(name)
         return half_ulp_norm(values, code, factor)
+
+    def measured_rounding(self, name: str) -> float | None:
+        """‖½ step‖ of the artifact's `name` from its own block scales where the artifact gives it (a
+        block-quantized GGUF tensor, docs/verify.md "Quantized GGUF"), else None."""
+        stored = self.artifact_name(name)
+        rounding = getattr(self.artifact, "rounding", None)
+        found = None if stored is None or rounding is None else rounding(stored)
+        if found is not None:
+            self.stepped.add(name)
+        return found
+
+    def on_grid(self, name: str, W: torch.Tensor, delta: torch.Tensor) -> tuple[float, float] | None:
+        """(ρ*, ρ₀): the retention W + ΔW and W alone show once rounded to the nearest point of the
+        artifact's own grid (its block scales), where the artifact gives that grid (a block-quantized
+        GGUF tensor), else None: what a correct quantized merge and a base-only file should show even
+        when the rounding is not independent of ΔW (a base already on a grid, docs/verify.md)."""
+        stored = self.artifact_name(name)
+        rounder = getattr(self.artifact, "round_on_grid", None)
+        size = inner(delta, delta)
+        if stored is None or rounder is None or size == 0:
+            return None
+        W = W.float()
+        landed = rounder(stored, W + delta)
+        if landed is None:
+            return None
+        alone = rounder(stored, W)
+        return inner(landed.sub_(W), delta) / size, inner(alone.sub_(W), delta) / size
+
+    def quantized(self, name: str) -> bool:
+        """Whether the artifact stores `name` as block codes: judged by ρ against its rounding noise."""
+        info = self._info(name)
+        return info is not None and info.dequantized
 
     def _grid(self, name: str) -> tuple[str, float]:
         """The dtype whose rounding the artifact's `name` went through, and a factor: a quantized
@@ -273,8 +345,10 @@ class MergedCheck:
     def tolerance(self, name: str, delta: torch.Tensor, size: float | None = None) -> float:
         """τ of docs/verify.md: the artifact's rounding of W + ΔW (measured on its values), a
         tool's rounding of ΔW (bounded), float32 summation noise."""
-        code, factor = self._grid(name)
         size = norm(delta) if size is None else size
+        if name in self.stepped:  # the step bounds the one rounding of W + ΔW; ΔW is not rounded apart
+            return self.rounding[name] + F32_NOISE * size
+        code, factor = self._grid(name)
         return self.rounding[name] + half_ulp_bound(size, code, factor) + F32_NOISE * size
 
     def describe(self, recipe: Recipe) -> tuple[str, list[str]]:
@@ -362,9 +436,10 @@ class MergedCheck:
         return checks, changed
 
 
-def _untouched(name: str, W, A, base_info, artifact_info) -> list[Changed]:
+def _untouched(name: str, W, A, base_info, artifact_info, rounding: float | None = None) -> list[Changed]:
     """[] when the artifact keeps `name` as the base has it: byte-equal in the same dtype, else equal
-    after rounding the base to the artifact's dtype (a quantized artifact: within its codes' rounding)."""
+    after rounding the base to the artifact's dtype (a quantized artifact: within its codes' rounding,
+    `rounding` its ‖½ step‖ where its block scales give it)."""
     if A is None:
         return [Changed(name, "absent from the artifact")]
     if tuple(A.shape) != tuple(W.shape):
@@ -386,10 +461,26 @@ def _untouched(name: str, W, A, base_info, artifact_info) -> list[Changed]:
             return []
         return [Changed(name, f"differs after rounding to {artifact_info.dtype}")]
     H = A.float() - W.float()
+    if rounding is not None:
+        if norm(H) <= rounding + F32_NOISE * norm(W.float()):
+            return []
+        return [
+            Changed(
+                name,
+                f"differs beyond its {artifact_info.dtype} rounding (‖Δ‖ {norm(H):.3g}, ‖½ step‖ {rounding:.3g})",
+            )
+        ]
     code, factor = (artifact_info.codes.dtype, 2.0) if artifact_info.codes is not None else ("F32", 1.0)
     if norm(H) <= half_ulp_norm(W.float(), code, factor) + half_ulp_norm(A.float(), code, factor):
         return []
     return [Changed(name, f"differs beyond {code} rounding (‖Δ‖ {norm(H):.3g})")]
+
+
+def _gain(H: torch.Tensor, W: torch.Tensor) -> float:
+    """δ = |⟨ΔŴ, W⟩| / ‖W‖²: how far a quantized artifact's codes scale the whole tensor (a scale
+    search shrinks or stretches the grid; ρ moves by about as much, verdict.judge_quantized)."""
+    size = inner(W, W)
+    return abs(inner(H, W)) / size if size > 0 else 0.0
 
 
 def _kept_members(artifact, structure) -> dict[str, str]:

@@ -16,6 +16,13 @@ Verdicts, first that holds:
 - `transposed`: a square tensor with H ≈ Dᵀ;
 - `scaled`: H ≈ c·D with c = ρ (c = 2 reads "applied twice"; α instead of α/r shows as c = r);
 - `differs`: none of these.
+
+A quantized artifact (block codes: FP8, GGUF's Q8_0 … Q2_K) is judged by `judge_quantized`
+instead: its rounding can be many times ‖ΔW‖ (a 4-bit merge of a small LoRA), so the error test
+alone would pass a base-only file; the retention ρ decides, within its uncertainty u = 3σ + δ (σ
+the rounding's noise on ρ, δ the quantizer's gain off 1): `landed` needs |ρ − 1| ≤ u, `missing`
+|ρ| ≤ u, and where u > ½ (1 and 0 cannot be told apart) the verdict is `cannot tell at this
+quantization`, never `landed` (docs/verify.md "Quantized GGUF").
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ VISIBLE = 0.5  # ρ below this, inside the tolerance: the update is not really t
 MISSING = 0.02  # ‖ΔŴ‖ below this share of ‖ΔW‖ (beyond τ): nothing landed
 RESOLVABLE = 0.25  # largest rounding noise of ρ (τ/(‖ΔW‖·√N)) under which "landed" can be told
 SCALE_SLACK = 1e-3  # relative residual allowed when fitting ΔŴ ≈ c·ΔW or ΔWᵀ
+CANNOT_TELL = "cannot tell at this quantization"
+WINDOW = 3.0  # quantized: ρ within WINDOW·σ (+ the gain δ) of 1 is landed, of 0 missing
+TELLABLE = 0.5  # quantized: widest uncertainty under which landed (1), missing (0) and twice (2) differ
 
 
 def half_ulp_norm(values: torch.Tensor, code: str, factor: float = 1.0, *, in_place: bool = False) -> float:
@@ -78,20 +88,34 @@ class Comparison:
     expected_norm: float  # ‖ΔW‖
     tolerance: float  # τ, relative to ‖ΔW‖
     scale: float | None = None  # c when scaled
+    uncertainty: float | None = None  # a quantized artifact: u, how far rounding can move ρ
+    on_grid: float | None = None  # a GGUF tensor: ρ*, the retention W + ΔW rounded on its grid shows
 
     @property
     def label(self) -> str:
         if self.verdict == "scaled" and self.scale is not None:
-            if abs(self.scale - 2) < 0.01:
+            # quantized: within ρ's uncertainty, and twice what the grid itself moves ρ off 1 where
+            # that grid keeps ΔW (a grid that rounds most of it away says nothing about 2ΔW)
+            off = abs((self.on_grid or 1.0) - 1)
+            slack = (self.uncertainty or 0.0) + (2 * off if off <= TELLABLE else 0.0)
+            if abs(self.scale - 2) < max(0.01, slack):
                 return "applied twice"
             return f"scaled by {self.scale:.4g}"
         return self.verdict
 
 
-def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None = None) -> Comparison:
+def compare(
+    H: torch.Tensor,
+    D: torch.Tensor,
+    tolerance: float,
+    n: float | None = None,
+    *,
+    rounding: Rounding | None = None,
+) -> Comparison:
     """The verdict on landed `H` against expected `D` (same shape) under the absolute `tolerance`;
     `n` is ‖D‖ when the caller has it. ‖H‖ is computed only when the verdict needs it. H is the
-    caller's scratch: it holds H − D afterwards when the verdict is `landed`."""
+    caller's scratch: it holds H − D afterwards when the verdict is `landed`. `rounding`: the
+    artifact's values are block codes (`judge_quantized`)."""
     n = norm(D) if n is None else n
     if n == 0:
         rho = 1.0 if norm(H) <= tolerance else 0.0
@@ -107,16 +131,14 @@ def compare(H: torch.Tensor, D: torch.Tensor, tolerance: float, n: float | None 
         return H
 
     square = D.dim() >= 2 and D.shape[-1] == D.shape[-2]
-    return judge(
-        n,
-        rho,
-        error,
-        tolerance,
-        D.numel(),
-        h=lambda: norm(landed_value()),
-        transposed_error=(lambda: norm(landed_value() - D.transpose(-1, -2))) if square else None,
-        is_zero=lambda: not landed_value().any(),
-    )
+    lazy = {
+        "h": lambda: norm(landed_value()),
+        "transposed_error": (lambda: norm(landed_value() - D.transpose(-1, -2))) if square else None,
+        "is_zero": lambda: not landed_value().any(),
+    }
+    if rounding is not None:
+        return judge_quantized(n, rho, error, tolerance, rounding=rounding, **lazy)
+    return judge(n, rho, error, tolerance, D.numel(), **lazy)
 
 
 def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> Comparison:
@@ -142,6 +164,70 @@ def judge(n, rho, error, tolerance, numel, *, h, transposed_error, is_zero) -> C
         return result("transposed")
     residual = math.sqrt(max(size * size - rho * rho * n * n, 0.0))  # ‖H − ρD‖, ρ the least-squares c
     if residual <= 2 * tolerance * max(1.0, abs(rho)) + SCALE_SLACK * abs(rho) * n:
+        return result("scaled", rho)
+    if 0 < rho < 1:
+        return result("partly")
+    return result("differs")
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """What a quantized artifact's rounding lets ρ be, for one tensor of `numel` elements: `gain` δ =
+    |⟨ΔŴ, W⟩|/‖W‖², and `expected` (ρ*, ρ₀) where the artifact gives its grid (`judge_quantized`)."""
+
+    numel: int
+    gain: float = 0.0
+    expected: tuple[float, float] | None = None
+
+
+def judge_quantized(
+    n, rho, error, tolerance, *, h, transposed_error, is_zero, rounding: Rounding
+) -> Comparison:
+    """`judge` for an artifact of block codes, whose rounding `tolerance` (‖½ step‖ over the tensor,
+    or its codes' ulp) may dwarf ‖ΔW‖ = `n`: ρ decides, against what it should be. `rounding.expected`:
+    (ρ*, ρ₀), the retention W + ΔW and W alone show rounded on the artifact's own grid (its block
+    scales: a GGUF tensor); without it (1, 0). ρ's uncertainty u = 3σ (+ δ without a grid):
+    σ = τ/(‖ΔW‖·√N) is the rounding's noise on ρ (its projection on ΔW's direction; rounding errs by
+    0.58 τ on average, so σ overstates it); δ = `rounding.gain`, |⟨ΔŴ, W⟩|/‖W‖², how far the quantizer
+    scales the whole tensor (a scale search that shrinks or stretches its grid moves ρ as much).
+
+    First that holds: |ρ* − ρ₀| > 2u, |ρ − ρ*| ≤ u and ‖ΔŴ − ΔW‖ ≤ τ: `landed` (where the grid itself
+    keeps under ½ of ΔW `partly`, over 1½ `scaled` by ρ); ΔŴ = 0: `missing`; |ρ* − ρ₀| ≤ 2u:
+    `cannot tell at this quantization` (`differs` if ΔŴ − ΔW exceeds the rounding); ΔŴ ≈ ΔWᵀ
+    (ρ against ΔWᵀ within u of 1, ‖ΔŴ − ΔWᵀ‖ ≤ τ): `transposed`; |ρ − ρ₀| ≤ u and ‖ΔŴ‖ ≤ τ:
+    `missing`; ‖ΔŴ − ρΔW‖ ≤ τ: `scaled` by ρ; 0 < ρ < 1: `partly`; else `differs`."""
+    scale = n if n > 0 else 1.0
+    expected = rounding.expected
+    target, none = expected if expected is not None else (1.0, 0.0)
+    window = WINDOW * tolerance / (n * math.sqrt(max(rounding.numel, 1))) if n > 0 else math.inf
+    if expected is None:
+        window += rounding.gain
+
+    def result(verdict: str, c: float | None = None) -> Comparison:
+        u = window if n > 0 else None
+        return Comparison(
+            verdict, error / scale, rho, n, tolerance / scale, c, u, target if expected else None
+        )
+
+    if n == 0:  # nothing expected: only the rounding may show
+        return result("landed" if error <= tolerance else "differs")
+    tellable = 2 * window < abs(target - none)
+    if tellable and error <= tolerance and abs(rho - target) <= window:
+        if abs(target - 1) <= TELLABLE:
+            return result("landed")
+        return result("partly") if target < 1 else result("scaled", rho)  # as the grid rounds it
+    if is_zero():
+        return result("missing")
+    if not tellable:
+        return result(CANNOT_TELL if error <= tolerance else "differs")
+    size = h()
+    if transposed_error is not None:
+        off = transposed_error()  # ‖ΔŴ − ΔWᵀ‖; ρ against ΔWᵀ from ‖ΔŴ‖² − 2⟨ΔŴ, ΔWᵀ⟩ + ‖ΔW‖²
+        if off <= tolerance and abs((size * size + n * n - off * off) / (2 * n * n) - 1) <= window:
+            return result("transposed")
+    if abs(rho - none) <= window and size <= tolerance:
+        return result("missing")
+    if math.sqrt(max(size * size - rho * rho * n * n, 0.0)) <= tolerance:
         return result("scaled", rho)
     if 0 < rho < 1:
         return result("partly")

@@ -1,0 +1,173 @@
+"""The rounding a block-quantized GGUF tensor went through, read from its own block scales
+(docs/verify.md "Quantized GGUF").
+
+Every type here stores each element as q·step + offset with an integer code q and a step per block
+or sub-block: Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 one fp16 scale d per 32 elements, the K-quants a
+super-block of 256 with fp16 d and a 4- to 8-bit scale per sub-block (step d·sc: Q2_K, Q3_K, Q6_K
+per 16 elements, Q4_K, Q5_K per 32). A quantizer that rounds to the nearest code errs by at most
+½ step per element, so ‖½ step‖ over the tensor bounds the rounding of W + ΔW that a correct
+quantized merge carries (uniform rounding errs by step/√12 on average, 0.58 of the bound).
+
+The steps are decoded from the scale bytes alone (the codes are not read), in the layouts of the
+`gguf` package's dequantizers (gguf.quants), which verify uses to decode the values. Types with a
+non-uniform grid (IQ*, TQ*, MXFP4 …) have no such step: verify refuses them by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Bits of each type's codes (the table in docs/verify.md).
+CODE_BITS = {
+    "Q8_0": 8,
+    "Q6_K": 6,
+    "Q5_0": 5,
+    "Q5_1": 5,
+    "Q5_K": 5,
+    "Q4_0": 4,
+    "Q4_1": 4,
+    "Q4_K": 4,
+    "Q3_K": 3,
+    "Q2_K": 2,
+}
+QK_K = 256
+
+
+def _fp16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The fp16 field at byte `start` of every block, as float64 (n_blocks, 1)."""
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float64)
+
+
+def _steps_32(blocks: np.ndarray) -> tuple[np.ndarray, int]:
+    # Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: d leads the block
+    return _fp16(blocks, 0), 32
+
+
+def _steps_q2_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
+    # scales[16] (low nibble the scale, high the min), qs[64], d, dmin
+    scales = (blocks[:, :16] & 0x0F).astype(np.float64)
+    return _fp16(blocks, 16 + 64) * scales, 16
+
+
+def _steps_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
+    # hmask[32], qs[64], scales[12] (16 six-bit signed scales, offset 32), d
+    n = blocks.shape[0]
+    packed = blocks[:, 96:108]
+    low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    high = (
+        packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+    ).reshape(n, 16)
+    scales = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32
+    return np.abs(_fp16(blocks, 108) * scales), 16
+
+
+def _steps_q45_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
+    # d, dmin, scales[12] (eight six-bit scales and mins), codes
+    from gguf.quants import Q4_K
+
+    scales, _ = Q4_K.get_scale_min(blocks[:, 4:16])
+    return _fp16(blocks, 0) * scales.astype(np.float64), 32
+
+
+def _steps_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
+    # ql[128], qh[64], scales[16] (int8), d
+    scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float64)
+    return np.abs(_fp16(blocks, 208) * scales), 16
+
+
+STEPS = {
+    "Q8_0": _steps_32,
+    "Q4_0": _steps_32,
+    "Q4_1": _steps_32,
+    "Q5_0": _steps_32,
+    "Q5_1": _steps_32,
+    "Q2_K": _steps_q2_k,
+    "Q3_K": _steps_q3_k,
+    "Q4_K": _steps_q45_k,
+    "Q5_K": _steps_q45_k,
+    "Q6_K": _steps_q6_k,
+}
+
+
+def stepped(type_name: str) -> bool:
+    """Whether verify can bound the rounding of GGML type `type_name` (a uniform grid per block)."""
+    return type_name in STEPS
+
+
+def half_step_norm(data: np.ndarray, type_name: str) -> float:
+    """‖½ step‖ over every element of a tensor of GGML type `type_name` stored as `data` (the raw
+    blocks, as gguf.GGUFReader gives them)."""
+    import gguf
+
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
+    steps, per_step = STEPS[type_name](blocks)
+    return 0.5 * math.sqrt(per_step * float(np.square(steps).sum()))
+
+
+def _affine_32(blocks: np.ndarray, levels: int, centre: int | None):
+    # Q8_0 / Q4_0 / Q5_0: d·(q − centre); Q4_1 / Q5_1: d·q + m (m the fp16 after d)
+    d = _fp16(blocks, 0)
+    offset = -centre * d if centre is not None else _fp16(blocks, 2)
+    return d, offset, 32, levels
+
+
+def _grid_q2_k(blocks):
+    step, group = _steps_q2_k(blocks)
+    mins = (blocks[:, :16] >> 4).astype(np.float64)
+    return step, -_fp16(blocks, 16 + 64 + 2) * mins, group, 3
+
+
+def _grid_q3_k(blocks):
+    n = blocks.shape[0]
+    packed = blocks[:, 96:108]
+    low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
+    high = (
+        packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+    ).reshape(n, 16)
+    step = _fp16(blocks, 108) * (((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32)  # signed
+    return step, -4 * step, 16, 7
+
+
+def _grid_q45_k(blocks, levels: int):
+    from gguf.quants import Q4_K
+
+    scales, mins = Q4_K.get_scale_min(blocks[:, 4:16])
+    return _fp16(blocks, 0) * scales, -_fp16(blocks, 2) * mins, 32, levels
+
+
+def _grid_q6_k(blocks):
+    step = _fp16(blocks, 208) * blocks[:, 192:208].copy().view(np.int8).astype(np.float64)  # signed
+    return step, -32 * step, 16, 63
+
+
+GRIDS = {
+    "Q8_0": lambda b: _affine_32(b, 255, 128),
+    "Q4_0": lambda b: _affine_32(b, 15, 8),
+    "Q5_0": lambda b: _affine_32(b, 31, 16),
+    "Q4_1": lambda b: _affine_32(b, 15, None),
+    "Q5_1": lambda b: _affine_32(b, 31, None),
+    "Q2_K": _grid_q2_k,
+    "Q3_K": _grid_q3_k,
+    "Q4_K": lambda b: _grid_q45_k(b, 15),
+    "Q5_K": lambda b: _grid_q45_k(b, 31),
+    "Q6_K": _grid_q6_k,
+}
+
+
+def round_on_grid(data: np.ndarray, type_name: str, values: np.ndarray) -> np.ndarray:
+    """`values` (float32, the tensor's shape in the file's layout) rounded to the nearest point of the
+    grid the stored tensor `data` defines (its own block scales and offsets, codes clamped to the
+    type's range): what a nearest-code quantizer keeping those scales writes for them."""
+    import gguf
+
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
+    step, offset, group, levels = GRIDS[type_name](blocks)
+    step, offset = step.reshape(-1, 1), offset.reshape(-1, 1)
+    x = np.asarray(values, dtype=np.float64).reshape(step.shape[0], group)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(step != 0, np.rint((x - offset) / step), 0.0)
+    return (np.clip(q, 0, levels) * step + offset).astype(np.float32).reshape(np.shape(values))
