@@ -150,12 +150,15 @@ def test_qwen3_moe_q8_0_experts_land(tmp_path):
     artifact = to_gguf(merged, tmp_path / "merged.gguf", "q8_0")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(artifact).tensors}
     assert {types[f"blk.0.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")} == {"Q8_0"}, types
-    code, report = verify(base, adapter, artifact)
-    assert code == LANDED and report["landed"] and not report["changed"] and not report["extra"], report
-    experts = [c for c in report["checks"] if ".experts." in c["tensor"]]
-    assert len(experts) == 4 * 3
-    for check in experts:
-        assert check["relative_error"] < 3e-2 and abs(check["retention"] - 1) < 3e-2, check
+    # split per expert (each expert's rows of a stack, on that stack's grid), then stored fused (the
+    # gate and up stacks rebuilt into gate_up_proj, each part on its own stack's grid)
+    for checked, count in ((base, 4 * 3), (fused_base(base, tmp_path / "fused"), 2)):
+        code, report = verify(checked, adapter, artifact)
+        assert code == LANDED and report["landed"] and not report["changed"] and not report["extra"], report
+        experts = [c for c in report["checks"] if ".experts." in c["tensor"]]
+        assert len(experts) == count
+        for check in experts:
+            assert check["relative_error"] < 3e-2 and abs(check["retention"] - 1) < 3e-2, check
 
 
 def test_gpt_oss_merged_gguf_is_refused_by_name(tmp_path):

@@ -18,6 +18,7 @@ no config.json: a tie is kept when it stores no `output.weight` (llama.cpp then 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,15 @@ class GgufModel:
                 sizes[info.codes.dtype if info.dequantized else info.dtype] += int(np.prod(info.shape))
         return sizes.most_common(1)[0][0] if sizes else "F32"
 
-    def _blocks(self, name: str):
-        """The raw blocks of base tensor `name`: its rows of a fused tensor (--fuse-qkv)."""
-        tensor, info = self._tensors[name], self.tensors[name]
-        rows = int(np.prod([int(n) for n in tensor.shape.tolist()[1:]]))
-        data = np.asarray(tensor.data).reshape(rows, -1)
+    def _blocks(self, name: str, tensor=None):
+        """The raw blocks of base tensor `name`, a row of blocks per row: its rows of a fused tensor
+        (--fuse-qkv), its expert's of a stacked `…_exps` tensor; `tensor` one of its pieces instead."""
+        info = self.tensors[name]
+        tensor = self._tensors[name] if tensor is None else tensor
+        shape = [int(n) for n in tensor.shape.tolist()]  # GGUF's order: columns first
+        data = np.asarray(tensor.data).reshape(int(np.prod(shape[1:])), -1)
+        if info.expert is not None:
+            return data[info.expert * shape[1] : (info.expert + 1) * shape[1]]
         return data if info.rows is None else data[info.rows[0] : info.rows[1]]
 
     def rounding(self, name: str) -> float | None:
@@ -175,7 +180,8 @@ class GgufModel:
         info = self.tensors[name]
         if not info.dequantized:
             return None
-        return half_step_norm(self._blocks(name), info.dtype)
+        tensors = (self._tensors[name], *info.pieces)  # a fused gate_up_proj: each stacked piece
+        return math.sqrt(sum(half_step_norm(self._blocks(name, t), info.dtype) ** 2 for t in tensors))
 
     def round_on_grid(self, name: str, values: torch.Tensor) -> torch.Tensor | None:
         """`values` (base layout) rounded to the nearest point of the grid tensor `name`'s own block
@@ -183,7 +189,16 @@ class GgufModel:
         info = self.tensors[name]
         if not info.dequantized:
             return None
-        x = _gguf_layout(values.detach().to("cpu", torch.float32), name, self.base_config)
+        x = values.detach().to("cpu", torch.float32)
+        if info.pieces:  # a fused gate_up_proj (E, rows + …, cols): each stacked piece on its own grid
+            parts, start = [], 0
+            for tensor in (self._tensors[name], *info.pieces):
+                rows = int(tensor.shape.tolist()[1])
+                part = x[:, start : start + rows].contiguous().numpy()
+                parts.append(torch.from_numpy(round_on_grid(self._blocks(name, tensor), info.dtype, part)))
+                start += rows
+            return torch.cat(parts, dim=1).reshape(x.shape).to(values.device)
+        x = _gguf_layout(x, name, self.base_config)
         rounded = torch.from_numpy(round_on_grid(self._blocks(name), info.dtype, x.contiguous().numpy()))
         return to_base_layout(rounded, name, self.base_config).to(values.device)
 
