@@ -68,7 +68,23 @@ def make_llama(
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    config = _decoder_config(
+        transformers.LlamaConfig,
+        vocab_size,
+        hidden_size,
+        layers,
+        tie_word_embeddings,
+        attention_bias=attention_bias,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm"])
+    return _save(model, path, dtype, max_shard_size)
+
+
+def _decoder_config(config_class, vocab_size, hidden_size, layers, tie_word_embeddings, **extra):
+    """The tiny decoders' shared shape: GQA 4/2 heads, intermediate 2·hidden, 64 positions, no
+    bos/eos/pad token ids."""
+    return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -77,14 +93,11 @@ def make_llama(
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=tie_word_embeddings,
-        attention_bias=attention_bias,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        **extra,
     )
-    model = transformers.LlamaForCausalLM(config)
-    _perturb_norms(model, torch.Generator().manual_seed(seed + 1), ["norm"])
-    return _save(model, path, dtype, max_shard_size)
 
 
 CAUSAL_LM_KINDS = ("qwen2", "qwen3", "mistral", "phi3")
@@ -115,18 +128,12 @@ def make_causal_lm(
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }
     config_class, model_class_ = classes[kind]
-    config = config_class(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+    config = _decoder_config(
+        config_class,
+        vocab_size,
+        hidden_size,
+        layers,
+        tie_word_embeddings,
         **({"head_dim": hidden_size // 4} if kind == "qwen3" else {}),
     )
     model = model_class_(config)

@@ -52,15 +52,19 @@ def _steps_q2_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _steps_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    # hmask[32], qs[64], scales[12] (16 six-bit signed scales, offset 32), d
+    return np.abs(_fp16(blocks, 108) * _q3_k_scales(blocks)), 16
+
+
+def _q3_k_scales(blocks: np.ndarray) -> np.ndarray:
+    """Q3_K's 16 sub-block scales per block, signed: hmask[32], qs[64], then scales[12] (six bits
+    each, offset 32: four low bits in bytes 0–7, two high bits in bytes 8–11), then d."""
     n = blocks.shape[0]
     packed = blocks[:, 96:108]
     low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
     high = (
         packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
     ).reshape(n, 16)
-    scales = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32
-    return np.abs(_fp16(blocks, 108) * scales), 16
+    return ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32
 
 
 def _steps_q45_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -121,13 +125,7 @@ def _grid_q2_k(blocks):
 
 
 def _grid_q3_k(blocks):
-    n = blocks.shape[0]
-    packed = blocks[:, 96:108]
-    low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
-    high = (
-        packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
-    ).reshape(n, 16)
-    step = _fp16(blocks, 108) * (((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32)  # signed
+    step = _fp16(blocks, 108) * _q3_k_scales(blocks)  # signed
     return step, -4 * step, 16, 7
 
 
