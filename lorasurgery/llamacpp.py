@@ -228,11 +228,29 @@ def to_base_layout(value: torch.Tensor, name: str, base_config: dict) -> torch.T
     """A merged GGUF tensor (torch order, the base's rows already sliced out) put back in the base's
     layout: the transforms `merged_gguf_layout` names, undone."""
     layout = merged_gguf_layout(base_config)
-    leaf = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-    if layout.transposed and name.endswith(".weight") and leaf in layout.transposed and value.dim() == 2:
+    if _transposed(layout, name, value):
         value = value.T.contiguous()
     if layout.permute_qk:
         heads = permuted_heads(name, base_config)
         if heads is not None:
             value = llama_unpermute(value, *heads)
     return value
+
+
+def to_gguf_layout(value: torch.Tensor, name: str, base_config: dict) -> torch.Tensor:
+    """The inverse of `to_base_layout`: base tensor `name` as the converter lays it out (Llama's q/k
+    rows permuted, GPT-2's Conv1D weights transposed), rows as the file stores them."""
+    layout = merged_gguf_layout(base_config)
+    if layout.permute_qk:
+        heads = permuted_heads(name, base_config)
+        if heads is not None:
+            value = llama_permute(value, *heads)
+    if _transposed(layout, name, value):
+        value = value.T.contiguous()
+    return value
+
+
+def _transposed(layout: GgufLayout, name: str, value: torch.Tensor) -> bool:
+    """Whether the converter writes base tensor `name` transposed (a Conv1D weight, GgufLayout.transposed)."""
+    leaf = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+    return name.endswith(".weight") and leaf in layout.transposed and value.dim() == 2

@@ -29,13 +29,7 @@ import torch
 
 from lorasurgery.commands.verify.gguf_quants import half_step_norm, round_on_grid, stepped
 from lorasurgery.errors import CheckpointError, UnsupportedError
-from lorasurgery.llamacpp import (
-    llama_permute,
-    merged_gguf_layout,
-    merged_gguf_sources,
-    permuted_heads,
-    to_base_layout,
-)
+from lorasurgery.llamacpp import merged_gguf_layout, merged_gguf_sources, to_base_layout, to_gguf_layout
 
 PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # A block-quantized type's grid as (safetensors float code of as many mantissa bits, factor 2: the
@@ -130,23 +124,12 @@ class GgufModel:
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor:
         """Tensor `name` in the base's layout: its own dtype (F32/F16/BF16), else decoded to float32."""
-        import gguf
-
         tensor, info = self._tensors[name], self.tensors[name]
-        if info.dtype == "F32" or info.dtype == "F16":
-            value = torch.from_numpy(np.array(tensor.data))
-        else:  # BF16 is stored as raw 16-bit words, quantized types as blocks: decode to float32
-            value = torch.from_numpy(
-                np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-            )
-            if info.dtype == "BF16":
-                value = value.to(torch.bfloat16)  # exact: bf16 values are float32 values
-        return self._base_layout(value, tensor, info).to(device)
+        return self._base_layout(_decoded(tensor, info.dtype), info).to(device)
 
-    def _base_layout(self, value: torch.Tensor, tensor, info: GgufTensorInfo) -> torch.Tensor:
+    def _base_layout(self, value: torch.Tensor, info: GgufTensorInfo) -> torch.Tensor:
         """The decoded GGUF tensor as the base stores it: its rows of a fused tensor, the
         converter's transforms undone (lorasurgery.llamacpp.to_base_layout)."""
-        value = value.reshape(tuple(int(n) for n in reversed(tensor.shape.tolist())))
         if info.expert is not None or info.pieces:
             return _stacked_part(value, info)
         if info.rows is not None:
@@ -198,7 +181,7 @@ class GgufModel:
                 parts.append(torch.from_numpy(round_on_grid(self._blocks(name, tensor), info.dtype, part)))
                 start += rows
             return torch.cat(parts, dim=1).reshape(x.shape).to(values.device)
-        x = _gguf_layout(x, name, self.base_config)
+        x = to_gguf_layout(x, name, self.base_config)
         rounded = torch.from_numpy(round_on_grid(self._blocks(name), info.dtype, x.contiguous().numpy()))
         return to_base_layout(rounded, name, self.base_config).to(values.device)
 
@@ -213,10 +196,10 @@ class GgufModel:
 def _stacked_shape(tensor, source, by_name: dict, path: Path) -> tuple[tuple[int, ...], tuple]:
     """(the base's shape, the GGUF piece tensors) of an MoE expert weight read out of stacked
     `…_exps` tensors (lorasurgery.llamacpp.GgufSource: one expert, or gate and up concatenated)."""
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    shape = _torch_shape(tensor)
     pieces = tuple(by_name[p] for p in source.pieces)
     for piece in pieces:
-        piece_shape = tuple(int(n) for n in reversed(piece.shape.tolist()))
+        piece_shape = _torch_shape(piece)
         if piece.tensor_type != tensor.tensor_type or len(piece_shape) != 3 or piece_shape[::2] != shape[::2]:
             raise UnsupportedError(
                 f"{path}: {tensor.name} ({tensor.tensor_type.name}, {list(shape)}) and {piece.name} "
@@ -230,44 +213,41 @@ def _stacked_shape(tensor, source, by_name: dict, path: Path) -> tuple[tuple[int
 def _stacked_part(value: torch.Tensor, info: GgufTensorInfo) -> torch.Tensor:
     """Expert `info.expert` of a decoded stacked tensor, or it with `info.pieces` (decoded alike)
     concatenated on dim 1: the converter's torch.stack and gate/up split undone."""
-    import gguf
-
     if info.expert is not None:
         return value[info.expert]
     parts = [value]
-    for piece in info.pieces:
-        data = piece.data
-        if not info.dequantized and info.dtype != "BF16":
-            decoded = torch.from_numpy(np.array(data))
-        else:
-            decoded = torch.from_numpy(
-                np.asarray(gguf.quants.dequantize(data, piece.tensor_type), dtype=np.float32)
-            )
-            decoded = decoded.to(value.dtype)
-        parts.append(decoded.reshape(tuple(int(n) for n in reversed(piece.shape.tolist()))))
+    # the pieces are of the first one's type (_stacked_shape checked it)
+    parts += [_decoded(piece, info.dtype) for piece in info.pieces]
     return torch.cat(parts, dim=1)
+
+
+def _decoded(tensor, kind: str) -> torch.Tensor:
+    """A GGUF tensor's values in torch's order of dimensions: F32 / F16 in their own dtype; BF16
+    (stored as raw 16-bit words) and block-quantized types decoded to float32, BF16 then back to
+    bfloat16 (exact: bf16 values are float32 values)."""
+    import gguf
+
+    if kind == "F32" or kind == "F16":
+        value = torch.from_numpy(np.array(tensor.data))
+    else:
+        value = torch.from_numpy(
+            np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        )
+        value = value.to(torch.bfloat16) if kind == "BF16" else value
+    return value.reshape(_torch_shape(tensor))
+
+
+def _torch_shape(tensor) -> tuple[int, ...]:
+    """A GGUF tensor's shape in torch's order (GGUF stores the dimensions reversed)."""
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
 
 
 def _base_shape(tensor, rows, name: str, base_config: dict) -> tuple[int, ...]:
     """The shape `GgufModel.read` returns for base tensor `name` (GGUF stores dimensions reversed)."""
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    shape = _torch_shape(tensor)
     if rows is not None:
         shape = (rows[1] - rows[0], *shape[1:])
     return tuple(to_base_layout(torch.empty(shape, device="meta"), name, base_config).shape)
-
-
-def _gguf_layout(value: torch.Tensor, name: str, base_config: dict) -> torch.Tensor:
-    """The inverse of lorasurgery.llamacpp.to_base_layout: base tensor `name` as the converter lays
-    it out (Llama's q/k rows permuted, GPT-2's Conv1D weights transposed), rows as the file stores them."""
-    layout = merged_gguf_layout(base_config)
-    if layout.permute_qk:
-        heads = permuted_heads(name, base_config)
-        if heads is not None:
-            value = llama_permute(value, *heads)
-    leaf = name.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-    if layout.transposed and name.endswith(".weight") and leaf in layout.transposed and value.dim() == 2:
-        value = value.T.contiguous()
-    return value
 
 
 def _check_type(path: Path, name: str, kind: str) -> None:
