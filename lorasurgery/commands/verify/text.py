@@ -83,7 +83,9 @@ def check_text(run: TextRun, *, kind: str, target, device, dtype: str) -> TextCh
             "a GGUF LoRA: transformers does not run it as llama.cpp does (run llama.cpp on the text instead)"
         )
         return check
-    refused = target.refusals(_adapter_config(artifact)) if kind == "adapter" and target is not None else []
+    served = target is not None and kind == "adapter"
+    config = _adapter_config(artifact) if served else None  # read once: the refusal and the scales
+    refused = target.refusals(config) if served else []
     if refused:
         check.skipped = f"the target does not load the adapter: {refused[0]}"
         return check
@@ -109,7 +111,7 @@ def check_text(run: TextRun, *, kind: str, target, device, dtype: str) -> TextCh
                 check.skipped, check.tokens, check.dtype = str(why), 0, ""
                 return check
         else:
-            model = _served(load_causal_lm(base_folder, device), artifact, target)
+            model = _served(load_causal_lm(base_folder, device), artifact, target, config)
         landed = _logits(model, windows, device)
         del model
     check.max_difference = max(float((a - b).abs().max()) for a, b in zip(reference, landed))
@@ -134,15 +136,14 @@ def _adapter_config(artifact: Path):
     return load_adapter(artifact).config
 
 
-def _served(model, artifact: Path, target):
+def _served(model, artifact: Path, target, config):
     """The base with the adapter artifact applied by PEFT, each module scaled as `target` (a
-    targets.Target) scales it."""
+    targets.Target) scales it; `config` the artifact's adapter config (None without a target)."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
     wrapped = PeftModel.from_pretrained(model, str(artifact), adapter_name="artifact")
     if target is not None and target.name in ("vllm", "sglang"):
-        config = _adapter_config(artifact)
         for name, module in wrapped.named_modules():
             if isinstance(module, LoraLayer) and "artifact" in module.scaling:
                 name = name.removeprefix("base_model.model.")  # the adapter's module name
