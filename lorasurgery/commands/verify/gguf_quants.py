@@ -19,40 +19,10 @@ import math
 
 import numpy as np
 
-# Bits of each type's codes (the table in docs/verify.md).
-CODE_BITS = {
-    "Q8_0": 8,
-    "Q6_K": 6,
-    "Q5_0": 5,
-    "Q5_1": 5,
-    "Q5_K": 5,
-    "Q4_0": 4,
-    "Q4_1": 4,
-    "Q4_K": 4,
-    "Q3_K": 3,
-    "Q2_K": 2,
-}
-QK_K = 256
-
 
 def _fp16(blocks: np.ndarray, start: int) -> np.ndarray:
     """The fp16 field at byte `start` of every block, as float64 (n_blocks, 1)."""
     return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float64)
-
-
-def _steps_32(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    # Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1: d leads the block
-    return _fp16(blocks, 0), 32
-
-
-def _steps_q2_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    # scales[16] (low nibble the scale, high the min), qs[64], d, dmin
-    scales = (blocks[:, :16] & 0x0F).astype(np.float64)
-    return _fp16(blocks, 16 + 64) * scales, 16
-
-
-def _steps_q3_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    return np.abs(_fp16(blocks, 108) * _q3_k_scales(blocks)), 16
 
 
 def _q3_k_scales(blocks: np.ndarray) -> np.ndarray:
@@ -67,47 +37,24 @@ def _q3_k_scales(blocks: np.ndarray) -> np.ndarray:
     return ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32
 
 
-def _steps_q45_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    # d, dmin, scales[12] (eight six-bit scales and mins), codes
-    from gguf.quants import Q4_K
+def _blocks(data: np.ndarray, type_name: str) -> np.ndarray:
+    """The raw bytes of a tensor of GGML type `type_name`, one block a row."""
+    import gguf
 
-    scales, _ = Q4_K.get_scale_min(blocks[:, 4:16])
-    return _fp16(blocks, 0) * scales.astype(np.float64), 32
-
-
-def _steps_q6_k(blocks: np.ndarray) -> tuple[np.ndarray, int]:
-    # ql[128], qh[64], scales[16] (int8), d
-    scales = blocks[:, 192:208].copy().view(np.int8).astype(np.float64)
-    return np.abs(_fp16(blocks, 208) * scales), 16
-
-
-STEPS = {
-    "Q8_0": _steps_32,
-    "Q4_0": _steps_32,
-    "Q4_1": _steps_32,
-    "Q5_0": _steps_32,
-    "Q5_1": _steps_32,
-    "Q2_K": _steps_q2_k,
-    "Q3_K": _steps_q3_k,
-    "Q4_K": _steps_q45_k,
-    "Q5_K": _steps_q45_k,
-    "Q6_K": _steps_q6_k,
-}
+    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
 
 
 def stepped(type_name: str) -> bool:
     """Whether verify can bound the rounding of GGML type `type_name` (a uniform grid per block)."""
-    return type_name in STEPS
+    return type_name in GRIDS
 
 
 def half_step_norm(data: np.ndarray, type_name: str) -> float:
     """‖½ step‖ over every element of a tensor of GGML type `type_name` stored as `data` (the raw
     blocks, as gguf.GGUFReader gives them)."""
-    import gguf
-
-    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
-    steps, per_step = STEPS[type_name](blocks)
+    blocks = _blocks(data, type_name)
+    steps, _, per_step, _ = GRIDS[type_name](blocks)  # a step's sign does not change its square
     return 0.5 * math.sqrt(per_step * float(np.square(steps).sum()))
 
 
@@ -119,7 +66,8 @@ def _affine_32(blocks: np.ndarray, levels: int, centre: int | None):
 
 
 def _grid_q2_k(blocks):
-    step, group = _steps_q2_k(blocks)
+    # scales[16] (low nibble the scale, high the min), qs[64], d, dmin
+    step, group = _fp16(blocks, 16 + 64) * (blocks[:, :16] & 0x0F).astype(np.float64), 16
     mins = (blocks[:, :16] >> 4).astype(np.float64)
     return step, -_fp16(blocks, 16 + 64 + 2) * mins, group, 3
 
@@ -159,10 +107,7 @@ def round_on_grid(data: np.ndarray, type_name: str, values: np.ndarray) -> np.nd
     """`values` (float32, the tensor's shape in the file's layout) rounded to the nearest point of the
     grid the stored tensor `data` defines (its own block scales and offsets, codes clamped to the
     type's range): what a nearest-code quantizer keeping those scales writes for them."""
-    import gguf
-
-    _, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    blocks = np.asarray(data, dtype=np.uint8).reshape(-1, type_size)
+    blocks = _blocks(data, type_name)
     step, offset, group, levels = GRIDS[type_name](blocks)
     step, offset = step.reshape(-1, 1), offset.reshape(-1, 1)
     x = np.asarray(values, dtype=np.float64).reshape(step.shape[0], group)
