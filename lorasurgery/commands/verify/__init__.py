@@ -235,4 +235,4 @@ def _verify_adapter(report, bound: _Bound, artifact: Path, weights, device, targ
     report.extra = found.extra
     report.config = found.problems
     report.tensors_checked = len(report.checks) + len(report.changed)
-    return "F32" if target.name == "llama.cpp" else artifact_dtype(load_adapter(artifact).checkpoint)
+    return "F32" if target.name == "llama.cpp" else artifact_dtype(found.adapter.checkpoint)

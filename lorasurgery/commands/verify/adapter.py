@@ -103,6 +103,7 @@ class AdapterArtifact:
     extra: list[str] = field(default_factory=list)  # artifact tensors no base tensor answers to
     check: MergedCheck | None = None  # a PEFT folder's own recipes, for the dense path
     releases: list[ReleaseDifference] = field(default_factory=list)  # vLLM: other releases' reading
+    adapter: object = None  # a PEFT folder: the artifact as lorasurgery.adapter loaded it
 
 
 def choose_target(path: Path, target) -> tuple[Target, str]:
@@ -146,7 +147,7 @@ def read_adapter_artifact(
 
 def _read_peft(path, target, rule, checkpoint, structure, device) -> AdapterArtifact:
     adapter = load_adapter(path)
-    found = AdapterArtifact(target, rule)
+    found = AdapterArtifact(target, rule, adapter=adapter)
     refused = target.refusals(adapter.config)  # the whole adapter: vLLM 0.6.5 – 0.6.6 and use_rslora
     if target.name != "peft":
         found.problems.extend(refused)
