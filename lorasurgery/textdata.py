@@ -67,10 +67,10 @@ def token_windows(ids: list[int], config, source: str):
     this model's): the embedding lookup would fail with an IndexError."""
     import torch
 
-    vocabulary = getattr(config, "vocab_size", None)
-    if vocabulary and max(ids) >= vocabulary:
+    vocabulary, largest = getattr(config, "vocab_size", None), max(ids)
+    if vocabulary and largest >= vocabulary:
         raise LoraSurgeryError(
-            f"{source}: token id {max(ids)} is outside the model's vocabulary ({vocabulary} entries): the "
+            f"{source}: token id {largest} is outside the model's vocabulary ({vocabulary} entries): the "
             f"tokenizer (or {BYTE_TOKENS_FILE}'s byte ids 0–255) is not this model's"
         )
     length = min(MAX_WINDOW, getattr(config, "max_position_embeddings", None) or MAX_WINDOW)
