@@ -14,7 +14,7 @@ import json
 import math
 
 import pytest
-from clihelp import run_cli, tree_digest
+from clihelp import DID_NOT_LAND, LANDED, run_cli, tree_digest, verify
 from factories import make_adapter, make_llama, peft_delta_weights
 
 from lorasurgery.cli.options import TARGET_RELEASES
@@ -30,7 +30,6 @@ from lorasurgery.targets import (
     vllm_rules,
 )
 
-LANDED, DID_NOT_LAND = 0, 1
 CONFIG = {
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
     "r": 4,
@@ -102,12 +101,6 @@ def test_unknown_releases_are_option_errors_naming_the_known_ones(text, said):
 
 
 # ------------------------------------------------------------------------------- through the CLI
-
-
-def verify(*args):
-    result = run_cli("verify", *args, "--json")
-    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
-    return result.exit_code, json.loads(result.stdout)
 
 
 def label(c: float) -> str:
