@@ -17,19 +17,16 @@ llama-quantize.
 
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 import torch
-from clihelp import assert_refused, run_cli
+from clihelp import DID_NOT_LAND, LANDED, assert_refused, run_cli, verify
 from factories import make_adapter, make_llama, peft_merged_state_dict, quantize_gguf, write_gguf_model
 from safetensors.torch import load_file, save_file
 
 from lorasurgery.commands.verify.gguf_quants import half_step_norm
 
-LANDED, DID_NOT_LAND = 0, 1
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 TYPES = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "Q4_0", "Q5_1"]
 
@@ -44,12 +41,6 @@ def test_half_step_bounds_the_rounding(kind):
     bound = half_step_norm(blocks, kind)
     assert 0.45 * bound < error <= bound, (error, bound)
     assert half_step_norm(quantize_gguf(4 * x, kind), kind) == pytest.approx(4 * bound, rel=0.02)
-
-
-def verify(*args):
-    result = run_cli("verify", *args, "--json")
-    assert result.exit_code in (LANDED, DID_NOT_LAND), (result.exit_code, result.stdout, result.stderr)
-    return result.exit_code, json.loads(result.stdout)
 
 
 def in_type(kind: str):
