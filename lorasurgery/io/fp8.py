@@ -56,6 +56,7 @@ from lorasurgery.io.quantization import (
     unscaled_codes,
 )
 from lorasurgery.io.safetensors_format import TensorInfo, dtype_name_of, torch_dtype_of
+from lorasurgery.native import fp8 as native_fp8
 
 DEFAULT_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config when weight_block_size is absent
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")  # and U8 (E8M0 bytes) under scale_fmt "ue8m0"
@@ -197,6 +198,9 @@ def _band_decoder(info: DequantizedInfo, codes, s):
     """fill(start, stop, out): rows start:stop of the matrix `codes` times their scales (`s`: the
     matrix's grid, or its one scale), float32, into `out` on any device; bit for bit `dequantize`."""
     scratch = {}
+    # the native decoder takes the grid whole (one scale: a 1×1 grid whose block is the matrix)
+    grid, block = (s.reshape(1, 1), tuple(codes.shape)) if info.block is None else (s, info.block)
+    grid = grid.contiguous()
 
     def scales(start: int, stop: int, device):
         if info.block is None:
@@ -207,6 +211,8 @@ def _band_decoder(info: DequantizedInfo, codes, s):
 
     def fill(start: int, stop: int, out):
         band = codes[start:stop]
+        if native_fp8.decode(band, grid, start, block, out):
+            return out
         factor = _codes_into(band, out, scratch)
         _scale_band(out, scales(start, stop, out.device), info.block, factor)
         return out
@@ -364,14 +370,18 @@ def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
     result = BandQuantizer(block_rows, None, {}, info.codes.name)
     scratch = {}
 
-    def band(start: int, stop: int, merged, after):
-        amax = _band_amax(torch.abs(merged, out=after), info.block)  # `after` as scratch
+    def scales(start: int, stop: int, merged, amax):
+        """The band's scales from its block amax, stored; (its codes' view, the float32 scales)."""
         scale, scale_f32 = _stored_scale(amax.to(torch.float32) / top, amax > 0, part, info.scale_fmt)
         if not result.stored:
             result.stored[info.codes.name] = torch.empty(info.shape, dtype=codes_dtype, device=merged.device)
             result.stored[part.name] = torch.empty(part.shape, dtype=scale.dtype, device=merged.device)
-        codes = result.stored[info.codes.name][start:stop]
         result.stored[part.name][start // block_rows : start // block_rows + scale.shape[0]] = scale
+        return result.stored[info.codes.name][start:stop], scale_f32
+
+    def band(start: int, stop: int, merged, after):
+        amax = _band_amax(torch.abs(merged, out=after), info.block)  # `after` as scratch
+        codes, scale_f32 = scales(start, stop, merged, amax)
         s = scale_f32.repeat_interleave(block_rows, dim=0)[: stop - start]
         full, rest = divmod(merged.shape[-1], block_cols)
         # W′/scale into `after`, then deq(W′) over it
@@ -386,6 +396,17 @@ def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
         _scale_band(after, s, info.block, _codes_into(codes, after, scratch))
         return after
 
+    def measured(start: int, stop: int, base, merged, old, row):
+        """`band` and the span's retention sums in two native passes (native/fp8.c): (kept,
+        update, codes changed), or None where the kernels do not take the band (no compiler, e5m2,
+        another device, a NaN in W′): then `band` does it in torch, to the same bytes."""
+        amax = native_fp8.block_amax(merged, info.block)
+        if amax is None:
+            return None
+        codes, scale_f32 = scales(start, stop, merged, amax)
+        return native_fp8.requantize(merged, base, old, scale_f32, info.block, top, codes, row)
+
+    result.measured = measured
     result.band = band
     return result
 

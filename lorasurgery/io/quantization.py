@@ -222,12 +222,17 @@ class BandQuantizer:
     §13): `band(start, stop, merged, after)` encodes rows start:stop of the merged float32 tensor
     into `stored` (start and stop multiples of `multiple`, the rows a scale covers, or the tensor's
     end) and writes deq(W′) of those rows into `after` (float32, the same shape); once every band
-    is done, `stored` holds what the format's `quantize` returns and `codes` names its codes."""
+    is done, `stored` holds what the format's `quantize` returns and `codes` names its codes.
+
+    `measured(start, stop, base, merged, old codes, row scratch)`, where a format has it, does
+    `band`'s encoding and linalg.requantize's sums of the same rows in one native pass: (kept,
+    update, codes changed), or None when it cannot take them (then `band` runs)."""
 
     multiple: int
     band: Callable
     stored: dict
     codes: str
+    measured: Callable | None = None
 
 
 def model_dtype(config: Mapping | None, default: str = "BF16") -> str:

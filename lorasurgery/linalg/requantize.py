@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from lorasurgery.io import readers
 from lorasurgery.io.quantization import BandQuantizer, DequantizedInfo
+from lorasurgery.native import fp8 as native_fp8
 
 _CHUNK = 1 << 18  # elements per step of the sums: 1 MB float32 temporaries stay in cache
 
@@ -85,6 +86,13 @@ def requantize_blocks(
     pending = [0, 0]  # first staged row, staged rows
 
     def span(start: int, stop: int, W, M) -> None:
+        if quantizer.measured is not None:  # one native pass, the same bytes and sums
+            row = _buffer(buffers, "row", M, 1, keep=False)
+            done = quantizer.measured(start, stop, W, M, old_codes[start:stop], row)
+            if done is not None:
+                for i, value in enumerate(done):
+                    totals[i] += value
+                return
         after = _buffer(buffers, "after", M, stop - start, keep=False)
         quantizer.band(start, stop, M, after)
         kept, update = _sums(W, M, after, buffers)
@@ -137,8 +145,10 @@ def _sums(base, merged, after, buffers: dict | None = None) -> tuple[float, floa
     """(⟨deq(W′) − deq(W), ΔW⟩, ‖ΔW‖²) over rows of the last dimension, in chunks of rows.
 
     Each difference of two float32 tensors is rounded once to float32, so it is within 2⁻²⁴ of its
-    own value (however small ΔW is against W); the products are summed per row in float32 (torch's
-    cascade sum) and the rows in float64. A row's sum does not depend on the chunk it is in, so the
+    own value (however small ΔW is against W); the products are summed per row — in float64 in 16
+    lanes by the native kernel where it is built (native/fp8.c, the order requantize_blocks' native
+    pass sums in), else in float32 by torch's cascade sum — and the rows in float64. A row's sum
+    does not depend on the chunk it is in, so the
     whole tensor (inspect) and the merge's spans (requantize_blocks) give the same ρ to float64
     rounding; against a float64 recomputation it is within 1e-7 (docs/design.md §13). `buffers`:
     as for requantize_blocks."""
@@ -148,6 +158,9 @@ def _sums(base, merged, after, buffers: dict | None = None) -> tuple[float, floa
         return 0.0, 0.0
     cols = base.shape[-1] if base.dim() else 1
     b, m, a = (t.reshape(-1, cols) for t in (base, merged, after))
+    native = native_fp8.retention_sums(b, m, a)  # the order requantize_blocks' native pass sums in
+    if native is not None:
+        return native
     rows, step = b.shape[0], max(1, _CHUNK // cols)
     # two buffers for the whole loop: a fresh 1 MB temporary per step costs its page faults again
     buffers = {} if buffers is None else buffers
