@@ -5,8 +5,9 @@
  * arithmetic per element in two passes. Bit for bit what lorasurgery/io/fp8.py computes with torch:
  *
  *   decode:  W = float32(code) * scale           (one float32 rounding, as torch)
- *   encode:  code = e4m3fn(clamp(W / scale, ±top)) (torch's float32 -> e4m3fn conversion, ported
- *            from c10's fp8e4m3fn_from_fp32_value: round to nearest even, saturating)
+ *   encode:  code = e4m3fn(clamp(W / scale, ±top)), top ≤ 448: c10's fp8e4m3fn_from_fp32_value
+ *            (torch's float32 -> e4m3fn conversion, round to nearest even), whose rounding also
+ *            gives the code's value, so deq(W') needs no second decode (e4m3_round)
  *   sums:    kept   = Σ (deq(W') - W) * (W' - W), update = Σ (W' - W)²: each difference and
  *            product rounded to float32, as torch does, then added in float64 in a fixed order
  *            (16 lanes per row, the lanes in order, the rows in order), so that the result does
@@ -26,6 +27,8 @@
 #endif
 
 #define LANES 16
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
 
 static inline uint32_t to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -33,25 +36,6 @@ static inline float from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f
 /* Selects written as masks, so that the compiler vectorises the loops (no branches). */
 #define MASK(condition) (0u - (uint32_t)(condition))
 static inline uint32_t pick(uint32_t mask, uint32_t a, uint32_t b) { return (a & mask) | (b & ~mask); }
-
-/* c10's fp8e4m3fn_from_fp32_value (torch 2.13) of x clamped to ±top first (`top_bits`: the bits of
- * top, a positive float; x not NaN). On non-negative floats the order of their bits as unsigned
- * integers is their order as floats, so the clamp is an integer minimum of |x|'s bits. */
-static inline uint8_t e4m3_encode_clamped(float x, uint32_t top_bits) {
-    uint32_t bits = to_bits(x);
-    uint32_t sign = bits & 0x80000000u;
-    bits ^= sign;
-    bits = bits < top_bits ? bits : top_bits;
-    /* below 2^-6 (the smallest normal): the float adds 2^-9 * 2^23 units, as c10 does */
-    uint32_t denorm_mask = 141u << 23;
-    uint32_t small = to_bits(from_bits(bits) + from_bits(denorm_mask)) - denorm_mask;
-    uint32_t mant_odd = (bits >> 20) & 1u;
-    uint32_t normal = ((bits + (((uint32_t)(7 - 127)) << 23) + 0x7FFFFu + mant_odd) >> 20) & 0xFFu;
-    normal = pick(MASK(normal == 0x7Fu), 0x7Eu, normal); /* a carry into NaN's pattern saturates */
-    uint32_t r = pick(MASK(bits < (121u << 23)), small, normal);
-    r = pick(MASK(bits >= (1087u << 20)), 0x7Eu, r); /* 480 and above (only when top is) */
-    return (uint8_t)((r & 0xFFu) | (sign >> 24));
-}
 
 /* c10's fp8e4m3fn_to_fp32_value: exact, subnormals included; 0x7F / 0xFF are NaN. */
 static inline float e4m3_decode(uint8_t c) {
@@ -108,22 +92,32 @@ LS_CLONES int ls_block_amax(const float *x, int64_t rows, int64_t cols, int64_t 
 }
 
 
-/* Rows' retention sums, added to sums[0] (kept) and sums[1] (update): each row in 16 lanes (element
- * j to lane j % 16, in order), the lanes added in order, then its tail, then the rows in order. */
+/* Rows' retention sums, added to sums[0] (kept) and sums[1] (update): each row in 16 float64 lanes
+ * (element j to lane j % 16, in order; GCC/clang vector types, so that every instruction set adds
+ * the same numbers in the same order), the lanes added in order, then its tail, then the rows. */
 static inline void row_sums(const float *w, const float *m, const float *after, int64_t cols, double *sums) {
-    double kept[LANES] = {0}, update[LANES] = {0};
+    v8d kept_lo = {0}, kept_hi = {0}, update_lo = {0}, update_hi = {0};
     int64_t whole = cols / LANES * LANES, j;
     for (j = 0; j < whole; j += LANES) {
-        for (int l = 0; l < LANES; l++) {
-            float delta = m[j + l] - w[j + l];
-            kept[l] += (double)((after[j + l] - w[j + l]) * delta);
-            update[l] += (double)(delta * delta);
-        }
+        v16f mv, wv, av;
+        memcpy(&mv, m + j, sizeof mv);
+        memcpy(&wv, w + j, sizeof wv);
+        memcpy(&av, after + j, sizeof av);
+        v16f delta = mv - wv;
+        v16f kept = (av - wv) * delta, update = delta * delta;
+        kept_lo += __builtin_convertvector(__builtin_shufflevector(kept, kept, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
+        kept_hi += __builtin_convertvector(__builtin_shufflevector(kept, kept, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
+        update_lo += __builtin_convertvector(__builtin_shufflevector(update, update, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
+        update_hi += __builtin_convertvector(__builtin_shufflevector(update, update, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
     }
     double k = 0.0, u = 0.0;
-    for (int l = 0; l < LANES; l++) {
-        k += kept[l];
-        u += update[l];
+    for (int l = 0; l < 8; l++) {
+        k += kept_lo[l];
+        u += update_lo[l];
+    }
+    for (int l = 0; l < 8; l++) {
+        k += kept_hi[l];
+        u += update_hi[l];
     }
     for (; j < cols; j++) {
         float delta = m[j] - w[j];
@@ -134,9 +128,30 @@ static inline void row_sums(const float *w, const float *m, const float *after, 
     sums[1] += u;
 }
 
+/* One element of W' / scale, saturated to ±448 (`top_bits`, at most 448's bits): its e4m3fn code, as
+ * c10's conversion rounds it, and the float32 value of that code (exact), in one computation: on the
+ * normal range the rounded value's float32 bits are |x|'s with the rounding bias added and the 20
+ * bits below the code's mantissa cleared, and the code is those bits rebiased (exponent 127 → 7);
+ * below 2^-6, |x| + 2^14 rounds to the subnormal spacing 2^-9, and subtracting 2^14 again is exact. */
+static inline uint32_t e4m3_round(float x, uint32_t top_bits, uint32_t *value) {
+    const float magic = 16384.0f; /* 2^14: bits 141 << 23, c10's denorm_mask */
+    uint32_t bits = to_bits(x);
+    uint32_t sign = bits & 0x80000000u;
+    bits ^= sign;
+    bits = bits < top_bits ? bits : top_bits;
+    float shifted = from_bits(bits) + magic;
+    uint32_t small_code = to_bits(shifted) - (141u << 23);
+    uint32_t small_value = to_bits(shifted - magic);
+    uint32_t rounded = (bits + 0x7FFFFu + ((bits >> 20) & 1u)) & 0xFFF00000u;
+    uint32_t normal_code = (rounded >> 20) - (120u << 3);
+    uint32_t small = MASK(bits < (121u << 23));
+    *value = pick(small, small_value, rounded) | sign;
+    return (pick(small, small_code, normal_code) & 0x7Fu) | (sign >> 24);
+}
+
 /* codes = encode(clamp(m / scale, ±top)) of a band (its scales' grid given); decoded again
  * (into `row`, scratch of cols floats), the retention sums against w added to sums; returns the
- * count of codes that differ from `old`. */
+ * count of codes that differ from `old`. top ≤ 448 (e4m3fn's largest finite value). */
 LS_CLONES int64_t ls_fp8_requantize(const float *m, const float *w, const uint8_t *old, const float *scales,
                                     int64_t rows, int64_t cols, int64_t br, int64_t bc, float top,
                                     uint8_t *codes, float *row, double *sums) {
@@ -148,16 +163,19 @@ LS_CLONES int64_t ls_fp8_requantize(const float *m, const float *w, const uint8_
         const float *mr = m + i * cols;
         const uint8_t *oldr = old + i * cols;
         uint8_t *cr = codes + i * cols;
+        uint32_t row_changed = 0; /* 32 bits: the vectoriser keeps the count in narrow lanes */
         for (int64_t b = 0; b < grid_cols; b++) {
             int64_t start = b * bc, stop = start + bc < cols ? start + bc : cols;
             float scale = s[b];
             for (int64_t j = start; j < stop; j++) {
-                uint8_t c = e4m3_encode_clamped(mr[j] / scale, top_bits);
+                uint32_t value;
+                uint8_t c = (uint8_t)e4m3_round(mr[j] / scale, top_bits, &value);
                 cr[j] = c;
-                changed += c != oldr[j];
-                row[j] = e4m3_decode(c) * scale;
+                row_changed += c != oldr[j];
+                row[j] = from_bits(value) * scale;
             }
         }
+        changed += row_changed;
         row_sums(w + i * cols, mr, row, cols, sums);
     }
     return changed;

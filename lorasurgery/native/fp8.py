@@ -77,7 +77,7 @@ def requantize(merged, base, old, scales, block: tuple[int, int], top: float, co
 
     lib = _lib()
     tensors = (merged, base, old, scales, codes, scratch)
-    if lib is None or not _e4m3(codes) or not _takes(*tensors) or merged.dim() != 2:
+    if lib is None or not _e4m3(codes) or not _takes(*tensors) or merged.dim() != 2 or not 0 < top <= 448:
         return None
     if {merged.dtype, base.dtype, scales.dtype, scratch.dtype} != {torch.float32}:
         return None
