@@ -21,7 +21,8 @@ requantizer, lorasurgery.io.fp8.quantize), `quantization_config` {"quant_method"
 
 `--requantize` is timed beside the unquantized merge (SPEC §8 asks ≤ 1.3× of it too; it adds the
 block amax, the encoding, a second decode and the retention's sums per merged element: docs/merge.md
-has the argument). Besides the medians it prints each ratio's range over the runs (each run's own
+has the argument), and again with LORASURGERY_NATIVE=0 (the torch code instead of the compiled
+kernels of lorasurgery/native: the same bytes, checked after the runs). Besides the medians it prints each ratio's range over the runs (each run's own
 ratio: the routes of one run ran back to back), the spread a loaded machine leaves. `--layers 2
 --runs 1` is a smoke run.
 After the runs, our FP8 merge is compared with the peer route's output on a few merged weights
@@ -162,9 +163,10 @@ def cases(model: str, layers: int) -> tuple[dict, tuple[str, str], Path, Path]:
     out = WORK / "fp8-bench-out"
     runs = {}
 
-    def ours(label, base, adapter, *extra):
+    def ours(label, base, adapter, *extra, env=()):
         folder = out / re.sub(r"\W+", "-", label).strip("-")
-        runs[label] = (lorasurgery("merge", base, adapter, "-o", folder, *extra), folder, (base, adapter))
+        command = lorasurgery("merge", base, adapter, "-o", folder, *extra)
+        runs[label] = ([*(["env", *env] if env else []), *command], folder, (base, adapter))
 
     def peer(label, base, adapter):
         folder = out / re.sub(r"\W+", "-", label).strip("-")
@@ -184,6 +186,8 @@ def cases(model: str, layers: int) -> tuple[dict, tuple[str, str], Path, Path]:
     ours("bf16", plain, adapter)
     ours("fp8", fp8, adapter)
     ours("fp8 --requantize", fp8, adapter, "--requantize")
+    # the same without the native kernels (lorasurgery/native): the torch code, the same bytes
+    ours("fp8 --requantize, torch only", fp8, adapter, "--requantize", env=("LORASURGERY_NATIVE=0",))
     if model == "1.1b":
         peer("peer", fp8, adapter)
     else:
@@ -251,6 +255,10 @@ def main() -> None:
         f"FP8 / peer route ({ours_label} vs {peer_label}): time {time[ours_label] / time[peer_label]:.3f} "
         f"(target ≤ 0.3; {spread(ours_label, peer_label)}), peak RSS {rss[ours_label] / rss[peer_label]:.3f}"
     )
+    print(
+        f"FP8 --requantize without the native kernels / bf16 merge time: "
+        f"{time['fp8 --requantize, torch only'] / time['bf16']:.3f} ({spread('fp8 --requantize, torch only', 'bf16')})"
+    )
     if args.model == "1.1b":  # smollm2's peer runs on a hidden-512 twin: no such ratio
         print(
             f"FP8 --requantize / peer route: time {time['fp8 --requantize'] / time[peer_label]:.3f} "
@@ -263,6 +271,13 @@ def main() -> None:
             f"peak RSS {label}: {rss[label] / 1e9:.3f} GB vs the streaming bound 4 × {largest / 1e9:.3f} GB "
             f"+ 0.5 GB = {bound / 1e9:.3f} GB ({'within' if rss[label] <= bound else 'OVER'})"
         )
+    native, torch_only = (runs[label][1] for label in ("fp8 --requantize", "fp8 --requantize, torch only"))
+    same = all(
+        (native / f.name).read_bytes() == f.read_bytes() for f in sorted(torch_only.glob("*.safetensors"))
+    )
+    print(
+        f"--requantize with and without the native kernels: {'the same bytes' if same else 'DIFFERENT BYTES'}"
+    )
     ours_out, peer_out = runs[ours_label][1], runs[peer_label][1]
     print(f"our FP8 merge vs the peer route's (last run's outputs, {ours_label} vs {peer_label}):")
     compare(ours_out, peer_out)
