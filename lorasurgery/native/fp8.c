@@ -28,6 +28,7 @@
 
 #define LANES 16
 typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
 
 static inline uint32_t to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -105,10 +106,13 @@ static inline void row_sums(const float *w, const float *m, const float *after, 
         memcpy(&av, after + j, sizeof av);
         v16f delta = mv - wv;
         v16f kept = (av - wv) * delta, update = delta * delta;
-        kept_lo += __builtin_convertvector(__builtin_shufflevector(kept, kept, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
-        kept_hi += __builtin_convertvector(__builtin_shufflevector(kept, kept, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
-        update_lo += __builtin_convertvector(__builtin_shufflevector(update, update, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
-        update_hi += __builtin_convertvector(__builtin_shufflevector(update, update, 8, 9, 10, 11, 12, 13, 14, 15), v8d);
+        v8f halves[4]; /* kept's lanes 0-7 and 8-15, then update's (memcpy: GCC 9+ and clang) */
+        memcpy(halves, &kept, sizeof kept);
+        memcpy(halves + 2, &update, sizeof update);
+        kept_lo += __builtin_convertvector(halves[0], v8d);
+        kept_hi += __builtin_convertvector(halves[1], v8d);
+        update_lo += __builtin_convertvector(halves[2], v8d);
+        update_hi += __builtin_convertvector(halves[3], v8d);
     }
     double k = 0.0, u = 0.0;
     for (int l = 0; l < 8; l++) {
