@@ -52,6 +52,33 @@ def same_adapter_folders(a: Path, b: Path) -> None:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-7)
 
 
+def merged_two_ways(base: Path, adapter: Path, folder: Path, extra, switch, tolerance: float) -> None:
+    """`merge BASE ADAPTER *extra --json` into folder/first, then again into folder/second after
+    `switch()` changed the route: the same bytes, the same retention table (ρ to `tolerance`)."""
+    tables = []
+    for route in ("first", "second"):
+        if route == "second":
+            switch()
+        report = cli_json("merge", base, adapter, "-o", folder / route, *extra, "--json")
+        tables.append({row["tensor"]: row for row in report.get("retention") or []})
+    same_checkpoint_bytes(folder / "first", folder / "second")
+    assert len(tables[0]) == len(tables[1]) == (8 if "--requantize" in extra else 0)
+    for name, row in tables[0].items():
+        assert row["codes_changed"] == tables[1][name]["codes_changed"], name
+        assert abs(row["retention"] - tables[1][name]["retention"]) <= tolerance, name
+
+
+def same_checkpoint_bytes(a: Path, b: Path) -> None:
+    """Two checkpoint folders' model.safetensors hold the same tensors, in order, byte for byte."""
+    first, second = (load_file(folder / "model.safetensors") for folder in (a, b))
+    assert list(first) == list(second)
+    for name, tensor in second.items():
+        assert first[name].dtype == tensor.dtype, name
+        assert torch.equal(first[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), (
+            name
+        )
+
+
 def broken_copy(source: Path, folder: Path, change_tensors=None, change_config=None) -> Path:
     """A copy of the single-file checkpoint `source` at `folder`, its tensors ({name: tensor}) and
     config.json (the whole dict) changed in place by the given functions."""

@@ -23,7 +23,7 @@ def in_cli_layer(name: str) -> bool:
 UI_LIBRARIES = {"click", "rich"}
 # Layers, lowest first (docs/architecture.md): a module imports only from its own layer or below.
 LAYERS = (
-    ("errors", "units", "progress", "devices", "memory", "concurrency", "textdata", "native"),
+    ("errors", "units", "progress", "devices", "memory", "concurrency", "textdata", "cache", "native"),
     ("io",),
     ("adapter",),
     ("model", "naming"),

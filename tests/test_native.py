@@ -10,7 +10,6 @@ where a C compiler exists) against transformers' decoder and the whole-tensor ro
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,9 +17,8 @@ import sys
 
 import pytest
 import torch
-from clihelp import run_cli
 from factories import make_adapter, make_llama, quantize_fp8
-from safetensors.torch import load_file
+from quantized_checks import merged_two_ways
 from test_quantized_bands import info_of, reader
 from test_quantized_fp8 import TARGETS, fp8_config, store_fp8
 
@@ -141,24 +139,9 @@ def model(tmp_path_factory):
 def test_a_merge_writes_the_same_bytes_with_and_without_the_kernels(monkeypatch, model, tmp_path, extra):
     base, adapter = model
     monkeypatch.setattr(delta, "BLOCK_ELEMENTS", 72 * 5)  # 5-row blocks: staged into 32-row spans
-    reports = {}
-    for route in ("native", "torch"):
-        if route == "torch":
-            monkeypatch.setitem(build._LOADED, "fp8", None)
-        result = run_cli("merge", base, adapter, "-o", tmp_path / route, *extra, "--json")
-        assert result.exit_code == 0, result.stderr
-        reports[route] = {row["tensor"]: row for row in json.loads(result.stdout).get("retention") or []}
-    native, plain = (load_file(tmp_path / route / "model.safetensors") for route in ("native", "torch"))
-    assert list(native) == list(plain)
-    for name, tensor in plain.items():
-        assert torch.equal(
-            native[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)
-        ), name
-    assert len(reports["native"]) == (8 if extra else 0)
-    for name, row in reports["native"].items():
-        assert row["codes_changed"] == reports["torch"][name]["codes_changed"]
-        # the sums' order differs (float64 lanes against torch's float32 cascade): 1e-7 apart at most
-        assert row["retention"] == pytest.approx(reports["torch"][name]["retention"], abs=1e-7)
+    # the sums' order differs (float64 lanes against torch's float32 cascade): 1e-7 apart at most
+    switch = lambda: monkeypatch.setitem(build._LOADED, "fp8", None)  # noqa: E731
+    merged_two_ways(base, adapter, tmp_path, extra, switch, tolerance=1e-7)
 
 
 @needs_compiler

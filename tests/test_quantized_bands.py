@@ -14,14 +14,12 @@ must stage.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from clihelp import run_cli
 from factories import make_adapter, make_llama
-from safetensors.torch import load_file
+from quantized_checks import merged_two_ways
 from test_quantized_fp8 import TARGETS, fp8_config, oracle, store_fp8
 
 from lorasurgery.io import fp8
@@ -200,23 +198,9 @@ def model(tmp_path_factory):
 def test_a_merge_in_bands_writes_the_bytes_of_the_whole_tensor_route(monkeypatch, model, tmp_path, extra):
     base, adapter = model
     monkeypatch.setattr(delta, "BLOCK_ELEMENTS", 72 * 5)  # 5-row blocks: staged into 32-row spans
-    outputs = {}
-    for route in ("bands", "whole"):
-        if route == "whole":  # the formats' band functions gone: every tensor decoded whole
-            monkeypatch.delattr(fp8, "rows")
-            monkeypatch.delattr(fp8, "band_quantizer")
-        result = run_cli("merge", base, adapter, "-o", tmp_path / route, *extra, "--json")
-        assert result.exit_code == 0, result.stderr
-        outputs[route] = json.loads(result.stdout)
-    bands, whole = (load_file(tmp_path / route / "model.safetensors") for route in ("bands", "whole"))
-    assert list(bands) == list(whole)
-    for name, tensor in whole.items():
-        assert bands[name].dtype == tensor.dtype, name
-        assert torch.equal(bands[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), (
-            name
-        )
-    rows = {row["tensor"]: row for row in outputs["whole"].get("retention") or []}
-    assert len(rows) == (8 if extra else 0)
-    for row in outputs["bands"].get("retention") or []:
-        assert row["codes_changed"] == rows[row["tensor"]]["codes_changed"]
-        assert row["retention"] == pytest.approx(rows[row["tensor"]]["retention"], abs=1e-12)
+
+    def whole():  # the formats' band functions gone: every tensor decoded whole
+        monkeypatch.delattr(fp8, "rows")
+        monkeypatch.delattr(fp8, "band_quantizer")
+
+    merged_two_ways(base, adapter, tmp_path, extra, whole, tolerance=1e-12)

@@ -19,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+from lorasurgery.cache import cache_folder
 from lorasurgery.errors import UnsupportedError
 
 CACHE_VERSION = 3  # of the summary's form: a summary of another version is built again
@@ -118,14 +119,8 @@ def _cache_key(config: dict) -> str:
 
 
 def cache_dir() -> Path | None:
-    """Where skeleton summaries are kept: $LORASURGERY_CACHE, else ~/.cache/lorasurgery ("" disables)."""
-    value = os.environ.get("LORASURGERY_CACHE")
-    if value == "":
-        return None
-    if value:
-        return Path(value) / "structure"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lorasurgery" / "structure"
+    """Where skeleton summaries are kept: the cache's `structure/` (lorasurgery/cache.py)."""
+    return cache_folder("structure")
 
 
 def _read_cache(key: str) -> dict | None:

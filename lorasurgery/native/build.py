@@ -14,7 +14,7 @@ LORASURGERY_CACHE is ""), loads it with ctypes (which releases the GIL during ea
 merge's threads run them side by side), declares its functions' C signatures, runs `check` on it
 (the kernels against torch) and returns it — or None when there is no compiler, the build fails, the
 check fails, or LORASURGERY_NATIVE=0. Callers fall back to torch then. A cached library that does
-not load (a truncated file) is built again once. Nothing here imports from the rest of the package.
+not load (a truncated file) is built again once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from lorasurgery.cache import cache_folder
 
 _HERE = Path(__file__).resolve().parent
 # No -ffast-math, and no contraction into fused multiply-adds: the kernels must round as torch does.
@@ -65,7 +67,7 @@ def _load(name: str, signatures: dict, check: Callable[[object], bool]):
     source = _HERE / f"{name}.c"
     compiler = _compiler()
     key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
-    folder = _cache_folder()
+    folder = cache_folder("native")
     if folder is None:
         with tempfile.TemporaryDirectory() as scratch:  # the loaded library outlives its file
             lib = _open(_build(compiler, source, Path(scratch) / f"{name}.so"), signatures)
@@ -89,16 +91,6 @@ def _compiler() -> str:
         if program and shutil.which(program[0]):
             return program[0]
     raise _Unavailable("no C compiler found (set CC)")
-
-
-def _cache_folder() -> Path | None:
-    value = os.environ.get("LORASURGERY_CACHE")
-    if value == "":
-        return None
-    if value:
-        return Path(value) / "native"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lorasurgery" / "native"
 
 
 def _build(compiler: str, source: Path, target: Path) -> Path:
