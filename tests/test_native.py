@@ -120,6 +120,18 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
     assert cached.stat().st_size > 1000
 
 
+@needs_compiler
+def test_a_cache_that_cannot_be_written_builds_for_the_process_only(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    env = {**os.environ, "LORASURGERY_CACHE": str(blocked / "below")}
+    load = [sys.executable, "-c", "from lorasurgery.native import fp8, build; print(fp8._lib() is not None)"]
+    assert subprocess.run(load, env=env, capture_output=True, text=True, check=True).stdout.split() == [
+        "True"
+    ]
+    assert blocked.read_text() == "not a folder"
+
+
 def test_lorasurgery_native_0_turns_them_off(monkeypatch):
     monkeypatch.setenv("LORASURGERY_NATIVE", "0")
     monkeypatch.delitem(build._LOADED, "fp8", raising=False)

@@ -67,22 +67,34 @@ def _load(name: str, signatures: dict, check: Callable[[object], bool]):
     source = _HERE / f"{name}.c"
     compiler = _compiler()
     key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
-    folder = cache_folder("native")
-    if folder is None:
+    lib = _cached(name, key, compiler, source, signatures)
+    if lib is None:  # no cache, or one that cannot be written: built for this process only
         with tempfile.TemporaryDirectory() as scratch:  # the loaded library outlives its file
             lib = _open(_build(compiler, source, Path(scratch) / f"{name}.so"), signatures)
-    else:
-        target = folder / f"{name}-{key}.so"
-        try:
-            lib = _open(target, signatures) if target.is_file() else None
-        except _Unavailable:
-            lib = None  # built again below
-        if lib is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            lib = _open(_build(compiler, source, target), signatures)
     if not check(lib):
         raise _Unavailable(f"the compiled {name} kernels disagree with torch on this machine")
     return lib
+
+
+def _cached(name: str, key: str, compiler: str, source: Path, signatures: dict):
+    """The library from the cache folder, built there first if it is not there or does not load;
+    None when there is no cache or its folder cannot be written."""
+    folder = cache_folder("native")
+    if folder is None:
+        return None
+    target = folder / f"{name}-{key}.so"
+    try:
+        if target.is_file():
+            return _open(target, signatures)
+    except _Unavailable:
+        pass  # a damaged file: built again
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(folder, os.W_OK):
+        return None
+    return _open(_build(compiler, source, target), signatures)
 
 
 def _compiler() -> str:
@@ -105,12 +117,13 @@ def _build(compiler: str, source: Path, target: Path) -> Path:
                 capture_output=True,
                 text=True,
                 check=False,
+                timeout=300,
             )
             if done.returncode == 0:
                 os.replace(partial, target)
                 return target
         raise _Unavailable(f"{compiler} could not build {source.name}: {done.stderr.strip()[:500]}")
-    except OSError as error:
+    except (OSError, subprocess.SubprocessError) as error:  # not writable, not runnable, hung
         raise _Unavailable(f"{compiler} could not build {source.name}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
