@@ -495,6 +495,12 @@ def main() -> None:
     parser.add_argument(
         "--windows", type=int, default=8, help="held-out windows of 128 tokens per text (0: all)"
     )
+    parser.add_argument(
+        "--scales",
+        type=lambda text: [float(c) for c in text.split(",") if c],
+        default=[0.25, 0.5, 0.75, 1.0],
+        help="c of the bf16 base + c·ΔW losses (merge --weight c): does part of the update generalise better?",
+    )
     args = parser.parse_args()
     import torch
     from factories import silence_libraries
@@ -541,6 +547,7 @@ def main() -> None:
         results["adapters"][key]["relative_update"] = relative_update(plain, adapter)
         if not args.report_only:
             losses(f"bf16 base + {key}", lambda adapter=adapter: with_adapter(model_from(plain), adapter))
+            scaled_losses(losses, plain, key, adapter, args.scales)
     values = dict(losses.values)
     for fmt in formats:
         values |= Losses(cache[fmt], windows).values
@@ -578,6 +585,53 @@ def main() -> None:
     if rows:
         figures(rows + ([mx] if mx else []), values, list(adapters))
     report(results, values)
+    report_scaled(results, values, windows)
+    (STUDY / f"results-{args.steps}.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def scaled_losses(losses: Losses, plain: Path, key: str, adapter: Path, scales) -> None:
+    """The held-out loss of the bf16 base + c·ΔW (`merge --weight c`, bf16) for each c: what a
+    partly kept update does, without any quantization (the open question of docs/quantized.md)."""
+    for c in scales:
+        label = f"bf16 base + {key} x{c:g}"
+        if label in losses.values:
+            continue
+        out = STUDY / "scaled" / f"{key}-x{c:g}"
+        shutil.rmtree(out, ignore_errors=True)
+        result, _ = qs.run("merge", plain, adapter, "-o", out, "--weight", f"{c:g}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses(label, lambda out=out: model_from(out))
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def report_scaled(results: dict, values: dict, windows: dict) -> None:
+    """bf16 base + c·ΔW: the mean held-out loss per c, and c against c = 1 (paired bootstrap)."""
+    scaled = {}
+    for key in results["adapters"]:
+        found = sorted(
+            (float(label.rsplit(" x", 1)[1]), label)
+            for label in values
+            if label.startswith(f"bf16 base + {key} x")
+        )
+        if found:
+            scaled[key] = found
+    if not scaled:
+        return
+    print("\n| adapter | c | bf16 base + c·ΔW (merge --weight c) | against c = 1 | 95 % CI |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, found in scaled.items():
+        whole = dict(found).get(1.0)
+        for c, label in found:
+            mean = statistics.mean(values[label])
+            if whole is None or c == 1.0:
+                print(f"| {key} | {c:g} | {mean:.4f} | | |")
+                continue
+            b = bootstrap(values[whole], values[label], windows)
+            low, high = b["ci95"]
+            print(f"| {key} | {c:g} | {mean:.4f} | {b['mean']:+.4f} | [{low:+.4f}, {high:+.4f}] |")
+    results["scaled"] = {
+        key: {c: statistics.mean(values[label]) for c, label in found} for key, found in scaled.items()
+    }
 
 
 def report(results: dict, values: dict) -> None:

@@ -398,7 +398,7 @@ def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
 
     def measured(start: int, stop: int, base, merged, old, row):
         """`band` and the span's retention sums in two native passes (native/fp8.c): (kept,
-        update, codes changed), or None where the kernels do not take the band (no compiler, e5m2,
+        update, codes changed), or None where the kernels do not take the band (no compiler,
         another device, a NaN in W′): then `band` does it in torch, to the same bytes."""
         amax = native_fp8.block_amax(merged, info.block)
         if amax is None:
@@ -406,7 +406,8 @@ def band_quantizer(info: DequantizedInfo, read) -> BandQuantizer | None:
         codes, scale_f32 = scales(start, stop, merged, amax)
         return native_fp8.requantize(merged, base, old, scale_f32, info.block, top, codes, row)
 
-    result.measured = measured
+    if codes_dtype == torch.float8_e4m3fn:  # the kernels' one code type
+        result.measured = measured
     result.band = band
     return result
 
