@@ -14,8 +14,9 @@ chunks of rows, so the temporaries stay small; the tensors stay on the device th
 `requantize_blocks` is the same computation fused with the merge (docs/design.md §13, "Decoding in
 bands"): the merge kernel's blocks of W and W′ (linalg.delta.merged_blocks) gathered into spans of
 whole scale blocks, each span quantized, decoded again and summed while it is in cache, by the
-format's band quantizer (io.readers.band_quantizer). Neither W, W′ nor deq(W′) is ever whole in
-float32, and the bytes are those of `requantize` (the same arithmetic per element).
+format's band quantizer (io.readers.band_quantizer) — in one native pass where it offers
+`measured` (FP8: native/fp8.c, docs/design.md §13 "Native kernels"). Neither W, W′ nor deq(W′) is
+ever whole in float32, and the bytes are those of `requantize` (the same arithmetic per element).
 """
 
 from __future__ import annotations
@@ -148,10 +149,9 @@ def _sums(base, merged, after, buffers: dict | None = None) -> tuple[float, floa
     own value (however small ΔW is against W); the products are summed per row — in float64 in 16
     lanes by the native kernel where it is built (native/fp8.c, the order requantize_blocks' native
     pass sums in), else in float32 by torch's cascade sum — and the rows in float64. A row's sum
-    does not depend on the chunk it is in, so the
-    whole tensor (inspect) and the merge's spans (requantize_blocks) give the same ρ to float64
-    rounding; against a float64 recomputation it is within 1e-7 (docs/design.md §13). `buffers`:
-    as for requantize_blocks."""
+    does not depend on the chunk it is in, so the whole tensor (inspect) and the merge's spans
+    (requantize_blocks) give the same ρ to float64 rounding; against a float64 recomputation it is
+    within 1e-7 (docs/design.md §13). `buffers`: as for requantize_blocks."""
     import torch
 
     if base.numel() == 0:
