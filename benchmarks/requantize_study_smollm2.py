@@ -30,8 +30,11 @@ experts stored as MXFP4 (tests/test_quantized_mxfp4.store_mxfp4), a PEFT LoRA on
 through target_parameters, on both fused expert parameters, trained a few dozen steps on the
 training texts as bytes (its vocabulary is 128: ASCII); the same losses and retention.
 
-    python benchmarks/requantize_study_smollm2.py [--steps 300] [--ranks 8,64] [--seeds 0] [--formats …]
-        [--measure-only] [--report-only] [--windows 8]
+And, with no quantization, the held-out loss of the bf16 base + c·ΔW (`merge --weight c`, `--scales`):
+whether a partly kept update generalises better (it does, for these adapters: docs/quantized.md).
+
+    python benchmarks/requantize_study_smollm2.py [--steps 300] [--ranks 8,64] [--seeds 0,1] [--formats …]
+        [--measure-only] [--report-only] [--windows 8] [--scales 0.25,0.5,0.75,1]
 
 Every step is cached under benchmarks/_work/requantize-study/ (per-sequence losses in
 losses-w<windows>-<format>.json, merge results in entries-w<windows>-<format>.json), so a stopped
@@ -482,7 +485,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="LoRA training steps (docs/study.md: 300)")
     parser.add_argument("--ranks", default="8,64")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--seeds", default="0,1", help="docs/study.md's two seeds")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--mxfp4-steps", type=int, default=60, help="steps of the tiny gpt-oss's LoRA")
     parser.add_argument("--threads", type=int, default=2)
